@@ -1,0 +1,111 @@
+//! The `lambda-ctl` command line: clap types here, one file per subcommand.
+//!
+//! Exit codes: 0 success, 1 user error (bad spec, bad argument, failed run), 2 internal error.
+
+mod init;
+mod validate;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "lambda-ctl",
+    version,
+    about = "Lambda-architecture orchestrator: speed, batch and serving layers from one YAML spec"
+)]
+pub struct Cli {
+    /// Project directory (holds lambda.yaml, pipelines/, workflows/).
+    #[arg(long, global = true, env = "LAMBDA_PROJECT", default_value = ".")]
+    pub project: PathBuf,
+
+    /// Log format on stderr.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Scaffold a project (one pipeline, one workflow) in DIR.
+    Init {
+        /// Directory to create the project in (default: the current directory).
+        dir: Option<PathBuf>,
+    },
+    /// Check every file of the project; list all problems and exit 1 if there are any.
+    Validate,
+}
+
+/// A failure with the exit code it maps to.
+#[derive(Debug, thiserror::Error)]
+pub enum CliError {
+    /// The user can fix it: bad spec, bad argument, failed run.
+    #[error("{0}")]
+    User(String),
+    #[error(transparent)]
+    Internal(#[from] anyhow::Error),
+}
+
+impl CliError {
+    fn exit_code(&self) -> ExitCode {
+        match self {
+            CliError::User(_) => ExitCode::from(1),
+            CliError::Internal(_) => ExitCode::from(2),
+        }
+    }
+}
+
+pub fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            let _ = e.print();
+            // clap uses 2 for usage errors; a bad argument is a user error here.
+            return if e.use_stderr() {
+                ExitCode::from(1)
+            } else {
+                ExitCode::SUCCESS
+            };
+        }
+    };
+    init_logging(cli.log_format);
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            match &e {
+                CliError::User(msg) => eprintln!("{msg}"),
+                CliError::Internal(err) => eprintln!("error: {err:#}"),
+            }
+            e.exit_code()
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<(), CliError> {
+    match cli.command {
+        Command::Init { dir } => init::run(&dir.unwrap_or_else(|| cli.project.clone())),
+        Command::Validate => validate::run(&cli.project),
+    }
+}
+
+fn init_logging(format: LogFormat) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let _ = match format {
+        LogFormat::Text => builder.try_init(),
+        LogFormat::Json => builder.json().try_init(),
+    };
+}

@@ -1,0 +1,829 @@
+//! `pipelines/NAME.yaml` → [`Pipeline`], reporting every problem with its location.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::Duration;
+
+use super::diag::{Diagnostics, did_you_mean};
+use super::expr;
+use super::model::*;
+use super::read::{self, Obj};
+use super::yaml::Node;
+
+const KEYS: &[&str] = &[
+    "name",
+    "description",
+    "source",
+    "format",
+    "schema",
+    "event_time",
+    "event_id",
+    "dedupe_window",
+    "filter",
+    "columns",
+    "archive",
+    "views",
+];
+const SOURCE_TYPES: &[&str] = &[
+    "http",
+    "generator",
+    "file",
+    "nats",
+    "kafka",
+    "mqtt",
+    "redis",
+    "amqp",
+];
+pub const AGGREGATES: &[&str] = &[
+    "count",
+    "sum",
+    "min",
+    "max",
+    "avg",
+    "stddev",
+    "variance",
+    "first",
+    "last",
+    "approx_count_distinct",
+    "approx_quantile",
+];
+
+pub fn build(d: &mut Diagnostics, root: &Node, file: &Path) -> Option<Pipeline> {
+    let obj = Obj::new(d, root, "pipeline", KEYS)?;
+    let name = obj
+        .required(d, "name", "pipeline")
+        .and_then(|n| read::name(d, n, "pipeline name"));
+    let description = obj
+        .value("description")
+        .and_then(|n| read::string(d, n, "description"));
+    let source = obj
+        .required(d, "source", "pipeline")
+        .and_then(|n| source(d, n, name.as_deref().unwrap_or("pipeline")));
+    let format = match obj.value("format") {
+        None => Some(Format::Json),
+        Some(n) => match read::string(d, n, "format").as_deref() {
+            Some("json" | "ndjson") => Some(Format::Json),
+            Some("csv") => Some(Format::Csv),
+            Some(other) => {
+                d.error(
+                    n.loc(),
+                    format!(
+                        "unknown format `{other}` (use `json` or `csv`){}",
+                        did_you_mean(other, ["json", "csv"])
+                    ),
+                );
+                None
+            }
+            None => None,
+        },
+    };
+    let schema = obj
+        .required(d, "schema", "pipeline")
+        .and_then(|n| schema(d, n));
+    let schema_ok = schema.is_some();
+    let schema = schema.unwrap_or_default();
+
+    let event_time = obj.required(d, "event_time", "pipeline").and_then(|n| {
+        let col = read::string(d, n, "event_time")?;
+        match schema.iter().find(|(c, _)| *c == col) {
+            Some((_, ColumnType::Timestamp)) => Some(col),
+            Some((_, t)) => {
+                d.error(n.loc(), format!("event_time column `{col}` is a {}, not a timestamp (declare it `{col}: timestamp`)", t.name()));
+                None
+            }
+            None if !schema_ok => None,
+            None => {
+                d.error(n.loc(), unknown_column("event_time", &col, &schema));
+                None
+            }
+        }
+    });
+    let event_id = obj.value("event_id").and_then(|n| {
+        let col = read::string(d, n, "event_id")?;
+        if schema_ok && !schema.iter().any(|(c, _)| *c == col) {
+            d.error(n.loc(), unknown_column("event_id", &col, &schema));
+            return None;
+        }
+        Some(col)
+    });
+    let dedupe_window = optional(
+        d,
+        &obj,
+        "dedupe_window",
+        Duration::from_secs(86_400),
+        read::duration,
+    );
+    if obj.value("dedupe_window").is_some() && obj.value("event_id").is_none() {
+        d.error(
+            obj.get("dedupe_window").map_or(obj.loc, Node::loc),
+            "`dedupe_window` has no effect without `event_id`",
+        );
+    }
+
+    // Filter sees the declared columns; derived columns see those plus earlier derived ones.
+    let filter = obj.value("filter").and_then(|n| {
+        let sql = read::string(d, n, "filter")?;
+        if schema_ok {
+            match expr::check(&sql, &schema) {
+                Ok(ColumnType::Bool) => {}
+                Ok(t) => d.error(
+                    n.loc(),
+                    format!(
+                        "filter `{sql}` must be a boolean expression, it is a {}",
+                        t.name()
+                    ),
+                ),
+                Err(e) => d.error(n.loc(), format!("filter `{sql}`: {e}")),
+            }
+        }
+        Some(sql)
+    });
+    let mut available = schema.clone();
+    let mut columns = Vec::new();
+    if let Some(n) = obj.value("columns") {
+        if let Node::Map { entries: cols, .. } = n {
+            for (key, value) in cols {
+                let Some(sql) = read::string(d, value, &key.name) else {
+                    continue;
+                };
+                if !read::is_identifier(&key.name) {
+                    d.error(
+                        key.loc,
+                        format!(
+                            "invalid column name `{}`: use letters, digits and `_`",
+                            key.name
+                        ),
+                    );
+                    continue;
+                }
+                if available.iter().any(|(c, _)| *c == key.name) {
+                    d.error(
+                        key.loc,
+                        format!("derived column `{}` is already a column", key.name),
+                    );
+                    continue;
+                }
+                if schema_ok {
+                    match expr::check(&sql, &available) {
+                        Ok(t) => available.push((key.name.clone(), t)),
+                        Err(e) => {
+                            d.error(value.loc(), format!("column `{}` = `{sql}`: {e}", key.name))
+                        }
+                    }
+                }
+                columns.push((key.name.clone(), sql));
+            }
+        } else {
+            d.error(
+                n.loc(),
+                format!(
+                    "`columns` must be a mapping of name: SQL expression, found {}",
+                    n.kind()
+                ),
+            );
+        }
+    }
+
+    let archive = match obj.value("archive") {
+        None => Some(Archive {
+            segment_rows: 500_000,
+            segment_age: Duration::from_secs(60),
+        }),
+        Some(n) => Obj::new(d, n, "archive", &["segment_rows", "segment_age"]).and_then(|a| {
+            let rows = optional(d, &a, "segment_rows", 500_000, read::integer);
+            if rows == Some(0) {
+                d.error(
+                    a.get("segment_rows").map_or(a.loc, Node::loc),
+                    "`segment_rows` must be at least 1",
+                );
+            }
+            let age = optional(
+                d,
+                &a,
+                "segment_age",
+                Duration::from_secs(60),
+                read::duration,
+            );
+            Some(Archive {
+                segment_rows: rows.filter(|r| *r > 0)?,
+                segment_age: age?,
+            })
+        }),
+    };
+
+    let views = obj
+        .required(d, "views", "pipeline")
+        .and_then(|n| views(d, n, &available, schema_ok));
+
+    Some(Pipeline {
+        name: name?,
+        description,
+        file: file.to_path_buf(),
+        source: source?,
+        format: format?,
+        schema,
+        event_time: event_time?,
+        event_id,
+        dedupe_window: dedupe_window?,
+        filter,
+        columns,
+        archive: archive?,
+        views: views?,
+    })
+    .filter(|_| schema_ok && d.is_empty())
+}
+
+/// Reads `key` with `f` when present, else `default`.
+fn optional<T>(
+    d: &mut Diagnostics,
+    obj: &Obj,
+    key: &str,
+    default: T,
+    f: impl FnOnce(&mut Diagnostics, &Node, &str) -> Option<T>,
+) -> Option<T> {
+    match obj.value(key) {
+        None => Some(default),
+        Some(n) => f(d, n, key),
+    }
+}
+
+fn unknown_column(what: &str, col: &str, columns: &[(String, ColumnType)]) -> String {
+    format!(
+        "{what} names unknown column `{col}`{}",
+        did_you_mean(col, columns.iter().map(|(c, _)| c.as_str()))
+    )
+}
+
+fn source(d: &mut Diagnostics, node: &Node, pipeline: &str) -> Option<Source> {
+    let Some(ty_node) = node.get("type").filter(|n| !n.is_null()) else {
+        if matches!(node, Node::Map { .. }) {
+            d.error(
+                node.loc(),
+                format!(
+                    "source is missing required key `type` (one of {})",
+                    SOURCE_TYPES.join(", ")
+                ),
+            );
+        } else {
+            d.error(
+                node.loc(),
+                format!("source must be a mapping, found {}", node.kind()),
+            );
+        }
+        return None;
+    };
+    let ty = read::string(d, ty_node, "type")?;
+    let allowed: &[&str] = match ty.as_str() {
+        "http" => &["type"],
+        "generator" => &["type", "rate"],
+        "file" => &["type", "path", "follow"],
+        "nats" => &["type", "url", "stream", "subject", "consumer"],
+        "kafka" => &["type", "brokers", "topic", "group", "properties"],
+        "mqtt" => &["type", "url", "topic", "qos", "client_id"],
+        "redis" => &["type", "url", "stream", "group", "consumer"],
+        "amqp" => &["type", "url", "queue", "prefetch"],
+        other => {
+            d.error(
+                ty_node.loc(),
+                format!(
+                    "unknown source type `{other}`{} (one of {})",
+                    did_you_mean(other, SOURCE_TYPES.iter().copied()),
+                    SOURCE_TYPES.join(", ")
+                ),
+            );
+            return None;
+        }
+    };
+    let what = format!("{ty} source");
+    let obj = Obj::new(d, node, &what, allowed)?;
+    let req = |d: &mut Diagnostics, key: &str| {
+        obj.required(d, key, &what)
+            .and_then(|n| read::string(d, n, key))
+    };
+    let src = match ty.as_str() {
+        "http" => Source::Http,
+        "generator" => {
+            let rate = match obj.value("rate") {
+                None => Some(100.0),
+                Some(n) => read::string(d, n, "rate").and_then(|s| match parse_rate(&s) {
+                    Ok(r) => Some(r),
+                    Err(e) => {
+                        d.error(n.loc(), e);
+                        None
+                    }
+                }),
+            };
+            Source::Generator { rate: rate? }
+        }
+        "file" => {
+            let path = req(d, "path");
+            let follow = optional(d, &obj, "follow", false, read::boolean);
+            Source::File {
+                path: path?,
+                follow: follow?,
+            }
+        }
+        "nats" => {
+            let (url, stream, subject) = (req(d, "url"), req(d, "stream"), req(d, "subject"));
+            let consumer = optional(
+                d,
+                &obj,
+                "consumer",
+                format!("lambda-{pipeline}"),
+                read::string,
+            );
+            Source::Nats {
+                url: url?,
+                stream: stream?,
+                subject: subject?,
+                consumer: consumer?,
+            }
+        }
+        "kafka" => {
+            let (brokers, topic) = (req(d, "brokers"), req(d, "topic"));
+            let group = optional(d, &obj, "group", format!("lambda-{pipeline}"), read::string);
+            let properties = optional(d, &obj, "properties", BTreeMap::new(), string_map);
+            Source::Kafka {
+                brokers: brokers?,
+                topic: topic?,
+                group: group?,
+                properties: properties?,
+            }
+        }
+        "mqtt" => {
+            let (url, topic) = (req(d, "url"), req(d, "topic"));
+            let qos = optional(d, &obj, "qos", 1, read::integer);
+            if let (Some(q), Some(n)) = (qos, obj.value("qos"))
+                && !(1..=2).contains(&q)
+            {
+                d.error(
+                    n.loc(),
+                    format!("`qos` must be 1 or 2 (QoS 0 can lose events), found {q}"),
+                );
+            }
+            let client_id = obj
+                .value("client_id")
+                .and_then(|n| read::string(d, n, "client_id"));
+            Source::Mqtt {
+                url: url?,
+                topic: topic?,
+                qos: qos.filter(|q| (1..=2).contains(q))? as u8,
+                client_id,
+            }
+        }
+        "redis" => {
+            let (url, stream) = (req(d, "url"), req(d, "stream"));
+            let group = optional(d, &obj, "group", "lambda".to_string(), read::string);
+            let consumer = obj
+                .value("consumer")
+                .and_then(|n| read::string(d, n, "consumer"));
+            Source::Redis {
+                url: url?,
+                stream: stream?,
+                group: group?,
+                consumer,
+            }
+        }
+        "amqp" => {
+            let (url, queue) = (req(d, "url"), req(d, "queue"));
+            let prefetch = optional(d, &obj, "prefetch", 1000, read::integer);
+            let prefetch = prefetch.and_then(|p| match u16::try_from(p) {
+                Ok(p) if p > 0 => Some(p),
+                _ => {
+                    d.error(
+                        obj.get("prefetch").map_or(obj.loc, Node::loc),
+                        "`prefetch` must be between 1 and 65535",
+                    );
+                    None
+                }
+            });
+            Source::Amqp {
+                url: url?,
+                queue: queue?,
+                prefetch: prefetch?,
+            }
+        }
+        _ => unreachable!("source types are matched above"),
+    };
+    Some(src)
+}
+
+/// `1000/s`, `60/m`, `3600/h` or a plain number (per second).
+fn parse_rate(s: &str) -> Result<f64, String> {
+    let bad = || {
+        format!("invalid rate `{s}` (write events per second like `1000/s`, or `60/m`, `100/h`)")
+    };
+    let (n, per) = match s.trim().split_once('/') {
+        Some((n, "s")) => (n, 1.0),
+        Some((n, "m")) => (n, 60.0),
+        Some((n, "h")) => (n, 3600.0),
+        Some(_) => return Err(bad()),
+        None => (s.trim(), 1.0),
+    };
+    let n: f64 = n.trim().parse().map_err(|_| bad())?;
+    if !(n.is_finite() && n > 0.0) {
+        return Err(bad());
+    }
+    Ok(n / per)
+}
+
+fn string_map(d: &mut Diagnostics, node: &Node, what: &str) -> Option<BTreeMap<String, String>> {
+    let Node::Map { entries, .. } = node else {
+        d.error(
+            node.loc(),
+            format!("`{what}` must be a mapping, found {}", node.kind()),
+        );
+        return None;
+    };
+    let mut out = BTreeMap::new();
+    for (k, v) in entries {
+        out.insert(k.name.clone(), read::string(d, v, &k.name)?);
+    }
+    Some(out)
+}
+
+fn schema(d: &mut Diagnostics, node: &Node) -> Option<Vec<(String, ColumnType)>> {
+    let Node::Map { entries, .. } = node else {
+        d.error(
+            node.loc(),
+            format!(
+                "`schema` must be a mapping of column: type, found {}",
+                node.kind()
+            ),
+        );
+        return None;
+    };
+    if entries.is_empty() {
+        d.error(node.loc(), "`schema` declares no columns");
+        return None;
+    }
+    let mut out = Vec::new();
+    let mut ok = true;
+    for (key, value) in entries {
+        if !read::is_identifier(&key.name) {
+            d.error(
+                key.loc,
+                format!(
+                    "invalid column name `{}`: use letters, digits and `_`",
+                    key.name
+                ),
+            );
+            ok = false;
+        }
+        let Some(ty) = read::string(d, value, &key.name) else {
+            ok = false;
+            continue;
+        };
+        match ColumnType::ALL.iter().find(|(n, _)| *n == ty) {
+            Some((_, t)) => out.push((key.name.clone(), *t)),
+            None => {
+                let names = ColumnType::ALL.map(|(n, _)| n);
+                d.error(
+                    value.loc(),
+                    format!(
+                        "unknown type `{ty}` for column `{}`{} (one of {})",
+                        key.name,
+                        did_you_mean(&ty, names),
+                        names.join(", ")
+                    ),
+                );
+                ok = false;
+            }
+        }
+    }
+    ok.then_some(out)
+}
+
+fn views(
+    d: &mut Diagnostics,
+    node: &Node,
+    columns: &[(String, ColumnType)],
+    check_columns: bool,
+) -> Option<Vec<View>> {
+    let Node::Seq { items, .. } = node else {
+        d.error(
+            node.loc(),
+            format!("`views` must be a list, found {}", node.kind()),
+        );
+        return None;
+    };
+    if items.is_empty() {
+        d.error(node.loc(), "`views` is empty: declare at least one view");
+        return None;
+    }
+    let mut out: Vec<View> = Vec::new();
+    let mut ok = true;
+    for item in items {
+        match view(d, item, columns, check_columns) {
+            Some(v) if out.iter().any(|o| o.name == v.name) => {
+                let loc = item.get("name").map_or(item.loc(), Node::loc);
+                d.error(loc, format!("duplicate view name `{}`", v.name));
+                ok = false;
+            }
+            Some(v) => out.push(v),
+            None => ok = false,
+        }
+    }
+    ok.then_some(out)
+}
+
+fn view(
+    d: &mut Diagnostics,
+    node: &Node,
+    columns: &[(String, ColumnType)],
+    check_columns: bool,
+) -> Option<View> {
+    let obj = Obj::new(
+        d,
+        node,
+        "view",
+        &["name", "description", "group_by", "window", "metrics"],
+    )?;
+    let name = obj
+        .required(d, "name", "view")
+        .and_then(|n| read::name(d, n, "view name"));
+    let group_by = match obj.value("group_by") {
+        None => Some(Vec::new()),
+        Some(n) => read::string_list(d, n, "group_by").and_then(|cols| {
+            let mut ok = true;
+            for (c, loc) in &cols {
+                if check_columns && !columns.iter().any(|(n, _)| n == c) {
+                    d.error(*loc, unknown_column("group_by", c, columns));
+                    ok = false;
+                }
+            }
+            ok.then(|| cols.into_iter().map(|(c, _)| c).collect())
+        }),
+    };
+    let window = obj.required(d, "window", "view").and_then(|n| window(d, n));
+    let metrics = obj
+        .required(d, "metrics", "view")
+        .and_then(|n| metrics(d, n, columns, check_columns));
+    if let (Some(g), Some(m)) = (&group_by, &metrics) {
+        for metric in m {
+            if g.contains(&metric.name)
+                || ["window_start", "window_end"].contains(&metric.name.as_str())
+            {
+                let loc = node
+                    .get("metrics")
+                    .and_then(|ms| ms.get(&metric.name))
+                    .map_or(obj.loc, Node::loc);
+                d.error(
+                    loc,
+                    format!(
+                        "metric name `{}` clashes with an output column",
+                        metric.name
+                    ),
+                );
+            }
+        }
+    }
+    Some(View {
+        name: name?,
+        group_by: group_by?,
+        window: window?,
+        metrics: metrics?,
+    })
+}
+
+fn window(d: &mut Diagnostics, node: &Node) -> Option<Window> {
+    const HINT: &str = "write `1m`, `all`, {tumbling: 5m}, {hopping: {size: 10m, every: 1m}} or {session: {gap: 30m}}";
+    match node {
+        Node::Scalar { value, .. } if value == "all" => Some(Window::All),
+        Node::Scalar { value, .. } => match super::duration::parse(value) {
+            Ok(size) if !size.is_zero() => Some(Window::Tumbling { size }),
+            _ => {
+                d.error(node.loc(), format!("invalid window `{value}`: {HINT}"));
+                None
+            }
+        },
+        Node::Map { entries, .. } if entries.len() == 1 => {
+            let (key, value) = &entries[0];
+            match key.name.as_str() {
+                "tumbling" => {
+                    read::duration(d, value, "tumbling").map(|size| Window::Tumbling { size })
+                }
+                "hopping" => {
+                    let o = Obj::new(d, value, "hopping window", &["size", "every"])?;
+                    let size = o
+                        .required(d, "size", "hopping window")
+                        .and_then(|n| read::duration(d, n, "size"));
+                    let every = o
+                        .required(d, "every", "hopping window")
+                        .and_then(|n| read::duration(d, n, "every"));
+                    let (size, every) = (size?, every?);
+                    if size < every || size.as_millis() % every.as_millis() != 0 {
+                        d.error(
+                            value.loc(),
+                            format!(
+                                "hopping window size {} must be a whole multiple of every {}",
+                                super::duration::format(size),
+                                super::duration::format(every)
+                            ),
+                        );
+                        return None;
+                    }
+                    Some(Window::Hopping { size, every })
+                }
+                "session" => {
+                    let o = Obj::new(d, value, "session window", &["gap"])?;
+                    let gap = o
+                        .required(d, "gap", "session window")
+                        .and_then(|n| read::duration(d, n, "gap"));
+                    Some(Window::Session { gap: gap? })
+                }
+                other => {
+                    d.error(
+                        key.loc,
+                        format!(
+                            "unknown window kind `{other}`{}: {HINT}",
+                            did_you_mean(other, ["tumbling", "hopping", "session"])
+                        ),
+                    );
+                    None
+                }
+            }
+        }
+        _ => {
+            d.error(node.loc(), format!("invalid window: {HINT}"));
+            None
+        }
+    }
+}
+
+fn metrics(
+    d: &mut Diagnostics,
+    node: &Node,
+    columns: &[(String, ColumnType)],
+    check_columns: bool,
+) -> Option<Vec<Metric>> {
+    let Node::Map { entries, .. } = node else {
+        d.error(
+            node.loc(),
+            format!(
+                "`metrics` must be a mapping of name: aggregate, found {}",
+                node.kind()
+            ),
+        );
+        return None;
+    };
+    if entries.is_empty() {
+        d.error(
+            node.loc(),
+            "`metrics` is empty: declare at least one, e.g. `events: count()`",
+        );
+        return None;
+    }
+    let mut out = Vec::new();
+    let mut ok = true;
+    for (key, value) in entries {
+        if !read::is_identifier(&key.name) {
+            d.error(
+                key.loc,
+                format!(
+                    "invalid metric name `{}`: use letters, digits and `_`",
+                    key.name
+                ),
+            );
+            ok = false;
+        }
+        let Some(text) = read::string(d, value, &key.name) else {
+            ok = false;
+            continue;
+        };
+        match aggregate(&text, columns, check_columns) {
+            Ok(aggregate) => out.push(Metric {
+                name: key.name.clone(),
+                aggregate,
+            }),
+            Err(e) => {
+                d.error(value.loc(), format!("metric `{}`: {e}", key.name));
+                ok = false;
+            }
+        }
+    }
+    ok.then_some(out)
+}
+
+/// Parses `name(args)` and checks the argument's column and type.
+pub fn aggregate(
+    text: &str,
+    columns: &[(String, ColumnType)],
+    check_columns: bool,
+) -> Result<Aggregate, String> {
+    let t = text.trim();
+    let (func, args) = match t.split_once('(') {
+        Some((f, rest)) if rest.ends_with(')') => {
+            (f.trim().to_ascii_lowercase(), &rest[..rest.len() - 1])
+        }
+        _ => {
+            return Err(format!(
+                "`{t}` is not an aggregate call; write e.g. `count()`, `sum(amount)`, `approx_quantile(latency_ms, 0.95)`"
+            ));
+        }
+    };
+    let args: Vec<&str> = args
+        .split(',')
+        .map(str::trim)
+        .filter(|a| !a.is_empty())
+        .collect();
+    if !AGGREGATES.contains(&func.as_str()) {
+        return Err(format!(
+            "unknown aggregate `{func}`{}",
+            did_you_mean(&func, AGGREGATES.iter().copied())
+        ));
+    }
+    let arity = |n: usize| -> Result<(), String> {
+        if args.len() == n {
+            Ok(())
+        } else {
+            Err(format!(
+                "`{func}` takes {n} argument{}, found {}",
+                if n == 1 { "" } else { "s" },
+                args.len()
+            ))
+        }
+    };
+    let column = |i: usize, need: &[ColumnType], kind: &str| -> Result<String, String> {
+        let c = args[i].to_string();
+        if !check_columns {
+            return Ok(c);
+        }
+        let Some((_, ty)) = columns.iter().find(|(n, _)| *n == c) else {
+            return Err(format!(
+                "unknown column `{c}`{}",
+                did_you_mean(&c, columns.iter().map(|(n, _)| n.as_str()))
+            ));
+        };
+        if !need.is_empty() && !need.contains(ty) {
+            return Err(format!(
+                "`{func}` needs a {kind} column, but `{c}` is a {}",
+                ty.name()
+            ));
+        }
+        Ok(c)
+    };
+    const NUMERIC: &[ColumnType] = &[ColumnType::Int, ColumnType::Float];
+    const ORDERED: &[ColumnType] = &[
+        ColumnType::Int,
+        ColumnType::Float,
+        ColumnType::Timestamp,
+        ColumnType::String,
+    ];
+    Ok(match func.as_str() {
+        "count" if args.is_empty() || args == ["*"] => Aggregate::Count,
+        "count" => {
+            arity(1)?;
+            Aggregate::CountCol(column(0, &[], "")?)
+        }
+        "sum" => {
+            arity(1)?;
+            Aggregate::Sum(column(0, NUMERIC, "numeric (int or float)")?)
+        }
+        "avg" => {
+            arity(1)?;
+            Aggregate::Avg(column(0, NUMERIC, "numeric (int or float)")?)
+        }
+        "stddev" => {
+            arity(1)?;
+            Aggregate::Stddev(column(0, NUMERIC, "numeric (int or float)")?)
+        }
+        "variance" => {
+            arity(1)?;
+            Aggregate::Variance(column(0, NUMERIC, "numeric (int or float)")?)
+        }
+        "min" => {
+            arity(1)?;
+            Aggregate::Min(column(0, ORDERED, "int, float, timestamp or string")?)
+        }
+        "max" => {
+            arity(1)?;
+            Aggregate::Max(column(0, ORDERED, "int, float, timestamp or string")?)
+        }
+        "first" => {
+            arity(1)?;
+            Aggregate::First(column(0, &[], "")?)
+        }
+        "last" => {
+            arity(1)?;
+            Aggregate::Last(column(0, &[], "")?)
+        }
+        "approx_count_distinct" => {
+            arity(1)?;
+            Aggregate::ApproxCountDistinct(column(0, &[], "")?)
+        }
+        "approx_quantile" => {
+            arity(2)?;
+            let c = column(0, NUMERIC, "numeric (int or float)")?;
+            let q: f64 = args[1]
+                .parse()
+                .ok()
+                .filter(|q: &f64| (0.0..=1.0).contains(q))
+                .ok_or_else(|| {
+                    format!("quantile `{}` must be a number between 0 and 1", args[1])
+                })?;
+            Aggregate::ApproxQuantile(c, q)
+        }
+        _ => unreachable!("checked against AGGREGATES"),
+    })
+}

@@ -1,0 +1,194 @@
+//! Typed reads from the located YAML tree; each failed read records a diagnostic and yields
+//! `None`, so validation continues and reports every problem.
+
+use std::time::Duration;
+
+use super::diag::{Diagnostics, did_you_mean};
+use super::yaml::{Key, Loc, Node};
+
+/// A mapping whose keys were checked against the allowed ones.
+pub struct Obj<'a> {
+    pub loc: Loc,
+    entries: &'a [(Key, Node)],
+}
+
+impl<'a> Obj<'a> {
+    /// `what` names the mapping in messages ("pipeline", "source", "view `x`").
+    pub fn new(
+        d: &mut Diagnostics,
+        node: &'a Node,
+        what: &str,
+        allowed: &[&str],
+    ) -> Option<Obj<'a>> {
+        let Node::Map { entries, loc } = node else {
+            d.error(
+                node.loc(),
+                format!("{what} must be a mapping, found {}", node.kind()),
+            );
+            return None;
+        };
+        for (key, _) in entries {
+            if !allowed.contains(&key.name.as_str()) {
+                d.error(
+                    key.loc,
+                    format!(
+                        "unknown key `{}` in {what}{}",
+                        key.name,
+                        did_you_mean(&key.name, allowed.iter().copied())
+                    ),
+                );
+            }
+        }
+        Some(Obj { loc: *loc, entries })
+    }
+
+    pub fn get(&self, key: &str) -> Option<&'a Node> {
+        self.entries
+            .iter()
+            .find(|(k, _)| k.name == key)
+            .map(|(_, v)| v)
+    }
+
+    /// Like `get`, and a null value counts as absent.
+    pub fn value(&self, key: &str) -> Option<&'a Node> {
+        self.get(key).filter(|n| !n.is_null())
+    }
+
+    pub fn required(&self, d: &mut Diagnostics, key: &str, what: &str) -> Option<&'a Node> {
+        let v = self.value(key);
+        if v.is_none() {
+            d.error(self.loc, format!("{what} is missing required key `{key}`"));
+        }
+        v
+    }
+}
+
+pub fn string(d: &mut Diagnostics, node: &Node, what: &str) -> Option<String> {
+    match node {
+        Node::Scalar { value, .. } if !node.is_null() => Some(value.clone()),
+        _ => {
+            d.error(
+                node.loc(),
+                format!("`{what}` must be a string, found {}", node.kind()),
+            );
+            None
+        }
+    }
+}
+
+pub fn integer(d: &mut Diagnostics, node: &Node, what: &str) -> Option<u64> {
+    match node {
+        Node::Scalar {
+            value,
+            quoted: false,
+            ..
+        } => match value.replace('_', "").parse::<u64>() {
+            Ok(n) => Some(n),
+            Err(_) => {
+                d.error(
+                    node.loc(),
+                    format!("`{what}` must be a whole number ≥ 0, found `{value}`"),
+                );
+                None
+            }
+        },
+        _ => {
+            d.error(
+                node.loc(),
+                format!("`{what}` must be a whole number, found {}", describe(node)),
+            );
+            None
+        }
+    }
+}
+
+pub fn boolean(d: &mut Diagnostics, node: &Node, what: &str) -> Option<bool> {
+    match node {
+        Node::Scalar {
+            value,
+            quoted: false,
+            ..
+        } if matches!(value.as_str(), "true" | "True" | "TRUE") => Some(true),
+        Node::Scalar {
+            value,
+            quoted: false,
+            ..
+        } if matches!(value.as_str(), "false" | "False" | "FALSE") => Some(false),
+        _ => {
+            d.error(
+                node.loc(),
+                format!("`{what}` must be true or false, found {}", describe(node)),
+            );
+            None
+        }
+    }
+}
+
+pub fn duration(d: &mut Diagnostics, node: &Node, what: &str) -> Option<Duration> {
+    let text = string(d, node, what)?;
+    match super::duration::parse(&text) {
+        Ok(v) if v.is_zero() => {
+            d.error(node.loc(), format!("`{what}` must be longer than zero"));
+            None
+        }
+        Ok(v) => Some(v),
+        Err(e) => {
+            d.error(node.loc(), format!("`{what}`: {e}"));
+            None
+        }
+    }
+}
+
+/// A list of strings, each with its location (for "unknown column" pointing at the item).
+pub fn string_list(d: &mut Diagnostics, node: &Node, what: &str) -> Option<Vec<(String, Loc)>> {
+    let Node::Seq { items, .. } = node else {
+        d.error(
+            node.loc(),
+            format!("`{what}` must be a list, found {}", node.kind()),
+        );
+        return None;
+    };
+    let mut out = Vec::with_capacity(items.len());
+    let mut ok = true;
+    for item in items {
+        match string(d, item, what) {
+            Some(s) => out.push((s, item.loc())),
+            None => ok = false,
+        }
+    }
+    ok.then_some(out)
+}
+
+/// Pipeline, view, workflow and task names: `[a-z][a-z0-9_]*`.
+pub fn name(d: &mut Diagnostics, node: &Node, what: &str) -> Option<String> {
+    let s = string(d, node, what)?;
+    if is_name(&s) {
+        Some(s)
+    } else {
+        d.error(
+            node.loc(),
+            format!("invalid {what} `{s}`: use lowercase letters, digits and `_`, starting with a letter"),
+        );
+        None
+    }
+}
+
+pub fn is_name(s: &str) -> bool {
+    let mut chars = s.chars();
+    matches!(chars.next(), Some('a'..='z'))
+        && chars.all(|c| matches!(c, 'a'..='z' | '0'..='9' | '_'))
+}
+
+/// Column and metric names: SQL identifiers.
+pub fn is_identifier(s: &str) -> bool {
+    let mut chars = s.chars();
+    matches!(chars.next(), Some(c) if c.is_ascii_alphabetic() || c == '_')
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
+}
+
+fn describe(node: &Node) -> String {
+    match node {
+        Node::Scalar { value, .. } if !node.is_null() => format!("`{value}`"),
+        _ => node.kind().to_string(),
+    }
+}

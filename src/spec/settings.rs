@@ -1,0 +1,152 @@
+//! `lambda.yaml` → [`Settings`]; every key optional, defaults are the embedded stack.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use super::diag::Diagnostics;
+use super::model::{ServeSettings, Settings};
+use super::read::{self, Obj};
+use super::yaml::Node;
+
+pub const DEFAULT_STATE: &str = "sqlite://.lambda/state.db";
+pub const DEFAULT_LAKE: &str = "file://.lambda/lake";
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
+pub const DEFAULT_MAX_BODY_BYTES: u64 = 64 * 1024 * 1024;
+
+pub fn build(d: &mut Diagnostics, root: Option<&Node>, project: &Path) -> Option<Settings> {
+    let empty = Node::Map {
+        entries: Vec::new(),
+        loc: Default::default(),
+    };
+    let obj = Obj::new(
+        d,
+        root.unwrap_or(&empty),
+        "lambda.yaml",
+        &["state", "lake", "lake_options", "serve", "timezone"],
+    )?;
+    let str_or = |d: &mut Diagnostics, key: &str, default: &str| match obj.value(key) {
+        None => Some(default.to_string()),
+        Some(n) => read::string(d, n, key),
+    };
+    let state = str_or(d, "state", DEFAULT_STATE).and_then(|s| {
+        let resolved = resolve_state(&s, project);
+        if resolved.is_none() {
+            d.error(
+                obj.get("state").map_or(obj.loc, Node::loc),
+                format!(
+                    "unsupported state URL `{s}` (use sqlite://PATH or postgres://USER@HOST/DB)"
+                ),
+            );
+        }
+        resolved
+    });
+    let lake = str_or(d, "lake", DEFAULT_LAKE).and_then(|s| {
+        let resolved = resolve_lake(&s, project);
+        if resolved.is_none() {
+            d.error(obj.get("lake").map_or(obj.loc, Node::loc), format!(
+                "unsupported lake URL `{s}` (use file://PATH, s3://BUCKET/PREFIX, az://CONTAINER/PREFIX, gs://BUCKET/PREFIX or memory://)"
+            ));
+        }
+        resolved
+    });
+    let lake_options = match obj.value("lake_options") {
+        None => Some(BTreeMap::new()),
+        Some(Node::Map { entries, .. }) => {
+            let mut out = BTreeMap::new();
+            for (k, v) in entries {
+                if let Some(s) = read::string(d, v, &k.name) {
+                    out.insert(k.name.clone(), s);
+                }
+            }
+            Some(out)
+        }
+        Some(n) => {
+            d.error(
+                n.loc(),
+                format!("`lake_options` must be a mapping, found {}", n.kind()),
+            );
+            None
+        }
+    };
+    let serve = match obj.value("serve") {
+        None => Some(ServeSettings { listen: DEFAULT_LISTEN.into(), token: None, max_body_bytes: DEFAULT_MAX_BODY_BYTES as usize }),
+        Some(n) => Obj::new(d, n, "serve", &["listen", "token", "max_body_bytes"]).and_then(|s| {
+            let listen = s.value("listen").map_or(Some(DEFAULT_LISTEN.to_string()), |n| read::string(d, n, "listen"));
+            if let (Some(l), Some(n)) = (&listen, s.value("listen"))
+                && l.parse::<std::net::SocketAddr>().is_err()
+            {
+                d.error(n.loc(), format!("`listen` must be HOST:PORT with an IP address, e.g. 127.0.0.1:8080, found `{l}`"));
+            }
+            let token = s.value("token").and_then(|n| read::string(d, n, "token")).filter(|t| !t.is_empty());
+            let max = s.value("max_body_bytes").map_or(Some(DEFAULT_MAX_BODY_BYTES), |n| read::integer(d, n, "max_body_bytes"));
+            Some(ServeSettings { listen: listen?, token, max_body_bytes: usize::try_from(max?).ok()? })
+        }),
+    };
+    let timezone = match obj.value("timezone") {
+        None => Some(chrono_tz::UTC),
+        Some(n) => {
+            read::string(d, n, "timezone").and_then(|s| super::workflow::timezone(d, n.loc(), &s))
+        }
+    };
+    Some(Settings {
+        state: state?,
+        lake: lake?,
+        lake_options: lake_options?,
+        serve: serve?,
+        timezone: timezone?,
+    })
+}
+
+/// `sqlite://rel/path` is relative to the project; postgres URLs pass through.
+fn resolve_state(url: &str, project: &Path) -> Option<String> {
+    if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+        return Some(url.to_string());
+    }
+    let rest = url
+        .strip_prefix("sqlite://")
+        .or_else(|| url.strip_prefix("sqlite:"))?;
+    if rest == ":memory:" {
+        return Some("sqlite::memory:".into());
+    }
+    let (path, query) = rest
+        .split_once('?')
+        .map_or((rest, None), |(p, q)| (p, Some(q)));
+    let abs = absolute(project, path);
+    Some(match query {
+        Some(q) => format!("sqlite://{}?{q}", abs.display()),
+        None => format!("sqlite://{}", abs.display()),
+    })
+}
+
+/// `file://rel/dir` (or a bare path) is relative to the project; cloud URLs pass through.
+fn resolve_lake(url: &str, project: &Path) -> Option<String> {
+    for scheme in [
+        "s3://",
+        "s3a://",
+        "az://",
+        "abfs://",
+        "abfss://",
+        "azure://",
+        "gs://",
+        "memory://",
+    ] {
+        if url.starts_with(scheme) {
+            return Some(url.to_string());
+        }
+    }
+    if url.contains("://") && !url.starts_with("file://") {
+        return None;
+    }
+    let path = url.strip_prefix("file://").unwrap_or(url);
+    Some(format!("file://{}", absolute(project, path).display()))
+}
+
+fn absolute(project: &Path, path: &str) -> std::path::PathBuf {
+    let p = Path::new(path);
+    let joined = if p.is_absolute() {
+        p.to_path_buf()
+    } else {
+        project.join(p)
+    };
+    std::path::absolute(&joined).unwrap_or(joined)
+}

@@ -1,0 +1,5 @@
+//! The speed layer (DESIGN.md §3): durable ingest, micro-batches through the plan, partials
+//! per segment, the archiver.
+
+pub mod dedupe;
+pub mod log;
