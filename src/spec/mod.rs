@@ -106,14 +106,15 @@ pub fn load_with_env(
             continue;
         };
         let rel = path.strip_prefix(root).unwrap_or(&path).to_path_buf();
-        if let Some((wf, refs)) = workflow::build(&mut d, &node, &rel, tz) {
+        let (wf, refs) = workflow::build(&mut d, &node, &rel, tz);
+        check_refs(&mut d, &refs, &declared);
+        if let Some(wf) = wf {
             if workflows.iter().any(|w| w.name == wf.name) {
                 d.error(
                     node.get("name").map_or(Loc { line: 1, col: 1 }, Node::loc),
                     format!("duplicate workflow name `{}`", wf.name),
                 );
             }
-            check_refs(&mut d, &refs, &declared);
             if d.is_empty() {
                 workflows.push(wf);
             }

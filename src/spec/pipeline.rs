@@ -612,7 +612,7 @@ fn window(d: &mut Diagnostics, node: &Node) -> Option<Window> {
                         .required(d, "every", "hopping window")
                         .and_then(|n| read::duration(d, n, "every"));
                     let (size, every) = (size?, every?);
-                    if size < every || size.as_millis() % every.as_millis() != 0 {
+                    if size < every || !size.as_millis().is_multiple_of(every.as_millis()) {
                         d.error(
                             value.loc(),
                             format!(

@@ -64,8 +64,21 @@ impl Schedule {
                 fields.join(" ")
             }
         };
-        let cron = cron::Schedule::from_str(&six)
-            .map_err(|e| format!("invalid schedule `{trimmed}`: {e}"))?;
+        let cron = cron::Schedule::from_str(&six).map_err(|e| {
+            // The crate's message quotes the translated expression with a caret; keep its reason.
+            let text = e.to_string();
+            let reason = text
+                .lines()
+                .rev()
+                .find(|l| !l.trim().is_empty())
+                .unwrap_or(&text)
+                .trim()
+                .to_string();
+            format!(
+                "invalid schedule `{trimmed}`: {}",
+                out_of_range(&reason).unwrap_or(reason)
+            )
+        })?;
         Ok(Schedule {
             expr: trimmed.to_string(),
             cron,
@@ -76,6 +89,17 @@ impl Schedule {
     pub fn cron(&self) -> &cron::Schedule {
         &self.cron
     }
+}
+
+/// The crate says "Hours must be less than 23. ('25' specified.)" where it means "at most 23".
+fn out_of_range(reason: &str) -> Option<String> {
+    let (unit, rest) = reason.split_once(" must be less than ")?;
+    let (max, rest) = rest.split_once(". ('")?;
+    let value = rest.strip_suffix("' specified.)")?;
+    Some(format!(
+        "{} `{value}` is out of range (at most {max})",
+        unit.to_lowercase()
+    ))
 }
 
 /// Rewrites crontab weekday numbers (0–7, Sunday = 0 or 7) into explicit `cron`-crate ordinals

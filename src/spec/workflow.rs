@@ -41,12 +41,26 @@ pub struct TaskRefs {
     pub views: Vec<(String, Loc)>,
 }
 
+/// Returns the workflow when it is valid, and the task references found either way (so a
+/// workflow with other problems still gets its references checked).
 pub fn build(
     d: &mut Diagnostics,
     root: &Node,
     file: &Path,
     default_tz: Tz,
-) -> Option<(Workflow, Vec<TaskRefs>)> {
+) -> (Option<Workflow>, Vec<TaskRefs>) {
+    let mut refs = Vec::new();
+    let wf = workflow(d, root, file, default_tz, &mut refs);
+    (wf, refs)
+}
+
+fn workflow(
+    d: &mut Diagnostics,
+    root: &Node,
+    file: &Path,
+    default_tz: Tz,
+    refs: &mut Vec<TaskRefs>,
+) -> Option<Workflow> {
     let obj = Obj::new(d, root, "workflow", KEYS)?;
     let name = obj
         .required(d, "name", "workflow")
@@ -86,9 +100,8 @@ pub fn build(
     });
     let tasks = obj
         .required(d, "tasks", "workflow")
-        .and_then(|n| tasks(d, n));
-    let (tasks, refs) = tasks.unzip();
-    let wf = Workflow {
+        .and_then(|n| tasks(d, n, refs));
+    Some(Workflow {
         name: name?,
         description,
         file: file.to_path_buf(),
@@ -97,8 +110,7 @@ pub fn build(
         catchup: catchup?,
         max_active_runs: max_active_runs?,
         tasks: tasks?,
-    };
-    Some((wf, refs?))
+    })
 }
 
 pub fn timezone(d: &mut Diagnostics, loc: Loc, s: &str) -> Option<Tz> {
@@ -118,7 +130,7 @@ pub fn timezone(d: &mut Diagnostics, loc: Loc, s: &str) -> Option<Tz> {
     }
 }
 
-fn tasks(d: &mut Diagnostics, node: &Node) -> Option<(Vec<Task>, Vec<TaskRefs>)> {
+fn tasks(d: &mut Diagnostics, node: &Node, refs: &mut Vec<TaskRefs>) -> Option<Vec<Task>> {
     let Node::Seq { items, .. } = node else {
         d.error(
             node.loc(),
@@ -130,24 +142,27 @@ fn tasks(d: &mut Diagnostics, node: &Node) -> Option<(Vec<Task>, Vec<TaskRefs>)>
         d.error(node.loc(), "`tasks` is empty: declare at least one task");
         return None;
     }
-    let mut out: Vec<(Task, TaskRefs, Vec<Loc>)> = Vec::new();
+    let mut out: Vec<(Task, Vec<Loc>)> = Vec::new();
+    let mut names_seen: Vec<&str> = Vec::new();
     let mut ok = true;
     for item in items {
-        match task(d, item) {
-            Some((t, ..)) if out.iter().any(|(o, ..)| o.name == t.name) => {
-                d.error(
-                    item.get("name").map_or(item.loc(), Node::loc),
-                    format!("duplicate task name `{}`", t.name),
-                );
+        if let Some(name_node) = item.get("name")
+            && let Some(name) = name_node.as_str()
+        {
+            if names_seen.contains(&name) {
+                d.error(name_node.loc(), format!("duplicate task name `{name}`"));
                 ok = false;
             }
+            names_seen.push(name);
+        }
+        match task(d, item, refs) {
             Some(t) => out.push(t),
             None => ok = false,
         }
     }
     // `needs` must name tasks of this workflow, and the graph must be acyclic.
-    let names: Vec<&str> = out.iter().map(|(t, ..)| t.name.as_str()).collect();
-    for (t, _, need_locs) in &out {
+    let names = names_seen;
+    for (t, need_locs) in &out {
         for (need, loc) in t.needs.iter().zip(need_locs) {
             if !names.contains(&need.as_str()) {
                 d.error(
@@ -170,12 +185,12 @@ fn tasks(d: &mut Diagnostics, node: &Node) -> Option<(Vec<Task>, Vec<TaskRefs>)>
         let first = out
             .iter()
             .find(|(t, ..)| t.name == cycle[0])
-            .map(|(_, _, l)| l.first().copied());
+            .map(|(_, l)| l.first().copied());
         let loc = first.flatten().unwrap_or(node.loc());
         d.error(loc, format!("tasks form a cycle: {}", cycle.join(" → ")));
         ok = false;
     }
-    ok.then(|| out.into_iter().map(|(t, r, _)| (t, r)).unzip())
+    ok.then(|| out.into_iter().map(|(t, _)| t).collect())
 }
 
 /// Returns one cycle as task names (first repeated at the end), if any.
@@ -221,7 +236,11 @@ pub fn find_cycle(tasks: &[Task]) -> Option<Vec<String>> {
     })
 }
 
-fn task(d: &mut Diagnostics, node: &Node) -> Option<(Task, TaskRefs, Vec<Loc>)> {
+fn task(
+    d: &mut Diagnostics,
+    node: &Node,
+    all_refs: &mut Vec<TaskRefs>,
+) -> Option<(Task, Vec<Loc>)> {
     let obj = Obj::new(d, node, "task", TASK_KEYS)?;
     let name = obj
         .required(d, "name", "task")
@@ -323,6 +342,7 @@ fn task(d: &mut Diagnostics, node: &Node) -> Option<(Task, TaskRefs, Vec<Loc>)> 
         None => Some(None),
         Some(n) => read::duration(d, n, "timeout").map(Some),
     };
+    all_refs.push(refs);
     let (needs, need_locs): (Vec<String>, Vec<Loc>) = needs?.into_iter().unzip();
     let task = Task {
         name: name?,
@@ -332,5 +352,5 @@ fn task(d: &mut Diagnostics, node: &Node) -> Option<(Task, TaskRefs, Vec<Loc>)> 
         retry_delay: retry_delay?,
         timeout: timeout?,
     };
-    Some((task, refs, need_locs))
+    Some((task, need_locs))
 }
