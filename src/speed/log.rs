@@ -6,6 +6,10 @@
 //! queue, writes them all, syncs once and answers each — so N concurrent HTTP requests cost one
 //! fsync, not N.
 //!
+//! Each append may carry an attachment (the decoded events); after the sync the writer hands
+//! `(offsets, attachment)` to the log's consumer *in offset order*, so the aggregator sees a
+//! gap-free position stream no matter how callers race.
+//!
 //! On disk: files `{first_offset:020}.wal` holding records `len: u32 LE | crc32: u32 LE | payload`;
 //! a record's offset is implicit (the file's first offset + its index). A crash can leave a torn
 //! record at the tail of the last file; it was never acknowledged, so opening the log cuts it off.
@@ -33,22 +37,34 @@ pub enum LogError {
     Closed(PathBuf),
 }
 
-struct Request {
+struct Request<T> {
     records: Vec<Vec<u8>>,
+    attachment: T,
     reply: oneshot::Sender<Result<Range<u64>, LogError>>,
 }
 
+/// Durable records handed to the consumer, in offset order.
+pub type Durable<T> = (Range<u64>, T);
+
 /// Handle to the log's writer thread; cheap to clone.
-#[derive(Clone)]
-pub struct Log {
+pub struct Log<T = ()> {
     dir: PathBuf,
-    tx: std_mpsc::Sender<Request>,
+    tx: std_mpsc::Sender<Request<T>>,
 }
 
-impl Log {
+impl<T> Clone for Log<T> {
+    fn clone(&self) -> Self {
+        Log { dir: self.dir.clone(), tx: self.tx.clone() }
+    }
+}
+
+impl<T: Send + 'static> Log<T> {
     /// Opens (or creates) the log in `dir`, cutting off a torn tail. Returns the log and the
-    /// next offset it will assign.
-    pub fn open(dir: &Path) -> Result<(Log, u64), LogError> {
+    /// next offset it will assign. Durable appends are forwarded to `consumer` when given.
+    pub fn open(
+        dir: &Path,
+        consumer: Option<tokio::sync::mpsc::UnboundedSender<Durable<T>>>,
+    ) -> Result<(Log<T>, u64), LogError> {
         let err = |source| LogError::Io {
             dir: dir.to_path_buf(),
             source,
@@ -66,11 +82,12 @@ impl Log {
             }
             None => (None, 0),
         };
-        let (tx, rx) = std_mpsc::channel::<Request>();
+        let (tx, rx) = std_mpsc::channel::<Request<T>>();
         let mut writer = Writer {
             dir: dir.to_path_buf(),
             file,
             next,
+            consumer,
         };
         thread::Builder::new()
             .name(format!("wal:{}", dir.display()))
@@ -85,11 +102,20 @@ impl Log {
         ))
     }
 
-    /// Appends records; resolves with their offsets once they are durable.
-    pub async fn append(&self, records: Vec<Vec<u8>>) -> Result<Range<u64>, LogError> {
+    /// Appends records; resolves with their offsets once they are durable (and, with a
+    /// consumer, handed to it with `attachment`).
+    pub async fn append(
+        &self,
+        records: Vec<Vec<u8>>,
+        attachment: T,
+    ) -> Result<Range<u64>, LogError> {
         let (reply, rx) = oneshot::channel();
         self.tx
-            .send(Request { records, reply })
+            .send(Request {
+                records,
+                attachment,
+                reply,
+            })
             .map_err(|_| LogError::Closed(self.dir.clone()))?;
         rx.await.map_err(|_| LogError::Closed(self.dir.clone()))?
     }
@@ -141,21 +167,27 @@ pub fn read_from(dir: &Path, from: u64) -> Result<Vec<(u64, Vec<u8>)>, LogError>
     Ok(out)
 }
 
-struct Writer {
+struct Writer<T> {
     dir: PathBuf,
     /// The open file and its length; `None` until the first append of an empty log.
     file: Option<(File, u64)>,
     next: u64,
+    consumer: Option<tokio::sync::mpsc::UnboundedSender<Durable<T>>>,
 }
 
-impl Writer {
-    fn run(&mut self, rx: std_mpsc::Receiver<Request>) {
+impl<T> Writer<T> {
+    fn run(&mut self, rx: std_mpsc::Receiver<Request<T>>) {
         while let Ok(first) = rx.recv() {
             let mut batch = vec![first];
             batch.extend(rx.try_iter());
             match self.write(&batch) {
                 Ok(ranges) => {
                     for (req, range) in batch.into_iter().zip(ranges) {
+                        if let Some(c) = &self.consumer {
+                            // Forward before replying: once acknowledged, the events are on
+                            // their way to the aggregator.
+                            let _ = c.send((range.clone(), req.attachment));
+                        }
                         let _ = req.reply.send(Ok(range));
                     }
                 }
@@ -174,7 +206,7 @@ impl Writer {
         }
     }
 
-    fn write(&mut self, batch: &[Request]) -> io::Result<Vec<Range<u64>>> {
+    fn write(&mut self, batch: &[Request<T>]) -> io::Result<Vec<Range<u64>>> {
         if self.file.as_ref().is_none_or(|(_, len)| *len >= FILE_BYTES) {
             let path = self.dir.join(format!("{:020}.wal", self.next));
             let f = OpenOptions::new().create(true).append(true).open(&path)?;
@@ -290,14 +322,14 @@ mod tests {
     #[tokio::test]
     async fn appends_get_consecutive_offsets_and_survive_reopen() {
         let dir = tempfile::tempdir().unwrap();
-        let (log, next) = Log::open(dir.path()).unwrap();
+        let (log, next) = Log::<()>::open(dir.path(), None).unwrap();
         assert_eq!(next, 0);
-        assert_eq!(log.append(recs(&["a", "b"])).await.unwrap(), 0..2);
-        assert_eq!(log.append(recs(&["c"])).await.unwrap(), 2..3);
+        assert_eq!(log.append(recs(&["a", "b"]), ()).await.unwrap(), 0..2);
+        assert_eq!(log.append(recs(&["c"]), ()).await.unwrap(), 2..3);
         drop(log);
-        let (log, next) = Log::open(dir.path()).unwrap();
+        let (log, next) = Log::<()>::open(dir.path(), None).unwrap();
         assert_eq!(next, 3);
-        assert_eq!(log.append(recs(&["d"])).await.unwrap(), 3..4);
+        assert_eq!(log.append(recs(&["d"]), ()).await.unwrap(), 3..4);
         let all = read_from(dir.path(), 1).unwrap();
         assert_eq!(
             all,
@@ -308,12 +340,12 @@ mod tests {
     #[tokio::test]
     async fn concurrent_appends_share_commits_and_never_overlap() {
         let dir = tempfile::tempdir().unwrap();
-        let (log, _) = Log::open(dir.path()).unwrap();
+        let (log, _) = Log::<()>::open(dir.path(), None).unwrap();
         let tasks: Vec<_> = (0..64)
             .map(|i| {
                 let log = log.clone();
                 tokio::spawn(async move {
-                    log.append(vec![format!("{i}").into_bytes(); 10])
+                    log.append(vec![format!("{i}").into_bytes(); 10], ())
                         .await
                         .unwrap()
                 })
@@ -331,18 +363,41 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn the_consumer_sees_appends_in_offset_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let (log, _) = Log::<usize>::open(dir.path(), Some(tx)).unwrap();
+        let tasks: Vec<_> = (0..32)
+            .map(|i| {
+                let log = log.clone();
+                tokio::spawn(async move { log.append(vec![vec![0u8; 3]; i % 4 + 1], i).await.unwrap() })
+            })
+            .collect();
+        for t in tasks {
+            t.await.unwrap();
+        }
+        let mut next = 0;
+        for _ in 0..32 {
+            let (range, i) = rx.recv().await.unwrap();
+            assert_eq!(range.start, next);
+            assert_eq!(range.end - range.start, (i % 4 + 1) as u64);
+            next = range.end;
+        }
+    }
+
+    #[tokio::test]
     async fn a_torn_tail_is_cut_off() {
         let dir = tempfile::tempdir().unwrap();
-        let (log, _) = Log::open(dir.path()).unwrap();
-        log.append(recs(&["one", "two"])).await.unwrap();
+        let (log, _) = Log::<()>::open(dir.path(), None).unwrap();
+        log.append(recs(&["one", "two"]), ()).await.unwrap();
         drop(log);
         let path = files(dir.path()).unwrap()[0].1.clone();
         let mut f = OpenOptions::new().append(true).open(&path).unwrap();
         f.write_all(&[200, 0, 0, 0, 1, 2]).unwrap(); // a header promising more than is there
         drop(f);
-        let (log, next) = Log::open(dir.path()).unwrap();
+        let (log, next) = Log::<()>::open(dir.path(), None).unwrap();
         assert_eq!(next, 2);
-        assert_eq!(log.append(recs(&["three"])).await.unwrap(), 2..3);
+        assert_eq!(log.append(recs(&["three"]), ()).await.unwrap(), 2..3);
         let all: Vec<u64> = read_from(dir.path(), 0)
             .unwrap()
             .into_iter()
@@ -354,14 +409,14 @@ mod tests {
     #[tokio::test]
     async fn truncation_keeps_unsealed_records() {
         let dir = tempfile::tempdir().unwrap();
-        let (log, _) = Log::open(dir.path()).unwrap();
-        log.append(recs(&["a", "b"])).await.unwrap();
+        let (log, _) = Log::<()>::open(dir.path(), None).unwrap();
+        log.append(recs(&["a", "b"]), ()).await.unwrap();
         // Force a second file by reopening with a new file started on the next write.
         drop(log);
         fs::write(dir.path().join(format!("{:020}.wal", 2)), b"").unwrap();
-        let (log, next) = Log::open(dir.path()).unwrap();
+        let (log, next) = Log::<()>::open(dir.path(), None).unwrap();
         assert_eq!(next, 2);
-        log.append(recs(&["c"])).await.unwrap();
+        log.append(recs(&["c"]), ()).await.unwrap();
         log.truncate_below(1).unwrap();
         assert_eq!(read_from(dir.path(), 0).unwrap().len(), 3);
         log.truncate_below(2).unwrap();
