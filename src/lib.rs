@@ -19,5 +19,7 @@
 //! - [`cli`]: the `lambda-ctl` command line, one file per subcommand.
 
 pub mod cli;
+pub mod serving;
+pub mod sources;
 pub mod spec;
 pub mod speed;

@@ -1,0 +1,5 @@
+//! The serving layer (DESIGN.md §5): merge the published batch view with the speed partials
+//! of the segments it does not cover, finish, filter, and answer over HTTP and the CLI.
+
+pub mod format;
+pub mod time;

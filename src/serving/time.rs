@@ -1,0 +1,65 @@
+//! Times as users type them in `--from/--to`, `from=/to=` and `backfill`: RFC 3339
+//! (`2026-11-21T10:00:00Z`), a date (`2026-11-21`, midnight UTC), epoch milliseconds, `now`,
+//! or relative to now (`-1h`, `-30m`, `+1d`).
+
+use chrono::{DateTime, NaiveDate, Utc};
+
+/// Parses `text` into epoch milliseconds (UTC), relative forms counted from `now_ms`.
+pub fn parse_time(text: &str, now_ms: i64) -> Result<i64, String> {
+    let t = text.trim();
+    let bad = || format!("invalid time `{text}` (use RFC 3339 like 2026-11-21T10:00:00Z, a date, epoch ms, `now`, or relative like -1h)");
+    if t == "now" {
+        return Ok(now_ms);
+    }
+    if let Some(rest) = t.strip_prefix('-').or_else(|| t.strip_prefix('+'))
+        && rest.starts_with(|c: char| c.is_ascii_digit())
+        && !rest.chars().all(|c| c.is_ascii_digit())
+    {
+        let d = crate::spec::duration::parse(rest).map_err(|_| bad())?;
+        let ms = i64::try_from(d.as_millis()).map_err(|_| bad())?;
+        return Ok(if t.starts_with('-') { now_ms - ms } else { now_ms + ms });
+    }
+    if let Ok(dt) = DateTime::parse_from_rfc3339(t) {
+        return Ok(dt.timestamp_millis());
+    }
+    if let Ok(d) = NaiveDate::parse_from_str(t, "%Y-%m-%d") {
+        return Ok(d.and_hms_opt(0, 0, 0).ok_or_else(bad)?.and_utc().timestamp_millis());
+    }
+    if let Ok(ms) = t.parse::<i64>() {
+        return Ok(ms);
+    }
+    Err(bad())
+}
+
+/// RFC 3339 with milliseconds, UTC (`2026-11-21T10:00:00.000Z`).
+pub fn format_ms(ms: i64) -> String {
+    DateTime::<Utc>::from_timestamp_millis(ms)
+        .map(|d| d.to_rfc3339_opts(chrono::SecondsFormat::Millis, true))
+        .unwrap_or_else(|| ms.to_string())
+}
+
+pub fn now_ms() -> i64 {
+    Utc::now().timestamp_millis()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const NOW: i64 = 1_763_719_200_000; // 2025-11-21T10:00:00Z
+
+    #[test]
+    fn absolute_and_relative() {
+        assert_eq!(parse_time("2025-11-21T10:00:00Z", 0).unwrap(), NOW);
+        assert_eq!(parse_time("2025-11-21T11:00:00+01:00", 0).unwrap(), NOW);
+        assert_eq!(parse_time("2025-11-21", 0).unwrap(), NOW - 10 * 3_600_000);
+        assert_eq!(parse_time("-1h", NOW).unwrap(), NOW - 3_600_000);
+        assert_eq!(parse_time("+30m", NOW).unwrap(), NOW + 1_800_000);
+        assert_eq!(parse_time("now", NOW).unwrap(), NOW);
+        assert_eq!(parse_time("-5", 0).unwrap(), -5);
+        assert_eq!(parse_time(&NOW.to_string(), 0).unwrap(), NOW);
+        assert!(parse_time("yesterday", NOW).is_err());
+        assert!(parse_time("-1x", NOW).is_err());
+        assert_eq!(format_ms(NOW), "2025-11-21T10:00:00.000Z");
+    }
+}

@@ -1,0 +1,3 @@
+//! Sources: where events come from. One file per source kind.
+
+pub mod generator;
