@@ -2,7 +2,11 @@
 //!
 //! Exit codes: 0 success, 1 user error (bad spec, bad argument, failed run), 2 internal error.
 
+mod client;
+mod ingest;
 mod init;
+mod query;
+mod serve;
 mod validate;
 
 use std::path::PathBuf;
@@ -44,6 +48,40 @@ pub enum Command {
     },
     /// Check every file of the project; list all problems and exit 1 if there are any.
     Validate,
+    /// Run the speed layer for every pipeline, its sources and the HTTP API.
+    Serve {
+        /// Address to listen on (default: `serve.listen` of lambda.yaml, 127.0.0.1:8080).
+        #[arg(long)]
+        listen: Option<std::net::SocketAddr>,
+    },
+    /// Send NDJSON (or CSV) events to a pipeline of a running server.
+    Ingest {
+        pipeline: String,
+        /// File to send; `-` or nothing reads stdin.
+        file: Option<String>,
+        /// Server address (default: `serve.listen` of lambda.yaml).
+        #[arg(long)]
+        server: Option<String>,
+    },
+    /// Show a view: the merged answer of the batch and speed layers.
+    Query {
+        /// PIPELINE.VIEW
+        view: String,
+        /// Only rows whose group_by column equals a value: COL=VALUE (repeatable).
+        #[arg(long = "where", value_name = "COL=VALUE")]
+        filters: Vec<String>,
+        /// Windows starting at or after T (RFC 3339, date, or relative like -1h).
+        #[arg(long)]
+        from: Option<String>,
+        /// Windows starting before T.
+        #[arg(long)]
+        to: Option<String>,
+        #[arg(long, value_enum, default_value_t = query::OutputFormat::Table)]
+        format: query::OutputFormat,
+        /// Server address (default: `serve.listen` of lambda.yaml).
+        #[arg(long)]
+        server: Option<String>,
+    },
 }
 
 /// A failure with the exit code it maps to.
@@ -95,7 +133,29 @@ fn run(cli: Cli) -> Result<(), CliError> {
     match cli.command {
         Command::Init { dir } => init::run(&dir.unwrap_or_else(|| cli.project.clone())),
         Command::Validate => validate::run(&cli.project),
+        Command::Serve { listen } => serve::run(&cli.project, listen),
+        Command::Ingest { pipeline, file, server } => ingest::run(&cli.project, &pipeline, file.as_deref(), server.as_deref()),
+        Command::Query { view, filters, from, to, format, server } => query::run(
+            &cli.project,
+            query::Args {
+                target: &view,
+                filters: &filters,
+                from: from.as_deref(),
+                to: to.as_deref(),
+                format,
+                server: server.as_deref(),
+            },
+        ),
     }
+}
+
+/// Loads the project or fails with every problem, as `validate` prints them.
+fn load_project(dir: &std::path::Path) -> Result<crate::spec::Project, CliError> {
+    crate::spec::load(dir).map_err(|e| {
+        let n = e.0.len();
+        CliError::User(format!("{e}
+{n} problem{} found (see `lambda-ctl validate`)", if n == 1 { "" } else { "s" }))
+    })
 }
 
 fn init_logging(format: LogFormat) {

@@ -2,4 +2,6 @@
 //! of the segments it does not cover, finish, filter, and answer over HTTP and the CLI.
 
 pub mod format;
+pub mod http;
+pub mod query;
 pub mod time;

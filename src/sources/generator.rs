@@ -4,8 +4,41 @@
 //! users), so views over generated data look like views over real traffic.
 
 use std::fmt::Write as _;
+use std::sync::Arc;
+use std::time::Duration;
 
+use bytes::Bytes;
+use tokio_util::sync::CancellationToken;
+
+use crate::serving::time::now_ms;
+use crate::speed::runtime::PipelineRuntime;
 use crate::spec::{ColumnType, Format, Pipeline};
+
+/// Feeds `rt` at `rate` events per second until shutdown, through the same door as HTTP.
+pub async fn run(rt: Arc<PipelineRuntime>, rate: f64, shutdown: CancellationToken) {
+    let mut generator = Generator::new(&rt.pipeline, now_ms() as u64);
+    let tick = Duration::from_millis(if rate >= 100.0 { 50 } else { 200 });
+    let mut interval = tokio::time::interval(tick);
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let started = std::time::Instant::now();
+    let mut sent = 0f64;
+    loop {
+        tokio::select! {
+            _ = interval.tick() => {}
+            _ = shutdown.cancelled() => return,
+        }
+        let due = started.elapsed().as_secs_f64() * rate - sent;
+        let n = due.floor().min(rate.max(1.0)) as usize;
+        if n == 0 {
+            continue;
+        }
+        sent += n as f64;
+        let body = Bytes::from(generator.batch(n, now_ms()));
+        if let Err(e) = rt.ingest(body).await {
+            tracing::warn!(pipeline = %rt.pipeline.name, error = %format!("{e:#}"), "generator could not ingest; retrying next tick");
+        }
+    }
+}
 
 /// A deterministic stream of synthetic events for one pipeline.
 pub struct Generator {

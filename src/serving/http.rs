@@ -1,0 +1,184 @@
+//! The HTTP API (SPEC.md): ingest, view queries, pipeline status, health. Names from URLs are
+//! looked up in the project, never spliced into paths or SQL.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, Path, Query, Request, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use serde_json::json;
+
+use super::format;
+use super::query::{self, QueryError, ViewQuery};
+use super::time::{now_ms, parse_time};
+use crate::speed::runtime::PipelineRuntime;
+use crate::spec::Source;
+
+/// What the HTTP handlers share.
+pub struct App {
+    pub runtimes: BTreeMap<String, Arc<PipelineRuntime>>,
+    /// Bearer token required on /v1 routes when set.
+    pub token: Option<String>,
+    pub max_body_bytes: usize,
+}
+
+pub fn router(app: Arc<App>) -> Router {
+    let v1 = Router::new()
+        .route("/v1/pipelines", get(pipelines))
+        .route("/v1/pipelines/{pipeline}/events", post(ingest))
+        .route("/v1/views/{pipeline}/{view}", get(view))
+        .route_layer(middleware::from_fn_with_state(app.clone(), auth));
+    Router::new()
+        .merge(v1)
+        .route("/healthz", get(|| async { "ok\n" }))
+        .layer(DefaultBodyLimit::max(app.max_body_bytes))
+        .with_state(app)
+}
+
+fn error(status: StatusCode, message: impl Into<String>) -> Response {
+    (status, axum::Json(json!({ "error": message.into() }))).into_response()
+}
+
+async fn auth(State(app): State<Arc<App>>, req: Request, next: Next) -> Response {
+    if let Some(token) = &app.token {
+        let given = req
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .unwrap_or("");
+        if !constant_time_eq(given.as_bytes(), token.as_bytes()) {
+            return error(StatusCode::UNAUTHORIZED, "missing or wrong bearer token (send `Authorization: Bearer <token>`)");
+        }
+    }
+    next.run(req).await
+}
+
+/// Compares without an early exit, so response time does not leak the token prefix.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    let mut diff = a.len() ^ b.len();
+    for (i, x) in a.iter().enumerate() {
+        diff |= usize::from(x ^ b.get(i % b.len().max(1)).copied().unwrap_or(0));
+    }
+    diff == 0
+}
+
+fn runtime<'a>(app: &'a App, name: &str) -> Result<&'a Arc<PipelineRuntime>, Response> {
+    app.runtimes.get(name).ok_or_else(|| {
+        let known: Vec<&str> = app.runtimes.keys().map(String::as_str).collect();
+        error(StatusCode::NOT_FOUND, format!("unknown pipeline `{name}` (known: {})", known.join(", ")))
+    })
+}
+
+async fn ingest(State(app): State<Arc<App>>, Path(name): Path<String>, body: Bytes) -> Response {
+    let rt = match runtime(&app, &name) {
+        Ok(rt) => rt.clone(),
+        Err(e) => return e,
+    };
+    if !matches!(rt.pipeline.source, Source::Http | Source::Generator { .. } | Source::File { .. }) {
+        return error(
+            StatusCode::CONFLICT,
+            format!("pipeline `{name}` reads from its {} source; publish events there", rt.pipeline.source.kind()),
+        );
+    }
+    // Run the ingest to completion even if the client goes away: once the log has the events
+    // they are acknowledged to the aggregator.
+    match tokio::spawn(async move { rt.ingest(body).await }).await {
+        Ok(Ok(report)) => axum::Json(report).into_response(),
+        Ok(Err(e)) => {
+            tracing::error!(pipeline = %name, error = %format!("{e:#}"), "ingest failed");
+            error(StatusCode::SERVICE_UNAVAILABLE, format!("events not stored, retry: {e:#}"))
+        }
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, format!("ingest task failed: {e}")),
+    }
+}
+
+async fn view(
+    State(app): State<Arc<App>>,
+    Path((pipeline, view)): Path<(String, String)>,
+    Query(params): Query<Vec<(String, String)>>,
+    headers: HeaderMap,
+) -> Response {
+    let rt = match runtime(&app, &pipeline) {
+        Ok(rt) => rt.clone(),
+        Err(e) => return e,
+    };
+    let Some(idx) = rt.pipeline.views.iter().position(|v| v.name == view) else {
+        let known: Vec<&str> = rt.pipeline.views.iter().map(|v| v.name.as_str()).collect();
+        return error(StatusCode::NOT_FOUND, format!("pipeline `{pipeline}` has no view `{view}` (views: {})", known.join(", ")));
+    };
+    let mut q = ViewQuery::default();
+    let mut fmt = None;
+    let now = now_ms();
+    for (k, v) in params {
+        match k.as_str() {
+            "from" | "to" => match parse_time(&v, now) {
+                Ok(t) if k == "from" => q.from = Some(t),
+                Ok(t) => q.to = Some(t),
+                Err(e) => return error(StatusCode::BAD_REQUEST, e),
+            },
+            "format" => fmt = Some(v),
+            _ => q.filters.push((k, v)),
+        }
+    }
+    let wants_csv = match fmt.as_deref() {
+        Some("csv") => true,
+        Some("json") => false,
+        Some(other) => return error(StatusCode::BAD_REQUEST, format!("unknown format `{other}` (json or csv)")),
+        None => headers.get(header::ACCEPT).and_then(|a| a.to_str().ok()).is_some_and(|a| a.starts_with("text/csv")),
+    };
+    let answer = match tokio::task::spawn_blocking(move || query::query(&rt, idx, &q)).await {
+        Ok(Ok(a)) => a,
+        Ok(Err(QueryError::BadRequest(m))) => return error(StatusCode::BAD_REQUEST, m),
+        Ok(Err(e)) => return error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+        Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    };
+    if wants_csv {
+        ([(header::CONTENT_TYPE, "text/csv; charset=utf-8")], format::csv(&answer.columns, &answer.rows)).into_response()
+    } else {
+        axum::Json(answer).into_response()
+    }
+}
+
+async fn pipelines(State(app): State<Arc<App>>) -> Response {
+    let list: Vec<_> = app
+        .runtimes
+        .values()
+        .map(|rt| {
+            let c = &rt.counters;
+            let open_since = c.open_since_ms.load(Ordering::Relaxed);
+            json!({
+                "name": rt.pipeline.name,
+                "source": rt.pipeline.source.kind(),
+                "views": rt.pipeline.views.iter().map(|v| v.name.clone()).collect::<Vec<_>>(),
+                "accepted": c.accepted.load(Ordering::Relaxed),
+                "rejected": c.rejected.load(Ordering::Relaxed),
+                "duplicates": c.duplicates.load(Ordering::Relaxed),
+                "open_segment_rows": c.open_rows.load(Ordering::Relaxed),
+                "open_segment_age_ms": if open_since == 0 { 0 } else { (now_ms() as u64).saturating_sub(open_since) },
+                "sealed_segments": c.sealed_segments.load(Ordering::Relaxed),
+                "speed_groups": rt.state.read().groups(),
+            })
+        })
+        .collect();
+    axum::Json(json!({ "pipelines": list })).into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::constant_time_eq;
+
+    #[test]
+    fn token_compare() {
+        assert!(constant_time_eq(b"secret", b"secret"));
+        assert!(!constant_time_eq(b"secret", b"secreT"));
+        assert!(!constant_time_eq(b"", b"secret"));
+        assert!(!constant_time_eq(b"secret-longer", b"secret"));
+    }
+}

@@ -1,0 +1,121 @@
+//! The speed layer's state: partials per segment and view (DESIGN.md §3), plus the published
+//! batch view per view, behind ONE lock so the serving layer reads both under one consistent
+//! snapshot — a publish racing a query can never double count or drop a segment.
+//!
+//! Memory is bounded by distinct (window, key) groups per segment since the last batch publish:
+//! each segment keeps at most a few small partial frames per view (merged when they pile up),
+//! and a segment's partials are freed once every view's published batch covers it.
+
+use std::collections::BTreeMap;
+
+use polars::prelude::*;
+
+use crate::plan::Plan;
+
+/// Merge a segment's pending partial frames of a view once there are this many.
+const MAX_PENDING: usize = 8;
+
+/// Partials of one segment `[lo, hi)` of a partition.
+#[derive(Clone)]
+pub struct SegmentPartials {
+    pub hi: u64,
+    pub sealed: bool,
+    pub rows: u64,
+    /// Per view: partial frames not yet merged with each other.
+    pub views: Vec<Vec<DataFrame>>,
+}
+
+/// A published batch view as served: the partials and the positions they cover.
+#[derive(Clone)]
+pub struct BatchView {
+    pub run_id: String,
+    /// partition → first position NOT covered.
+    pub cutoff: BTreeMap<u32, u64>,
+    pub partials: DataFrame,
+    pub published_at_ms: i64,
+}
+
+impl BatchView {
+    pub fn covers(&self, partition: u32, hi: u64) -> bool {
+        self.cutoff.get(&partition).is_some_and(|c| hi <= *c)
+    }
+}
+
+/// Everything a query of one pipeline needs, under one lock.
+#[derive(Default)]
+pub struct SpeedState {
+    /// (partition, lo) → partials.
+    pub segments: BTreeMap<(u32, u64), SegmentPartials>,
+    /// Per view index: the published batch view, if any.
+    pub batch: Vec<Option<BatchView>>,
+}
+
+/// The frames a query of one view merges, taken under the lock; merging happens outside it.
+pub struct Snapshot {
+    pub batch: Option<BatchView>,
+    pub speed: Vec<DataFrame>,
+    /// Uncovered segments contributing, and their rows.
+    pub speed_segments: usize,
+    pub speed_events: u64,
+}
+
+impl SpeedState {
+    pub fn new(views: usize) -> Self {
+        SpeedState { segments: BTreeMap::new(), batch: vec![None; views] }
+    }
+
+    /// Adds micro-batch partials (one frame per view) to the open segment `(partition, lo)`.
+    pub fn absorb(&mut self, plan: &Plan, partition: u32, lo: u64, hi: u64, rows: u64, parts: Vec<DataFrame>) -> PolarsResult<()> {
+        let seg = self
+            .segments
+            .entry((partition, lo))
+            .or_insert_with(|| SegmentPartials { hi, sealed: false, rows: 0, views: vec![Vec::new(); parts.len()] });
+        seg.hi = seg.hi.max(hi);
+        seg.rows += rows;
+        for (i, p) in parts.into_iter().enumerate() {
+            if p.height() == 0 {
+                continue;
+            }
+            let pending = &mut seg.views[i];
+            pending.push(p);
+            if pending.len() >= MAX_PENDING {
+                let merged = plan.merge(i, std::mem::take(pending))?;
+                pending.push(merged);
+            }
+        }
+        Ok(())
+    }
+
+    pub fn seal(&mut self, partition: u32, lo: u64, hi: u64) {
+        if let Some(seg) = self.segments.get_mut(&(partition, lo)) {
+            seg.sealed = true;
+            seg.hi = hi;
+        }
+    }
+
+    /// Installs a published batch view and frees segments every view's batch now covers.
+    pub fn publish(&mut self, view: usize, batch: BatchView) {
+        self.batch[view] = Some(batch);
+        let batch = &self.batch;
+        self.segments.retain(|(p, _), seg| !batch.iter().all(|b| b.as_ref().is_some_and(|b| b.covers(*p, seg.hi))));
+    }
+
+    pub fn snapshot(&self, view: usize) -> Snapshot {
+        let batch = self.batch.get(view).cloned().flatten();
+        let mut speed = Vec::new();
+        let (mut speed_segments, mut speed_events) = (0, 0);
+        for ((p, _), seg) in &self.segments {
+            if batch.as_ref().is_some_and(|b| b.covers(*p, seg.hi)) {
+                continue;
+            }
+            speed_segments += 1;
+            speed_events += seg.rows;
+            speed.extend(seg.views[view].iter().cloned());
+        }
+        Snapshot { batch, speed, speed_segments, speed_events }
+    }
+
+    pub fn groups(&self) -> usize {
+        self.segments.values().flat_map(|s| s.views.iter().flatten()).map(DataFrame::height).sum()
+    }
+}
