@@ -5,3 +5,4 @@ mod cli;
 mod projects;
 mod spec_diagnostics;
 mod support;
+mod speed;
