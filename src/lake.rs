@@ -474,3 +474,318 @@ pub fn view_prefix(pipeline: &str, view: &str) -> String {
 pub fn view_run_prefix(pipeline: &str, view: &str, run_id: i64) -> String {
     format!("views/{pipeline}/{view}/run={run_id}/")
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn no_options() -> BTreeMap<String, String> {
+        BTreeMap::new()
+    }
+
+    fn options(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    /// A GCS key that needs no token exchange, pointed at a closed loopback port: building a
+    /// store from it touches no network.
+    const OFFLINE_GCS_KEY: &str = r#"{"private_key": "", "private_key_id": "", "client_email": "", "disable_oauth": true, "gcs_base_url": "http://127.0.0.1:9"}"#;
+
+    /// The behaviour every backend must show.
+    async fn round_trip(lake: &Lake) {
+        let seg = archive_path("clicks", 0, 0, 10);
+        assert!(!lake.exists(&seg).await.expect("head"));
+        assert!(matches!(
+            lake.get(&seg).await,
+            Err(LakeError::NotFound { .. })
+        ));
+
+        lake.put(&seg, b"first".to_vec()).await.expect("put");
+        assert!(lake.exists(&seg).await.expect("head"));
+        assert_eq!(lake.get(&seg).await.expect("get"), Bytes::from("first"));
+        lake.put(&seg, b"second".to_vec()).await.expect("overwrite");
+        assert_eq!(lake.get(&seg).await.expect("get"), Bytes::from("second"));
+
+        let once = dead_letters_path("clicks", 0, 0, 10);
+        assert!(
+            lake.put_if_absent(&once, b"a".to_vec())
+                .await
+                .expect("create")
+        );
+        assert!(
+            !lake
+                .put_if_absent(&once, b"b".to_vec())
+                .await
+                .expect("exists")
+        );
+        assert_eq!(lake.get(&once).await.expect("get"), Bytes::from("a"));
+
+        lake.put(
+            &archive_path("clicks", 1, 0, 5),
+            Bytes::from_static(b"12345"),
+        )
+        .await
+        .expect("put");
+        lake.put(&archive_path("clicks2", 0, 0, 5), Bytes::from_static(b"x"))
+            .await
+            .expect("put");
+        let listed = lake.list(&archive_prefix("clicks")).await.expect("list");
+        assert_eq!(
+            listed,
+            vec![
+                ObjectInfo {
+                    path: seg.clone(),
+                    size: 6
+                },
+                ObjectInfo {
+                    path: archive_path("clicks", 1, 0, 5),
+                    size: 5
+                },
+            ],
+            "a prefix is a directory: clicks2 is not under clicks"
+        );
+        assert_eq!(lake.list("").await.expect("list all").len(), 4);
+        assert!(lake.list("nothing/here/").await.expect("list").is_empty());
+
+        lake.delete(&seg).await.expect("delete");
+        assert!(!lake.exists(&seg).await.expect("head"));
+        lake.delete(&seg)
+            .await
+            .expect("deleting a missing object succeeds");
+
+        // Larger than one 5 MiB part, written in pieces that do not align with parts.
+        let big: Vec<u8> = (0..12_000_000u32).map(|i| (i % 251) as u8).collect();
+        let path = format!(
+            "{}part-0.parquet",
+            view_run_prefix("clicks", "page_views", 7)
+        );
+        let mut upload = lake.put_multipart(&path).await.expect("start upload");
+        for chunk in big.chunks(1_000_003) {
+            upload.write(chunk).await.expect("write");
+        }
+        assert!(
+            !lake.exists(&path).await.expect("head"),
+            "not visible before finish"
+        );
+        upload.finish().await.expect("finish");
+        assert_eq!(lake.get(&path).await.expect("get"), Bytes::from(big));
+
+        let aborted = "views/clicks/page_views/run=8/part-0.parquet";
+        let mut upload = lake.put_multipart(aborted).await.expect("start upload");
+        upload.write(b"partial").await.expect("write");
+        upload.abort().await.expect("abort");
+        assert!(!lake.exists(aborted).await.expect("head"));
+
+        for bad in ["a//b", "a/../b"] {
+            let err = lake.put(bad, Bytes::new()).await.expect_err("invalid path");
+            assert!(matches!(err, LakeError::InvalidPath { .. }), "{err}");
+        }
+    }
+
+    #[tokio::test]
+    async fn memory_lake_round_trip() {
+        let lake = Lake::open("memory://", &no_options()).expect("opens");
+        round_trip(&lake).await;
+        assert_eq!(lake.url("archive/x.parquet"), "memory:///archive/x.parquet");
+    }
+
+    #[tokio::test]
+    async fn file_lake_round_trip_writes_real_files() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let root = dir.path().join("project/.lambda/lake");
+        let lake = Lake::open(&format!("file://{}", root.display()), &no_options())
+            .expect("opens and creates the directory");
+        assert!(root.is_dir());
+        round_trip(&lake).await;
+
+        let seg = archive_path("clicks", 1, 0, 5);
+        let on_disk = root.join(&seg);
+        assert_eq!(std::fs::read(&on_disk).expect("file exists"), b"12345");
+        let url = Url::parse(&lake.url(&seg)).expect("a valid URL");
+        assert_eq!(url.to_file_path().expect("a file URL"), on_disk);
+
+        // The store handed to other layers is rooted at the lake, like every lake path.
+        let meta = lake
+            .store()
+            .head(&Path::from(seg.as_str()))
+            .await
+            .expect("rooted store");
+        assert_eq!(meta.size, 5);
+
+        lake.delete(&seg).await.expect("delete");
+        assert!(
+            !root.join("archive/clicks/p=1").exists(),
+            "deleting the last object removes its empty directory"
+        );
+    }
+
+    #[test]
+    fn url_errors_say_what_is_wrong() {
+        let cases = [
+            ("ftp://host/lake", "unknown scheme `ftp`"),
+            ("just a path", "relative URL without a base"),
+            ("file://relative/dir", "needs an absolute path"),
+            ("s3:///prefix", "bucket or container name is missing"),
+            ("gs://", "bucket or container name is missing"),
+        ];
+        for (url, expected) in cases {
+            let err = Lake::open_with_env(url, &no_options(), &[]).expect_err(url);
+            let text = err.to_string();
+            assert!(
+                matches!(err, LakeError::UnsupportedUrl { .. }),
+                "{url}: {text}"
+            );
+            assert!(text.contains(expected), "{url}: {text}");
+            assert!(text.contains("s3://BUCKET/PREFIX"), "{url}: {text}");
+        }
+    }
+
+    #[test]
+    fn unknown_options_are_rejected_without_printing_values() {
+        let err = Lake::open_with_env(
+            "s3://bucket/prefix",
+            &options(&[("region", "eu-west-1"), ("secret_sauce", "hunter2")]),
+            &[],
+        )
+        .expect_err("unknown key");
+        let text = err.to_string();
+        assert!(
+            matches!(err, LakeError::UnknownOption { store: "S3", .. }),
+            "{text}"
+        );
+        assert!(text.contains("`secret_sauce`"), "{text}");
+        assert!(!text.contains("hunter2"), "{text}");
+    }
+
+    #[test]
+    fn s3_lake_is_configured_from_options_and_rooted_at_its_prefix() {
+        let lake = Lake::open_with_env(
+            "s3://lake-bucket/team/prod/",
+            &options(&[
+                ("endpoint", "http://127.0.0.1:5000"),
+                ("region", "us-east-1"),
+                ("allow_http", "true"),
+                ("access_key_id", "test"),
+                ("secret_access_key", "test"),
+            ]),
+            &env(&[("AWS_REGION", "eu-central-1"), ("UNRELATED", "x")]),
+        )
+        .expect("builds without contacting the server");
+        assert_eq!(lake.root_url(), "s3://lake-bucket/team/prod/");
+        assert_eq!(
+            lake.url(&archive_path("clicks", 0, 5, 9)),
+            "s3://lake-bucket/team/prod/archive/clicks/p=0/00000000000000000005-00000000000000000009.parquet"
+        );
+        let bare = Lake::open_with_env("s3a://lake-bucket", &no_options(), &[]).expect("builds");
+        assert_eq!(bare.root_url(), "s3a://lake-bucket/");
+    }
+
+    #[test]
+    fn azure_lake_accepts_the_emulator_and_account_urls() {
+        let lake = Lake::open_with_env(
+            "az://lake/prefix",
+            &options(&[("use_emulator", "true")]),
+            &[],
+        )
+        .expect("emulator config");
+        assert_eq!(lake.root_url(), "az://lake/prefix/");
+        let lake = Lake::open_with_env(
+            "abfss://lake@myaccount.dfs.core.windows.net/data",
+            &no_options(),
+            &env(&[("AZURE_STORAGE_ACCOUNT_KEY", "a2V5")]),
+        )
+        .expect("account from the URL");
+        assert_eq!(
+            lake.url("x"),
+            "abfss://lake@myaccount.dfs.core.windows.net/data/x"
+        );
+    }
+
+    #[test]
+    fn gcs_without_credentials_is_refused_before_building_a_client() {
+        // Settings that are not credentials do not count.
+        let err = Lake::open_with_env(
+            "gs://bucket/prefix",
+            &options(&[("base_url", "http://127.0.0.1:9")]),
+            &env(&[("GOOGLE_BUCKET", "other"), ("SERVICE_ACCOUNT_X", "nope")]),
+        )
+        .expect_err("no credentials");
+        assert!(
+            matches!(err, LakeError::GcsWithoutCredentials { .. }),
+            "{err}"
+        );
+        let text = err.to_string();
+        assert!(text.contains("GOOGLE_SERVICE_ACCOUNT"), "{text}");
+        assert!(text.contains("metadata"), "{text}");
+        // An empty value is no credential either.
+        let err = Lake::open_with_env(
+            "gs://bucket",
+            &no_options(),
+            &env(&[("GOOGLE_SERVICE_ACCOUNT_KEY", "")]),
+        )
+        .expect_err("empty key");
+        assert!(
+            matches!(err, LakeError::GcsWithoutCredentials { .. }),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn gcs_with_explicit_credentials_builds_offline() {
+        let from_env = Lake::open_with_env(
+            "gs://bucket/prefix",
+            &no_options(),
+            &env(&[("GOOGLE_SERVICE_ACCOUNT_KEY", OFFLINE_GCS_KEY)]),
+        )
+        .expect("key from the environment");
+        assert_eq!(from_env.root_url(), "gs://bucket/prefix/");
+        Lake::open_with_env(
+            "gs://bucket",
+            &options(&[("service_account_key", OFFLINE_GCS_KEY)]),
+            &[],
+        )
+        .expect("key from lake_options");
+        // A configured credentials file is used (and must exist), never the metadata server.
+        let err = Lake::open_with_env(
+            "gs://bucket",
+            &no_options(),
+            &env(&[("GOOGLE_APPLICATION_CREDENTIALS", "/nonexistent/adc.json")]),
+        )
+        .expect_err("missing file");
+        assert!(matches!(err, LakeError::Open { .. }), "{err}");
+    }
+
+    #[test]
+    fn layout_paths() {
+        assert_eq!(archive_prefix("clicks"), "archive/clicks/");
+        assert_eq!(
+            archive_path("clicks", 3, 0, 500_000),
+            "archive/clicks/p=3/00000000000000000000-00000000000000500000.parquet"
+        );
+        assert_eq!(
+            dead_letters_path("clicks", 3, 7, 8),
+            "dead_letters/clicks/p=3/00000000000000000007-00000000000000000008.parquet"
+        );
+        assert_eq!(dead_letters_prefix("clicks"), "dead_letters/clicks/");
+        assert_eq!(
+            view_prefix("clicks", "page_views"),
+            "views/clicks/page_views/"
+        );
+        assert_eq!(
+            view_run_prefix("clicks", "page_views", 42),
+            "views/clicks/page_views/run=42/"
+        );
+        // Zero padding keeps lexicographic order = position order.
+        assert!(archive_path("a", 0, 9, 10) < archive_path("a", 0, 10, 11));
+    }
+}

@@ -4,4 +4,5 @@
 mod cli;
 mod projects;
 mod spec_diagnostics;
+mod state;
 mod support;
