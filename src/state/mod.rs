@@ -245,29 +245,26 @@ async fn open_sqlite(url: &str) -> Result<SqlitePool, StateError> {
         .create_if_missing(true)
         .foreign_keys(true)
         .busy_timeout(BUSY_TIMEOUT);
-    let pool = if is_sqlite_memory(url) {
+    let (pool, options) = if is_sqlite_memory(url) {
         // An in-memory database lives as long as one connection to it: keep exactly one, forever.
-        SqlitePoolOptions::new()
+        let pool = SqlitePoolOptions::new()
             .max_connections(1)
             .min_connections(1)
             .idle_timeout(None)
-            .max_lifetime(None)
+            .max_lifetime(None);
+        (pool, options)
     } else {
-        if let Some(dir) = options
-            .get_filename()
-            .parent()
-            .filter(|d| !d.as_os_str().is_empty())
-        {
+        let dir = options.get_filename().parent();
+        if let Some(dir) = dir.filter(|d| !d.as_os_str().is_empty()) {
             create_dir(dir)?;
         }
-        SqlitePoolOptions::new().max_connections(MAX_CONNECTIONS)
-    };
-    let options = if is_sqlite_memory(url) {
-        options
-    } else {
-        options
+        let options = options
             .journal_mode(SqliteJournalMode::Wal)
-            .synchronous(SqliteSynchronous::Full)
+            .synchronous(SqliteSynchronous::Full);
+        (
+            SqlitePoolOptions::new().max_connections(MAX_CONNECTIONS),
+            options,
+        )
     };
     pool.acquire_timeout(ACQUIRE_TIMEOUT)
         .connect_with(options)

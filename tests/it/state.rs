@@ -133,7 +133,7 @@ fn segment(partition: u32, lo: u64, hi: u64) -> Segment {
         lo,
         hi,
         path: lambda_ctl::lake::archive_path("clicks", partition, lo, hi),
-        rows: hi - lo,
+        rows: hi.saturating_sub(lo),
         bytes: 1000 + lo,
         dead_letters: 0,
         min_event_ms: Some(1_700_000_000_000 + lo as i64),
@@ -223,10 +223,16 @@ async fn sealing_refuses_gaps_overlaps_and_empty_ranges(url: String) {
     assert!(matches!(err, StateError::OutOfRange { .. }), "{err}");
 
     // Nothing of the refused seals was recorded.
-    assert_eq!(state.segments("clicks").await.unwrap(), vec![segment(0, 0, 10)]);
+    assert_eq!(
+        state.segments("clicks").await.unwrap(),
+        vec![segment(0, 0, 10)]
+    );
     assert_eq!(state.checkpoint("clicks", 0).await.unwrap(), Some(10));
     assert_eq!(state.dead_letters("clicks").await.unwrap(), 0);
-    state.seal_segment(&segment(0, 10, 20)).await.expect("the next range still seals");
+    state
+        .seal_segment(&segment(0, 10, 20))
+        .await
+        .expect("the next range still seals");
 }
 
 async fn concurrent_seals_of_one_range_record_it_once(url: String) {
@@ -240,7 +246,9 @@ async fn concurrent_seals_of_one_range_record_it_once(url: String) {
         } else {
             segment(i, 0, 10)
         };
-        tasks.push(tokio::spawn(async move { (i, state.seal_segment(&s).await) }));
+        tasks.push(tokio::spawn(
+            async move { (i, state.seal_segment(&s).await) },
+        ));
     }
     let mut sealed_partition_0 = 0;
     for task in tasks {
@@ -283,7 +291,10 @@ async fn publishing_switches_the_current_version(url: String) {
         .await
         .unwrap();
     assert_eq!(
-        state.current_publication("clicks", "page_views").await.unwrap(),
+        state
+            .current_publication("clicks", "page_views")
+            .await
+            .unwrap(),
         None
     );
     let new = |cutoff: &[(u32, u64)], replaces| NewPublication {
@@ -298,7 +309,10 @@ async fn publishing_switches_the_current_version(url: String) {
 
     let first = state.publish(&new(&[(0, 10)], None)).await.expect("first");
     assert_eq!(
-        state.current_publication("clicks", "page_views").await.unwrap(),
+        state
+            .current_publication("clicks", "page_views")
+            .await
+            .unwrap(),
         Some(first.clone())
     );
     let second = state
@@ -330,7 +344,10 @@ async fn publishing_switches_the_current_version(url: String) {
         }
     }
     assert_eq!(
-        state.current_publication("clicks", "page_views").await.unwrap(),
+        state
+            .current_publication("clicks", "page_views")
+            .await
+            .unwrap(),
         Some(second.clone())
     );
 
@@ -390,7 +407,10 @@ async fn concurrent_first_publishes_let_one_win(url: String) {
     }
     assert_eq!(winners.len(), 1);
     assert_eq!(
-        state.current_publication("clicks", "page_views").await.unwrap(),
+        state
+            .current_publication("clicks", "page_views")
+            .await
+            .unwrap(),
         Some(winners.remove(0))
     );
 }
@@ -412,7 +432,10 @@ async fn runs_follow_their_lifecycle(url: String) {
     let started = state.start_run(run.id).await.expect("start");
     assert_eq!(started.state, RunState::Running);
     assert!(started.started_at.is_some());
-    state.append_run_log(run.id, "scanning 3 segments\n").await.unwrap();
+    state
+        .append_run_log(run.id, "scanning 3 segments\n")
+        .await
+        .unwrap();
     state.append_run_log(run.id, "done\n").await.unwrap();
     let failed = state
         .finish_run(run.id, Outcome::Failed, Some("task recompute timed out"))
@@ -426,7 +449,10 @@ async fn runs_follow_their_lifecycle(url: String) {
     assert_eq!(state.run(run.id).await.unwrap(), Some(failed));
 
     for err in [
-        state.start_run(run.id).await.expect_err("start a finished run"),
+        state
+            .start_run(run.id)
+            .await
+            .expect_err("start a finished run"),
         state
             .finish_run(run.id, Outcome::Succeeded, None)
             .await
@@ -451,18 +477,30 @@ async fn runs_follow_their_lifecycle(url: String) {
             .finish_run(missing, Outcome::Cancelled, None)
             .await
             .expect_err("unknown"),
-        state.append_run_log(missing, "x").await.expect_err("unknown"),
+        state
+            .append_run_log(missing, "x")
+            .await
+            .expect_err("unknown"),
     ] {
-        assert!(matches!(err, StateError::RunNotFound(id) if id == missing), "{err}");
+        assert!(
+            matches!(err, StateError::RunNotFound(id) if id == missing),
+            "{err}"
+        );
     }
 
     // A queued run can be cancelled without starting.
-    let batch = state.create_run(RunKind::Batch, "clicks", None).await.unwrap();
+    let batch = state
+        .create_run(RunKind::Batch, "clicks", None)
+        .await
+        .unwrap();
     let cancelled = state
         .finish_run(batch.id, Outcome::Cancelled, None)
         .await
         .unwrap();
-    assert_eq!((cancelled.state, cancelled.started_at), (RunState::Cancelled, None));
+    assert_eq!(
+        (cancelled.state, cancelled.started_at),
+        (RunState::Cancelled, None)
+    );
     let third = state
         .create_run(RunKind::Workflow, "nightly", None)
         .await
@@ -518,7 +556,10 @@ async fn task_attempts_number_their_retries(url: String) {
     assert_eq!((first.attempt, first.state), (1, RunState::Queued));
     let running = state.start_task_attempt(first.id).await.expect("start");
     assert_eq!(running.state, RunState::Running);
-    state.append_task_log(first.id, "out of memory\n").await.unwrap();
+    state
+        .append_task_log(first.id, "out of memory\n")
+        .await
+        .unwrap();
     let failed = state
         .finish_task_attempt(first.id, Outcome::Failed, Some("exit status 137"))
         .await
@@ -546,7 +587,13 @@ async fn task_attempts_number_their_retries(url: String) {
 
     let listed = state.task_attempts(run.id).await.unwrap();
     assert_eq!(listed, vec![failed, succeeded, other]);
-    assert!(state.task_attempts(RunId(run.id.0 + 1000)).await.unwrap().is_empty());
+    assert!(
+        state
+            .task_attempts(RunId(run.id.0 + 1000))
+            .await
+            .unwrap()
+            .is_empty()
+    );
 
     let err = state
         .finish_task_attempt(retry.id, Outcome::Failed, None)
@@ -567,13 +614,25 @@ async fn task_attempts_number_their_retries(url: String) {
         .create_task_attempt(missing_run, "recompute", None)
         .await
         .expect_err("unknown run");
-    assert!(matches!(err, StateError::RunNotFound(id) if id == missing_run), "{err}");
+    assert!(
+        matches!(err, StateError::RunNotFound(id) if id == missing_run),
+        "{err}"
+    );
     let missing = lambda_ctl::state::AttemptId(retry.id.0 + 1000);
     for err in [
-        state.start_task_attempt(missing).await.expect_err("unknown"),
-        state.append_task_log(missing, "x").await.expect_err("unknown"),
+        state
+            .start_task_attempt(missing)
+            .await
+            .expect_err("unknown"),
+        state
+            .append_task_log(missing, "x")
+            .await
+            .expect_err("unknown"),
     ] {
-        assert!(matches!(err, StateError::AttemptNotFound(id) if id == missing), "{err}");
+        assert!(
+            matches!(err, StateError::AttemptNotFound(id) if id == missing),
+            "{err}"
+        );
     }
 }
 
@@ -592,7 +651,12 @@ async fn schedule_slots_are_claimed_once(url: String) {
         .expect("first slot");
     assert_eq!(
         (run.kind, run.name.as_str(), run.state, run.scheduled_at),
-        (RunKind::Workflow, "nightly", RunState::Queued, Some(t1_stored))
+        (
+            RunKind::Workflow,
+            "nightly",
+            RunState::Queued,
+            Some(t1_stored)
+        )
     );
     assert_eq!(state.last_slot("nightly").await.unwrap(), Some(t1_stored));
 
