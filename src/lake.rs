@@ -16,7 +16,7 @@
 //!   developer machine or CI must never do, so opening fails instead.
 //!
 //! The layout (DESIGN.md §1, §4) is a set of plain functions: [`archive_path`],
-//! [`dead_letters_path`], [`view_run_prefix`] and their prefixes.
+//! [`dead_letter_path`], [`view_run_prefix`] and their prefixes.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -459,10 +459,12 @@ pub fn dead_letters_prefix(pipeline: &str) -> String {
     format!("dead_letters/{pipeline}/")
 }
 
-/// `dead_letters/{pipeline}/p={partition}/{lo:020}-{hi:020}.parquet`: the events of positions
-/// `[lo, hi)` that were rejected, written with the segment they were cut from.
-pub fn dead_letters_path(pipeline: &str, partition: u32, lo: u64, hi: u64) -> String {
-    format!("dead_letters/{pipeline}/p={partition}/{lo:020}-{hi:020}.parquet")
+/// `dead_letters/{pipeline}/{arrival_ms:020}-{unique}.ndjson`: one batch of rejected events
+/// (one JSON object per line, with the reason). Rejected events have no position, so the file is
+/// named by arrival time (zero-padded: listing order is arrival order) and a suffix the writer
+/// makes unique.
+pub fn dead_letter_path(pipeline: &str, arrival_ms: i64, unique: &str) -> String {
+    format!("dead_letters/{pipeline}/{arrival_ms:020}-{unique}.ndjson")
 }
 
 /// `views/{pipeline}/{view}/`: every published version of a batch view.
@@ -516,7 +518,7 @@ mod tests {
         lake.put(&seg, b"second".to_vec()).await.expect("overwrite");
         assert_eq!(lake.get(&seg).await.expect("get"), Bytes::from("second"));
 
-        let once = dead_letters_path("clicks", 0, 0, 10);
+        let once = dead_letter_path("clicks", 1_700_000_000_000, "a");
         assert!(
             lake.put_if_absent(&once, b"a".to_vec())
                 .await
@@ -773,8 +775,8 @@ mod tests {
             "archive/clicks/p=3/00000000000000000000-00000000000000500000.parquet"
         );
         assert_eq!(
-            dead_letters_path("clicks", 3, 7, 8),
-            "dead_letters/clicks/p=3/00000000000000000007-00000000000000000008.parquet"
+            dead_letter_path("clicks", 1_700_000_000_000, "42-7"),
+            "dead_letters/clicks/00000001700000000000-42-7.ndjson"
         );
         assert_eq!(dead_letters_prefix("clicks"), "dead_letters/clicks/");
         assert_eq!(
