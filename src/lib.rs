@@ -15,11 +15,17 @@
 //! Modules, lowest first; dependencies only point down the list:
 //! - [`spec`]: `lambda.yaml`, `pipelines/*.yaml`, `workflows/*.yaml` → validated types, with
 //!   every problem reported as `FILE:LINE:COL: message`.
+//! - [`lake`]: the object store (local directory, S3, Azure, GCS, memory), wrapped once; the
+//!   archive, dead-letter and view layout.
+//! - [`state`]: the state database (SQLite or PostgreSQL): archive manifest and checkpoints,
+//!   published views, runs, schedules. Every SQL statement lives there.
 //! - [`speed`]: the write-ahead log, de-duplication at the door, micro-batches, the archiver.
 //! - [`cli`]: the `lambda-ctl` command line, one file per subcommand.
 
 pub mod cli;
+pub mod lake;
 pub mod serving;
 pub mod sources;
 pub mod spec;
 pub mod speed;
+pub mod state;

@@ -4,5 +4,6 @@
 mod cli;
 mod projects;
 mod spec_diagnostics;
+mod state;
 mod support;
 mod speed;

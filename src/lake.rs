@@ -1,0 +1,793 @@
+//! The lake: immutable objects (archive segments, dead letters, batch views) in an object store.
+//! Everything that speaks `object_store` lives here.
+//!
+//! A [`Lake`] is one `Arc<dyn ObjectStore>` rooted at the lake URL of `lambda.yaml`, so every
+//! path below is relative to that root:
+//!
+//! - `file:///abs/dir` — a local directory (created if missing);
+//! - `memory://` — in-process, for tests;
+//! - `s3://bucket/prefix` — AWS S3 or a compatible server, configured from `AWS_*` and
+//!   `lake_options` (`endpoint`, `region`, `allow_http`, `access_key_id`, …);
+//! - `az://container/prefix` (also `azure://`, `abfs[s]://`) — from `AZURE_*` and
+//!   `lake_options` (`account_name`, `use_emulator`, …);
+//! - `gs://bucket/prefix` — from `GOOGLE_*` and `lake_options`. Credentials must be configured
+//!   explicitly (`service_account`, `service_account_key` or `application_credentials`):
+//!   without them the GCS client would ask the cloud metadata address 169.254.169.254, which a
+//!   developer machine or CI must never do, so opening fails instead.
+//!
+//! The layout (DESIGN.md §1, §4) is a set of plain functions: [`archive_path`],
+//! [`dead_letter_path`], [`view_run_prefix`] and their prefixes.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::str::FromStr;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use futures::TryStreamExt;
+use object_store::aws::{AmazonS3Builder, AmazonS3ConfigKey};
+use object_store::azure::{AzureConfigKey, MicrosoftAzureBuilder};
+use object_store::gcp::{GoogleCloudStorageBuilder, GoogleConfigKey};
+use object_store::local::LocalFileSystem;
+use object_store::memory::InMemory;
+use object_store::path::Path;
+use object_store::prefix::PrefixStore;
+use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload, WriteMultipart};
+use tracing::{debug, warn};
+use url::Url;
+
+/// Parts of a streamed upload in flight at once; bounds its memory to this many 5 MiB parts.
+const UPLOAD_PARTS_IN_FLIGHT: usize = 8;
+
+#[derive(Debug, thiserror::Error)]
+pub enum LakeError {
+    #[error(
+        "unsupported lake URL `{url}`: {reason} (use file:///ABSOLUTE/DIR, s3://BUCKET/PREFIX, az://CONTAINER/PREFIX, gs://BUCKET/PREFIX or memory://)"
+    )]
+    UnsupportedUrl { url: String, reason: String },
+    #[error(
+        "lake option `{key}` is not a {store} setting (see the object_store crate's {store} config keys)"
+    )]
+    UnknownOption { store: &'static str, key: String },
+    #[error(
+        "lake {url}: no Google Cloud credentials configured; set GOOGLE_SERVICE_ACCOUNT (a key file), GOOGLE_SERVICE_ACCOUNT_KEY (the key JSON) or GOOGLE_APPLICATION_CREDENTIALS, or the same keys in lake_options (refusing to fall back to the cloud metadata server)"
+    )]
+    GcsWithoutCredentials { url: String },
+    #[error("cannot create the lake directory {dir}: {source}")]
+    CreateDir { dir: String, source: std::io::Error },
+    #[error("cannot open the lake {url}: {source}")]
+    Open {
+        url: String,
+        source: object_store::Error,
+    },
+    #[error("invalid lake path `{path}`: {source}")]
+    InvalidPath {
+        path: String,
+        source: object_store::path::Error,
+    },
+    #[error("lake object {path} does not exist")]
+    NotFound { path: String },
+    #[error("lake {op} {path}: {source}")]
+    Store {
+        op: &'static str,
+        path: String,
+        source: object_store::Error,
+    },
+}
+
+/// An object under a listed prefix.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ObjectInfo {
+    /// Relative to the lake root, like every path of this module.
+    pub path: String,
+    pub size: u64,
+}
+
+/// The object store holding the lake; cheap to clone.
+#[derive(Clone)]
+pub struct Lake {
+    /// Rooted at the lake URL: paths given to it are relative to the root.
+    store: Arc<dyn ObjectStore>,
+    /// The lake URL ending in `/`; [`Lake::url`] appends a path to it.
+    base: String,
+}
+
+impl fmt::Debug for Lake {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Lake").field("url", &self.base).finish()
+    }
+}
+
+impl Lake {
+    /// Opens the lake at `url` (the `lake` of `lambda.yaml`, already made absolute) with the
+    /// store settings from the environment and `options` (`lake_options`). Opening contacts no
+    /// server.
+    pub fn open(url: &str, options: &BTreeMap<String, String>) -> Result<Lake, LakeError> {
+        // Like object_store's `from_env`, non-UTF-8 variables are not settings.
+        let env: Vec<(String, String)> = std::env::vars_os()
+            .filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?)))
+            .collect();
+        Lake::open_with_env(url, options, &env)
+    }
+
+    /// [`Lake::open`] with an explicit environment, so tests do not depend on (or change) the
+    /// process environment.
+    fn open_with_env(
+        url: &str,
+        options: &BTreeMap<String, String>,
+        env: &[(String, String)],
+    ) -> Result<Lake, LakeError> {
+        let unsupported = |reason: &str| LakeError::UnsupportedUrl {
+            url: url.to_string(),
+            reason: reason.to_string(),
+        };
+        let parsed = Url::parse(url).map_err(|e| unsupported(&e.to_string()))?;
+        let scheme = parsed.scheme();
+        if matches!(scheme, "file" | "memory") && !options.is_empty() {
+            warn!(
+                url,
+                "lake_options are ignored by file:// and memory:// lakes"
+            );
+        }
+        let lake = match scheme {
+            "memory" => Lake {
+                store: Arc::new(InMemory::new()),
+                base: "memory:///".into(),
+            },
+            "file" => {
+                let dir = parsed
+                    .to_file_path()
+                    .ok()
+                    .filter(|p| p.is_absolute())
+                    .ok_or_else(|| unsupported("a file:// lake needs an absolute path"))?;
+                std::fs::create_dir_all(&dir).map_err(|source| LakeError::CreateDir {
+                    dir: dir.display().to_string(),
+                    source,
+                })?;
+                let open = |source| LakeError::Open {
+                    url: url.to_string(),
+                    source,
+                };
+                // Removing a lake's last object also removes the directories it leaves empty.
+                let store = LocalFileSystem::new_with_prefix(&dir)
+                    .map_err(open)?
+                    .with_automatic_cleanup(true);
+                Lake {
+                    store: Arc::new(store),
+                    base: Url::from_directory_path(&dir)
+                        .map_err(|()| unsupported("a file:// lake needs an absolute path"))?
+                        .to_string(),
+                }
+            }
+            "s3" | "s3a" | "az" | "azure" | "abfs" | "abfss" | "gs" => {
+                cloud(url, &parsed, options, env)?
+            }
+            other => return Err(unsupported(&format!("unknown scheme `{other}`"))),
+        };
+        debug!(url = %lake.base, "opened lake");
+        Ok(lake)
+    }
+
+    /// The underlying store, rooted at the lake URL.
+    pub fn store(&self) -> Arc<dyn ObjectStore> {
+        Arc::clone(&self.store)
+    }
+
+    /// The lake URL, ending in `/`.
+    pub fn root_url(&self) -> &str {
+        &self.base
+    }
+
+    /// The full URL of a lake path (e.g. for polars `scan_parquet`).
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{}", self.base, path.trim_start_matches('/'))
+    }
+
+    /// Writes a whole object, replacing any object at `path`. Atomic: readers see the old
+    /// object or the new one, never a part.
+    pub async fn put(&self, path: &str, bytes: impl Into<Bytes>) -> Result<(), LakeError> {
+        let location = parse(path)?;
+        self.store
+            .put(&location, PutPayload::from(bytes.into()))
+            .await
+            .map_err(store_err("put", path))?;
+        Ok(())
+    }
+
+    /// Writes a whole object only if `path` holds none; `false` (writing nothing) if it does.
+    pub async fn put_if_absent(
+        &self,
+        path: &str,
+        bytes: impl Into<Bytes>,
+    ) -> Result<bool, LakeError> {
+        let location = parse(path)?;
+        let opts = PutOptions::from(PutMode::Create);
+        match self
+            .store
+            .put_opts(&location, PutPayload::from(bytes.into()), opts)
+            .await
+        {
+            Ok(_) => Ok(true),
+            Err(object_store::Error::AlreadyExists { .. }) => Ok(false),
+            Err(e) => Err(store_err("put", path)(e)),
+        }
+    }
+
+    /// Reads a whole object.
+    pub async fn get(&self, path: &str) -> Result<Bytes, LakeError> {
+        let location = parse(path)?;
+        let result = self
+            .store
+            .get(&location)
+            .await
+            .map_err(store_err("get", path))?;
+        result.bytes().await.map_err(store_err("get", path))
+    }
+
+    pub async fn exists(&self, path: &str) -> Result<bool, LakeError> {
+        let location = parse(path)?;
+        match self.store.head(&location).await {
+            Ok(_) => Ok(true),
+            Err(object_store::Error::NotFound { .. }) => Ok(false),
+            Err(e) => Err(store_err("head", path)(e)),
+        }
+    }
+
+    /// Every object under the directory-like `prefix` (`""` for the whole lake), sorted by
+    /// path. `archive/a` lists `archive/a/…`, not `archive/ab/…`.
+    pub async fn list(&self, prefix: &str) -> Result<Vec<ObjectInfo>, LakeError> {
+        let location = parse(prefix)?;
+        let root = (!prefix.trim_matches('/').is_empty()).then_some(&location);
+        let mut objects: Vec<ObjectInfo> = self
+            .store
+            .list(root)
+            .map_ok(|meta| ObjectInfo {
+                path: meta.location.to_string(),
+                size: meta.size,
+            })
+            .try_collect()
+            .await
+            .map_err(store_err("list", prefix))?;
+        objects.sort_by(|a, b| a.path.cmp(&b.path));
+        Ok(objects)
+    }
+
+    /// Deletes an object. Deleting a missing object succeeds, on every store, so retries and
+    /// garbage collection can run twice.
+    pub async fn delete(&self, path: &str) -> Result<(), LakeError> {
+        let location = parse(path)?;
+        match self.store.delete(&location).await {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+            Err(e) => Err(store_err("delete", path)(e)),
+        }
+    }
+
+    /// Starts a streamed upload of a large object: parts are sent while more is written, and
+    /// the object appears at `path` only when [`Upload::finish`] succeeds.
+    pub async fn put_multipart(&self, path: &str) -> Result<Upload, LakeError> {
+        let location = parse(path)?;
+        let upload = self
+            .store
+            .put_multipart(&location)
+            .await
+            .map_err(store_err("start upload", path))?;
+        Ok(Upload {
+            path: path.to_string(),
+            inner: WriteMultipart::new(upload),
+        })
+    }
+}
+
+/// A streamed upload from [`Lake::put_multipart`]. Dropping it without [`Upload::finish`] or
+/// [`Upload::abort`] leaves no object, but may leave uploaded parts on a cloud store until its
+/// lifecycle rules remove them.
+pub struct Upload {
+    path: String,
+    inner: WriteMultipart,
+}
+
+impl Upload {
+    /// Appends `data`; waits while too many parts are in flight.
+    pub async fn write(&mut self, data: &[u8]) -> Result<(), LakeError> {
+        self.inner
+            .wait_for_capacity(UPLOAD_PARTS_IN_FLIGHT)
+            .await
+            .map_err(store_err("upload", &self.path))?;
+        self.inner.write(data);
+        Ok(())
+    }
+
+    /// Sends the rest and completes the object.
+    pub async fn finish(self) -> Result<(), LakeError> {
+        self.inner
+            .finish()
+            .await
+            .map_err(store_err("finish upload", &self.path))?;
+        Ok(())
+    }
+
+    /// Cancels the upload and discards the parts sent so far.
+    pub async fn abort(self) -> Result<(), LakeError> {
+        self.inner
+            .abort()
+            .await
+            .map_err(store_err("abort upload", &self.path))
+    }
+}
+
+fn parse(path: &str) -> Result<Path, LakeError> {
+    Path::parse(path).map_err(|source| LakeError::InvalidPath {
+        path: path.to_string(),
+        source,
+    })
+}
+
+fn store_err(op: &'static str, path: &str) -> impl FnOnce(object_store::Error) -> LakeError {
+    let path = path.to_string();
+    move |source| match source {
+        object_store::Error::NotFound { .. } => LakeError::NotFound { path },
+        source => LakeError::Store { op, path, source },
+    }
+}
+
+/// Builds a cloud store from the environment (`prefix*` variables, as object_store's own
+/// `from_env` reads them), then the URL's bucket or container, then `options`.
+fn cloud(
+    url: &str,
+    parsed: &Url,
+    options: &BTreeMap<String, String>,
+    env: &[(String, String)],
+) -> Result<Lake, LakeError> {
+    if parsed.host_str().is_none_or(str::is_empty) {
+        return Err(LakeError::UnsupportedUrl {
+            url: url.to_string(),
+            reason: "the bucket or container name is missing".into(),
+        });
+    }
+    // The builders parse `scheme://bucket` (and `abfss://container@account…`) themselves; the
+    // path is the lake's prefix inside the bucket, applied with a PrefixStore below.
+    let bucket_url = format!(
+        "{}://{}",
+        parsed.scheme(),
+        &parsed[url::Position::BeforeUsername..url::Position::AfterPort]
+    );
+    let prefix = parsed.path().trim_matches('/');
+    let open = |source| LakeError::Open {
+        url: url.to_string(),
+        source,
+    };
+    let store: Arc<dyn ObjectStore> = match parsed.scheme() {
+        "s3" | "s3a" => {
+            let mut b = AmazonS3Builder::new();
+            for (key, value) in settings::<AmazonS3ConfigKey>(env, "AWS_", options, "S3")? {
+                b = b.with_config(key, value);
+            }
+            let b = b.with_url(&bucket_url);
+            rooted(b.build().map_err(open)?, prefix)?
+        }
+        "gs" => {
+            let mut b = GoogleCloudStorageBuilder::new();
+            if let Some((_, path)) = env.iter().find(|(k, _)| k == "SERVICE_ACCOUNT") {
+                b = b.with_service_account_path(path);
+            }
+            for (key, value) in settings::<GoogleConfigKey>(env, "GOOGLE_", options, "GCS")? {
+                b = b.with_config(key, value);
+            }
+            let configured = [
+                GoogleConfigKey::ServiceAccount,
+                GoogleConfigKey::ServiceAccountKey,
+                GoogleConfigKey::ApplicationCredentials,
+            ]
+            .iter()
+            .any(|key| b.get_config_value(key).is_some_and(|v| !v.is_empty()));
+            if !configured {
+                return Err(LakeError::GcsWithoutCredentials {
+                    url: url.to_string(),
+                });
+            }
+            let b = b.with_url(&bucket_url);
+            rooted(b.build().map_err(open)?, prefix)?
+        }
+        _ => {
+            let mut b = MicrosoftAzureBuilder::new();
+            for (key, value) in settings::<AzureConfigKey>(env, "AZURE_", options, "Azure")? {
+                b = b.with_config(key, value);
+            }
+            if let Some((_, endpoint)) = env.iter().find(|(k, _)| k == "MSI_ENDPOINT") {
+                b = b.with_msi_endpoint(endpoint);
+            }
+            let b = b.with_url(&bucket_url);
+            rooted(b.build().map_err(open)?, prefix)?
+        }
+    };
+    Ok(Lake {
+        store,
+        base: if prefix.is_empty() {
+            format!("{bucket_url}/")
+        } else {
+            format!("{bucket_url}/{prefix}/")
+        },
+    })
+}
+
+/// The settings for one store kind: recognised `PREFIX*` environment variables (others are
+/// ignored, as object_store does), then every lake option, each of which must be recognised.
+fn settings<K: FromStr>(
+    env: &[(String, String)],
+    env_prefix: &str,
+    options: &BTreeMap<String, String>,
+    store: &'static str,
+) -> Result<Vec<(K, String)>, LakeError> {
+    let mut out: Vec<(K, String)> = env
+        .iter()
+        .filter(|(k, _)| k.starts_with(env_prefix))
+        .filter_map(|(k, v)| Some((k.to_ascii_lowercase().parse().ok()?, v.clone())))
+        .collect();
+    for (key, value) in options {
+        let parsed = key
+            .to_ascii_lowercase()
+            .parse()
+            .map_err(|_| LakeError::UnknownOption {
+                store,
+                key: key.clone(),
+            })?;
+        out.push((parsed, value.clone()));
+    }
+    Ok(out)
+}
+
+fn rooted<S: ObjectStore>(store: S, prefix: &str) -> Result<Arc<dyn ObjectStore>, LakeError> {
+    if prefix.is_empty() {
+        return Ok(Arc::new(store));
+    }
+    Ok(Arc::new(PrefixStore::new(store, parse(prefix)?)))
+}
+
+/// `archive/{pipeline}/`: every segment of a pipeline.
+pub fn archive_prefix(pipeline: &str) -> String {
+    format!("archive/{pipeline}/")
+}
+
+/// `archive/{pipeline}/p={partition}/{lo:020}-{hi:020}.parquet`: the segment `[lo, hi)`.
+/// Zero-padded, so listing order is position order.
+pub fn archive_path(pipeline: &str, partition: u32, lo: u64, hi: u64) -> String {
+    format!("archive/{pipeline}/p={partition}/{lo:020}-{hi:020}.parquet")
+}
+
+/// `dead_letters/{pipeline}/`: every rejected event of a pipeline.
+pub fn dead_letters_prefix(pipeline: &str) -> String {
+    format!("dead_letters/{pipeline}/")
+}
+
+/// `dead_letters/{pipeline}/{arrival_ms:020}-{unique}.ndjson`: one batch of rejected events
+/// (one JSON object per line, with the reason). Rejected events have no position, so the file is
+/// named by arrival time (zero-padded: listing order is arrival order) and a suffix the writer
+/// makes unique.
+pub fn dead_letter_path(pipeline: &str, arrival_ms: i64, unique: &str) -> String {
+    format!("dead_letters/{pipeline}/{arrival_ms:020}-{unique}.ndjson")
+}
+
+/// `views/{pipeline}/{view}/`: every published version of a batch view.
+pub fn view_prefix(pipeline: &str, view: &str) -> String {
+    format!("views/{pipeline}/{view}/")
+}
+
+/// `views/{pipeline}/{view}/run={run_id}/`: the batch view written by one run.
+pub fn view_run_prefix(pipeline: &str, view: &str, run_id: i64) -> String {
+    format!("views/{pipeline}/{view}/run={run_id}/")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn no_options() -> BTreeMap<String, String> {
+        BTreeMap::new()
+    }
+
+    fn options(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    /// A GCS key that needs no token exchange, pointed at a closed loopback port: building a
+    /// store from it touches no network.
+    const OFFLINE_GCS_KEY: &str = r#"{"private_key": "", "private_key_id": "", "client_email": "", "disable_oauth": true, "gcs_base_url": "http://127.0.0.1:9"}"#;
+
+    /// The behaviour every backend must show.
+    async fn round_trip(lake: &Lake) {
+        let seg = archive_path("clicks", 0, 0, 10);
+        assert!(!lake.exists(&seg).await.expect("head"));
+        assert!(matches!(
+            lake.get(&seg).await,
+            Err(LakeError::NotFound { .. })
+        ));
+
+        lake.put(&seg, b"first".to_vec()).await.expect("put");
+        assert!(lake.exists(&seg).await.expect("head"));
+        assert_eq!(lake.get(&seg).await.expect("get"), Bytes::from("first"));
+        lake.put(&seg, b"second".to_vec()).await.expect("overwrite");
+        assert_eq!(lake.get(&seg).await.expect("get"), Bytes::from("second"));
+
+        let once = dead_letter_path("clicks", 1_700_000_000_000, "a");
+        assert!(
+            lake.put_if_absent(&once, b"a".to_vec())
+                .await
+                .expect("create")
+        );
+        assert!(
+            !lake
+                .put_if_absent(&once, b"b".to_vec())
+                .await
+                .expect("exists")
+        );
+        assert_eq!(lake.get(&once).await.expect("get"), Bytes::from("a"));
+
+        lake.put(
+            &archive_path("clicks", 1, 0, 5),
+            Bytes::from_static(b"12345"),
+        )
+        .await
+        .expect("put");
+        lake.put(&archive_path("clicks2", 0, 0, 5), Bytes::from_static(b"x"))
+            .await
+            .expect("put");
+        let listed = lake.list(&archive_prefix("clicks")).await.expect("list");
+        assert_eq!(
+            listed,
+            vec![
+                ObjectInfo {
+                    path: seg.clone(),
+                    size: 6
+                },
+                ObjectInfo {
+                    path: archive_path("clicks", 1, 0, 5),
+                    size: 5
+                },
+            ],
+            "a prefix is a directory: clicks2 is not under clicks"
+        );
+        assert_eq!(lake.list("").await.expect("list all").len(), 4);
+        assert!(lake.list("nothing/here/").await.expect("list").is_empty());
+
+        lake.delete(&seg).await.expect("delete");
+        assert!(!lake.exists(&seg).await.expect("head"));
+        lake.delete(&seg)
+            .await
+            .expect("deleting a missing object succeeds");
+
+        // Larger than one 5 MiB part, written in pieces that do not align with parts.
+        let big: Vec<u8> = (0..12_000_000u32).map(|i| (i % 251) as u8).collect();
+        let path = format!(
+            "{}part-0.parquet",
+            view_run_prefix("clicks", "page_views", 7)
+        );
+        let mut upload = lake.put_multipart(&path).await.expect("start upload");
+        for chunk in big.chunks(1_000_003) {
+            upload.write(chunk).await.expect("write");
+        }
+        assert!(
+            !lake.exists(&path).await.expect("head"),
+            "not visible before finish"
+        );
+        upload.finish().await.expect("finish");
+        assert_eq!(lake.get(&path).await.expect("get"), Bytes::from(big));
+
+        let aborted = "views/clicks/page_views/run=8/part-0.parquet";
+        let mut upload = lake.put_multipart(aborted).await.expect("start upload");
+        upload.write(b"partial").await.expect("write");
+        upload.abort().await.expect("abort");
+        assert!(!lake.exists(aborted).await.expect("head"));
+
+        for bad in ["a//b", "a/../b"] {
+            let err = lake.put(bad, Bytes::new()).await.expect_err("invalid path");
+            assert!(matches!(err, LakeError::InvalidPath { .. }), "{err}");
+        }
+    }
+
+    #[tokio::test]
+    async fn memory_lake_round_trip() {
+        let lake = Lake::open("memory://", &no_options()).expect("opens");
+        round_trip(&lake).await;
+        assert_eq!(lake.url("archive/x.parquet"), "memory:///archive/x.parquet");
+    }
+
+    #[tokio::test]
+    async fn file_lake_round_trip_writes_real_files() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let root = dir.path().join("project/.lambda/lake");
+        let lake = Lake::open(&format!("file://{}", root.display()), &no_options())
+            .expect("opens and creates the directory");
+        assert!(root.is_dir());
+        round_trip(&lake).await;
+
+        let seg = archive_path("clicks", 1, 0, 5);
+        let on_disk = root.join(&seg);
+        assert_eq!(std::fs::read(&on_disk).expect("file exists"), b"12345");
+        let url = Url::parse(&lake.url(&seg)).expect("a valid URL");
+        assert_eq!(url.to_file_path().expect("a file URL"), on_disk);
+
+        // The store handed to other layers is rooted at the lake, like every lake path.
+        let meta = lake
+            .store()
+            .head(&Path::from(seg.as_str()))
+            .await
+            .expect("rooted store");
+        assert_eq!(meta.size, 5);
+
+        lake.delete(&seg).await.expect("delete");
+        assert!(
+            !root.join("archive/clicks/p=1").exists(),
+            "deleting the last object removes its empty directory"
+        );
+    }
+
+    #[test]
+    fn url_errors_say_what_is_wrong() {
+        let cases = [
+            ("ftp://host/lake", "unknown scheme `ftp`"),
+            ("just a path", "relative URL without a base"),
+            ("file://relative/dir", "needs an absolute path"),
+            ("s3:///prefix", "bucket or container name is missing"),
+            ("gs://", "bucket or container name is missing"),
+        ];
+        for (url, expected) in cases {
+            let err = Lake::open_with_env(url, &no_options(), &[]).expect_err(url);
+            let text = err.to_string();
+            assert!(
+                matches!(err, LakeError::UnsupportedUrl { .. }),
+                "{url}: {text}"
+            );
+            assert!(text.contains(expected), "{url}: {text}");
+            assert!(text.contains("s3://BUCKET/PREFIX"), "{url}: {text}");
+        }
+    }
+
+    #[test]
+    fn unknown_options_are_rejected_without_printing_values() {
+        let err = Lake::open_with_env(
+            "s3://bucket/prefix",
+            &options(&[("region", "eu-west-1"), ("secret_sauce", "hunter2")]),
+            &[],
+        )
+        .expect_err("unknown key");
+        let text = err.to_string();
+        assert!(
+            matches!(err, LakeError::UnknownOption { store: "S3", .. }),
+            "{text}"
+        );
+        assert!(text.contains("`secret_sauce`"), "{text}");
+        assert!(!text.contains("hunter2"), "{text}");
+    }
+
+    #[test]
+    fn s3_lake_is_configured_from_options_and_rooted_at_its_prefix() {
+        let lake = Lake::open_with_env(
+            "s3://lake-bucket/team/prod/",
+            &options(&[
+                ("endpoint", "http://127.0.0.1:5000"),
+                ("region", "us-east-1"),
+                ("allow_http", "true"),
+                ("access_key_id", "test"),
+                ("secret_access_key", "test"),
+            ]),
+            &env(&[("AWS_REGION", "eu-central-1"), ("UNRELATED", "x")]),
+        )
+        .expect("builds without contacting the server");
+        assert_eq!(lake.root_url(), "s3://lake-bucket/team/prod/");
+        assert_eq!(
+            lake.url(&archive_path("clicks", 0, 5, 9)),
+            "s3://lake-bucket/team/prod/archive/clicks/p=0/00000000000000000005-00000000000000000009.parquet"
+        );
+        let bare = Lake::open_with_env("s3a://lake-bucket", &no_options(), &[]).expect("builds");
+        assert_eq!(bare.root_url(), "s3a://lake-bucket/");
+    }
+
+    #[test]
+    fn azure_lake_accepts_the_emulator_and_account_urls() {
+        let lake = Lake::open_with_env(
+            "az://lake/prefix",
+            &options(&[("use_emulator", "true")]),
+            &[],
+        )
+        .expect("emulator config");
+        assert_eq!(lake.root_url(), "az://lake/prefix/");
+        let lake = Lake::open_with_env(
+            "abfss://lake@myaccount.dfs.core.windows.net/data",
+            &no_options(),
+            &env(&[("AZURE_STORAGE_ACCOUNT_KEY", "a2V5")]),
+        )
+        .expect("account from the URL");
+        assert_eq!(
+            lake.url("x"),
+            "abfss://lake@myaccount.dfs.core.windows.net/data/x"
+        );
+    }
+
+    #[test]
+    fn gcs_without_credentials_is_refused_before_building_a_client() {
+        // Settings that are not credentials do not count.
+        let err = Lake::open_with_env(
+            "gs://bucket/prefix",
+            &options(&[("base_url", "http://127.0.0.1:9")]),
+            &env(&[("GOOGLE_BUCKET", "other"), ("SERVICE_ACCOUNT_X", "nope")]),
+        )
+        .expect_err("no credentials");
+        assert!(
+            matches!(err, LakeError::GcsWithoutCredentials { .. }),
+            "{err}"
+        );
+        let text = err.to_string();
+        assert!(text.contains("GOOGLE_SERVICE_ACCOUNT"), "{text}");
+        assert!(text.contains("metadata"), "{text}");
+        // An empty value is no credential either.
+        let err = Lake::open_with_env(
+            "gs://bucket",
+            &no_options(),
+            &env(&[("GOOGLE_SERVICE_ACCOUNT_KEY", "")]),
+        )
+        .expect_err("empty key");
+        assert!(
+            matches!(err, LakeError::GcsWithoutCredentials { .. }),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn gcs_with_explicit_credentials_builds_offline() {
+        let from_env = Lake::open_with_env(
+            "gs://bucket/prefix",
+            &no_options(),
+            &env(&[("GOOGLE_SERVICE_ACCOUNT_KEY", OFFLINE_GCS_KEY)]),
+        )
+        .expect("key from the environment");
+        assert_eq!(from_env.root_url(), "gs://bucket/prefix/");
+        Lake::open_with_env(
+            "gs://bucket",
+            &options(&[("service_account_key", OFFLINE_GCS_KEY)]),
+            &[],
+        )
+        .expect("key from lake_options");
+        // A configured credentials file is used (and must exist), never the metadata server.
+        let err = Lake::open_with_env(
+            "gs://bucket",
+            &no_options(),
+            &env(&[("GOOGLE_APPLICATION_CREDENTIALS", "/nonexistent/adc.json")]),
+        )
+        .expect_err("missing file");
+        assert!(matches!(err, LakeError::Open { .. }), "{err}");
+    }
+
+    #[test]
+    fn layout_paths() {
+        assert_eq!(archive_prefix("clicks"), "archive/clicks/");
+        assert_eq!(
+            archive_path("clicks", 3, 0, 500_000),
+            "archive/clicks/p=3/00000000000000000000-00000000000000500000.parquet"
+        );
+        assert_eq!(
+            dead_letter_path("clicks", 1_700_000_000_000, "42-7"),
+            "dead_letters/clicks/00000001700000000000-42-7.ndjson"
+        );
+        assert_eq!(dead_letters_prefix("clicks"), "dead_letters/clicks/");
+        assert_eq!(
+            view_prefix("clicks", "page_views"),
+            "views/clicks/page_views/"
+        );
+        assert_eq!(
+            view_run_prefix("clicks", "page_views", 42),
+            "views/clicks/page_views/run=42/"
+        );
+        // Zero padding keeps lexicographic order = position order.
+        assert!(archive_path("a", 0, 9, 10) < archive_path("a", 0, 10, 11));
+    }
+}

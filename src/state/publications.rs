@@ -1,0 +1,197 @@
+//! Published batch views (DESIGN.md §4): every version, and which one serving reads.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use chrono::{DateTime, Utc};
+
+use super::{RunId, State, StateError, db, from_db, now, to_db};
+
+/// Per partition, the first position a batch view does NOT cover; serving adds the speed
+/// partials of positions at or after it.
+pub type Cutoff = BTreeMap<u32, u64>;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct PublicationId(pub i64);
+
+impl fmt::Display for PublicationId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+/// A view version a batch run wants to make current.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewPublication {
+    pub pipeline: String,
+    pub view: String,
+    pub run_id: RunId,
+    pub logic_hash: String,
+    pub cutoff: Cutoff,
+    pub rows: u64,
+    /// The publication that was current when the run started (`None`: none was). Publishing
+    /// succeeds only if it is still current, so an incremental result is never built on a
+    /// version another run has already replaced.
+    pub replaces: Option<PublicationId>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Publication {
+    pub id: PublicationId,
+    pub pipeline: String,
+    pub view: String,
+    pub run_id: RunId,
+    pub logic_hash: String,
+    pub cutoff: Cutoff,
+    pub rows: u64,
+    pub published_at: DateTime<Utc>,
+}
+
+#[derive(sqlx::FromRow)]
+struct PublicationRow {
+    id: i64,
+    pipeline: String,
+    view: String,
+    run_id: i64,
+    logic_hash: String,
+    cutoff: String,
+    row_count: i64,
+    published_at: DateTime<Utc>,
+}
+
+impl PublicationRow {
+    fn into_publication(self) -> Result<Publication, StateError> {
+        let cutoff = serde_json::from_str(&self.cutoff).map_err(|_| StateError::Corrupt {
+            what: "publication cutoff",
+            value: self.cutoff.clone(),
+        })?;
+        Ok(Publication {
+            id: PublicationId(self.id),
+            pipeline: self.pipeline,
+            view: self.view,
+            run_id: RunId(self.run_id),
+            logic_hash: self.logic_hash,
+            cutoff,
+            rows: from_db("row count", self.row_count)?,
+            published_at: self.published_at,
+        })
+    }
+}
+
+const INSERT: &str = "
+    INSERT INTO publications (pipeline, view, run_id, logic_hash, cutoff, row_count, published_at)
+    VALUES ($1, $2, $3, $4, $5, $6, $7)
+    RETURNING id";
+
+/// First publication of a view: only if no other run made one current meanwhile.
+const MAKE_FIRST_CURRENT: &str = "
+    INSERT INTO current_publications (pipeline, view, publication_id) VALUES ($1, $2, $3)
+    ON CONFLICT (pipeline, view) DO NOTHING";
+
+/// Compare-and-set from the version the run started from (`$4`) to the new one.
+const REPLACE_CURRENT: &str = "
+    UPDATE current_publications SET publication_id = $3
+    WHERE pipeline = $1 AND view = $2 AND publication_id = $4";
+
+const SELECT_CURRENT_ID: &str =
+    "SELECT publication_id FROM current_publications WHERE pipeline = $1 AND view = $2";
+
+impl State {
+    /// Records a view version and makes it current, in one transaction: serving switches
+    /// atomically, and a run that fails before this publishes nothing.
+    ///
+    /// Fails with [`StateError::PublicationRaced`] (recording nothing) when the current version
+    /// is no longer `replaces`.
+    pub async fn publish(&self, new: &NewPublication) -> Result<Publication, StateError> {
+        // Integer keys and values: serialising this map cannot fail.
+        let cutoff = serde_json::to_string(&new.cutoff).expect("a map of integers serialises");
+        let rows = to_db("row count", new.rows)?;
+        let at = now();
+        let id = on_pool!(self, |pool| {
+            let mut tx = pool.begin().await.map_err(db("publish"))?;
+            let (id,): (i64,) = sqlx::query_as(INSERT)
+                .bind(&new.pipeline)
+                .bind(&new.view)
+                .bind(new.run_id.0)
+                .bind(&new.logic_hash)
+                .bind(&cutoff)
+                .bind(rows)
+                .bind(at)
+                .fetch_one(&mut *tx)
+                .await
+                .map_err(db("publish: insert version"))?;
+            let switched = match new.replaces {
+                None => {
+                    sqlx::query(MAKE_FIRST_CURRENT)
+                        .bind(&new.pipeline)
+                        .bind(&new.view)
+                        .bind(id)
+                        .execute(&mut *tx)
+                        .await
+                }
+                Some(old) => {
+                    sqlx::query(REPLACE_CURRENT)
+                        .bind(&new.pipeline)
+                        .bind(&new.view)
+                        .bind(id)
+                        .bind(old.0)
+                        .execute(&mut *tx)
+                        .await
+                }
+            }
+            .map_err(db("publish: switch current version"))?
+            .rows_affected();
+            if switched == 0 {
+                let found: Option<(i64,)> = sqlx::query_as(SELECT_CURRENT_ID)
+                    .bind(&new.pipeline)
+                    .bind(&new.view)
+                    .fetch_optional(&mut *tx)
+                    .await
+                    .map_err(db("publish: read current version"))?;
+                let show = |id: Option<i64>| id.map_or_else(|| "none".into(), |i| i.to_string());
+                return Err(StateError::PublicationRaced {
+                    pipeline: new.pipeline.clone(),
+                    view: new.view.clone(),
+                    expected: show(new.replaces.map(|p| p.0)),
+                    found: show(found.map(|(i,)| i)),
+                });
+            }
+            tx.commit().await.map_err(db("publish: commit"))?;
+            id
+        });
+        tracing::info!(
+            pipeline = %new.pipeline, view = %new.view, run = new.run_id.0, publication = id,
+            rows = new.rows, "published view"
+        );
+        Ok(Publication {
+            id: PublicationId(id),
+            pipeline: new.pipeline.clone(),
+            view: new.view.clone(),
+            run_id: new.run_id,
+            logic_hash: new.logic_hash.clone(),
+            cutoff: new.cutoff.clone(),
+            rows: new.rows,
+            published_at: at,
+        })
+    }
+
+    /// The version of `pipeline.view` serving reads; `None` before its first publish.
+    pub async fn current_publication(
+        &self,
+        pipeline: &str,
+        view: &str,
+    ) -> Result<Option<Publication>, StateError> {
+        const SQL: &str = "
+            SELECT p.id, p.pipeline, p.view, p.run_id, p.logic_hash, p.cutoff, p.row_count,
+                   p.published_at
+            FROM current_publications c JOIN publications p ON p.id = c.publication_id
+            WHERE c.pipeline = $1 AND c.view = $2";
+        let row: Option<PublicationRow> = on_pool!(self, |pool| sqlx::query_as(SQL)
+            .bind(pipeline)
+            .bind(view)
+            .fetch_optional(pool)
+            .await)
+        .map_err(db("read current publication"))?;
+        row.map(PublicationRow::into_publication).transpose()
+    }
+}

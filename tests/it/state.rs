@@ -1,0 +1,702 @@
+//! The state database, driven through its public API. Every behaviour runs twice: on a SQLite
+//! file in a temp directory, and on a fresh PostgreSQL database created on the server named by
+//! `LAMBDA_TEST_POSTGRES` (skipped when unset; a set but unreachable server fails the test).
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use chrono::{DateTime, TimeZone, Utc};
+use lambda_ctl::state::{
+    NewPublication, Outcome, PublicationId, RunId, RunKind, RunState, Segment, State, StateError,
+};
+use sqlx::Connection;
+
+/// Generates `mod NAME { fn sqlite(); fn postgres(); }` running `async fn NAME(url)`.
+macro_rules! on_both_backends {
+    ($($name:ident),* $(,)?) => {$(
+        mod $name {
+            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            async fn sqlite() {
+                super::on_sqlite(super::$name).await
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            async fn postgres() {
+                super::on_postgres(super::$name).await
+            }
+        }
+    )*};
+}
+
+on_both_backends!(
+    sealing_records_the_segment_and_advances_the_checkpoint,
+    sealing_refuses_gaps_overlaps_and_empty_ranges,
+    concurrent_seals_of_one_range_record_it_once,
+    state_survives_reopening,
+    publishing_switches_the_current_version,
+    concurrent_first_publishes_let_one_win,
+    runs_follow_their_lifecycle,
+    concurrent_starts_of_one_run_let_one_worker_win,
+    task_attempts_number_their_retries,
+    schedule_slots_are_claimed_once,
+);
+
+async fn on_sqlite<F, Fut>(behaviour: F)
+where
+    F: FnOnce(String) -> Fut,
+    Fut: Future<Output = ()>,
+{
+    let dir = tempfile::tempdir().expect("tempdir");
+    // A directory that does not exist yet: opening creates it.
+    let url = format!("sqlite://{}", dir.path().join("nested/state.db").display());
+    behaviour(url).await;
+}
+
+async fn on_postgres<F, Fut>(behaviour: F)
+where
+    F: FnOnce(String) -> Fut,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    let Ok(server) = std::env::var("LAMBDA_TEST_POSTGRES") else {
+        eprintln!(
+            "skipped the PostgreSQL variant: set LAMBDA_TEST_POSTGRES=postgres://USER@HOST:PORT/DB"
+        );
+        return;
+    };
+    let db = TempDatabase::create(&server).await;
+    // Run the behaviour as a task so the database is dropped even when it panics.
+    let outcome = tokio::spawn(behaviour(db.url.clone())).await;
+    db.drop().await;
+    if let Err(e) = outcome {
+        std::panic::resume_unwind(e.into_panic());
+    }
+}
+
+/// A database of its own on the test server, for one test.
+struct TempDatabase {
+    server: String,
+    name: String,
+    url: String,
+}
+
+impl TempDatabase {
+    async fn create(server: &str) -> TempDatabase {
+        static SEQ: AtomicU32 = AtomicU32::new(0);
+        let nanos = Utc::now().timestamp_nanos_opt().unwrap_or_default();
+        let name = format!(
+            "lambda_test_{}_{}_{}",
+            std::process::id(),
+            nanos,
+            SEQ.fetch_add(1, Ordering::Relaxed)
+        );
+        let mut conn = sqlx::PgConnection::connect(server)
+            .await
+            .unwrap_or_else(|e| {
+                panic!("LAMBDA_TEST_POSTGRES={server} is set but the server is unreachable: {e}")
+            });
+        sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+            .execute(&mut conn)
+            .await
+            .expect("create test database");
+        let mut url = url::Url::parse(server).expect("LAMBDA_TEST_POSTGRES is a URL");
+        url.set_path(&name);
+        TempDatabase {
+            server: server.to_string(),
+            name,
+            url: url.to_string(),
+        }
+    }
+
+    async fn drop(self) {
+        let mut conn = sqlx::PgConnection::connect(&self.server)
+            .await
+            .expect("reconnect to drop the test database");
+        // FORCE: pools of the behaviour may still be closing their connections.
+        sqlx::query(sqlx::AssertSqlSafe(format!(
+            "DROP DATABASE IF EXISTS {} WITH (FORCE)",
+            self.name
+        )))
+        .execute(&mut conn)
+        .await
+        .expect("drop test database");
+    }
+}
+
+async fn open(url: &str) -> State {
+    State::open(url).await.expect("open state")
+}
+
+fn segment(partition: u32, lo: u64, hi: u64) -> Segment {
+    Segment {
+        pipeline: "clicks".into(),
+        partition,
+        lo,
+        hi,
+        path: lambda_ctl::lake::archive_path("clicks", partition, lo, hi),
+        rows: hi.saturating_sub(lo),
+        bytes: 1000 + lo,
+        dead_letters: 0,
+        min_event_ms: Some(1_700_000_000_000 + lo as i64),
+        max_event_ms: Some(1_700_000_000_000 + hi as i64),
+    }
+}
+
+fn ts(secs: i64, nanos: u32) -> DateTime<Utc> {
+    Utc.timestamp_opt(secs, nanos).single().expect("valid time")
+}
+
+async fn sealing_records_the_segment_and_advances_the_checkpoint(url: String) {
+    let state = open(&url).await;
+    assert_eq!(state.checkpoint("clicks", 0).await.unwrap(), None);
+    assert!(state.segments("clicks").await.unwrap().is_empty());
+    assert_eq!(state.dead_letters("clicks").await.unwrap(), 0);
+
+    let first = Segment {
+        dead_letters: 2,
+        ..segment(0, 0, 10)
+    };
+    // A partition's first segment may start anywhere (a Kafka topic after retention).
+    let other_partition = segment(1, 100, 150);
+    let empty = Segment {
+        rows: 0,
+        dead_letters: 5,
+        min_event_ms: None,
+        max_event_ms: None,
+        ..segment(0, 10, 25)
+    };
+    for s in [&first, &other_partition, &empty] {
+        state.seal_segment(s).await.expect("seal");
+    }
+    state
+        .seal_segment(&Segment {
+            pipeline: "orders".into(),
+            ..segment(0, 0, 3)
+        })
+        .await
+        .expect("another pipeline has its own checkpoints");
+
+    assert_eq!(
+        state.segments("clicks").await.unwrap(),
+        vec![first, empty, other_partition],
+        "by partition, then position"
+    );
+    assert_eq!(state.checkpoint("clicks", 0).await.unwrap(), Some(25));
+    assert_eq!(state.checkpoint("clicks", 1).await.unwrap(), Some(150));
+    assert_eq!(state.checkpoint("clicks", 2).await.unwrap(), None);
+    assert_eq!(
+        state.checkpoints("clicks").await.unwrap(),
+        BTreeMap::from([(0, 25), (1, 150)])
+    );
+    assert_eq!(state.dead_letters("clicks").await.unwrap(), 7);
+    assert_eq!(state.dead_letters("orders").await.unwrap(), 0);
+}
+
+async fn sealing_refuses_gaps_overlaps_and_empty_ranges(url: String) {
+    let state = open(&url).await;
+    state.seal_segment(&segment(0, 0, 10)).await.expect("seal");
+
+    for (lo, hi) in [(0, 10), (5, 20), (11, 20)] {
+        let attempt = Segment {
+            dead_letters: 3,
+            ..segment(0, lo, hi)
+        };
+        match state.seal_segment(&attempt).await {
+            Err(StateError::NotContiguous {
+                lo: l, checkpoint, ..
+            }) => {
+                assert_eq!((l, checkpoint), (lo, 10));
+            }
+            other => panic!("[{lo}, {hi}) after [0, 10): {other:?}"),
+        }
+    }
+    for (lo, hi) in [(10, 10), (12, 11)] {
+        let err = state
+            .seal_segment(&segment(0, lo, hi))
+            .await
+            .expect_err("empty or reversed");
+        assert!(matches!(err, StateError::EmptySegment { .. }), "{err}");
+    }
+    let err = state
+        .seal_segment(&segment(0, 10, u64::MAX))
+        .await
+        .expect_err("beyond BIGINT");
+    assert!(matches!(err, StateError::OutOfRange { .. }), "{err}");
+
+    // Nothing of the refused seals was recorded.
+    assert_eq!(
+        state.segments("clicks").await.unwrap(),
+        vec![segment(0, 0, 10)]
+    );
+    assert_eq!(state.checkpoint("clicks", 0).await.unwrap(), Some(10));
+    assert_eq!(state.dead_letters("clicks").await.unwrap(), 0);
+    state
+        .seal_segment(&segment(0, 10, 20))
+        .await
+        .expect("the next range still seals");
+}
+
+async fn concurrent_seals_of_one_range_record_it_once(url: String) {
+    let state = open(&url).await;
+    let mut tasks = Vec::new();
+    for i in 0..8u32 {
+        let state = state.clone();
+        // Half race for the same range of partition 0; the others seal their own partition.
+        let s = if i % 2 == 0 {
+            segment(0, 0, 10)
+        } else {
+            segment(i, 0, 10)
+        };
+        tasks.push(tokio::spawn(
+            async move { (i, state.seal_segment(&s).await) },
+        ));
+    }
+    let mut sealed_partition_0 = 0;
+    for task in tasks {
+        let (i, result) = task.await.expect("task");
+        match (i % 2, result) {
+            (0, Ok(())) => sealed_partition_0 += 1,
+            (0, Err(StateError::NotContiguous { checkpoint: 10, .. })) => {}
+            (_, Ok(())) => {}
+            (_, other) => panic!("seal {i}: {other:?}"),
+        }
+    }
+    assert_eq!(sealed_partition_0, 1);
+    assert_eq!(state.segments("clicks").await.unwrap().len(), 5);
+}
+
+async fn state_survives_reopening(url: String) {
+    let state = open(&url).await;
+    state.seal_segment(&segment(0, 0, 10)).await.expect("seal");
+    let run = state
+        .create_run(RunKind::Batch, "clicks", None)
+        .await
+        .expect("run");
+    state.close().await;
+
+    // Opening again runs the (already applied) migrations and keeps the data.
+    let state = open(&url).await;
+    assert_eq!(state.checkpoint("clicks", 0).await.unwrap(), Some(10));
+    assert_eq!(state.run(run.id).await.unwrap(), Some(run.clone()));
+    let next = state
+        .create_run(RunKind::Batch, "clicks", None)
+        .await
+        .expect("run");
+    assert!(next.id > run.id);
+}
+
+async fn publishing_switches_the_current_version(url: String) {
+    let state = open(&url).await;
+    let run = state
+        .create_run(RunKind::Batch, "clicks", None)
+        .await
+        .unwrap();
+    assert_eq!(
+        state
+            .current_publication("clicks", "page_views")
+            .await
+            .unwrap(),
+        None
+    );
+    let new = |cutoff: &[(u32, u64)], replaces| NewPublication {
+        pipeline: "clicks".into(),
+        view: "page_views".into(),
+        run_id: run.id,
+        logic_hash: "3f2a".into(),
+        cutoff: cutoff.iter().copied().collect(),
+        rows: 42,
+        replaces,
+    };
+
+    let first = state.publish(&new(&[(0, 10)], None)).await.expect("first");
+    assert_eq!(
+        state
+            .current_publication("clicks", "page_views")
+            .await
+            .unwrap(),
+        Some(first.clone())
+    );
+    let second = state
+        .publish(&new(&[(0, 25), (1, 150)], Some(first.id)))
+        .await
+        .expect("replaces the first");
+    let current = state
+        .current_publication("clicks", "page_views")
+        .await
+        .unwrap()
+        .expect("current");
+    assert_eq!(current, second);
+    assert_eq!(current.cutoff, BTreeMap::from([(0, 25), (1, 150)]));
+    assert_eq!(current.run_id, run.id);
+
+    // A run that started from the first version, or from none, lost the race.
+    for stale in [Some(first.id), None, Some(PublicationId(second.id.0 + 100))] {
+        match state.publish(&new(&[(0, 99)], stale)).await {
+            Err(StateError::PublicationRaced {
+                expected, found, ..
+            }) => {
+                assert_eq!(found, second.id.to_string());
+                assert_eq!(
+                    expected,
+                    stale.map_or("none".to_string(), |p| p.to_string())
+                );
+            }
+            other => panic!("stale publish from {stale:?}: {other:?}"),
+        }
+    }
+    assert_eq!(
+        state
+            .current_publication("clicks", "page_views")
+            .await
+            .unwrap(),
+        Some(second.clone())
+    );
+
+    // Views are independent; a publication must come from a run.
+    state
+        .publish(&NewPublication {
+            view: "sessions".into(),
+            ..new(&[], None)
+        })
+        .await
+        .expect("another view");
+    let err = state
+        .publish(&NewPublication {
+            run_id: RunId(run.id.0 + 1000),
+            view: "other".into(),
+            ..new(&[], None)
+        })
+        .await
+        .expect_err("unknown run");
+    assert!(matches!(err, StateError::Db { .. }), "{err}");
+    assert_eq!(
+        state.current_publication("clicks", "other").await.unwrap(),
+        None
+    );
+}
+
+async fn concurrent_first_publishes_let_one_win(url: String) {
+    let state = open(&url).await;
+    let mut tasks = Vec::new();
+    for i in 0..6u64 {
+        let state = state.clone();
+        tasks.push(tokio::spawn(async move {
+            let run = state
+                .create_run(RunKind::Batch, "clicks", None)
+                .await
+                .expect("run");
+            state
+                .publish(&NewPublication {
+                    pipeline: "clicks".into(),
+                    view: "page_views".into(),
+                    run_id: run.id,
+                    logic_hash: "h".into(),
+                    cutoff: BTreeMap::from([(0, i)]),
+                    rows: i,
+                    replaces: None,
+                })
+                .await
+        }));
+    }
+    let mut winners = Vec::new();
+    for task in tasks {
+        match task.await.expect("task") {
+            Ok(p) => winners.push(p),
+            Err(StateError::PublicationRaced { .. }) => {}
+            Err(e) => panic!("publish: {e}"),
+        }
+    }
+    assert_eq!(winners.len(), 1);
+    assert_eq!(
+        state
+            .current_publication("clicks", "page_views")
+            .await
+            .unwrap(),
+        Some(winners.remove(0))
+    );
+}
+
+async fn runs_follow_their_lifecycle(url: String) {
+    let state = open(&url).await;
+    let slot = ts(1_790_000_000, 0);
+    let run = state
+        .create_run(RunKind::Workflow, "nightly", Some(slot))
+        .await
+        .unwrap();
+    assert_eq!(
+        (run.kind, run.name.as_str(), run.state),
+        (RunKind::Workflow, "nightly", RunState::Queued)
+    );
+    assert_eq!(run.scheduled_at, Some(slot));
+    assert_eq!((run.started_at, run.finished_at), (None, None));
+
+    let started = state.start_run(run.id).await.expect("start");
+    assert_eq!(started.state, RunState::Running);
+    assert!(started.started_at.is_some());
+    state
+        .append_run_log(run.id, "scanning 3 segments\n")
+        .await
+        .unwrap();
+    state.append_run_log(run.id, "done\n").await.unwrap();
+    let failed = state
+        .finish_run(run.id, Outcome::Failed, Some("task recompute timed out"))
+        .await
+        .expect("finish");
+    assert_eq!(failed.state, RunState::Failed);
+    assert!(failed.state.is_finished());
+    assert_eq!(failed.error.as_deref(), Some("task recompute timed out"));
+    assert_eq!(failed.log, "scanning 3 segments\ndone\n");
+    assert!(failed.finished_at >= failed.started_at);
+    assert_eq!(state.run(run.id).await.unwrap(), Some(failed));
+
+    for err in [
+        state
+            .start_run(run.id)
+            .await
+            .expect_err("start a finished run"),
+        state
+            .finish_run(run.id, Outcome::Succeeded, None)
+            .await
+            .expect_err("finish twice"),
+    ] {
+        assert!(
+            matches!(
+                err,
+                StateError::WrongState {
+                    state: RunState::Failed,
+                    ..
+                }
+            ),
+            "{err}"
+        );
+    }
+    let missing = RunId(run.id.0 + 1000);
+    assert_eq!(state.run(missing).await.unwrap(), None);
+    for err in [
+        state.start_run(missing).await.expect_err("unknown"),
+        state
+            .finish_run(missing, Outcome::Cancelled, None)
+            .await
+            .expect_err("unknown"),
+        state
+            .append_run_log(missing, "x")
+            .await
+            .expect_err("unknown"),
+    ] {
+        assert!(
+            matches!(err, StateError::RunNotFound(id) if id == missing),
+            "{err}"
+        );
+    }
+
+    // A queued run can be cancelled without starting.
+    let batch = state
+        .create_run(RunKind::Batch, "clicks", None)
+        .await
+        .unwrap();
+    let cancelled = state
+        .finish_run(batch.id, Outcome::Cancelled, None)
+        .await
+        .unwrap();
+    assert_eq!(
+        (cancelled.state, cancelled.started_at),
+        (RunState::Cancelled, None)
+    );
+    let third = state
+        .create_run(RunKind::Workflow, "nightly", None)
+        .await
+        .unwrap();
+
+    let ids = |runs: Vec<lambda_ctl::state::Run>| runs.iter().map(|r| r.id).collect::<Vec<_>>();
+    assert_eq!(
+        ids(state.runs(Some("nightly"), 10).await.unwrap()),
+        vec![third.id, run.id],
+        "newest first"
+    );
+    assert_eq!(
+        ids(state.runs(None, 2).await.unwrap()),
+        vec![third.id, batch.id]
+    );
+}
+
+async fn concurrent_starts_of_one_run_let_one_worker_win(url: String) {
+    let state = open(&url).await;
+    let run = state
+        .create_run(RunKind::Batch, "clicks", None)
+        .await
+        .unwrap();
+    let mut tasks = Vec::new();
+    for _ in 0..6 {
+        let state = state.clone();
+        tasks.push(tokio::spawn(async move { state.start_run(run.id).await }));
+    }
+    let mut started = 0;
+    for task in tasks {
+        match task.await.expect("task") {
+            Ok(_) => started += 1,
+            Err(StateError::WrongState {
+                state: RunState::Running,
+                ..
+            }) => {}
+            Err(e) => panic!("start: {e}"),
+        }
+    }
+    assert_eq!(started, 1);
+}
+
+async fn task_attempts_number_their_retries(url: String) {
+    let state = open(&url).await;
+    let run = state
+        .create_run(RunKind::Workflow, "nightly", None)
+        .await
+        .unwrap();
+    let first = state
+        .create_task_attempt(run.id, "recompute", None)
+        .await
+        .expect("attempt");
+    assert_eq!((first.attempt, first.state), (1, RunState::Queued));
+    let running = state.start_task_attempt(first.id).await.expect("start");
+    assert_eq!(running.state, RunState::Running);
+    state
+        .append_task_log(first.id, "out of memory\n")
+        .await
+        .unwrap();
+    let failed = state
+        .finish_task_attempt(first.id, Outcome::Failed, Some("exit status 137"))
+        .await
+        .expect("finish");
+    assert_eq!(failed.error.as_deref(), Some("exit status 137"));
+    assert_eq!(failed.log, "out of memory\n");
+
+    let retry_at = ts(1_790_000_030, 123_456_000);
+    let retry = state
+        .create_task_attempt(run.id, "recompute", Some(retry_at))
+        .await
+        .expect("retry");
+    assert_eq!(retry.attempt, 2);
+    assert_eq!(retry.scheduled_at, Some(retry_at));
+    let other = state
+        .create_task_attempt(run.id, "compact", None)
+        .await
+        .expect("other task");
+    assert_eq!(other.attempt, 1);
+    let succeeded = state
+        .finish_task_attempt(retry.id, Outcome::Succeeded, None)
+        .await
+        .expect("finish queued");
+    assert_eq!(succeeded.state, RunState::Succeeded);
+
+    let listed = state.task_attempts(run.id).await.unwrap();
+    assert_eq!(listed, vec![failed, succeeded, other]);
+    assert!(
+        state
+            .task_attempts(RunId(run.id.0 + 1000))
+            .await
+            .unwrap()
+            .is_empty()
+    );
+
+    let err = state
+        .finish_task_attempt(retry.id, Outcome::Failed, None)
+        .await
+        .expect_err("finish twice");
+    assert!(
+        matches!(
+            err,
+            StateError::WrongState {
+                state: RunState::Succeeded,
+                ..
+            }
+        ),
+        "{err}"
+    );
+    let missing_run = RunId(run.id.0 + 1000);
+    let err = state
+        .create_task_attempt(missing_run, "recompute", None)
+        .await
+        .expect_err("unknown run");
+    assert!(
+        matches!(err, StateError::RunNotFound(id) if id == missing_run),
+        "{err}"
+    );
+    let missing = lambda_ctl::state::AttemptId(retry.id.0 + 1000);
+    for err in [
+        state
+            .start_task_attempt(missing)
+            .await
+            .expect_err("unknown"),
+        state
+            .append_task_log(missing, "x")
+            .await
+            .expect_err("unknown"),
+    ] {
+        assert!(
+            matches!(err, StateError::AttemptNotFound(id) if id == missing),
+            "{err}"
+        );
+    }
+}
+
+async fn schedule_slots_are_claimed_once(url: String) {
+    let state = open(&url).await;
+    assert_eq!(state.last_slot("nightly").await.unwrap(), None);
+    // Sub-microsecond digits are dropped on both backends alike.
+    let t1 = ts(1_790_000_000, 500_000_999);
+    let t1_stored = ts(1_790_000_000, 500_000_000);
+    let t2 = ts(1_790_086_400, 0);
+
+    let run = state
+        .claim_slot("nightly", None, t1)
+        .await
+        .unwrap()
+        .expect("first slot");
+    assert_eq!(
+        (run.kind, run.name.as_str(), run.state, run.scheduled_at),
+        (
+            RunKind::Workflow,
+            "nightly",
+            RunState::Queued,
+            Some(t1_stored)
+        )
+    );
+    assert_eq!(state.last_slot("nightly").await.unwrap(), Some(t1_stored));
+
+    // A second scheduler that saw no slot, or an older one, claims nothing.
+    assert_eq!(state.claim_slot("nightly", None, t1).await.unwrap(), None);
+    assert_eq!(
+        state
+            .claim_slot("nightly", Some(ts(1_700_000_000, 0)), t2)
+            .await
+            .unwrap(),
+        None
+    );
+    let next = state
+        .claim_slot("nightly", Some(t1), t2)
+        .await
+        .unwrap()
+        .expect("next slot, from the value with its original precision");
+    assert_eq!(next.scheduled_at, Some(t2));
+    assert_eq!(state.last_slot("nightly").await.unwrap(), Some(t2));
+
+    // Racing schedulers on the same slot create one run.
+    let t3 = ts(1_790_172_800, 0);
+    let mut tasks = Vec::new();
+    for _ in 0..6 {
+        let state = state.clone();
+        tasks.push(tokio::spawn(async move {
+            state.claim_slot("nightly", Some(t2), t3).await
+        }));
+    }
+    let mut claimed = 0;
+    for task in tasks {
+        if task.await.expect("task").expect("claim").is_some() {
+            claimed += 1;
+        }
+    }
+    assert_eq!(claimed, 1);
+    let runs = state.runs(Some("nightly"), 100).await.unwrap();
+    assert_eq!(
+        runs.iter().map(|r| r.scheduled_at).collect::<Vec<_>>(),
+        vec![Some(t3), Some(t2), Some(t1_stored)]
+    );
+    assert_eq!(state.last_slot("hourly").await.unwrap(), None);
+}
