@@ -48,10 +48,14 @@ mod archive;
 mod publications;
 mod runs;
 mod schedules;
+mod workflows;
 
 pub use archive::Segment;
 pub use publications::{Cutoff, NewPublication, Publication, PublicationId};
 pub use runs::{AttemptId, Outcome, Run, RunId, RunKind, RunState, TaskAttempt};
+pub use workflows::{
+    Advanced, SchedulerLock, WorkflowAttempt, WorkflowChange, WorkflowEvent, WorkflowSnapshot,
+};
 
 /// A writer waits this long for another writer's lock (SQLite) before failing.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
@@ -169,6 +173,14 @@ enum Db {
     Postgres(PgPool),
 }
 
+/// The pool under a [`State`], for the job queue only: apalis keeps its own tables in the state
+/// database and speaks to them itself (wrapped in `orchestration`).
+#[derive(Clone, Debug)]
+pub enum Pool {
+    Sqlite(SqlitePool),
+    Postgres(PgPool),
+}
+
 impl std::fmt::Debug for State {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("State")
@@ -212,6 +224,14 @@ impl State {
         match self.db {
             Db::Sqlite(_) => "sqlite",
             Db::Postgres(_) => "postgres",
+        }
+    }
+
+    /// The underlying pool; see [`Pool`].
+    pub fn pool(&self) -> Pool {
+        match &self.db {
+            Db::Sqlite(pool) => Pool::Sqlite(pool.clone()),
+            Db::Postgres(pool) => Pool::Postgres(pool.clone()),
         }
     }
 

@@ -1,6 +1,8 @@
 //! Runs (a workflow run or a batch recompute) and the attempts of their tasks. Both share one
 //! lifecycle, enforced by conditional UPDATEs so it holds across processes:
 //! `queued → running → succeeded | failed | cancelled`, or `queued → failed | cancelled`.
+//! A task that never ran because a task it needs failed is recorded as one attempt in
+//! `upstream_failed` (see `state::workflows`).
 
 use std::fmt;
 use std::str::FromStr;
@@ -42,6 +44,8 @@ pub enum RunState {
     Succeeded,
     Failed,
     Cancelled,
+    /// Task attempts only: the task did not run because a task it needs failed.
+    UpstreamFailed,
 }
 
 /// How a run or attempt ended.
@@ -69,13 +73,14 @@ impl RunState {
             RunState::Succeeded => "succeeded",
             RunState::Failed => "failed",
             RunState::Cancelled => "cancelled",
+            RunState::UpstreamFailed => "upstream_failed",
         }
     }
 
     pub fn is_finished(self) -> bool {
         matches!(
             self,
-            RunState::Succeeded | RunState::Failed | RunState::Cancelled
+            RunState::Succeeded | RunState::Failed | RunState::Cancelled | RunState::UpstreamFailed
         )
     }
 }
@@ -125,6 +130,7 @@ impl FromStr for RunState {
             RunState::Succeeded,
             RunState::Failed,
             RunState::Cancelled,
+            RunState::UpstreamFailed,
         ]
         .into_iter()
         .find(|state| state.as_str() == s)
@@ -213,7 +219,7 @@ impl RunRow {
 }
 
 #[derive(sqlx::FromRow)]
-struct AttemptRow {
+pub(super) struct AttemptRow {
     id: i64,
     run_id: i64,
     task: String,
@@ -228,7 +234,7 @@ struct AttemptRow {
 }
 
 impl AttemptRow {
-    fn into_attempt(self) -> Result<TaskAttempt, StateError> {
+    pub(super) fn into_attempt(self) -> Result<TaskAttempt, StateError> {
         Ok(TaskAttempt {
             id: AttemptId(self.id),
             run_id: RunId(self.run_id),
