@@ -20,10 +20,13 @@
 //! - [`state`]: the state database (SQLite or PostgreSQL): archive manifest and checkpoints,
 //!   published views, runs, schedules. Every SQL statement lives there.
 //! - [`speed`]: the write-ahead log, de-duplication at the door, micro-batches, the archiver.
+//! - [`orchestration`]: workflows — cron slots in a time zone, DAGs of tasks with retries and
+//!   timeouts, catch-up, backfill and `max_active_runs` — on the apalis queue in the state DB.
 //! - [`cli`]: the `lambda-ctl` command line, one file per subcommand.
 
 pub mod cli;
 pub mod lake;
+pub mod orchestration;
 pub mod serving;
 pub mod sources;
 pub mod spec;

@@ -1,0 +1,192 @@
+//! The job queue: apalis with the state DB as storage (apalis-sqlite embedded, apalis-postgres
+//! with a PostgreSQL state), wrapped here once so an apalis upgrade touches one file.
+//!
+//! A job is one task attempt, keyed `RUN/TASK/ATTEMPT` with apalis' idempotency key, so pushing
+//! it again (the recovery sweep, or two processes racing) never makes a second job. The queue
+//! only carries attempts; whether one runs is decided by the attempt row (`queued → running` is
+//! a compare-and-set), so even a job delivered twice executes once. Task retries are new
+//! attempts (new jobs) decided by orchestration; apalis' own re-delivery is kept for the case
+//! where the handler could not reach the state DB at all.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use anyhow::Context;
+use apalis::prelude::*;
+use apalis_postgres::PostgresStorage;
+use apalis_sqlite::SqliteStorage;
+use chrono::{DateTime, Utc};
+use futures::future::BoxFuture;
+use serde::{Deserialize, Serialize};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, warn};
+
+use crate::state::{Pool, State, TaskAttempt};
+
+/// The apalis queue (job type) of task attempts.
+const QUEUE: &str = "lambda_ctl_task_attempts";
+/// SQLite: apalis' migration history, kept apart from ours (both would otherwise share
+/// `_sqlx_migrations`, and each migrator rejects the other's versions).
+const SQLITE_MIGRATIONS_TABLE: &str = "_apalis_migrations";
+/// How often an idle worker looks for new jobs. Jobs pushed by this process wake no one, so
+/// this bounds the pause between two tasks of a DAG.
+const POLL_INTERVAL: Duration = Duration::from_millis(200);
+/// apalis worker liveness: a worker silent for `HEARTBEAT × MISSED_HEARTBEATS` is dead and its
+/// jobs go back to the queue.
+const HEARTBEAT: Duration = Duration::from_secs(5);
+const MISSED_HEARTBEATS: usize = 3;
+/// Deliveries of one job when the handler cannot reach the state DB.
+const DELIVERIES: usize = 5;
+
+/// One task attempt to execute.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AttemptJob {
+    pub workflow: String,
+    pub run_id: i64,
+    pub task: String,
+    pub attempt: u32,
+    pub attempt_id: i64,
+    /// Not to start before (a retry's back-off), by the orchestrator's clock.
+    pub not_before: Option<DateTime<Utc>>,
+}
+
+impl AttemptJob {
+    pub fn new(workflow: &str, attempt: &TaskAttempt) -> AttemptJob {
+        AttemptJob {
+            workflow: workflow.to_string(),
+            run_id: attempt.run_id.0,
+            task: attempt.task.clone(),
+            attempt: attempt.attempt,
+            attempt_id: attempt.id.0,
+            not_before: attempt.scheduled_at,
+        }
+    }
+
+    fn key(&self) -> String {
+        format!("{}/{}/{}", self.run_id, self.task, self.attempt)
+    }
+}
+
+/// Handles one job; an error means "could not even record the outcome" (apalis delivers the
+/// job again, a few times).
+pub type Handler = Arc<dyn Fn(AttemptJob) -> BoxFuture<'static, anyhow::Result<()>> + Send + Sync>;
+
+#[derive(Clone)]
+pub enum Queue {
+    Sqlite(SqliteStorage<AttemptJob>),
+    Postgres(PostgresStorage<AttemptJob>),
+}
+
+impl std::fmt::Debug for Queue {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Queue::Sqlite(_) => "Queue(sqlite)",
+            Queue::Postgres(_) => "Queue(postgres)",
+        })
+    }
+}
+
+impl Queue {
+    /// The queue in the state DB, its tables created or migrated first.
+    pub async fn open(state: &State) -> anyhow::Result<Queue> {
+        match state.pool() {
+            Pool::Sqlite(pool) => {
+                // Not `SqliteStorage::setup`: it also sets `synchronous = OFF` on the shared
+                // pool, which the archive manifest must not get.
+                let mut migrator = SqliteStorage::<()>::migrations();
+                migrator.dangerous_set_table_name(SQLITE_MIGRATIONS_TABLE);
+                migrator
+                    .run(&pool)
+                    .await
+                    .context("creating the job queue tables (apalis-sqlite)")?;
+                let config = apalis_sqlite::Config::default()
+                    .queue(QUEUE)
+                    .heartbeat_interval(HEARTBEAT)
+                    .missed_heartbeats(MISSED_HEARTBEATS)
+                    .batch_size(1);
+                Ok(Queue::Sqlite(SqliteStorage::new(&pool).with_config(config)))
+            }
+            Pool::Postgres(pool) => {
+                PostgresStorage::setup(&pool)
+                    .await
+                    .context("creating the job queue tables (apalis-postgres, schema `apalis`)")?;
+                let config = apalis_postgres::Config::default()
+                    .queue(QUEUE)
+                    .heartbeat_interval(HEARTBEAT)
+                    .missed_heartbeats(MISSED_HEARTBEATS)
+                    .batch_size(1);
+                Ok(Queue::Postgres(
+                    PostgresStorage::new(&pool).with_config(config),
+                ))
+            }
+        }
+    }
+
+    /// Pushes the job, to start `delay` from now. A job with the same key already in the queue
+    /// (done or not) makes this a no-op.
+    pub async fn push(&self, job: AttemptJob, delay: Duration) -> anyhow::Result<()> {
+        let key = job.key();
+        let task = TaskBuilder::new(job)
+            .idempotency_key(&key)
+            .max_attempts(DELIVERIES)
+            .run_at_time(SystemTime::now() + delay)
+            .build();
+        match self {
+            Queue::Sqlite(s) => s
+                .clone()
+                .push_task(task)
+                .await
+                .map_err(|e| anyhow::anyhow!("{e}")),
+            Queue::Postgres(s) => s
+                .clone()
+                .push_task(task)
+                .await
+                .map_err(|e| anyhow::anyhow!("{e}")),
+        }
+        .with_context(|| format!("queueing task attempt {key}"))?;
+        debug!(job = %key, "queued task attempt");
+        Ok(())
+    }
+
+    /// Runs `concurrency` jobs at a time through `handler` until `shutdown`.
+    pub async fn work(
+        &self,
+        name: String,
+        concurrency: usize,
+        handler: Handler,
+        shutdown: CancellationToken,
+    ) -> anyhow::Result<()> {
+        let service = move |job: AttemptJob| {
+            let handler = handler.clone();
+            async move {
+                handler(job).await.map_err(|e| {
+                    warn!(error = %format!("{e:#}"), "task attempt could not be recorded; the queue will deliver it again");
+                    BoxDynError::from(format!("{e:#}"))
+                })
+            }
+        };
+        let stop = async move {
+            shutdown.cancelled().await;
+            Ok::<(), std::io::Error>(())
+        };
+        let result = match self {
+            Queue::Sqlite(s) => {
+                WorkerBuilder::new(name)
+                    .backend(s.clone().poll_with_interval(POLL_INTERVAL))
+                    .concurrency(concurrency)
+                    .build(service)
+                    .run_until(stop)
+                    .await
+            }
+            Queue::Postgres(s) => {
+                WorkerBuilder::new(name)
+                    .backend(s.clone().poll_with_interval(POLL_INTERVAL))
+                    .concurrency(concurrency)
+                    .build(service)
+                    .run_until(stop)
+                    .await
+            }
+        };
+        result.map_err(|e| anyhow::anyhow!("job queue worker failed: {e}"))
+    }
+}
