@@ -15,9 +15,12 @@
 //! Modules, lowest first; dependencies only point down the list:
 //! - [`spec`]: `lambda.yaml`, `pipelines/*.yaml`, `workflows/*.yaml` → validated types, with
 //!   every problem reported as `FILE:LINE:COL: message`.
+//! - [`plan`]: the one polars definition of decode → filter → derived columns → windows →
+//!   mergeable partial aggregates, run by both layers; merge and finish of partials.
 //! - [`speed`]: the write-ahead log, de-duplication at the door, micro-batches, the archiver.
 //! - [`cli`]: the `lambda-ctl` command line, one file per subcommand.
 
 pub mod cli;
+pub mod plan;
 pub mod spec;
 pub mod speed;
