@@ -72,20 +72,20 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     diff == 0
 }
 
-fn runtime<'a>(app: &'a App, name: &str) -> Result<&'a Arc<PipelineRuntime>, Response> {
-    app.runtimes.get(name).ok_or_else(|| {
+fn runtime(app: &App, name: &str) -> Result<Arc<PipelineRuntime>, Box<Response>> {
+    app.runtimes.get(name).cloned().ok_or_else(|| {
         let known: Vec<&str> = app.runtimes.keys().map(String::as_str).collect();
-        error(
+        Box::new(error(
             StatusCode::NOT_FOUND,
             format!("unknown pipeline `{name}` (known: {})", known.join(", ")),
-        )
+        ))
     })
 }
 
 async fn ingest(State(app): State<Arc<App>>, Path(name): Path<String>, body: Bytes) -> Response {
     let rt = match runtime(&app, &name) {
-        Ok(rt) => rt.clone(),
-        Err(e) => return e,
+        Ok(rt) => rt,
+        Err(e) => return *e,
     };
     if !matches!(
         rt.pipeline.source,
@@ -124,8 +124,8 @@ async fn view(
     headers: HeaderMap,
 ) -> Response {
     let rt = match runtime(&app, &pipeline) {
-        Ok(rt) => rt.clone(),
-        Err(e) => return e,
+        Ok(rt) => rt,
+        Err(e) => return *e,
     };
     let Some(idx) = rt.pipeline.views.iter().position(|v| v.name == view) else {
         let known: Vec<&str> = rt.pipeline.views.iter().map(|v| v.name.as_str()).collect();

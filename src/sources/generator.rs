@@ -93,7 +93,7 @@ impl Generator {
         }
         for _ in 0..n {
             self.seq += 1;
-            let late = self.next() % 100 == 0;
+            let late = self.next().is_multiple_of(100);
             let ts = now_ms
                 - if late {
                     (self.next() % 3_600_000) as i64
@@ -134,7 +134,7 @@ impl Generator {
         match ty {
             ColumnType::Timestamp if name == self.event_time => format!("{ts}"),
             ColumnType::Timestamp => format!("{}", ts - (self.next() % 86_400_000) as i64),
-            ColumnType::Bool => format!("{}", self.next() % 2 == 0),
+            ColumnType::Bool => format!("{}", self.next().is_multiple_of(2)),
             ColumnType::Int => format!("{}", self.skewed(1000)),
             ColumnType::Float if lname.contains("latency") || lname.contains("duration") => {
                 // Log-normal-ish: most requests fast, a long tail of slow ones.
