@@ -14,7 +14,9 @@ use polars::prelude::*;
 use crate::spec::ColumnType;
 
 use super::hll::Registers;
-use super::layout::{Agg, MetricLayout, ROWS, StateCol, ViewLayout, WINDOW_END, WINDOW_START, WindowLayout};
+use super::layout::{
+    Agg, MetricLayout, ROWS, StateCol, ViewLayout, WINDOW_END, WINDOW_START, WindowLayout,
+};
 use super::quantile::Histogram;
 use super::value::{Builder, Reader, Value, datetime_column};
 
@@ -53,12 +55,22 @@ enum State {
     /// `count()` keeps nothing beyond the group's rows.
     Empty,
     Count(u64),
-    SumInt { sum: i64, n: u64 },
-    SumFloat { sum: f64, n: u64 },
+    SumInt {
+        sum: i64,
+        n: u64,
+    },
+    SumFloat {
+        sum: f64,
+        n: u64,
+    },
     Min(Option<Value>),
     Max(Option<Value>),
     /// Count, mean and sum of squared deviations: merges without catastrophic cancellation.
-    Moments { n: u64, mean: f64, m2: f64 },
+    Moments {
+        n: u64,
+        mean: f64,
+        m2: f64,
+    },
     /// (event time, value) of the first/last non-null value.
     First(Option<(i64, Value)>),
     Last(Option<(i64, Value)>),
@@ -303,7 +315,10 @@ impl Accumulator {
             cols.push(datetime_column(name, rows.iter().map(|r| r.1).collect()));
         }
         cols.extend(key_columns(layout, &rows));
-        cols.push(Column::new(ROWS.into(), rows.iter().map(|r| r.3.rows).collect::<Vec<u64>>()));
+        cols.push(Column::new(
+            ROWS.into(),
+            rows.iter().map(|r| r.3.rows).collect::<Vec<u64>>(),
+        ));
         for (i, m) in layout.metrics.iter().enumerate() {
             for s in m.states() {
                 cols.push(state_column(m, *s, rows.iter().map(|r| &r.3.states[i]))?);
@@ -355,13 +370,19 @@ impl Accumulator {
         ];
         cols.extend(key_columns(layout, &rows));
         for (i, m) in layout.metrics.iter().enumerate() {
-            cols.push(finish_column(m, rows.iter().map(|r| (r.3.rows, &r.3.states[i]))));
+            cols.push(finish_column(
+                m,
+                rows.iter().map(|r| (r.3.rows, &r.3.states[i])),
+            ));
         }
         DataFrame::new(n, cols)
     }
 }
 
-fn key_columns(layout: &ViewLayout, rows: &[(Option<i64>, Option<i64>, &[Value], &Group)]) -> Vec<Column> {
+fn key_columns(
+    layout: &ViewLayout,
+    rows: &[(Option<i64>, Option<i64>, &[Value], &Group)],
+) -> Vec<Column> {
     layout
         .keys
         .iter()
@@ -571,7 +592,12 @@ fn state_column<'a>(
             b.finish()
         }
         StateCol::Hll => {
-            let mut b = ListPrimitiveChunkedBuilder::<UInt32Type>::new(name.into(), n, n * 8, DataType::UInt32);
+            let mut b = ListPrimitiveChunkedBuilder::<UInt32Type>::new(
+                name.into(),
+                n,
+                n * 8,
+                DataType::UInt32,
+            );
             for st in states {
                 match st {
                     State::Hll(r) => b.append_slice(&r.codes()),
@@ -581,7 +607,12 @@ fn state_column<'a>(
             b.finish().into_column()
         }
         StateCol::DdBucket => {
-            let mut b = ListPrimitiveChunkedBuilder::<Int32Type>::new(name.into(), n, n * 8, DataType::Int32);
+            let mut b = ListPrimitiveChunkedBuilder::<Int32Type>::new(
+                name.into(),
+                n,
+                n * 8,
+                DataType::Int32,
+            );
             for st in states {
                 let codes: Vec<i32> = match st {
                     State::Quantile(h) => h.buckets.iter().map(|b| b.0).collect(),
@@ -592,7 +623,12 @@ fn state_column<'a>(
             b.finish().into_column()
         }
         StateCol::DdCount => {
-            let mut b = ListPrimitiveChunkedBuilder::<UInt64Type>::new(name.into(), n, n * 8, DataType::UInt64);
+            let mut b = ListPrimitiveChunkedBuilder::<UInt64Type>::new(
+                name.into(),
+                n,
+                n * 8,
+                DataType::UInt64,
+            );
             for st in states {
                 let counts: Vec<u64> = match st {
                     State::Quantile(h) => h.buckets.iter().map(|b| b.1).collect(),
@@ -606,7 +642,10 @@ fn state_column<'a>(
 }
 
 /// One metric's finished column from `(group rows, state)` pairs.
-fn finish_column<'a>(m: &MetricLayout, states: impl ExactSizeIterator<Item = (u64, &'a State)>) -> Column {
+fn finish_column<'a>(
+    m: &MetricLayout,
+    states: impl ExactSizeIterator<Item = (u64, &'a State)>,
+) -> Column {
     let name = m.name.as_str();
     let n = states.len();
     let ints = |v: Vec<Option<i64>>| Column::new(name.into(), v);
@@ -635,7 +674,11 @@ fn finish_column<'a>(m: &MetricLayout, states: impl ExactSizeIterator<Item = (u6
                 .map(|(_, st)| match st {
                     State::Moments { n, m2, .. } if *n >= 2 => {
                         let var = m2.max(0.0) / (*n - 1) as f64;
-                        Some(if m.agg == Agg::Stddev { var.sqrt() } else { var })
+                        Some(if m.agg == Agg::Stddev {
+                            var.sqrt()
+                        } else {
+                            var
+                        })
                     }
                     _ => None,
                 })

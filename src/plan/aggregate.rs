@@ -47,9 +47,8 @@ pub(crate) fn partials(layout: &ViewLayout, prepared: LazyFrame) -> LazyFrame {
     let base = prepared.select(select);
     let key_cols: Vec<Expr> = layout.keys.iter().map(|(k, _)| col(k.as_str())).collect();
 
-    let floor = |size: i64, name: &str| {
-        (col(T).floor_div(lit(size)) * lit(size)).alias(name.to_string())
-    };
+    let floor =
+        |size: i64, name: &str| (col(T).floor_div(lit(size)) * lit(size)).alias(name.to_string());
     let (base, group): (LazyFrame, Vec<&str>) = match layout.window {
         WindowLayout::Tumbling { size } => (
             base.with_column(floor(size, WINDOW_START)),
@@ -59,7 +58,8 @@ pub(crate) fn partials(layout: &ViewLayout, prepared: LazyFrame) -> LazyFrame {
             (base.with_column(floor(every, PANE_START)), vec![PANE_START])
         }
         WindowLayout::Session { gap } => {
-            let mut by: Vec<PlSmallStr> = layout.keys.iter().map(|(k, _)| k.as_str().into()).collect();
+            let mut by: Vec<PlSmallStr> =
+                layout.keys.iter().map(|(k, _)| k.as_str().into()).collect();
             by.push(T.into());
             // A session starts at a key's first event and wherever its events are `gap` apart.
             let mut new = (col(T) - col(T).shift(lit(1)))
@@ -133,7 +133,12 @@ pub(crate) fn partials(layout: &ViewLayout, prepared: LazyFrame) -> LazyFrame {
 fn metric_aggs(m: &MetricLayout) -> Vec<Expr> {
     let v = col(m.input_name());
     let name = |s: StateCol| m.state_name(s);
-    let n = || v.clone().count().cast(DataType::UInt64).alias(name(StateCol::N));
+    let n = || {
+        v.clone()
+            .count()
+            .cast(DataType::UInt64)
+            .alias(name(StateCol::N))
+    };
     match m.agg {
         Agg::Count | Agg::Distinct | Agg::Quantile(_) => vec![],
         Agg::CountCol => vec![n()],
@@ -183,9 +188,7 @@ fn sketch(m: &MetricLayout, base: LazyFrame, group: &[Expr]) -> LazyFrame {
                 )
                 .alias(CODE),
         );
-        base.clone()
-            .select(select)
-            .filter(col(CODE).is_not_null())
+        base.clone().select(select).filter(col(CODE).is_not_null())
     };
     let mut by = group.to_vec();
     if m.agg == Agg::Distinct {

@@ -268,7 +268,11 @@ mod tests {
 
     fn sketch(range: std::ops::Range<u64>) -> Registers {
         let mut r = Registers::default();
-        r.insert_all(range.map(|i| code(xxh64(&(i as i64).to_le_bytes(), 0))).collect());
+        r.insert_all(
+            range
+                .map(|i| code(xxh64(&(i as i64).to_le_bytes(), 0)))
+                .collect(),
+        );
         r
     }
 

@@ -224,9 +224,7 @@ impl ViewLayout {
             if let Some((c, t)) = &input {
                 let numeric = t.is_numeric();
                 let ok = match agg {
-                    Agg::Sum | Agg::Avg | Agg::Variance | Agg::Stddev | Agg::Quantile(_) => {
-                        numeric
-                    }
+                    Agg::Sum | Agg::Avg | Agg::Variance | Agg::Stddev | Agg::Quantile(_) => numeric,
                     Agg::Min | Agg::Max => *t != ColumnType::Bool,
                     _ => true,
                 };

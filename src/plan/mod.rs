@@ -117,7 +117,9 @@ pub enum PlanError {
         expected: u32,
     },
     /// A partials file computed by other logic (the spec changed since): recompute it.
-    #[error("partials of view `{view}` were computed with logic {found:?}, the view's logic is now {expected}")]
+    #[error(
+        "partials of view `{view}` were computed with logic {found:?}, the view's logic is now {expected}"
+    )]
     PartialsLogic {
         view: String,
         found: Option<String>,
@@ -147,6 +149,14 @@ impl Plan {
             sql: sql.to_string(),
             reason,
         };
+        if pipeline.column_type(&pipeline.event_time) != Some(ColumnType::Timestamp) {
+            return Err(PlanError::Expr {
+                pipeline: pipeline.name.clone(),
+                what: "event_time".into(),
+                sql: pipeline.event_time.clone(),
+                reason: "is not a timestamp column of the schema".into(),
+            });
+        }
         let mut available = pipeline.schema.clone();
         let filter = match &pipeline.filter {
             None => None,
@@ -185,10 +195,7 @@ impl Plan {
             .iter()
             .map(|v| ViewLayout::build(pipeline, v, &available).map(Arc::new))
             .collect::<Result<Vec<_>, _>>()?;
-        let hashes = views
-            .iter()
-            .map(|v| logic_hash(pipeline, v))
-            .collect();
+        let hashes = views.iter().map(|v| logic_hash(pipeline, v)).collect();
         Ok(Plan {
             pipeline: pipeline.clone(),
             decoder: decode::Decoder::new(pipeline),

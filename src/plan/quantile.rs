@@ -168,7 +168,10 @@ mod tests {
         h.insert_all((1..=1000).map(|i| (code(i as f64).unwrap(), 1)).collect());
         for (q, exact) in [(0.0, 1.0), (0.5, 500.0), (0.95, 950.0), (1.0, 1000.0)] {
             let est = h.quantile(q).unwrap();
-            assert!((est - exact).abs() <= ALPHA * exact * (1.0 + 1e-9), "q{q}: {est}");
+            assert!(
+                (est - exact).abs() <= ALPHA * exact * (1.0 + 1e-9),
+                "q{q}: {est}"
+            );
         }
         assert_eq!(Histogram::default().quantile(0.5), None);
     }

@@ -168,15 +168,16 @@ impl Builder {
         let series = match self.t {
             ColumnType::Bool => Series::new(self.name, self.bools),
             ColumnType::Int => Series::new(self.name, self.ints),
-            ColumnType::Timestamp => Int64Chunked::from_iter_options(self.name, self.ints.into_iter())
-                .into_datetime(TimeUnit::Milliseconds, None)
-                .into_series(),
+            ColumnType::Timestamp => {
+                Int64Chunked::from_iter_options(self.name, self.ints.into_iter())
+                    .into_datetime(TimeUnit::Milliseconds, None)
+                    .into_series()
+            }
             ColumnType::Float => Series::new(self.name, self.floats),
-            ColumnType::String => StringChunked::from_iter_options(
-                self.name,
-                self.strs.iter().map(|s| s.as_deref()),
-            )
-            .into_series(),
+            ColumnType::String => {
+                StringChunked::from_iter_options(self.name, self.strs.iter().map(|s| s.as_deref()))
+                    .into_series()
+            }
         };
         debug_assert_eq!(series.dtype(), &dtype(self.t));
         series.into_column()

@@ -128,8 +128,14 @@ mod tests {
     fn known_instants() {
         assert_eq!(parse("1970-01-01T00:00:00Z"), Some(0));
         assert_eq!(parse("2024-05-01T12:34:56.789Z"), Some(1_714_566_896_789));
-        assert_eq!(parse("2024-05-01T14:34:56.7+02:00"), Some(1_714_566_896_700));
-        assert_eq!(parse("2024-05-01 12:34:56.789123z"), Some(1_714_566_896_789));
+        assert_eq!(
+            parse("2024-05-01T14:34:56.7+02:00"),
+            Some(1_714_566_896_700)
+        );
+        assert_eq!(
+            parse("2024-05-01 12:34:56.789123z"),
+            Some(1_714_566_896_789)
+        );
         assert_eq!(parse("1969-12-31T23:59:59.999Z"), Some(-1));
         assert_eq!(parse("1714566896789"), Some(1_714_566_896_789));
         assert_eq!(parse("-5"), Some(-5));
