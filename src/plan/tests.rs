@@ -305,16 +305,13 @@ fn key_of(v: &View, e: &Ev) -> Option<Option<String>> {
     }
 }
 
+/// (window_start, window_end, key — `None` when the view has no group_by).
+type GroupId = (Option<i64>, Option<i64>, Option<Option<String>>);
+
 /// (window_start, window_end, key) → events, for one view.
-fn naive_groups(
-    v: &View,
-    events: &[Ev],
-) -> Vec<((Option<i64>, Option<i64>, Option<Option<String>>), Vec<Ev>)> {
-    let mut groups: Vec<((Option<i64>, Option<i64>, Option<Option<String>>), Vec<Ev>)> = Vec::new();
-    let mut push = |key: (Option<i64>, Option<i64>, Option<Option<String>>), e: &Ev| match groups
-        .iter_mut()
-        .find(|(k, _)| *k == key)
-    {
+fn naive_groups(v: &View, events: &[Ev]) -> Vec<(GroupId, Vec<Ev>)> {
+    let mut groups: Vec<(GroupId, Vec<Ev>)> = Vec::new();
+    let mut push = |key: GroupId, e: &Ev| match groups.iter_mut().find(|(k, _)| *k == key) {
         Some((_, list)) => list.push(e.clone()),
         None => groups.push((key, vec![e.clone()])),
     };
@@ -753,16 +750,16 @@ fn logic_hash_follows_the_answer_not_the_paperwork() {
     same.views[1].window = Window::All;
     assert_eq!(hash(&same), h);
 
-    let changes: Vec<Box<dyn Fn(&mut Pipeline)>> = vec![
-        Box::new(|p| p.filter = Some("n IS NULL OR n <> 8".into())),
-        Box::new(|p| p.columns[0].1 = "x * 3".into()),
-        Box::new(|p| p.views[0].window = Window::Tumbling { size: ms(200) }),
-        Box::new(|p| p.views[0].group_by = vec!["s".into()]),
-        Box::new(|p| p.views[0].metrics[0].name = "events".into()),
-        Box::new(|p| p.views[0].metrics.swap(0, 1)),
-        Box::new(|p| p.views[0].metrics[2].aggregate = aggregate("sum(n)", &[], false).unwrap()),
-        Box::new(|p| p.schema.push(("extra".into(), ColumnType::Int))),
-        Box::new(|p| p.schema[2].1 = ColumnType::Int),
+    let changes: Vec<fn(&mut Pipeline)> = vec![
+        |p| p.filter = Some("n IS NULL OR n <> 8".into()),
+        |p| p.columns[0].1 = "x * 3".into(),
+        |p| p.views[0].window = Window::Tumbling { size: ms(200) },
+        |p| p.views[0].group_by = vec!["s".into()],
+        |p| p.views[0].metrics[0].name = "events".into(),
+        |p| p.views[0].metrics.swap(0, 1),
+        |p| p.views[0].metrics[2].aggregate = aggregate("sum(n)", &[], false).unwrap(),
+        |p| p.schema.push(("extra".into(), ColumnType::Int)),
+        |p| p.schema[2].1 = ColumnType::Int,
     ];
     for (i, change) in changes.iter().enumerate() {
         let mut p = base.clone();
