@@ -91,15 +91,11 @@ impl State {
                 *sum += s;
                 *n += m;
             }
-            (State::Min(a), State::Min(Some(b))) => {
-                if a.as_ref().is_none_or(|a| b < *a) {
-                    *a = Some(b);
-                }
+            (State::Min(a), State::Min(Some(b))) if a.as_ref().is_none_or(|a| b < *a) => {
+                *a = Some(b);
             }
-            (State::Max(a), State::Max(Some(b))) => {
-                if a.as_ref().is_none_or(|a| b > *a) {
-                    *a = Some(b);
-                }
+            (State::Max(a), State::Max(Some(b))) if a.as_ref().is_none_or(|a| b > *a) => {
+                *a = Some(b);
             }
             (
                 State::Moments { n, mean, m2 },
@@ -124,15 +120,11 @@ impl State {
                 *m2 += m2b + delta * delta * na * nbf / total;
                 *n += nb;
             }
-            (State::First(a), State::First(Some(b))) => {
-                if a.as_ref().is_none_or(|a| b < *a) {
-                    *a = Some(b);
-                }
+            (State::First(a), State::First(Some(b))) if a.as_ref().is_none_or(|a| b < *a) => {
+                *a = Some(b);
             }
-            (State::Last(a), State::Last(Some(b))) => {
-                if a.as_ref().is_none_or(|a| b > *a) {
-                    *a = Some(b);
-                }
+            (State::Last(a), State::Last(Some(b))) if a.as_ref().is_none_or(|a| b > *a) => {
+                *a = Some(b);
             }
             (State::Hll(a), State::Hll(b)) => a.merge(&b),
             (State::Quantile(a), State::Quantile(b)) => a.merge(&b),
@@ -150,6 +142,9 @@ impl Group {
         }
     }
 }
+
+/// One group on its way out: start, session last event, keys, states.
+type Row<'a> = (Option<i64>, Option<i64>, &'a [Value], &'a Group);
 
 /// Typed views of one partial frame's columns.
 struct Columns<'a> {
@@ -286,7 +281,7 @@ impl Accumulator {
     }
 
     /// Groups in output order: window start, then keys (null last).
-    fn sorted(&self) -> Vec<(Option<i64>, Option<i64>, &[Value], &Group)> {
+    fn sorted(&self) -> Vec<Row<'_>> {
         let mut out: Vec<_> = self
             .groups
             .iter()
@@ -379,10 +374,7 @@ impl Accumulator {
     }
 }
 
-fn key_columns(
-    layout: &ViewLayout,
-    rows: &[(Option<i64>, Option<i64>, &[Value], &Group)],
-) -> Vec<Column> {
+fn key_columns(layout: &ViewLayout, rows: &[Row]) -> Vec<Column> {
     layout
         .keys
         .iter()

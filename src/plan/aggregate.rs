@@ -196,14 +196,14 @@ fn sketch(m: &MetricLayout, base: LazyFrame, group: &[Expr]) -> LazyFrame {
         with_code(hll::codes, DataType::UInt32)
             .group_by(by)
             .agg([col(CODE).max()])
-            .group_by(group.to_vec())
+            .group_by(group)
             .agg([col(CODE).alias(m.state_name(StateCol::Hll))])
     } else {
         by.push(col(CODE));
         with_code(quantile::codes, DataType::Int32)
             .group_by(by)
             .agg([len().cast(DataType::UInt64).alias(COUNT)])
-            .group_by(group.to_vec())
+            .group_by(group)
             .agg([
                 col(CODE).alias(m.state_name(StateCol::DdBucket)),
                 col(COUNT).alias(m.state_name(StateCol::DdCount)),

@@ -149,6 +149,14 @@ impl Plan {
             sql: sql.to_string(),
             reason,
         };
+        if pipeline.column_type(&pipeline.event_time) != Some(ColumnType::Timestamp) {
+            return Err(PlanError::Expr {
+                pipeline: pipeline.name.clone(),
+                what: "event_time".into(),
+                sql: pipeline.event_time.clone(),
+                reason: "is not a timestamp column of the schema".into(),
+            });
+        }
         let mut available = pipeline.schema.clone();
         let filter = match &pipeline.filter {
             None => None,

@@ -7,6 +7,8 @@
 
 mod csv;
 mod json;
+#[cfg(test)]
+mod tests;
 pub(crate) mod timestamp;
 
 use polars::prelude::*;
@@ -118,9 +120,18 @@ impl Decoder {
         let mut s = Scanner::new(line);
         s.ws();
         if s.peek() != Some(b'{') {
-            return Err(match s.describe() {
-                "something else" => "not JSON: expected an object like {\"field\": value}".into(),
-                found => format!("expected a JSON object, found {found}"),
+            // Say "found an array" only for lines that are JSON at all.
+            let found = s.describe();
+            let mut probe = Scanner::new(line);
+            probe.ws();
+            let is_json = probe.skip_value(buf, 0).is_ok() && {
+                probe.ws();
+                probe.at_end()
+            };
+            return Err(if is_json {
+                format!("expected a JSON object, found {found}")
+            } else {
+                "not JSON: expected an object like {\"field\": value}".into()
             });
         }
         s.pos += 1;
@@ -248,7 +259,7 @@ impl Decoder {
         }
         match t {
             ColumnType::String => Ok(Slot::Str(at)),
-            ColumnType::Int => int(name, text, true),
+            ColumnType::Int => int(name, text, !text.contains(['.', 'e', 'E'])),
             ColumnType::Float => float(name, text),
             ColumnType::Bool => {
                 if text.eq_ignore_ascii_case("true") {
@@ -279,15 +290,20 @@ fn expected(t: ColumnType) -> &'static str {
 
 fn int(name: &str, text: &str, integer: bool) -> Result<Slot, String> {
     if integer {
-        return text
-            .parse()
-            .map(Slot::Int)
-            .map_err(|_| match text.parse::<f64>() {
-                Ok(_) => format!("`{name}`: integer {} is out of range", clip(text)),
-                Err(_) => format!("`{name}`: expected an integer, found {:?}", clip(text)),
-            });
+        if let Ok(v) = text.parse() {
+            return Ok(Slot::Int(v));
+        }
+        let digits = text.strip_prefix(['-', '+']).unwrap_or(text);
+        return Err(
+            if !digits.is_empty() && digits.bytes().all(|c| c.is_ascii_digit()) {
+                format!("`{name}`: integer {} is out of range", clip(text))
+            } else {
+                format!("`{name}`: expected an integer, found {:?}", clip(text))
+            },
+        );
     }
-    // `3.0` and `1e3` are integers written as numbers; accept them when exact.
+    // `3.0` and `1e3` are integers written as numbers (pandas writes nullable ints so);
+    // accept them when exact.
     match text.parse::<f64>() {
         Ok(f) if f.fract() == 0.0 && f.abs() < 9.007_199_254_740_992e15 => Ok(Slot::Int(f as i64)),
         _ => Err(format!(
@@ -300,7 +316,7 @@ fn int(name: &str, text: &str, integer: bool) -> Result<Slot, String> {
 fn float(name: &str, text: &str) -> Result<Slot, String> {
     match text.parse::<f64>() {
         Ok(f) if f.is_finite() => Ok(Slot::Float(f)),
-        Ok(_) => Err(format!("`{name}`: number {} is out of range", clip(text))),
+        Ok(_) => Err(format!("`{name}`: {} is not a finite number", clip(text))),
         Err(_) => Err(format!(
             "`{name}`: expected a number, found {:?}",
             clip(text)
