@@ -15,11 +15,16 @@
 //! Modules, lowest first; dependencies only point down the list:
 //! - [`spec`]: `lambda.yaml`, `pipelines/*.yaml`, `workflows/*.yaml` → validated types, with
 //!   every problem reported as `FILE:LINE:COL: message`.
+//! - [`plan`]: the one polars definition of decode → filter → derived columns → windows →
+//!   mergeable partial aggregates, run by both layers; merge and finish of partials.
 //! - [`lake`]: the object store (local directory, S3, Azure, GCS, memory), wrapped once; the
 //!   archive, dead-letter and view layout.
 //! - [`state`]: the state database (SQLite or PostgreSQL): archive manifest and checkpoints,
 //!   published views, runs, schedules. Every SQL statement lives there.
-//! - [`speed`]: the write-ahead log, de-duplication at the door, micro-batches, the archiver.
+//! - [`speed`]: the write-ahead log, de-duplication at the door, micro-batches into partials
+//!   per segment, the archiver, recovery.
+//! - [`sources`]: where events come from (generator, file; HTTP arrives through serving).
+//! - [`serving`]: batch view ⊕ speed partials under one snapshot; the HTTP API.
 //! - [`orchestration`]: workflows — cron slots in a time zone, DAGs of tasks with retries and
 //!   timeouts, catch-up, backfill and `max_active_runs` — on the apalis queue in the state DB.
 //! - [`cli`]: the `lambda-ctl` command line, one file per subcommand.
@@ -27,6 +32,7 @@
 pub mod cli;
 pub mod lake;
 pub mod orchestration;
+pub mod plan;
 pub mod serving;
 pub mod sources;
 pub mod spec;

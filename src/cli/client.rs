@@ -15,12 +15,20 @@ impl Client {
     /// The server of `project` (its `serve.listen`), or `server` when given.
     pub fn new(project: &Project, server: Option<&str>) -> Result<Client, CliError> {
         let base = match server {
-            Some(s) if s.starts_with("http://") || s.starts_with("https://") => s.trim_end_matches('/').to_string(),
+            Some(s) if s.starts_with("http://") || s.starts_with("https://") => {
+                s.trim_end_matches('/').to_string()
+            }
             Some(s) => format!("http://{}", s.trim_end_matches('/')),
             None => format!("http://{}", project.settings.serve.listen),
         };
-        let http = reqwest::Client::builder().build().context("building the HTTP client")?;
-        Ok(Client { base, token: project.settings.serve.token.clone(), http })
+        let http = reqwest::Client::builder()
+            .build()
+            .context("building the HTTP client")?;
+        Ok(Client {
+            base,
+            token: project.settings.serve.token.clone(),
+            http,
+        })
     }
 
     pub fn request(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
@@ -34,7 +42,10 @@ impl Client {
     /// Sends and returns the body; non-2xx answers become user errors with the server's message.
     pub async fn send(&self, req: reqwest::RequestBuilder) -> Result<bytes::Bytes, CliError> {
         let resp = req.send().await.map_err(|e| {
-            CliError::User(format!("cannot reach lambda-ctl at {}: {e} (is `lambda-ctl serve` running? use --server)", self.base))
+            CliError::User(format!(
+                "cannot reach lambda-ctl at {}: {e} (is `lambda-ctl serve` running? use --server)",
+                self.base
+            ))
         })?;
         let status = resp.status();
         let body = resp.bytes().await.context("reading the server's answer")?;

@@ -134,8 +134,19 @@ fn run(cli: Cli) -> Result<(), CliError> {
         Command::Init { dir } => init::run(&dir.unwrap_or_else(|| cli.project.clone())),
         Command::Validate => validate::run(&cli.project),
         Command::Serve { listen } => serve::run(&cli.project, listen),
-        Command::Ingest { pipeline, file, server } => ingest::run(&cli.project, &pipeline, file.as_deref(), server.as_deref()),
-        Command::Query { view, filters, from, to, format, server } => query::run(
+        Command::Ingest {
+            pipeline,
+            file,
+            server,
+        } => ingest::run(&cli.project, &pipeline, file.as_deref(), server.as_deref()),
+        Command::Query {
+            view,
+            filters,
+            from,
+            to,
+            format,
+            server,
+        } => query::run(
             &cli.project,
             query::Args {
                 target: &view,
@@ -153,8 +164,11 @@ fn run(cli: Cli) -> Result<(), CliError> {
 fn load_project(dir: &std::path::Path) -> Result<crate::spec::Project, CliError> {
     crate::spec::load(dir).map_err(|e| {
         let n = e.0.len();
-        CliError::User(format!("{e}
-{n} problem{} found (see `lambda-ctl validate`)", if n == 1 { "" } else { "s" }))
+        CliError::User(format!(
+            "{e}
+{n} problem{} found (see `lambda-ctl validate`)",
+            if n == 1 { "" } else { "s" }
+        ))
     })
 }
 

@@ -18,36 +18,62 @@ use crate::{sources, spec};
 
 pub fn run(project_dir: &Path, listen: Option<SocketAddr>) -> Result<(), CliError> {
     let project = super::load_project(project_dir)?;
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the async runtime")?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
     rt.block_on(serve(project, listen))
 }
 
 async fn serve(project: spec::Project, listen: Option<SocketAddr>) -> Result<(), CliError> {
     let settings = &project.settings;
     let state_dir = project.root.join(".lambda");
-    let db = State::open(&settings.state).await.with_context(|| format!("opening the state DB {}", redact(&settings.state)))?;
-    let lake = Lake::open(&settings.lake, &settings.lake_options).with_context(|| format!("opening the lake {}", settings.lake))?;
+    let db = State::open(&settings.state)
+        .await
+        .with_context(|| format!("opening the state DB {}", redact(&settings.state)))?;
+    let lake = Lake::open(&settings.lake, &settings.lake_options)
+        .with_context(|| format!("opening the lake {}", settings.lake))?;
     let shutdown = CancellationToken::new();
 
     let mut runtimes = BTreeMap::new();
     for p in &project.pipelines {
         let plan = Plan::compile(p).with_context(|| format!("compiling pipeline `{}`", p.name))?;
-        let rt = PipelineRuntime::start(Arc::new(p.clone()), Arc::new(plan), db.clone(), lake.clone(), &state_dir.join("log"), shutdown.clone())
-            .await
-            .with_context(|| format!("starting pipeline `{}`", p.name))?;
-        sources::spawn(rt.clone(), &project.root, &state_dir, shutdown.clone()).map_err(|e| CliError::User(format!("{e:#}")))?;
+        let rt = PipelineRuntime::start(
+            Arc::new(p.clone()),
+            Arc::new(plan),
+            db.clone(),
+            lake.clone(),
+            &state_dir.join("log"),
+            shutdown.clone(),
+        )
+        .await
+        .with_context(|| format!("starting pipeline `{}`", p.name))?;
+        sources::spawn(rt.clone(), &project.root, &state_dir, shutdown.clone())
+            .map_err(|e| CliError::User(format!("{e:#}")))?;
         runtimes.insert(p.name.clone(), rt);
     }
 
     let addr: SocketAddr = match listen {
         Some(a) => a,
-        None => settings.serve.listen.parse().with_context(|| format!("invalid listen address {}", settings.serve.listen))?,
+        None => settings
+            .serve
+            .listen
+            .parse()
+            .with_context(|| format!("invalid listen address {}", settings.serve.listen))?,
     };
-    let listener = tokio::net::TcpListener::bind(addr)
-        .await
-        .map_err(|e| CliError::User(format!("cannot listen on {addr}: {e} (is another `lambda-ctl serve` running? use --listen)")))?;
-    let local = listener.local_addr().context("reading the listen address")?;
-    let app = Arc::new(App { runtimes, token: settings.serve.token.clone(), max_body_bytes: settings.serve.max_body_bytes });
+    let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| {
+        CliError::User(format!(
+            "cannot listen on {addr}: {e} (is another `lambda-ctl serve` running? use --listen)"
+        ))
+    })?;
+    let local = listener
+        .local_addr()
+        .context("reading the listen address")?;
+    let app = Arc::new(App {
+        runtimes,
+        token: settings.serve.token.clone(),
+        max_body_bytes: settings.serve.max_body_bytes,
+    });
     tracing::info!(address = %local, pipelines = project.pipelines.len(), "serving");
     // Tests and scripts read the bound address from this line.
     println!("lambda-ctl serving on http://{local}");
@@ -69,7 +95,8 @@ async fn wait_for_signal() {
     let ctrl_c = tokio::signal::ctrl_c();
     #[cfg(unix)]
     {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("installing SIGTERM handler");
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("installing SIGTERM handler");
         tokio::select! {
             _ = ctrl_c => {}
             _ = term.recv() => {}

@@ -13,7 +13,10 @@ pub fn rows_json(df: &DataFrame) -> Vec<Value> {
         .map(|i| {
             let mut obj = Map::with_capacity(names.len());
             for (name, col) in names.iter().zip(columns) {
-                obj.insert(name.clone(), json_value(col.get(i).unwrap_or(AnyValue::Null)));
+                obj.insert(
+                    name.clone(),
+                    json_value(col.get(i).unwrap_or(AnyValue::Null)),
+                );
             }
             Value::Object(obj)
         })
@@ -34,7 +37,9 @@ pub fn json_value(v: AnyValue) -> Value {
         AnyValue::UInt16(x) => x.into(),
         AnyValue::UInt32(x) => x.into(),
         AnyValue::UInt64(x) => x.into(),
-        AnyValue::Float32(x) => serde_json::Number::from_f64(f64::from(x)).map_or(Value::Null, Value::Number),
+        AnyValue::Float32(x) => {
+            serde_json::Number::from_f64(f64::from(x)).map_or(Value::Null, Value::Number)
+        }
         AnyValue::Float64(x) => serde_json::Number::from_f64(x).map_or(Value::Null, Value::Number),
         AnyValue::Datetime(ms, unit, _) => Value::String(format_ms(to_ms(ms, unit))),
         AnyValue::DatetimeOwned(ms, unit, _) => Value::String(format_ms(to_ms(ms, unit))),
@@ -53,10 +58,19 @@ fn to_ms(v: i64, unit: TimeUnit) -> i64 {
 /// CSV with a header row (RFC 4180 quoting).
 pub fn csv(columns: &[String], rows: &[Value]) -> String {
     let mut out = String::new();
-    out.push_str(&columns.iter().map(|c| csv_cell(c)).collect::<Vec<_>>().join(","));
+    out.push_str(
+        &columns
+            .iter()
+            .map(|c| csv_cell(c))
+            .collect::<Vec<_>>()
+            .join(","),
+    );
     out.push('\n');
     for row in rows {
-        let cells: Vec<String> = columns.iter().map(|c| csv_cell(&cell_text(row.get(c)))).collect();
+        let cells: Vec<String> = columns
+            .iter()
+            .map(|c| csv_cell(&cell_text(row.get(c))))
+            .collect();
         out.push_str(&cells.join(","));
         out.push('\n');
     }
@@ -65,18 +79,40 @@ pub fn csv(columns: &[String], rows: &[Value]) -> String {
 
 /// An aligned text table for terminals.
 pub fn table(columns: &[String], rows: &[Value]) -> String {
-    let cells: Vec<Vec<String>> = rows.iter().map(|r| columns.iter().map(|c| cell_text(r.get(c))).collect()).collect();
+    let cells: Vec<Vec<String>> = rows
+        .iter()
+        .map(|r| columns.iter().map(|c| cell_text(r.get(c))).collect())
+        .collect();
     let widths: Vec<usize> = columns
         .iter()
         .enumerate()
-        .map(|(i, c)| cells.iter().map(|r| r[i].chars().count()).chain([c.chars().count()]).max().unwrap_or(0))
+        .map(|(i, c)| {
+            cells
+                .iter()
+                .map(|r| r[i].chars().count())
+                .chain([c.chars().count()])
+                .max()
+                .unwrap_or(0)
+        })
         .collect();
     let line = |vals: Vec<&str>| -> String {
-        let padded: Vec<String> = vals.iter().zip(&widths).map(|(v, w)| format!("{v:<w$}")).collect();
+        let padded: Vec<String> = vals
+            .iter()
+            .zip(&widths)
+            .map(|(v, w)| format!("{v:<w$}"))
+            .collect();
         padded.join("  ").trim_end().to_string() + "\n"
     };
     let mut out = line(columns.iter().map(String::as_str).collect());
-    out.push_str(&line(widths.iter().map(|w| "─".repeat(*w)).collect::<Vec<_>>().iter().map(String::as_str).collect()));
+    out.push_str(&line(
+        widths
+            .iter()
+            .map(|w| "─".repeat(*w))
+            .collect::<Vec<_>>()
+            .iter()
+            .map(String::as_str)
+            .collect(),
+    ));
     for r in &cells {
         out.push_str(&line(r.iter().map(String::as_str).collect()));
     }
@@ -99,11 +135,19 @@ fn cell_text(v: Option<&Value>) -> String {
 fn format_float(f: f64) -> String {
     let s = format!("{f:.6}");
     let s = s.trim_end_matches('0').trim_end_matches('.');
-    if s.is_empty() || s == "-" { "0".into() } else { s.to_string() }
+    if s.is_empty() || s == "-" {
+        "0".into()
+    } else {
+        s.to_string()
+    }
 }
 
 fn csv_cell(s: &str) -> String {
-    if s.contains([',', '"', '\n', '\r']) { format!("\"{}\"", s.replace('"', "\"\"")) } else { s.to_string() }
+    if s.contains([',', '"', '\n', '\r']) {
+        format!("\"{}\"", s.replace('"', "\"\""))
+    } else {
+        s.to_string()
+    }
 }
 
 #[cfg(test)]
@@ -127,9 +171,17 @@ mod tests {
         assert_eq!(rows[0]["window_start"], "2025-11-21T10:00:00.000Z");
         assert_eq!(rows[1]["window_start"], Value::Null);
         assert_eq!(rows[1]["avg"], Value::Null);
-        let cols: Vec<String> = ["window_start", "page", "views", "avg"].map(String::from).to_vec();
-        assert_eq!(csv(&cols, &rows), "window_start,page,views,avg\n2025-11-21T10:00:00.000Z,\"/a,b\",3,1.5\n,/c,1,\n");
+        let cols: Vec<String> = ["window_start", "page", "views", "avg"]
+            .map(String::from)
+            .to_vec();
+        assert_eq!(
+            csv(&cols, &rows),
+            "window_start,page,views,avg\n2025-11-21T10:00:00.000Z,\"/a,b\",3,1.5\n,/c,1,\n"
+        );
         let t = table(&cols, &rows);
-        assert!(t.starts_with("window_start              page  views  avg\n"), "{t}");
+        assert!(
+            t.starts_with("window_start              page  views  avg\n"),
+            "{t}"
+        );
     }
 }

@@ -17,8 +17,8 @@ use serde_json::json;
 use super::format;
 use super::query::{self, QueryError, ViewQuery};
 use super::time::{now_ms, parse_time};
-use crate::speed::runtime::PipelineRuntime;
 use crate::spec::Source;
+use crate::speed::runtime::PipelineRuntime;
 
 /// What the HTTP handlers share.
 pub struct App {
@@ -54,7 +54,10 @@ async fn auth(State(app): State<Arc<App>>, req: Request, next: Next) -> Response
             .and_then(|v| v.strip_prefix("Bearer "))
             .unwrap_or("");
         if !constant_time_eq(given.as_bytes(), token.as_bytes()) {
-            return error(StatusCode::UNAUTHORIZED, "missing or wrong bearer token (send `Authorization: Bearer <token>`)");
+            return error(
+                StatusCode::UNAUTHORIZED,
+                "missing or wrong bearer token (send `Authorization: Bearer <token>`)",
+            );
         }
     }
     next.run(req).await
@@ -69,22 +72,31 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     diff == 0
 }
 
-fn runtime<'a>(app: &'a App, name: &str) -> Result<&'a Arc<PipelineRuntime>, Response> {
-    app.runtimes.get(name).ok_or_else(|| {
+fn runtime(app: &App, name: &str) -> Result<Arc<PipelineRuntime>, Box<Response>> {
+    app.runtimes.get(name).cloned().ok_or_else(|| {
         let known: Vec<&str> = app.runtimes.keys().map(String::as_str).collect();
-        error(StatusCode::NOT_FOUND, format!("unknown pipeline `{name}` (known: {})", known.join(", ")))
+        Box::new(error(
+            StatusCode::NOT_FOUND,
+            format!("unknown pipeline `{name}` (known: {})", known.join(", ")),
+        ))
     })
 }
 
 async fn ingest(State(app): State<Arc<App>>, Path(name): Path<String>, body: Bytes) -> Response {
     let rt = match runtime(&app, &name) {
-        Ok(rt) => rt.clone(),
-        Err(e) => return e,
+        Ok(rt) => rt,
+        Err(e) => return *e,
     };
-    if !matches!(rt.pipeline.source, Source::Http | Source::Generator { .. } | Source::File { .. }) {
+    if !matches!(
+        rt.pipeline.source,
+        Source::Http | Source::Generator { .. } | Source::File { .. }
+    ) {
         return error(
             StatusCode::CONFLICT,
-            format!("pipeline `{name}` reads from its {} source; publish events there", rt.pipeline.source.kind()),
+            format!(
+                "pipeline `{name}` reads from its {} source; publish events there",
+                rt.pipeline.source.kind()
+            ),
         );
     }
     // Run the ingest to completion even if the client goes away: once the log has the events
@@ -93,9 +105,15 @@ async fn ingest(State(app): State<Arc<App>>, Path(name): Path<String>, body: Byt
         Ok(Ok(report)) => axum::Json(report).into_response(),
         Ok(Err(e)) => {
             tracing::error!(pipeline = %name, error = %format!("{e:#}"), "ingest failed");
-            error(StatusCode::SERVICE_UNAVAILABLE, format!("events not stored, retry: {e:#}"))
+            error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("events not stored, retry: {e:#}"),
+            )
         }
-        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, format!("ingest task failed: {e}")),
+        Err(e) => error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("ingest task failed: {e}"),
+        ),
     }
 }
 
@@ -106,12 +124,18 @@ async fn view(
     headers: HeaderMap,
 ) -> Response {
     let rt = match runtime(&app, &pipeline) {
-        Ok(rt) => rt.clone(),
-        Err(e) => return e,
+        Ok(rt) => rt,
+        Err(e) => return *e,
     };
     let Some(idx) = rt.pipeline.views.iter().position(|v| v.name == view) else {
         let known: Vec<&str> = rt.pipeline.views.iter().map(|v| v.name.as_str()).collect();
-        return error(StatusCode::NOT_FOUND, format!("pipeline `{pipeline}` has no view `{view}` (views: {})", known.join(", ")));
+        return error(
+            StatusCode::NOT_FOUND,
+            format!(
+                "pipeline `{pipeline}` has no view `{view}` (views: {})",
+                known.join(", ")
+            ),
+        );
     };
     let mut q = ViewQuery::default();
     let mut fmt = None;
@@ -130,8 +154,16 @@ async fn view(
     let wants_csv = match fmt.as_deref() {
         Some("csv") => true,
         Some("json") => false,
-        Some(other) => return error(StatusCode::BAD_REQUEST, format!("unknown format `{other}` (json or csv)")),
-        None => headers.get(header::ACCEPT).and_then(|a| a.to_str().ok()).is_some_and(|a| a.starts_with("text/csv")),
+        Some(other) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                format!("unknown format `{other}` (json or csv)"),
+            );
+        }
+        None => headers
+            .get(header::ACCEPT)
+            .and_then(|a| a.to_str().ok())
+            .is_some_and(|a| a.starts_with("text/csv")),
     };
     let answer = match tokio::task::spawn_blocking(move || query::query(&rt, idx, &q)).await {
         Ok(Ok(a)) => a,
@@ -140,7 +172,11 @@ async fn view(
         Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
     };
     if wants_csv {
-        ([(header::CONTENT_TYPE, "text/csv; charset=utf-8")], format::csv(&answer.columns, &answer.rows)).into_response()
+        (
+            [(header::CONTENT_TYPE, "text/csv; charset=utf-8")],
+            format::csv(&answer.columns, &answer.rows),
+        )
+            .into_response()
     } else {
         axum::Json(answer).into_response()
     }

@@ -9,8 +9,8 @@ use serde_json::Value;
 
 use super::format::rows_json;
 use super::time::format_ms;
-use crate::speed::runtime::PipelineRuntime;
 use crate::spec::{View, Window};
+use crate::speed::runtime::PipelineRuntime;
 
 #[derive(Debug, Clone, Default)]
 pub struct ViewQuery {
@@ -68,12 +68,19 @@ pub fn query(rt: &PipelineRuntime, view_idx: usize, q: &ViewQuery) -> Result<Ans
             return Err(QueryError::BadRequest(format!(
                 "cannot filter view `{}` on `{col}`: filters apply to its group_by columns ({})",
                 view.name,
-                if view.group_by.is_empty() { "none".to_string() } else { view.group_by.join(", ") }
+                if view.group_by.is_empty() {
+                    "none".to_string()
+                } else {
+                    view.group_by.join(", ")
+                }
             )));
         }
     }
     let snap = rt.state.read().snapshot(view_idx);
-    let batch_rows = snap.batch.as_ref().map_or(0, |b| b.partials.height() as u64);
+    let batch_rows = snap
+        .batch
+        .as_ref()
+        .map_or(0, |b| b.partials.height() as u64);
     let speed_rows: u64 = snap.speed.iter().map(|f| f.height() as u64).sum();
     let mut frames = snap.speed;
     if let Some(b) = &snap.batch {
@@ -89,7 +96,11 @@ pub fn query(rt: &PipelineRuntime, view_idx: usize, q: &ViewQuery) -> Result<Ans
     };
     let as_of = AsOf {
         batch_run: snap.batch.as_ref().map(|b| b.run_id.clone()),
-        batch_cutoff: snap.batch.as_ref().map(|b| b.cutoff.clone()).unwrap_or_default(),
+        batch_cutoff: snap
+            .batch
+            .as_ref()
+            .map(|b| b.cutoff.clone())
+            .unwrap_or_default(),
         batch_published_at: snap.batch.as_ref().map(|b| format_ms(b.published_at_ms)),
         batch_rows,
         speed_rows,
@@ -97,12 +108,21 @@ pub fn query(rt: &PipelineRuntime, view_idx: usize, q: &ViewQuery) -> Result<Ans
         speed_events: snap.speed_events,
         computed_at: format_ms(super::time::now_ms()),
     };
-    Ok(Answer { columns: cols, rows, as_of })
+    Ok(Answer {
+        columns: cols,
+        rows,
+        as_of,
+    })
 }
 
 fn filter(df: DataFrame, view: &View, q: &ViewQuery) -> PolarsResult<DataFrame> {
     let mut pred: Option<Expr> = None;
-    let mut and = |e: Expr| pred = Some(match pred.take() { Some(p) => p.and(e), None => e });
+    let mut and = |e: Expr| {
+        pred = Some(match pred.take() {
+            Some(p) => p.and(e),
+            None => e,
+        })
+    };
     for (c, v) in &q.filters {
         and(col(c.as_str()).cast(DataType::String).eq(lit(v.clone())));
     }

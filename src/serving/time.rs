@@ -7,7 +7,11 @@ use chrono::{DateTime, NaiveDate, Utc};
 /// Parses `text` into epoch milliseconds (UTC), relative forms counted from `now_ms`.
 pub fn parse_time(text: &str, now_ms: i64) -> Result<i64, String> {
     let t = text.trim();
-    let bad = || format!("invalid time `{text}` (use RFC 3339 like 2026-11-21T10:00:00Z, a date, epoch ms, `now`, or relative like -1h)");
+    let bad = || {
+        format!(
+            "invalid time `{text}` (use RFC 3339 like 2026-11-21T10:00:00Z, a date, epoch ms, `now`, or relative like -1h)"
+        )
+    };
     if t == "now" {
         return Ok(now_ms);
     }
@@ -17,13 +21,21 @@ pub fn parse_time(text: &str, now_ms: i64) -> Result<i64, String> {
     {
         let d = crate::spec::duration::parse(rest).map_err(|_| bad())?;
         let ms = i64::try_from(d.as_millis()).map_err(|_| bad())?;
-        return Ok(if t.starts_with('-') { now_ms - ms } else { now_ms + ms });
+        return Ok(if t.starts_with('-') {
+            now_ms - ms
+        } else {
+            now_ms + ms
+        });
     }
     if let Ok(dt) = DateTime::parse_from_rfc3339(t) {
         return Ok(dt.timestamp_millis());
     }
     if let Ok(d) = NaiveDate::parse_from_str(t, "%Y-%m-%d") {
-        return Ok(d.and_hms_opt(0, 0, 0).ok_or_else(bad)?.and_utc().timestamp_millis());
+        return Ok(d
+            .and_hms_opt(0, 0, 0)
+            .ok_or_else(bad)?
+            .and_utc()
+            .timestamp_millis());
     }
     if let Ok(ms) = t.parse::<i64>() {
         return Ok(ms);

@@ -14,8 +14,8 @@ use anyhow::Context;
 use bytes::Bytes;
 use tokio_util::sync::CancellationToken;
 
-use crate::speed::runtime::PipelineRuntime;
 use crate::spec::Format;
+use crate::speed::runtime::PipelineRuntime;
 
 /// Largest chunk sent through the door at once (cut at a line boundary).
 const CHUNK: usize = 4 * 1024 * 1024;
@@ -31,16 +31,37 @@ pub struct FileSource {
 }
 
 impl FileSource {
-    pub fn new(rt: Arc<PipelineRuntime>, root: &Path, path: &str, follow: bool, state_dir: &Path) -> anyhow::Result<Self> {
-        let pattern = if Path::new(path).is_absolute() { path.to_string() } else { root.join(path).to_string_lossy().into_owned() };
-        glob::Pattern::new(&pattern).with_context(|| format!("invalid file pattern `{path}`"))?;
-        let progress_file = state_dir.join("sources").join(format!("{}.json", rt.pipeline.name));
-        let progress = match std::fs::read(&progress_file) {
-            Ok(b) => serde_json::from_slice(&b).with_context(|| format!("reading {}", progress_file.display()))?,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => BTreeMap::new(),
-            Err(e) => return Err(e).with_context(|| format!("reading {}", progress_file.display())),
+    pub fn new(
+        rt: Arc<PipelineRuntime>,
+        root: &Path,
+        path: &str,
+        follow: bool,
+        state_dir: &Path,
+    ) -> anyhow::Result<Self> {
+        let pattern = if Path::new(path).is_absolute() {
+            path.to_string()
+        } else {
+            root.join(path).to_string_lossy().into_owned()
         };
-        Ok(FileSource { rt, pattern, follow, progress_file, progress })
+        glob::Pattern::new(&pattern).with_context(|| format!("invalid file pattern `{path}`"))?;
+        let progress_file = state_dir
+            .join("sources")
+            .join(format!("{}.json", rt.pipeline.name));
+        let progress = match std::fs::read(&progress_file) {
+            Ok(b) => serde_json::from_slice(&b)
+                .with_context(|| format!("reading {}", progress_file.display()))?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => BTreeMap::new(),
+            Err(e) => {
+                return Err(e).with_context(|| format!("reading {}", progress_file.display()));
+            }
+        };
+        Ok(FileSource {
+            rt,
+            pattern,
+            follow,
+            progress_file,
+            progress,
+        })
     }
 
     pub async fn run(mut self, shutdown: CancellationToken) {
@@ -61,21 +82,33 @@ impl FileSource {
 
     /// Reads what is new in every matching file.
     async fn pass(&mut self, shutdown: &CancellationToken) -> anyhow::Result<()> {
-        let mut files: Vec<PathBuf> = glob::glob(&self.pattern)?.filter_map(Result::ok).filter(|p| p.is_file()).collect();
+        let mut files: Vec<PathBuf> = glob::glob(&self.pattern)?
+            .filter_map(Result::ok)
+            .filter(|p| p.is_file())
+            .collect();
         files.sort();
         for file in files {
             if shutdown.is_cancelled() {
                 return Ok(());
             }
             let done = self.progress.get(&file).copied().unwrap_or(0);
-            let data = tokio::fs::read(&file).await.with_context(|| format!("reading {}", file.display()))?;
+            let data = tokio::fs::read(&file)
+                .await
+                .with_context(|| format!("reading {}", file.display()))?;
             if (data.len() as u64) < done {
                 tracing::warn!(file = %file.display(), "file shrank; reading it again from the start");
                 self.progress.insert(file.clone(), 0);
                 continue;
             }
             let csv = self.rt.pipeline.format == Format::Csv;
-            let header: Vec<u8> = if csv { data.split(|b| *b == b'\n').next().unwrap_or_default().to_vec() } else { Vec::new() };
+            let header: Vec<u8> = if csv {
+                data.split(|b| *b == b'\n')
+                    .next()
+                    .unwrap_or_default()
+                    .to_vec()
+            } else {
+                Vec::new()
+            };
             let mut pos = done as usize;
             if csv && pos == 0 {
                 pos = (header.len() + 1).min(data.len());
@@ -85,7 +118,10 @@ impl FileSource {
             while pos < end {
                 let mut cut = (pos + CHUNK).min(end);
                 if cut < end {
-                    cut = data[pos..cut].iter().rposition(|b| *b == b'\n').map_or(end, |i| pos + i + 1);
+                    cut = data[pos..cut]
+                        .iter()
+                        .rposition(|b| *b == b'\n')
+                        .map_or(end, |i| pos + i + 1);
                 }
                 let mut body = Vec::with_capacity(header.len() + 1 + cut - pos);
                 if csv {

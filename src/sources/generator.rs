@@ -11,8 +11,8 @@ use bytes::Bytes;
 use tokio_util::sync::CancellationToken;
 
 use crate::serving::time::now_ms;
-use crate::speed::runtime::PipelineRuntime;
 use crate::spec::{ColumnType, Format, Pipeline};
+use crate::speed::runtime::PipelineRuntime;
 
 /// Feeds `rt` at `rate` events per second until shutdown, through the same door as HTTP.
 pub async fn run(rt: Arc<PipelineRuntime>, rate: f64, shutdown: CancellationToken) {
@@ -52,10 +52,22 @@ pub struct Generator {
 }
 
 const PAGES: &[&str] = &[
-    "/home", "/home", "/home", "/products/1", "/products/2", "/products/3", "/cart", "/checkout", "/search", "/blog/rust",
-    "/blog/lambda", "/account/settings",
+    "/home",
+    "/home",
+    "/home",
+    "/products/1",
+    "/products/2",
+    "/products/3",
+    "/cart",
+    "/checkout",
+    "/search",
+    "/blog/rust",
+    "/blog/lambda",
+    "/account/settings",
 ];
-const COUNTRIES: &[&str] = &["DE", "US", "FR", "GB", "NL", "IN", "BR", "JP", "US", "DE", "US"];
+const COUNTRIES: &[&str] = &[
+    "DE", "US", "FR", "GB", "NL", "IN", "BR", "JP", "US", "DE", "US",
+];
 const WORDS: &[&str] = &["alpha", "beta", "gamma", "delta", "epsilon", "zeta"];
 
 impl Generator {
@@ -81,9 +93,16 @@ impl Generator {
         }
         for _ in 0..n {
             self.seq += 1;
-            let late = self.next() % 100 == 0;
-            let ts = now_ms - if late { (self.next() % 3_600_000) as i64 } else { (self.next() % 500) as i64 };
-            let values: Vec<(usize, String)> = (0..self.columns.len()).map(|i| (i, self.value(i, ts))).collect();
+            let late = self.next().is_multiple_of(100);
+            let ts = now_ms
+                - if late {
+                    (self.next() % 3_600_000) as i64
+                } else {
+                    (self.next() % 500) as i64
+                };
+            let values: Vec<(usize, String)> = (0..self.columns.len())
+                .map(|i| (i, self.value(i, ts)))
+                .collect();
             match self.format {
                 Format::Json => {
                     out.push('{');
@@ -96,7 +115,10 @@ impl Generator {
                     out.push_str("}\n");
                 }
                 Format::Csv => {
-                    let cells: Vec<String> = values.into_iter().map(|(_, v)| v.trim_matches('"').to_string()).collect();
+                    let cells: Vec<String> = values
+                        .into_iter()
+                        .map(|(_, v)| v.trim_matches('"').to_string())
+                        .collect();
                     out.push_str(&cells.join(","));
                     out.push('\n');
                 }
@@ -112,7 +134,7 @@ impl Generator {
         match ty {
             ColumnType::Timestamp if name == self.event_time => format!("{ts}"),
             ColumnType::Timestamp => format!("{}", ts - (self.next() % 86_400_000) as i64),
-            ColumnType::Bool => format!("{}", self.next() % 2 == 0),
+            ColumnType::Bool => format!("{}", self.next().is_multiple_of(2)),
             ColumnType::Int => format!("{}", self.skewed(1000)),
             ColumnType::Float if lname.contains("latency") || lname.contains("duration") => {
                 // Log-normal-ish: most requests fast, a long tail of slow ones.
@@ -120,14 +142,26 @@ impl Generator {
                 format!("{:.3}", 20.0 * (3.0 * u * u * u).exp())
             }
             ColumnType::Float => format!("{:.2}", self.unit() * 200.0),
-            ColumnType::String if lname == "event_id" || lname.ends_with("_id") && lname.starts_with("event") || lname == "id" => {
+            ColumnType::String
+                if lname == "event_id"
+                    || lname.ends_with("_id") && lname.starts_with("event")
+                    || lname == "id" =>
+            {
                 format!("\"{:x}-{}\"", self.run, self.seq)
             }
-            ColumnType::String if lname.contains("page") || lname.contains("path") || lname.contains("url") => {
+            ColumnType::String
+                if lname.contains("page") || lname.contains("path") || lname.contains("url") =>
+            {
                 format!("\"{}\"", PAGES[self.next() as usize % PAGES.len()])
             }
-            ColumnType::String if lname.contains("country") => format!("\"{}\"", COUNTRIES[self.next() as usize % COUNTRIES.len()]),
-            ColumnType::String if lname.contains("user") || lname.contains("customer") || lname.contains("device") => {
+            ColumnType::String if lname.contains("country") => {
+                format!("\"{}\"", COUNTRIES[self.next() as usize % COUNTRIES.len()])
+            }
+            ColumnType::String
+                if lname.contains("user")
+                    || lname.contains("customer")
+                    || lname.contains("device") =>
+            {
                 format!("\"{}{}\"", &lname[..1], self.skewed(5000))
             }
             ColumnType::String => format!("\"{}\"", WORDS[self.next() as usize % WORDS.len()]),
@@ -178,7 +212,10 @@ mod tests {
             let ts = v["ts"].as_i64().unwrap();
             assert!(ts <= 1_700_000_000_000 && ts > 1_700_000_000_000 - 3_600_000);
             assert!(v["latency_ms"].as_f64().unwrap() >= 0.0);
-            assert!(ids.insert(v["event_id"].as_str().unwrap().to_string()), "duplicate id");
+            assert!(
+                ids.insert(v["event_id"].as_str().unwrap().to_string()),
+                "duplicate id"
+            );
         }
     }
 }

@@ -11,11 +11,16 @@ use std::sync::Arc;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use crate::speed::runtime::PipelineRuntime;
 use crate::spec::Source;
+use crate::speed::runtime::PipelineRuntime;
 
 /// Starts the task feeding `rt` from its source, if the source is one that runs in-process.
-pub fn spawn(rt: Arc<PipelineRuntime>, project_root: &Path, state_dir: &Path, shutdown: CancellationToken) -> anyhow::Result<Option<JoinHandle<()>>> {
+pub fn spawn(
+    rt: Arc<PipelineRuntime>,
+    project_root: &Path,
+    state_dir: &Path,
+    shutdown: CancellationToken,
+) -> anyhow::Result<Option<JoinHandle<()>>> {
     Ok(match rt.pipeline.source.clone() {
         Source::Http => None,
         Source::Generator { rate } => Some(tokio::spawn(generator::run(rt, rate, shutdown))),

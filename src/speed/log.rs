@@ -54,7 +54,10 @@ pub struct Log<T = ()> {
 
 impl<T> Clone for Log<T> {
     fn clone(&self) -> Self {
-        Log { dir: self.dir.clone(), tx: self.tx.clone() }
+        Log {
+            dir: self.dir.clone(),
+            tx: self.tx.clone(),
+        }
     }
 }
 
@@ -370,7 +373,9 @@ mod tests {
         let tasks: Vec<_> = (0..32)
             .map(|i| {
                 let log = log.clone();
-                tokio::spawn(async move { log.append(vec![vec![0u8; 3]; i % 4 + 1], i).await.unwrap() })
+                tokio::spawn(
+                    async move { log.append(vec![vec![0u8; 3]; i % 4 + 1], i).await.unwrap() },
+                )
             })
             .collect();
         for t in tasks {

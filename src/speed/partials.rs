@@ -61,15 +61,31 @@ pub struct Snapshot {
 
 impl SpeedState {
     pub fn new(views: usize) -> Self {
-        SpeedState { segments: BTreeMap::new(), batch: vec![None; views] }
+        SpeedState {
+            segments: BTreeMap::new(),
+            batch: vec![None; views],
+        }
     }
 
     /// Adds micro-batch partials (one frame per view) to the open segment `(partition, lo)`.
-    pub fn absorb(&mut self, plan: &Plan, partition: u32, lo: u64, hi: u64, rows: u64, parts: Vec<DataFrame>) -> PolarsResult<()> {
+    pub fn absorb(
+        &mut self,
+        plan: &Plan,
+        partition: u32,
+        lo: u64,
+        hi: u64,
+        rows: u64,
+        parts: Vec<DataFrame>,
+    ) -> PolarsResult<()> {
         let seg = self
             .segments
             .entry((partition, lo))
-            .or_insert_with(|| SegmentPartials { hi, sealed: false, rows: 0, views: vec![Vec::new(); parts.len()] });
+            .or_insert_with(|| SegmentPartials {
+                hi,
+                sealed: false,
+                rows: 0,
+                views: vec![Vec::new(); parts.len()],
+            });
         seg.hi = seg.hi.max(hi);
         seg.rows += rows;
         for (i, p) in parts.into_iter().enumerate() {
@@ -97,7 +113,11 @@ impl SpeedState {
     pub fn publish(&mut self, view: usize, batch: BatchView) {
         self.batch[view] = Some(batch);
         let batch = &self.batch;
-        self.segments.retain(|(p, _), seg| !batch.iter().all(|b| b.as_ref().is_some_and(|b| b.covers(*p, seg.hi))));
+        self.segments.retain(|(p, _), seg| {
+            !batch
+                .iter()
+                .all(|b| b.as_ref().is_some_and(|b| b.covers(*p, seg.hi)))
+        });
     }
 
     pub fn snapshot(&self, view: usize) -> Snapshot {
@@ -112,10 +132,19 @@ impl SpeedState {
             speed_events += seg.rows;
             speed.extend(seg.views[view].iter().cloned());
         }
-        Snapshot { batch, speed, speed_segments, speed_events }
+        Snapshot {
+            batch,
+            speed,
+            speed_segments,
+            speed_events,
+        }
     }
 
     pub fn groups(&self) -> usize {
-        self.segments.values().flat_map(|s| s.views.iter().flatten()).map(DataFrame::height).sum()
+        self.segments
+            .values()
+            .flat_map(|s| s.views.iter().flatten())
+            .map(DataFrame::height)
+            .sum()
     }
 }

@@ -98,16 +98,26 @@ impl PipelineRuntime {
         let views = pipeline.views.len();
         let speed = Arc::new(RwLock::new(SpeedState::new(views)));
         let counters = Arc::new(Counters::default());
-        let dedupe = pipeline.event_id.as_ref().map(|_| Arc::new(Mutex::new(Dedupe::new(pipeline.dedupe_window))));
+        let dedupe = pipeline
+            .event_id
+            .as_ref()
+            .map(|_| Arc::new(Mutex::new(Dedupe::new(pipeline.dedupe_window))));
 
         // Sealed segments: rebuild their partials (and recent ids) from the lake.
         let checkpoint = db.checkpoint(&name, LOG_PARTITION).await?.unwrap_or(0);
         let segments = db.segments(&name).await?;
-        counters.sealed_segments.store(segments.len() as u64, Ordering::Relaxed);
-        let dedupe_horizon = now_ms() - i64::try_from(pipeline.dedupe_window.as_millis()).unwrap_or(i64::MAX);
+        counters
+            .sealed_segments
+            .store(segments.len() as u64, Ordering::Relaxed);
+        let dedupe_horizon =
+            now_ms() - i64::try_from(pipeline.dedupe_window.as_millis()).unwrap_or(i64::MAX);
         for seg in &segments {
-            let bytes = lake.get(&seg.path).await.with_context(|| format!("reading segment {}", seg.path))?;
-            let events = read_parquet(bytes).with_context(|| format!("decoding segment {}", seg.path))?;
+            let bytes = lake
+                .get(&seg.path)
+                .await
+                .with_context(|| format!("reading segment {}", seg.path))?;
+            let events =
+                read_parquet(bytes).with_context(|| format!("decoding segment {}", seg.path))?;
             if let (Some(d), Some(id_col)) = (&dedupe, &pipeline.event_id)
                 && seg.max_event_ms.is_some()
             {
@@ -115,7 +125,14 @@ impl PipelineRuntime {
             }
             let parts = partials_of(&plan, &events)?;
             let mut st = speed.write();
-            st.absorb(&plan, seg.partition, seg.lo, seg.hi, events.height() as u64, parts)?;
+            st.absorb(
+                &plan,
+                seg.partition,
+                seg.lo,
+                seg.hi,
+                events.height() as u64,
+                parts,
+            )?;
             st.seal(seg.partition, seg.lo, seg.hi);
         }
 
@@ -140,7 +157,13 @@ impl PipelineRuntime {
                 admit_recent(&mut d.lock(), &events, id_col, dedupe_horizon)?;
             }
             tracing::info!(pipeline = %name, from = first, to = last, "replaying write-ahead log");
-            let _ = tx.send((first..last, Batch { events, arrival_ms: now_ms() }));
+            let _ = tx.send((
+                first..last,
+                Batch {
+                    events,
+                    arrival_ms: now_ms(),
+                },
+            ));
         }
         drop(tx);
 
@@ -173,13 +196,36 @@ impl PipelineRuntime {
         if !decoded.rejected.is_empty() {
             self.dead_letter(&decoded, arrival).await?;
             report.rejected = decoded.rejected.len() as u64;
-            report.errors = decoded.rejected.iter().map(|r| LineError { line: r.line, reason: r.reason.clone() }).collect();
-            self.counters.rejected.fetch_add(report.rejected, Ordering::Relaxed);
-            self.counters.rejected_unsealed.fetch_add(report.rejected, Ordering::Relaxed);
+            report.errors = decoded
+                .rejected
+                .iter()
+                .map(|r| LineError {
+                    line: r.line,
+                    reason: r.reason.clone(),
+                })
+                .collect();
+            self.counters
+                .rejected
+                .fetch_add(report.rejected, Ordering::Relaxed);
+            self.counters
+                .rejected_unsealed
+                .fetch_add(report.rejected, Ordering::Relaxed);
         }
-        let Decoded { mut events, rejected } = decoded;
-        let mut lines = accepted_lines(&body, &rejected, self.pipeline.format == crate::spec::Format::Csv);
-        anyhow::ensure!(lines.len() == events.height(), "decoder returned {} events for {} accepted lines", events.height(), lines.len());
+        let Decoded {
+            mut events,
+            rejected,
+        } = decoded;
+        let mut lines = accepted_lines(
+            &body,
+            &rejected,
+            self.pipeline.format == crate::spec::Format::Csv,
+        );
+        anyhow::ensure!(
+            lines.len() == events.height(),
+            "decoder returned {} events for {} accepted lines",
+            events.height(),
+            lines.len()
+        );
 
         // De-duplicate at the door.
         let mut admitted_ids: Vec<Vec<u8>> = Vec::new();
@@ -213,7 +259,17 @@ impl PipelineRuntime {
         }
         let records: Vec<Vec<u8>> = lines.iter().map(|l| encode_record(arrival, l)).collect();
         let n = records.len() as u64;
-        if let Err(e) = self.log.append(records, Batch { events, arrival_ms: arrival }).await {
+        if let Err(e) = self
+            .log
+            .append(
+                records,
+                Batch {
+                    events,
+                    arrival_ms: arrival,
+                },
+            )
+            .await
+        {
             if let Some(d) = &self.dedupe {
                 let mut d = d.lock();
                 admitted_ids.iter().for_each(|id| d.forget(id));
@@ -233,7 +289,10 @@ impl PipelineRuntime {
             body.push('\n');
         }
         let path = lake::dead_letter_path(&self.pipeline.name, arrival, &uuid_like());
-        self.lake.put(&path, Bytes::from(body)).await.with_context(|| format!("writing dead letters to {path}"))?;
+        self.lake
+            .put(&path, Bytes::from(body))
+            .await
+            .with_context(|| format!("writing dead letters to {path}"))?;
         Ok(())
     }
 }
@@ -241,7 +300,11 @@ impl PipelineRuntime {
 /// A unique-enough suffix for dead-letter files (time + counter + process id).
 fn uuid_like() -> String {
     static N: AtomicU64 = AtomicU64::new(0);
-    format!("{}-{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed))
+    format!(
+        "{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    )
 }
 
 /// The aggregator/archiver task state: the open segment of the log partition.
@@ -259,10 +322,21 @@ struct Aggregator {
 
 impl Aggregator {
     fn new(rt: Arc<PipelineRuntime>, checkpoint: u64) -> Self {
-        Aggregator { rt, lo: checkpoint, next: checkpoint, events: Vec::new(), rows: 0, opened: None }
+        Aggregator {
+            rt,
+            lo: checkpoint,
+            next: checkpoint,
+            events: Vec::new(),
+            rows: 0,
+            opened: None,
+        }
     }
 
-    async fn run(mut self, mut rx: mpsc::UnboundedReceiver<log::Durable<Batch>>, shutdown: CancellationToken) {
+    async fn run(
+        mut self,
+        mut rx: mpsc::UnboundedReceiver<log::Durable<Batch>>,
+        shutdown: CancellationToken,
+    ) {
         let age = self.rt.pipeline.archive.segment_age;
         let mut tick = tokio::time::interval(Duration::from_millis(250).min(age));
         loop {
@@ -293,7 +367,12 @@ impl Aggregator {
     async fn apply(&mut self, batch: Vec<log::Durable<Batch>>) -> anyhow::Result<()> {
         let mut frames = Vec::with_capacity(batch.len());
         for (range, b) in batch {
-            anyhow::ensure!(range.start == self.next, "position gap: expected {}, got {}", self.next, range.start);
+            anyhow::ensure!(
+                range.start == self.next,
+                "position gap: expected {}, got {}",
+                self.next,
+                range.start
+            );
             self.next = range.end;
             frames.push(with_positions(b.events, range, b.arrival_ms)?);
         }
@@ -307,18 +386,33 @@ impl Aggregator {
         let rows = events.height() as u64;
         if self.opened.is_none() {
             self.opened = Some(Instant::now());
-            self.rt.counters.open_since_ms.store(now_ms() as u64, Ordering::Relaxed);
+            self.rt
+                .counters
+                .open_since_ms
+                .store(now_ms() as u64, Ordering::Relaxed);
         }
         self.rows += rows;
         self.events.push(events);
-        self.rt.state.write().absorb(&self.rt.plan, LOG_PARTITION, self.lo, self.next, rows, parts)?;
-        self.rt.counters.open_rows.store(self.rows, Ordering::Relaxed);
+        self.rt.state.write().absorb(
+            &self.rt.plan,
+            LOG_PARTITION,
+            self.lo,
+            self.next,
+            rows,
+            parts,
+        )?;
+        self.rt
+            .counters
+            .open_rows
+            .store(self.rows, Ordering::Relaxed);
         Ok(())
     }
 
     fn should_seal(&self) -> bool {
         let a = &self.rt.pipeline.archive;
-        self.next > self.lo && (self.rows >= a.segment_rows || self.opened.is_some_and(|t| t.elapsed() >= a.segment_age))
+        self.next > self.lo
+            && (self.rows >= a.segment_rows
+                || self.opened.is_some_and(|t| t.elapsed() >= a.segment_age))
     }
 
     /// Parquet file into the lake, then manifest row + checkpoint in one transaction, then the
@@ -329,17 +423,23 @@ impl Aggregator {
         let (lo, hi) = (self.lo, self.next);
         let frames = self.events.clone();
         let event_time = rt.pipeline.event_time.clone();
-        let (bytes, rows, min_ms, max_ms) = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
-            let mut df = concat_frames(frames)?;
-            let (min_ms, max_ms) = time_range(&df, &event_time)?;
-            let mut buf = Vec::new();
-            ParquetWriter::new(&mut buf).with_compression(ParquetCompression::Zstd(None)).finish(&mut df)?;
-            Ok((buf, df.height() as u64, min_ms, max_ms))
-        })
-        .await??;
+        let (bytes, rows, min_ms, max_ms) =
+            tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
+                let mut df = concat_frames(frames)?;
+                let (min_ms, max_ms) = time_range(&df, &event_time)?;
+                let mut buf = Vec::new();
+                ParquetWriter::new(&mut buf)
+                    .with_compression(ParquetCompression::Zstd(None))
+                    .finish(&mut df)?;
+                Ok((buf, df.height() as u64, min_ms, max_ms))
+            })
+            .await??;
         let path = lake::archive_path(&rt.pipeline.name, LOG_PARTITION, lo, hi);
         let size = bytes.len() as u64;
-        rt.lake.put(&path, Bytes::from(bytes)).await.with_context(|| format!("writing segment {path}"))?;
+        rt.lake
+            .put(&path, Bytes::from(bytes))
+            .await
+            .with_context(|| format!("writing segment {path}"))?;
         let segment = Segment {
             pipeline: rt.pipeline.name.clone(),
             partition: LOG_PARTITION,
@@ -352,8 +452,13 @@ impl Aggregator {
             min_event_ms: min_ms,
             max_event_ms: max_ms,
         };
-        rt.db.seal_segment(&segment).await.with_context(|| format!("recording segment {path}"))?;
-        rt.counters.rejected_unsealed.fetch_sub(segment.dead_letters, Ordering::Relaxed);
+        rt.db
+            .seal_segment(&segment)
+            .await
+            .with_context(|| format!("recording segment {path}"))?;
+        rt.counters
+            .rejected_unsealed
+            .fetch_sub(segment.dead_letters, Ordering::Relaxed);
         rt.state.write().seal(LOG_PARTITION, lo, hi);
         if let Err(e) = rt.log.truncate_below(hi) {
             tracing::warn!(pipeline = %rt.pipeline.name, error = %e, "could not truncate the write-ahead log");
@@ -374,13 +479,25 @@ impl Aggregator {
 pub fn partials_of(plan: &Plan, events: &DataFrame) -> anyhow::Result<Vec<DataFrame>> {
     let prepared = plan.prepare(events.clone().lazy());
     (0..plan.pipeline().views.len())
-        .map(|i| plan.partials(i, prepared.clone()).collect().map_err(anyhow::Error::from))
+        .map(|i| {
+            plan.partials(i, prepared.clone())
+                .collect()
+                .map_err(anyhow::Error::from)
+        })
         .collect()
 }
 
-fn with_positions(mut events: DataFrame, range: Range<u64>, arrival_ms: i64) -> anyhow::Result<DataFrame> {
+fn with_positions(
+    mut events: DataFrame,
+    range: Range<u64>,
+    arrival_ms: i64,
+) -> anyhow::Result<DataFrame> {
     let n = events.height();
-    anyhow::ensure!(n as u64 == range.end - range.start, "{} events for positions {range:?}", n);
+    anyhow::ensure!(
+        n as u64 == range.end - range.start,
+        "{} events for positions {range:?}",
+        n
+    );
     let offsets: Vec<i64> = (range.start..range.end).map(|o| o as i64).collect();
     events.with_column(Column::new(OFFSET_COLUMN.into(), offsets))?;
     // Replayed events keep the arrival time they were logged with.
@@ -414,14 +531,19 @@ pub fn read_parquet(bytes: Bytes) -> anyhow::Result<DataFrame> {
 
 fn id_strings(events: &DataFrame, col: &str) -> anyhow::Result<Vec<Option<String>>> {
     let c = events.column(col)?.cast(&DataType::String)?;
-    Ok(c.str()?.into_iter().map(|v| v.map(str::to_string)).collect())
+    Ok(c.str()?.iter().map(|v| v.map(str::to_string)).collect())
 }
 
 /// Re-admits ids that arrived after `horizon_ms` (rebuilding the index after a restart).
-fn admit_recent(d: &mut Dedupe, events: &DataFrame, id_col: &str, horizon_ms: i64) -> anyhow::Result<()> {
+fn admit_recent(
+    d: &mut Dedupe,
+    events: &DataFrame,
+    id_col: &str,
+    horizon_ms: i64,
+) -> anyhow::Result<()> {
     let ids = id_strings(events, id_col)?;
     let arrivals = events.column(ARRIVAL_COLUMN)?.cast(&DataType::Int64)?;
-    for (id, at) in ids.iter().zip(arrivals.i64()?.into_iter()) {
+    for (id, at) in ids.iter().zip(arrivals.i64()?.iter()) {
         if let (Some(id), Some(at)) = (id, at)
             && at > horizon_ms
         {
@@ -446,10 +568,18 @@ fn decode_records(plan: &Plan, records: &[(u64, Vec<u8>)]) -> anyhow::Result<Dat
     // Consecutive records with the same arrival time came from one request: decode together.
     let mut i = 0;
     while i < records.len() {
-        let arrival = i64::from_le_bytes(records[i].1[..8].try_into().context("short log record")?);
+        let head: [u8; 8] = records[i]
+            .1
+            .get(..8)
+            .and_then(|h| h.try_into().ok())
+            .ok_or_else(|| anyhow::anyhow!("log record {} is too short", records[i].0))?;
+        let arrival = i64::from_le_bytes(head);
         let mut j = i;
         let mut body = Vec::new();
-        while j < records.len() && records[j].1.len() >= 8 && records[j].1[..8] == arrival.to_le_bytes() {
+        while j < records.len()
+            && records[j].1.len() >= 8
+            && records[j].1[..8] == arrival.to_le_bytes()
+        {
             let line = &records[j].1[8..];
             if csv && j > i {
                 // Each CSV record carries its header; keep only the first.
@@ -469,7 +599,11 @@ fn decode_records(plan: &Plan, records: &[(u64, Vec<u8>)]) -> anyhow::Result<Dat
             records[j - 1].0 + 1,
             decoded.rejected.len()
         );
-        frames.push(with_positions(decoded.events, records[i].0..records[j - 1].0 + 1, arrival)?);
+        frames.push(with_positions(
+            decoded.events,
+            records[i].0..records[j - 1].0 + 1,
+            arrival,
+        )?);
         i = j;
     }
     // Positions are re-added by the aggregator.
@@ -512,7 +646,9 @@ fn accepted_lines(body: &[u8], rejected: &[crate::plan::Rejection], csv: bool) -
 /// positions are never reused.
 fn ensure_log_starts_at(dir: &Path, checkpoint: u64) -> anyhow::Result<()> {
     std::fs::create_dir_all(dir)?;
-    let has_files = std::fs::read_dir(dir)?.filter_map(Result::ok).any(|e| e.path().extension().is_some_and(|x| x == "wal"));
+    let has_files = std::fs::read_dir(dir)?
+        .filter_map(Result::ok)
+        .any(|e| e.path().extension().is_some_and(|x| x == "wal"));
     if !has_files && checkpoint > 0 {
         std::fs::File::create(dir.join(format!("{checkpoint:020}.wal")))?;
     }

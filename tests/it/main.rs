@@ -4,6 +4,6 @@
 mod cli;
 mod projects;
 mod spec_diagnostics;
+mod speed;
 mod state;
 mod support;
-mod speed;

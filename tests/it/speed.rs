@@ -75,7 +75,11 @@ impl Ev {
     fn line(&self, rng: &mut Rng) -> String {
         // Half the events carry RFC 3339 times, half epoch milliseconds.
         let ts = if rng.below(2) == 0 {
-            Value::String(chrono::DateTime::from_timestamp_millis(self.ts).unwrap().to_rfc3339_opts(chrono::SecondsFormat::Millis, true))
+            Value::String(
+                chrono::DateTime::from_timestamp_millis(self.ts)
+                    .unwrap()
+                    .to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+            )
         } else {
             Value::from(self.ts)
         };
@@ -96,7 +100,11 @@ fn events(rng: &mut Rng, n: usize, id_base: usize) -> Vec<Ev> {
     let countries = ["DE", "US", "FR", "JP"];
     let mut slots: BTreeSet<i64> = BTreeSet::new();
     while slots.len() < n {
-        let late = if rng.below(10) == 0 { 3 * 86_400_000 } else { 0 };
+        let late = if rng.below(10) == 0 {
+            3 * 86_400_000
+        } else {
+            0
+        };
         slots.insert(BASE_MS - late + 7 * rng.below(500_000) as i64 + 1);
     }
     let mut evs: Vec<Ev> = slots
@@ -107,7 +115,11 @@ fn events(rng: &mut Rng, n: usize, id_base: usize) -> Vec<Ev> {
             ts,
             user: format!("u{}", rng.below(40)),
             country: countries[rng.below(4) as usize].to_string(),
-            amount: if rng.below(20) == 0 { -1.0 } else { (rng.below(100_000) as f64) / 100.0 },
+            amount: if rng.below(20) == 0 {
+                -1.0
+            } else {
+                (rng.below(100_000) as f64) / 100.0
+            },
         })
         .collect();
     for i in (1..evs.len()).rev() {
@@ -117,19 +129,36 @@ fn events(rng: &mut Rng, n: usize, id_base: usize) -> Vec<Ev> {
 }
 
 async fn post(client: &reqwest::Client, server: &Server, body: String) -> Value {
-    let resp = client.post(server.url("/v1/pipelines/orders/events")).body(body).send().await.expect("POST events");
-    assert!(resp.status().is_success(), "POST answered {}", resp.status());
+    let resp = client
+        .post(server.url("/v1/pipelines/orders/events"))
+        .body(body)
+        .send()
+        .await
+        .expect("POST events");
+    assert!(
+        resp.status().is_success(),
+        "POST answered {}",
+        resp.status()
+    );
     resp.json().await.unwrap()
 }
 
 async fn get_view(client: &reqwest::Client, server: &Server, view: &str) -> Value {
-    let resp = client.get(server.url(&format!("/v1/views/orders/{view}"))).send().await.expect("GET view");
+    let resp = client
+        .get(server.url(&format!("/v1/views/orders/{view}")))
+        .send()
+        .await
+        .expect("GET view");
     assert!(resp.status().is_success(), "GET answered {}", resp.status());
     resp.json().await.unwrap()
 }
 
 fn ms(v: &Value) -> Option<i64> {
-    v.as_str().map(|s| chrono::DateTime::parse_from_rfc3339(s).unwrap().timestamp_millis())
+    v.as_str().map(|s| {
+        chrono::DateTime::parse_from_rfc3339(s)
+            .unwrap()
+            .timestamp_millis()
+    })
 }
 
 fn close(a: f64, b: f64) -> bool {
@@ -146,7 +175,10 @@ async fn wait_for_count(client: &reqwest::Client, server: &Server, n: u64) {
             return;
         }
         assert!(got <= n, "counted {got} events, only {n} were acknowledged");
-        assert!(start.elapsed() < Duration::from_secs(20), "only {got} of {n} acknowledged events visible after 20 s");
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "only {got} of {n} acknowledged events visible after 20 s"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
@@ -158,22 +190,43 @@ async fn check_views(client: &reqwest::Client, server: &Server, acked: &[Ev]) {
     // by_country: 1m tumbling.
     let mut oracle: BTreeMap<(i64, String), Vec<f64>> = BTreeMap::new();
     for e in &kept {
-        oracle.entry((e.ts.div_euclid(60_000) * 60_000, e.country.clone())).or_default().push(e.amount);
+        oracle
+            .entry((e.ts.div_euclid(60_000) * 60_000, e.country.clone()))
+            .or_default()
+            .push(e.amount);
     }
     let v = get_view(client, server, "by_country").await;
     let rows = v["rows"].as_array().unwrap();
     assert_eq!(rows.len(), oracle.len(), "by_country windows");
     let mut prev: Option<(i64, String)> = None;
     for r in rows {
-        let key = (ms(&r["window_start"]).unwrap(), r["country"].as_str().unwrap().to_string());
-        assert!(prev.as_ref().is_none_or(|p| *p < key), "rows ordered by window_start then keys");
+        let key = (
+            ms(&r["window_start"]).unwrap(),
+            r["country"].as_str().unwrap().to_string(),
+        );
+        assert!(
+            prev.as_ref().is_none_or(|p| *p < key),
+            "rows ordered by window_start then keys"
+        );
         assert_eq!(ms(&r["window_end"]), Some(key.0 + 60_000));
         let xs = &oracle[&key];
         assert_eq!(r["n"].as_u64().unwrap(), xs.len() as u64, "{key:?}");
-        assert!(close(r["total"].as_f64().unwrap(), xs.iter().sum()), "{key:?} sum");
-        assert_eq!(r["lo"].as_f64().unwrap(), xs.iter().cloned().fold(f64::INFINITY, f64::min));
-        assert_eq!(r["hi"].as_f64().unwrap(), xs.iter().cloned().fold(f64::NEG_INFINITY, f64::max));
-        assert!(close(r["mean"].as_f64().unwrap(), xs.iter().sum::<f64>() / xs.len() as f64));
+        assert!(
+            close(r["total"].as_f64().unwrap(), xs.iter().sum()),
+            "{key:?} sum"
+        );
+        assert_eq!(
+            r["lo"].as_f64().unwrap(),
+            xs.iter().cloned().fold(f64::INFINITY, f64::min)
+        );
+        assert_eq!(
+            r["hi"].as_f64().unwrap(),
+            xs.iter().cloned().fold(f64::NEG_INFINITY, f64::max)
+        );
+        assert!(close(
+            r["mean"].as_f64().unwrap(),
+            xs.iter().sum::<f64>() / xs.len() as f64
+        ));
         prev = Some(key);
     }
 
@@ -214,7 +267,12 @@ async fn check_views(client: &reqwest::Client, server: &Server, acked: &[Ev]) {
             }
             sessions.insert(
                 (evs[i].ts, user.to_string()),
-                (evs[j].ts + GAP_MS, (j - i + 1) as u64, evs[i].country.clone(), evs[j].country.clone()),
+                (
+                    evs[j].ts + GAP_MS,
+                    (j - i + 1) as u64,
+                    evs[i].country.clone(),
+                    evs[j].country.clone(),
+                ),
             );
             i = j + 1;
         }
@@ -223,7 +281,10 @@ async fn check_views(client: &reqwest::Client, server: &Server, acked: &[Ev]) {
     let rows = v["rows"].as_array().unwrap();
     assert_eq!(rows.len(), sessions.len(), "sessions");
     for r in rows {
-        let key = (ms(&r["window_start"]).unwrap(), r["user"].as_str().unwrap().to_string());
+        let key = (
+            ms(&r["window_start"]).unwrap(),
+            r["user"].as_str().unwrap().to_string(),
+        );
         let (end, n, first, last) = &sessions[&key];
         assert_eq!(ms(&r["window_end"]), Some(*end), "{key:?}");
         assert_eq!(r["n"].as_u64().unwrap(), *n, "{key:?}");
@@ -240,17 +301,28 @@ async fn check_views(client: &reqwest::Client, server: &Server, acked: &[Ev]) {
     let mean = xs.iter().sum::<f64>() / n;
     let var = xs.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (n - 1.0);
     assert_eq!(r["n"].as_u64().unwrap(), xs.len() as u64);
-    assert!(close(r["var"].as_f64().unwrap(), var), "variance {} vs {var}", r["var"]);
+    assert!(
+        close(r["var"].as_f64().unwrap(), var),
+        "variance {} vs {var}",
+        r["var"]
+    );
     assert!(close(r["sd"].as_f64().unwrap(), var.sqrt()));
     let users: BTreeSet<&str> = kept.iter().map(|e| e.user.as_str()).collect();
     let est = r["users"].as_f64().unwrap();
-    assert!((est - users.len() as f64).abs() <= 0.03 * users.len() as f64 + 1.0, "distinct users {est} vs {}", users.len());
+    assert!(
+        (est - users.len() as f64).abs() <= 0.03 * users.len() as f64 + 1.0,
+        "distinct users {est} vs {}",
+        users.len()
+    );
     let mut sorted = xs.clone();
     sorted.sort_by(f64::total_cmp);
     let rank = 0.5 * (sorted.len() - 1) as f64;
     let (lo, hi) = (sorted[rank.floor() as usize], sorted[rank.ceil() as usize]);
     let median = r["median"].as_f64().unwrap();
-    assert!(median >= lo * 0.98 - 1e-9 && median <= hi * 1.02 + 1e-9, "median {median} vs [{lo}, {hi}]");
+    assert!(
+        median >= lo * 0.98 - 1e-9 && median <= hi * 1.02 + 1e-9,
+        "median {median} vs [{lo}, {hi}]"
+    );
 }
 
 /// Sends `evs` in random-sized requests, some lines malformed, some redelivered; returns the
@@ -265,7 +337,15 @@ async fn send(client: &reqwest::Client, server: &Server, rng: &mut Rng, evs: &[E
         for e in &evs[i..i + n] {
             lines.push(e.line(rng));
             if rng.below(25) == 0 {
-                lines.push(["{not json", r#"{"id":"x","user":"u1"}"#, r#"{"id":"y","ts":"yesterday","amount":1}"#, r#"{"id":"z","ts":5,"amount":"lots"}"#][rng.below(4) as usize].to_string());
+                lines.push(
+                    [
+                        "{not json",
+                        r#"{"id":"x","user":"u1"}"#,
+                        r#"{"id":"y","ts":"yesterday","amount":1}"#,
+                        r#"{"id":"z","ts":5,"amount":"lots"}"#,
+                    ][rng.below(4) as usize]
+                        .to_string(),
+                );
                 bad += 1;
             }
         }
@@ -330,7 +410,10 @@ async fn kill_9_mid_ingest_loses_and_doubles_nothing() {
         for chunk in pending.drain(..) {
             let body: Vec<String> = chunk.iter().map(|e| e.line(&mut rng)).collect();
             let a = post(&client, &server, body.join("\n")).await;
-            assert_eq!(a["accepted"].as_u64().unwrap() + a["duplicates"].as_u64().unwrap(), chunk.len() as u64);
+            assert_eq!(
+                a["accepted"].as_u64().unwrap() + a["duplicates"].as_u64().unwrap(),
+                chunk.len() as u64
+            );
             acked.extend(chunk);
         }
         // Four concurrent clients; kill while the last round is in flight.
@@ -341,7 +424,9 @@ async fn kill_9_mid_ingest_loses_and_doubles_nothing() {
             for chunk in round.clone() {
                 let (client, url) = (client.clone(), server.url("/v1/pipelines/orders/events"));
                 let body: Vec<String> = chunk.iter().map(|e| e.line(&mut rng)).collect();
-                tasks.push(tokio::spawn(async move { client.post(url).body(body.join("\n")).send().await }));
+                tasks.push(tokio::spawn(async move {
+                    client.post(url).body(body.join("\n")).send().await
+                }));
             }
             if next >= kill_after {
                 tokio::time::sleep(Duration::from_millis(rng.below(5))).await;
@@ -367,7 +452,12 @@ async fn kill_9_mid_ingest_loses_and_doubles_nothing() {
         post(&client, &server, body.join("\n")).await;
         acked.extend(chunk);
     }
-    wait_for_count(&client, &server, acked.iter().filter(|e| e.amount >= 0.0).count() as u64).await;
+    wait_for_count(
+        &client,
+        &server,
+        acked.iter().filter(|e| e.amount >= 0.0).count() as u64,
+    )
+    .await;
     check_views(&client, &server, &acked).await;
 }
 
@@ -378,7 +468,10 @@ fn assert_dead_letters(project: &Path) {
         let text = std::fs::read_to_string(entry).unwrap();
         for line in text.lines() {
             let v: Value = serde_json::from_str(line).unwrap();
-            assert!(v["reason"].as_str().is_some_and(|r| !r.is_empty()) && v["raw"].is_string(), "{line}");
+            assert!(
+                v["reason"].as_str().is_some_and(|r| !r.is_empty()) && v["raw"].is_string(),
+                "{line}"
+            );
             n += 1;
         }
     }
@@ -390,7 +483,11 @@ fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
     if let Ok(rd) = std::fs::read_dir(dir) {
         for e in rd.flatten() {
             let p = e.path();
-            if p.is_dir() { out.extend(walk(&p)) } else { out.push(p) }
+            if p.is_dir() {
+                out.extend(walk(&p))
+            } else {
+                out.push(p)
+            }
         }
     }
     out

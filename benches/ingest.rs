@@ -1,0 +1,139 @@
+//! Speed-layer benchmarks through the real binary on loopback (prints figures; not a test):
+//! - durable HTTP ingest throughput with concurrent clients (every 200 means fsynced);
+//! - ack → visible-in-query latency at a steady rate.
+//!
+//! `cargo bench --bench ingest` (or `just bench`).
+
+use std::io::BufRead;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+const PIPELINE: &str = r#"
+name: clicks
+source: {type: http}
+schema: {event_id: string, ts: timestamp, page: string, user_id: string, latency_ms: float}
+event_time: ts
+event_id: event_id
+archive: {segment_rows: 1000000, segment_age: 30s}
+views:
+  - name: page_views
+    group_by: [page]
+    window: 1m
+    metrics: {views: count(), users: approx_count_distinct(user_id), p95: approx_quantile(latency_ms, 0.95)}
+  - name: total
+    window: all
+    metrics: {n: count()}
+"#;
+
+const CLIENTS: usize = 8;
+const BATCH: usize = 2_000;
+const THROUGHPUT_SECS: u64 = 10;
+
+fn body(client: usize, batch: usize, n: usize, now_ms: i64) -> String {
+    let mut s = String::with_capacity(n * 110);
+    for i in 0..n {
+        s.push_str(&format!(
+            "{{\"event_id\":\"c{client}-{batch}-{i}\",\"ts\":{},\"page\":\"/p/{}\",\"user_id\":\"u{}\",\"latency_ms\":{}.5}}\n",
+            now_ms - (i as i64 % 1000),
+            i % 50,
+            (i * 7919) % 10_000,
+            i % 300
+        ));
+    }
+    s
+}
+
+fn main() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::create_dir_all(dir.path().join("pipelines")).unwrap();
+    std::fs::write(dir.path().join("pipelines/clicks.yaml"), PIPELINE).unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_lambda-ctl"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--project"])
+        .arg(dir.path())
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("start lambda-ctl serve");
+    let mut lines = std::io::BufReader::new(child.stdout.take().unwrap()).lines();
+    let base = loop {
+        let line = lines.next().expect("serve exited").unwrap();
+        if let Some(url) = line.strip_prefix("lambda-ctl serving on ") {
+            break url.to_string();
+        }
+    };
+    std::thread::spawn(move || for _ in lines {});
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let http = reqwest::Client::new();
+        let url = format!("{base}/v1/pipelines/clicks/events");
+        let now = chrono::Utc::now().timestamp_millis();
+
+        // Throughput: CLIENTS concurrent clients posting BATCH-event requests.
+        let bodies: Vec<Vec<String>> = (0..CLIENTS).map(|c| (0..40).map(|b| body(c, b, BATCH, now)).collect()).collect();
+        let deadline = Instant::now() + Duration::from_secs(THROUGHPUT_SECS);
+        let start = Instant::now();
+        let mut tasks = Vec::new();
+        for (c, mine) in bodies.into_iter().enumerate() {
+            let (http, url) = (http.clone(), url.clone());
+            tasks.push(tokio::spawn(async move {
+                let mut sent = 0u64;
+                let mut round = 0usize;
+                while Instant::now() < deadline {
+                    // Fresh ids per round so nothing is dropped as a duplicate.
+                    let b = if round < mine.len() { mine[round].clone() } else { body(c, round, BATCH, now) };
+                    let r = http.post(&url).body(b).send().await.expect("POST");
+                    assert!(r.status().is_success(), "POST answered {}", r.status());
+                    let v: serde_json::Value = r.json().await.unwrap();
+                    sent += v["accepted"].as_u64().unwrap();
+                    round += 1;
+                }
+                sent
+            }));
+        }
+        let mut total = 0;
+        for t in tasks {
+            total += t.await.unwrap();
+        }
+        let secs = start.elapsed().as_secs_f64();
+        println!("durable HTTP ingest: {total} events in {secs:.1} s = {:.0} events/s ({CLIENTS} clients × {BATCH}-event requests, fsync per group commit)", total as f64 / secs);
+
+        // Latency: a steady 10 requests/s of 100 events; after each 200, poll the view until the
+        // events show up.
+        let view = format!("{base}/v1/views/clicks/total");
+        let count = |http: reqwest::Client, view: String| async move {
+            let v: serde_json::Value = http.get(&view).send().await.unwrap().json().await.unwrap();
+            v["rows"][0]["n"].as_u64().unwrap_or(0)
+        };
+        // Let the backlog of the throughput phase drain first.
+        let mut seen = count(http.clone(), view.clone()).await;
+        while seen < total {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            seen = count(http.clone(), view.clone()).await;
+        }
+        let mut lat = Vec::new();
+        for i in 0..200 {
+            let b = body(99, 100_000 + i, 100, chrono::Utc::now().timestamp_millis());
+            let r = http.post(&url).body(b).send().await.unwrap();
+            let acked = Instant::now();
+            let accepted = r.json::<serde_json::Value>().await.unwrap()["accepted"].as_u64().unwrap();
+            let target = seen + accepted;
+            loop {
+                let n = count(http.clone(), view.clone()).await;
+                if n >= target {
+                    seen = n;
+                    break;
+                }
+            }
+            lat.push(acked.elapsed().as_secs_f64() * 1000.0);
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        lat.sort_by(f64::total_cmp);
+        let p = |q: f64| lat[((lat.len() - 1) as f64 * q) as usize];
+        println!("ack → visible latency at 1000 events/s: p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms ({} samples, includes one query round trip)", p(0.5), p(0.99), p(1.0), lat.len());
+    });
+    let _ = child.kill();
+}

@@ -1,0 +1,212 @@
+//! Prepared events → partials (format v1), as one lazy polars query per view.
+//!
+//! Window assignment and every state are polars expressions; the two sketches are a per-row
+//! code computed by a column function (stable xxh64 / log-bucket) followed by a group-by with
+//! `max` (HyperLogLog) or a count (quantile histogram), joined back onto the group rows.
+
+use std::collections::HashSet;
+
+use polars::prelude::*;
+
+use crate::spec::ColumnType;
+use crate::spec::expr::dtype;
+
+use super::layout::{
+    Agg, MetricLayout, PANE_START, ROWS, SESSION_LAST, StateCol, ViewLayout, WINDOW_START,
+    WindowLayout,
+};
+use super::{hll, quantile};
+
+/// Event time as epoch milliseconds.
+const T: &str = "__t";
+/// Session number within the sorted frame.
+const SID: &str = "__sid";
+/// Constant key of an all-time view without group_by.
+const ALL: &str = "__all";
+const CODE: &str = "__code";
+const REGISTER: &str = "__register";
+const COUNT: &str = "__count";
+
+pub(crate) fn partials(layout: &ViewLayout, prepared: LazyFrame) -> LazyFrame {
+    let ms = dtype(ColumnType::Timestamp);
+    // Only what the view reads, in canonical types (a no-op for plan-prepared frames; it
+    // normalises Parquet written with other widths).
+    let mut select = vec![
+        col(layout.event_time.as_str())
+            .cast(ms.clone())
+            .cast(DataType::Int64)
+            .alias(T),
+    ];
+    let mut seen = HashSet::new();
+    let inputs = layout.metrics.iter().filter_map(|m| m.input.as_ref());
+    for (name, t) in layout.keys.iter().chain(inputs) {
+        if seen.insert(name.as_str()) {
+            select.push(col(name.as_str()).cast(dtype(*t)).alias(name.as_str()));
+        }
+    }
+    let base = prepared.select(select);
+    let key_cols: Vec<Expr> = layout.keys.iter().map(|(k, _)| col(k.as_str())).collect();
+
+    let floor =
+        |size: i64, name: &str| (col(T).floor_div(lit(size)) * lit(size)).alias(name.to_string());
+    let (base, group): (LazyFrame, Vec<&str>) = match layout.window {
+        WindowLayout::Tumbling { size } => (
+            base.with_column(floor(size, WINDOW_START)),
+            vec![WINDOW_START],
+        ),
+        WindowLayout::Hopping { every, .. } => {
+            (base.with_column(floor(every, PANE_START)), vec![PANE_START])
+        }
+        WindowLayout::Session { gap } => {
+            let mut by: Vec<PlSmallStr> =
+                layout.keys.iter().map(|(k, _)| k.as_str().into()).collect();
+            by.push(T.into());
+            // A session starts at a key's first event and wherever its events are `gap` apart.
+            let mut new = (col(T) - col(T).shift(lit(1)))
+                .gt_eq(lit(gap))
+                .fill_null(lit(true));
+            for k in &key_cols {
+                new = new.or(k.clone().neq_missing(k.clone().shift(lit(1))));
+            }
+            let sessions = base
+                .sort(by, SortMultipleOptions::default())
+                .with_column(new.cast(DataType::UInt32).cum_sum(false).alias(SID));
+            (sessions, vec![SID])
+        }
+        WindowLayout::All if layout.keys.is_empty() => {
+            (base.with_column(lit(0i32).alias(ALL)), vec![ALL])
+        }
+        WindowLayout::All => (base, vec![]),
+    };
+    let mut group_cols: Vec<Expr> = group.iter().map(|g| col(*g)).collect();
+    let session = matches!(layout.window, WindowLayout::Session { .. });
+    if !session {
+        group_cols.extend(key_cols.iter().cloned());
+    }
+
+    let sketches: Vec<&MetricLayout> = layout.metrics.iter().filter(|m| m.is_sketch()).collect();
+    let base = if sketches.is_empty() {
+        base
+    } else {
+        base.cache()
+    };
+
+    let mut aggs = vec![len().cast(DataType::UInt64).alias(ROWS)];
+    if session {
+        aggs.push(col(T).min().alias(WINDOW_START));
+        aggs.push(col(T).max().alias(SESSION_LAST));
+        aggs.extend(key_cols.iter().map(|k| k.clone().first()));
+    }
+    for m in &layout.metrics {
+        aggs.extend(metric_aggs(m));
+    }
+    let mut out = base.clone().group_by(group_cols.clone()).agg(aggs);
+    for m in sketches {
+        let mut args = JoinArgs::new(JoinType::Left);
+        // Null is a group key like any other.
+        args.nulls_equal = true;
+        out = out.join(
+            sketch(m, base.clone(), &group_cols),
+            group_cols.clone(),
+            group_cols.clone(),
+            args,
+        );
+    }
+
+    let mut columns: Vec<Expr> = layout
+        .window_columns()
+        .iter()
+        .map(|w| col(*w).cast(ms.clone()))
+        .collect();
+    columns.extend(key_cols);
+    columns.push(col(ROWS));
+    for m in &layout.metrics {
+        for s in m.states() {
+            let name = m.state_name(*s);
+            columns.push(col(name.as_str()).cast(m.state_dtype(*s)));
+        }
+    }
+    out.select(columns)
+}
+
+/// The plain-aggregate states of one metric, as group-by aggregations.
+fn metric_aggs(m: &MetricLayout) -> Vec<Expr> {
+    let v = col(m.input_name());
+    let name = |s: StateCol| m.state_name(s);
+    let n = || {
+        v.clone()
+            .count()
+            .cast(DataType::UInt64)
+            .alias(name(StateCol::N))
+    };
+    match m.agg {
+        Agg::Count | Agg::Distinct | Agg::Quantile(_) => vec![],
+        Agg::CountCol => vec![n()],
+        Agg::Sum | Agg::Avg => vec![v.clone().sum().alias(name(StateCol::Sum)), n()],
+        Agg::Min => vec![v.min().alias(name(StateCol::Min))],
+        Agg::Max => vec![v.max().alias(name(StateCol::Max))],
+        Agg::Variance | Agg::Stddev => {
+            let f = v.clone().cast(DataType::Float64);
+            let d = f.clone() - f.clone().mean();
+            vec![
+                n(),
+                f.mean().alias(name(StateCol::Mean)),
+                (d.clone() * d).sum().alias(name(StateCol::M2)),
+            ]
+        }
+        Agg::First | Agg::Last => {
+            // Earliest (latest) time with a value; among equal times the smallest (largest)
+            // value, so the pick never depends on how events were split into batches.
+            let present = v.clone().is_not_null();
+            let times = col(T).filter(present.clone());
+            let t = if m.agg == Agg::First {
+                times.min()
+            } else {
+                times.max()
+            };
+            let at_t = v.filter(present.and(col(T).eq(t.clone())));
+            let pick = if m.agg == Agg::First {
+                at_t.min()
+            } else {
+                at_t.max()
+            };
+            vec![t.alias(name(StateCol::T)), pick.alias(name(StateCol::V))]
+        }
+    }
+}
+
+/// One sketch metric's partial: a list state per group.
+fn sketch(m: &MetricLayout, base: LazyFrame, group: &[Expr]) -> LazyFrame {
+    let v = col(m.input_name());
+    let with_code = |f: fn(&Column) -> PolarsResult<Column>, out: DataType| {
+        let mut select = group.to_vec();
+        select.push(
+            v.clone()
+                .map(
+                    move |c| f(&c),
+                    move |_, field| Ok(Field::new(field.name().clone(), out.clone())),
+                )
+                .alias(CODE),
+        );
+        base.clone().select(select).filter(col(CODE).is_not_null())
+    };
+    let mut by = group.to_vec();
+    if m.agg == Agg::Distinct {
+        by.push(col(CODE).floor_div(lit(256u32)).alias(REGISTER));
+        with_code(hll::codes, DataType::UInt32)
+            .group_by(by)
+            .agg([col(CODE).max()])
+            .group_by(group)
+            .agg([col(CODE).alias(m.state_name(StateCol::Hll))])
+    } else {
+        by.push(col(CODE));
+        with_code(quantile::codes, DataType::Int32)
+            .group_by(by)
+            .agg([len().cast(DataType::UInt64).alias(COUNT)])
+            .group_by(group)
+            .agg([
+                col(CODE).alias(m.state_name(StateCol::DdBucket)),
+                col(COUNT).alias(m.state_name(StateCol::DdCount)),
+            ])
+    }
+}

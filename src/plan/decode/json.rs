@@ -1,0 +1,305 @@
+//! A validating scanner over one NDJSON line (already known to be UTF-8). Values of schema
+//! columns are parsed in place; every other value is checked and skipped, so a line is
+//! accepted only if it is JSON, and no tree is ever built.
+
+/// A decoded string: a range of the line when it had no escapes, else of the scratch buffer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Text {
+    Line(usize, usize),
+    Buf(usize, usize),
+}
+
+impl Text {
+    /// Ranges always sit on ASCII delimiters of valid UTF-8; `get` only guards the invariant.
+    pub fn resolve<'a>(self, line: &'a str, buf: &'a str) -> &'a str {
+        match self {
+            Text::Line(a, b) => line.get(a..b).unwrap_or_default(),
+            Text::Buf(a, b) => buf.get(a..b).unwrap_or_default(),
+        }
+    }
+}
+
+/// Deeper nesting than this in skipped values is rejected rather than recursed into.
+const MAX_DEPTH: usize = 128;
+
+pub(super) struct Scanner<'a> {
+    b: &'a [u8],
+    pub pos: usize,
+}
+
+impl<'a> Scanner<'a> {
+    pub fn new(line: &'a str) -> Scanner<'a> {
+        Scanner {
+            b: line.as_bytes(),
+            pos: 0,
+        }
+    }
+
+    pub fn peek(&self) -> Option<u8> {
+        self.b.get(self.pos).copied()
+    }
+
+    pub fn at_end(&self) -> bool {
+        self.pos >= self.b.len()
+    }
+
+    pub fn ws(&mut self) {
+        while let Some(b' ' | b'\t' | b'\r' | b'\n') = self.peek() {
+            self.pos += 1;
+        }
+    }
+
+    pub fn err(&self, what: &str) -> String {
+        if self.at_end() {
+            format!("invalid JSON: {what}, found the end of the line")
+        } else {
+            format!("invalid JSON at column {}: {what}", self.pos + 1)
+        }
+    }
+
+    /// Consumes `c` or fails with "expected `what`".
+    pub fn expect(&mut self, c: u8, what: &str) -> Result<(), String> {
+        if self.peek() == Some(c) {
+            self.pos += 1;
+            Ok(())
+        } else {
+            Err(self.err(&format!("expected {what}")))
+        }
+    }
+
+    /// A string starting at the current `"`; escapes are decoded into `buf`.
+    pub fn string(&mut self, buf: &mut String) -> Result<Text, String> {
+        self.expect(b'"', "`\"`")?;
+        let start = self.pos;
+        loop {
+            match self.peek() {
+                None => return Err(self.err("unterminated string")),
+                Some(b'"') => {
+                    self.pos += 1;
+                    return Ok(Text::Line(start, self.pos - 1));
+                }
+                Some(b'\\') => break,
+                Some(c) if c < 0x20 => return Err(self.err("control character in a string")),
+                Some(_) => self.pos += 1,
+            }
+        }
+        // Slow path: copy what was scanned, then decode escapes.
+        let from = buf.len();
+        buf.push_str(self.slice(start, self.pos));
+        loop {
+            let run = self.pos;
+            while let Some(c) = self.peek() {
+                if c == b'"' || c == b'\\' || c < 0x20 {
+                    break;
+                }
+                self.pos += 1;
+            }
+            buf.push_str(self.slice(run, self.pos));
+            match self.peek() {
+                None => return Err(self.err("unterminated string")),
+                Some(b'"') => {
+                    self.pos += 1;
+                    return Ok(Text::Buf(from, buf.len()));
+                }
+                Some(b'\\') => {
+                    self.pos += 1;
+                    let c = match self.peek() {
+                        Some(b'"') => '"',
+                        Some(b'\\') => '\\',
+                        Some(b'/') => '/',
+                        Some(b'b') => '\u{8}',
+                        Some(b'f') => '\u{c}',
+                        Some(b'n') => '\n',
+                        Some(b'r') => '\r',
+                        Some(b't') => '\t',
+                        Some(b'u') => {
+                            self.pos += 1;
+                            let c = self.unicode_escape()?;
+                            buf.push(c);
+                            continue;
+                        }
+                        _ => return Err(self.err("invalid escape in a string")),
+                    };
+                    self.pos += 1;
+                    buf.push(c);
+                }
+                Some(_) => return Err(self.err("control character in a string")),
+            }
+        }
+    }
+
+    /// The part of the line between two ASCII positions of it.
+    fn slice(&self, a: usize, b: usize) -> &'a str {
+        // Both ends sit next to ASCII bytes of a valid UTF-8 line, so this never fails.
+        std::str::from_utf8(&self.b[a..b]).unwrap_or_default()
+    }
+
+    fn hex4(&mut self) -> Result<u32, String> {
+        let mut v = 0u32;
+        for _ in 0..4 {
+            let d = match self.peek() {
+                Some(c @ b'0'..=b'9') => c - b'0',
+                Some(c @ b'a'..=b'f') => c - b'a' + 10,
+                Some(c @ b'A'..=b'F') => c - b'A' + 10,
+                _ => return Err(self.err("invalid \\u escape")),
+            };
+            v = v * 16 + d as u32;
+            self.pos += 1;
+        }
+        Ok(v)
+    }
+
+    /// After `\u`: one code point, combining a surrogate pair.
+    fn unicode_escape(&mut self) -> Result<char, String> {
+        let hi = self.hex4()?;
+        let cp = match hi {
+            0xD800..=0xDBFF => {
+                if self.b.get(self.pos..self.pos + 2) != Some(b"\\u") {
+                    return Err(self.err("unpaired surrogate in \\u escape"));
+                }
+                self.pos += 2;
+                let lo = self.hex4()?;
+                if !(0xDC00..=0xDFFF).contains(&lo) {
+                    return Err(self.err("unpaired surrogate in \\u escape"));
+                }
+                0x10000 + ((hi - 0xD800) << 10) + (lo - 0xDC00)
+            }
+            0xDC00..=0xDFFF => return Err(self.err("unpaired surrogate in \\u escape")),
+            cp => cp,
+        };
+        char::from_u32(cp).ok_or_else(|| self.err("invalid \\u escape"))
+    }
+
+    /// A number; returns its text and whether it is written as an integer.
+    pub fn number(&mut self) -> Result<(&'a str, bool), String> {
+        let start = self.pos;
+        if self.peek() == Some(b'-') {
+            self.pos += 1;
+        }
+        match self.peek() {
+            Some(b'0') => self.pos += 1,
+            Some(b'1'..=b'9') => self.digits(),
+            _ => return Err(self.err("invalid number")),
+        }
+        let mut integer = true;
+        if self.peek() == Some(b'.') {
+            self.pos += 1;
+            if !self.peek().is_some_and(|c| c.is_ascii_digit()) {
+                return Err(self.err("expected a digit after `.`"));
+            }
+            self.digits();
+            integer = false;
+        }
+        if let Some(b'e' | b'E') = self.peek() {
+            self.pos += 1;
+            if let Some(b'+' | b'-') = self.peek() {
+                self.pos += 1;
+            }
+            if !self.peek().is_some_and(|c| c.is_ascii_digit()) {
+                return Err(self.err("expected a digit in the exponent"));
+            }
+            self.digits();
+            integer = false;
+        }
+        Ok((self.slice(start, self.pos), integer))
+    }
+
+    fn digits(&mut self) {
+        while self.peek().is_some_and(|c| c.is_ascii_digit()) {
+            self.pos += 1;
+        }
+    }
+
+    /// `true`, `false` or `null` at the current position.
+    pub fn literal(&mut self, word: &str) -> Result<(), String> {
+        if self.b[self.pos..].starts_with(word.as_bytes()) {
+            self.pos += word.len();
+            Ok(())
+        } else {
+            Err(self.err("invalid literal"))
+        }
+    }
+
+    /// Checks and steps over any value. `buf` receives (and may keep) decoded escapes.
+    pub fn skip_value(&mut self, buf: &mut String, depth: usize) -> Result<(), String> {
+        if depth > MAX_DEPTH {
+            return Err(self.err("nested too deeply"));
+        }
+        match self.peek() {
+            Some(b'"') => {
+                let mark = buf.len();
+                self.string(buf)?;
+                buf.truncate(mark);
+            }
+            Some(b'{') => {
+                self.pos += 1;
+                self.ws();
+                if self.peek() == Some(b'}') {
+                    self.pos += 1;
+                    return Ok(());
+                }
+                loop {
+                    self.ws();
+                    let mark = buf.len();
+                    self.string(buf)?;
+                    buf.truncate(mark);
+                    self.ws();
+                    self.expect(b':', "`:`")?;
+                    self.ws();
+                    self.skip_value(buf, depth + 1)?;
+                    self.ws();
+                    match self.peek() {
+                        Some(b',') => self.pos += 1,
+                        Some(b'}') => {
+                            self.pos += 1;
+                            return Ok(());
+                        }
+                        _ => return Err(self.err("expected `,` or `}`")),
+                    }
+                }
+            }
+            Some(b'[') => {
+                self.pos += 1;
+                self.ws();
+                if self.peek() == Some(b']') {
+                    self.pos += 1;
+                    return Ok(());
+                }
+                loop {
+                    self.ws();
+                    self.skip_value(buf, depth + 1)?;
+                    self.ws();
+                    match self.peek() {
+                        Some(b',') => self.pos += 1,
+                        Some(b']') => {
+                            self.pos += 1;
+                            return Ok(());
+                        }
+                        _ => return Err(self.err("expected `,` or `]`")),
+                    }
+                }
+            }
+            Some(b't') => self.literal("true")?,
+            Some(b'f') => self.literal("false")?,
+            Some(b'n') => self.literal("null")?,
+            Some(b'-' | b'0'..=b'9') => {
+                self.number()?;
+            }
+            _ => return Err(self.err("expected a value")),
+        }
+        Ok(())
+    }
+
+    /// What the value at the current position is, for "expected X, found Y".
+    pub fn describe(&self) -> &'static str {
+        match self.peek() {
+            Some(b'"') => "a string",
+            Some(b'{') => "an object",
+            Some(b'[') => "an array",
+            Some(b't' | b'f') => "a boolean",
+            Some(b'n') => "null",
+            Some(b'-' | b'0'..=b'9') => "a number",
+            _ => "something else",
+        }
+    }
+}

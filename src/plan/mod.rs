@@ -1,0 +1,305 @@
+//! The plan (DESIGN.md §2): the ONE definition of decode → filter → derived columns →
+//! windows → mergeable partial aggregates, compiled once per pipeline and run by the speed
+//! layer on micro-batches and by the batch layer on archived Parquet.
+//!
+//! ```text
+//!  bytes ──decode──► events ──prepare──► prepared ──partials(view)──► partials ─┐
+//!  (NDJSON/CSV)   (schema types)  (filter, columns)    (polars group-by)         │
+//!                                                                                ▼
+//!            finished rows ◄──finish── partials ◄──merge── partials ⊕ partials ⊕ …
+//! ```
+//!
+//! Decoding is hand-written ([`decode`]); filter, derived columns, window assignment and the
+//! partial aggregation are one lazy polars query per view ([`aggregate`]); merging and
+//! finishing happen in one place, the [`Accumulator`], which is also the in-memory form the
+//! speed layer keeps per segment.
+//!
+//! # Semantics
+//!
+//! - Windows are aligned to the Unix epoch in UTC. Tumbling: `start = ⌊t / size⌋ · size`.
+//!   Hopping: an event is in the `size / every` windows with `start <= t < start + size`.
+//!   Session: per group key, events closer than `gap` share a session; `window_start` is its
+//!   first event time and `window_end` its last event time + `gap`. Two partial sessions whose
+//!   `[start, last + gap)` intervals overlap merge into one, which is what makes sessions split
+//!   across micro-batches or segments come out as if computed at once. All: one window,
+//!   `window_start` and `window_end` null.
+//! - Nulls are ignored by every aggregate but `count()`, as in SQL: with no non-null input,
+//!   `count(col)` and `approx_count_distinct` are 0, the others null; `variance`/`stddev`
+//!   (sample, n − 1) need two values. `first`/`last` take the non-null value at the
+//!   earliest/latest event time; on a tie the smallest/largest value wins, so the answer never
+//!   depends on arrival order. NaN produced by a derived column counts as null.
+//! - `approx_count_distinct`: HyperLogLog, 2^12 registers (≈ 1.6 % standard error), xxh64 of
+//!   the value's canonical bytes ([`hll`]). `approx_quantile`: log-bucket histogram with 1 %
+//!   relative accuracy at rank ⌊q·(n−1)⌋ ([`quantile`]).
+//! - Output rows are sorted by `window_start`, then the group keys (nulls last); columns are
+//!   `window_start`, `window_end` (timestamps), the group_by columns, then the metrics:
+//!   counts and distinct counts `Int64`; sum/min/max/first/last in the input's type; avg,
+//!   variance, stddev and quantiles `Float64`.
+//!
+//! # Partials format, version 1 ([`PARTIALS_FORMAT_VERSION`])
+//!
+//! One row per group. Columns, in this order:
+//!
+//! | column | type | present for |
+//! |---|---|---|
+//! | `window_start` | timestamp (ms, UTC) | tumbling: window start; session: first event |
+//! | `pane_start` | timestamp | hopping: start of the `every`-aligned pane (not the window) |
+//! | `session_last` | timestamp | session: last event time |
+//! | group_by columns | their types | every view |
+//! | `__rows` | UInt64 | events in the group |
+//! | `{metric}__n` | UInt64 | count(col), sum, avg, variance, stddev: non-null inputs |
+//! | `{metric}__sum` | Int64 / Float64 | sum, avg (0 when `__n` is 0; Int64 wraps like polars) |
+//! | `{metric}__min`, `{metric}__max` | input type | min, max (null when none) |
+//! | `{metric}__mean`, `{metric}__m2` | Float64 | variance, stddev: mean and Σ(x − mean)² |
+//! | `{metric}__t`, `{metric}__v` | timestamp, input type | first, last: time and value |
+//! | `{metric}__hll` | List(UInt32) | approx_count_distinct: `register << 8 \| rank`, one per register |
+//! | `{metric}__dd_bucket`, `{metric}__dd_count` | List(Int32), List(UInt64) | approx_quantile: bucket codes and counts |
+//!
+//! `count()` has no state of its own (it is `__rows`). Rows of [`Plan::partials`] may repeat
+//! a group and list entries come in any order; [`Plan::merge`] and
+//! [`Accumulator::to_partials`] give one row per group, sorted, lists sorted. A Parquet file
+//! written by [`Plan::write_partials`] carries the format version, the view and its logic hash
+//! in its key-value metadata ([`FORMAT_KEY`], [`VIEW_KEY`], [`LOGIC_HASH_KEY`]).
+//! A change to any of this is a new format version, and the version is part of every logic
+//! hash, so a new version recomputes every view.
+
+mod accumulator;
+mod aggregate;
+mod decode;
+mod hll;
+mod layout;
+mod parquet;
+mod quantile;
+mod value;
+
+#[cfg(test)]
+mod tests;
+
+use std::sync::Arc;
+
+use polars::prelude::*;
+use xxhash_rust::xxh3::xxh3_128;
+
+use crate::spec::expr;
+use crate::spec::{ColumnType, Pipeline};
+
+pub use accumulator::Accumulator;
+pub use decode::{Decoded, Rejection};
+pub use parquet::{FORMAT_KEY, LOGIC_HASH_KEY, VIEW_KEY};
+
+use layout::ViewLayout;
+
+/// Version of the partials representation described in the module docs.
+pub const PARTIALS_FORMAT_VERSION: u32 = 1;
+
+#[derive(Debug, thiserror::Error)]
+pub enum PlanError {
+    /// The filter or a derived column does not compile (validation normally catches this).
+    #[error("pipeline `{pipeline}`: {what} `{sql}`: {reason}")]
+    Expr {
+        pipeline: String,
+        what: String,
+        sql: String,
+        reason: String,
+    },
+    /// A view names a column or combination the plan cannot aggregate.
+    #[error("pipeline `{pipeline}`, view `{view}`: {reason}")]
+    View {
+        pipeline: String,
+        view: String,
+        reason: String,
+    },
+    /// A partials file of another format version (or none): recompute it.
+    #[error("partials of view `{view}` are format {found:?}, this build reads format {expected}")]
+    PartialsFormat {
+        view: String,
+        found: Option<String>,
+        expected: u32,
+    },
+    /// A partials file computed by other logic (the spec changed since): recompute it.
+    #[error(
+        "partials of view `{view}` were computed with logic {found:?}, the view's logic is now {expected}"
+    )]
+    PartialsLogic {
+        view: String,
+        found: Option<String>,
+        expected: String,
+    },
+    #[error(transparent)]
+    Polars(#[from] PolarsError),
+}
+
+/// A pipeline compiled once: everything needed to turn its bytes into finished view rows.
+#[derive(Debug)]
+pub struct Plan {
+    pipeline: Pipeline,
+    decoder: decode::Decoder,
+    filter: Option<Expr>,
+    /// Derived columns, cast to their spec type, in declaration order.
+    columns: Vec<Expr>,
+    views: Vec<Arc<ViewLayout>>,
+    hashes: Vec<String>,
+}
+
+impl Plan {
+    pub fn compile(pipeline: &Pipeline) -> Result<Plan, PlanError> {
+        let expr_err = |what: String, sql: &str, reason: String| PlanError::Expr {
+            pipeline: pipeline.name.clone(),
+            what,
+            sql: sql.to_string(),
+            reason,
+        };
+        if pipeline.column_type(&pipeline.event_time) != Some(ColumnType::Timestamp) {
+            return Err(PlanError::Expr {
+                pipeline: pipeline.name.clone(),
+                what: "event_time".into(),
+                sql: pipeline.event_time.clone(),
+                reason: "is not a timestamp column of the schema".into(),
+            });
+        }
+        let mut available = pipeline.schema.clone();
+        let filter = match &pipeline.filter {
+            None => None,
+            Some(sql) => {
+                match expr::check(sql, &available) {
+                    Ok(ColumnType::Bool) => {}
+                    Ok(t) => {
+                        return Err(expr_err(
+                            "filter".into(),
+                            sql,
+                            format!("must be boolean, it is a {}", t.name()),
+                        ));
+                    }
+                    Err(e) => return Err(expr_err("filter".into(), sql, e)),
+                }
+                Some(expr::parse(sql).map_err(|e| expr_err("filter".into(), sql, e))?)
+            }
+        };
+        let mut columns = Vec::new();
+        for (name, sql) in &pipeline.columns {
+            let what = format!("column `{name}`");
+            let t = expr::check(sql, &available).map_err(|e| expr_err(what.clone(), sql, e))?;
+            let mut e = expr::parse(sql)
+                .map_err(|e| expr_err(what, sql, e))?
+                .cast(expr::dtype(t));
+            if t == ColumnType::Float {
+                // NaN has no place in SQL aggregates; treating it as null keeps min/max/sum
+                // well defined and equal in every layer.
+                e = e.fill_nan(lit(NULL).cast(DataType::Float64));
+            }
+            columns.push(e.alias(name.as_str()));
+            available.push((name.clone(), t));
+        }
+        let views = pipeline
+            .views
+            .iter()
+            .map(|v| ViewLayout::build(pipeline, v, &available).map(Arc::new))
+            .collect::<Result<Vec<_>, _>>()?;
+        let hashes = views.iter().map(|v| logic_hash(pipeline, v)).collect();
+        Ok(Plan {
+            pipeline: pipeline.clone(),
+            decoder: decode::Decoder::new(pipeline),
+            filter,
+            columns,
+            views,
+            hashes,
+        })
+    }
+
+    pub fn pipeline(&self) -> &Pipeline {
+        &self.pipeline
+    }
+
+    /// NDJSON or CSV (per the pipeline's format) → events with exactly the schema columns,
+    /// in order, plus one rejection per bad line. Never fails and never panics.
+    pub fn decode(&self, bytes: &[u8]) -> Decoded {
+        self.decoder.decode(bytes)
+    }
+
+    /// Filter, then derived columns, lazily: the batch layer passes a `scan_parquet` frame.
+    pub fn prepare(&self, events: LazyFrame) -> LazyFrame {
+        let mut lf = events;
+        if let Some(f) = &self.filter {
+            lf = lf.filter(f.clone());
+        }
+        // One `with_column` each: a derived column may use the ones declared before it.
+        for c in &self.columns {
+            lf = lf.with_column(c.clone());
+        }
+        lf
+    }
+
+    /// Partial aggregation of prepared events for view `view` (an index into
+    /// `pipeline().views`), in partials format v1. Panics if `view` is out of range.
+    pub fn partials(&self, view: usize, prepared: LazyFrame) -> LazyFrame {
+        aggregate::partials(&self.views[view], prepared)
+    }
+
+    /// Prepares one micro-batch once and computes every view's partials from it, in view order.
+    pub fn partials_all(&self, events: DataFrame) -> PolarsResult<Vec<DataFrame>> {
+        let prepared = self.prepare(events.lazy()).collect()?;
+        (0..self.views.len())
+            .map(|v| self.partials(v, prepared.clone().lazy()).collect())
+            .collect()
+    }
+
+    /// An empty in-memory accumulator for view `view`.
+    pub fn accumulator(&self, view: usize) -> Accumulator {
+        Accumulator::new(Arc::clone(&self.views[view]))
+    }
+
+    /// Merges partial frames of view `view` into one canonical frame (one row per group).
+    /// Associative and commutative: any grouping and order of the same parts gives the same
+    /// answer (floating-point states up to rounding).
+    pub fn merge(&self, view: usize, parts: Vec<DataFrame>) -> PolarsResult<DataFrame> {
+        let mut acc = self.accumulator(view);
+        for p in &parts {
+            acc.absorb(p)?;
+        }
+        acc.to_partials()
+    }
+
+    /// Partials (merged or not) → user-facing rows: `window_start`, `window_end`, group_by
+    /// columns, metrics in declared order; sorted by `window_start`, then keys.
+    pub fn finish(&self, view: usize, partials: DataFrame) -> PolarsResult<DataFrame> {
+        let mut acc = self.accumulator(view);
+        acc.absorb(&partials)?;
+        acc.finish()
+    }
+
+    /// Changes whenever anything that decides the view's answer changes — schema, filter,
+    /// derived columns, window, group_by, metrics, partials format — and not for
+    /// descriptions, sources, archive or dedupe settings.
+    pub fn logic_hash(&self, view: usize) -> String {
+        self.hashes[view].clone()
+    }
+
+    /// Expected partial schema of view `view`.
+    pub fn partials_schema(&self, view: usize) -> Schema {
+        self.views[view].partial_schema()
+    }
+
+    /// Schema of `finish`'s rows for view `view`.
+    pub fn output_schema(&self, view: usize) -> Schema {
+        self.views[view].output_schema()
+    }
+}
+
+fn logic_hash(p: &Pipeline, view: &ViewLayout) -> String {
+    let mut text = format!(
+        "lambda-ctl partials format {PARTIALS_FORMAT_VERSION}\nhll p={} xxh64; quantile alpha={}\n",
+        hll::P,
+        quantile::ALPHA
+    );
+    for (name, t) in &p.schema {
+        text.push_str(&format!("schema: {name} {}\n", t.name()));
+    }
+    if let Some(f) = &p.filter {
+        text.push_str(&format!("filter: {}\n", f.trim()));
+    }
+    for (name, sql) in &p.columns {
+        text.push_str(&format!("column: {name} = {}\n", sql.trim()));
+    }
+    text.push_str(&view.describe());
+    format!("{:032x}", xxh3_128(text.as_bytes()))
+}
