@@ -2,12 +2,17 @@
 //!
 //! Exit codes: 0 success, 1 user error (bad spec, bad argument, failed run), 2 internal error.
 
+mod backfill;
 mod client;
 mod ingest;
 mod init;
+mod logs;
 mod query;
+mod run;
+mod runs;
 mod serve;
 mod validate;
+mod worker;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -81,6 +86,47 @@ pub enum Command {
         /// Server address (default: `serve.listen` of lambda.yaml).
         #[arg(long)]
         server: Option<String>,
+    },
+    /// Start a workflow run now and print its id.
+    Run {
+        /// Workflow name.
+        name: String,
+        /// Execute the run here too, show task states as they change, and exit with its
+        /// outcome (1 if it failed).
+        #[arg(long)]
+        wait: bool,
+    },
+    /// Run history, newest first.
+    Runs {
+        /// Only runs of this workflow.
+        workflow: Option<String>,
+        /// How many runs to show.
+        #[arg(long, default_value_t = 20)]
+        limit: u32,
+    },
+    /// A run's log and the output of every task attempt.
+    Logs {
+        run_id: i64,
+    },
+    /// Queue one run per schedule slot of WORKFLOW between --from and --to (inclusive).
+    Backfill {
+        workflow: String,
+        /// First slot (RFC 3339, date, or relative like -7d).
+        #[arg(long)]
+        from: String,
+        /// Last slot.
+        #[arg(long)]
+        to: String,
+    },
+    /// Run task workers only (scale-out: many machines on one PostgreSQL state).
+    Worker {
+        /// Task attempts to execute at once.
+        #[arg(long, default_value_t = 4)]
+        concurrency: usize,
+        /// Also compete for the scheduler role (one process schedules at a time), as `serve`
+        /// does.
+        #[arg(long)]
+        schedule: bool,
     },
 }
 
@@ -157,6 +203,11 @@ fn run(cli: Cli) -> Result<(), CliError> {
                 server: server.as_deref(),
             },
         ),
+        Command::Run { name, wait } => run::run(&cli.project, &name, wait),
+        Command::Runs { workflow, limit } => runs::run(&cli.project, workflow.as_deref(), limit),
+        Command::Logs { run_id } => logs::run(&cli.project, run_id),
+        Command::Backfill { workflow, from, to } => backfill::run(&cli.project, &workflow, &from, &to),
+        Command::Worker { concurrency, schedule } => worker::run(&cli.project, concurrency, schedule),
     }
 }
 

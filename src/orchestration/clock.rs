@@ -16,6 +16,12 @@ pub trait Clock: Send + Sync + 'static {
     /// Completes once [`Clock::now`] is at or after `at`.
     fn sleep_until(&self, at: DateTime<Utc>) -> BoxFuture<'static, ()>;
 
+    /// Whether this clock is the wall clock. The job queue delays a retry by wall time; for
+    /// any other clock it pushes at once and the worker waits on this clock instead.
+    fn is_wall_clock(&self) -> bool {
+        true
+    }
+
     fn sleep(&self, d: Duration) -> BoxFuture<'static, ()> {
         let at = self.now() + chrono::Duration::from_std(d).unwrap_or(chrono::Duration::MAX);
         self.sleep_until(at)
@@ -83,6 +89,10 @@ impl ManualClock {
 impl Clock for ManualClock {
     fn now(&self) -> DateTime<Utc> {
         *self.now.lock()
+    }
+
+    fn is_wall_clock(&self) -> bool {
+        false
     }
 
     fn sleep_until(&self, at: DateTime<Utc>) -> BoxFuture<'static, ()> {

@@ -88,8 +88,10 @@ fn advance_run(
                 RunState::UpstreamFailed => Status::UpstreamFailed,
                 RunState::Failed | RunState::Cancelled if a.attempt <= task.retries => {
                     let next = a.attempt + 1;
-                    let base = a.finished_at.unwrap_or(now);
-                    let at = base + backoff(task, next);
+                    // `now`, not the attempt's finish time: the back-off is waited on the
+                    // orchestrator's clock, and the retry is decided in the transaction that
+                    // records the failure, so the two are the same moment.
+                    let at = now + backoff(task, next);
                     changes.push(WorkflowChange::QueueAttempt {
                         run: run.id,
                         task: task.name.clone(),
@@ -211,5 +213,229 @@ fn topological(workflow: &Workflow) -> Vec<&Task> {
         if order.len() == before {
             return order;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::PathBuf;
+    use std::time::Duration;
+
+    use chrono::TimeZone;
+
+    use super::*;
+    use crate::spec::TaskKind;
+    use crate::state::{AttemptId, RunId, RunKind};
+
+    fn t0() -> DateTime<Utc> {
+        Utc.with_ymd_and_hms(2026, 1, 1, 0, 0, 0).unwrap()
+    }
+
+    fn task(name: &str, needs: &[&str], retries: u32) -> Task {
+        Task {
+            name: name.into(),
+            kind: TaskKind::Command {
+                argv: vec!["true".into()],
+            },
+            needs: needs.iter().map(|n| n.to_string()).collect(),
+            retries,
+            retry_delay: Duration::from_secs(30),
+            timeout: None,
+        }
+    }
+
+    fn workflow(tasks: Vec<Task>, max_active_runs: u32) -> Workflow {
+        Workflow {
+            name: "wf".into(),
+            description: None,
+            file: PathBuf::from("workflows/wf.yaml"),
+            schedule: None,
+            timezone: chrono_tz::UTC,
+            catchup: false,
+            max_active_runs,
+            tasks,
+        }
+    }
+
+    fn run(id: i64, state: RunState) -> Run {
+        Run {
+            id: RunId(id),
+            kind: RunKind::Workflow,
+            name: "wf".into(),
+            state,
+            scheduled_at: None,
+            created_at: t0(),
+            started_at: None,
+            finished_at: None,
+            error: None,
+            log: String::new(),
+        }
+    }
+
+    fn attempt(run: i64, task: &str, n: u32, state: RunState) -> TaskAttempt {
+        TaskAttempt {
+            id: AttemptId(i64::from(n) * 100 + run),
+            run_id: RunId(run),
+            task: task.into(),
+            attempt: n,
+            state,
+            scheduled_at: None,
+            created_at: t0(),
+            started_at: Some(t0()),
+            finished_at: state.is_finished().then(t0),
+            error: (state == RunState::Failed).then(|| "boom".to_string()),
+            log: String::new(),
+        }
+    }
+
+    fn without_logs(changes: Vec<WorkflowChange>) -> Vec<WorkflowChange> {
+        changes
+            .into_iter()
+            .filter(|c| !matches!(c, WorkflowChange::Log { .. }))
+            .collect()
+    }
+
+    fn queue(run: i64, task: &str, at: Option<DateTime<Utc>>) -> WorkflowChange {
+        WorkflowChange::QueueAttempt {
+            run: RunId(run),
+            task: task.into(),
+            scheduled_at: at,
+        }
+    }
+
+    #[test]
+    fn admission_fills_free_places_oldest_first_with_root_tasks() {
+        let wf = workflow(
+            vec![task("a", &[], 0), task("b", &["a"], 0), task("c", &[], 0)],
+            2,
+        );
+        let snapshot = WorkflowSnapshot {
+            running: vec![(
+                run(1, RunState::Running),
+                vec![
+                    attempt(1, "a", 1, RunState::Running),
+                    attempt(1, "c", 1, RunState::Queued),
+                ],
+            )],
+            queued: vec![run(2, RunState::Queued), run(3, RunState::Queued)],
+        };
+        assert_eq!(
+            without_logs(decide(&wf, &snapshot, t0())),
+            vec![
+                WorkflowChange::StartRun(RunId(2)),
+                queue(2, "a", None),
+                queue(2, "c", None),
+            ]
+        );
+    }
+
+    #[test]
+    fn a_finishing_run_frees_its_place_in_the_same_decision() {
+        let wf = workflow(vec![task("a", &[], 0)], 1);
+        let snapshot = WorkflowSnapshot {
+            running: vec![(
+                run(1, RunState::Running),
+                vec![attempt(1, "a", 1, RunState::Succeeded)],
+            )],
+            queued: vec![run(2, RunState::Queued)],
+        };
+        assert_eq!(
+            without_logs(decide(&wf, &snapshot, t0())),
+            vec![
+                WorkflowChange::FinishRun {
+                    run: RunId(1),
+                    outcome: Outcome::Succeeded,
+                    error: None
+                },
+                WorkflowChange::StartRun(RunId(2)),
+                queue(2, "a", None),
+            ]
+        );
+    }
+
+    #[test]
+    fn retries_back_off_exponentially_from_the_failure() {
+        let wf = workflow(vec![task("a", &[], 3)], 1);
+        for (n, delay) in [(1, 30), (2, 60), (3, 120)] {
+            let attempts: Vec<TaskAttempt> = (1..=n)
+                .map(|k| attempt(1, "a", k, RunState::Failed))
+                .collect();
+            let snapshot = WorkflowSnapshot {
+                running: vec![(run(1, RunState::Running), attempts)],
+                queued: vec![],
+            };
+            assert_eq!(
+                without_logs(decide(&wf, &snapshot, t0())),
+                vec![queue(1, "a", Some(t0() + chrono::Duration::seconds(delay)))],
+                "after attempt {n}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_failure_without_retries_left_skips_the_whole_chain_and_fails_the_run() {
+        let wf = workflow(
+            vec![
+                task("a", &[], 1),
+                task("c", &["b"], 0),
+                task("b", &["a"], 0),
+                task("d", &[], 0),
+            ],
+            1,
+        );
+        let snapshot = WorkflowSnapshot {
+            running: vec![(
+                run(1, RunState::Running),
+                vec![
+                    attempt(1, "a", 1, RunState::Failed),
+                    attempt(1, "a", 2, RunState::Failed),
+                    attempt(1, "d", 1, RunState::Succeeded),
+                ],
+            )],
+            queued: vec![],
+        };
+        let skip = |t: &str, why: &str| WorkflowChange::SkipTask {
+            run: RunId(1),
+            task: t.into(),
+            error: format!("upstream task `{why}` failed"),
+        };
+        assert_eq!(
+            without_logs(decide(&wf, &snapshot, t0())),
+            vec![
+                skip("b", "a"),
+                skip("c", "b"),
+                WorkflowChange::FinishRun {
+                    run: RunId(1),
+                    outcome: Outcome::Failed,
+                    error: Some("task `a` failed: boom".into())
+                },
+            ]
+        );
+    }
+
+    #[test]
+    fn a_task_waits_for_every_need() {
+        let wf = workflow(
+            vec![
+                task("a", &[], 0),
+                task("b", &[], 0),
+                task("c", &["a", "b"], 0),
+            ],
+            1,
+        );
+        let mut attempts = vec![
+            attempt(1, "a", 1, RunState::Succeeded),
+            attempt(1, "b", 1, RunState::Running),
+        ];
+        let snapshot = |attempts: &Vec<TaskAttempt>| WorkflowSnapshot {
+            running: vec![(run(1, RunState::Running), attempts.clone())],
+            queued: vec![],
+        };
+        assert_eq!(decide(&wf, &snapshot(&attempts), t0()), vec![]);
+        attempts[1].state = RunState::Succeeded;
+        assert_eq!(
+            without_logs(decide(&wf, &snapshot(&attempts), t0())),
+            vec![queue(1, "c", None)]
+        );
     }
 }

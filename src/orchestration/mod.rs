@@ -142,12 +142,13 @@ impl Core {
     ) -> anyhow::Result<()> {
         let now = self.clock.now();
         for attempt in attempts {
-            // The queue delays by the wall clock; the worker then waits on our clock too, so a
-            // test clock still decides when a retry starts.
-            let delay = attempt
-                .scheduled_at
-                .and_then(|at| (at - now).to_std().ok())
-                .unwrap_or_default();
+            // The queue delays by the wall clock, so a retry does not hold a worker during its
+            // back-off; the worker also waits on our clock, which alone decides when the clock
+            // is not the wall clock (tests).
+            let delay = match attempt.scheduled_at {
+                Some(at) if self.clock.is_wall_clock() => (at - now).to_std().unwrap_or_default(),
+                _ => Duration::ZERO,
+            };
             self.queue
                 .push(AttemptJob::new(workflow, attempt), delay)
                 .await?;

@@ -232,12 +232,6 @@ impl TaskLog {
         (TaskLog { tx }, TaskLogWriter { handle })
     }
 
-    /// A discarded log, for code that runs a task outside any attempt (tests).
-    pub fn discard() -> TaskLog {
-        let (tx, _rx) = mpsc::unbounded_channel();
-        TaskLog { tx }
-    }
-
     pub fn line(&self, line: impl Into<String>) {
         // The writer only stops once every sender is gone, so this cannot be lost.
         let _ = self.tx.send(line.into());

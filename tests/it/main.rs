@@ -2,6 +2,7 @@
 //! system as a user would.
 
 mod cli;
+mod orchestration;
 mod projects;
 mod spec_diagnostics;
 mod speed;
