@@ -105,9 +105,7 @@ pub enum Command {
         limit: u32,
     },
     /// A run's log and the output of every task attempt.
-    Logs {
-        run_id: i64,
-    },
+    Logs { run_id: i64 },
     /// Queue one run per schedule slot of WORKFLOW between --from and --to (inclusive).
     Backfill {
         workflow: String,
@@ -206,8 +204,13 @@ fn run(cli: Cli) -> Result<(), CliError> {
         Command::Run { name, wait } => run::run(&cli.project, &name, wait),
         Command::Runs { workflow, limit } => runs::run(&cli.project, workflow.as_deref(), limit),
         Command::Logs { run_id } => logs::run(&cli.project, run_id),
-        Command::Backfill { workflow, from, to } => backfill::run(&cli.project, &workflow, &from, &to),
-        Command::Worker { concurrency, schedule } => worker::run(&cli.project, concurrency, schedule),
+        Command::Backfill { workflow, from, to } => {
+            backfill::run(&cli.project, &workflow, &from, &to)
+        }
+        Command::Worker {
+            concurrency,
+            schedule,
+        } => worker::run(&cli.project, concurrency, schedule),
     }
 }
 
