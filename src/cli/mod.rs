@@ -110,10 +110,10 @@ pub enum Command {
     Backfill {
         workflow: String,
         /// First slot (RFC 3339, date, or relative like -7d).
-        #[arg(long)]
+        #[arg(long, allow_hyphen_values = true)]
         from: String,
         /// Last slot.
-        #[arg(long)]
+        #[arg(long, allow_hyphen_values = true)]
         to: String,
     },
     /// Run task workers only (scale-out: many machines on one PostgreSQL state).

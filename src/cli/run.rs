@@ -105,10 +105,15 @@ impl Screen {
             }
             self.drawn = lines.len();
         } else {
-            for (name, state) in lines {
-                let line = (name.trim().to_string(), state);
+            for (i, (name, state)) in lines.into_iter().enumerate() {
+                let name = if i == 0 {
+                    name
+                } else {
+                    format!("task {}", name.trim())
+                };
+                let line = (name, state);
                 if !self.printed.contains(&line) {
-                    let _ = writeln!(out, "{} {}", line.0, line.1);
+                    let _ = writeln!(out, "{}: {}", line.0, line.1);
                     self.printed.retain(|(n, _)| *n != line.0);
                     self.printed.push(line);
                 }

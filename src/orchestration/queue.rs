@@ -131,19 +131,26 @@ impl Queue {
             .max_attempts(DELIVERIES)
             .run_at_time(SystemTime::now() + delay)
             .build();
-        match self {
+        let pushed = match self {
+            // apalis-sqlite inserts with ON CONFLICT DO NOTHING: a duplicate is silently kept.
             Queue::Sqlite(s) => s
                 .clone()
                 .push_task(task)
                 .await
                 .map_err(|e| anyhow::anyhow!("{e}")),
-            Queue::Postgres(s) => s
-                .clone()
-                .push_task(task)
-                .await
-                .map_err(|e| anyhow::anyhow!("{e}")),
-        }
-        .with_context(|| format!("queueing task attempt {key}"))?;
+            Queue::Postgres(s) => match s.clone().push_task(task).await {
+                Ok(()) => Ok(()),
+                // apalis-postgres lets the unique index on the key reject a duplicate.
+                Err(TaskSinkError::PushError(apalis_postgres::Error::Database(
+                    sqlx::Error::Database(e),
+                ))) if e.is_unique_violation() => {
+                    debug!(job = %key, "task attempt already queued");
+                    return Ok(());
+                }
+                Err(e) => Err(anyhow::anyhow!("{e}")),
+            },
+        };
+        pushed.with_context(|| format!("queueing task attempt {key}"))?;
         debug!(job = %key, "queued task attempt");
         Ok(())
     }

@@ -865,3 +865,78 @@ async fn three_processes_on_postgres_run_every_slot_once_and_hand_over_schedulin
     state.close().await;
     db.drop().await;
 }
+
+#[test]
+fn the_cli_runs_a_workflow_and_shows_its_history_and_logs() {
+    use crate::support::{lambda_ctl, stderr, stdout};
+    let project = Project::new(
+        "name: wf\ntasks:\n  - name: greet\n    command: [\"sh\", \"-c\", \"echo hello from $LAMBDA_WORKFLOW\"]\n  - name: check\n    command: [\"sh\", \"-c\", \"test -e ok || { echo missing ok >&2; exit 4; }\"]\n    needs: [greet]\n",
+    );
+    let dir = project.path().to_str().unwrap();
+
+    let failed = lambda_ctl(&["run", "wf", "--wait", "--project", dir]);
+    assert_eq!(failed.status.code(), Some(1), "{}", stderr(&failed));
+    assert_eq!(stdout(&failed).lines().next(), Some("1"));
+    assert!(
+        stdout(&failed).contains("task check: failed"),
+        "{}",
+        stdout(&failed)
+    );
+    assert!(
+        stderr(&failed).contains("run 1 failed: task `check` failed"),
+        "{}",
+        stderr(&failed)
+    );
+
+    std::fs::write(project.path().join("ok"), "").unwrap();
+    let ok = lambda_ctl(&["run", "wf", "--wait", "--project", dir]);
+    assert!(ok.status.success(), "{}", stderr(&ok));
+    assert!(stdout(&ok).contains("run 2: succeeded"), "{}", stdout(&ok));
+
+    let runs = lambda_ctl(&["runs", "wf", "--project", dir]);
+    assert!(runs.status.success(), "{}", stderr(&runs));
+    let table = stdout(&runs);
+    let rows: Vec<&str> = table.lines().collect();
+    assert!(rows[0].starts_with("ID  NAME  STATE"), "{table}");
+    assert!(
+        rows[1].starts_with("2   wf    succeeded  manual"),
+        "{table}"
+    );
+    assert!(
+        rows[2].starts_with("1   wf    failed     manual"),
+        "{table}"
+    );
+
+    let logs = lambda_ctl(&["logs", "1", "--project", dir]);
+    assert!(logs.status.success(), "{}", stderr(&logs));
+    let text = stdout(&logs);
+    assert!(text.contains("hello from wf"), "{text}");
+    assert!(text.contains("missing ok"), "{text}");
+    assert!(text.contains("== check attempt 1: failed"), "{text}");
+
+    let missing = lambda_ctl(&["logs", "7", "--project", dir]);
+    assert_eq!(missing.status.code(), Some(1));
+    let unscheduled = lambda_ctl(&[
+        "backfill",
+        "wf",
+        "--from",
+        "-2d",
+        "--to",
+        "now",
+        "--project",
+        dir,
+    ]);
+    assert_eq!(unscheduled.status.code(), Some(1));
+    assert!(
+        stderr(&unscheduled).contains("has no schedule"),
+        "{}",
+        stderr(&unscheduled)
+    );
+    let unknown = lambda_ctl(&["run", "fw", "--project", dir]);
+    assert_eq!(unknown.status.code(), Some(1));
+    assert!(
+        stderr(&unknown).contains("did you mean `wf`"),
+        "{}",
+        stderr(&unknown)
+    );
+}
