@@ -940,3 +940,68 @@ fn the_cli_runs_a_workflow_and_shows_its_history_and_logs() {
         stderr(&unknown)
     );
 }
+
+#[test]
+fn an_attempt_whose_worker_died_is_failed_as_lost_and_retried_elsewhere() {
+    use crate::support::{lambda_ctl, stderr, stdout};
+    let project = Project::new(
+        "name: wf\ntasks:\n  - name: long\n    command: [\"sh\", \"-c\", \"if [ -e started ]; then echo second attempt; else echo $$ > started; exec sleep 300; fi\"]\n    retries: 1\n    retry_delay: 1s\n",
+    );
+    let dir = project.path();
+    let triggered = lambda_ctl(&["run", "wf", "--project", dir.to_str().unwrap()]);
+    assert!(triggered.status.success(), "{}", stderr(&triggered));
+    assert_eq!(stdout(&triggered).trim(), "1");
+
+    let mut first = Process::start(dir, &["worker"]);
+    let started = dir.join("started");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !started.exists() {
+        assert!(Instant::now() < deadline, "the first attempt did not start");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // The worker dies mid-attempt; its command (own process group) is left running.
+    first.kill9();
+    let orphan: u32 = std::fs::read_to_string(&started)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+
+    let mut second = Process::start(dir, &["worker", "--schedule"]);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let spec = project.load();
+    let run = rt.block_on(async {
+        let state = State::open(&spec.settings.state).await.unwrap();
+        let deadline = Instant::now() + Duration::from_secs(90);
+        let run = loop {
+            let run = state.run(RunId(1)).await.unwrap().unwrap();
+            if run.state.is_finished() {
+                break run;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the run did not recover: {run:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        };
+        let attempts = state.task_attempts(RunId(1)).await.unwrap();
+        state.close().await;
+        (run, attempts)
+    });
+    second.terminate();
+    if let Some(pid) = i32::try_from(orphan)
+        .ok()
+        .and_then(rustix::process::Pid::from_raw)
+    {
+        let _ = rustix::process::kill_process(pid, rustix::process::Signal::KILL);
+    }
+    let (run, attempts) = run;
+    assert_eq!(run.state, RunState::Succeeded, "{run:?}\n{attempts:#?}");
+    assert_eq!(attempts.len(), 2, "{attempts:#?}");
+    assert_eq!(attempts[0].state, RunState::Failed);
+    assert!(
+        attempts[0].error.as_deref().unwrap().starts_with("lost:"),
+        "{attempts:#?}"
+    );
+    assert!(attempts[1].log.contains("second attempt"), "{attempts:#?}");
+}
