@@ -82,7 +82,14 @@ impl Source {
                     .iter()
                     .map(|p| PlRefPath::new(p.to_string_lossy().as_ref()))
                     .collect();
-                LazyFrame::scan_parquet_files(paths, ScanArgsParquet::default()).map(Some)
+                let mut args = ScanArgsParquet {
+                    // Segment paths are exact files; globbing a name could match others.
+                    glob: false,
+                    ..ScanArgsParquet::default()
+                };
+                // `p=0/` in the archive layout is not a column: the events carry their own.
+                args.hive_options.enabled = Some(false);
+                LazyFrame::scan_parquet_files(paths, args).map(Some)
             }
             Source::Frames(frames) => {
                 let lfs: Vec<LazyFrame> = frames.iter().map(|f| f.clone().lazy()).collect();
