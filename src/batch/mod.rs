@@ -15,6 +15,9 @@ pub mod pickup;
 pub mod scan;
 pub mod verify;
 
+#[cfg(test)]
+mod tests;
+
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
