@@ -146,9 +146,11 @@ pub async fn recompute(
         Err(e) => {
             let msg = format!("{e:#}");
             log(state, run_id, &format!("failed: {msg}")).await;
-            state
-                .finish_run(run_id, Outcome::Failed, Some(&msg))
-                .await?;
+            // The run's own error is the one to report; a state DB that also fails to record
+            // it leaves the run `running`, which garbage collection treats as killed.
+            if let Err(e) = state.finish_run(run_id, Outcome::Failed, Some(&msg)).await {
+                tracing::warn!(run = run_id.0, error = %e, "cannot record the failed run");
+            }
         }
     }
     result.map_err(BatchError::Other)
