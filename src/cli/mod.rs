@@ -6,6 +6,7 @@ mod client;
 mod ingest;
 mod init;
 mod query;
+mod run;
 mod serve;
 mod validate;
 
@@ -82,6 +83,24 @@ pub enum Command {
         #[arg(long)]
         server: Option<String>,
     },
+    /// Recompute a pipeline's views from its sealed segments now and publish them; prints the
+    /// run id. Works whether or not a server is running (it picks the result up).
+    Run {
+        /// The pipeline.
+        name: String,
+        /// Show progress, and exit with the run's status (0 succeeded, 1 failed).
+        #[arg(long)]
+        wait: bool,
+        /// Only these views (comma-separated).
+        #[arg(long, value_delimiter = ',')]
+        views: Vec<String>,
+    },
+    /// Recompute every view over the sealed segments in both engines (batch scan and the
+    /// speed path) and report any difference; exit 1 if they disagree.
+    Verify {
+        /// The pipeline.
+        pipeline: String,
+    },
 }
 
 /// A failure with the exit code it maps to.
@@ -157,6 +176,8 @@ fn run(cli: Cli) -> Result<(), CliError> {
                 server: server.as_deref(),
             },
         ),
+        Command::Run { name, wait, views } => run::run(&cli.project, &name, wait, &views),
+        Command::Verify { pipeline } => run::verify(&cli.project, &pipeline),
     }
 }
 

@@ -2,6 +2,8 @@
 //! system as a user would.
 
 mod cli;
+mod lambda;
+mod orders;
 mod projects;
 mod spec_diagnostics;
 mod speed;
