@@ -311,18 +311,19 @@ async fn exactly_once_across_kill9(broker: Broker) {
         })
     };
     let started = Instant::now();
-    loop {
+    let at_kill = loop {
         let (got, _) = counted(&client, &server).await;
         if got as usize > FIRST + 100 || publisher.is_finished() {
-            break;
+            break got;
         }
         assert!(
             started.elapsed() < Duration::from_secs(60),
             "no progress after the first batch"
         );
         tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    };
     server.kill9();
+    eprintln!("killed serve with {at_kill} of {TOTAL} events counted");
     publisher.await.unwrap();
 
     let server = Server::start(root);
