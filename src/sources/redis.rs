@@ -91,6 +91,16 @@ impl RedisSource {
             .get_multiplexed_async_connection_with_config(&config)
             .await
             .context("connecting to Redis")?;
+        // Named after the consumer so an operator can find (or kill) it in CLIENT LIST; a
+        // name Redis refuses (spaces) only loses that convenience.
+        let named: ::redis::RedisResult<()> = ::redis::cmd("CLIENT")
+            .arg("SETNAME")
+            .arg(&self.consumer)
+            .query_async(&mut con)
+            .await;
+        if let Err(e) = named {
+            tracing::debug!(consumer = %self.consumer, error = %e, "Redis refused the connection name");
+        }
         self.create_group(&mut con).await?;
         backoff.reset();
         tracing::info!(pipeline = %self.rt.pipeline.name, stream = %self.stream, group = %self.group, consumer = %self.consumer, "Redis connected");

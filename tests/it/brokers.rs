@@ -60,7 +60,9 @@ impl Broker {
                 format!("  type: amqp\n  url: \"{url}\"\n  queue: {queue}\n  prefetch: 200\n")
             }
             Broker::Redis { url, stream } => {
-                format!("  type: redis\n  url: {url}\n  stream: {stream}\n  group: lambda\n")
+                format!(
+                    "  type: redis\n  url: {url}\n  stream: {stream}\n  group: lambda\n  consumer: {stream}\n"
+                )
             }
             Broker::Nats { url, stream } => format!(
                 "  type: nats\n  url: {url}\n  stream: {stream}\n  subject: \"{stream}.>\"\n"
@@ -379,4 +381,52 @@ async fn nats_counts_every_event_once_across_kill9() {
         stream: unique("LT"),
     })
     .await;
+}
+
+/// Redis drops the source's connection (`CLIENT KILL`) mid-stream: the source reconnects,
+/// re-reads its pending entries and loses nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_reconnects_after_its_connection_is_killed() {
+    let Some(url) = env("LAMBDA_TEST_REDIS") else {
+        return;
+    };
+    let stream = unique("lt");
+    let broker = Broker::Redis {
+        url: url.clone(),
+        stream: stream.clone(),
+    };
+    let dir = project(&broker);
+    let client = reqwest::Client::new();
+    broker.prepare().await;
+    broker.publish(0..FIRST).await;
+    let server = Server::start(dir.path());
+    wait_for_exactly(&client, &server, FIRST).await;
+
+    // The source names its connection after its consumer (the stream name here).
+    let redis = redis::Client::open(url.as_str()).unwrap();
+    let mut con = redis.get_multiplexed_async_connection().await.unwrap();
+    let list: String = redis::cmd("CLIENT")
+        .arg("LIST")
+        .query_async(&mut con)
+        .await
+        .unwrap();
+    let ids: Vec<String> = list
+        .lines()
+        .filter(|l| l.split(' ').any(|f| f == format!("name={stream}")))
+        .filter_map(|l| l.split(' ').find_map(|f| f.strip_prefix("id=")))
+        .map(str::to_string)
+        .collect();
+    assert!(!ids.is_empty(), "the source's connection is in CLIENT LIST");
+    for id in ids {
+        let _: u64 = redis::cmd("CLIENT")
+            .arg("KILL")
+            .arg("ID")
+            .arg(id)
+            .query_async(&mut con)
+            .await
+            .unwrap();
+    }
+
+    broker.publish(FIRST..TOTAL).await;
+    wait_for_exactly(&client, &server, TOTAL).await;
 }
