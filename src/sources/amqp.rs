@@ -57,7 +57,10 @@ impl AmqpSource {
         backoff: &mut Backoff,
         shutdown: &CancellationToken,
     ) -> anyhow::Result<()> {
-        let conn = Connection::connect(&self.url, ConnectionProperties::default())
+        // Named so the connection is recognisable in the broker's connection list.
+        let name = format!("lambda-ctl-{}", self.rt.pipeline.name);
+        let properties = ConnectionProperties::default().with_connection_name(name.as_str().into());
+        let conn = Connection::connect(&self.url, properties)
             .await
             .context("connecting to the AMQP broker")?;
         let channel = self.channel(&conn).await?;
