@@ -119,6 +119,49 @@ impl Broker {
         }
     }
 
+    /// Deletes what the run left on the shared broker (stream, queue, persistent session).
+    async fn remove(&self) {
+        match self {
+            Broker::Mqtt { url, topic } => {
+                // Connecting with a clean session under the same id discards the stored one.
+                let (client, mut eventloop) = mqtt_client(url, topic, true);
+                loop {
+                    if let rumqttc::Event::Incoming(rumqttc::Packet::ConnAck(_)) =
+                        eventloop.poll().await.unwrap()
+                    {
+                        break;
+                    }
+                }
+                client.disconnect().await.unwrap();
+                while eventloop.poll().await.is_ok() {}
+            }
+            Broker::Amqp { url, queue } => {
+                let (_conn, channel) = amqp_channel(url, queue).await;
+                channel
+                    .queue_delete(
+                        queue.as_str().into(),
+                        lapin::options::QueueDeleteOptions::default(),
+                    )
+                    .await
+                    .unwrap();
+            }
+            Broker::Redis { url, stream } => {
+                let client = redis::Client::open(url.as_str()).unwrap();
+                let mut con = client.get_multiplexed_async_connection().await.unwrap();
+                let _: u64 = redis::cmd("DEL")
+                    .arg(stream)
+                    .query_async(&mut con)
+                    .await
+                    .unwrap();
+            }
+            Broker::Nats { url, stream } => {
+                let js =
+                    async_nats::jetstream::new(async_nats::connect(url.as_str()).await.unwrap());
+                js.delete_stream(stream).await.unwrap();
+            }
+        }
+    }
+
     /// Publishes events `range`, each confirmed by the broker before this returns.
     async fn publish(&self, range: std::ops::Range<usize>) {
         match self {
@@ -333,6 +376,8 @@ async fn exactly_once_across_kill9(broker: Broker) {
     // Late redeliveries must not raise the count.
     tokio::time::sleep(Duration::from_secs(1)).await;
     wait_for_exactly(&client, &server, TOTAL).await;
+    server.kill9();
+    broker.remove().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -429,4 +474,6 @@ async fn redis_reconnects_after_its_connection_is_killed() {
 
     broker.publish(FIRST..TOTAL).await;
     wait_for_exactly(&client, &server, TOTAL).await;
+    server.kill9();
+    broker.remove().await;
 }
