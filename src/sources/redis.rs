@@ -11,6 +11,9 @@
 //! The consumer name is `consumer`, or `lambda-<pipeline>`: it must stay the same across
 //! restarts for the pending list to be found again.
 //!
+//! A pending entry deleted from the stream (trimmed) before it was acknowledged is
+//! acknowledged without ingesting anything.
+//!
 //! An entry's payload is its `data` field; an entry with a single field uses that field's
 //! value; otherwise its fields become one JSON object (values as strings).
 
@@ -224,7 +227,9 @@ impl RedisSource {
             return Ok(true);
         }
         let mut body = Body::new(self.rt.pipeline.format);
-        for e in &entries {
+        // A pending entry trimmed or deleted from the stream comes back without fields:
+        // nothing to ingest, but it is acknowledged so it leaves the pending list.
+        for e in entries.iter().filter(|e| !e.map.is_empty()) {
             body.push(&payload(e));
         }
         if !broker::ingest_durably(&self.rt, "redis", body.into_bytes(), shutdown).await {
