@@ -145,10 +145,6 @@ impl MetricLayout {
             Agg::Avg | Agg::Variance | Agg::Stddev | Agg::Quantile(_) => DataType::Float64,
         }
     }
-
-    pub fn is_sketch(&self) -> bool {
-        matches!(self.agg, Agg::Distinct | Agg::Quantile(_))
-    }
 }
 
 #[derive(Debug, Clone)]

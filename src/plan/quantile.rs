@@ -4,8 +4,8 @@
 //!
 //! A value's bucket code is an `i32` whose order is the order of the values: 0 for
 //! |x| < 1e-12 (and ±0), `k + OFFSET` for x > 0 with k = ⌈ln x / ln γ⌉, and the negation of
-//! that for x < 0. The code is computed as a polars column; the partial is a group-by counting
-//! rows per code.
+//! that for x < 0. The code is computed as a polars column, the view's group-by collects each
+//! group's codes, and [`reduce_lists`] turns them into (bucket, count) lists.
 
 use polars::prelude::*;
 
@@ -58,6 +58,48 @@ pub(crate) fn codes(c: &Column) -> PolarsResult<Column> {
         other => polars_bail!(InvalidOperation: "approx_quantile of a {other} column"),
     };
     Ok(out.with_name(name).into_column())
+}
+
+/// Lists of raw bucket codes (one per event, nulls allowed) → sorted distinct buckets
+/// (`counts: false`) or their counts (`counts: true`), aligned: the canonical partial form.
+pub(crate) fn reduce_lists(c: &Column, counts: bool) -> PolarsResult<Column> {
+    let lists = c.list()?;
+    let (n, name) = (lists.len(), c.name().clone());
+    let mut buckets =
+        ListPrimitiveChunkedBuilder::<Int32Type>::new(name.clone(), n, n * 8, DataType::Int32);
+    let mut tallies =
+        ListPrimitiveChunkedBuilder::<UInt64Type>::new(name, n, n * 8, DataType::UInt64);
+    let mut codes = Vec::new();
+    let (mut keys, mut sums) = (Vec::new(), Vec::new());
+    for list in lists.amortized_iter() {
+        codes.clear();
+        keys.clear();
+        sums.clear();
+        if let Some(list) = list {
+            codes.extend(list.as_ref().i32()?.iter().flatten());
+        }
+        codes.sort_unstable();
+        for &code in &codes {
+            if keys.last() == Some(&code) {
+                if let Some(last) = sums.last_mut() {
+                    *last += 1;
+                }
+            } else {
+                keys.push(code);
+                sums.push(1u64);
+            }
+        }
+        if counts {
+            tallies.append_slice(&sums);
+        } else {
+            buckets.append_slice(&keys);
+        }
+    }
+    Ok(if counts {
+        tallies.finish().into_column()
+    } else {
+        buckets.finish().into_column()
+    })
 }
 
 /// One group's histogram: `(code, count)` sorted by code, codes unique, counts > 0.
