@@ -70,7 +70,7 @@ pub(crate) fn reduce_lists(c: &Column, counts: bool) -> PolarsResult<Column> {
     let mut tallies =
         ListPrimitiveChunkedBuilder::<UInt64Type>::new(name, n, n * 8, DataType::UInt64);
     let mut codes = Vec::new();
-    let (mut keys, mut sums) = (Vec::new(), Vec::new());
+    let (mut keys, mut sums): (Vec<i32>, Vec<u64>) = (Vec::new(), Vec::new());
     for list in lists.amortized_iter() {
         codes.clear();
         keys.clear();
@@ -82,7 +82,7 @@ pub(crate) fn reduce_lists(c: &Column, counts: bool) -> PolarsResult<Column> {
         for &code in &codes {
             if keys.last() == Some(&code) {
                 if let Some(last) = sums.last_mut() {
-                    *last += 1;
+                    *last = last.saturating_add(1);
                 }
             } else {
                 keys.push(code);
@@ -159,14 +159,14 @@ impl Histogram {
 
     /// The estimate of the value at rank ⌊q·(n−1)⌋ (0-based), or `None` when empty.
     pub fn quantile(&self, q: f64) -> Option<f64> {
-        let n: u64 = self.buckets.iter().map(|b| b.1).sum();
+        let n = self.buckets.iter().fold(0u64, |n, b| n.saturating_add(b.1));
         if n == 0 {
             return None;
         }
         let rank = (q.clamp(0.0, 1.0) * (n - 1) as f64).floor() as u64;
         let mut seen = 0u64;
         for &(code, count) in &self.buckets {
-            seen += count;
+            seen = seen.saturating_add(count);
             if seen > rank {
                 return Some(value(code));
             }
