@@ -169,6 +169,12 @@ impl ViewLayout {
             reason,
         };
         let lookup = |c: &str| -> Result<(String, ColumnType), PlanError> {
+            // The partial query names its helper columns `__…`.
+            if c.starts_with("__") {
+                return Err(err(format!(
+                    "column `{c}`: names starting with `__` are reserved for the plan"
+                )));
+            }
             columns
                 .iter()
                 .find(|(n, _)| n == c)

@@ -783,6 +783,10 @@ fn compile_rejects_what_it_cannot_run() {
     let err = Plan::compile(&p).unwrap_err().to_string();
     assert!(err.contains("cannot aggregate `s`"), "{err}");
     let mut p = test_pipeline();
+    p.schema.push(("__t".into(), ColumnType::Int));
+    p.views[0].group_by = vec!["__t".into()];
+    assert!(matches!(Plan::compile(&p), Err(PlanError::View { .. })));
+    let mut p = test_pipeline();
     p.filter = Some("x +".into());
     assert!(matches!(Plan::compile(&p), Err(PlanError::Expr { .. })));
 }
