@@ -136,4 +136,5 @@ fn main() {
         println!("ack → visible latency at 1000 events/s: p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms ({} samples, includes one query round trip)", p(0.5), p(0.99), p(1.0), lat.len());
     });
     let _ = child.kill();
+    let _ = child.wait();
 }

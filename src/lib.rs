@@ -23,12 +23,15 @@
 //!   published views, runs, schedules. Every SQL statement lives there.
 //! - [`speed`]: the write-ahead log, de-duplication at the door, micro-batches into partials
 //!   per segment, the archiver, recovery.
+//! - [`batch`]: recompute views from the sealed segments with the same plan, publish them
+//!   atomically; verify the two engines agree; serving's pickup of new publications.
 //! - [`sources`]: where events come from (generator, file; HTTP arrives through serving).
 //! - [`serving`]: batch view ⊕ speed partials under one snapshot; the HTTP API.
 //! - [`orchestration`]: workflows — cron slots in a time zone, DAGs of tasks with retries and
 //!   timeouts, catch-up, backfill and `max_active_runs` — on the apalis queue in the state DB.
 //! - [`cli`]: the `lambda-ctl` command line, one file per subcommand.
 
+pub mod batch;
 pub mod cli;
 pub mod lake;
 pub mod orchestration;

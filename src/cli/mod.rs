@@ -9,6 +9,7 @@ mod init;
 mod logs;
 mod query;
 mod run;
+mod run_workflow;
 mod runs;
 mod serve;
 mod validate;
@@ -87,14 +88,25 @@ pub enum Command {
         #[arg(long)]
         server: Option<String>,
     },
-    /// Start a workflow run now and print its id.
+    /// Start a run now and print its id. NAME is a workflow, or a pipeline: recompute its
+    /// views from its sealed segments and publish them (whether or not a server is running; it
+    /// picks the result up).
     Run {
-        /// Workflow name.
+        /// A workflow or a pipeline.
         name: String,
-        /// Execute the run here too, show task states as they change, and exit with its
-        /// outcome (1 if it failed).
+        /// Show progress, and exit with the run's status (0 succeeded, 1 failed). A workflow's
+        /// tasks also execute in this process, so the run progresses without a server.
         #[arg(long)]
         wait: bool,
+        /// Pipeline only: only these views (comma-separated).
+        #[arg(long, value_delimiter = ',')]
+        views: Vec<String>,
+    },
+    /// Recompute every view over the sealed segments in both engines (batch scan and the
+    /// speed path) and report any difference; exit 1 if they disagree.
+    Verify {
+        /// The pipeline.
+        pipeline: String,
     },
     /// Run history, newest first.
     Runs {
@@ -201,7 +213,8 @@ fn run(cli: Cli) -> Result<(), CliError> {
                 server: server.as_deref(),
             },
         ),
-        Command::Run { name, wait } => run::run(&cli.project, &name, wait),
+        Command::Run { name, wait, views } => run_workflow::run(&cli.project, &name, wait, &views),
+        Command::Verify { pipeline } => run::verify(&cli.project, &pipeline),
         Command::Runs { workflow, limit } => runs::run(&cli.project, workflow.as_deref(), limit),
         Command::Logs { run_id } => logs::run(&cli.project, run_id),
         Command::Backfill { workflow, from, to } => {

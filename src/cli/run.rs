@@ -1,124 +1,158 @@
-//! `lambda-ctl run WORKFLOW [--wait]`: start a run now and print its id; with `--wait`, also
-//! execute tasks in this process (so the run progresses even with no `serve` or `worker`
-//! running), show the task states as they change, and exit with the run's outcome.
+//! `lambda-ctl run PIPELINE [--wait] [--views a,b]`: recompute a pipeline's views now, in this
+//! process (a running server picks the publication up within a second), and `verify PIPELINE`.
 
 use std::io::{IsTerminal, Write};
 use std::path::Path;
+use std::sync::Arc;
+use std::time::Instant;
 
-use tokio_util::sync::CancellationToken;
+use anyhow::Context;
 
 use super::CliError;
-use super::worker::{open, runtime, user_or_internal, wait_for_signal};
-use crate::orchestration::{Options, RunStatus};
-use crate::state::RunState;
+use super::serve::redact;
+use crate::batch::{self, BatchError, Progress};
+use crate::lake::Lake;
+use crate::plan::Plan;
+use crate::spec::Project;
+use crate::state::State;
 
-pub fn run(project_dir: &Path, name: &str, wait: bool) -> Result<(), CliError> {
+pub fn run(project_dir: &Path, name: &str, wait: bool, views: &[String]) -> Result<(), CliError> {
     let project = super::load_project(project_dir)?;
-    if project.workflow(name).is_none() && project.pipeline(name).is_some() {
-        return Err(CliError::User(format!(
-            "`{name}` is a pipeline: recomputing a pipeline on demand needs the batch layer, which this lambda-ctl build does not include (run a workflow with a `batch: {name}` task instead)"
-        )));
-    }
-    runtime()?.block_on(async {
-        let orchestrator = open(project).await?;
-        let id = orchestrator.trigger(name).await.map_err(user_or_internal)?;
-        println!("{id}");
-        if !wait {
-            return Ok(());
-        }
-        let shutdown = CancellationToken::new();
-        let running = orchestrator.start(
-            &Options {
-                scheduler: false,
-                concurrency: 4,
-            },
-            shutdown.clone(),
-        );
-        let stop = shutdown.clone();
-        let signal = tokio::spawn(async move {
-            wait_for_signal().await;
-            stop.cancel();
-        });
-        let mut screen = Screen::new();
-        let result = orchestrator
-            .wait(id, |status| screen.show(status), &shutdown)
-            .await;
-        shutdown.cancel();
-        signal.abort();
-        running.join().await;
-        let status = result.map_err(|e| {
-            CliError::User(format!(
-                "{e:#}; run {id} goes on in any `lambda-ctl serve` or `worker` (see `lambda-ctl runs`)"
-            ))
-        })?;
-        match status.run.state {
-            RunState::Succeeded => Ok(()),
-            state => Err(CliError::User(format!(
-                "run {id} {state}: {}",
-                status.run.error.as_deref().unwrap_or("no reason recorded")
-            ))),
+    let plan = compile(&project, name)?;
+    let rt = runtime()?;
+    rt.block_on(async {
+        let (db, lake) = open(&project).await?;
+        let views = (!views.is_empty()).then_some(views);
+        let tty = std::io::stderr().is_terminal();
+        let started = Instant::now();
+        let mut bar_shown = false;
+        let mut progress = |p: &Progress| match p {
+            Progress::Started {
+                run_id,
+                segments,
+                rows,
+            } => {
+                // The id first, on stdout, so scripts can read it.
+                println!("{run_id}");
+                if wait {
+                    eprintln!(
+                        "run {run_id}: {segments} sealed segment(s), {rows} events in the cutoff"
+                    );
+                }
+            }
+            Progress::Segments {
+                view,
+                done,
+                total,
+                rows,
+            } if wait && tty => {
+                eprint!(
+                    "\r{view}: segments {done}/{total}, {rows} events, {:.1}s   ",
+                    started.elapsed().as_secs_f64()
+                );
+                let _ = std::io::stderr().flush();
+                bar_shown = true;
+            }
+            Progress::Segments { .. } => {}
+            Progress::Published {
+                view,
+                mode,
+                segments,
+                rows,
+                partial_rows,
+            } if wait => {
+                if bar_shown {
+                    eprintln!();
+                    bar_shown = false;
+                }
+                eprintln!(
+                    "{view}: published ({}, {segments} segment(s), {rows} events, {partial_rows} groups) at {:.1}s",
+                    mode.as_str(),
+                    started.elapsed().as_secs_f64()
+                );
+            }
+            Progress::Published { .. } => {}
+        };
+        let result = batch::recompute(Arc::new(plan), &db, &lake, views, &mut progress).await;
+        db.close().await;
+        match result {
+            Ok(summary) => {
+                if wait {
+                    eprintln!(
+                        "run {} succeeded in {:.2}s",
+                        summary.run_id,
+                        summary.elapsed.as_secs_f64()
+                    );
+                }
+                Ok(())
+            }
+            Err(e @ BatchError::UnknownView { .. }) => Err(CliError::User(e.to_string())),
+            Err(e) => Err(CliError::User(format!("run failed: {e}"))),
         }
     })
 }
 
-/// Task states on stdout: redrawn in place on a terminal, one line per change otherwise.
-struct Screen {
-    tty: bool,
-    /// Lines drawn last time (terminal only), to move back over them.
-    drawn: usize,
-    /// Last printed state per task (not a terminal), to print only changes.
-    printed: Vec<(String, String)>,
-}
-
-impl Screen {
-    fn new() -> Screen {
-        Screen {
-            tty: std::io::stdout().is_terminal(),
-            drawn: 0,
-            printed: Vec::new(),
-        }
-    }
-
-    fn show(&mut self, status: &RunStatus) {
-        let mut out = std::io::stdout().lock();
-        let lines: Vec<(String, String)> = std::iter::once((
-            format!("run {}", status.run.id),
-            status.run.state.to_string(),
-        ))
-        .chain(status.tasks.iter().map(|t| {
-            let state = match t.state {
-                None => "waiting".to_string(),
-                Some(s) if t.attempts > 1 => format!("{s} (attempt {})", t.attempts),
-                Some(s) => s.to_string(),
-            };
-            (format!("  {}", t.name), state)
-        }))
-        .collect();
-        if self.tty {
-            if self.drawn > 0 {
-                // Up to the first line drawn, then clear to the end of the screen.
-                let _ = write!(out, "\x1b[{}F\x1b[J", self.drawn);
-            }
-            let width = lines.iter().map(|(n, _)| n.len()).max().unwrap_or(0);
-            for (name, state) in &lines {
-                let _ = writeln!(out, "{name:width$}  {state}");
-            }
-            self.drawn = lines.len();
-        } else {
-            for (i, (name, state)) in lines.into_iter().enumerate() {
-                let name = if i == 0 {
-                    name
-                } else {
-                    format!("task {}", name.trim())
-                };
-                let line = (name, state);
-                if !self.printed.contains(&line) {
-                    let _ = writeln!(out, "{}: {}", line.0, line.1);
-                    self.printed.retain(|(n, _)| *n != line.0);
-                    self.printed.push(line);
+pub fn verify(project_dir: &Path, name: &str) -> Result<(), CliError> {
+    let project = super::load_project(project_dir)?;
+    let plan = compile(&project, name)?;
+    let rt = runtime()?;
+    rt.block_on(async {
+        let (db, lake) = open(&project).await?;
+        let report = batch::verify::verify(Arc::new(plan), &db, &lake).await;
+        db.close().await;
+        let report = report.context("verifying")?;
+        println!(
+            "{} sealed segment(s), {} events",
+            report.segments, report.events
+        );
+        for v in &report.views {
+            if v.differences.is_empty() {
+                println!("{}: ok ({} rows agree)", v.view, v.rows);
+            } else {
+                println!("{}: DIFFERS", v.view);
+                for d in &v.differences {
+                    println!("  {d}");
                 }
             }
         }
-        let _ = out.flush();
-    }
+        if report.ok() {
+            Ok(())
+        } else {
+            Err(CliError::User(
+                "the batch and speed engines disagree".to_string(),
+            ))
+        }
+    })
+}
+
+fn compile(project: &Project, name: &str) -> Result<Plan, CliError> {
+    let Some(p) = project.pipeline(name) else {
+        let known: Vec<&str> = project.pipelines.iter().map(|p| p.name.as_str()).collect();
+        return Err(CliError::User(format!(
+            "`{name}` is not a pipeline of this project (pipelines: {})",
+            if known.is_empty() {
+                "none".to_string()
+            } else {
+                known.join(", ")
+            }
+        )));
+    };
+    Ok(Plan::compile(p).with_context(|| format!("compiling pipeline `{name}`"))?)
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime, CliError> {
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?)
+}
+
+async fn open(project: &Project) -> Result<(State, Lake), CliError> {
+    let s = &project.settings;
+    let db = State::open(&s.state)
+        .await
+        .with_context(|| format!("opening the state DB {}", redact(&s.state)))?;
+    let lake = Lake::open(&s.lake, &s.lake_options)
+        .with_context(|| format!("opening the lake {}", s.lake))?;
+    Ok((db, lake))
 }

@@ -9,6 +9,7 @@ use anyhow::Context;
 use tokio_util::sync::CancellationToken;
 
 use super::CliError;
+use crate::batch::pickup::Pickup;
 use crate::lake::Lake;
 use crate::plan::Plan;
 use crate::serving::http::{self, App};
@@ -50,6 +51,10 @@ async fn serve(project: spec::Project, listen: Option<SocketAddr>) -> Result<(),
         .with_context(|| format!("starting pipeline `{}`", p.name))?;
         sources::spawn(rt.clone(), &project.root, &state_dir, shutdown.clone())
             .map_err(|e| CliError::User(format!("{e:#}")))?;
+        // Serve the published batch views from the start, then follow new publications.
+        let mut pickup = Pickup::new(rt.clone(), db.clone(), lake.clone());
+        pickup.poll().await;
+        tokio::spawn(pickup.run(shutdown.clone()));
         runtimes.insert(p.name.clone(), rt);
     }
 

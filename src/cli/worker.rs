@@ -4,14 +4,14 @@
 
 use std::path::Path;
 use std::sync::Arc;
-use std::time::Duration;
 
 use anyhow::Context;
-use futures::future::BoxFuture;
 use tokio_util::sync::CancellationToken;
 
 use super::CliError;
-use crate::orchestration::{Options, OrchestrationError, Orchestrator, TaskContext, TaskRunner};
+use crate::lake::Lake;
+use crate::orchestration::layers::Layers;
+use crate::orchestration::{Options, OrchestrationError, Orchestrator};
 use crate::spec::Project;
 use crate::state::State;
 
@@ -47,10 +47,18 @@ pub(super) fn runtime() -> Result<tokio::runtime::Runtime, CliError> {
 
 /// The project's orchestrator over its state DB.
 pub(super) async fn open(project: Project) -> Result<Orchestrator, CliError> {
-    let state = State::open(&project.settings.state)
-        .await
-        .context("opening the state DB")?;
-    let orchestrator = Orchestrator::open(Arc::new(project), state, task_runner())
+    let settings = &project.settings;
+    let state = State::open(&settings.state).await.with_context(|| {
+        format!(
+            "opening the state DB {}",
+            super::serve::redact(&settings.state)
+        )
+    })?;
+    let lake = Lake::open(&settings.lake, &settings.lake_options)
+        .with_context(|| format!("opening the lake {}", settings.lake))?;
+    let project = Arc::new(project);
+    let layers = Arc::new(Layers::new(project.clone(), state.clone(), lake));
+    let orchestrator = Orchestrator::open(project, state, layers)
         .await
         .context("opening the job queue")?;
     Ok(orchestrator)
@@ -66,49 +74,6 @@ pub(super) fn user_or_internal(e: OrchestrationError) -> CliError {
         OrchestrationError::State(_) | OrchestrationError::Queue(_) => {
             CliError::Internal(anyhow::Error::new(e))
         }
-    }
-}
-
-/// The layers behind `batch`, `compact` and `retention` tasks.
-fn task_runner() -> Arc<dyn TaskRunner> {
-    Arc::new(LayersNotLinked)
-}
-
-/// Fails `batch`, `compact` and `retention` tasks with an explanation: this build links no
-/// batch layer to run them (`command` tasks run regardless).
-struct LayersNotLinked;
-
-impl LayersNotLinked {
-    fn fail<'a>(kind: &'static str) -> BoxFuture<'a, anyhow::Result<()>> {
-        Box::pin(async move {
-            anyhow::bail!(
-                "`{kind}` tasks need the batch layer, which this lambda-ctl build does not include"
-            )
-        })
-    }
-}
-
-impl TaskRunner for LayersNotLinked {
-    fn batch<'a>(
-        &'a self,
-        _: &'a TaskContext,
-        _: &'a str,
-        _: Option<&'a [String]>,
-    ) -> BoxFuture<'a, anyhow::Result<()>> {
-        Self::fail("batch")
-    }
-
-    fn compact<'a>(&'a self, _: &'a TaskContext, _: &'a str) -> BoxFuture<'a, anyhow::Result<()>> {
-        Self::fail("compact")
-    }
-
-    fn retention<'a>(
-        &'a self,
-        _: &'a TaskContext,
-        _: &'a str,
-        _: Duration,
-    ) -> BoxFuture<'a, anyhow::Result<()>> {
-        Self::fail("retention")
     }
 }
 

@@ -14,7 +14,8 @@
 //! - [`queue`]: apalis over the state DB; one job per task attempt, keyed by
 //!   (run, task, attempt).
 //! - [`tasks`]: executing a task; [`TaskRunner`] is the boundary to the batch layer and the
-//!   lake/archive owners, `command` tasks are implemented here.
+//!   lake/archive owners, `command` tasks are implemented here; [`layers`] is the runner of a
+//!   real project (batch recompute).
 //! - the scheduler (slot claims, leadership, recovery sweeps) and the worker (claim, run under
 //!   timeout with heartbeats, record) are private.
 //!
@@ -25,6 +26,7 @@
 
 pub mod clock;
 pub mod dag;
+pub mod layers;
 pub mod queue;
 mod scheduler;
 pub mod slots;

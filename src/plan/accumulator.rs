@@ -81,15 +81,15 @@ enum State {
 impl State {
     fn merge(&mut self, other: State) {
         match (self, other) {
-            (State::Count(a), State::Count(b)) => *a += b,
+            (State::Count(a), State::Count(b)) => *a = a.saturating_add(b),
             (State::SumInt { sum, n }, State::SumInt { sum: s, n: m }) => {
                 // Wrapping, like polars' own Int64 sum, so the order of merging never matters.
                 *sum = sum.wrapping_add(s);
-                *n += m;
+                *n = n.saturating_add(m);
             }
             (State::SumFloat { sum, n }, State::SumFloat { sum: s, n: m }) => {
                 *sum += s;
-                *n += m;
+                *n = n.saturating_add(m);
             }
             (State::Min(a), State::Min(Some(b))) if a.as_ref().is_none_or(|a| b < *a) => {
                 *a = Some(b);
@@ -118,7 +118,7 @@ impl State {
                 let delta = mb - *mean;
                 *mean += delta * nbf / total;
                 *m2 += m2b + delta * delta * na * nbf / total;
-                *n += nb;
+                *n = n.saturating_add(nb);
             }
             (State::First(a), State::First(Some(b))) if a.as_ref().is_none_or(|a| b < *a) => {
                 *a = Some(b);
@@ -136,7 +136,8 @@ impl State {
 
 impl Group {
     fn merge(&mut self, other: Group) {
-        self.rows += other.rows;
+        // Saturating: partials read from files are not trusted to be sane.
+        self.rows = self.rows.saturating_add(other.rows);
         for (a, b) in self.states.iter_mut().zip(other.states) {
             a.merge(b);
         }
@@ -335,7 +336,7 @@ impl Accumulator {
                     for j in 0..size / every {
                         windows.add(
                             GroupKey {
-                                start: Some(pane - j * every),
+                                start: Some(pane.saturating_sub(j.saturating_mul(every))),
                                 keys: key.keys.clone(),
                             },
                             group.clone(),
@@ -353,9 +354,9 @@ impl Accumulator {
             .iter()
             .map(|r| match layout.window {
                 WindowLayout::Tumbling { size } | WindowLayout::Hopping { size, .. } => {
-                    (r.0, r.0.map(|s| s + size))
+                    (r.0, r.0.map(|s| s.saturating_add(size)))
                 }
-                WindowLayout::Session { gap } => (r.0, r.1.map(|l| l + gap)),
+                WindowLayout::Session { gap } => (r.0, r.1.map(|l| l.saturating_add(gap))),
                 WindowLayout::All => (None, None),
             })
             .unzip();

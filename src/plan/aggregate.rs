@@ -1,8 +1,8 @@
 //! Prepared events → partials (format v1), as one lazy polars query per view.
 //!
-//! Window assignment and every state are polars expressions; the two sketches are a per-row
-//! code computed by a column function (stable xxh64 / log-bucket) followed by a group-by with
-//! `max` (HyperLogLog) or a count (quantile histogram), joined back onto the group rows.
+//! Window assignment and every state are polars expressions in one group-by; the two sketches
+//! are a per-row code computed by a column function (stable xxh64 / log-bucket) that the
+//! group-by collects per group and a second column function reduces to the sketch.
 
 use std::collections::HashSet;
 
@@ -23,9 +23,6 @@ const T: &str = "__t";
 const SID: &str = "__sid";
 /// Constant key of an all-time view without group_by.
 const ALL: &str = "__all";
-const CODE: &str = "__code";
-const REGISTER: &str = "__register";
-const COUNT: &str = "__count";
 
 pub(crate) fn partials(layout: &ViewLayout, prepared: LazyFrame) -> LazyFrame {
     let ms = dtype(ColumnType::Timestamp);
@@ -84,12 +81,21 @@ pub(crate) fn partials(layout: &ViewLayout, prepared: LazyFrame) -> LazyFrame {
         group_cols.extend(key_cols.iter().cloned());
     }
 
-    let sketches: Vec<&MetricLayout> = layout.metrics.iter().filter(|m| m.is_sketch()).collect();
-    let base = if sketches.is_empty() {
-        base
-    } else {
-        base.cache()
-    };
+    // Sketch metrics: a code per row now, collected per group by the group-by below, then
+    // reduced to the canonical sketch by a column function.
+    let mut base = base;
+    for (i, m) in layout.metrics.iter().enumerate() {
+        let v = col(m.input_name());
+        match m.agg {
+            Agg::Distinct => {
+                base = base.with_column(code(v, hll::codes, DataType::UInt32).alias(raw(i)))
+            }
+            Agg::Quantile(_) => {
+                base = base.with_column(code(v, quantile::codes, DataType::Int32).alias(raw(i)))
+            }
+            _ => {}
+        }
+    }
 
     let mut aggs = vec![len().cast(DataType::UInt64).alias(ROWS)];
     if session {
@@ -97,20 +103,45 @@ pub(crate) fn partials(layout: &ViewLayout, prepared: LazyFrame) -> LazyFrame {
         aggs.push(col(T).max().alias(SESSION_LAST));
         aggs.extend(key_cols.iter().map(|k| k.clone().first()));
     }
-    for m in &layout.metrics {
+    let mut reduce = Vec::new();
+    for (i, m) in layout.metrics.iter().enumerate() {
         aggs.extend(metric_aggs(m));
+        let list = |f: fn(&Column) -> PolarsResult<Column>, out: DataType, s: StateCol| {
+            col(raw(i))
+                .map(
+                    move |c| f(&c),
+                    move |_, field| Ok(Field::new(field.name().clone(), out.clone())),
+                )
+                .alias(m.state_name(s))
+        };
+        match m.agg {
+            Agg::Distinct => {
+                aggs.push(col(raw(i)));
+                reduce.push(list(
+                    hll::reduce_lists,
+                    DataType::List(Box::new(DataType::UInt32)),
+                    StateCol::Hll,
+                ));
+            }
+            Agg::Quantile(_) => {
+                aggs.push(col(raw(i)));
+                reduce.push(list(
+                    |c| quantile::reduce_lists(c, false),
+                    DataType::List(Box::new(DataType::Int32)),
+                    StateCol::DdBucket,
+                ));
+                reduce.push(list(
+                    |c| quantile::reduce_lists(c, true),
+                    DataType::List(Box::new(DataType::UInt64)),
+                    StateCol::DdCount,
+                ));
+            }
+            _ => {}
+        }
     }
-    let mut out = base.clone().group_by(group_cols.clone()).agg(aggs);
-    for m in sketches {
-        let mut args = JoinArgs::new(JoinType::Left);
-        // Null is a group key like any other.
-        args.nulls_equal = true;
-        out = out.join(
-            sketch(m, base.clone(), &group_cols),
-            group_cols.clone(),
-            group_cols.clone(),
-            args,
-        );
+    let mut out = base.group_by(group_cols).agg(aggs);
+    if !reduce.is_empty() {
+        out = out.with_columns(reduce);
     }
 
     let mut columns: Vec<Expr> = layout
@@ -175,38 +206,15 @@ fn metric_aggs(m: &MetricLayout) -> Vec<Expr> {
     }
 }
 
-/// One sketch metric's partial: a list state per group.
-fn sketch(m: &MetricLayout, base: LazyFrame, group: &[Expr]) -> LazyFrame {
-    let v = col(m.input_name());
-    let with_code = |f: fn(&Column) -> PolarsResult<Column>, out: DataType| {
-        let mut select = group.to_vec();
-        select.push(
-            v.clone()
-                .map(
-                    move |c| f(&c),
-                    move |_, field| Ok(Field::new(field.name().clone(), out.clone())),
-                )
-                .alias(CODE),
-        );
-        base.clone().select(select).filter(col(CODE).is_not_null())
-    };
-    let mut by = group.to_vec();
-    if m.agg == Agg::Distinct {
-        by.push(col(CODE).floor_div(lit(256u32)).alias(REGISTER));
-        with_code(hll::codes, DataType::UInt32)
-            .group_by(by)
-            .agg([col(CODE).max()])
-            .group_by(group)
-            .agg([col(CODE).alias(m.state_name(StateCol::Hll))])
-    } else {
-        by.push(col(CODE));
-        with_code(quantile::codes, DataType::Int32)
-            .group_by(by)
-            .agg([len().cast(DataType::UInt64).alias(COUNT)])
-            .group_by(group)
-            .agg([
-                col(CODE).alias(m.state_name(StateCol::DdBucket)),
-                col(COUNT).alias(m.state_name(StateCol::DdCount)),
-            ])
-    }
+/// Raw per-row sketch codes of metric `i`, collected into a list per group.
+fn raw(i: usize) -> String {
+    format!("__codes{i}")
+}
+
+/// A column function computing per-row sketch codes.
+fn code(v: Expr, f: fn(&Column) -> PolarsResult<Column>, out: DataType) -> Expr {
+    v.map(
+        move |c| f(&c),
+        move |_, field| Ok(Field::new(field.name().clone(), out.clone())),
+    )
 }

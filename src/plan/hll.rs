@@ -4,8 +4,9 @@
 //! strings, little-endian i64 for ints and timestamps (epoch ms), the IEEE bits of the f64
 //! for floats (with -0.0 → 0.0 and one NaN), one byte 0/1 for bools — so the partials written
 //! today merge with those written by any later version. The per-row code
-//! `register << 8 | rank` is computed as a polars column, and the partial is a group-by
-//! taking the max code per register: sketches are as vectorised as plain aggregates.
+//! `register << 8 | rank` is computed as a polars column, the view's group-by collects each
+//! group's codes, and [`reduce_lists`] keeps the largest rank per register: one pass, no
+//! extra group-by or join.
 //! The estimate is Ertl's improved raw estimator ("New cardinality estimation algorithms for
 //! HyperLogLog sketches", 2017), accurate from 0 to far beyond 2^32 without bias tables.
 
@@ -83,6 +84,42 @@ pub(crate) fn codes(c: &Column) -> PolarsResult<Column> {
     Ok(out.with_name(name).into_column())
 }
 
+/// Lists of raw codes (one per event, nulls allowed) → one sorted code per register, the
+/// canonical partial form. Runs right after the group-by collected each group's codes.
+pub(crate) fn reduce_lists(c: &Column) -> PolarsResult<Column> {
+    let lists = c.list()?;
+    let mut out = ListPrimitiveChunkedBuilder::<UInt32Type>::new(
+        c.name().clone(),
+        lists.len(),
+        lists.len() * 8,
+        DataType::UInt32,
+    );
+    let mut codes = Vec::new();
+    for list in lists.amortized_iter() {
+        codes.clear();
+        if let Some(list) = list {
+            codes.extend(list.as_ref().u32()?.iter().flatten());
+        }
+        reduce(&mut codes);
+        out.append_slice(&codes);
+    }
+    Ok(out.finish().into_column())
+}
+
+/// Sorts codes by register and keeps the largest rank of each register.
+fn reduce(codes: &mut Vec<u32>) {
+    codes.sort_unstable();
+    // Within a run of one register the last code has the largest rank.
+    codes.dedup_by(|next, kept| {
+        if register(*next) == register(*kept) {
+            *kept = *next;
+            true
+        } else {
+            false
+        }
+    });
+}
+
 /// Registers of one group: sparse sorted codes while small, dense ranks once large.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub(crate) struct Registers {
@@ -101,16 +138,7 @@ impl Registers {
             }
             return;
         }
-        codes.sort_unstable();
-        // Within a run of one register the last code has the largest rank.
-        codes.dedup_by(|next, kept| {
-            if register(*next) == register(*kept) {
-                *kept = *next;
-                true
-            } else {
-                false
-            }
-        });
+        reduce(&mut codes);
         self.merge_sorted(&codes);
     }
 

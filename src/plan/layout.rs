@@ -145,10 +145,6 @@ impl MetricLayout {
             Agg::Avg | Agg::Variance | Agg::Stddev | Agg::Quantile(_) => DataType::Float64,
         }
     }
-
-    pub fn is_sketch(&self) -> bool {
-        matches!(self.agg, Agg::Distinct | Agg::Quantile(_))
-    }
 }
 
 #[derive(Debug, Clone)]
@@ -173,6 +169,12 @@ impl ViewLayout {
             reason,
         };
         let lookup = |c: &str| -> Result<(String, ColumnType), PlanError> {
+            // The partial query names its helper columns `__…`.
+            if c.starts_with("__") {
+                return Err(err(format!(
+                    "column `{c}`: names starting with `__` are reserved for the plan"
+                )));
+            }
             columns
                 .iter()
                 .find(|(n, _)| n == c)

@@ -28,6 +28,8 @@
 //!   (sample, n − 1) need two values. `first`/`last` take the non-null value at the
 //!   earliest/latest event time; on a tie the smallest/largest value wins, so the answer never
 //!   depends on arrival order. NaN produced by a derived column counts as null.
+//! - Event times must lie in years 0000–9999 (what RFC 3339 can write); others are rejected
+//!   at decode like any bad value.
 //! - `approx_count_distinct`: HyperLogLog, 2^12 registers (≈ 1.6 % standard error), xxh64 of
 //!   the value's canonical bytes ([`hll`]). `approx_quantile`: log-bucket histogram with 1 %
 //!   relative accuracy at rank ⌊q·(n−1)⌋ ([`quantile`]).
@@ -55,11 +57,12 @@
 //! | `{metric}__hll` | List(UInt32) | approx_count_distinct: `register << 8 \| rank`, one per register |
 //! | `{metric}__dd_bucket`, `{metric}__dd_count` | List(Int32), List(UInt64) | approx_quantile: bucket codes and counts |
 //!
-//! `count()` has no state of its own (it is `__rows`). Rows of [`Plan::partials`] may repeat
-//! a group and list entries come in any order; [`Plan::merge`] and
-//! [`Accumulator::to_partials`] give one row per group, sorted, lists sorted. A Parquet file
-//! written by [`Plan::write_partials`] carries the format version, the view and its logic hash
-//! in its key-value metadata ([`FORMAT_KEY`], [`VIEW_KEY`], [`LOGIC_HASH_KEY`]).
+//! `count()` has no state of its own (it is `__rows`). HLL entries are sorted by register,
+//! quantile buckets by code. [`Plan::partials`] gives one row per group (per session found in
+//! its input) in no particular order; [`Plan::merge`] and [`Accumulator::to_partials`] give
+//! one row per group sorted by window, then keys. A Parquet file written by
+//! [`Plan::write_partials`] carries the format version, the view and its logic hash in its
+//! key-value metadata ([`FORMAT_KEY`], [`VIEW_KEY`], [`LOGIC_HASH_KEY`]).
 //! A change to any of this is a new format version, and the version is part of every logic
 //! hash, so a new version recomputes every view.
 

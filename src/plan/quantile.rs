@@ -4,8 +4,8 @@
 //!
 //! A value's bucket code is an `i32` whose order is the order of the values: 0 for
 //! |x| < 1e-12 (and ±0), `k + OFFSET` for x > 0 with k = ⌈ln x / ln γ⌉, and the negation of
-//! that for x < 0. The code is computed as a polars column; the partial is a group-by counting
-//! rows per code.
+//! that for x < 0. The code is computed as a polars column, the view's group-by collects each
+//! group's codes, and [`reduce_lists`] turns them into (bucket, count) lists.
 
 use polars::prelude::*;
 
@@ -58,6 +58,48 @@ pub(crate) fn codes(c: &Column) -> PolarsResult<Column> {
         other => polars_bail!(InvalidOperation: "approx_quantile of a {other} column"),
     };
     Ok(out.with_name(name).into_column())
+}
+
+/// Lists of raw bucket codes (one per event, nulls allowed) → sorted distinct buckets
+/// (`counts: false`) or their counts (`counts: true`), aligned: the canonical partial form.
+pub(crate) fn reduce_lists(c: &Column, counts: bool) -> PolarsResult<Column> {
+    let lists = c.list()?;
+    let (n, name) = (lists.len(), c.name().clone());
+    let mut buckets =
+        ListPrimitiveChunkedBuilder::<Int32Type>::new(name.clone(), n, n * 8, DataType::Int32);
+    let mut tallies =
+        ListPrimitiveChunkedBuilder::<UInt64Type>::new(name, n, n * 8, DataType::UInt64);
+    let mut codes = Vec::new();
+    let (mut keys, mut sums): (Vec<i32>, Vec<u64>) = (Vec::new(), Vec::new());
+    for list in lists.amortized_iter() {
+        codes.clear();
+        keys.clear();
+        sums.clear();
+        if let Some(list) = list {
+            codes.extend(list.as_ref().i32()?.iter().flatten());
+        }
+        codes.sort_unstable();
+        for &code in &codes {
+            if keys.last() == Some(&code) {
+                if let Some(last) = sums.last_mut() {
+                    *last = last.saturating_add(1);
+                }
+            } else {
+                keys.push(code);
+                sums.push(1u64);
+            }
+        }
+        if counts {
+            tallies.append_slice(&sums);
+        } else {
+            buckets.append_slice(&keys);
+        }
+    }
+    Ok(if counts {
+        tallies.finish().into_column()
+    } else {
+        buckets.finish().into_column()
+    })
 }
 
 /// One group's histogram: `(code, count)` sorted by code, codes unique, counts > 0.
@@ -117,14 +159,14 @@ impl Histogram {
 
     /// The estimate of the value at rank ⌊q·(n−1)⌋ (0-based), or `None` when empty.
     pub fn quantile(&self, q: f64) -> Option<f64> {
-        let n: u64 = self.buckets.iter().map(|b| b.1).sum();
+        let n = self.buckets.iter().fold(0u64, |n, b| n.saturating_add(b.1));
         if n == 0 {
             return None;
         }
         let rank = (q.clamp(0.0, 1.0) * (n - 1) as f64).floor() as u64;
         let mut seen = 0u64;
         for &(code, count) in &self.buckets {
-            seen += count;
+            seen = seen.saturating_add(count);
             if seen > rank {
                 return Some(value(code));
             }

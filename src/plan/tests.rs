@@ -783,6 +783,10 @@ fn compile_rejects_what_it_cannot_run() {
     let err = Plan::compile(&p).unwrap_err().to_string();
     assert!(err.contains("cannot aggregate `s`"), "{err}");
     let mut p = test_pipeline();
+    p.schema.push(("__t".into(), ColumnType::Int));
+    p.views[0].group_by = vec!["__t".into()];
+    assert!(matches!(Plan::compile(&p), Err(PlanError::View { .. })));
+    let mut p = test_pipeline();
     p.filter = Some("x +".into());
     assert!(matches!(Plan::compile(&p), Err(PlanError::Expr { .. })));
 }
@@ -792,4 +796,87 @@ fn plan_is_send_and_sync() {
     fn check<T: Send + Sync>() {}
     check::<Plan>();
     check::<super::Accumulator>();
+}
+
+#[test]
+fn sketches_hold_their_bounds_at_scale() {
+    let mut p = test_pipeline();
+    p.filter = None;
+    let plan = Plan::compile(&p).unwrap();
+    let all = plan
+        .pipeline()
+        .views
+        .iter()
+        .position(|v| v.name == "all_unkeyed")
+        .unwrap();
+    let metric = |name: &str| 2 + METRICS.iter().position(|(m, _)| *m == name).unwrap();
+    let n = 60_000i64;
+    let events = df!(
+        "ts" => (0..n).collect::<Vec<_>>(),
+        "k" => vec![Some("a"); n as usize],
+        // 50 000 distinct floats, each quantile known exactly.
+        "x" => (0..n).map(|i| (i % 50_000) as f64 * 0.5 + 1.0).collect::<Vec<_>>(),
+        "n" => (0..n).map(|i| i % 20_000).collect::<Vec<_>>(),
+        "s" => (0..n).map(|i| format!("user-{}", i % 30_000)).collect::<Vec<_>>(),
+        "b" => vec![Some(true); n as usize],
+    )
+    .unwrap()
+    .lazy()
+    .with_column(col("ts").cast(DataType::Datetime(TimeUnit::Milliseconds, None)))
+    .collect()
+    .unwrap();
+    // In four micro-batches, as the speed layer would see them.
+    let parts: Vec<DataFrame> = (0..4)
+        .map(|i| partial(&plan, all, &events.slice(i * 15_000, 15_000)))
+        .collect();
+    let out = rows(&plan.finish(all, plan.merge(all, parts).unwrap()).unwrap());
+    let int = |c: &Cell| match c {
+        Cell::Int(v) => *v as f64,
+        other => panic!("{other:?}"),
+    };
+    for (name, exact) in [("ds", 30_000.0), ("dn", 20_000.0)] {
+        let est = int(&out[0][metric(name)]);
+        // 3.5 standard errors of 2^12 registers.
+        assert!(
+            (est - exact).abs() / exact < 0.057,
+            "{name}: {est} vs {exact}"
+        );
+    }
+    let mut xs: Vec<f64> = (0..n).map(|i| (i % 50_000) as f64 * 0.5 + 1.0).collect();
+    xs.sort_by(f64::total_cmp);
+    let Cell::Float(median) = out[0][metric("qx")] else {
+        panic!()
+    };
+    let exact = xs[((n - 1) as f64 * 0.5).floor() as usize];
+    assert!(
+        (median - exact).abs() <= quantile::ALPHA * exact,
+        "{median} vs {exact}"
+    );
+}
+
+#[test]
+fn csv_and_ndjson_give_the_same_answer() {
+    let json = plan();
+    let mut p = test_pipeline();
+    p.format = Format::Csv;
+    let csv = Plan::compile(&p).unwrap();
+    let ndjson = b"{\"ts\":\"1970-01-01T00:00:00.120Z\",\"k\":\"a\",\"x\":1.5,\"s\":\"p, q\"}\n{\"ts\":130,\"k\":\"a\",\"n\":4,\"b\":false}\n";
+    let text = b"s,ts,k,x,n,b\n\"p, q\",1970-01-01T00:00:00.120Z,a,1.5,,\n,130,a,,4,false\n";
+    let a = json.decode(ndjson);
+    let b = csv.decode(text);
+    assert!(
+        a.rejected.is_empty() && b.rejected.is_empty(),
+        "{:?} {:?}",
+        a.rejected,
+        b.rejected
+    );
+    assert!(
+        a.events.equals_missing(&b.events),
+        "{}\n{}",
+        a.events,
+        b.events
+    );
+    let finish =
+        |plan: &Plan, events: &DataFrame| plan.finish(0, partial(plan, 0, events)).unwrap();
+    assert!(finish(&json, &a.events).equals_missing(&finish(&csv, &b.events)));
 }

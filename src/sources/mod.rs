@@ -1,9 +1,15 @@
-//! Sources: where events come from, one file per kind. Position-less sources (HTTP, generator,
-//! file) feed the pipeline's door, which logs every event durably before acknowledging it;
-//! HTTP is served by `serving::http`, the others run as tasks started here.
+//! Sources: where events come from, one file per kind. Every source feeds the pipeline's door,
+//! which logs every event durably before acknowledging it; HTTP is served by
+//! `serving::http`, the others run as tasks started here. Broker sources (`mqtt`, `amqp`,
+//! `redis`, `nats`) acknowledge upstream only after the door returned (see `broker`).
 
+pub mod amqp;
+pub mod broker;
 pub mod file;
 pub mod generator;
+pub mod mqtt;
+pub mod nats;
+pub mod redis;
 
 use std::path::Path;
 use std::sync::Arc;
@@ -28,8 +34,43 @@ pub fn spawn(
             let reader = file::FileSource::new(rt, project_root, &path, follow, state_dir)?;
             Some(tokio::spawn(reader.run(shutdown)))
         }
+        Source::Mqtt {
+            url,
+            topic,
+            qos,
+            client_id,
+        } => {
+            let source = mqtt::MqttSource::new(rt, &url, &topic, qos, client_id.as_deref())?;
+            Some(tokio::spawn(source.run(shutdown)))
+        }
+        Source::Amqp {
+            url,
+            queue,
+            prefetch,
+        } => {
+            let source = amqp::AmqpSource::new(rt, &url, &queue, prefetch);
+            Some(tokio::spawn(source.run(shutdown)))
+        }
+        Source::Redis {
+            url,
+            stream,
+            group,
+            consumer,
+        } => {
+            let source = redis::RedisSource::new(rt, &url, &stream, &group, consumer.as_deref())?;
+            Some(tokio::spawn(source.run(shutdown)))
+        }
+        Source::Nats {
+            url,
+            stream,
+            subject,
+            consumer,
+        } => {
+            let source = nats::NatsSource::new(rt, &url, &stream, &subject, &consumer);
+            Some(tokio::spawn(source.run(shutdown)))
+        }
         other => anyhow::bail!(
-            "pipeline `{}`: the `{}` source is not available in this build of lambda-ctl (available: http, generator, file)",
+            "pipeline `{}`: the `{}` source is not available in this build of lambda-ctl (available: http, generator, file, mqtt, amqp, redis, nats)",
             rt.pipeline.name,
             other.kind()
         ),

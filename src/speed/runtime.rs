@@ -506,7 +506,15 @@ fn with_positions(
             .cast(&DataType::Datetime(TimeUnit::Milliseconds, None))?;
         events.with_column(arrival)?;
     }
-    Ok(events)
+    // One column order for fresh and replayed events, so their frames stack into a segment.
+    let mut order: Vec<PlSmallStr> = events
+        .get_column_names()
+        .into_iter()
+        .filter(|c| c.as_str() != OFFSET_COLUMN && c.as_str() != ARRIVAL_COLUMN)
+        .cloned()
+        .collect();
+    order.extend([OFFSET_COLUMN.into(), ARRIVAL_COLUMN.into()]);
+    Ok(events.select(order)?)
 }
 
 fn concat_frames(frames: Vec<DataFrame>) -> anyhow::Result<DataFrame> {

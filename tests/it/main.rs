@@ -1,8 +1,11 @@
 //! The one integration-test binary (polars links once). Each module drives one part of the
 //! system as a user would.
 
+mod brokers;
 mod cli;
+mod lambda;
 mod orchestration;
+mod orders;
 mod projects;
 mod spec_diagnostics;
 mod speed;

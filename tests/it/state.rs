@@ -72,15 +72,15 @@ where
     }
 }
 
-/// A database of its own on the test server, for one test.
-struct TempDatabase {
+/// A database of its own on the test server, for one test (the lambda test uses it too).
+pub struct TempDatabase {
     server: String,
     name: String,
-    url: String,
+    pub url: String,
 }
 
 impl TempDatabase {
-    async fn create(server: &str) -> TempDatabase {
+    pub async fn create(server: &str) -> TempDatabase {
         static SEQ: AtomicU32 = AtomicU32::new(0);
         let nanos = Utc::now().timestamp_nanos_opt().unwrap_or_default();
         let name = format!(
@@ -107,7 +107,7 @@ impl TempDatabase {
         }
     }
 
-    async fn drop(self) {
+    pub async fn drop(self) {
         let mut conn = sqlx::PgConnection::connect(&self.server)
             .await
             .expect("reconnect to drop the test database");

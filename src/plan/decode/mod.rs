@@ -229,12 +229,10 @@ impl Decoder {
         match t {
             ColumnType::Float => float(name, text),
             ColumnType::Int => int(name, text, integer),
-            _ if integer => text.parse().map(Slot::Int).map_err(|_| {
-                format!(
-                    "`{name}`: epoch milliseconds {} are out of range",
-                    clip(text)
-                )
-            }),
+            _ if integer => match text.parse() {
+                Ok(ms) if timestamp::in_range(ms) => Ok(Slot::Int(ms)),
+                _ => Err(out_of_years(name, text)),
+            },
             _ => Err(format!(
                 "`{name}`: epoch milliseconds must be an integer, found {}",
                 clip(text)
@@ -324,7 +322,20 @@ fn float(name: &str, text: &str) -> Result<Slot, String> {
     }
 }
 
+fn out_of_years(name: &str, text: &str) -> String {
+    format!(
+        "`{name}`: epoch milliseconds {} are outside years 0000–9999",
+        clip(text)
+    )
+}
+
 fn timestamp(name: &str, text: &str) -> Result<Slot, String> {
+    let unsigned = text.strip_prefix('-').unwrap_or(text);
+    if !unsigned.is_empty() && unsigned.bytes().all(|c| c.is_ascii_digit()) {
+        return timestamp::parse(text)
+            .map(Slot::Int)
+            .ok_or_else(|| out_of_years(name, text));
+    }
     timestamp::parse(text).map(Slot::Int).ok_or_else(|| {
         format!(
             "`{name}`: cannot parse timestamp {:?} (expected RFC 3339 like \

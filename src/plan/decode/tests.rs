@@ -86,7 +86,9 @@ fn ndjson_good_lines_pass_and_bad_lines_say_why() {
         "{\"ts\":1,\"n\":99999999999999999999}\n",
         "{\"ts\":1,\"page\":\"a\",\"page\":\"b\",\"ok\":null}\n",
         "{\"ts\":1,\"page\":\"\\x\"}\n",
-        "{\"ts\":1,",
+        "{\"ts\":1,\n",
+        "{\"ts\":-99999999999999}\n",
+        "{\"ts\":\"253402300800000\"}",
     );
     let d = decode(Format::Json, input);
     assert_eq!(
@@ -109,6 +111,14 @@ fn ndjson_good_lines_pass_and_bad_lines_say_why() {
             (12, "`n`: integer 99999999999999999999 is out of range"),
             (14, "invalid JSON at column 18: invalid escape in a string"),
             (15, "invalid JSON: expected `\"`, found the end of the line"),
+            (
+                16,
+                "`ts`: epoch milliseconds -99999999999999 are outside years 0000–9999"
+            ),
+            (
+                17,
+                "`ts`: epoch milliseconds 253402300800000 are outside years 0000–9999"
+            ),
         ]
     );
     assert_eq!(d.rejected[0].raw, "not json");

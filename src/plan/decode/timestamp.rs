@@ -2,13 +2,27 @@
 //! milliseconds, to epoch milliseconds UTC. Hand-written because it runs once per event; it is
 //! checked against chrono's parser in the tests.
 
-/// Epoch milliseconds of an RFC 3339 timestamp or of a decimal integer string.
+/// 0000-01-01T00:00:00Z: the earliest instant RFC 3339 can write.
+const MIN_MS: i64 = -62_167_219_200_000;
+/// 9999-12-31T23:59:59.999Z: the latest.
+const MAX_MS: i64 = 253_402_300_799_999;
+
+/// Whether epoch milliseconds fall in years 0000–9999. Event times outside are rejected, which
+/// also keeps every window computation far from i64 overflow.
+pub(crate) fn in_range(ms: i64) -> bool {
+    (MIN_MS..=MAX_MS).contains(&ms)
+}
+
+/// Epoch milliseconds of an RFC 3339 timestamp or of a decimal integer string, in years
+/// 0000–9999.
 pub(crate) fn parse(s: &str) -> Option<i64> {
     let unsigned = s.strip_prefix('-').unwrap_or(s);
-    if !unsigned.is_empty() && unsigned.bytes().all(|c| c.is_ascii_digit()) {
-        return s.parse().ok();
-    }
-    rfc3339(s.as_bytes())
+    let ms = if !unsigned.is_empty() && unsigned.bytes().all(|c| c.is_ascii_digit()) {
+        s.parse().ok()
+    } else {
+        rfc3339(s.as_bytes())
+    };
+    ms.filter(|ms| in_range(*ms))
 }
 
 fn digits(b: &[u8], at: usize, n: usize) -> Option<i64> {
@@ -139,6 +153,9 @@ mod tests {
         assert_eq!(parse("1969-12-31T23:59:59.999Z"), Some(-1));
         assert_eq!(parse("1714566896789"), Some(1_714_566_896_789));
         assert_eq!(parse("-5"), Some(-5));
+        assert_eq!(parse("0000-01-01T00:00:00Z"), Some(MIN_MS));
+        assert_eq!(parse("9999-12-31T23:59:59.999Z"), Some(MAX_MS));
+        assert_eq!(parse("253402300800000"), None);
         for bad in [
             "",
             "-",
@@ -150,6 +167,7 @@ mod tests {
             "2024-05-01T12:34:56+0200",
             "2024-05-01T12:34:56Zjunk",
             "99999999999999999999",
+            "0000-01-01T00:00:00+00:01",
         ] {
             assert_eq!(parse(bad), None, "{bad:?}");
         }

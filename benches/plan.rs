@@ -1,0 +1,241 @@
+//! CPU time per event of the plan's hot path — decode → filter → derived column → partials of
+//! three views (tumbling + HyperLogLog, hopping, all-time + stddev) — on NDJSON events cut into
+//! micro-batches of 1k, 10k and 100k, as the speed layer runs it. Prints figures; asserts
+//! nothing. `PLAN_BENCH_EVENTS` overrides the 1M events (e.g. for a quick debug run with
+//! `cargo test --bench plan`).
+
+use std::time::{Duration, Instant};
+
+use lambda_ctl::plan::Plan;
+use lambda_ctl::spec::pipeline::aggregate;
+use lambda_ctl::spec::{Archive, ColumnType, Format, Metric, Pipeline, Source, View, Window};
+
+fn pipeline() -> Pipeline {
+    let columns: Vec<(String, ColumnType)> = [
+        ("event_id", ColumnType::String),
+        ("ts", ColumnType::Timestamp),
+        ("page", ColumnType::String),
+        ("user_id", ColumnType::String),
+        ("country", ColumnType::String),
+        ("latency_ms", ColumnType::Float),
+    ]
+    .into_iter()
+    .map(|(n, t)| (n.to_string(), t))
+    .collect();
+    let metrics = |ms: &[(&str, &str)]| {
+        ms.iter()
+            .map(|(name, agg)| Metric {
+                name: name.to_string(),
+                aggregate: aggregate(agg, &[], false).expect("bench aggregates parse"),
+            })
+            .collect()
+    };
+    let minutes = |m: u64| Duration::from_secs(60 * m);
+    Pipeline {
+        name: "clicks".into(),
+        description: None,
+        file: "pipelines/clicks.yaml".into(),
+        source: Source::Http,
+        format: Format::Json,
+        schema: columns,
+        event_time: "ts".into(),
+        event_id: Some("event_id".into()),
+        dedupe_window: Duration::from_secs(86_400),
+        filter: Some("latency_ms >= 0".into()),
+        columns: vec![("section".into(), "split_part(page, '/', 2)".into())],
+        archive: Archive {
+            segment_rows: 500_000,
+            segment_age: Duration::from_secs(60),
+        },
+        views: vec![
+            View {
+                name: "sections".into(),
+                group_by: vec!["section".into()],
+                window: Window::Tumbling { size: minutes(1) },
+                metrics: metrics(&[
+                    ("views", "count()"),
+                    ("users", "approx_count_distinct(user_id)"),
+                ]),
+            },
+            View {
+                name: "latency".into(),
+                group_by: vec!["country".into()],
+                window: Window::Hopping {
+                    size: minutes(10),
+                    every: minutes(1),
+                },
+                metrics: metrics(&[
+                    ("events", "count()"),
+                    ("avg_latency", "avg(latency_ms)"),
+                    ("max_latency", "max(latency_ms)"),
+                ]),
+            },
+            View {
+                name: "overall".into(),
+                group_by: vec!["country".into()],
+                window: Window::All,
+                metrics: metrics(&[("events", "count()"), ("latency_sd", "stddev(latency_ms)")]),
+            },
+        ],
+    }
+}
+
+/// Deterministic pseudo-random numbers (xorshift), so every run sees the same events.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+}
+
+/// `n` NDJSON lines, ~1 000 events per second of event time, 1 % with negative latency.
+fn events(n: usize) -> Vec<String> {
+    let mut rng = Rng(0x9E37_79B9_7F4A_7C15);
+    let countries = ["DE", "FR", "US", "GB", "JP", "BR", "IN", "NL", "SE", "ES"];
+    let sections = ["products", "cart", "search", "account", "blog", "help"];
+    let start = 1_714_564_800_000i64;
+    (0..n)
+        .map(|i| {
+            let r = rng.next();
+            let ts = start + i as i64 + (r % 500) as i64;
+            let latency = if r % 100 == 0 {
+                -1.0
+            } else {
+                ((r >> 20) % 200_000) as f64 / 100.0 + 0.25
+            };
+            format!(
+                r#"{{"event_id":"e-{i}","ts":"{}","page":"/{}/{}","user_id":"u-{}","country":"{}","latency_ms":{latency}}}"#,
+                chrono::DateTime::from_timestamp_millis(ts)
+                    .expect("in range")
+                    .format("%Y-%m-%dT%H:%M:%S%.3fZ"),
+                sections[(r >> 8) as usize % sections.len()],
+                (r >> 16) % 500,
+                (r >> 24) % 100_000,
+                countries[(r >> 40) as usize % countries.len()],
+            )
+        })
+        .collect()
+}
+
+/// User + system CPU time of the whole process (all threads).
+fn cpu_time() -> Duration {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    // Fields after the parenthesised command name; utime and stime are fields 14 and 15.
+    let after = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    let ticks: u64 = fields
+        .get(11..13)
+        .map_or(0, |f| f.iter().filter_map(|v| v.parse::<u64>().ok()).sum());
+    // CLK_TCK is 100 on Linux.
+    Duration::from_millis(ticks * 10)
+}
+
+struct Measure {
+    cpu: Duration,
+    wall: Duration,
+}
+
+fn measure(f: impl FnOnce()) -> Measure {
+    let (cpu, wall) = (cpu_time(), Instant::now());
+    f();
+    Measure {
+        cpu: cpu_time() - cpu,
+        wall: wall.elapsed(),
+    }
+}
+
+fn main() {
+    let threads = std::env::var("POLARS_MAX_THREADS").ok();
+    if threads.is_none() {
+        // First the same run with one polars thread, as when the speed layer runs one
+        // partition per core; then this process with polars' default pool.
+        let child = std::env::current_exe().and_then(|exe| {
+            std::process::Command::new(exe)
+                .env("POLARS_MAX_THREADS", "1")
+                .status()
+        });
+        if let Err(e) = child {
+            eprintln!("single-thread run failed to start: {e}");
+        }
+    }
+    let n: usize = std::env::var("PLAN_BENCH_EVENTS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1_000_000);
+    let plan = Plan::compile(&pipeline()).expect("bench pipeline compiles");
+    let lines = events(n);
+    let bytes: usize = lines.iter().map(|l| l.len() + 1).sum();
+    println!(
+        "\nplan bench: {n} NDJSON events ({:.0} bytes/event), filter + derived column + 3 views \
+         (tumbling 1m + HLL, hopping 10m/1m, all-time + stddev); {} cores, polars threads: {}",
+        bytes as f64 / n as f64,
+        std::thread::available_parallelism().map_or(1, |p| p.get()),
+        threads.as_deref().unwrap_or("default")
+    );
+    println!(
+        "{:>7} {:>14} {:>14} {:>14} {:>12} {:>12} {:>14}",
+        "batch",
+        "events/s/core",
+        "ns/event cpu",
+        "events/s wall",
+        "decode ns",
+        "partials ns",
+        "+absorb ns"
+    );
+    for batch in [1_000usize, 10_000, 100_000] {
+        let bodies: Vec<Vec<u8>> = lines
+            .chunks(batch)
+            .map(|c| {
+                let mut body = c.join("\n").into_bytes();
+                body.push(b'\n');
+                body
+            })
+            .collect();
+        // Warm-up: allocator, polars thread pool, lazy statics.
+        for body in bodies.iter().take(2) {
+            let d = plan.decode(body);
+            plan.partials_all(d.events).expect("partials");
+        }
+        let mut decoded = Vec::with_capacity(bodies.len());
+        let decode = measure(|| {
+            for body in &bodies {
+                decoded.push(plan.decode(body).events);
+            }
+        });
+        let mut partials = Vec::with_capacity(bodies.len());
+        let aggregate = measure(|| {
+            for events in decoded {
+                partials.push(plan.partials_all(events).expect("partials"));
+            }
+        });
+        // What the speed layer does next: absorb each batch's partials into its segment's
+        // in-memory accumulators.
+        let mut accs: Vec<_> = (0..plan.pipeline().views.len())
+            .map(|v| plan.accumulator(v))
+            .collect();
+        let absorb = measure(|| {
+            for parts in &partials {
+                for (acc, p) in accs.iter_mut().zip(parts) {
+                    acc.absorb(p).expect("absorb");
+                }
+            }
+        });
+        let cpu = decode.cpu + aggregate.cpu;
+        let wall = decode.wall + aggregate.wall;
+        let per = |d: Duration| d.as_nanos() as f64 / n as f64;
+        println!(
+            "{:>7} {:>14.0} {:>14.0} {:>14.0} {:>12.0} {:>12.0} {:>14.0}",
+            batch,
+            n as f64 / cpu.as_secs_f64(),
+            per(cpu),
+            n as f64 / wall.as_secs_f64(),
+            per(decode.cpu),
+            per(aggregate.cpu),
+            per(absorb.cpu),
+        );
+    }
+}

@@ -1,0 +1,136 @@
+//! Reading archived segments for the batch layer: one lazy polars scan over exactly the
+//! segments of a cutoff, so projection and predicate pushdown reach the Parquet reader.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use polars::prelude::*;
+
+use crate::lake::Lake;
+use crate::plan::Plan;
+use crate::state::Segment;
+
+/// Where the segments' bytes come from.
+pub enum Source {
+    /// A `file://` lake: polars scans the files itself (projection pushdown, no copies).
+    Files(Vec<PathBuf>),
+    /// Any other lake: the bytes, read through [`Lake`], decoded in memory.
+    Frames(Vec<DataFrame>),
+}
+
+/// The local directory of a `file://` lake, if it is one.
+pub fn local_root(lake: &Lake) -> Option<PathBuf> {
+    let url = url::Url::parse(lake.root_url()).ok()?;
+    if url.scheme() != "file" {
+        return None;
+    }
+    url.to_file_path().ok()
+}
+
+/// Collects the segments' sources; `on_segment(rows)` is called after each one is located
+/// or read, for progress.
+pub async fn open(
+    lake: &Lake,
+    segments: &[Segment],
+    mut on_segment: impl FnMut(&Segment),
+) -> anyhow::Result<Source> {
+    if let Some(root) = local_root(lake) {
+        let mut files = Vec::with_capacity(segments.len());
+        for s in segments {
+            let path = root.join(&s.path);
+            anyhow::ensure!(
+                path.is_file(),
+                "sealed segment {} is missing from the lake ({})",
+                s.path,
+                path.display()
+            );
+            files.push(path);
+            on_segment(s);
+        }
+        return Ok(Source::Files(files));
+    }
+    let mut frames = Vec::with_capacity(segments.len());
+    for s in segments {
+        let bytes = lake
+            .get(&s.path)
+            .await
+            .with_context(|| format!("reading segment {}", s.path))?;
+        let df = ParquetReader::new(std::io::Cursor::new(bytes))
+            .finish()
+            .map_err(|e| anyhow::anyhow!("decoding segment {}: {e}", s.path))?;
+        frames.push(df);
+        on_segment(s);
+    }
+    Ok(Source::Frames(frames))
+}
+
+impl Source {
+    pub fn is_empty(&self) -> bool {
+        match self {
+            Source::Files(f) => f.is_empty(),
+            Source::Frames(f) => f.is_empty(),
+        }
+    }
+
+    /// The events of every segment as one lazy frame (`None` when there are no segments).
+    pub fn lazy(&self) -> PolarsResult<Option<LazyFrame>> {
+        match self {
+            Source::Files(files) if files.is_empty() => Ok(None),
+            Source::Frames(frames) if frames.is_empty() => Ok(None),
+            Source::Files(files) => {
+                let paths = files
+                    .iter()
+                    .map(|p| PlRefPath::new(p.to_string_lossy().as_ref()))
+                    .collect();
+                let mut args = ScanArgsParquet {
+                    // Segment paths are exact files; globbing a name could match others.
+                    glob: false,
+                    ..ScanArgsParquet::default()
+                };
+                // `p=0/` in the archive layout is not a column: the events carry their own.
+                args.hive_options.enabled = Some(false);
+                LazyFrame::scan_parquet_files(paths, args).map(Some)
+            }
+            Source::Frames(frames) => {
+                let lfs: Vec<LazyFrame> = frames.iter().map(|f| f.clone().lazy()).collect();
+                concat(lfs, UnionArgs::default()).map(Some)
+            }
+        }
+    }
+}
+
+/// Canonical partials (one row per group) of view `view` over `source`: the SAME plan as the
+/// speed layer (`prepare` then `partials`), run by polars' streaming engine.
+pub fn view_partials(plan: &Plan, view: usize, source: &Source) -> PolarsResult<DataFrame> {
+    let Some(events) = source.lazy()? else {
+        return plan.merge(view, Vec::new());
+    };
+    let raw = plan
+        .partials(view, plan.prepare(events))
+        .with_streaming(true)
+        .collect()?;
+    plan.merge(view, vec![raw])
+}
+
+/// The speed layer's way over the same segments: partials per segment, merged by the
+/// accumulator (what `verify` compares the scan with).
+pub fn speed_partials(plan: &Plan, view: usize, source: &Source) -> PolarsResult<DataFrame> {
+    let frames: Vec<DataFrame> = match source {
+        Source::Frames(frames) => frames.clone(),
+        Source::Files(files) => files
+            .iter()
+            .map(|p| {
+                let f = std::fs::File::open(p).map_err(|e| {
+                    PolarsError::ComputeError(format!("opening {}: {e}", p.display()).into())
+                })?;
+                ParquetReader::new(f).finish()
+            })
+            .collect::<PolarsResult<_>>()?,
+    };
+    let mut acc = plan.accumulator(view);
+    for events in frames {
+        let part = plan.partials(view, plan.prepare(events.lazy())).collect()?;
+        acc.absorb(&part)?;
+    }
+    acc.to_partials()
+}

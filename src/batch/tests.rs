@@ -1,0 +1,199 @@
+//! Batch runs in-process on a `memory://` lake (the bytes-through-`Lake` path) and SQLite:
+//! full, incremental, full again when the logic changes, and a failed run that publishes
+//! nothing.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use polars::prelude::*;
+
+use super::*;
+use crate::state::RunState;
+
+const SPEC: &str = r#"
+name: orders
+source:
+  type: http
+schema:
+  ts: timestamp
+  country: string
+  amount: float
+event_time: ts
+filter: "amount >= 0"
+views:
+  - name: by_country
+    group_by: [country]
+    window: all
+    metrics:
+      n: count()
+      total: sum(amount)
+"#;
+
+fn plan(spec: &str) -> Arc<Plan> {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(dir.path().join("pipelines")).unwrap();
+    std::fs::write(dir.path().join("pipelines/orders.yaml"), spec).unwrap();
+    let project = crate::spec::load(dir.path()).expect("valid spec");
+    Arc::new(Plan::compile(project.pipeline("orders").unwrap()).unwrap())
+}
+
+/// Archives `[lo, lo + n)` as a segment, as the speed layer does.
+async fn seal(state: &State, lake: &Lake, lo: u64, rows: &[(&str, f64)]) {
+    let hi = lo + rows.len() as u64;
+    let ts: Vec<i64> = (0..rows.len() as i64)
+        .map(|i| 1_700_000_000_000 + i)
+        .collect();
+    let mut df = df!(
+        "ts" => ts,
+        "country" => rows.iter().map(|r| r.0).collect::<Vec<_>>(),
+        "amount" => rows.iter().map(|r| r.1).collect::<Vec<_>>(),
+        "_offset" => (lo as i64..hi as i64).collect::<Vec<_>>(),
+    )
+    .unwrap();
+    let ts = df
+        .column("ts")
+        .unwrap()
+        .cast(&DataType::Datetime(TimeUnit::Milliseconds, None))
+        .unwrap();
+    df.with_column(ts).unwrap();
+    let mut buf = Vec::new();
+    ParquetWriter::new(&mut buf).finish(&mut df).unwrap();
+    let path = lake::archive_path("orders", 0, lo, hi);
+    lake.put(&path, buf).await.unwrap();
+    state
+        .seal_segment(&Segment {
+            pipeline: "orders".into(),
+            partition: 0,
+            lo,
+            hi,
+            path,
+            rows: rows.len() as u64,
+            bytes: 0,
+            dead_letters: 0,
+            min_event_ms: Some(1_700_000_000_000),
+            max_event_ms: Some(1_700_000_000_000),
+        })
+        .await
+        .unwrap();
+}
+
+/// The served rows of the current publication: (country, n, total).
+async fn served(plan: &Plan, state: &State, lake: &Lake) -> Vec<(String, u64, f64)> {
+    let p = state
+        .current_publication("orders", "by_country")
+        .await
+        .unwrap()
+        .expect("published");
+    let df = plan
+        .finish(0, load_partials(plan, lake, 0, &p).await.unwrap())
+        .unwrap();
+    let c = df.column("country").unwrap().str().unwrap().clone();
+    let n = df.column("n").unwrap().i64().unwrap().clone();
+    let t = df.column("total").unwrap().f64().unwrap().clone();
+    (0..df.height())
+        .map(|i| {
+            (
+                c.get(i).unwrap().to_string(),
+                n.get(i).unwrap() as u64,
+                t.get(i).unwrap(),
+            )
+        })
+        .collect()
+}
+
+async fn run(plan: &Arc<Plan>, state: &State, lake: &Lake) -> Result<RunSummary, BatchError> {
+    let mut seen = Vec::new();
+    let r = recompute(plan.clone(), state, lake, None, &mut |p: &Progress| {
+        seen.push(p.clone())
+    })
+    .await;
+    if r.is_ok() {
+        assert!(matches!(seen.first(), Some(Progress::Started { .. })));
+        assert!(matches!(seen.last(), Some(Progress::Published { .. })));
+    }
+    r
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn full_then_incremental_then_full_on_new_logic_and_failures_publish_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}", dir.path().join("state.db").display());
+    let state = State::open(&url).await.unwrap();
+    let lake = Lake::open("memory://", &BTreeMap::new()).unwrap();
+    let v1 = plan(SPEC);
+
+    seal(&state, &lake, 0, &[("DE", 1.0), ("US", 2.0), ("DE", -1.0)]).await;
+    let r = run(&v1, &state, &lake).await.unwrap();
+    assert_eq!(r.views[0].mode, Mode::Full);
+    assert_eq!(r.cutoff, BTreeMap::from([(0, 3)]));
+    assert_eq!(
+        served(&v1, &state, &lake).await,
+        vec![("DE".into(), 1, 1.0), ("US".into(), 1, 2.0)]
+    );
+
+    seal(&state, &lake, 3, &[("DE", 5.0), ("FR", 7.0)]).await;
+    let r = run(&v1, &state, &lake).await.unwrap();
+    assert_eq!(r.views[0].mode, Mode::Incremental);
+    assert_eq!(r.views[0].segments, 1, "only the new segment is scanned");
+    assert_eq!(
+        served(&v1, &state, &lake).await,
+        vec![
+            ("DE".into(), 2, 6.0),
+            ("FR".into(), 1, 7.0),
+            ("US".into(), 1, 2.0)
+        ]
+    );
+    let recorded = state.run(r.run_id).await.unwrap().unwrap();
+    assert_eq!(recorded.state, RunState::Succeeded);
+    assert!(recorded.log.contains("incremental"), "{}", recorded.log);
+
+    // A fixed filter is a new logic: everything is recomputed.
+    let v2 = plan(&SPEC.replace("amount >= 0", "amount >= 2"));
+    let r = run_ok(&v2, &state, &lake).await;
+    assert_eq!(r.views[0].mode, Mode::Full);
+    assert_eq!(
+        served(&v2, &state, &lake).await,
+        vec![
+            ("DE".into(), 1, 5.0),
+            ("FR".into(), 1, 7.0),
+            ("US".into(), 1, 2.0)
+        ]
+    );
+
+    // A lost segment fails the run; the served version stays.
+    let before = state
+        .current_publication("orders", "by_country")
+        .await
+        .unwrap();
+    seal(&state, &lake, 5, &[("JP", 1.0)]).await;
+    lake.delete(&lake::archive_path("orders", 0, 5, 6))
+        .await
+        .unwrap();
+    let v3 = plan(&SPEC.replace("amount >= 0", "amount >= 3"));
+    let err = run(&v3, &state, &lake).await.unwrap_err();
+    assert!(err.to_string().contains("by_country"), "{err}");
+    let after = state
+        .current_publication("orders", "by_country")
+        .await
+        .unwrap();
+    assert_eq!(before, after);
+    let last = state.runs(Some("orders"), 1).await.unwrap();
+    assert_eq!(last[0].state, RunState::Failed);
+
+    // An unknown view is refused before any run is recorded.
+    let err = recompute(
+        v1.clone(),
+        &state,
+        &lake,
+        Some(&["nope".into()]),
+        &mut |_| {},
+    )
+    .await
+    .unwrap_err();
+    assert!(matches!(err, BatchError::UnknownView { .. }), "{err}");
+    assert_eq!(state.runs(Some("orders"), 10).await.unwrap().len(), 4);
+}
+
+async fn run_ok(plan: &Arc<Plan>, state: &State, lake: &Lake) -> RunSummary {
+    run(plan, state, lake).await.unwrap()
+}

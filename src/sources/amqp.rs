@@ -1,0 +1,155 @@
+//! The `amqp` source: one RabbitMQ (AMQP 0-9-1) queue consumed with manual acknowledgements
+//! and a prefetch window (`prefetch`, default 1000), Service Bus-style queue-based load
+//! levelling: producers enqueue at their own pace, the pipeline drains at its own.
+//!
+//! A batch of deliveries is acknowledged (one `basic.ack` with `multiple`) only after it went
+//! through the door, so a crash leaves it unacknowledged and RabbitMQ requeues it; with
+//! `event_id` the redelivered copies are dropped at the door.
+//!
+//! The queue is used as it exists (a passive declare, so quorum or otherwise configured queues
+//! keep their arguments); if it does not exist it is declared durable with no arguments.
+
+use std::sync::Arc;
+
+use anyhow::Context;
+use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions, QueueDeclareOptions};
+use lapin::types::FieldTable;
+use lapin::{Channel, Connection, ConnectionProperties};
+use tokio_util::sync::CancellationToken;
+
+use super::broker::{self, Backoff, Body};
+use crate::speed::runtime::PipelineRuntime;
+
+pub struct AmqpSource {
+    rt: Arc<PipelineRuntime>,
+    url: String,
+    queue: String,
+    prefetch: u16,
+}
+
+impl AmqpSource {
+    pub fn new(rt: Arc<PipelineRuntime>, url: &str, queue: &str, prefetch: u16) -> Self {
+        AmqpSource {
+            rt,
+            url: url.to_string(),
+            queue: queue.to_string(),
+            prefetch,
+        }
+    }
+
+    pub async fn run(self, shutdown: CancellationToken) {
+        let mut backoff = Backoff::default();
+        loop {
+            let result = self.session(&mut backoff, &shutdown).await;
+            if shutdown.is_cancelled() {
+                return;
+            }
+            broker::log_session_end(&self.rt, "amqp", &result, &backoff);
+            if !backoff.wait(&shutdown).await {
+                return;
+            }
+        }
+    }
+
+    /// One connection: consume until it fails or shutdown.
+    async fn session(
+        &self,
+        backoff: &mut Backoff,
+        shutdown: &CancellationToken,
+    ) -> anyhow::Result<()> {
+        // Named so the connection is recognisable in the broker's connection list.
+        let name = format!("lambda-ctl-{}", self.rt.pipeline.name);
+        let properties = ConnectionProperties::default().with_connection_name(name.as_str().into());
+        let conn = Connection::connect(&self.url, properties)
+            .await
+            .context("connecting to the AMQP broker")?;
+        let channel = self.channel(&conn).await?;
+        channel
+            .basic_qos(self.prefetch, BasicQosOptions::default())
+            .await
+            .context("setting the prefetch window")?;
+        let tag = format!("lambda-ctl-{}", self.rt.pipeline.name);
+        let mut consumer = channel
+            .basic_consume(
+                self.queue.as_str().into(),
+                tag.as_str().into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .with_context(|| format!("consuming queue `{}`", self.queue))?;
+        backoff.reset();
+        tracing::info!(pipeline = %self.rt.pipeline.name, queue = %self.queue, prefetch = self.prefetch, "AMQP connected");
+        // A batch never needs more deliveries than the broker lets be unacknowledged.
+        let max = broker::MAX_BATCH.min(usize::from(self.prefetch));
+        let result = loop {
+            let Some(batch) = broker::next_batch(&mut consumer, max, shutdown).await else {
+                break if shutdown.is_cancelled() {
+                    Ok(())
+                } else {
+                    Err(anyhow::anyhow!("the broker cancelled the consumer"))
+                };
+            };
+            let mut body = Body::new(self.rt.pipeline.format);
+            let mut last_tag = None;
+            let mut failure = None;
+            for delivery in batch {
+                match delivery {
+                    Ok(d) => {
+                        body.push(&d.data);
+                        last_tag = Some(d.delivery_tag);
+                    }
+                    Err(e) => {
+                        failure = Some(e);
+                        break;
+                    }
+                }
+            }
+            if !broker::ingest_durably(&self.rt, "amqp", body.into_bytes(), shutdown).await {
+                break Ok(());
+            }
+            if let Some(tag) = last_tag {
+                channel
+                    .basic_ack(tag, BasicAckOptions { multiple: true })
+                    .await
+                    .context("acknowledging a batch")?;
+            }
+            if let Some(e) = failure {
+                break Err(e).context("receiving from the AMQP broker");
+            }
+        };
+        let _ = conn.close(200, "lambda-ctl stopping".into()).await;
+        result
+    }
+
+    /// A channel on which the queue is known to exist.
+    async fn channel(&self, conn: &Connection) -> anyhow::Result<Channel> {
+        let channel = conn.create_channel().await?;
+        let passive = QueueDeclareOptions {
+            passive: true,
+            ..QueueDeclareOptions::default()
+        };
+        if channel
+            .queue_declare(self.queue.as_str().into(), passive, FieldTable::default())
+            .await
+            .is_ok()
+        {
+            return Ok(channel);
+        }
+        // A failed passive declare closes the channel (404): declare on a fresh one.
+        let channel = conn.create_channel().await?;
+        channel
+            .queue_declare(
+                self.queue.as_str().into(),
+                QueueDeclareOptions {
+                    durable: true,
+                    ..QueueDeclareOptions::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .with_context(|| format!("declaring queue `{}`", self.queue))?;
+        tracing::info!(pipeline = %self.rt.pipeline.name, queue = %self.queue, "declared the AMQP queue (durable)");
+        Ok(channel)
+    }
+}

@@ -1,0 +1,254 @@
+//! What the broker sources share: reconnect backoff, grouping messages into one door body, and
+//! the ingest-then-acknowledge discipline.
+//!
+//! Every broker source acknowledges upstream only after `PipelineRuntime::ingest` returned Ok,
+//! i.e. after the accepted events are fsynced in the write-ahead log (rejected ones are in the
+//! dead-letter area). A crash between that write and the acknowledgement makes the broker
+//! redeliver those messages; a pipeline that declares `event_id` drops them at the door as
+//! duplicates (within `dedupe_window`), so each event is counted exactly once. Without
+//! `event_id` the guarantee is at-least-once.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::{Stream, StreamExt};
+use tokio_util::sync::CancellationToken;
+
+use crate::spec::Format;
+use crate::speed::runtime::PipelineRuntime;
+
+/// Most messages grouped into one `ingest` call: one fsync covers them all.
+pub const MAX_BATCH: usize = 1000;
+/// How long a batch waits for more messages after its first one arrived.
+pub const LINGER: Duration = Duration::from_millis(5);
+
+const BACKOFF_START: Duration = Duration::from_millis(100);
+const BACKOFF_MAX: Duration = Duration::from_secs(30);
+
+/// Exponential reconnect backoff, capped at 30 s; reset after a successful connection.
+pub struct Backoff {
+    next: Duration,
+}
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Backoff {
+            next: BACKOFF_START,
+        }
+    }
+}
+
+impl Backoff {
+    pub fn reset(&mut self) {
+        self.next = BACKOFF_START;
+    }
+
+    /// The delay the next `wait` will sleep.
+    pub fn delay(&self) -> Duration {
+        self.next
+    }
+
+    /// Sleeps the current delay and doubles it; false when shutdown came first.
+    pub async fn wait(&mut self, shutdown: &CancellationToken) -> bool {
+        let delay = self.next;
+        self.next = (self.next * 2).min(BACKOFF_MAX);
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => true,
+            _ = shutdown.cancelled() => false,
+        }
+    }
+}
+
+/// Logs why a broker session ended before the source reconnects.
+pub fn log_session_end(
+    rt: &PipelineRuntime,
+    kind: &str,
+    result: &anyhow::Result<()>,
+    backoff: &Backoff,
+) {
+    match result {
+        Ok(()) => {
+            tracing::warn!(pipeline = %rt.pipeline.name, source = kind, retry_in = ?backoff.delay(), "broker connection ended; reconnecting")
+        }
+        Err(e) => {
+            tracing::warn!(pipeline = %rt.pipeline.name, source = kind, error = %format!("{e:#}"), retry_in = ?backoff.delay(), "broker connection failed; reconnecting")
+        }
+    }
+}
+
+/// Message payloads joined into one door body. JSON payloads are NDJSON (one or more lines);
+/// CSV payloads each carry their header line, which is kept from the first payload only (all
+/// messages of one pipeline share the schema's header).
+pub struct Body {
+    csv: bool,
+    buf: Vec<u8>,
+    messages: usize,
+}
+
+impl Body {
+    pub fn new(format: Format) -> Self {
+        Body {
+            csv: format == Format::Csv,
+            buf: Vec::new(),
+            messages: 0,
+        }
+    }
+
+    pub fn push(&mut self, payload: &[u8]) {
+        let mut payload = payload;
+        if self.csv && self.messages > 0 {
+            payload = match memchr::memchr(b'\n', payload) {
+                Some(i) => &payload[i + 1..],
+                None => &[],
+            };
+        }
+        self.messages += 1;
+        if payload.is_empty() {
+            return;
+        }
+        self.buf.extend_from_slice(payload);
+        if !payload.ends_with(b"\n") {
+            self.buf.push(b'\n');
+        }
+    }
+
+    pub fn messages(&self) -> usize {
+        self.messages
+    }
+
+    pub fn into_bytes(self) -> Bytes {
+        Bytes::from(self.buf)
+    }
+}
+
+/// Sends `body` through the door until it is durable. A failing door (disk full, lake
+/// unreachable for dead letters) is retried with backoff rather than acknowledged: the
+/// messages stay unacknowledged upstream. Returns false if shutdown came first.
+pub async fn ingest_durably(
+    rt: &Arc<PipelineRuntime>,
+    kind: &str,
+    body: Bytes,
+    shutdown: &CancellationToken,
+) -> bool {
+    if body.is_empty() {
+        return true;
+    }
+    let mut backoff = Backoff::default();
+    loop {
+        match rt.ingest(body.clone()).await {
+            Ok(report) => {
+                if report.rejected > 0 {
+                    tracing::warn!(pipeline = %rt.pipeline.name, source = kind, rejected = report.rejected, "messages rejected into the dead-letter area");
+                }
+                return true;
+            }
+            Err(e) => {
+                tracing::warn!(pipeline = %rt.pipeline.name, source = kind, error = %format!("{e:#}"), retry_in = ?backoff.delay(), "could not ingest a batch; retrying before acknowledging it");
+                if !backoff.wait(shutdown).await {
+                    return false;
+                }
+            }
+        }
+    }
+}
+
+/// The next batch from `stream`: waits for a first item (None at shutdown or end of stream),
+/// then takes what else arrives within `LINGER`, up to `max` items.
+pub async fn next_batch<S>(
+    stream: &mut S,
+    max: usize,
+    shutdown: &CancellationToken,
+) -> Option<Vec<S::Item>>
+where
+    S: Stream + Unpin,
+{
+    let first = tokio::select! {
+        item = stream.next() => item?,
+        _ = shutdown.cancelled() => return None,
+    };
+    let mut batch = vec![first];
+    let deadline = tokio::time::Instant::now() + LINGER;
+    while batch.len() < max {
+        match tokio::time::timeout_at(deadline, stream.next()).await {
+            Ok(Some(item)) => batch.push(item),
+            Ok(None) | Err(_) => break,
+        }
+    }
+    Some(batch)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn json_payloads_become_ndjson_lines() {
+        let mut b = Body::new(Format::Json);
+        b.push(b"{\"a\":1}");
+        b.push(b"{\"a\":2}\n{\"a\":3}\n");
+        b.push(b"");
+        assert_eq!(b.messages(), 3);
+        assert_eq!(
+            &b.into_bytes()[..],
+            b"{\"a\":1}\n{\"a\":2}\n{\"a\":3}\n".as_slice()
+        );
+    }
+
+    #[test]
+    fn csv_payloads_keep_one_header() {
+        let mut b = Body::new(Format::Csv);
+        b.push(b"id,v\n1,2");
+        b.push(b"id,v\n3,4\n5,6\n");
+        b.push(b"id,v");
+        assert_eq!(&b.into_bytes()[..], b"id,v\n1,2\n3,4\n5,6\n".as_slice());
+    }
+
+    #[tokio::test]
+    async fn batches_stop_at_max_and_at_linger() {
+        let shutdown = CancellationToken::new();
+        let mut s = futures::stream::iter(0..2500);
+        assert_eq!(
+            next_batch(&mut s, 1000, &shutdown).await.unwrap().len(),
+            1000
+        );
+        assert_eq!(
+            next_batch(&mut s, 1000, &shutdown).await.unwrap().len(),
+            1000
+        );
+        assert_eq!(
+            next_batch(&mut s, 1000, &shutdown).await.unwrap().len(),
+            500
+        );
+        assert!(next_batch(&mut s, 1000, &shutdown).await.is_none());
+
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<u32>();
+        tx.send(1).unwrap();
+        let mut pending = futures::stream::poll_fn(move |cx| rx.poll_recv(cx));
+        // The sender stays open: the batch must close after LINGER with what it has.
+        assert_eq!(
+            next_batch(&mut pending, 1000, &shutdown).await,
+            Some(vec![1])
+        );
+        shutdown.cancel();
+        assert_eq!(next_batch(&mut pending, 1000, &shutdown).await, None);
+        drop(tx);
+    }
+
+    #[tokio::test]
+    async fn backoff_doubles_up_to_the_cap_and_resets() {
+        let mut b = Backoff::default();
+        let shutdown = CancellationToken::new();
+        shutdown.cancel();
+        let mut seen = Vec::new();
+        for _ in 0..12 {
+            seen.push(b.delay());
+            assert!(!b.wait(&shutdown).await, "cancelled: no sleep");
+        }
+        assert_eq!(seen[0], Duration::from_millis(100));
+        assert_eq!(seen[1], Duration::from_millis(200));
+        assert_eq!(*seen.last().unwrap(), BACKOFF_MAX);
+        b.reset();
+        assert_eq!(b.delay(), BACKOFF_START);
+    }
+}

@@ -1,0 +1,479 @@
+//! Broker sources against the real brokers named by `LAMBDA_TEST_MQTT`, `LAMBDA_TEST_AMQP`,
+//! `LAMBDA_TEST_REDIS` and `LAMBDA_TEST_NATS` (a test whose variable is unset prints a skip
+//! note; one whose broker is unreachable fails). Per source: events published while `serve`
+//! is down are all counted once it starts; then `serve` is killed with SIGKILL mid-stream,
+//! more events are published, and after a restart every event is counted exactly once
+//! (redeliveries of events already durable are dropped by `event_id`).
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+use crate::support::Server;
+
+/// Events published before the first start, and in total.
+const FIRST: usize = 300;
+const TOTAL: usize = 800;
+
+enum Broker {
+    Mqtt { url: String, topic: String },
+    Amqp { url: String, queue: String },
+    Redis { url: String, stream: String },
+    Nats { url: String, stream: String },
+}
+
+/// A name no earlier run used, so runs never see each other's messages or sessions.
+fn unique(prefix: &str) -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
+    format!("{prefix}{}x{nanos}", std::process::id())
+}
+
+fn env(var: &str) -> Option<String> {
+    let v = std::env::var(var).ok().filter(|v| !v.is_empty());
+    if v.is_none() {
+        eprintln!("skipping: {var} is not set (see the README's Development section)");
+    }
+    v
+}
+
+fn event(i: usize) -> String {
+    serde_json::json!({
+        "id": format!("e{i}"),
+        "ts": 1_763_719_200_000i64 + i as i64 * 1000,
+        "device": format!("d{}", i % 5),
+        "value": i as f64,
+    })
+    .to_string()
+}
+
+impl Broker {
+    fn source_yaml(&self) -> String {
+        match self {
+            Broker::Mqtt { url, topic } => format!(
+                "  type: mqtt\n  url: {url}\n  topic: \"{topic}/+/reading\"\n  qos: 1\n  client_id: {topic}\n"
+            ),
+            Broker::Amqp { url, queue } => {
+                format!("  type: amqp\n  url: \"{url}\"\n  queue: {queue}\n  prefetch: 200\n")
+            }
+            Broker::Redis { url, stream } => {
+                format!(
+                    "  type: redis\n  url: {url}\n  stream: {stream}\n  group: lambda\n  consumer: {stream}\n"
+                )
+            }
+            Broker::Nats { url, stream } => format!(
+                "  type: nats\n  url: {url}\n  stream: {stream}\n  subject: \"{stream}.>\"\n"
+            ),
+        }
+    }
+
+    /// What must exist before events are published for the source to receive them.
+    async fn prepare(&self) {
+        match self {
+            // A persistent session subscribed under the pipeline's client id: the broker
+            // queues what is published while `serve` is down.
+            Broker::Mqtt { url, topic } => {
+                let (client, mut eventloop) = mqtt_client(url, topic, false);
+                client
+                    .subscribe(format!("{topic}/+/reading"), rumqttc::QoS::AtLeastOnce)
+                    .await
+                    .unwrap();
+                loop {
+                    match eventloop.poll().await.expect("MQTT broker reachable") {
+                        rumqttc::Event::Incoming(rumqttc::Packet::SubAck(_)) => break,
+                        _ => continue,
+                    }
+                }
+                client.disconnect().await.unwrap();
+                while eventloop.poll().await.is_ok() {}
+            }
+            Broker::Amqp { url, queue } => {
+                let (_conn, channel) = amqp_channel(url, queue).await;
+                drop(channel);
+            }
+            Broker::Redis { url, .. } => {
+                let client = redis::Client::open(url.as_str()).unwrap();
+                let mut con = client
+                    .get_multiplexed_async_connection()
+                    .await
+                    .expect("Redis reachable");
+                let _: String = redis::cmd("PING").query_async(&mut con).await.unwrap();
+            }
+            Broker::Nats { url, stream } => {
+                let js = async_nats::jetstream::new(
+                    async_nats::connect(url.as_str())
+                        .await
+                        .expect("NATS reachable"),
+                );
+                js.get_or_create_stream(async_nats::jetstream::stream::Config {
+                    name: stream.clone(),
+                    subjects: vec![format!("{stream}.>")],
+                    ..Default::default()
+                })
+                .await
+                .unwrap();
+            }
+        }
+    }
+
+    /// Deletes what the run left on the shared broker (stream, queue, persistent session).
+    async fn remove(&self) {
+        match self {
+            Broker::Mqtt { url, topic } => {
+                // Connecting with a clean session under the same id discards the stored one.
+                let (client, mut eventloop) = mqtt_client(url, topic, true);
+                loop {
+                    if let rumqttc::Event::Incoming(rumqttc::Packet::ConnAck(_)) =
+                        eventloop.poll().await.unwrap()
+                    {
+                        break;
+                    }
+                }
+                client.disconnect().await.unwrap();
+                while eventloop.poll().await.is_ok() {}
+            }
+            Broker::Amqp { url, queue } => {
+                let (_conn, channel) = amqp_channel(url, queue).await;
+                channel
+                    .queue_delete(
+                        queue.as_str().into(),
+                        lapin::options::QueueDeleteOptions::default(),
+                    )
+                    .await
+                    .unwrap();
+            }
+            Broker::Redis { url, stream } => {
+                let client = redis::Client::open(url.as_str()).unwrap();
+                let mut con = client.get_multiplexed_async_connection().await.unwrap();
+                let _: u64 = redis::cmd("DEL")
+                    .arg(stream)
+                    .query_async(&mut con)
+                    .await
+                    .unwrap();
+            }
+            Broker::Nats { url, stream } => {
+                let js =
+                    async_nats::jetstream::new(async_nats::connect(url.as_str()).await.unwrap());
+                js.delete_stream(stream).await.unwrap();
+            }
+        }
+    }
+
+    /// Publishes events `range`, each confirmed by the broker before this returns.
+    async fn publish(&self, range: std::ops::Range<usize>) {
+        match self {
+            Broker::Mqtt { url, topic } => {
+                let (client, mut eventloop) = mqtt_client(url, &unique("pub"), true);
+                let n = range.len();
+                let poller = tokio::spawn(async move {
+                    let mut acked = 0;
+                    while acked < n {
+                        if let rumqttc::Event::Incoming(rumqttc::Packet::PubAck(_)) =
+                            eventloop.poll().await.expect("MQTT broker reachable")
+                        {
+                            acked += 1;
+                        }
+                    }
+                    eventloop
+                });
+                for i in range {
+                    client
+                        .publish(
+                            format!("{topic}/d{}/reading", i % 5),
+                            rumqttc::QoS::AtLeastOnce,
+                            false,
+                            event(i),
+                        )
+                        .await
+                        .unwrap();
+                }
+                let mut eventloop = poller.await.unwrap();
+                client.disconnect().await.unwrap();
+                while eventloop.poll().await.is_ok() {}
+            }
+            Broker::Amqp { url, queue } => {
+                let (_conn, channel) = amqp_channel(url, queue).await;
+                channel
+                    .confirm_select(lapin::options::ConfirmSelectOptions::default())
+                    .await
+                    .unwrap();
+                let mut confirms = Vec::new();
+                for i in range {
+                    confirms.push(
+                        channel
+                            .basic_publish(
+                                "".into(),
+                                queue.as_str().into(),
+                                lapin::options::BasicPublishOptions::default(),
+                                event(i).as_bytes(),
+                                lapin::BasicProperties::default().with_delivery_mode(2),
+                            )
+                            .await
+                            .unwrap(),
+                    );
+                }
+                for c in confirms {
+                    assert!(c.await.unwrap().is_ack(), "RabbitMQ confirmed the publish");
+                }
+            }
+            Broker::Redis { url, stream } => {
+                let client = redis::Client::open(url.as_str()).unwrap();
+                let mut con = client
+                    .get_multiplexed_async_connection()
+                    .await
+                    .expect("Redis reachable");
+                for i in range {
+                    let _: String = redis::cmd("XADD")
+                        .arg(stream)
+                        .arg("*")
+                        .arg("data")
+                        .arg(event(i))
+                        .query_async(&mut con)
+                        .await
+                        .unwrap();
+                }
+            }
+            Broker::Nats { url, stream } => {
+                let js = async_nats::jetstream::new(
+                    async_nats::connect(url.as_str())
+                        .await
+                        .expect("NATS reachable"),
+                );
+                let mut acks = Vec::new();
+                for i in range {
+                    acks.push(
+                        js.publish(format!("{stream}.d{}", i % 5), event(i).into())
+                            .await
+                            .unwrap(),
+                    );
+                }
+                for a in acks {
+                    a.await.unwrap();
+                }
+            }
+        }
+    }
+}
+
+fn mqtt_client(url: &str, id: &str, clean: bool) -> (rumqttc::AsyncClient, rumqttc::EventLoop) {
+    let u = url::Url::parse(url).unwrap();
+    let mut o = rumqttc::MqttOptions::new(id, u.host_str().unwrap(), u.port().unwrap_or(1883));
+    o.set_clean_session(clean);
+    rumqttc::AsyncClient::new(o, 1000)
+}
+
+async fn amqp_channel(url: &str, queue: &str) -> (lapin::Connection, lapin::Channel) {
+    let conn = lapin::Connection::connect(url, lapin::ConnectionProperties::default())
+        .await
+        .expect("RabbitMQ reachable");
+    let channel = conn.create_channel().await.unwrap();
+    channel
+        .queue_declare(
+            queue.into(),
+            lapin::options::QueueDeclareOptions {
+                durable: true,
+                ..Default::default()
+            },
+            lapin::types::FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    (conn, channel)
+}
+
+fn project(broker: &Broker) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(dir.path().join("pipelines")).unwrap();
+    let yaml = format!(
+        "name: readings\nsource:\n{}schema:\n  id: string\n  ts: timestamp\n  device: string\n  value: float\nevent_time: ts\nevent_id: id\nviews:\n  - name: overall\n    window: all\n    metrics:\n      n: count()\n      total: sum(value)\n",
+        broker.source_yaml()
+    );
+    std::fs::write(dir.path().join("pipelines/readings.yaml"), yaml).unwrap();
+    dir
+}
+
+/// `(count, sum of values)` of the `overall` view.
+async fn counted(client: &reqwest::Client, server: &Server) -> (u64, f64) {
+    let resp = client
+        .get(server.url("/v1/views/readings/overall"))
+        .send()
+        .await
+        .expect("GET view");
+    assert!(resp.status().is_success(), "GET answered {}", resp.status());
+    let v: Value = resp.json().await.unwrap();
+    let row = v["rows"].get(0);
+    (
+        row.and_then(|r| r["n"].as_u64()).unwrap_or(0),
+        row.and_then(|r| r["total"].as_f64()).unwrap_or(0.0),
+    )
+}
+
+/// Waits until the view counts exactly events `0..n`, and fails on any over-count.
+async fn wait_for_exactly(client: &reqwest::Client, server: &Server, n: usize) {
+    let start = Instant::now();
+    loop {
+        let (got, total) = counted(client, server).await;
+        assert!(
+            got <= n as u64,
+            "counted {got} events, only {n} were published"
+        );
+        if got == n as u64 {
+            let expected = (n * (n - 1) / 2) as f64;
+            assert_eq!(total, expected, "every event counted once: sum of values");
+            return;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "only {got} of {n} published events counted after 60 s"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn exactly_once_across_kill9(broker: Broker) {
+    let dir = project(&broker);
+    let root: &Path = dir.path();
+    let client = reqwest::Client::new();
+    broker.prepare().await;
+
+    // Published while no consumer runs: all of it must arrive.
+    broker.publish(0..FIRST).await;
+    let server = Server::start(root);
+    wait_for_exactly(&client, &server, FIRST).await;
+
+    // Publish the rest in chunks while `serve` consumes; crash it part-way through.
+    let broker = std::sync::Arc::new(broker);
+    let publisher = {
+        let broker = broker.clone();
+        tokio::spawn(async move {
+            for start in (FIRST..TOTAL).step_by(50) {
+                broker.publish(start..(start + 50).min(TOTAL)).await;
+                tokio::time::sleep(Duration::from_millis(30)).await;
+            }
+        })
+    };
+    let started = Instant::now();
+    let at_kill = loop {
+        let (got, _) = counted(&client, &server).await;
+        if got as usize > FIRST + 100 || publisher.is_finished() {
+            break got;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "no progress after the first batch"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    server.kill9();
+    eprintln!("killed serve with {at_kill} of {TOTAL} events counted");
+    publisher.await.unwrap();
+
+    let server = Server::start(root);
+    wait_for_exactly(&client, &server, TOTAL).await;
+    // Late redeliveries must not raise the count.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    wait_for_exactly(&client, &server, TOTAL).await;
+    server.kill9();
+    broker.remove().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mqtt_counts_every_event_once_across_kill9() {
+    let Some(url) = env("LAMBDA_TEST_MQTT") else {
+        return;
+    };
+    exactly_once_across_kill9(Broker::Mqtt {
+        url,
+        topic: unique("lt"),
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn amqp_counts_every_event_once_across_kill9() {
+    let Some(url) = env("LAMBDA_TEST_AMQP") else {
+        return;
+    };
+    exactly_once_across_kill9(Broker::Amqp {
+        url,
+        queue: unique("lt"),
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_counts_every_event_once_across_kill9() {
+    let Some(url) = env("LAMBDA_TEST_REDIS") else {
+        return;
+    };
+    exactly_once_across_kill9(Broker::Redis {
+        url,
+        stream: unique("lt"),
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nats_counts_every_event_once_across_kill9() {
+    let Some(url) = env("LAMBDA_TEST_NATS") else {
+        return;
+    };
+    exactly_once_across_kill9(Broker::Nats {
+        url,
+        stream: unique("LT"),
+    })
+    .await;
+}
+
+/// Redis drops the source's connection (`CLIENT KILL`) mid-stream: the source reconnects,
+/// re-reads its pending entries and loses nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_reconnects_after_its_connection_is_killed() {
+    let Some(url) = env("LAMBDA_TEST_REDIS") else {
+        return;
+    };
+    let stream = unique("lt");
+    let broker = Broker::Redis {
+        url: url.clone(),
+        stream: stream.clone(),
+    };
+    let dir = project(&broker);
+    let client = reqwest::Client::new();
+    broker.prepare().await;
+    broker.publish(0..FIRST).await;
+    let server = Server::start(dir.path());
+    wait_for_exactly(&client, &server, FIRST).await;
+
+    // The source names its connection after its consumer (the stream name here).
+    let redis = redis::Client::open(url.as_str()).unwrap();
+    let mut con = redis.get_multiplexed_async_connection().await.unwrap();
+    let list: String = redis::cmd("CLIENT")
+        .arg("LIST")
+        .query_async(&mut con)
+        .await
+        .unwrap();
+    let ids: Vec<String> = list
+        .lines()
+        .filter(|l| l.split(' ').any(|f| f == format!("name={stream}")))
+        .filter_map(|l| l.split(' ').find_map(|f| f.strip_prefix("id=")))
+        .map(str::to_string)
+        .collect();
+    assert!(!ids.is_empty(), "the source's connection is in CLIENT LIST");
+    for id in ids {
+        let _: u64 = redis::cmd("CLIENT")
+            .arg("KILL")
+            .arg("ID")
+            .arg(id)
+            .query_async(&mut con)
+            .await
+            .unwrap();
+    }
+
+    broker.publish(FIRST..TOTAL).await;
+    wait_for_exactly(&client, &server, TOTAL).await;
+    server.kill9();
+    broker.remove().await;
+}
