@@ -231,4 +231,60 @@ mod tests {
             Some(utc(2026, 5, 1, 0, 0))
         );
     }
+
+    mod properties {
+        use super::super::*;
+        use chrono::{Offset, TimeZone};
+        use proptest::prelude::*;
+
+        const ZONES: [Tz; 5] = [
+            chrono_tz::Europe::Berlin,
+            chrono_tz::America::New_York,
+            // DST moves clocks by 30 minutes here.
+            chrono_tz::Australia::Lord_Howe,
+            chrono_tz::Asia::Kolkata,
+            chrono_tz::UTC,
+        ];
+        const EXPRS: [&str; 6] = [
+            "30 2 * * *",
+            "*/15 * * * *",
+            "0 * * * *",
+            "45 1 * * 0",
+            "*/7 1-3 * * *",
+            "0 30 2 * * *",
+        ];
+
+        fn offset(tz: Tz, t: DateTime<Utc>) -> i32 {
+            tz.offset_from_utc_datetime(&t.naive_utc())
+                .fix()
+                .local_minus_utc()
+        }
+
+        proptest! {
+            #[test]
+            fn slots_increase_and_each_wall_time_fires_once(
+                zone in 0..ZONES.len(),
+                expr in 0..EXPRS.len(),
+                start in 1_735_689_600i64..1_830_297_600i64,
+            ) {
+                let (tz, schedule) = (ZONES[zone], Schedule::parse(EXPRS[expr]).unwrap());
+                let from = DateTime::from_timestamp(start, 0).unwrap();
+                let slots: Vec<DateTime<Utc>> = after(&schedule, tz, from).take(300).collect();
+                prop_assert!(slots.first().is_none_or(|&s| s > from));
+                for pair in slots.windows(2) {
+                    prop_assert!(pair[0] < pair[1]);
+                }
+                let mut walls = std::collections::BTreeSet::new();
+                for &slot in &slots {
+                    let wall = slot.with_timezone(&tz).naive_local();
+                    prop_assert!(walls.insert(wall), "wall time {wall} fired twice");
+                    // A slot is a scheduled wall time, or the instant a gap ended (standing in
+                    // for a skipped wall time).
+                    let scheduled = schedule.cron().includes(wall.and_utc());
+                    let gap_end = offset(tz, slot - chrono::Duration::seconds(1)) < offset(tz, slot);
+                    prop_assert!(scheduled || gap_end, "{slot} ({wall} local) is no slot");
+                }
+            }
+        }
+    }
 }

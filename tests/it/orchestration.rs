@@ -1005,3 +1005,71 @@ fn an_attempt_whose_worker_died_is_failed_as_lost_and_retried_elsewhere() {
     );
     assert!(attempts[1].log.contains("second attempt"), "{attempts:#?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_batch_task_recomputes_the_pipeline_with_the_batch_layer() {
+    use lambda_ctl::lake::Lake;
+    use lambda_ctl::orchestration::layers::Layers;
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    std::fs::create_dir_all(root.join("workflows")).unwrap();
+    std::fs::create_dir_all(root.join("pipelines")).unwrap();
+    std::fs::write(
+        root.join("lambda.yaml"),
+        "state: sqlite://.lambda/state.db\nlake: memory://\n",
+    )
+    .unwrap();
+    std::fs::copy(
+        crate::support::repo().join("pipelines/clicks.yaml"),
+        root.join("pipelines/clicks.yaml"),
+    )
+    .unwrap();
+    std::fs::write(
+        root.join("workflows/wf.yaml"),
+        "name: wf\ntasks:\n  - name: recompute\n    batch: clicks\n  - name: compact\n    compact: clicks\n    needs: [recompute]\n",
+    )
+    .unwrap();
+    let spec = Arc::new(lambda_ctl::spec::load(root).expect("valid"));
+    let state = State::open(&spec.settings.state).await.unwrap();
+    let lake = Lake::open(&spec.settings.lake, &spec.settings.lake_options).unwrap();
+    let layers = Arc::new(Layers::new(spec.clone(), state.clone(), lake));
+    let orchestrator = Orchestrator::open(spec, state.clone(), layers)
+        .await
+        .unwrap();
+    let shutdown = CancellationToken::new();
+    let running = orchestrator.start(&workers_only(), shutdown.clone());
+    let id = orchestrator.trigger("wf").await.unwrap();
+    let status = orchestrator
+        .wait(id, |_| {}, &CancellationToken::new())
+        .await
+        .unwrap();
+    shutdown.cancel();
+    running.join().await;
+    assert_eq!(
+        status.tasks[0].state,
+        Some(RunState::Succeeded),
+        "{status:?}"
+    );
+    // The batch layer recorded its own run (kind batch) for the pipeline.
+    let batch_runs = state.runs(Some("clicks"), 10).await.unwrap();
+    assert_eq!(batch_runs.len(), 1);
+    assert_eq!(batch_runs[0].state, RunState::Succeeded);
+    let logs = orchestrator.logs(id).await.unwrap().unwrap();
+    assert!(
+        logs.attempts[0]
+            .log
+            .contains(&format!("batch run {} of clicks", batch_runs[0].id)),
+        "{}",
+        logs.attempts[0].log
+    );
+    // No compaction in this build: the task says so instead of pretending.
+    assert_eq!(status.tasks[1].state, Some(RunState::Failed));
+    assert!(
+        status.tasks[1]
+            .error
+            .as_deref()
+            .unwrap()
+            .contains("no archive compaction")
+    );
+    state.close().await;
+}
