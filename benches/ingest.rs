@@ -19,7 +19,7 @@ views:
   - name: page_views
     group_by: [page]
     window: 1m
-    metrics: {views: count(), users: approx_count_distinct(user_id), p95: approx_quantile(latency_ms, 0.95)}
+    metrics: {views: count(), users: approx_count_distinct(user_id), p95: "approx_quantile(latency_ms, 0.95)"}
   - name: total
     window: all
     metrics: {n: count()}
