@@ -1,6 +1,7 @@
 //! Speed-layer benchmarks through the real binary on loopback (prints figures; not a test):
 //! - durable HTTP ingest throughput with concurrent clients (every 200 means fsynced);
-//! - ack → visible-in-query latency at a steady rate.
+//! - ack → visible-in-query latency at a steady rate;
+//! - serving: point-query latency and queries/s with a published batch view loaded.
 //!
 //! `cargo bench --bench ingest` (or `just bench`).
 
@@ -14,12 +15,12 @@ source: {type: http}
 schema: {event_id: string, ts: timestamp, page: string, user_id: string, latency_ms: float}
 event_time: ts
 event_id: event_id
-archive: {segment_rows: 1000000, segment_age: 30s}
+archive: {segment_rows: 1000000, segment_age: 2s}
 views:
   - name: page_views
     group_by: [page]
     window: 1m
-    metrics: {views: count(), users: approx_count_distinct(user_id), p95: approx_quantile(latency_ms, 0.95)}
+    metrics: {views: count(), users: approx_count_distinct(user_id), p95: "approx_quantile(latency_ms, 0.95)"}
   - name: total
     window: all
     metrics: {n: count()}
@@ -134,6 +135,47 @@ fn main() {
         lat.sort_by(f64::total_cmp);
         let p = |q: f64| lat[((lat.len() - 1) as f64 * q) as usize];
         println!("ack → visible latency at 1000 events/s: p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms ({} samples, includes one query round trip)", p(0.5), p(0.99), p(1.0), lat.len());
+
+        // Serving: publish a batch view of everything sealed, then point queries.
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let run = Command::new(env!("CARGO_BIN_EXE_lambda-ctl"))
+            .args(["run", "clicks", "--project"])
+            .arg(dir.path())
+            .env("RUST_LOG", "warn")
+            .output()
+            .expect("lambda-ctl run");
+        assert!(run.status.success(), "batch run failed: {}", String::from_utf8_lossy(&run.stderr));
+        let page_url = format!("{base}/v1/views/clicks/page_views?page=/p/7");
+        loop {
+            let v: serde_json::Value = http.get(&page_url).send().await.unwrap().json().await.unwrap();
+            if !v["as_of"]["batch_run"].is_null() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let mut tasks = Vec::new();
+        for _ in 0..4 {
+            let (http, url) = (http.clone(), page_url.clone());
+            tasks.push(tokio::spawn(async move {
+                let mut lat = Vec::new();
+                while Instant::now() < deadline {
+                    let t = Instant::now();
+                    let r = http.get(&url).send().await.unwrap();
+                    assert!(r.status().is_success());
+                    r.bytes().await.unwrap();
+                    lat.push(t.elapsed().as_secs_f64() * 1000.0);
+                }
+                lat
+            }));
+        }
+        let mut q = Vec::new();
+        for t in tasks {
+            q.extend(t.await.unwrap());
+        }
+        q.sort_by(f64::total_cmp);
+        let pq = |x: f64| q[((q.len() - 1) as f64 * x) as usize];
+        println!("point query with the batch view loaded: p50 {:.2} ms, p99 {:.2} ms, {:.0} queries/s (4 clients, 5 s)", pq(0.5), pq(0.99), q.len() as f64 / 5.0);
     });
     let _ = child.kill();
     let _ = child.wait();

@@ -102,7 +102,7 @@ fn events(n: usize) -> Vec<String> {
         .map(|i| {
             let r = rng.next();
             let ts = start + i as i64 + (r % 500) as i64;
-            let latency = if r % 100 == 0 {
+            let latency = if r.is_multiple_of(100) {
                 -1.0
             } else {
                 ((r >> 20) % 200_000) as f64 / 100.0 + 0.25
