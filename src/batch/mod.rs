@@ -11,6 +11,7 @@
 //! - Versions that are no longer current are kept for [`GRACE`] after they were replaced, then
 //!   their files are deleted.
 
+pub mod maintenance;
 pub mod pickup;
 pub mod scan;
 pub mod verify;

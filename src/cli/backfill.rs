@@ -26,7 +26,9 @@ pub fn run(project_dir: &Path, workflow: &str, from: &str, to: &str) -> Result<(
                 ids.len(),
                 if ids.len() == 1 { "" } else { "s" }
             ),
-            _ => println!("no slot of {workflow} falls in the range; nothing queued"),
+            _ => println!(
+                "every slot of {workflow} in the range already has a run (or none falls in it); nothing queued"
+            ),
         }
         Ok(())
     })

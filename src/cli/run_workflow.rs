@@ -65,7 +65,8 @@ pub fn run(project_dir: &Path, name: &str, wait: bool, views: &[String]) -> Resu
     })
 }
 
-/// Task states on stdout: redrawn in place on a terminal, one line per change otherwise.
+/// Task states on stderr (stdout carries only the run id, for scripts): redrawn in place on a
+/// terminal, one line per change otherwise.
 struct Screen {
     tty: bool,
     /// Lines drawn last time (terminal only), to move back over them.
@@ -77,14 +78,14 @@ struct Screen {
 impl Screen {
     fn new() -> Screen {
         Screen {
-            tty: std::io::stdout().is_terminal(),
+            tty: std::io::stderr().is_terminal(),
             drawn: 0,
             printed: Vec::new(),
         }
     }
 
     fn show(&mut self, status: &RunStatus) {
-        let mut out = std::io::stdout().lock();
+        let mut out = std::io::stderr().lock();
         let lines: Vec<(String, String)> = std::iter::once((
             format!("run {}", status.run.id),
             status.run.state.to_string(),

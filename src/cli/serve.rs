@@ -1,4 +1,5 @@
-//! `lambda-ctl serve`: the speed layer for every pipeline, its sources, and the HTTP API.
+//! `lambda-ctl serve`: the speed layer for every pipeline, its sources, the scheduler and
+//! workers of the workflows, and the HTTP API.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -11,6 +12,8 @@ use tokio_util::sync::CancellationToken;
 use super::CliError;
 use crate::batch::pickup::Pickup;
 use crate::lake::Lake;
+use crate::orchestration::Orchestrator;
+use crate::orchestration::layers::Layers;
 use crate::plan::Plan;
 use crate::serving::http::{self, App};
 use crate::speed::runtime::PipelineRuntime;
@@ -27,6 +30,7 @@ pub fn run(project_dir: &Path, listen: Option<SocketAddr>) -> Result<(), CliErro
 }
 
 async fn serve(project: spec::Project, listen: Option<SocketAddr>) -> Result<(), CliError> {
+    let project = Arc::new(project);
     let settings = &project.settings;
     let state_dir = project.root.join(".lambda");
     let db = State::open(&settings.state)
@@ -58,6 +62,13 @@ async fn serve(project: spec::Project, listen: Option<SocketAddr>) -> Result<(),
         runtimes.insert(p.name.clone(), rt);
     }
 
+    // Scheduler (one active per state DB) and workers for the workflows.
+    let layers = Arc::new(Layers::new(project.clone(), db.clone(), lake.clone()));
+    let (orchestrator, running) =
+        Orchestrator::start_all(project.clone(), db.clone(), layers, shutdown.clone())
+            .await
+            .context("starting the scheduler and workers")?;
+
     let addr: SocketAddr = match listen {
         Some(a) => a,
         None => settings
@@ -78,8 +89,14 @@ async fn serve(project: spec::Project, listen: Option<SocketAddr>) -> Result<(),
         runtimes,
         token: settings.serve.token.clone(),
         max_body_bytes: settings.serve.max_body_bytes,
+        orchestrator: Some(orchestrator),
     });
-    tracing::info!(address = %local, pipelines = project.pipelines.len(), "serving");
+    tracing::info!(
+        address = %local,
+        pipelines = project.pipelines.len(),
+        workflows = project.workflows.len(),
+        "serving"
+    );
     // Tests and scripts read the bound address from this line.
     println!("lambda-ctl serving on http://{local}");
 
@@ -92,6 +109,8 @@ async fn serve(project: spec::Project, listen: Option<SocketAddr>) -> Result<(),
         })
         .await
         .context("HTTP server failed")?;
+    // Running task attempts see the shutdown and stop; the scheduler gives up its lock.
+    running.join().await;
     db.close().await;
     Ok(())
 }

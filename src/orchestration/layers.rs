@@ -1,6 +1,5 @@
-//! The [`TaskRunner`] of a real project: `batch` tasks recompute views with the batch layer.
-//! `compact` and `retention` need lake operations this build does not have yet; such a task
-//! fails with a message saying so (its dependants become `upstream_failed`).
+//! The [`TaskRunner`] of a real project: `batch` tasks recompute views with the batch layer,
+//! `compact` and `retention` maintain the archive ([`crate::batch::maintenance`]).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -9,7 +8,7 @@ use anyhow::Context;
 use futures::future::BoxFuture;
 
 use super::{TaskContext, TaskRunner};
-use crate::batch::{self, Progress};
+use crate::batch::{self, Progress, maintenance};
 use crate::lake::Lake;
 use crate::plan::Plan;
 use crate::spec::Project;
@@ -39,10 +38,7 @@ impl TaskRunner for Layers {
         views: Option<&'a [String]>,
     ) -> BoxFuture<'a, anyhow::Result<()>> {
         Box::pin(async move {
-            let spec = self
-                .project
-                .pipeline(pipeline)
-                .with_context(|| format!("pipeline `{pipeline}` is not in this project"))?;
+            let spec = self.pipeline(pipeline)?;
             let plan =
                 Plan::compile(spec).with_context(|| format!("compiling pipeline `{pipeline}`"))?;
             let log = ctx.log.clone();
@@ -88,26 +84,53 @@ impl TaskRunner for Layers {
 
     fn compact<'a>(
         &'a self,
-        _: &'a TaskContext,
+        ctx: &'a TaskContext,
         pipeline: &'a str,
     ) -> BoxFuture<'a, anyhow::Result<()>> {
         Box::pin(async move {
-            anyhow::bail!(
-                "cannot compact `{pipeline}`: this lambda-ctl build has no archive compaction yet"
-            )
+            let spec = self.pipeline(pipeline)?;
+            let log = ctx.log.clone();
+            let done =
+                maintenance::compact(&self.state, &self.lake, spec, &move |l| log.line(l)).await?;
+            ctx.log.line(format!(
+                "compacted {pipeline}: {} segment(s) merged into {}, {} range(s) raced, {} retired file(s) deleted",
+                done.replaced, done.merged, done.raced, done.collected
+            ));
+            Ok(())
         })
     }
 
     fn retention<'a>(
         &'a self,
-        _: &'a TaskContext,
+        ctx: &'a TaskContext,
         pipeline: &'a str,
-        _: Duration,
+        keep: Duration,
     ) -> BoxFuture<'a, anyhow::Result<()>> {
         Box::pin(async move {
-            anyhow::bail!(
-                "cannot apply retention to `{pipeline}`: this lambda-ctl build has no archive retention yet"
+            let spec = self.pipeline(pipeline)?;
+            let log = ctx.log.clone();
+            let done = maintenance::retention(
+                &self.state,
+                &self.lake,
+                spec,
+                keep,
+                chrono::Utc::now(),
+                &move |l| log.line(l),
             )
+            .await?;
+            ctx.log.line(format!(
+                "retention of {pipeline}: {} segment(s), {} view version(s), {} dead-letter file(s) dropped",
+                done.segments_dropped, done.view_versions_dropped, done.dead_letter_files_dropped
+            ));
+            Ok(())
         })
+    }
+}
+
+impl Layers {
+    fn pipeline(&self, name: &str) -> anyhow::Result<&crate::spec::Pipeline> {
+        self.project
+            .pipeline(name)
+            .with_context(|| format!("pipeline `{name}` is not in this project"))
     }
 }

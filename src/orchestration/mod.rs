@@ -313,6 +313,11 @@ impl Orchestrator {
         Running { tasks }
     }
 
+    /// The project whose workflows this orchestrator runs.
+    pub fn project(&self) -> &Project {
+        &self.core.project
+    }
+
     /// Starts a run of `workflow` now (not tied to a schedule slot). It waits for a free
     /// `max_active_runs` place like any other run.
     pub async fn trigger(&self, workflow: &str) -> Result<RunId, OrchestrationError> {
@@ -331,7 +336,8 @@ impl Orchestrator {
     }
 
     /// One run per schedule slot in `[from, to]`, oldest first; they start as
-    /// `max_active_runs` allows. Returns the new runs' ids.
+    /// `max_active_runs` allows. Slots that already have a run which succeeded or is still
+    /// going are skipped (failed or cancelled ones run again). Returns the new runs' ids.
     pub async fn backfill(
         &self,
         workflow: &str,
@@ -356,8 +362,10 @@ impl Orchestrator {
                 max: MAX_BACKFILL_RUNS,
             });
         }
+        let done = self.core.state.covered_slots(&wf.name, from, to).await?;
+        let skipped = slots.iter().filter(|s| done.contains(s)).count();
         let mut ids = Vec::with_capacity(slots.len());
-        for slot in slots {
+        for slot in slots.into_iter().filter(|s| !done.contains(s)) {
             let run = self
                 .core
                 .state
@@ -365,7 +373,7 @@ impl Orchestrator {
                 .await?;
             ids.push(run.id);
         }
-        info!(workflow = %wf.name, runs = ids.len(), "backfill queued");
+        info!(workflow = %wf.name, runs = ids.len(), skipped, "backfill queued");
         self.core
             .advance(wf, WorkflowEvent::Reconcile)
             .await

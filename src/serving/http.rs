@@ -17,6 +17,7 @@ use serde_json::json;
 use super::format;
 use super::query::{self, QueryError, ViewQuery};
 use super::time::{now_ms, parse_time};
+use crate::orchestration::Orchestrator;
 use crate::spec::Source;
 use crate::speed::runtime::PipelineRuntime;
 
@@ -26,6 +27,8 @@ pub struct App {
     /// Bearer token required on /v1 routes when set.
     pub token: Option<String>,
     pub max_body_bytes: usize,
+    /// The scheduler and workers of this process, for the workflow routes.
+    pub orchestrator: Option<Orchestrator>,
 }
 
 pub fn router(app: Arc<App>) -> Router {
@@ -33,6 +36,7 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/v1/pipelines", get(pipelines))
         .route("/v1/pipelines/{pipeline}/events", post(ingest))
         .route("/v1/views/{pipeline}/{view}", get(view))
+        .merge(super::workflows::routes())
         .route_layer(middleware::from_fn_with_state(app.clone(), auth));
     Router::new()
         .merge(v1)
@@ -41,7 +45,7 @@ pub fn router(app: Arc<App>) -> Router {
         .with_state(app)
 }
 
-fn error(status: StatusCode, message: impl Into<String>) -> Response {
+pub(crate) fn error(status: StatusCode, message: impl Into<String>) -> Response {
     (status, axum::Json(json!({ "error": message.into() }))).into_response()
 }
 

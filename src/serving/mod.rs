@@ -5,3 +5,4 @@ pub mod format;
 pub mod http;
 pub mod query;
 pub mod time;
+pub mod workflows;

@@ -3,6 +3,8 @@
 
 use std::collections::BTreeMap;
 
+use chrono::{DateTime, Utc};
+
 use super::{State, StateError, db, from_db, now, to_db};
 
 /// A sealed Parquet segment: positions `[lo, hi)` of one pipeline partition.
@@ -217,5 +219,183 @@ impl State {
             .await)
         .map_err(db("read dead-letter count"))?;
         total.map_or(Ok(0), |(t,)| from_db("dead-letter count", t))
+    }
+}
+
+/// A lake object the manifest no longer references, waiting for its grace period to pass.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RetiredObject {
+    pub path: String,
+    pub pipeline: String,
+    pub reason: String,
+    pub retired_at: DateTime<Utc>,
+}
+
+/// Deletes one manifest row, only if it is still exactly the segment the caller read.
+const DELETE_SEGMENT: &str = "
+    DELETE FROM segments
+    WHERE pipeline = $1 AND partition = $2 AND lo = $3 AND hi = $4 AND path = $5";
+
+const RETIRE_OBJECT: &str = "
+    INSERT INTO retired_objects (path, pipeline, reason, retired_at) VALUES ($1, $2, $3, $4)
+    ON CONFLICT (path) DO NOTHING";
+
+/// Inside an `on_pool!` body: deletes manifest row `$s` (exactly as read) and retires its file
+/// in transaction `$tx`; returns [`StateError::ArchiveRaced`] from the body when it is gone.
+macro_rules! retire_segment {
+    ($tx:expr, $s:expr, $reason:expr, $at:expr) => {{
+        let s: &Segment = $s;
+        let deleted = sqlx::query(DELETE_SEGMENT)
+            .bind(&s.pipeline)
+            .bind(i64::from(s.partition))
+            .bind(to_db("position", s.lo)?)
+            .bind(to_db("position", s.hi)?)
+            .bind(&s.path)
+            .execute(&mut *$tx)
+            .await
+            .map_err(db("delete segment"))?
+            .rows_affected();
+        if deleted != 1 {
+            return Err(StateError::ArchiveRaced {
+                pipeline: s.pipeline.clone(),
+                partition: s.partition,
+                lo: s.lo,
+            });
+        }
+        sqlx::query(RETIRE_OBJECT)
+            .bind(&s.path)
+            .bind(&s.pipeline)
+            .bind($reason)
+            .bind($at)
+            .execute(&mut *$tx)
+            .await
+            .map_err(db("retire segment file"))?;
+    }};
+}
+
+impl State {
+    /// Compaction's manifest swap: `old` (contiguous segments of one partition) leave the
+    /// manifest and `new` (their union, already written to the lake) takes their place, in ONE
+    /// transaction; the old files are retired, not deleted (a running batch run may still read
+    /// them). Fails with [`StateError::ArchiveRaced`], changing nothing, when any of `old` is
+    /// no longer in the manifest as read.
+    pub async fn replace_segments(&self, old: &[Segment], new: &Segment) -> Result<(), StateError> {
+        let first = old.first().ok_or(StateError::EmptySegment {
+            pipeline: new.pipeline.clone(),
+            partition: new.partition,
+            lo: new.lo,
+            hi: new.lo,
+        })?;
+        let (lo, hi) = (first.lo, old.last().map_or(first.hi, |s| s.hi));
+        let contiguous = old.windows(2).all(|w| w[0].hi == w[1].lo);
+        let same_partition = old
+            .iter()
+            .all(|s| s.pipeline == new.pipeline && s.partition == new.partition);
+        if !contiguous || !same_partition || (new.lo, new.hi) != (lo, hi) {
+            return Err(StateError::Corrupt {
+                what: "compaction (segments not contiguous or not covering the merged range)",
+                value: format!("{}/p={} [{lo}, {hi})", new.pipeline, new.partition),
+            });
+        }
+        let at = now();
+        on_pool!(self, |pool| {
+            let mut tx = pool.begin().await.map_err(db("compact segments"))?;
+            for s in old {
+                retire_segment!(tx, s, "compacted", at);
+            }
+            sqlx::query(INSERT_SEGMENT)
+                .bind(&new.pipeline)
+                .bind(i64::from(new.partition))
+                .bind(to_db("position", new.lo)?)
+                .bind(to_db("position", new.hi)?)
+                .bind(&new.path)
+                .bind(to_db("row count", new.rows)?)
+                .bind(to_db("byte count", new.bytes)?)
+                .bind(to_db("dead-letter count", new.dead_letters)?)
+                .bind(new.min_event_ms)
+                .bind(new.max_event_ms)
+                .bind(at)
+                .execute(&mut *tx)
+                .await
+                .map_err(db("compact segments: insert merged segment"))?;
+            tx.commit().await.map_err(db("compact segments: commit"))
+        })?;
+        tracing::info!(
+            pipeline = %new.pipeline, partition = new.partition, lo, hi, replaced = old.len(),
+            "compacted segments"
+        );
+        Ok(())
+    }
+
+    /// Retention: `segments` leave the manifest and their files are retired, in ONE transaction.
+    /// The checkpoints do not move (positions are never reused). Fails with
+    /// [`StateError::ArchiveRaced`], changing nothing, when one of them is already gone.
+    pub async fn drop_segments(&self, segments: &[Segment]) -> Result<(), StateError> {
+        if segments.is_empty() {
+            return Ok(());
+        }
+        let at = now();
+        on_pool!(self, |pool| {
+            let mut tx = pool.begin().await.map_err(db("drop segments"))?;
+            for s in segments {
+                retire_segment!(tx, s, "retention", at);
+            }
+            tx.commit().await.map_err(db("drop segments: commit"))
+        })
+    }
+
+    /// When each segment of `pipeline` was sealed, by (partition, lo).
+    pub async fn sealed_at(
+        &self,
+        pipeline: &str,
+    ) -> Result<BTreeMap<(u32, u64), DateTime<Utc>>, StateError> {
+        const SQL: &str = "SELECT partition, lo, created_at FROM segments WHERE pipeline = $1";
+        let rows: Vec<(i64, i64, DateTime<Utc>)> = on_pool!(self, |pool| sqlx::query_as(SQL)
+            .bind(pipeline)
+            .fetch_all(pool)
+            .await)
+        .map_err(db("read segment seal times"))?;
+        rows.into_iter()
+            .map(|(p, lo, at)| Ok(((from_db("partition", p)?, from_db("position", lo)?), at)))
+            .collect()
+    }
+
+    /// Retired objects of `pipeline` retired before `before`, oldest first.
+    pub async fn retired_objects(
+        &self,
+        pipeline: &str,
+        before: DateTime<Utc>,
+    ) -> Result<Vec<RetiredObject>, StateError> {
+        const SQL: &str = "
+            SELECT path, pipeline, reason, retired_at FROM retired_objects
+            WHERE pipeline = $1 AND retired_at < $2 ORDER BY retired_at, path";
+        let rows: Vec<(String, String, String, DateTime<Utc>)> =
+            on_pool!(self, |pool| sqlx::query_as(SQL)
+                .bind(pipeline)
+                .bind(before)
+                .fetch_all(pool)
+                .await)
+            .map_err(db("list retired objects"))?;
+        Ok(rows
+            .into_iter()
+            .map(|(path, pipeline, reason, retired_at)| RetiredObject {
+                path,
+                pipeline,
+                reason,
+                retired_at,
+            })
+            .collect())
+    }
+
+    /// Forgets a retired object once its file is gone from the lake.
+    pub async fn forget_retired(&self, path: &str) -> Result<(), StateError> {
+        const SQL: &str = "DELETE FROM retired_objects WHERE path = $1";
+        on_pool!(self, |pool| sqlx::query(SQL)
+            .bind(path)
+            .execute(pool)
+            .await
+            .map(|_| ()))
+        .map_err(db("forget retired object"))?;
+        Ok(())
     }
 }

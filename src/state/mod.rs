@@ -50,7 +50,7 @@ mod runs;
 mod schedules;
 mod workflows;
 
-pub use archive::Segment;
+pub use archive::{RetiredObject, Segment};
 pub use publications::{Cutoff, NewPublication, Publication, PublicationId};
 pub use runs::{AttemptId, Outcome, Run, RunId, RunKind, RunState, TaskAttempt};
 pub use workflows::{
@@ -123,6 +123,16 @@ pub enum StateError {
         view: String,
         expected: String,
         found: String,
+    },
+    /// A manifest change (compaction, retention) found a segment it meant to replace already
+    /// gone or changed: another process changed the archive meanwhile. Nothing was changed.
+    #[error(
+        "the archive of {pipeline} changed meanwhile (segment p={partition} at {lo} is gone); nothing was changed"
+    )]
+    ArchiveRaced {
+        pipeline: String,
+        partition: u32,
+        lo: u64,
     },
     #[error("run {0} does not exist")]
     RunNotFound(RunId),

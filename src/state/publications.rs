@@ -194,4 +194,53 @@ impl State {
         .map_err(db("read current publication"))?;
         row.map(PublicationRow::into_publication).transpose()
     }
+
+    /// Retention of view history: forgets every version of `pipeline.view` published before
+    /// `before` except the current one; returns the runs whose files the caller may delete
+    /// (those no remaining version refers to).
+    pub async fn drop_publications_before(
+        &self,
+        pipeline: &str,
+        view: &str,
+        before: DateTime<Utc>,
+    ) -> Result<Vec<RunId>, StateError> {
+        const DELETE: &str = "
+            DELETE FROM publications
+            WHERE pipeline = $1 AND view = $2 AND published_at < $3
+              AND id NOT IN (SELECT publication_id FROM current_publications
+                             WHERE pipeline = $1 AND view = $2)
+            RETURNING run_id";
+        const STILL_USED: &str =
+            "SELECT DISTINCT run_id FROM publications WHERE pipeline = $1 AND view = $2";
+        let (dropped, used): (Vec<(i64,)>, Vec<(i64,)>) = on_pool!(self, |pool| {
+            let mut tx = pool.begin().await.map_err(db("drop old publications"))?;
+            let dropped = sqlx::query_as(DELETE)
+                .bind(pipeline)
+                .bind(view)
+                .bind(before)
+                .fetch_all(&mut *tx)
+                .await
+                .map_err(db("drop old publications"))?;
+            let used = sqlx::query_as(STILL_USED)
+                .bind(pipeline)
+                .bind(view)
+                .fetch_all(&mut *tx)
+                .await
+                .map_err(db("drop old publications: runs still used"))?;
+            tx.commit()
+                .await
+                .map_err(db("drop old publications: commit"))?;
+            (dropped, used)
+        });
+        let used: std::collections::BTreeSet<i64> = used.into_iter().map(|(r,)| r).collect();
+        let mut runs: Vec<RunId> = dropped
+            .into_iter()
+            .map(|(r,)| r)
+            .filter(|r| !used.contains(r))
+            .map(RunId)
+            .collect();
+        runs.sort_by_key(|r| r.0);
+        runs.dedup();
+        Ok(runs)
+    }
 }

@@ -4,7 +4,7 @@
 use chrono::{DateTime, SubsecRound, Utc};
 
 use super::runs::{INSERT_RUN, RunRow};
-use super::{Run, RunKind, State, StateError, db, now};
+use super::{Run, RunKind, RunState, State, StateError, db, now};
 
 /// The first slot of a workflow: only if no scheduler recorded one meanwhile.
 const CLAIM_FIRST: &str = "
@@ -16,6 +16,32 @@ const CLAIM_NEXT: &str = "
     UPDATE schedules SET last_slot = $2, updated_at = $3 WHERE workflow = $1 AND last_slot = $4";
 
 impl State {
+    /// Slots in `[from, to]` for which `workflow` already has a run that succeeded or is still
+    /// queued or running (a backfill leaves those alone and re-runs failed or cancelled ones).
+    pub async fn covered_slots(
+        &self,
+        workflow: &str,
+        from: DateTime<Utc>,
+        to: DateTime<Utc>,
+    ) -> Result<Vec<DateTime<Utc>>, StateError> {
+        const SQL: &str = "
+            SELECT DISTINCT scheduled_at FROM runs
+            WHERE kind = $1 AND name = $2 AND scheduled_at >= $3 AND scheduled_at <= $4
+              AND state IN ($5, $6, $7)";
+        let rows: Vec<(DateTime<Utc>,)> = on_pool!(self, |pool| sqlx::query_as(SQL)
+            .bind(RunKind::Workflow.as_str())
+            .bind(workflow)
+            .bind(from.trunc_subsecs(6))
+            .bind(to)
+            .bind(RunState::Queued.as_str())
+            .bind(RunState::Running.as_str())
+            .bind(RunState::Succeeded.as_str())
+            .fetch_all(pool)
+            .await)
+        .map_err(db("list scheduled runs"))?;
+        Ok(rows.into_iter().map(|(s,)| s).collect())
+    }
+
     /// The last slot of `workflow` that got a run; `None` if it never fired.
     pub async fn last_slot(&self, workflow: &str) -> Result<Option<DateTime<Utc>>, StateError> {
         const SQL: &str = "SELECT last_slot FROM schedules WHERE workflow = $1";

@@ -15,10 +15,10 @@ use crate::orders::{Ev, check_views, events, get_view, project, send, wait_for_c
 use crate::state::TempDatabase;
 use crate::support::{Rng, Server};
 
-const VIEWS: [&str; 4] = ["by_country", "hop", "sessions", "overall"];
+pub const VIEWS: [&str; 4] = ["by_country", "hop", "sessions", "overall"];
 
 /// `lambda-ctl run orders --wait` in its own process; returns the run id it printed.
-async fn run_batch(project: &Path) -> String {
+pub async fn run_batch(project: &Path) -> String {
     let project: PathBuf = project.to_path_buf();
     let out = tokio::task::spawn_blocking(move || {
         Command::new(env!("CARGO_BIN_EXE_lambda-ctl"))
@@ -47,7 +47,7 @@ async fn run_batch(project: &Path) -> String {
 }
 
 /// Waits until every view is served from run `id`'s publication.
-async fn wait_for_batch(client: &reqwest::Client, server: &Server, id: &str) {
+pub async fn wait_for_batch(client: &reqwest::Client, server: &Server, id: &str) {
     let start = Instant::now();
     for view in VIEWS {
         loop {
@@ -65,7 +65,7 @@ async fn wait_for_batch(client: &reqwest::Client, server: &Server, id: &str) {
     }
 }
 
-fn kept(acked: &[Ev]) -> u64 {
+pub fn kept(acked: &[Ev]) -> u64 {
     acked.iter().filter(|e| e.amount >= 0.0).count() as u64
 }
 

@@ -4,6 +4,7 @@
 mod brokers;
 mod cli;
 mod lambda;
+mod maintenance;
 mod orchestration;
 mod orders;
 mod projects;

@@ -39,6 +39,8 @@ on_both_backends!(
     concurrent_starts_of_one_run_let_one_worker_win,
     task_attempts_number_their_retries,
     schedule_slots_are_claimed_once,
+    compaction_swaps_segments_in_one_transaction,
+    retention_drops_segments_and_old_view_versions,
 );
 
 async fn on_sqlite<F, Fut>(behaviour: F)
@@ -699,4 +701,133 @@ async fn schedule_slots_are_claimed_once(url: String) {
         vec![Some(t3), Some(t2), Some(t1_stored)]
     );
     assert_eq!(state.last_slot("hourly").await.unwrap(), None);
+}
+
+async fn compaction_swaps_segments_in_one_transaction(url: String) {
+    let state = open(&url).await;
+    let old = [segment(0, 0, 10), segment(0, 10, 25), segment(0, 25, 40)];
+    for s in &old {
+        state.seal_segment(s).await.unwrap();
+    }
+    state.seal_segment(&segment(0, 40, 50)).await.unwrap();
+    let merged = Segment {
+        path: lambda_ctl::lake::archive_path("clicks", 0, 0, 40),
+        rows: 40,
+        bytes: 3100,
+        min_event_ms: old[0].min_event_ms,
+        max_event_ms: old[2].max_event_ms,
+        ..segment(0, 0, 40)
+    };
+
+    // A range that is not exactly the union of the old segments changes nothing.
+    let wrong = Segment {
+        hi: 39,
+        ..merged.clone()
+    };
+    assert!(state.replace_segments(&old, &wrong).await.is_err());
+    assert_eq!(state.segments("clicks").await.unwrap().len(), 4);
+
+    state.replace_segments(&old, &merged).await.expect("swap");
+    let now: Vec<(u64, u64)> = state
+        .segments("clicks")
+        .await
+        .unwrap()
+        .iter()
+        .map(|s| (s.lo, s.hi))
+        .collect();
+    assert_eq!(now, vec![(0, 40), (40, 50)]);
+    // Positions never move: the checkpoint stays where sealing left it.
+    assert_eq!(state.checkpoint("clicks", 0).await.unwrap(), Some(50));
+
+    // The same swap again (another compactor that read the old manifest) changes nothing.
+    let raced = state.replace_segments(&old, &merged).await.unwrap_err();
+    assert!(matches!(raced, StateError::ArchiveRaced { .. }), "{raced}");
+    assert_eq!(state.segments("clicks").await.unwrap().len(), 2);
+
+    // The old files are retired, not deleted: listed only once their grace period passed.
+    let later = Utc::now() + chrono::Duration::seconds(5);
+    let retired = state.retired_objects("clicks", later).await.unwrap();
+    let mut paths: Vec<&str> = retired.iter().map(|r| r.path.as_str()).collect();
+    paths.sort_unstable();
+    let mut expected: Vec<&str> = old.iter().map(|s| s.path.as_str()).collect();
+    expected.sort_unstable();
+    assert_eq!(paths, expected);
+    assert!(retired.iter().all(|r| r.reason == "compacted"));
+    let earlier = Utc::now() - chrono::Duration::seconds(60);
+    assert!(
+        state
+            .retired_objects("clicks", earlier)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    state.forget_retired(&old[0].path).await.unwrap();
+    assert_eq!(
+        state.retired_objects("clicks", later).await.unwrap().len(),
+        2
+    );
+}
+
+async fn retention_drops_segments_and_old_view_versions(url: String) {
+    let state = open(&url).await;
+    let segs = [segment(0, 0, 10), segment(0, 10, 20)];
+    for s in &segs {
+        state.seal_segment(s).await.unwrap();
+    }
+    state.drop_segments(&segs[..1]).await.unwrap();
+    assert_eq!(
+        state.segments("clicks").await.unwrap(),
+        vec![segs[1].clone()]
+    );
+    // Dropping a segment already gone changes nothing, not even the others of the call.
+    let err = state.drop_segments(&segs).await.unwrap_err();
+    assert!(matches!(err, StateError::ArchiveRaced { .. }), "{err}");
+    assert_eq!(state.segments("clicks").await.unwrap().len(), 1);
+    let later = Utc::now() + chrono::Duration::seconds(5);
+    let retired = state.retired_objects("clicks", later).await.unwrap();
+    assert_eq!(retired.len(), 1);
+    assert_eq!(retired[0].reason, "retention");
+
+    // Three versions of a view by three runs; retention keeps the current one.
+    let mut previous = None;
+    let mut runs = Vec::new();
+    for i in 0..3u64 {
+        let run = state
+            .create_run(RunKind::Batch, "clicks", None)
+            .await
+            .unwrap();
+        runs.push(run.id);
+        let p = state
+            .publish(&NewPublication {
+                pipeline: "clicks".into(),
+                view: "page_views".into(),
+                run_id: run.id,
+                logic_hash: "h".into(),
+                cutoff: BTreeMap::from([(0, 10 * (i + 1))]),
+                rows: i,
+                replaces: previous,
+            })
+            .await
+            .unwrap();
+        previous = Some(p.id);
+    }
+    let earlier = Utc::now() - chrono::Duration::seconds(60);
+    assert!(
+        state
+            .drop_publications_before("clicks", "page_views", earlier)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    let dropped = state
+        .drop_publications_before("clicks", "page_views", later)
+        .await
+        .unwrap();
+    assert_eq!(dropped, runs[..2].to_vec());
+    let current = state
+        .current_publication("clicks", "page_views")
+        .await
+        .unwrap()
+        .expect("the current version stays");
+    assert_eq!(current.run_id, runs[2]);
 }

@@ -1,0 +1,289 @@
+//! Archive maintenance through `serve` and the workflow API: `compact` and `retention` tasks
+//! change the manifest, never an answer (every view still equals the oracle, `verify` still
+//! agrees after compaction), and the repository's nightly workflow runs to success.
+
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use lambda_ctl::batch::maintenance;
+use lambda_ctl::lake::Lake;
+use lambda_ctl::state::{RunState, Segment, State};
+use serde_json::Value;
+
+use crate::lambda::{VIEWS, kept, run_batch, wait_for_batch};
+use crate::orders::{Ev, check_views, events, project, send, wait_for_count};
+use crate::support::{Rng, Server, lambda_ctl, repo, stderr, stdout};
+
+const MAINT: &str = "name: maint\ntasks:\n  - name: recompute\n    batch: orders\n  - name: compact\n    compact: orders\n    needs: [recompute]\n";
+const TRIM: &str =
+    "name: trim\ntasks:\n  - name: trim\n    retention: {pipeline: orders, keep: 1d}\n";
+
+/// `POST /v1/workflows/{w}/runs`, then `GET /v1/runs/{id}` until the run finished.
+async fn run_workflow(client: &reqwest::Client, server: &Server, workflow: &str) -> Value {
+    let resp = client
+        .post(server.url(&format!("/v1/workflows/{workflow}/runs")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), reqwest::StatusCode::CREATED);
+    let id = resp.json::<Value>().await.unwrap()["run_id"]
+        .as_i64()
+        .expect("run_id");
+    let start = Instant::now();
+    loop {
+        let run: Value = client
+            .get(server.url(&format!("/v1/runs/{id}")))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        assert_eq!(run["id"].as_i64(), Some(id), "{run}");
+        if ["succeeded", "failed", "cancelled"].contains(&run["state"].as_str().unwrap_or("")) {
+            return run;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "run {id} of {workflow} did not finish in 60 s: {run}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn assert_succeeded(run: &Value) {
+    assert_eq!(run["state"], "succeeded", "{run:#}");
+    for t in run["tasks"].as_array().unwrap() {
+        assert_eq!(t["state"], "succeeded", "{run:#}");
+    }
+}
+
+/// Sends `evs` in bursts separated by more than the 1 s segment age: small segments.
+async fn send_in_bursts(
+    client: &reqwest::Client,
+    server: &Server,
+    rng: &mut Rng,
+    evs: &[Ev],
+) -> Vec<Ev> {
+    let mut acked = Vec::new();
+    for burst in evs.chunks(90) {
+        acked.extend(send(client, server, rng, burst).await);
+        tokio::time::sleep(Duration::from_millis(1300)).await;
+    }
+    acked
+}
+
+async fn latest_batch_run(state: &State) -> String {
+    let runs = state.runs(Some("orders"), 1).await.unwrap();
+    assert_eq!(runs[0].state, RunState::Succeeded, "{runs:?}");
+    runs[0].id.to_string()
+}
+
+fn positions(segments: &[Segment]) -> (u64, u64, u64) {
+    (
+        segments.iter().map(|s| s.lo).min().unwrap_or(0),
+        segments.iter().map(|s| s.hi).max().unwrap_or(0),
+        segments.iter().map(|s| s.rows).sum(),
+    )
+}
+
+fn verify(project: &Path) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_lambda-ctl"))
+        .args(["verify", "orders", "--project"])
+        .arg(project)
+        .env("RUST_LOG", "warn")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success(), "verify: {text}");
+    text
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn compaction_and_retention_change_no_answer() {
+    let dir = project();
+    std::fs::create_dir_all(dir.path().join("workflows")).unwrap();
+    std::fs::write(dir.path().join("workflows/maint.yaml"), MAINT).unwrap();
+    std::fs::write(dir.path().join("workflows/trim.yaml"), TRIM).unwrap();
+    let spec = lambda_ctl::spec::load(dir.path()).expect("valid project");
+    let client = reqwest::Client::new();
+    let mut rng = Rng(11);
+    let evs = events(&mut rng, 900, 0);
+
+    let server = Server::start(dir.path());
+    let mut acked = send_in_bursts(&client, &server, &mut rng, &evs[..540]).await;
+    wait_for_count(&client, &server, kept(&acked)).await;
+    let state = State::open(&spec.settings.state).await.unwrap();
+    let lake = Lake::open(&spec.settings.lake, &spec.settings.lake_options).unwrap();
+    let before = state.segments("orders").await.unwrap();
+    assert!(before.len() >= 4, "{} segments", before.len());
+
+    // recompute → compact, through the HTTP API of the serving process.
+    let run = run_workflow(&client, &server, "maint").await;
+    assert_succeeded(&run);
+    let after = state.segments("orders").await.unwrap();
+    assert!(
+        after.len() < before.len(),
+        "{} segments before, {} after",
+        before.len(),
+        after.len()
+    );
+    assert_eq!(positions(&after), positions(&before));
+    for w in after.windows(2) {
+        assert_eq!(w[0].hi, w[1].lo, "the manifest stays contiguous");
+    }
+    for s in &after {
+        assert!(
+            lake.exists(&s.path).await.unwrap(),
+            "{} is in the lake",
+            s.path
+        );
+    }
+    wait_for_batch(&client, &server, &latest_batch_run(&state).await).await;
+    check_views(&client, &server, &acked).await;
+
+    // An incremental run on the compacted archive, then a full recompute (`verify`) agrees.
+    acked.extend(send_in_bursts(&client, &server, &mut rng, &evs[540..720]).await);
+    wait_for_count(&client, &server, kept(&acked)).await;
+    let run2 = run_batch(dir.path()).await;
+    wait_for_batch(&client, &server, &run2).await;
+    check_views(&client, &server, &acked).await;
+    assert_eq!(verify(dir.path()).matches(": ok (").count(), VIEWS.len());
+
+    // Retention now: every event is more than a day old, but every segment was sealed within
+    // the dedupe window (a restart rebuilds the dedupe index from them): nothing goes.
+    let covered_before = state.segments("orders").await.unwrap();
+    let run = run_workflow(&client, &server, "trim").await;
+    assert_succeeded(&run);
+    assert_eq!(state.segments("orders").await.unwrap(), covered_before);
+
+    // Two days later (the task's clock): every covered segment goes; no answer changes.
+    let pipeline = &spec.pipelines[0];
+    let later = chrono::Utc::now() + chrono::Duration::days(2);
+    let done = maintenance::retention(
+        &state,
+        &lake,
+        pipeline,
+        Duration::from_secs(86_400),
+        later,
+        &|_| {},
+    )
+    .await
+    .unwrap();
+    let left = state.segments("orders").await.unwrap();
+    let cutoff = maintenance::covered(&state, pipeline)
+        .await
+        .unwrap()
+        .expect("every view is published");
+    assert!(
+        left.iter().all(|s| s.hi > cutoff[&s.partition]),
+        "only segments the batch does not cover stay: {left:?}"
+    );
+    assert_eq!(done.segments_dropped, covered_before.len() - left.len());
+    assert!(done.segments_dropped > 0);
+    // The first run's versions (replaced by the second run's) go too; current ones stay.
+    assert_eq!(done.view_versions_dropped, VIEWS.len());
+    check_views(&client, &server, &acked).await;
+
+    // Dropped files stay readable for the grace period, then go.
+    let dropped: Vec<&Segment> = covered_before
+        .iter()
+        .filter(|s| !left.contains(s))
+        .collect();
+    for s in &dropped {
+        assert!(
+            lake.exists(&s.path).await.unwrap(),
+            "{} kept for the grace period",
+            s.path
+        );
+    }
+    let deleted = maintenance::collect_retired_before(
+        &state,
+        &lake,
+        "orders",
+        chrono::Utc::now() + chrono::Duration::seconds(1),
+    )
+    .await
+    .unwrap();
+    assert!(
+        deleted >= dropped.len(),
+        "{deleted} deleted, {} dropped",
+        dropped.len()
+    );
+    for s in &dropped {
+        assert!(!lake.exists(&s.path).await.unwrap(), "{} deleted", s.path);
+    }
+
+    // Life goes on: new events, a new incremental run, still exact.
+    acked.extend(send(&client, &server, &mut rng, &evs[720..]).await);
+    wait_for_count(&client, &server, kept(&acked)).await;
+    let run3 = run_batch(dir.path()).await;
+    wait_for_batch(&client, &server, &run3).await;
+    check_views(&client, &server, &acked).await;
+
+    // The API's answers for unknown names and bad ids.
+    let resp = client
+        .post(server.url("/v1/workflows/nope/runs"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), reqwest::StatusCode::NOT_FOUND);
+    let resp = client.get(server.url("/v1/runs/abc")).send().await.unwrap();
+    assert_eq!(resp.status(), reqwest::StatusCode::BAD_REQUEST);
+    let resp = client
+        .get(server.url("/v1/runs/999999"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), reqwest::StatusCode::NOT_FOUND);
+    let list: Value = client
+        .get(server.url("/v1/workflows"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let names: Vec<&str> = list["workflows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|w| w["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["maint", "trim"]);
+    assert_eq!(list["workflows"][0]["runs"][0]["state"], "succeeded");
+    state.close().await;
+}
+
+#[test]
+fn the_repository_nightly_workflow_runs_to_success() {
+    let dir = tempfile::tempdir().unwrap();
+    for sub in ["pipelines", "workflows"] {
+        std::fs::create_dir_all(dir.path().join(sub)).unwrap();
+        for f in std::fs::read_dir(repo().join(sub)).unwrap() {
+            let f = f.unwrap();
+            std::fs::copy(f.path(), dir.path().join(sub).join(f.file_name())).unwrap();
+        }
+    }
+    let project = dir.path().to_str().unwrap();
+    let out = lambda_ctl(&["run", "nightly", "--wait", "--project", project]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}{}",
+        stdout(&out),
+        stderr(&out)
+    );
+    let err = stderr(&out);
+    for task in ["recompute", "compact", "retention"] {
+        assert!(err.contains(task), "{err}");
+    }
+    assert!(err.contains("succeeded"), "{err}");
+    let id = stdout(&out).trim().to_string();
+    let logs = lambda_ctl(&["logs", &id, "--project", project]);
+    assert_eq!(logs.status.code(), Some(0), "{}", stderr(&logs));
+    let text = stdout(&logs);
+    assert!(text.contains("compacted clicks"), "{text}");
+    assert!(text.contains("retention of clicks"), "{text}");
+}
