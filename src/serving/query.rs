@@ -2,6 +2,9 @@
 //! taken under one snapshot, merged and finished by the plan, then filtered by keys and time.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use parking_lot::Mutex;
 
 use polars::prelude::*;
 use serde::Serialize;
@@ -30,7 +33,7 @@ pub struct Answer {
 }
 
 /// Where the numbers came from.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Clone, Serialize)]
 pub struct AsOf {
     pub batch_run: Option<String>,
     /// partition → first position not covered by the batch view.
@@ -76,6 +79,72 @@ pub fn query(rt: &PipelineRuntime, view_idx: usize, q: &ViewQuery) -> Result<Ans
             )));
         }
     }
+    let finished = rt.answers.get(rt, view_idx)?;
+    let cols = columns(view);
+    let rows = if q.filters.is_empty() && (q.from.is_none() && q.to.is_none()) {
+        finished.all_rows().to_vec()
+    } else {
+        match &finished.frame {
+            Some(df) => rows_json(&filter(df.clone(), view, q)?),
+            None => Vec::new(),
+        }
+    };
+    Ok(Answer {
+        columns: cols,
+        rows,
+        as_of: finished.as_of.clone(),
+    })
+}
+
+/// A view's merged and finished answer before filtering, and where it came from.
+pub struct Finished {
+    /// [`crate::speed::partials::SpeedState::version`] it was computed at.
+    version: u64,
+    /// `None` when neither layer has partials.
+    frame: Option<DataFrame>,
+    as_of: AsOf,
+    /// Every row as JSON, made by the first unfiltered query.
+    rows: std::sync::OnceLock<Vec<Value>>,
+}
+
+impl Finished {
+    fn all_rows(&self) -> &[Value] {
+        self.rows
+            .get_or_init(|| self.frame.as_ref().map(rows_json).unwrap_or_default())
+    }
+}
+
+/// Per view, the last [`Finished`] answer. Merging and finishing every uncovered partial is
+/// the cost of a query; between two changes of the speed state (micro-batches, seals,
+/// publishes) every query of a view shares one computation, and concurrent queries after a
+/// change wait for the one computing instead of each merging the same partials.
+pub struct AnswerCache {
+    views: Vec<Mutex<Option<Arc<Finished>>>>,
+}
+
+impl AnswerCache {
+    pub fn new(views: usize) -> AnswerCache {
+        AnswerCache {
+            views: (0..views).map(|_| Mutex::new(None)).collect(),
+        }
+    }
+
+    /// The current answer of view `view_idx`, computed if the state changed since the last.
+    pub fn get(&self, rt: &PipelineRuntime, view_idx: usize) -> PolarsResult<Arc<Finished>> {
+        let mut slot = self.views[view_idx].lock();
+        let version = rt.state.read().version();
+        if let Some(f) = slot.as_ref()
+            && f.version == version
+        {
+            return Ok(f.clone());
+        }
+        let finished = Arc::new(compute(rt, view_idx)?);
+        *slot = Some(finished.clone());
+        Ok(finished)
+    }
+}
+
+fn compute(rt: &PipelineRuntime, view_idx: usize) -> PolarsResult<Finished> {
     let snap = rt.state.read().snapshot(view_idx);
     let batch_rows = snap
         .batch
@@ -86,13 +155,11 @@ pub fn query(rt: &PipelineRuntime, view_idx: usize, q: &ViewQuery) -> Result<Ans
     if let Some(b) = &snap.batch {
         frames.push(b.partials.clone());
     }
-    let cols = columns(view);
-    let rows = if frames.is_empty() {
-        Vec::new()
+    let frame = if frames.is_empty() {
+        None
     } else {
         let merged = rt.plan.merge(view_idx, frames)?;
-        let finished = rt.plan.finish(view_idx, merged)?;
-        rows_json(&filter(finished, view, q)?)
+        Some(rt.plan.finish(view_idx, merged)?)
     };
     let as_of = AsOf {
         batch_run: snap.batch.as_ref().map(|b| b.run_id.clone()),
@@ -108,10 +175,11 @@ pub fn query(rt: &PipelineRuntime, view_idx: usize, q: &ViewQuery) -> Result<Ans
         speed_events: snap.speed_events,
         computed_at: format_ms(super::time::now_ms()),
     };
-    Ok(Answer {
-        columns: cols,
-        rows,
+    Ok(Finished {
+        version: snap.version,
+        frame,
         as_of,
+        rows: std::sync::OnceLock::new(),
     })
 }
 

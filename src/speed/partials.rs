@@ -48,10 +48,15 @@ pub struct SpeedState {
     pub segments: BTreeMap<(u32, u64), SegmentPartials>,
     /// Per view index: the published batch view, if any.
     pub batch: Vec<Option<BatchView>>,
+    /// Bumped by every change (absorb, seal, publish): an answer computed from a snapshot of
+    /// version `v` is still the answer while the version is `v`.
+    version: u64,
 }
 
 /// The frames a query of one view merges, taken under the lock; merging happens outside it.
 pub struct Snapshot {
+    /// [`SpeedState::version`] the snapshot was taken at.
+    pub version: u64,
     pub batch: Option<BatchView>,
     pub speed: Vec<DataFrame>,
     /// Uncovered segments contributing, and their rows.
@@ -64,6 +69,7 @@ impl SpeedState {
         SpeedState {
             segments: BTreeMap::new(),
             batch: vec![None; views],
+            version: 0,
         }
     }
 
@@ -77,6 +83,7 @@ impl SpeedState {
         rows: u64,
         parts: Vec<DataFrame>,
     ) -> PolarsResult<()> {
+        self.version += 1;
         let seg = self
             .segments
             .entry((partition, lo))
@@ -103,6 +110,7 @@ impl SpeedState {
     }
 
     pub fn seal(&mut self, partition: u32, lo: u64, hi: u64) {
+        self.version += 1;
         if let Some(seg) = self.segments.get_mut(&(partition, lo)) {
             seg.sealed = true;
             seg.hi = hi;
@@ -111,6 +119,7 @@ impl SpeedState {
 
     /// Installs a published batch view and frees segments every view's batch now covers.
     pub fn publish(&mut self, view: usize, batch: BatchView) {
+        self.version += 1;
         self.batch[view] = Some(batch);
         let batch = &self.batch;
         self.segments.retain(|(p, _), seg| {
@@ -133,11 +142,17 @@ impl SpeedState {
             speed.extend(seg.views[view].iter().cloned());
         }
         Snapshot {
+            version: self.version,
             batch,
             speed,
             speed_segments,
             speed_events,
         }
+    }
+
+    /// Changes with every absorb, seal and publish.
+    pub fn version(&self) -> u64 {
+        self.version
     }
 
     pub fn groups(&self) -> usize {

@@ -26,6 +26,7 @@ use super::log::{self, Log};
 use super::partials::SpeedState;
 use crate::lake::{self, Lake};
 use crate::plan::{Decoded, Plan};
+use crate::serving::query::AnswerCache;
 use crate::serving::time::now_ms;
 use crate::spec::Pipeline;
 use crate::state::{Segment, State};
@@ -77,6 +78,8 @@ pub struct PipelineRuntime {
     pub plan: Arc<Plan>,
     pub state: Arc<RwLock<SpeedState>>,
     pub counters: Arc<Counters>,
+    /// The serving layer's finished answers per view, valid while the state's version holds.
+    pub answers: AnswerCache,
     log: Log<Batch>,
     /// Held across admit → append so a failed append can un-admit its ids.
     dedupe: Option<Arc<Mutex<Dedupe>>>,
@@ -172,6 +175,7 @@ impl PipelineRuntime {
             plan: plan.clone(),
             state: speed,
             counters,
+            answers: AnswerCache::new(views),
             log,
             dedupe,
             lake,
