@@ -1,7 +1,7 @@
 //! Answering a view query: batch view ⊕ speed partials of the segments it does not cover,
 //! taken under one snapshot, merged and finished by the plan, then filtered by keys and time.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 
 use polars::prelude::*;
 use serde::Serialize;
@@ -19,6 +19,9 @@ pub struct ViewQuery {
     /// Windows with `from <= window_start < to` (epoch ms).
     pub from: Option<i64>,
     pub to: Option<i64>,
+    /// Tag every row with `_origin`: `batch`, `speed` or `both` (which layer's partials it
+    /// merges). Costs two extra merges; the dashboard asks for it.
+    pub origin: bool,
 }
 
 #[derive(Debug, Serialize)]
@@ -82,18 +85,46 @@ pub fn query(rt: &PipelineRuntime, view_idx: usize, q: &ViewQuery) -> Result<Ans
         .as_ref()
         .map_or(0, |b| b.partials.height() as u64);
     let speed_rows: u64 = snap.speed.iter().map(|f| f.height() as u64).sum();
-    let mut frames = snap.speed;
+    let answer_of = |frames: Vec<DataFrame>| -> Result<Vec<Value>, QueryError> {
+        if frames.is_empty() {
+            return Ok(Vec::new());
+        }
+        let merged = rt.plan.merge(view_idx, frames)?;
+        let finished = rt.plan.finish(view_idx, merged)?;
+        Ok(rows_json(&filter(finished, view, q)?))
+    };
+    let mut frames = snap.speed.clone();
     if let Some(b) = &snap.batch {
         frames.push(b.partials.clone());
     }
     let cols = columns(view);
-    let rows = if frames.is_empty() {
-        Vec::new()
-    } else {
-        let merged = rt.plan.merge(view_idx, frames)?;
-        let finished = rt.plan.finish(view_idx, merged)?;
-        rows_json(&filter(finished, view, q)?)
-    };
+    let mut rows = answer_of(frames)?;
+    if q.origin {
+        let key = |row: &Value| -> String {
+            let mut k = row["window_start"].to_string();
+            for g in &view.group_by {
+                k.push('\u{1}');
+                k.push_str(&row[g.as_str()].to_string());
+            }
+            k
+        };
+        let keys = |rows: Vec<Value>| rows.iter().map(key).collect::<HashSet<String>>();
+        let from_batch = keys(answer_of(
+            snap.batch.iter().map(|b| b.partials.clone()).collect(),
+        )?);
+        let from_speed = keys(answer_of(snap.speed)?);
+        for row in &mut rows {
+            let k = key(row);
+            let origin = match (from_batch.contains(&k), from_speed.contains(&k)) {
+                (true, false) => "batch",
+                (false, true) => "speed",
+                _ => "both",
+            };
+            if let Value::Object(obj) = row {
+                obj.insert("_origin".into(), Value::String(origin.into()));
+            }
+        }
+    }
     let as_of = AsOf {
         batch_run: snap.batch.as_ref().map(|b| b.run_id.clone()),
         batch_cutoff: snap

@@ -48,11 +48,13 @@ mod archive;
 mod publications;
 mod runs;
 mod schedules;
+mod stats;
 mod workflows;
 
 pub use archive::Segment;
 pub use publications::{Cutoff, NewPublication, Publication, PublicationId};
 pub use runs::{AttemptId, Outcome, Run, RunId, RunKind, RunState, TaskAttempt};
+pub use stats::{AttemptFigure, RunCount};
 pub use workflows::{
     Advanced, SchedulerLock, WorkflowAttempt, WorkflowChange, WorkflowEvent, WorkflowSnapshot,
 };

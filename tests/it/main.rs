@@ -4,6 +4,7 @@
 mod brokers;
 mod cli;
 mod lambda;
+mod ops;
 mod orchestration;
 mod orders;
 mod projects;
