@@ -132,11 +132,5 @@ async fn wait_for_signal() {
 
 /// A state, lake or broker URL without its password, for messages and `status`.
 pub fn redact(url: &str) -> String {
-    match url::Url::parse(url) {
-        Ok(mut u) if u.password().is_some() => {
-            let _ = u.set_password(Some("***"));
-            u.to_string()
-        }
-        _ => url.to_string(),
-    }
+    crate::state::redact(url)
 }

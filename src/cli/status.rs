@@ -198,8 +198,8 @@ fn render(r: &Value, recent: &[Run]) -> String {
         format!("live from {}", server["url"].as_str().unwrap_or("?"))
     } else {
         format!(
-            "no server ({}); figures from the state DB only",
-            server["error"].as_str().unwrap_or("not reachable")
+            "no server at {} (figures from the state DB only)",
+            server["url"].as_str().unwrap_or("?")
         )
     };
     out.push_str(&format!(
@@ -239,6 +239,7 @@ fn render(r: &Value, recent: &[Run]) -> String {
                     l["open_segment_rows"].as_u64(),
                     l["open_segment_age_ms"].as_u64(),
                 ) {
+                    (Some(0), _) => "empty".into(),
                     (Some(rows), Some(ms)) => format!("{rows} rows, {}", age(ms as f64 / 1000.0)),
                     _ => "-".into(),
                 },

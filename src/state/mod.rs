@@ -310,7 +310,8 @@ fn is_sqlite_memory(url: &str) -> bool {
 }
 
 /// The URL with any password replaced, for messages and logs.
-fn redact(url: &str) -> String {
+/// A URL without its password (state, lake or broker URLs), for logs and messages.
+pub fn redact(url: &str) -> String {
     match url::Url::parse(url) {
         Ok(mut parsed) if parsed.password().is_some() => {
             // Setting a password only fails for URLs that cannot have one, excluded above.

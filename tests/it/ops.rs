@@ -610,7 +610,7 @@ async fn status_reads_the_state_db_and_adds_live_figures_from_a_server() {
     let o = lambda_ctl(&["status", "--server", "127.0.0.1:1", "--project", d]);
     assert!(o.status.success(), "{}", stderr(&o));
     let text = stdout(&o);
-    assert!(text.contains("no server ("), "{text}");
+    assert!(text.contains("no server at http://127.0.0.1:1 "), "{text}");
     let flaky = text
         .lines()
         .find(|l| l.contains("flaky") && l.contains("0 3 * * *"))

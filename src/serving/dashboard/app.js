@@ -132,11 +132,13 @@ async function drawChart() {
       y: (top + plotH - h).toFixed(1), width: (step * 0.8).toFixed(1), height: h.toFixed(1),
       "data-origin": row._origin || "" }, el("title", {}, label(row, keys) + ": " + fmt(v, 2) + " (" + row._origin + ")"));
   });
-  const labels = rows.length <= 16 ? rows.map((row, i) => el("text",
-    { x: (i * step + step / 2).toFixed(1), y: H - bottom + 14, "text-anchor": "middle" }, label(row, keys))) : [];
+  const every = Math.ceil(rows.length / 12); // at most 12 labels
+  const labels = rows.flatMap((row, i) => i % every ? [] : [el("text",
+    { x: (i * step + step / 2).toFixed(1), y: H - bottom + 14, "text-anchor": "middle" }, label(row, keys))]);
+  // The total of the view at each refresh, scaled to its own maximum, across the chart.
   const hmax = Math.max(1, ...history_);
   const points = history_.map((t, i) =>
-    ((i / Math.max(HISTORY - 1, 1)) * W).toFixed(1) + "," + (top + plotH - (t / hmax) * plotH).toFixed(1)).join(" ");
+    ((i / Math.max(history_.length - 1, 1)) * W).toFixed(1) + "," + (top + plotH - (t / hmax) * plotH).toFixed(1)).join(" ");
   svg.replaceChildren(...bars, ...labels, el("polyline", { points }),
     el("text", { x: 6, y: 14 }, metric + " · max " + fmt(max, 2) + " · total " + fmt(total, 2)));
   svg.setAttribute("data-view", selected);
