@@ -52,10 +52,13 @@ impl Ops {
     }
 }
 
+/// Answers, batch rows and speed rows served of one view.
+type ViewCounters = Arc<[AtomicU64; 3]>;
+
 /// Partial rows merged into view answers, per (pipeline, view), from each layer.
 #[derive(Default)]
 pub struct ServedRows {
-    views: Mutex<BTreeMap<(String, String), Arc<[AtomicU64; 3]>>>,
+    views: Mutex<BTreeMap<(String, String), ViewCounters>>,
 }
 
 impl ServedRows {
@@ -145,7 +148,8 @@ fn pipelines(e: &mut Exposition, runtimes: &BTreeMap<String, Arc<PipelineRuntime
         .iter()
         .map(|(p, rt)| (p.as_str(), rt.as_ref()))
         .collect();
-    let counters: [(&str, &str, fn(&PipelineRuntime) -> u64); 3] = [
+    type Counter = (&'static str, &'static str, fn(&PipelineRuntime) -> u64);
+    let counters: [Counter; 3] = [
         (
             "lambda_events_accepted_total",
             "Events acknowledged by the door (durable in the write-ahead log).",
