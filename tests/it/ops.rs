@@ -246,22 +246,14 @@ async fn metrics_count_exactly_what_was_sent() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
     let p = [("pipeline", "orders")];
-    assert_eq!(
-        value(&samples, "lambda_events_accepted_total", &p),
-        Some(40.0)
-    );
-    assert_eq!(
-        value(&samples, "lambda_events_rejected_total", &p),
-        Some(6.0)
-    );
-    assert_eq!(
-        value(&samples, "lambda_events_deduplicated_total", &p),
-        Some(10.0)
-    );
-    assert_eq!(
-        value(&samples, "lambda_ack_to_visible_seconds_count", &p),
-        Some(2.0)
-    );
+    for (name, sent) in [
+        ("lambda_events_accepted_total", 40.0),
+        ("lambda_events_rejected_total", 6.0),
+        ("lambda_events_deduplicated_total", 10.0),
+        ("lambda_ack_to_visible_seconds_count", 2.0),
+    ] {
+        assert_eq!(value(&samples, name, &p), Some(sent), "{name}");
+    }
     assert_eq!(
         value(
             &samples,
