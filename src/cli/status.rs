@@ -30,15 +30,18 @@ const SERVER_TIMEOUT: Duration = Duration::from_secs(2);
 pub fn run(project_dir: &Path, server: Option<&str>, as_json: bool) -> Result<(), CliError> {
     let project = super::load_project(project_dir)?;
     let (report, recent) = runtime()?.block_on(collect(&project, server))?;
-    if as_json {
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&report).context("encoding the status")?
-        );
+    let text = if as_json {
+        serde_json::to_string_pretty(&report).context("encoding the status")? + "\n"
     } else {
-        print!("{}", render(&report, &recent));
+        render(&report, &recent)
+    };
+    // A reader that stops early (`status | head`) is not an error.
+    match std::io::Write::write_all(&mut std::io::stdout().lock(), text.as_bytes()) {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => {
+            Err(anyhow::Error::new(e).context("writing the status").into())
+        }
+        _ => Ok(()),
     }
-    Ok(())
 }
 
 /// Everything `status` shows, as the JSON it prints with `--json`; and the recent runs, failed
