@@ -119,10 +119,15 @@ async fn auth(State(app): State<Arc<App>>, req: Request, next: Next) -> Response
             .and_then(|v| v.strip_prefix("Bearer "))
             .unwrap_or("");
         if !constant_time_eq(given.as_bytes(), token.as_bytes()) {
-            return error(
+            let mut refused = error(
                 StatusCode::UNAUTHORIZED,
                 "missing or wrong bearer token (send `Authorization: Bearer <token>`)",
             );
+            refused.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                header::HeaderValue::from_static("Bearer"),
+            );
+            return refused;
         }
     }
     next.run(req).await

@@ -458,6 +458,7 @@ async fn token_and_body_limit_refuse_and_the_server_keeps_serving() {
         }
         let r = req.send().await.unwrap();
         assert_eq!(r.status(), 401, "{auth:?}");
+        assert_eq!(r.headers()["www-authenticate"], "Bearer");
         let e: Value = r.json().await.unwrap();
         assert!(e["error"].as_str().unwrap().contains("bearer token"), "{e}");
     }
