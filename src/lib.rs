@@ -30,6 +30,9 @@
 //! - [`orchestration`]: workflows — cron slots in a time zone, DAGs of tasks with retries and
 //!   timeouts, catch-up, backfill and `max_active_runs` — on the apalis queue in the state DB.
 //! - [`cli`]: the `lambda-ctl` command line, one file per subcommand.
+//!
+//! Beside them, [`telemetry`] (histograms, rates, the Prometheus text format) is used by the
+//! speed layer to record and by serving to expose.
 
 pub mod batch;
 pub mod cli;
@@ -41,3 +44,4 @@ pub mod sources;
 pub mod spec;
 pub mod speed;
 pub mod state;
+pub mod telemetry;

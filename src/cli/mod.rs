@@ -12,6 +12,7 @@ mod run;
 mod run_workflow;
 mod runs;
 mod serve;
+mod status;
 mod validate;
 mod worker;
 
@@ -128,6 +129,17 @@ pub enum Command {
         #[arg(long, allow_hyphen_values = true)]
         to: String,
     },
+    /// Overview for operators: pipelines (rate, lag, open segment, batch cutoff age),
+    /// workflows (next fire, last run), recent runs; failing things first. Reads the state DB,
+    /// and adds live figures when the project's server answers.
+    Status {
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+        /// Server address for live figures (default: `serve.listen` of lambda.yaml).
+        #[arg(long)]
+        server: Option<String>,
+    },
     /// Run task workers only (scale-out: many machines on one PostgreSQL state).
     Worker {
         /// Task attempts to execute at once.
@@ -224,6 +236,7 @@ fn run(cli: Cli) -> Result<(), CliError> {
             concurrency,
             schedule,
         } => worker::run(&cli.project, concurrency, schedule),
+        Command::Status { json, server } => status::run(&cli.project, server.as_deref(), json),
     }
 }
 

@@ -38,11 +38,12 @@ pub(super) fn table(runs: &[Run]) -> String {
     let header = [
         "ID", "NAME", "STATE", "SLOT", "STARTED", "DURATION", "ERROR",
     ]
-    .map(String::from);
-    let rows: Vec<[String; 7]> = runs
+    .map(String::from)
+    .to_vec();
+    let rows: Vec<Vec<String>> = runs
         .iter()
         .map(|r| {
-            [
+            vec![
                 r.id.to_string(),
                 r.name.clone(),
                 r.state.to_string(),
@@ -53,17 +54,22 @@ pub(super) fn table(runs: &[Run]) -> String {
             ]
         })
         .collect();
-    let mut widths = header.clone().map(|h| h.len());
-    for row in &rows {
+    aligned(&header, &rows)
+}
+
+/// Columns padded to their widest cell, two spaces apart, no trailing blanks.
+pub(super) fn aligned(header: &[String], rows: &[Vec<String>]) -> String {
+    let mut widths: Vec<usize> = header.iter().map(|h| h.chars().count()).collect();
+    for row in rows {
         for (w, cell) in widths.iter_mut().zip(row) {
             *w = (*w).max(cell.chars().count());
         }
     }
     let mut out = String::new();
-    for row in std::iter::once(&header).chain(&rows) {
+    for row in std::iter::once(header).chain(rows.iter().map(Vec::as_slice)) {
         let cells: Vec<String> = row
             .iter()
-            .zip(widths)
+            .zip(&widths)
             .map(|(cell, w)| format!("{cell:w$}"))
             .collect();
         out.push_str(cells.join("  ").trim_end());
@@ -72,7 +78,7 @@ pub(super) fn table(runs: &[Run]) -> String {
     out
 }
 
-fn time(t: DateTime<Utc>) -> String {
+pub(super) fn time(t: DateTime<Utc>) -> String {
     t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
 }
 

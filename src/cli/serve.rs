@@ -12,10 +12,11 @@ use tokio_util::sync::CancellationToken;
 use super::CliError;
 use crate::batch::pickup::Pickup;
 use crate::lake::Lake;
-use crate::orchestration::Orchestrator;
 use crate::orchestration::layers::Layers;
+use crate::orchestration::{Orchestrator, overview};
 use crate::plan::Plan;
 use crate::serving::http::{self, App};
+use crate::serving::metrics::Ops;
 use crate::speed::runtime::PipelineRuntime;
 use crate::state::State;
 use crate::{sources, spec};
@@ -37,7 +38,7 @@ async fn serve(project: spec::Project, listen: Option<SocketAddr>) -> Result<(),
         .await
         .with_context(|| format!("opening the state DB {}", redact(&settings.state)))?;
     let lake = Lake::open(&settings.lake, &settings.lake_options)
-        .with_context(|| format!("opening the lake {}", settings.lake))?;
+        .with_context(|| format!("opening the lake {}", redact(&settings.lake)))?;
     let shutdown = CancellationToken::new();
 
     let mut runtimes = BTreeMap::new();
@@ -90,6 +91,7 @@ async fn serve(project: spec::Project, listen: Option<SocketAddr>) -> Result<(),
         token: settings.serve.token.clone(),
         max_body_bytes: settings.serve.max_body_bytes,
         orchestrator: Some(orchestrator),
+        ops: ops(&project, &db),
     });
     tracing::info!(
         address = %local,
@@ -115,6 +117,22 @@ async fn serve(project: spec::Project, listen: Option<SocketAddr>) -> Result<(),
     Ok(())
 }
 
+/// `/metrics` and dashboard settings, with the workflow figures read from the state DB.
+fn ops(project: &spec::Project, db: &State) -> Ops {
+    let mut ops = Ops::new(project.settings.serve.protect_metrics);
+    let workflows = Arc::new(project.workflows.clone());
+    let db = db.clone();
+    ops.workflows = Some(Arc::new(move |mut page| {
+        let (workflows, db) = (workflows.clone(), db.clone());
+        Box::pin(async move {
+            let list = overview::workflows(&workflows, &db, chrono::Utc::now()).await?;
+            overview::write_metrics(&mut page, &list);
+            Ok(page)
+        })
+    }));
+    ops
+}
+
 async fn wait_for_signal() {
     let ctrl_c = tokio::signal::ctrl_c();
     #[cfg(unix)]
@@ -130,13 +148,7 @@ async fn wait_for_signal() {
     let _ = ctrl_c.await;
 }
 
-/// A state URL without its password, for messages.
+/// A state, lake or broker URL without its password, for messages and `status`.
 pub fn redact(url: &str) -> String {
-    match url::Url::parse(url) {
-        Ok(mut u) if u.password().is_some() => {
-            let _ = u.set_password(Some("***"));
-            u.to_string()
-        }
-        _ => url.to_string(),
-    }
+    crate::state::redact(url)
 }

@@ -27,6 +27,7 @@
 pub mod clock;
 pub mod dag;
 pub mod layers;
+pub mod overview;
 pub mod queue;
 mod scheduler;
 pub mod slots;
@@ -440,13 +441,11 @@ impl Orchestrator {
         workflow: &str,
     ) -> Result<Option<DateTime<Utc>>, OrchestrationError> {
         let wf = self.core.workflow(workflow)?;
-        let Some(schedule) = &wf.schedule else {
+        if wf.schedule.is_none() {
             return Ok(None);
-        };
-        let now = self.core.clock.now();
+        }
         let last = self.core.state.last_slot(&wf.name).await?;
-        let after = last.map_or(now, |l| l.max(now));
-        Ok(slots::next(schedule, wf.timezone, after))
+        Ok(overview::next_fire(wf, last, self.core.clock.now()))
     }
 
     /// Waits until run `id` has finished, calling `progress` whenever it changed; returns the

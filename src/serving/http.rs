@@ -1,5 +1,5 @@
-//! The HTTP API (SPEC.md): ingest, view queries, pipeline status, health. Names from URLs are
-//! looked up in the project, never spliced into paths or SQL.
+//! The HTTP API (SPEC.md): ingest, view queries, pipeline status, health, `/metrics` and the
+//! dashboard. Names from URLs are looked up in the project, never spliced into paths or SQL.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -14,12 +14,15 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use serde_json::json;
 
+use super::dashboard;
 use super::format;
+use super::metrics::{self, Ops};
 use super::query::{self, QueryError, ViewQuery};
 use super::time::{now_ms, parse_time};
 use crate::orchestration::Orchestrator;
 use crate::spec::Source;
 use crate::speed::runtime::PipelineRuntime;
+use crate::telemetry::CONTENT_TYPE;
 
 /// What the HTTP handlers share.
 pub struct App {
@@ -29,6 +32,8 @@ pub struct App {
     pub max_body_bytes: usize,
     /// The scheduler and workers of this process, for the workflow routes.
     pub orchestrator: Option<Orchestrator>,
+    /// `/metrics`, the dashboard and what they need.
+    pub ops: Ops,
 }
 
 pub fn router(app: Arc<App>) -> Router {
@@ -38,11 +43,71 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/v1/views/{pipeline}/{view}", get(view))
         .merge(super::workflows::routes())
         .route_layer(middleware::from_fn_with_state(app.clone(), auth));
+    let scrape = Router::new()
+        .route("/metrics", get(metrics_page))
+        .route_layer(middleware::from_fn_with_state(app.clone(), auth_metrics));
     Router::new()
         .merge(v1)
+        .merge(scrape)
+        .merge(dashboard::routes())
         .route("/healthz", get(|| async { "ok\n" }))
         .layer(DefaultBodyLimit::max(app.max_body_bytes))
+        .layer(middleware::from_fn_with_state(app.clone(), too_large))
+        .layer(middleware::from_fn(trace))
         .with_state(app)
+}
+
+/// One line per request: refusals at warn, failures at error, the rest (and 404s) at debug.
+/// No query strings (they may carry filter values) and never the Authorization header.
+async fn trace(req: Request, next: Next) -> Response {
+    let (method, path) = (req.method().clone(), req.uri().path().to_string());
+    let started = std::time::Instant::now();
+    let response = next.run(req).await;
+    let status = response.status().as_u16();
+    let micros = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
+    match status {
+        500.. => tracing::error!(%method, %path, status, micros, "request failed"),
+        // Unknown paths (a browser's favicon) are not worth a warning.
+        404 => tracing::debug!(%method, %path, status, micros, "request refused"),
+        400..=499 => tracing::warn!(%method, %path, status, micros, "request refused"),
+        _ => tracing::debug!(%method, %path, status, micros, "request"),
+    }
+    response
+}
+
+/// The body limit's rejection as JSON that names the limit and the setting.
+async fn too_large(State(app): State<Arc<App>>, req: Request, next: Next) -> Response {
+    let response = next.run(req).await;
+    if response.status() != StatusCode::PAYLOAD_TOO_LARGE {
+        return response;
+    }
+    let is_json = response
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/json"));
+    if is_json {
+        return response;
+    }
+    error(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        format!(
+            "request body larger than {} bytes (serve.max_body_bytes); split it into smaller requests",
+            app.max_body_bytes
+        ),
+    )
+}
+
+async fn auth_metrics(State(app): State<Arc<App>>, req: Request, next: Next) -> Response {
+    if app.ops.protect_metrics {
+        auth(State(app), req, next).await
+    } else {
+        next.run(req).await
+    }
+}
+
+async fn metrics_page(State(app): State<Arc<App>>) -> Response {
+    let page = metrics::render(&app.runtimes, &app.ops).await;
+    ([(header::CONTENT_TYPE, CONTENT_TYPE)], page).into_response()
 }
 
 pub(crate) fn error(status: StatusCode, message: impl Into<String>) -> Response {
@@ -58,10 +123,15 @@ async fn auth(State(app): State<Arc<App>>, req: Request, next: Next) -> Response
             .and_then(|v| v.strip_prefix("Bearer "))
             .unwrap_or("");
         if !constant_time_eq(given.as_bytes(), token.as_bytes()) {
-            return error(
+            let mut refused = error(
                 StatusCode::UNAUTHORIZED,
                 "missing or wrong bearer token (send `Authorization: Bearer <token>`)",
             );
+            refused.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                header::HeaderValue::from_static("Bearer"),
+            );
+            return refused;
         }
     }
     next.run(req).await
@@ -152,6 +222,7 @@ async fn view(
                 Err(e) => return error(StatusCode::BAD_REQUEST, e),
             },
             "format" => fmt = Some(v),
+            "origin" => q.origin = matches!(v.as_str(), "" | "1" | "true"),
             _ => q.filters.push((k, v)),
         }
     }
@@ -170,7 +241,11 @@ async fn view(
             .is_some_and(|a| a.starts_with("text/csv")),
     };
     let answer = match tokio::task::spawn_blocking(move || query::query(&rt, idx, &q)).await {
-        Ok(Ok(a)) => a,
+        Ok(Ok(a)) => {
+            let served = &app.ops.served;
+            served.record(&pipeline, &view, a.as_of.batch_rows, a.as_of.speed_rows);
+            a
+        }
         Ok(Err(QueryError::BadRequest(m))) => return error(StatusCode::BAD_REQUEST, m),
         Ok(Err(e)) => return error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
         Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
@@ -204,10 +279,22 @@ async fn pipelines(State(app): State<Arc<App>>) -> Response {
                 "open_segment_age_ms": if open_since == 0 { 0 } else { (now_ms() as u64).saturating_sub(open_since) },
                 "sealed_segments": c.sealed_segments.load(Ordering::Relaxed),
                 "speed_groups": rt.state.read().groups(),
+                "ingest_rate": c.ingest_rate.lock().per_second(),
+                "ack_to_visible_p99_s": c.ack_to_visible.snapshot().quantile_bound(0.99),
+                "source_lag": source_lag(&app, &rt.pipeline.name),
+                "batch_cutoff_age_s": rt.pipeline.views.iter().enumerate()
+                    .map(|(i, v)| (v.name.clone(), metrics::batch_cutoff_age_seconds(rt, i)))
+                    .collect::<BTreeMap<_, _>>(),
             })
         })
         .collect();
     axum::Json(json!({ "pipelines": list })).into_response()
+}
+
+/// Messages behind over every partition of the pipeline's source; null when it reports none.
+fn source_lag(app: &App, pipeline: &str) -> Option<u64> {
+    let lag = app.ops.source_lag(pipeline);
+    (!lag.is_empty()).then(|| lag.iter().map(|(_, n)| n).sum())
 }
 
 #[cfg(test)]

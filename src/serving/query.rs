@@ -1,8 +1,8 @@
 //! Answering a view query: batch view ⊕ speed partials of the segments it does not cover,
 //! taken under one snapshot, merged and finished by the plan, then filtered by keys and time.
 
-use std::collections::BTreeMap;
-use std::sync::Arc;
+use std::collections::{BTreeMap, HashSet};
+use std::sync::{Arc, OnceLock};
 
 use parking_lot::Mutex;
 
@@ -22,6 +22,9 @@ pub struct ViewQuery {
     /// Windows with `from <= window_start < to` (epoch ms).
     pub from: Option<i64>,
     pub to: Option<i64>,
+    /// Tag every row with `_origin`: `batch`, `speed` or `both` (which layer's partials it
+    /// merges). Costs two extra merges; the dashboard asks for it.
+    pub origin: bool,
 }
 
 #[derive(Debug, Serialize)]
@@ -81,7 +84,7 @@ pub fn query(rt: &PipelineRuntime, view_idx: usize, q: &ViewQuery) -> Result<Ans
     }
     let finished = rt.answers.get(rt, view_idx)?;
     let cols = columns(view);
-    let rows = if q.filters.is_empty() && (q.from.is_none() && q.to.is_none()) {
+    let mut rows = if q.filters.is_empty() && (q.from.is_none() && q.to.is_none()) {
         finished.all_rows().to_vec()
     } else {
         match &finished.frame {
@@ -89,6 +92,20 @@ pub fn query(rt: &PipelineRuntime, view_idx: usize, q: &ViewQuery) -> Result<Ans
             None => Vec::new(),
         }
     };
+    if q.origin {
+        let (from_batch, from_speed) = finished.origins(rt, view_idx)?;
+        for row in &mut rows {
+            let k = group_key(view, row);
+            let origin = match (from_batch.contains(&k), from_speed.contains(&k)) {
+                (true, false) => "batch",
+                (false, true) => "speed",
+                _ => "both",
+            };
+            if let Value::Object(obj) = row {
+                obj.insert("_origin".into(), Value::String(origin.into()));
+            }
+        }
+    }
     Ok(Answer {
         columns: cols,
         rows,
@@ -104,10 +121,59 @@ pub struct Finished {
     frame: Option<DataFrame>,
     as_of: AsOf,
     /// Every row as JSON, made by the first unfiltered query.
-    rows: std::sync::OnceLock<Vec<Value>>,
+    rows: OnceLock<Vec<Value>>,
+    /// The snapshot's partials of each layer, for [`Finished::origins`].
+    batch: Vec<DataFrame>,
+    speed: Vec<DataFrame>,
+    /// Group keys each layer answers alone, made by the first query asking for `origin`.
+    origins: OnceLock<(HashSet<String>, HashSet<String>)>,
+}
+
+/// A row's window and group: what identifies it in either layer's answer.
+fn group_key(view: &View, row: &Value) -> String {
+    let mut k = row["window_start"].to_string();
+    for g in &view.group_by {
+        k.push('\u{1}');
+        k.push_str(&row[g.as_str()].to_string());
+    }
+    k
+}
+
+/// Merges and finishes partial frames; `None` when there are none.
+fn finish_all(
+    rt: &PipelineRuntime,
+    view_idx: usize,
+    frames: Vec<DataFrame>,
+) -> PolarsResult<Option<DataFrame>> {
+    if frames.is_empty() {
+        return Ok(None);
+    }
+    let merged = rt.plan.merge(view_idx, frames)?;
+    Ok(Some(rt.plan.finish(view_idx, merged)?))
 }
 
 impl Finished {
+    /// The group keys of the batch layer's answer and of the speed layer's answer (each
+    /// finished alone), to tag rows with the layer they come from. Costs two extra merges,
+    /// once per version; the dashboard asks for it.
+    fn origins(
+        &self,
+        rt: &PipelineRuntime,
+        view_idx: usize,
+    ) -> PolarsResult<&(HashSet<String>, HashSet<String>)> {
+        if let Some(o) = self.origins.get() {
+            return Ok(o);
+        }
+        let view = &rt.pipeline.views[view_idx];
+        let keys = |frames: &[DataFrame]| -> PolarsResult<HashSet<String>> {
+            Ok(finish_all(rt, view_idx, frames.to_vec())?
+                .map(|df| rows_json(&df).iter().map(|r| group_key(view, r)).collect())
+                .unwrap_or_default())
+        };
+        let computed = (keys(&self.batch)?, keys(&self.speed)?);
+        Ok(self.origins.get_or_init(|| computed))
+    }
+
     fn all_rows(&self) -> &[Value] {
         self.rows
             .get_or_init(|| self.frame.as_ref().map(rows_json).unwrap_or_default())
@@ -151,16 +217,10 @@ fn compute(rt: &PipelineRuntime, view_idx: usize) -> PolarsResult<Finished> {
         .as_ref()
         .map_or(0, |b| b.partials.height() as u64);
     let speed_rows: u64 = snap.speed.iter().map(|f| f.height() as u64).sum();
-    let mut frames = snap.speed;
-    if let Some(b) = &snap.batch {
-        frames.push(b.partials.clone());
-    }
-    let frame = if frames.is_empty() {
-        None
-    } else {
-        let merged = rt.plan.merge(view_idx, frames)?;
-        Some(rt.plan.finish(view_idx, merged)?)
-    };
+    let batch: Vec<DataFrame> = snap.batch.iter().map(|b| b.partials.clone()).collect();
+    let mut frames = snap.speed.clone();
+    frames.extend(batch.iter().cloned());
+    let frame = finish_all(rt, view_idx, frames)?;
     let as_of = AsOf {
         batch_run: snap.batch.as_ref().map(|b| b.run_id.clone()),
         batch_cutoff: snap
@@ -179,7 +239,10 @@ fn compute(rt: &PipelineRuntime, view_idx: usize) -> PolarsResult<Finished> {
         version: snap.version,
         frame,
         as_of,
-        rows: std::sync::OnceLock::new(),
+        rows: OnceLock::new(),
+        batch,
+        speed: snap.speed,
+        origins: OnceLock::new(),
     })
 }
 

@@ -24,6 +24,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::broker::{self, Backoff, Body};
 use crate::speed::runtime::PipelineRuntime;
+use crate::state::redact;
 
 /// Largest message accepted; a bigger one fails the connection (and is redelivered).
 const MAX_PACKET: usize = 16 * 1024 * 1024;
@@ -43,7 +44,8 @@ impl MqttSource {
         qos: u8,
         client_id: Option<&str>,
     ) -> anyhow::Result<Self> {
-        let parsed = url::Url::parse(url).with_context(|| format!("invalid MQTT url `{url}`"))?;
+        let parsed =
+            url::Url::parse(url).with_context(|| format!("invalid MQTT url `{}`", redact(url)))?;
         anyhow::ensure!(
             matches!(parsed.scheme(), "mqtt" | "tcp"),
             "MQTT url `{url}`: only mqtt:// (plain TCP) is supported, found `{}://`",
@@ -51,7 +53,7 @@ impl MqttSource {
         );
         let host = parsed
             .host_str()
-            .with_context(|| format!("MQTT url `{url}` has no host"))?;
+            .with_context(|| format!("MQTT url `{}` has no host", redact(url)))?;
         let client_id = client_id
             .map(str::to_string)
             .unwrap_or_else(|| format!("lambda-{}", rt.pipeline.name));

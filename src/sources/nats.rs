@@ -22,6 +22,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::broker::{self, Backoff, Body};
 use crate::speed::runtime::PipelineRuntime;
+use crate::state::redact;
 
 /// Unacknowledged messages the server lets the consumer hold: several batches in flight.
 const MAX_ACK_PENDING: i64 = 20_000;
@@ -72,7 +73,7 @@ impl NatsSource {
     ) -> anyhow::Result<()> {
         let client = async_nats::connect(self.url.as_str())
             .await
-            .with_context(|| format!("connecting to NATS at {}", self.url))?;
+            .with_context(|| format!("connecting to NATS at {}", redact(&self.url)))?;
         let js = jetstream::new(client.clone());
         let stream = js
             .get_or_create_stream(jetstream::stream::Config {

@@ -29,6 +29,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::broker::{self, Backoff, Body};
 use crate::speed::runtime::PipelineRuntime;
+use crate::state::redact;
 
 /// How long one `XREADGROUP` blocks waiting for new entries.
 const BLOCK: Duration = Duration::from_secs(1);
@@ -52,8 +53,8 @@ impl RedisSource {
         group: &str,
         consumer: Option<&str>,
     ) -> anyhow::Result<Self> {
-        let client =
-            ::redis::Client::open(url).with_context(|| format!("invalid Redis url `{url}`"))?;
+        let client = ::redis::Client::open(url)
+            .with_context(|| format!("invalid Redis url `{}`", redact(url)))?;
         let consumer = consumer
             .map(str::to_string)
             .unwrap_or_else(|| format!("lambda-{}", rt.pipeline.name));

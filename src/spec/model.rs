@@ -47,6 +47,8 @@ pub struct ServeSettings {
     pub token: Option<String>,
     /// Largest accepted request body.
     pub max_body_bytes: usize,
+    /// `/metrics` also requires the bearer token (it is open by default, like `/healthz`).
+    pub protect_metrics: bool,
 }
 
 impl fmt::Debug for ServeSettings {
@@ -55,6 +57,7 @@ impl fmt::Debug for ServeSettings {
             .field("listen", &self.listen)
             .field("token", &self.token.as_ref().map(|_| "<redacted>"))
             .field("max_body_bytes", &self.max_body_bytes)
+            .field("protect_metrics", &self.protect_metrics)
             .finish()
     }
 }

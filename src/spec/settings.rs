@@ -69,8 +69,8 @@ pub fn build(d: &mut Diagnostics, root: Option<&Node>, project: &Path) -> Option
         }
     };
     let serve = match obj.value("serve") {
-        None => Some(ServeSettings { listen: DEFAULT_LISTEN.into(), token: None, max_body_bytes: DEFAULT_MAX_BODY_BYTES as usize }),
-        Some(n) => Obj::new(d, n, "serve", &["listen", "token", "max_body_bytes"]).and_then(|s| {
+        None => Some(ServeSettings { listen: DEFAULT_LISTEN.into(), token: None, max_body_bytes: DEFAULT_MAX_BODY_BYTES as usize, protect_metrics: false }),
+        Some(n) => Obj::new(d, n, "serve", &["listen", "token", "max_body_bytes", "protect_metrics"]).and_then(|s| {
             let listen = s.value("listen").map_or(Some(DEFAULT_LISTEN.to_string()), |n| read::string(d, n, "listen"));
             if let (Some(l), Some(n)) = (&listen, s.value("listen"))
                 && l.parse::<std::net::SocketAddr>().is_err()
@@ -79,7 +79,11 @@ pub fn build(d: &mut Diagnostics, root: Option<&Node>, project: &Path) -> Option
             }
             let token = s.value("token").and_then(|n| read::string(d, n, "token")).filter(|t| !t.is_empty());
             let max = s.value("max_body_bytes").map_or(Some(DEFAULT_MAX_BODY_BYTES), |n| read::integer(d, n, "max_body_bytes"));
-            Some(ServeSettings { listen: listen?, token, max_body_bytes: usize::try_from(max?).ok()? })
+            let protect_metrics = s.value("protect_metrics").map_or(Some(false), |n| read::boolean(d, n, "protect_metrics"));
+            if let (Some(true), None, Some(n)) = (protect_metrics, &token, s.value("protect_metrics")) {
+                d.error(n.loc(), "`protect_metrics: true` needs a `token` to protect /metrics with".to_string());
+            }
+            Some(ServeSettings { listen: listen?, token, max_body_bytes: usize::try_from(max?).ok()?, protect_metrics: protect_metrics? })
         }),
     };
     let timezone = match obj.value("timezone") {

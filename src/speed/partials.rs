@@ -162,4 +162,13 @@ impl SpeedState {
             .map(DataFrame::height)
             .sum()
     }
+
+    /// Heap size of the speed partials (polars' estimate); batch views not included.
+    pub fn estimated_bytes(&self) -> usize {
+        self.segments
+            .values()
+            .flat_map(|s| s.views.iter().flatten())
+            .map(DataFrame::estimated_size)
+            .sum()
+    }
 }

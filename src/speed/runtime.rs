@@ -9,8 +9,8 @@
 use std::io::Cursor;
 use std::ops::Range;
 use std::path::Path;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
@@ -30,6 +30,7 @@ use crate::serving::query::AnswerCache;
 use crate::serving::time::now_ms;
 use crate::spec::Pipeline;
 use crate::state::{Segment, State};
+use crate::telemetry::{Histogram, LATENCY_BUCKETS, RateMeter};
 
 /// The partition of the pipeline's own write-ahead log.
 const LOG_PARTITION: u32 = 0;
@@ -54,7 +55,6 @@ pub struct LineError {
 }
 
 /// Counters for `status` and `/metrics`.
-#[derive(Default)]
 pub struct Counters {
     pub accepted: AtomicU64,
     pub rejected: AtomicU64,
@@ -65,12 +65,38 @@ pub struct Counters {
     pub open_since_ms: AtomicU64,
     /// Rejections not yet recorded with a sealed segment (persisted by the next seal).
     pub rejected_unsealed: AtomicU64,
+    /// From a request's acknowledgement (its events durable) to its events being visible in
+    /// queries (absorbed into the open segment's partials).
+    pub ack_to_visible: Histogram,
+    /// Accepted events per second, sampled by the aggregator's tick.
+    pub ingest_rate: Mutex<RateMeter>,
+}
+
+/// The window [`Counters::ingest_rate`] averages over.
+const RATE_WINDOW: Duration = Duration::from_secs(10);
+
+impl Default for Counters {
+    fn default() -> Self {
+        Counters {
+            accepted: AtomicU64::new(0),
+            rejected: AtomicU64::new(0),
+            duplicates: AtomicU64::new(0),
+            sealed_segments: AtomicU64::new(0),
+            open_rows: AtomicU64::new(0),
+            open_since_ms: AtomicU64::new(0),
+            rejected_unsealed: AtomicU64::new(0),
+            ack_to_visible: Histogram::new(LATENCY_BUCKETS),
+            ingest_rate: Mutex::new(RateMeter::new(RATE_WINDOW)),
+        }
+    }
 }
 
 /// Decoded events travelling with their log records to the aggregator.
 pub struct Batch {
     events: DataFrame,
     arrival_ms: i64,
+    /// Set by the door once the append is acknowledged; `None` for replayed events.
+    acked: Option<Arc<OnceLock<Instant>>>,
 }
 
 pub struct PipelineRuntime {
@@ -165,6 +191,7 @@ impl PipelineRuntime {
                 Batch {
                     events,
                     arrival_ms: now_ms(),
+                    acked: None,
                 },
             ));
         }
@@ -263,6 +290,7 @@ impl PipelineRuntime {
         }
         let records: Vec<Vec<u8>> = lines.iter().map(|l| encode_record(arrival, l)).collect();
         let n = records.len() as u64;
+        let acked = Arc::new(OnceLock::new());
         if let Err(e) = self
             .log
             .append(
@@ -270,6 +298,7 @@ impl PipelineRuntime {
                 Batch {
                     events,
                     arrival_ms: arrival,
+                    acked: Some(acked.clone()),
                 },
             )
             .await
@@ -280,6 +309,7 @@ impl PipelineRuntime {
             }
             return Err(e.into());
         }
+        let _ = acked.set(Instant::now());
         report.accepted = n;
         self.counters.accepted.fetch_add(n, Ordering::Relaxed);
         Ok(report)
@@ -360,6 +390,12 @@ impl Aggregator {
                 _ = tick.tick() => {}
                 _ = shutdown.cancelled() => break,
             }
+            let accepted = self.rt.counters.accepted.load(Ordering::Relaxed);
+            self.rt
+                .counters
+                .ingest_rate
+                .lock()
+                .record(accepted, Instant::now());
             if self.should_seal()
                 && let Err(e) = self.seal().await
             {
@@ -370,7 +406,9 @@ impl Aggregator {
 
     async fn apply(&mut self, batch: Vec<log::Durable<Batch>>) -> anyhow::Result<()> {
         let mut frames = Vec::with_capacity(batch.len());
+        let mut acks = Vec::with_capacity(batch.len());
         for (range, b) in batch {
+            acks.extend(b.acked);
             anyhow::ensure!(
                 range.start == self.next,
                 "position gap: expected {}, got {}",
@@ -409,6 +447,12 @@ impl Aggregator {
             .counters
             .open_rows
             .store(self.rows, Ordering::Relaxed);
+        // Visible now. A request whose reply has not reached the door yet was visible before
+        // it was acknowledged: zero latency.
+        for ack in acks {
+            let latency = ack.get().map_or(Duration::ZERO, Instant::elapsed);
+            self.rt.counters.ack_to_visible.observe(latency);
+        }
         Ok(())
     }
 

@@ -48,11 +48,13 @@ mod archive;
 mod publications;
 mod runs;
 mod schedules;
+mod stats;
 mod workflows;
 
 pub use archive::{RetiredObject, Segment};
 pub use publications::{Cutoff, NewPublication, Publication, PublicationId};
 pub use runs::{AttemptId, Outcome, Run, RunId, RunKind, RunState, TaskAttempt};
+pub use stats::{AttemptFigure, RunCount};
 pub use workflows::{
     Advanced, SchedulerLock, WorkflowAttempt, WorkflowChange, WorkflowEvent, WorkflowSnapshot,
 };
@@ -318,7 +320,8 @@ fn is_sqlite_memory(url: &str) -> bool {
 }
 
 /// The URL with any password replaced, for messages and logs.
-fn redact(url: &str) -> String {
+/// A URL without its password (state, lake or broker URLs), for logs and messages.
+pub fn redact(url: &str) -> String {
     match url::Url::parse(url) {
         Ok(mut parsed) if parsed.password().is_some() => {
             // Setting a password only fails for URLs that cannot have one, excluded above.

@@ -5,6 +5,7 @@ mod brokers;
 mod cli;
 mod lambda;
 mod maintenance;
+mod ops;
 mod orchestration;
 mod orders;
 mod projects;

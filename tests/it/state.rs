@@ -41,6 +41,7 @@ on_both_backends!(
     schedule_slots_are_claimed_once,
     compaction_swaps_segments_in_one_transaction,
     retention_drops_segments_and_old_view_versions,
+    operator_figures_count_runs_and_time_attempts,
 );
 
 async fn on_sqlite<F, Fut>(behaviour: F)
@@ -830,4 +831,76 @@ async fn retention_drops_segments_and_old_view_versions(url: String) {
         .unwrap()
         .expect("the current version stays");
     assert_eq!(current.run_id, runs[2]);
+}
+
+/// `status` and `/metrics` read runs by state and every workflow attempt with its times.
+async fn operator_figures_count_runs_and_time_attempts(url: String) {
+    let state = open(&url).await;
+    assert!(state.run_counts().await.unwrap().is_empty());
+    let a = state
+        .create_run(RunKind::Workflow, "nightly", None)
+        .await
+        .unwrap();
+    state
+        .create_run(RunKind::Workflow, "nightly", None)
+        .await
+        .unwrap();
+    state
+        .create_run(RunKind::Batch, "clicks", None)
+        .await
+        .unwrap();
+    state.start_run(a.id).await.unwrap();
+    state
+        .finish_run(a.id, Outcome::Failed, Some("boom"))
+        .await
+        .unwrap();
+    let first = state
+        .create_task_attempt(a.id, "recompute", None)
+        .await
+        .unwrap();
+    state.start_task_attempt(first.id).await.unwrap();
+    state
+        .finish_task_attempt(first.id, Outcome::Failed, None)
+        .await
+        .unwrap();
+    let retry = state
+        .create_task_attempt(a.id, "recompute", None)
+        .await
+        .unwrap();
+
+    let counts: Vec<(RunKind, String, RunState, u64)> = state
+        .run_counts()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|c| (c.kind, c.name, c.state, c.count))
+        .collect();
+    assert_eq!(
+        counts,
+        vec![
+            (RunKind::Batch, "clicks".into(), RunState::Queued, 1),
+            (RunKind::Workflow, "nightly".into(), RunState::Failed, 1),
+            (RunKind::Workflow, "nightly".into(), RunState::Queued, 1),
+        ]
+    );
+    let figures = state.attempt_figures().await.unwrap();
+    assert_eq!(figures.len(), 2);
+    assert_eq!(
+        (
+            figures[0].workflow.as_str(),
+            figures[0].task.as_str(),
+            figures[0].attempt
+        ),
+        ("nightly", "recompute", 1)
+    );
+    assert_eq!(figures[0].state, RunState::Failed);
+    let took = figures[0]
+        .duration_seconds()
+        .expect("a finished attempt has a duration");
+    assert!((0.0..60.0).contains(&took), "{took}");
+    assert_eq!(
+        (figures[1].attempt, figures[1].state),
+        (retry.attempt, RunState::Queued)
+    );
+    assert_eq!(figures[1].duration_seconds(), None);
 }

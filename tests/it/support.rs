@@ -58,13 +58,28 @@ pub struct Server {
 impl Server {
     /// Starts `serve` on 127.0.0.1:0 for `project` and waits for its address line.
     pub fn start(project: &Path) -> Server {
+        Server::spawn(project, &[], std::process::Stdio::inherit())
+    }
+
+    /// As [`Server::start`], with debug logs (JSON lines) written to `log`.
+    pub fn start_logging(project: &Path, log: &Path) -> Server {
+        let file = std::fs::File::create(log).expect("create the log file");
+        let args = ["--log-format", "json"];
+        Server::spawn(project, &args, file.into())
+    }
+
+    fn spawn(project: &Path, log_args: &[&str], stderr: std::process::Stdio) -> Server {
         use std::io::BufRead;
         let mut child = Command::new(env!("CARGO_BIN_EXE_lambda-ctl"))
             .args(["serve", "--listen", "127.0.0.1:0", "--project"])
             .arg(project)
-            .env("RUST_LOG", "warn")
+            .args(log_args)
+            .env(
+                "RUST_LOG",
+                if log_args.is_empty() { "warn" } else { "debug" },
+            )
             .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::inherit())
+            .stderr(stderr)
             .spawn()
             .expect("start lambda-ctl serve");
         let stdout = child.stdout.take().expect("piped stdout");

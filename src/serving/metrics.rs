@@ -1,0 +1,289 @@
+//! `GET /metrics`: the speed layer's counters per pipeline, what serving answered per view,
+//! the workflows (figures supplied by orchestration, which sits above serving) and the process,
+//! in the Prometheus text format.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant;
+
+use futures::future::BoxFuture;
+use parking_lot::Mutex;
+
+use super::time::now_ms;
+use crate::speed::runtime::PipelineRuntime;
+use crate::telemetry::Exposition;
+
+/// Adds the workflow families to a page (orchestration's figures, read from the state DB).
+pub type WorkflowMetrics =
+    Arc<dyn Fn(Exposition) -> BoxFuture<'static, anyhow::Result<Exposition>> + Send + Sync>;
+
+/// Source lag of one pipeline: (partition or stream label, messages behind the head).
+pub type SourceLagFn = Arc<dyn Fn(&str) -> Vec<(String, u64)> + Send + Sync>;
+
+/// What the operator endpoints need besides the pipelines.
+pub struct Ops {
+    pub started: Instant,
+    /// `/metrics` requires the bearer token too (`serve.protect_metrics`).
+    pub protect_metrics: bool,
+    pub workflows: Option<WorkflowMetrics>,
+    /// The per-source lag registry of `sources` (per partition where the source has one);
+    /// `None` until a source reports lag.
+    pub source_lag: Option<SourceLagFn>,
+    pub served: ServedRows,
+}
+
+impl Ops {
+    pub fn new(protect_metrics: bool) -> Ops {
+        Ops {
+            started: Instant::now(),
+            protect_metrics,
+            workflows: None,
+            source_lag: None,
+            served: ServedRows::default(),
+        }
+    }
+
+    /// Lag per partition of `pipeline`'s source; empty when unknown.
+    pub fn source_lag(&self, pipeline: &str) -> Vec<(String, u64)> {
+        self.source_lag
+            .as_ref()
+            .map_or_else(Vec::new, |f| f(pipeline))
+    }
+}
+
+/// Answers, batch rows and speed rows served of one view.
+type ViewCounters = Arc<[AtomicU64; 3]>;
+
+/// Partial rows merged into view answers, per (pipeline, view), from each layer.
+#[derive(Default)]
+pub struct ServedRows {
+    views: Mutex<BTreeMap<(String, String), ViewCounters>>,
+}
+
+impl ServedRows {
+    /// Records one answer of `pipeline.view`.
+    pub fn record(&self, pipeline: &str, view: &str, batch_rows: u64, speed_rows: u64) {
+        let slot = self
+            .views
+            .lock()
+            .entry((pipeline.to_string(), view.to_string()))
+            .or_default()
+            .clone();
+        slot[0].fetch_add(1, Ordering::Relaxed);
+        slot[1].fetch_add(batch_rows, Ordering::Relaxed);
+        slot[2].fetch_add(speed_rows, Ordering::Relaxed);
+    }
+
+    /// (answers, batch rows, speed rows) of `pipeline.view` so far.
+    pub fn get(&self, pipeline: &str, view: &str) -> (u64, u64, u64) {
+        self.views
+            .lock()
+            .get(&(pipeline.to_string(), view.to_string()))
+            .map_or((0, 0, 0), |c| {
+                (
+                    c[0].load(Ordering::Relaxed),
+                    c[1].load(Ordering::Relaxed),
+                    c[2].load(Ordering::Relaxed),
+                )
+            })
+    }
+}
+
+/// Seconds since a view's batch publication; `None` before its first one.
+pub fn batch_cutoff_age_seconds(rt: &PipelineRuntime, view: usize) -> Option<f64> {
+    let published = rt.state.read().batch.get(view)?.as_ref()?.published_at_ms;
+    Some((now_ms() - published).max(0) as f64 / 1000.0)
+}
+
+/// Seconds since the open segment's first event; 0 when it is empty.
+pub fn open_segment_age_seconds(rt: &PipelineRuntime) -> f64 {
+    match rt.counters.open_since_ms.load(Ordering::Relaxed) {
+        0 => 0.0,
+        since => (now_ms() as u64).saturating_sub(since) as f64 / 1000.0,
+    }
+}
+
+/// The whole page.
+pub async fn render(runtimes: &BTreeMap<String, Arc<PipelineRuntime>>, ops: &Ops) -> String {
+    let mut e = Exposition::new();
+    pipelines(&mut e, runtimes, ops);
+    views(&mut e, runtimes, ops);
+    if let Some(workflows) = &ops.workflows {
+        // A state DB that cannot be read must not cost the pipeline figures: the failure is
+        // logged and counted, the rest of the page still answers.
+        let before = std::mem::take(&mut e);
+        e = match workflows(Exposition::new()).await {
+            Ok(w) => before.append(w),
+            Err(err) => {
+                tracing::warn!(error = %format!("{err:#}"), "workflow metrics unavailable");
+                let mut b = before;
+                b.gauge(
+                    "lambda_workflow_metrics_up",
+                    "1 when the workflow figures could be read from the state DB.",
+                    &[],
+                    0.0,
+                );
+                b
+            }
+        };
+    }
+    e.gauge(
+        "lambda_uptime_seconds",
+        "Seconds since this server started.",
+        &[],
+        ops.started.elapsed().as_secs_f64(),
+    );
+    e.gauge(
+        "lambda_build_info",
+        "The lambda-ctl version serving (always 1).",
+        &[("version", env!("CARGO_PKG_VERSION"))],
+        1.0,
+    );
+    e.finish()
+}
+
+fn pipelines(e: &mut Exposition, runtimes: &BTreeMap<String, Arc<PipelineRuntime>>, ops: &Ops) {
+    let named: Vec<(&str, &PipelineRuntime)> = runtimes
+        .iter()
+        .map(|(p, rt)| (p.as_str(), rt.as_ref()))
+        .collect();
+    type Counter = (&'static str, &'static str, fn(&PipelineRuntime) -> u64);
+    let counters: [Counter; 3] = [
+        (
+            "lambda_events_accepted_total",
+            "Events acknowledged by the door (durable in the write-ahead log).",
+            |rt| rt.counters.accepted.load(Ordering::Relaxed),
+        ),
+        (
+            "lambda_events_rejected_total",
+            "Events rejected by the door (malformed; kept in the dead-letter area).",
+            |rt| rt.counters.rejected.load(Ordering::Relaxed),
+        ),
+        (
+            "lambda_events_deduplicated_total",
+            "Events dropped as already acknowledged within the dedupe window.",
+            |rt| rt.counters.duplicates.load(Ordering::Relaxed),
+        ),
+    ];
+    for (name, help, get) in counters {
+        for &(p, rt) in &named {
+            e.counter(name, help, &[("pipeline", p)], get(rt) as f64);
+        }
+    }
+    for &(p, rt) in &named {
+        e.gauge(
+            "lambda_ingest_rate_events_per_second",
+            "Accepted events per second over the last 10 seconds.",
+            &[("pipeline", p)],
+            rt.counters.ingest_rate.lock().per_second(),
+        );
+    }
+    for &(p, _) in &named {
+        for (partition, lag) in ops.source_lag(p) {
+            e.gauge(
+                "lambda_source_lag_messages",
+                "Messages the source has not yet consumed, per partition.",
+                &[("pipeline", p), ("partition", &partition)],
+                lag as f64,
+            );
+        }
+    }
+    for &(p, rt) in &named {
+        e.gauge(
+            "lambda_open_segment_rows",
+            "Events in the open (not yet sealed) segment.",
+            &[("pipeline", p)],
+            rt.counters.open_rows.load(Ordering::Relaxed) as f64,
+        );
+    }
+    for &(p, rt) in &named {
+        e.gauge(
+            "lambda_open_segment_age_seconds",
+            "Seconds since the open segment's first event (0 when empty).",
+            &[("pipeline", p)],
+            open_segment_age_seconds(rt),
+        );
+    }
+    for &(p, rt) in &named {
+        e.gauge(
+            "lambda_sealed_segments",
+            "Sealed Parquet segments in the archive.",
+            &[("pipeline", p)],
+            rt.counters.sealed_segments.load(Ordering::Relaxed) as f64,
+        );
+    }
+    // One lock per pipeline for both speed-state figures.
+    let speed: Vec<(&str, usize, usize)> = named
+        .iter()
+        .map(|&(p, rt)| {
+            let st = rt.state.read();
+            (p, st.groups(), st.estimated_bytes())
+        })
+        .collect();
+    for &(p, groups, _) in &speed {
+        e.gauge(
+            "lambda_speed_state_groups",
+            "Partial rows the speed layer holds (segments not covered by a batch view).",
+            &[("pipeline", p)],
+            groups as f64,
+        );
+    }
+    for &(p, _, bytes) in &speed {
+        e.gauge(
+            "lambda_speed_state_bytes",
+            "Estimated memory of the speed layer's partials.",
+            &[("pipeline", p)],
+            bytes as f64,
+        );
+    }
+    for &(p, rt) in &named {
+        e.histogram(
+            "lambda_ack_to_visible_seconds",
+            "From a request's acknowledgement to its events being visible in queries.",
+            &[("pipeline", p)],
+            &rt.counters.ack_to_visible.snapshot(),
+        );
+    }
+}
+
+fn views(e: &mut Exposition, runtimes: &BTreeMap<String, Arc<PipelineRuntime>>, ops: &Ops) {
+    let all = || {
+        runtimes.iter().flat_map(|(p, rt)| {
+            rt.pipeline
+                .views
+                .iter()
+                .enumerate()
+                .map(move |(i, v)| (p.as_str(), i, v.name.as_str(), rt))
+        })
+    };
+    for (p, i, v, rt) in all() {
+        if let Some(age) = batch_cutoff_age_seconds(rt, i) {
+            e.gauge(
+                "lambda_view_batch_cutoff_age_seconds",
+                "Seconds since the view's batch publication (how stale the batch layer is).",
+                &[("pipeline", p), ("view", v)],
+                age,
+            );
+        }
+    }
+    for (p, _, v, _) in all() {
+        e.counter(
+            "lambda_view_queries_total",
+            "View answers served.",
+            &[("pipeline", p), ("view", v)],
+            ops.served.get(p, v).0 as f64,
+        );
+    }
+    for (p, _, v, _) in all() {
+        let (_, batch, speed) = ops.served.get(p, v);
+        for (layer, rows) in [("batch", batch), ("speed", speed)] {
+            e.counter(
+                "lambda_view_rows_served_total",
+                "Partial rows merged into view answers, by the layer they came from.",
+                &[("pipeline", p), ("view", v), ("layer", layer)],
+                rows as f64,
+            );
+        }
+    }
+}
