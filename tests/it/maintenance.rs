@@ -13,7 +13,7 @@ use serde_json::Value;
 
 use crate::lambda::{VIEWS, kept, run_batch, wait_for_batch};
 use crate::orders::{Ev, check_views, events, project, send, wait_for_count};
-use crate::support::{Rng, Server, lambda_ctl, repo, stderr, stdout};
+use crate::support::{Rng, Server, get_json, lambda_ctl, repo, stderr, stdout};
 
 const MAINT: &str = "name: maint\ntasks:\n  - name: recompute\n    batch: orders\n  - name: compact\n    compact: orders\n    needs: [recompute]\n";
 const TRIM: &str =
@@ -32,14 +32,7 @@ async fn run_workflow(client: &reqwest::Client, server: &Server, workflow: &str)
         .expect("run_id");
     let start = Instant::now();
     loop {
-        let run: Value = client
-            .get(server.url(&format!("/v1/runs/{id}")))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let run: Value = get_json(&client, server.url(&format!("/v1/runs/{id}"))).await;
         assert_eq!(run["id"].as_i64(), Some(id), "{run}");
         if ["succeeded", "failed", "cancelled"].contains(&run["state"].as_str().unwrap_or("")) {
             return run;
@@ -237,14 +230,7 @@ async fn compaction_and_retention_change_no_answer() {
         .await
         .unwrap();
     assert_eq!(resp.status(), reqwest::StatusCode::NOT_FOUND);
-    let list: Value = client
-        .get(server.url("/v1/workflows"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let list: Value = get_json(&client, server.url("/v1/workflows")).await;
     let names: Vec<&str> = list["workflows"]
         .as_array()
         .unwrap()

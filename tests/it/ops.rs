@@ -9,8 +9,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use crate::orders::{BASE_MS, project};
-use crate::support::{Server, lambda_ctl, stderr, stdout};
+use crate::orders::{BASE_MS, post, project};
+use crate::support::{Server, get_json, lambda_ctl, stderr, stdout};
 
 /// A workflow whose only task fails once, is retried, and fails again.
 const FAILING_WORKFLOW: &str = r#"
@@ -172,17 +172,6 @@ fn event(id: usize, amount: f64) -> String {
     serde_json::json!({"id": format!("m{id}"), "ts": BASE_MS + id as i64 * 1000, "user": format!("u{}", id % 7), "country": (["DE", "US"][id % 2]), "amount": amount}).to_string()
 }
 
-async fn post(client: &reqwest::Client, server: &Server, body: String) -> Value {
-    let r = client
-        .post(server.url("/v1/pipelines/orders/events"))
-        .body(body)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200);
-    r.json().await.unwrap()
-}
-
 fn with_workflow(dir: &Path) {
     std::fs::create_dir_all(dir.join("workflows")).unwrap();
     std::fs::write(dir.join("workflows/flaky.yaml"), FAILING_WORKFLOW).unwrap();
@@ -329,14 +318,7 @@ async fn metrics_count_exactly_what_was_sent() {
     );
 
     // Serving answers are counted per layer; no batch view yet, so all rows are speed rows.
-    let r: Value = client
-        .get(server.url("/v1/views/orders/by_country?origin=1"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let r: Value = get_json(&client, server.url("/v1/views/orders/by_country?origin=1")).await;
     let rows = r["rows"].as_array().unwrap();
     assert!(
         !rows.is_empty() && rows.iter().all(|row| row["_origin"] == "speed"),

@@ -49,6 +49,18 @@ pub fn assert_snapshot(path: &Path, actual: &str) {
     );
 }
 
+/// GET `url`, the answer as JSON (whatever its status: callers check the fields).
+pub async fn get_json(client: &reqwest::Client, url: String) -> serde_json::Value {
+    client
+        .get(&url)
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("GET {url}: {e}"))
+        .json()
+        .await
+        .unwrap_or_else(|e| panic!("GET {url}: not JSON: {e}"))
+}
+
 /// A `lambda-ctl serve` child process on a free port, killed (SIGKILL) on drop.
 pub struct Server {
     pub child: std::process::Child,
