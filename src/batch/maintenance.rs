@@ -33,7 +33,7 @@ use polars::prelude::*;
 use super::GRACE;
 use crate::lake::{self, Lake};
 use crate::spec::Pipeline;
-use crate::state::{Cutoff, Segment, State, StateError};
+use crate::state::{Cutoff, Publication, Segment, State, StateError};
 
 /// Most bytes of archived Parquet merged into one segment, whatever `segment_rows` says: the
 /// merge holds the decoded rows in memory.
@@ -65,15 +65,25 @@ pub struct Retained {
 /// `None` when some view has none (then nothing is covered). A pipeline without views
 /// covers everything sealed.
 pub async fn covered(state: &State, pipeline: &Pipeline) -> Result<Option<Cutoff>, StateError> {
+    covered_where(state, pipeline, |_, _| true).await
+}
+
+/// [`covered`], counting only the current publications `accept(view index, publication)`
+/// takes (the speed layer takes only those computed by the views' current logic).
+pub async fn covered_where(
+    state: &State,
+    pipeline: &Pipeline,
+    accept: impl Fn(usize, &Publication) -> bool,
+) -> Result<Option<Cutoff>, StateError> {
     if pipeline.views.is_empty() {
         return Ok(Some(state.checkpoints(&pipeline.name).await?));
     }
     let mut lowest: Option<Cutoff> = None;
-    for view in &pipeline.views {
-        let Some(current) = state
+    for (i, view) in pipeline.views.iter().enumerate() {
+        let current = state
             .current_publication(&pipeline.name, &view.name)
-            .await?
-        else {
+            .await?;
+        let Some(current) = current.filter(|p| accept(i, p)) else {
             return Ok(None);
         };
         lowest = Some(match lowest {
@@ -88,7 +98,8 @@ pub async fn covered(state: &State, pipeline: &Pipeline) -> Result<Option<Cutoff
     Ok(lowest)
 }
 
-fn is_covered(cutoff: &Cutoff, s: &Segment) -> bool {
+/// Whether `cutoff` covers all of segment `s`.
+pub fn is_covered(cutoff: &Cutoff, s: &Segment) -> bool {
     cutoff.get(&s.partition).is_some_and(|c| s.hi <= *c)
 }
 

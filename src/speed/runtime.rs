@@ -24,6 +24,7 @@ use tokio_util::sync::CancellationToken;
 use super::dedupe::Dedupe;
 use super::log::{self, Log};
 use super::partials::SpeedState;
+use crate::batch::maintenance;
 use crate::lake::{self, Lake};
 use crate::plan::{Decoded, Plan};
 use crate::serving::query::AnswerCache;
@@ -132,7 +133,9 @@ impl PipelineRuntime {
             .as_ref()
             .map(|_| Arc::new(Mutex::new(Dedupe::new(pipeline.dedupe_window))));
 
-        // Sealed segments: rebuild their partials (and recent ids) from the lake.
+        // Sealed segments: rebuild their partials (and recent ids) from the lake — except
+        // those every view's published batch (of the current logic) covers: the batch view
+        // serves them, and a restart reads only what it needs, not the whole archive.
         let checkpoint = db.checkpoint(&name, LOG_PARTITION).await?.unwrap_or(0);
         let segments = db.segments(&name).await?;
         counters
@@ -140,7 +143,27 @@ impl PipelineRuntime {
             .store(segments.len() as u64, Ordering::Relaxed);
         let dedupe_horizon =
             now_ms() - i64::try_from(pipeline.dedupe_window.as_millis()).unwrap_or(i64::MAX);
+        let covered =
+            maintenance::covered_where(&db, &pipeline, |v, p| p.logic_hash == plan.logic_hash(v))
+                .await?;
+        let sealed_at = match (&covered, &dedupe) {
+            (Some(_), Some(_)) => db.sealed_at(&name).await?,
+            _ => Default::default(),
+        };
+        let mut skipped = 0usize;
         for seg in &segments {
+            let is_covered = covered
+                .as_ref()
+                .is_some_and(|c| maintenance::is_covered(c, seg));
+            // Ids that arrived within the dedupe window are in segments sealed after its start.
+            let has_recent_ids = dedupe.is_some()
+                && sealed_at
+                    .get(&(seg.partition, seg.lo))
+                    .is_none_or(|at| at.timestamp_millis() > dedupe_horizon);
+            if is_covered && !has_recent_ids {
+                skipped += 1;
+                continue;
+            }
             let bytes = lake
                 .get(&seg.path)
                 .await
@@ -151,6 +174,9 @@ impl PipelineRuntime {
                 && seg.max_event_ms.is_some()
             {
                 admit_recent(&mut d.lock(), &events, id_col, dedupe_horizon)?;
+            }
+            if is_covered {
+                continue;
             }
             let parts = partials_of(&plan, &events)?;
             let mut st = speed.write();
@@ -163,6 +189,13 @@ impl PipelineRuntime {
                 parts,
             )?;
             st.seal(seg.partition, seg.lo, seg.hi);
+        }
+        if skipped > 0 {
+            tracing::info!(
+                pipeline = %name,
+                skipped,
+                "sealed segments covered by the published batch views are served from them, not read"
+            );
         }
 
         // The log, with its consumer: the aggregator.

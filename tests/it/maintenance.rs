@@ -12,7 +12,7 @@ use lambda_ctl::state::{RunState, Segment, State};
 use serde_json::Value;
 
 use crate::lambda::{VIEWS, kept, run_batch, wait_for_batch};
-use crate::orders::{Ev, check_views, events, project, send, wait_for_count};
+use crate::orders::{Ev, check_views, events, post, project, send, wait_for_count};
 use crate::support::{Rng, Server, get_json, lambda_ctl, repo, stderr, stdout};
 
 const MAINT: &str = "name: maint\ntasks:\n  - name: recompute\n    batch: orders\n  - name: compact\n    compact: orders\n    needs: [recompute]\n";
@@ -272,4 +272,61 @@ fn the_repository_nightly_workflow_runs_to_success() {
     let text = stdout(&logs);
     assert!(text.contains("compacted clicks"), "{text}");
     assert!(text.contains("retention of clicks"), "{text}");
+}
+
+/// A restart rebuilds speed partials only for segments the published batch does not cover:
+/// without an `event_id` (no dedupe index to rebuild) the covered segments' files are not even
+/// read — deleting them before the restart changes no answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_reads_only_segments_the_batch_does_not_cover() {
+    let dir = project();
+    let spec_file = dir.path().join("pipelines/orders.yaml");
+    let spec = std::fs::read_to_string(&spec_file).unwrap();
+    std::fs::write(&spec_file, spec.replace("event_id: id\n", "")).unwrap();
+    let spec = lambda_ctl::spec::load(dir.path()).expect("valid project");
+    let client = reqwest::Client::new();
+    let mut rng = Rng(5);
+    let evs = events(&mut rng, 700, 0);
+    let post_all = |evs: &[Ev], rng: &mut Rng| {
+        evs.chunks(100)
+            .map(|c| c.iter().map(|e| e.line(rng)).collect::<Vec<_>>().join("\n") + "\n")
+            .collect::<Vec<String>>()
+    };
+
+    let server = Server::start(dir.path());
+    for body in post_all(&evs[..500], &mut rng) {
+        post(&client, &server, body).await;
+    }
+    let mut acked = evs[..500].to_vec();
+    wait_for_count(&client, &server, kept(&acked)).await;
+    tokio::time::sleep(Duration::from_millis(1500)).await; // the open segment seals by age
+    let run = run_batch(dir.path()).await;
+    wait_for_batch(&client, &server, &run).await;
+    for body in post_all(&evs[500..], &mut rng) {
+        post(&client, &server, body).await;
+    }
+    acked.extend_from_slice(&evs[500..]);
+    wait_for_count(&client, &server, kept(&acked)).await;
+    server.kill9();
+
+    let state = State::open(&spec.settings.state).await.unwrap();
+    let lake = Lake::open(&spec.settings.lake, &spec.settings.lake_options).unwrap();
+    let cutoff = maintenance::covered(&state, &spec.pipelines[0])
+        .await
+        .unwrap()
+        .expect("published");
+    let mut deleted = 0;
+    for s in state.segments("orders").await.unwrap() {
+        if maintenance::is_covered(&cutoff, &s) {
+            lake.delete(&s.path).await.unwrap();
+            deleted += 1;
+        }
+    }
+    assert!(deleted > 0);
+    state.close().await;
+
+    let server = Server::start(dir.path());
+    wait_for_batch(&client, &server, &run).await;
+    wait_for_count(&client, &server, kept(&acked)).await;
+    check_views(&client, &server, &acked).await;
 }
