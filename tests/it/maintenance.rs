@@ -32,7 +32,7 @@ async fn run_workflow(client: &reqwest::Client, server: &Server, workflow: &str)
         .expect("run_id");
     let start = Instant::now();
     loop {
-        let run: Value = get_json(&client, server.url(&format!("/v1/runs/{id}"))).await;
+        let run: Value = get_json(client, server.url(&format!("/v1/runs/{id}"))).await;
         assert_eq!(run["id"].as_i64(), Some(id), "{run}");
         if ["succeeded", "failed", "cancelled"].contains(&run["state"].as_str().unwrap_or("")) {
             return run;
