@@ -200,6 +200,7 @@ async fn pipelines(State(app): State<Arc<App>>) -> Response {
                 "open_segment_age_ms": if open_since == 0 { 0 } else { (now_ms() as u64).saturating_sub(open_since) },
                 "sealed_segments": c.sealed_segments.load(Ordering::Relaxed),
                 "speed_groups": rt.state.read().groups(),
+                "lag": rt.source_status.lag_json(),
             })
         })
         .collect();

@@ -18,7 +18,7 @@ use bytes::Bytes;
 use parking_lot::{Mutex, RwLock};
 use polars::prelude::*;
 use serde::Serialize;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
 use super::dedupe::Dedupe;
@@ -27,6 +27,7 @@ use super::partials::SpeedState;
 use crate::lake::{self, Lake};
 use crate::plan::{Decoded, Plan};
 use crate::serving::time::now_ms;
+use crate::sources::status::SourceStatus;
 use crate::spec::Pipeline;
 use crate::state::{Segment, State};
 
@@ -77,7 +78,15 @@ pub struct PipelineRuntime {
     pub plan: Arc<Plan>,
     pub state: Arc<RwLock<SpeedState>>,
     pub counters: Arc<Counters>,
+    /// What the pipeline's source reports (lag), for status and metrics.
+    pub source_status: Arc<SourceStatus>,
     log: Log<Batch>,
+    /// End (exclusive) of the write-ahead log: every position below it is durable.
+    logged_end: AtomicU64,
+    /// End (exclusive) of the sealed segments: every position below it is in the archive
+    /// (manifest + checkpoint committed). Sources that may only acknowledge archived events
+    /// (kafka) wait on it.
+    sealed_end: watch::Sender<u64>,
     /// Held across admit → append so a failed append can un-admit its ids.
     dedupe: Option<Arc<Mutex<Dedupe>>>,
     lake: Lake,
@@ -172,7 +181,10 @@ impl PipelineRuntime {
             plan: plan.clone(),
             state: speed,
             counters,
+            source_status: Arc::new(SourceStatus::default()),
             log,
+            logged_end: AtomicU64::new(next),
+            sealed_end: watch::Sender::new(checkpoint),
             dedupe,
             lake,
             db,
@@ -180,6 +192,19 @@ impl PipelineRuntime {
         let aggregator = Aggregator::new(rt.clone(), checkpoint);
         tokio::spawn(aggregator.run(rx, shutdown));
         Ok(rt)
+    }
+
+    /// End (exclusive) of the write-ahead log: positions below it are durable. Read after
+    /// `ingest` returned, it is at or above every position that call wrote (or, for events it
+    /// dropped as duplicates, of the earlier copies).
+    pub fn logged_end(&self) -> u64 {
+        self.logged_end.load(Ordering::Acquire)
+    }
+
+    /// Watches the end (exclusive) of the sealed segments: positions below it are archived
+    /// and will never be replayed from the log. Starts at the checkpoint recovered at start.
+    pub fn sealed_end(&self) -> watch::Receiver<u64> {
+        self.sealed_end.subscribe()
     }
 
     /// The door: NDJSON/CSV bytes in; returns after every accepted event is durable.
@@ -259,7 +284,7 @@ impl PipelineRuntime {
         }
         let records: Vec<Vec<u8>> = lines.iter().map(|l| encode_record(arrival, l)).collect();
         let n = records.len() as u64;
-        if let Err(e) = self
+        let appended = self
             .log
             .append(
                 records,
@@ -268,14 +293,18 @@ impl PipelineRuntime {
                     arrival_ms: arrival,
                 },
             )
-            .await
-        {
-            if let Some(d) = &self.dedupe {
-                let mut d = d.lock();
-                admitted_ids.iter().for_each(|id| d.forget(id));
+            .await;
+        let range = match appended {
+            Ok(range) => range,
+            Err(e) => {
+                if let Some(d) = &self.dedupe {
+                    let mut d = d.lock();
+                    admitted_ids.iter().for_each(|id| d.forget(id));
+                }
+                return Err(e.into());
             }
-            return Err(e.into());
-        }
+        };
+        self.logged_end.fetch_max(range.end, Ordering::AcqRel);
         report.accepted = n;
         self.counters.accepted.fetch_add(n, Ordering::Relaxed);
         Ok(report)
@@ -460,6 +489,7 @@ impl Aggregator {
             .rejected_unsealed
             .fetch_sub(segment.dead_letters, Ordering::Relaxed);
         rt.state.write().seal(LOG_PARTITION, lo, hi);
+        rt.sealed_end.send_replace(hi);
         if let Err(e) = rt.log.truncate_below(hi) {
             tracing::warn!(pipeline = %rt.pipeline.name, error = %e, "could not truncate the write-ahead log");
         }
