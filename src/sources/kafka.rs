@@ -23,9 +23,10 @@
 //! a reconnect or rebalance that redelivers offsets already ingested is skipped by position,
 //! with or without `event_id`.
 //!
-//! librdkafka reconnects to brokers by itself; a session ends (and is rebuilt with backoff)
-//! only when the consumer cannot be created, the topic's metadata cannot be fetched, or the
-//! consumer reports an error.
+//! librdkafka reconnects to brokers by itself, keeping its fetch positions (consumer errors such
+//! as "all brokers down" are logged, not acted on); a session ends (and is rebuilt with
+//! backoff) only when the consumer cannot be created, the topic's metadata cannot be fetched,
+//! or the consumer reports a fatal error.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Arc;
@@ -35,7 +36,7 @@ use anyhow::Context;
 use futures::StreamExt;
 use parking_lot::Mutex;
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
-use rdkafka::error::KafkaResult;
+use rdkafka::error::{KafkaError, KafkaResult};
 use rdkafka::message::BorrowedMessage;
 use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
 use tokio::sync::mpsc;
@@ -220,9 +221,12 @@ impl KafkaSource {
             for m in batch {
                 match m {
                     Ok(m) => received.push(m),
+                    // Fatal: this consumer instance cannot go on; a new session starts over.
+                    Err(e @ KafkaError::MessageConsumptionFatal(_)) => failure = Some(e),
+                    // Everything else (a broker connection lost, all brokers down for a
+                    // while) librdkafka recovers from by itself, keeping its positions.
                     Err(e) => {
-                        failure = Some(e);
-                        break;
+                        tracing::warn!(pipeline = %self.rt.pipeline.name, source = "kafka", error = %e, "Kafka consumer error; librdkafka retries")
                     }
                 }
             }

@@ -460,10 +460,7 @@ fn kafka_security(d: &mut Diagnostics, obj: &Obj) -> Option<KafkaSecurity> {
             p
         }),
     };
-    let sasl = match obj.value("sasl") {
-        None => None,
-        Some(n) => Some(kafka_sasl(d, n)),
-    };
+    let sasl = obj.value("sasl").map(|n| kafka_sasl(d, n));
     let ssl_ca_location = obj
         .value("ssl_ca_location")
         .and_then(|n| read::string(d, n, "ssl_ca_location"));

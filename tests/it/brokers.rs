@@ -425,6 +425,46 @@ async fn wait_for_exactly(client: &reqwest::Client, server: &Server, n: usize) {
     }
 }
 
+/// Once everything is consumed, `GET /v1/pipelines` reports the source's lag as 0 under the
+/// source's keys (MQTT has no lag to report: null).
+async fn lag_drains(client: &reqwest::Client, server: &Server, broker: &Broker) {
+    let start = Instant::now();
+    loop {
+        let v: Value = client
+            .get(server.url("/v1/pipelines"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let lag = &v["pipelines"][0]["lag"];
+        if let Broker::Mqtt { .. } = broker {
+            assert!(lag.is_null(), "MQTT reports no lag, got {lag}");
+            return;
+        }
+        let keys: Vec<&str> = match broker {
+            Broker::Nats { .. } => vec!["pending"],
+            Broker::Redis { .. } => vec!["pending"],
+            Broker::Amqp { queue, .. } => vec![queue.as_str()],
+            #[cfg(feature = "kafka")]
+            Broker::Kafka { .. } => vec!["0", "1"],
+            Broker::Mqtt { .. } => unreachable!("returned above"),
+        };
+        let drained = lag.as_object().is_some_and(|m| {
+            keys.iter().all(|k| m.contains_key(*k)) && m.values().all(|n| n.as_u64() == Some(0))
+        });
+        if drained {
+            return;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "lag not reported as drained after 20 s: {lag}"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
 async fn exactly_once_across_kill9(broker: Broker) {
     let dir = project(&broker);
     let root: &Path = dir.path();
@@ -468,6 +508,7 @@ async fn exactly_once_across_kill9(broker: Broker) {
     // Late redeliveries must not raise the count.
     tokio::time::sleep(Duration::from_secs(1)).await;
     wait_for_exactly(&client, &server, TOTAL).await;
+    lag_drains(&client, &server, &broker).await;
     server.kill9();
     broker.remove().await;
 }
