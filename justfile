@@ -30,3 +30,7 @@ bench:
 # Everything CI runs, with the local services.
 ci:
     .ci/run
+
+# Broker sources: events/s from each broker into partials (brokers from LAMBDA_TEST_*; .ci/run exports them).
+bench-sources:
+    cargo bench --bench sources

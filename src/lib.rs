@@ -25,7 +25,8 @@
 //!   per segment, the archiver, recovery.
 //! - [`batch`]: recompute views from the sealed segments with the same plan, publish them
 //!   atomically; verify the two engines agree; serving's pickup of new publications.
-//! - [`sources`]: where events come from (generator, file; HTTP arrives through serving).
+//! - [`sources`]: where events come from (generator, file, brokers: mqtt, amqp, redis, nats,
+//!   kafka; HTTP arrives through serving), and what each reports about itself (lag).
 //! - [`serving`]: batch view ⊕ speed partials under one snapshot; the HTTP API.
 //! - [`orchestration`]: workflows — cron slots in a time zone, DAGs of tasks with retries and
 //!   timeouts, catch-up, backfill and `max_active_runs` — on the apalis queue in the state DB.

@@ -281,20 +281,15 @@ async fn pipelines(State(app): State<Arc<App>>) -> Response {
                 "speed_groups": rt.state.read().groups(),
                 "ingest_rate": c.ingest_rate.lock().per_second(),
                 "ack_to_visible_p99_s": c.ack_to_visible.snapshot().quantile_bound(0.99),
-                "source_lag": source_lag(&app, &rt.pipeline.name),
+                "source_lag": rt.source_status.lag().map(|l| l.total()),
                 "batch_cutoff_age_s": rt.pipeline.views.iter().enumerate()
                     .map(|(i, v)| (v.name.clone(), metrics::batch_cutoff_age_seconds(rt, i)))
                     .collect::<BTreeMap<_, _>>(),
+                "lag": rt.source_status.lag_json(),
             })
         })
         .collect();
     axum::Json(json!({ "pipelines": list })).into_response()
-}
-
-/// Messages behind over every partition of the pipeline's source; null when it reports none.
-fn source_lag(app: &App, pipeline: &str) -> Option<u64> {
-    let lag = app.ops.source_lag(pipeline);
-    (!lag.is_empty()).then(|| lag.iter().map(|(_, n)| n).sum())
 }
 
 #[cfg(test)]

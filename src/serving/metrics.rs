@@ -18,18 +18,12 @@ use crate::telemetry::Exposition;
 pub type WorkflowMetrics =
     Arc<dyn Fn(Exposition) -> BoxFuture<'static, anyhow::Result<Exposition>> + Send + Sync>;
 
-/// Source lag of one pipeline: (partition or stream label, messages behind the head).
-pub type SourceLagFn = Arc<dyn Fn(&str) -> Vec<(String, u64)> + Send + Sync>;
-
 /// What the operator endpoints need besides the pipelines.
 pub struct Ops {
     pub started: Instant,
     /// `/metrics` requires the bearer token too (`serve.protect_metrics`).
     pub protect_metrics: bool,
     pub workflows: Option<WorkflowMetrics>,
-    /// The per-source lag registry of `sources` (per partition where the source has one);
-    /// `None` until a source reports lag.
-    pub source_lag: Option<SourceLagFn>,
     pub served: ServedRows,
 }
 
@@ -39,16 +33,8 @@ impl Ops {
             started: Instant::now(),
             protect_metrics,
             workflows: None,
-            source_lag: None,
             served: ServedRows::default(),
         }
-    }
-
-    /// Lag per partition of `pipeline`'s source; empty when unknown.
-    pub fn source_lag(&self, pipeline: &str) -> Vec<(String, u64)> {
-        self.source_lag
-            .as_ref()
-            .map_or_else(Vec::new, |f| f(pipeline))
     }
 }
 
@@ -107,7 +93,7 @@ pub fn open_segment_age_seconds(rt: &PipelineRuntime) -> f64 {
 /// The whole page.
 pub async fn render(runtimes: &BTreeMap<String, Arc<PipelineRuntime>>, ops: &Ops) -> String {
     let mut e = Exposition::new();
-    pipelines(&mut e, runtimes, ops);
+    pipelines(&mut e, runtimes);
     views(&mut e, runtimes, ops);
     if let Some(workflows) = &ops.workflows {
         // A state DB that cannot be read must not cost the pipeline figures: the failure is
@@ -143,7 +129,7 @@ pub async fn render(runtimes: &BTreeMap<String, Arc<PipelineRuntime>>, ops: &Ops
     e.finish()
 }
 
-fn pipelines(e: &mut Exposition, runtimes: &BTreeMap<String, Arc<PipelineRuntime>>, ops: &Ops) {
+fn pipelines(e: &mut Exposition, runtimes: &BTreeMap<String, Arc<PipelineRuntime>>) {
     let named: Vec<(&str, &PipelineRuntime)> = runtimes
         .iter()
         .map(|(p, rt)| (p.as_str(), rt.as_ref()))
@@ -179,8 +165,9 @@ fn pipelines(e: &mut Exposition, runtimes: &BTreeMap<String, Arc<PipelineRuntime
             rt.counters.ingest_rate.lock().per_second(),
         );
     }
-    for &(p, _) in &named {
-        for (partition, lag) in ops.source_lag(p) {
+    for &(p, rt) in &named {
+        let lag = rt.source_status.lag().map(|l| l.by_key).unwrap_or_default();
+        for (partition, lag) in lag {
             e.gauge(
                 "lambda_source_lag_messages",
                 "Messages the source has not yet consumed, per partition.",

@@ -6,9 +6,12 @@
 //! through the door, so a crash leaves it unacknowledged and RabbitMQ requeues it; with
 //! `event_id` the redelivered copies are dropped at the door.
 //!
+//! Lag: the queue's ready message count (published, not yet delivered to a consumer).
+//!
 //! The queue is used as it exists (a passive declare, so quorum or otherwise configured queues
 //! keep their arguments); if it does not exist it is declared durable with no arguments.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use anyhow::Context;
@@ -36,19 +39,13 @@ impl AmqpSource {
             prefetch,
         }
     }
+}
 
-    pub async fn run(self, shutdown: CancellationToken) {
-        let mut backoff = Backoff::default();
-        loop {
-            let result = self.session(&mut backoff, &shutdown).await;
-            if shutdown.is_cancelled() {
-                return;
-            }
-            broker::log_session_end(&self.rt, "amqp", &result, &backoff);
-            if !backoff.wait(&shutdown).await {
-                return;
-            }
-        }
+impl broker::Session for AmqpSource {
+    const KIND: &'static str = "amqp";
+
+    fn runtime(&self) -> &Arc<PipelineRuntime> {
+        &self.rt
     }
 
     /// One connection: consume until it fails or shutdown.
@@ -80,6 +77,28 @@ impl AmqpSource {
             .with_context(|| format!("consuming queue `{}`", self.queue))?;
         backoff.reset();
         tracing::info!(pipeline = %self.rt.pipeline.name, queue = %self.queue, prefetch = self.prefetch, "AMQP connected");
+        // Its own channel: a failed passive declare closes the channel it ran on.
+        let probe = conn
+            .create_channel()
+            .await
+            .context("opening a channel to measure the queue")?;
+        let _lag = broker::lag_probe(&self.rt, {
+            let queue = self.queue.clone();
+            move || {
+                let (probe, queue) = (probe.clone(), queue.clone());
+                async move {
+                    let passive = QueueDeclareOptions {
+                        passive: true,
+                        ..QueueDeclareOptions::default()
+                    };
+                    let q = probe
+                        .queue_declare(queue.as_str().into(), passive, FieldTable::default())
+                        .await
+                        .context("reading the queue's message count")?;
+                    Ok(BTreeMap::from([(queue, u64::from(q.message_count()))]))
+                }
+            }
+        });
         // A batch never needs more deliveries than the broker lets be unacknowledged.
         let max = broker::MAX_BATCH.min(usize::from(self.prefetch));
         let result = loop {
@@ -121,7 +140,9 @@ impl AmqpSource {
         let _ = conn.close(200, "lambda-ctl stopping".into()).await;
         result
     }
+}
 
+impl AmqpSource {
     /// A channel on which the queue is known to exist.
     async fn channel(&self, conn: &Connection) -> anyhow::Result<Channel> {
         let channel = conn.create_channel().await?;

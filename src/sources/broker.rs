@@ -8,12 +8,14 @@
 //! duplicates (within `dedupe_window`), so each event is counted exactly once. Without
 //! `event_id` the guarantee is at-least-once.
 
+use std::collections::BTreeMap;
+use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
 use futures::{Stream, StreamExt};
-use tokio_util::sync::CancellationToken;
+use tokio_util::sync::{CancellationToken, DropGuard};
 
 use crate::spec::Format;
 use crate::speed::runtime::PipelineRuntime;
@@ -60,8 +62,73 @@ impl Backoff {
     }
 }
 
+/// A broker source as one connection at a time: [`run`] calls `session` until shutdown and
+/// owns the reconnect policy, so every broker source behaves the same when a broker goes away.
+pub trait Session {
+    /// The source kind, for logs.
+    const KIND: &'static str;
+
+    fn runtime(&self) -> &Arc<PipelineRuntime>;
+
+    /// One connection: connect, call `backoff.reset()` once connected, consume until the
+    /// connection fails (Err), the broker ends it (Ok) or `shutdown` is cancelled.
+    fn session(
+        &self,
+        backoff: &mut Backoff,
+        shutdown: &CancellationToken,
+    ) -> impl Future<Output = anyhow::Result<()>> + Send;
+}
+
+/// Runs `source` until `shutdown`: each ended session is logged and followed by a
+/// reconnect after an exponential backoff (reset by every successful connection).
+pub async fn run<S: Session>(source: S, shutdown: CancellationToken) {
+    let mut backoff = Backoff::default();
+    loop {
+        let result = source.session(&mut backoff, &shutdown).await;
+        if shutdown.is_cancelled() {
+            return;
+        }
+        log_session_end(source.runtime(), S::KIND, &result, &backoff);
+        if !backoff.wait(&shutdown).await {
+            return;
+        }
+    }
+}
+
+/// How often [`lag_probe`] measures.
+pub const LAG_EVERY: Duration = Duration::from_secs(5);
+
+/// Measures the source's lag with `probe` now and every [`LAG_EVERY`], storing it in the
+/// runtime's `SourceStatus`, until the returned guard is dropped (the session ended). A failed
+/// measurement keeps the previous one.
+pub fn lag_probe<F, Fut>(rt: &Arc<PipelineRuntime>, mut probe: F) -> DropGuard
+where
+    F: FnMut() -> Fut + Send + 'static,
+    Fut: Future<Output = anyhow::Result<BTreeMap<String, u64>>> + Send,
+{
+    let stop = CancellationToken::new();
+    let guard = stop.clone().drop_guard();
+    let rt = rt.clone();
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(LAG_EVERY);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = stop.cancelled() => return,
+            }
+            match probe().await {
+                Ok(lag) => rt.source_status.set_lag(lag),
+                Err(e) => {
+                    tracing::debug!(pipeline = %rt.pipeline.name, error = %format!("{e:#}"), "could not measure the source's lag")
+                }
+            }
+        }
+    });
+    guard
+}
+
 /// Logs why a broker session ended before the source reconnects.
-pub fn log_session_end(
+fn log_session_end(
     rt: &PipelineRuntime,
     kind: &str,
     result: &anyhow::Result<()>,

@@ -1,15 +1,20 @@
 //! Sources: where events come from, one file per kind. Every source feeds the pipeline's door,
 //! which logs every event durably before acknowledging it; HTTP is served by
 //! `serving::http`, the others run as tasks started here. Broker sources (`mqtt`, `amqp`,
-//! `redis`, `nats`) acknowledge upstream only after the door returned (see `broker`).
+//! `redis`, `nats`, `kafka`) acknowledge upstream only after the door returned (see `broker`;
+//! kafka only after the segment is sealed). Each reports its lag into the runtime's
+//! `status::SourceStatus`.
 
 pub mod amqp;
 pub mod broker;
 pub mod file;
 pub mod generator;
+#[cfg(feature = "kafka")]
+pub mod kafka;
 pub mod mqtt;
 pub mod nats;
 pub mod redis;
+pub mod status;
 
 use std::path::Path;
 use std::sync::Arc;
@@ -49,7 +54,7 @@ pub fn spawn(
             prefetch,
         } => {
             let source = amqp::AmqpSource::new(rt, &url, &queue, prefetch);
-            Some(tokio::spawn(source.run(shutdown)))
+            Some(tokio::spawn(broker::run(source, shutdown)))
         }
         Source::Redis {
             url,
@@ -58,7 +63,7 @@ pub fn spawn(
             consumer,
         } => {
             let source = redis::RedisSource::new(rt, &url, &stream, &group, consumer.as_deref())?;
-            Some(tokio::spawn(source.run(shutdown)))
+            Some(tokio::spawn(broker::run(source, shutdown)))
         }
         Source::Nats {
             url,
@@ -67,12 +72,24 @@ pub fn spawn(
             consumer,
         } => {
             let source = nats::NatsSource::new(rt, &url, &stream, &subject, &consumer);
-            Some(tokio::spawn(source.run(shutdown)))
+            Some(tokio::spawn(broker::run(source, shutdown)))
         }
-        other => anyhow::bail!(
-            "pipeline `{}`: the `{}` source is not available in this build of lambda-ctl (available: http, generator, file, mqtt, amqp, redis, nats)",
-            rt.pipeline.name,
-            other.kind()
+        #[cfg(feature = "kafka")]
+        Source::Kafka {
+            brokers,
+            topic,
+            group,
+            security,
+            properties,
+        } => {
+            let source =
+                kafka::KafkaSource::new(rt, &brokers, &topic, &group, &security, &properties);
+            Some(tokio::spawn(broker::run(source, shutdown)))
+        }
+        #[cfg(not(feature = "kafka"))]
+        Source::Kafka { .. } => anyhow::bail!(
+            "pipeline `{}`: the `kafka` source is not available in this build of lambda-ctl (built without the `kafka` cargo feature)",
+            rt.pipeline.name
         ),
     })
 }

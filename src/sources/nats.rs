@@ -10,10 +10,13 @@
 //! before the ack makes the server redeliver after `ack_wait`/reconnect; with `event_id` those
 //! copies are dropped at the door.
 //!
+//! Lag: the consumer's `num_pending` (messages of the stream not yet delivered to it).
+//!
 //! Connection loss inside a session is handled by the client's own reconnects; failing to
 //! connect at all, or a consumer stream error, ends the session and the source reconnects with
 //! backoff.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use anyhow::Context;
@@ -51,19 +54,13 @@ impl NatsSource {
             consumer: consumer.to_string(),
         }
     }
+}
 
-    pub async fn run(self, shutdown: CancellationToken) {
-        let mut backoff = Backoff::default();
-        loop {
-            let result = self.session(&mut backoff, &shutdown).await;
-            if shutdown.is_cancelled() {
-                return;
-            }
-            broker::log_session_end(&self.rt, "nats", &result, &backoff);
-            if !backoff.wait(&shutdown).await {
-                return;
-            }
-        }
+impl broker::Session for NatsSource {
+    const KIND: &'static str = "nats";
+
+    fn runtime(&self) -> &Arc<PipelineRuntime> {
+        &self.rt
     }
 
     async fn session(
@@ -105,6 +102,19 @@ impl NatsSource {
             .context("starting the pull consumer")?;
         backoff.reset();
         tracing::info!(pipeline = %self.rt.pipeline.name, stream = %self.stream, consumer = %self.consumer, pending = consumer.cached_info().num_pending, "NATS connected");
+        let _lag = broker::lag_probe(&self.rt, {
+            let consumer = consumer.clone();
+            move || {
+                let consumer = consumer.clone();
+                async move {
+                    let info = consumer
+                        .get_info()
+                        .await
+                        .context("reading the consumer's info")?;
+                    Ok(BTreeMap::from([("pending".to_string(), info.num_pending)]))
+                }
+            }
+        });
 
         while let Some(batch) = broker::next_batch(&mut messages, broker::MAX_BATCH, shutdown).await
         {

@@ -14,9 +14,13 @@
 //! A pending entry deleted from the stream (trimmed) before it was acknowledged is
 //! acknowledged without ingesting anything.
 //!
+//! Lag: the group's pending entries and, on Redis 7+, the entries not yet delivered to the
+//! group (`XINFO GROUPS`).
+//!
 //! An entry's payload is its `data` field; an entry with a single field uses that field's
 //! value; otherwise its fields become one JSON object (values as strings).
 
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -66,19 +70,13 @@ impl RedisSource {
             consumer,
         })
     }
+}
 
-    pub async fn run(self, shutdown: CancellationToken) {
-        let mut backoff = Backoff::default();
-        loop {
-            let result = self.session(&mut backoff, &shutdown).await;
-            if shutdown.is_cancelled() {
-                return;
-            }
-            broker::log_session_end(&self.rt, "redis", &result, &backoff);
-            if !backoff.wait(&shutdown).await {
-                return;
-            }
-        }
+impl broker::Session for RedisSource {
+    const KIND: &'static str = "redis";
+
+    fn runtime(&self) -> &Arc<PipelineRuntime> {
+        &self.rt
     }
 
     async fn session(
@@ -108,6 +106,10 @@ impl RedisSource {
         self.create_group(&mut con).await?;
         backoff.reset();
         tracing::info!(pipeline = %self.rt.pipeline.name, stream = %self.stream, group = %self.group, consumer = %self.consumer, "Redis connected");
+        let _lag = broker::lag_probe(&self.rt, {
+            let (con, stream, group) = (con.clone(), self.stream.clone(), self.group.clone());
+            move || group_lag(con.clone(), stream.clone(), group.clone())
+        });
 
         // Our own pending entries first: delivered before a crash, maybe never made durable.
         loop {
@@ -137,7 +139,9 @@ impl RedisSource {
         }
         Ok(())
     }
+}
 
+impl RedisSource {
     async fn create_group(&self, con: &mut MultiplexedConnection) -> anyhow::Result<()> {
         let created: ::redis::RedisResult<()> = ::redis::cmd("XGROUP")
             .arg("CREATE")
@@ -249,6 +253,39 @@ impl RedisSource {
     }
 }
 
+/// The group's `pending` (delivered, not acknowledged) and `lag` (not yet delivered) entries,
+/// from `XINFO GROUPS` (`lag` needs Redis 7; older servers report only `pending`).
+async fn group_lag(
+    mut con: MultiplexedConnection,
+    stream: String,
+    group: String,
+) -> anyhow::Result<BTreeMap<String, u64>> {
+    let groups: Vec<HashMap<String, Value>> = ::redis::cmd("XINFO")
+        .arg("GROUPS")
+        .arg(&stream)
+        .query_async(&mut con)
+        .await
+        .context("reading the consumer group's info (XINFO GROUPS)")?;
+    let info = groups
+        .iter()
+        .find(|g| {
+            g.get("name")
+                .and_then(|v| ::redis::from_redis_value_ref::<String>(v).ok())
+                .is_some_and(|n| n == group)
+        })
+        .with_context(|| format!("consumer group `{group}` not found on stream `{stream}`"))?;
+    let mut lag = BTreeMap::new();
+    for key in ["pending", "lag"] {
+        if let Some(n) = info
+            .get(key)
+            .and_then(|v| ::redis::from_redis_value_ref::<u64>(v).ok())
+        {
+            lag.insert(key.to_string(), n);
+        }
+    }
+    Ok(lag)
+}
+
 /// The bytes an entry contributes to the door (see the module docs).
 fn payload(entry: &StreamId) -> Bytes {
     fn bytes(v: &Value) -> Option<Bytes> {
@@ -284,7 +321,6 @@ fn payload(entry: &StreamId) -> Bytes {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::collections::HashMap;
 
     fn entry(fields: &[(&str, &str)]) -> StreamId {
         StreamId {

@@ -112,11 +112,13 @@ pub enum Source {
         subject: String,
         consumer: String,
     },
-    /// `properties` are extra client settings (SASL/TLS for Event Hubs, …).
+    /// `security` carries TLS/SASL (an Event Hubs Kafka endpoint); `properties` are further
+    /// librdkafka client settings passed as given.
     Kafka {
         brokers: String,
         topic: String,
         group: String,
+        security: KafkaSecurity,
         properties: BTreeMap<String, String>,
     },
     Mqtt {
@@ -136,6 +138,90 @@ pub enum Source {
         queue: String,
         prefetch: u16,
     },
+}
+
+/// How the `kafka` source authenticates and encrypts (librdkafka `security.protocol`,
+/// `sasl.*`, `ssl.ca.location`).
+#[derive(Clone, PartialEq, Eq, Default)]
+pub struct KafkaSecurity {
+    /// `PLAINTEXT` (default), `SSL`, `SASL_PLAINTEXT` or `SASL_SSL`.
+    pub protocol: KafkaProtocol,
+    /// Present exactly when `protocol` is a SASL one.
+    pub sasl: Option<KafkaSasl>,
+    /// CA bundle (PEM) to verify the brokers with, instead of the system store.
+    pub ssl_ca_location: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum KafkaProtocol {
+    #[default]
+    Plaintext,
+    Ssl,
+    SaslPlaintext,
+    SaslSsl,
+}
+
+impl KafkaProtocol {
+    pub const NAMES: &[&str] = &["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"];
+
+    pub fn parse(s: &str) -> Option<Self> {
+        Some(match s.to_ascii_uppercase().as_str() {
+            "PLAINTEXT" => KafkaProtocol::Plaintext,
+            "SSL" => KafkaProtocol::Ssl,
+            "SASL_PLAINTEXT" => KafkaProtocol::SaslPlaintext,
+            "SASL_SSL" => KafkaProtocol::SaslSsl,
+            _ => return None,
+        })
+    }
+
+    /// The librdkafka `security.protocol` value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            KafkaProtocol::Plaintext => "PLAINTEXT",
+            KafkaProtocol::Ssl => "SSL",
+            KafkaProtocol::SaslPlaintext => "SASL_PLAINTEXT",
+            KafkaProtocol::SaslSsl => "SASL_SSL",
+        }
+    }
+
+    pub fn is_sasl(self) -> bool {
+        matches!(self, KafkaProtocol::SaslPlaintext | KafkaProtocol::SaslSsl)
+    }
+}
+
+/// SASL credentials. Event Hubs: mechanism `PLAIN`, username `$ConnectionString`, password
+/// the namespace connection string (from the environment, `${VAR}`).
+#[derive(Clone, PartialEq, Eq)]
+pub struct KafkaSasl {
+    /// `PLAIN`, `SCRAM-SHA-256` or `SCRAM-SHA-512`.
+    pub mechanism: String,
+    pub username: String,
+    pub password: String,
+}
+
+impl KafkaSasl {
+    pub const MECHANISMS: &[&str] = &["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"];
+}
+
+// Hand-written so a logged or printed spec never shows the password.
+impl std::fmt::Debug for KafkaSecurity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KafkaSecurity")
+            .field("protocol", &self.protocol)
+            .field("sasl", &self.sasl)
+            .field("ssl_ca_location", &self.ssl_ca_location)
+            .finish()
+    }
+}
+
+impl std::fmt::Debug for KafkaSasl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KafkaSasl")
+            .field("mechanism", &self.mechanism)
+            .field("username", &self.username)
+            .field("password", &"<redacted>")
+            .finish()
+    }
 }
 
 impl Source {

@@ -18,7 +18,7 @@ use bytes::Bytes;
 use parking_lot::{Mutex, RwLock};
 use polars::prelude::*;
 use serde::Serialize;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
 use super::dedupe::Dedupe;
@@ -29,6 +29,7 @@ use crate::lake::{self, Lake};
 use crate::plan::{Decoded, Plan};
 use crate::serving::query::AnswerCache;
 use crate::serving::time::now_ms;
+use crate::sources::status::SourceStatus;
 use crate::spec::Pipeline;
 use crate::state::{Segment, State};
 use crate::telemetry::{Histogram, LATENCY_BUCKETS, RateMeter};
@@ -107,7 +108,15 @@ pub struct PipelineRuntime {
     pub counters: Arc<Counters>,
     /// The serving layer's finished answers per view, valid while the state's version holds.
     pub answers: AnswerCache,
+    /// What the pipeline's source reports (lag), for status and metrics.
+    pub source_status: Arc<SourceStatus>,
     log: Log<Batch>,
+    /// End (exclusive) of the write-ahead log: every position below it is durable.
+    logged_end: AtomicU64,
+    /// End (exclusive) of the sealed segments: every position below it is in the archive
+    /// (manifest + checkpoint committed). Sources that may only acknowledge archived events
+    /// (kafka) wait on it.
+    sealed_end: watch::Sender<u64>,
     /// Held across admit → append so a failed append can un-admit its ids.
     dedupe: Option<Arc<Mutex<Dedupe>>>,
     lake: Lake,
@@ -236,7 +245,10 @@ impl PipelineRuntime {
             state: speed,
             counters,
             answers: AnswerCache::new(views),
+            source_status: Arc::new(SourceStatus::default()),
             log,
+            logged_end: AtomicU64::new(next),
+            sealed_end: watch::Sender::new(checkpoint),
             dedupe,
             lake,
             db,
@@ -244,6 +256,19 @@ impl PipelineRuntime {
         let aggregator = Aggregator::new(rt.clone(), checkpoint);
         tokio::spawn(aggregator.run(rx, shutdown));
         Ok(rt)
+    }
+
+    /// End (exclusive) of the write-ahead log: positions below it are durable. Read after
+    /// `ingest` returned, it is at or above every position that call wrote (or, for events it
+    /// dropped as duplicates, of the earlier copies).
+    pub fn logged_end(&self) -> u64 {
+        self.logged_end.load(Ordering::Acquire)
+    }
+
+    /// Watches the end (exclusive) of the sealed segments: positions below it are archived
+    /// and will never be replayed from the log. Starts at the checkpoint recovered at start.
+    pub fn sealed_end(&self) -> watch::Receiver<u64> {
+        self.sealed_end.subscribe()
     }
 
     /// The door: NDJSON/CSV bytes in; returns after every accepted event is durable.
@@ -324,7 +349,7 @@ impl PipelineRuntime {
         let records: Vec<Vec<u8>> = lines.iter().map(|l| encode_record(arrival, l)).collect();
         let n = records.len() as u64;
         let acked = Arc::new(OnceLock::new());
-        if let Err(e) = self
+        let appended = self
             .log
             .append(
                 records,
@@ -334,15 +359,19 @@ impl PipelineRuntime {
                     acked: Some(acked.clone()),
                 },
             )
-            .await
-        {
-            if let Some(d) = &self.dedupe {
-                let mut d = d.lock();
-                admitted_ids.iter().for_each(|id| d.forget(id));
+            .await;
+        let range = match appended {
+            Ok(range) => range,
+            Err(e) => {
+                if let Some(d) = &self.dedupe {
+                    let mut d = d.lock();
+                    admitted_ids.iter().for_each(|id| d.forget(id));
+                }
+                return Err(e.into());
             }
-            return Err(e.into());
-        }
+        };
         let _ = acked.set(Instant::now());
+        self.logged_end.fetch_max(range.end, Ordering::AcqRel);
         report.accepted = n;
         self.counters.accepted.fetch_add(n, Ordering::Relaxed);
         Ok(report)
@@ -541,6 +570,7 @@ impl Aggregator {
             .rejected_unsealed
             .fetch_sub(segment.dead_letters, Ordering::Relaxed);
         rt.state.write().seal(LOG_PARTITION, lo, hi);
+        rt.sealed_end.send_replace(hi);
         if let Err(e) = rt.log.truncate_below(hi) {
             tracing::warn!(pipeline = %rt.pipeline.name, error = %e, "could not truncate the write-ahead log");
         }

@@ -1,26 +1,46 @@
 //! Broker sources against the real brokers named by `LAMBDA_TEST_MQTT`, `LAMBDA_TEST_AMQP`,
-//! `LAMBDA_TEST_REDIS` and `LAMBDA_TEST_NATS` (a test whose variable is unset prints a skip
-//! note; one whose broker is unreachable fails). Per source: events published while `serve`
-//! is down are all counted once it starts; then `serve` is killed with SIGKILL mid-stream,
-//! more events are published, and after a restart every event is counted exactly once
-//! (redeliveries of events already durable are dropped by `event_id`).
+//! `LAMBDA_TEST_REDIS`, `LAMBDA_TEST_NATS` and `LAMBDA_TEST_KAFKA` (a test whose variable is
+//! unset prints a skip note; one whose broker is unreachable fails). Per source: events
+//! published while `serve` is down are all counted once it starts; then `serve` is killed with
+//! SIGKILL mid-stream, more events are published, and after a restart every event is counted
+//! exactly once (redeliveries of events already durable are dropped by `event_id`). And per
+//! source, a TCP proxy between `serve` and the broker cuts every connection mid-stream and
+//! refuses new ones for a second: the source reconnects and every event counts once.
 
 use std::path::Path;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use crate::support::Server;
+use crate::support::{Proxy, Server};
 
 /// Events published before the first start, and in total.
 const FIRST: usize = 300;
 const TOTAL: usize = 800;
 
 enum Broker {
-    Mqtt { url: String, topic: String },
-    Amqp { url: String, queue: String },
-    Redis { url: String, stream: String },
-    Nats { url: String, stream: String },
+    Mqtt {
+        url: String,
+        topic: String,
+    },
+    Amqp {
+        url: String,
+        queue: String,
+    },
+    Redis {
+        url: String,
+        stream: String,
+    },
+    Nats {
+        url: String,
+        stream: String,
+    },
+    /// `url` is the bootstrap `host:port`; the topic has `KAFKA_PARTITIONS` partitions.
+    #[cfg(feature = "kafka")]
+    Kafka {
+        url: String,
+        topic: String,
+    },
 }
 
 /// A name no earlier run used, so runs never see each other's messages or sessions.
@@ -51,8 +71,73 @@ fn event(i: usize) -> String {
 }
 
 impl Broker {
+    /// The broker's address as `host:port` (what a proxy forwards to).
+    fn host_port(&self) -> String {
+        let url = match self {
+            Broker::Mqtt { url, .. }
+            | Broker::Amqp { url, .. }
+            | Broker::Redis { url, .. }
+            | Broker::Nats { url, .. } => url.clone(),
+            #[cfg(feature = "kafka")]
+            Broker::Kafka { url, .. } => return url.clone(),
+        };
+        let u = url::Url::parse(&url).unwrap();
+        format!(
+            "{}:{}",
+            u.host_str().unwrap(),
+            u.port_or_known_default().unwrap_or(0)
+        )
+    }
+
+    /// The same broker reached through `proxy` (for the source only; tests publish directly).
+    fn via(&self, proxy: &Proxy) -> Broker {
+        let through = |url: &str| {
+            let mut u = url::Url::parse(url).unwrap();
+            u.set_host(Some("127.0.0.1")).unwrap();
+            u.set_port(Some(proxy.addr.port())).unwrap();
+            u.to_string()
+        };
+        match self {
+            Broker::Mqtt { url, topic } => Broker::Mqtt {
+                url: through(url),
+                topic: topic.clone(),
+            },
+            Broker::Amqp { url, queue } => Broker::Amqp {
+                url: through(url),
+                queue: queue.clone(),
+            },
+            Broker::Redis { url, stream } => Broker::Redis {
+                url: through(url),
+                stream: stream.clone(),
+            },
+            Broker::Nats { url, stream } => Broker::Nats {
+                url: through(url),
+                stream: stream.clone(),
+            },
+            #[cfg(feature = "kafka")]
+            Broker::Kafka { topic, .. } => Broker::Kafka {
+                url: proxy.addr.to_string(),
+                topic: topic.clone(),
+            },
+        }
+    }
+
+    /// Pipeline keys besides `source` this broker's tests need.
+    fn pipeline_yaml(&self) -> &'static str {
+        match self {
+            // Offsets are committed when segments seal: seal often so commits happen in the test.
+            #[cfg(feature = "kafka")]
+            Broker::Kafka { .. } => "archive:\n  segment_age: 1s\n",
+            _ => "",
+        }
+    }
+
     fn source_yaml(&self) -> String {
         match self {
+            #[cfg(feature = "kafka")]
+            Broker::Kafka { url, topic } => format!(
+                "  type: kafka\n  brokers: \"{url}\"\n  topic: {topic}\n  group: {topic}\n  properties:\n    session.timeout.ms: \"6000\"\n    heartbeat.interval.ms: \"1000\"\n"
+            ),
             Broker::Mqtt { url, topic } => format!(
                 "  type: mqtt\n  url: {url}\n  topic: \"{topic}/+/reading\"\n  qos: 1\n  client_id: {topic}\n"
             ),
@@ -73,6 +158,8 @@ impl Broker {
     /// What must exist before events are published for the source to receive them.
     async fn prepare(&self) {
         match self {
+            #[cfg(feature = "kafka")]
+            Broker::Kafka { url, topic } => kafka::create_topic(url, topic).await,
             // A persistent session subscribed under the pipeline's client id: the broker
             // queues what is published while `serve` is down.
             Broker::Mqtt { url, topic } => {
@@ -122,6 +209,8 @@ impl Broker {
     /// Deletes what the run left on the shared broker (stream, queue, persistent session).
     async fn remove(&self) {
         match self {
+            #[cfg(feature = "kafka")]
+            Broker::Kafka { url, topic } => kafka::delete_topic(url, topic).await,
             Broker::Mqtt { url, topic } => {
                 // Connecting with a clean session under the same id discards the stored one.
                 let (client, mut eventloop) = mqtt_client(url, topic, true);
@@ -165,6 +254,8 @@ impl Broker {
     /// Publishes events `range`, each confirmed by the broker before this returns.
     async fn publish(&self, range: std::ops::Range<usize>) {
         match self {
+            #[cfg(feature = "kafka")]
+            Broker::Kafka { url, topic } => kafka::publish(url, topic, range).await,
             Broker::Mqtt { url, topic } => {
                 let (client, mut eventloop) = mqtt_client(url, &unique("pub"), true);
                 let n = range.len();
@@ -288,7 +379,8 @@ fn project(broker: &Broker) -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
     std::fs::create_dir_all(dir.path().join("pipelines")).unwrap();
     let yaml = format!(
-        "name: readings\nsource:\n{}schema:\n  id: string\n  ts: timestamp\n  device: string\n  value: float\nevent_time: ts\nevent_id: id\nviews:\n  - name: overall\n    window: all\n    metrics:\n      n: count()\n      total: sum(value)\n",
+        "name: readings\n{}source:\n{}schema:\n  id: string\n  ts: timestamp\n  device: string\n  value: float\nevent_time: ts\nevent_id: id\nviews:\n  - name: overall\n    window: all\n    metrics:\n      n: count()\n      total: sum(value)\n",
+        broker.pipeline_yaml(),
         broker.source_yaml()
     );
     std::fs::write(dir.path().join("pipelines/readings.yaml"), yaml).unwrap();
@@ -330,6 +422,46 @@ async fn wait_for_exactly(client: &reqwest::Client, server: &Server, n: usize) {
             "only {got} of {n} published events counted after 60 s"
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Once everything is consumed, `GET /v1/pipelines` reports the source's lag as 0 under the
+/// source's keys (MQTT has no lag to report: null).
+async fn lag_drains(client: &reqwest::Client, server: &Server, broker: &Broker) {
+    let start = Instant::now();
+    loop {
+        let v: Value = client
+            .get(server.url("/v1/pipelines"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let lag = &v["pipelines"][0]["lag"];
+        if let Broker::Mqtt { .. } = broker {
+            assert!(lag.is_null(), "MQTT reports no lag, got {lag}");
+            return;
+        }
+        let keys: Vec<&str> = match broker {
+            Broker::Nats { .. } => vec!["pending"],
+            Broker::Redis { .. } => vec!["pending"],
+            Broker::Amqp { queue, .. } => vec![queue.as_str()],
+            #[cfg(feature = "kafka")]
+            Broker::Kafka { .. } => vec!["0", "1"],
+            Broker::Mqtt { .. } => unreachable!("returned above"),
+        };
+        let drained = lag.as_object().is_some_and(|m| {
+            keys.iter().all(|k| m.contains_key(*k)) && m.values().all(|n| n.as_u64() == Some(0))
+        });
+        if drained {
+            return;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "lag not reported as drained after 20 s: {lag}"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
     }
 }
 
@@ -376,6 +508,7 @@ async fn exactly_once_across_kill9(broker: Broker) {
     // Late redeliveries must not raise the count.
     tokio::time::sleep(Duration::from_secs(1)).await;
     wait_for_exactly(&client, &server, TOTAL).await;
+    lag_drains(&client, &server, &broker).await;
     server.kill9();
     broker.remove().await;
 }
@@ -428,52 +561,99 @@ async fn nats_counts_every_event_once_across_kill9() {
     .await;
 }
 
-/// Redis drops the source's connection (`CLIENT KILL`) mid-stream: the source reconnects,
-/// re-reads its pending entries and loses nothing.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn redis_reconnects_after_its_connection_is_killed() {
-    let Some(url) = env("LAMBDA_TEST_REDIS") else {
-        return;
-    };
-    let stream = unique("lt");
-    let broker = Broker::Redis {
-        url: url.clone(),
-        stream: stream.clone(),
-    };
-    let dir = project(&broker);
+/// A proxy between `serve` and the broker cuts every connection once events flow, refuses new
+/// ones for a second, then forwards again: the source reconnects (through the proxy, which
+/// counts it) and every event — before, during and after the cut — counts exactly once.
+async fn exactly_once_across_connection_cut(broker: Broker, proxy: Proxy) {
+    let source = broker.via(&proxy);
+    let dir = project(&source);
     let client = reqwest::Client::new();
     broker.prepare().await;
     broker.publish(0..FIRST).await;
     let server = Server::start(dir.path());
     wait_for_exactly(&client, &server, FIRST).await;
 
-    // The source names its connection after its consumer (the stream name here).
-    let redis = redis::Client::open(url.as_str()).unwrap();
-    let mut con = redis.get_multiplexed_async_connection().await.unwrap();
-    let list: String = redis::cmd("CLIENT")
-        .arg("LIST")
-        .query_async(&mut con)
-        .await
-        .unwrap();
-    let ids: Vec<String> = list
-        .lines()
-        .filter(|l| l.split(' ').any(|f| f == format!("name={stream}")))
-        .filter_map(|l| l.split(' ').find_map(|f| f.strip_prefix("id=")))
-        .map(str::to_string)
-        .collect();
-    assert!(!ids.is_empty(), "the source's connection is in CLIENT LIST");
-    for id in ids {
-        let _: u64 = redis::cmd("CLIENT")
-            .arg("KILL")
-            .arg("ID")
-            .arg(id)
-            .query_async(&mut con)
-            .await
-            .unwrap();
+    let broker = std::sync::Arc::new(broker);
+    let publisher = {
+        let broker = broker.clone();
+        tokio::spawn(async move {
+            for start in (FIRST..TOTAL).step_by(50) {
+                broker.publish(start..(start + 50).min(TOTAL)).await;
+                tokio::time::sleep(Duration::from_millis(30)).await;
+            }
+        })
+    };
+    let started = Instant::now();
+    loop {
+        let (got, _) = counted(&client, &server).await;
+        if got as usize > FIRST + 100 || publisher.is_finished() {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "no progress after the first batch"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
     }
-
-    broker.publish(FIRST..TOTAL).await;
+    let before = proxy.accepted();
+    proxy.cut(Duration::from_secs(1));
+    publisher.await.unwrap();
+    wait_for_exactly(&client, &server, TOTAL).await;
+    assert!(
+        proxy.accepted() > before,
+        "the source reconnected through the proxy after the cut"
+    );
+    tokio::time::sleep(Duration::from_secs(1)).await;
     wait_for_exactly(&client, &server, TOTAL).await;
     server.kill9();
     broker.remove().await;
 }
+
+/// The connection-cut test for the broker at `$var`, reached through a proxy of its own.
+async fn connection_cut(var: &str, broker: impl FnOnce(String) -> Broker) {
+    let Some(url) = env(var) else {
+        return;
+    };
+    let broker = broker(url);
+    let proxy = Proxy::start(&broker.host_port()).await;
+    exactly_once_across_connection_cut(broker, proxy).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mqtt_reconnects_after_a_connection_cut() {
+    connection_cut("LAMBDA_TEST_MQTT", |url| Broker::Mqtt {
+        url,
+        topic: unique("lt"),
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn amqp_reconnects_after_a_connection_cut() {
+    connection_cut("LAMBDA_TEST_AMQP", |url| Broker::Amqp {
+        url,
+        queue: unique("lt"),
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_reconnects_after_a_connection_cut() {
+    connection_cut("LAMBDA_TEST_REDIS", |url| Broker::Redis {
+        url,
+        stream: unique("lt"),
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nats_reconnects_after_a_connection_cut() {
+    connection_cut("LAMBDA_TEST_NATS", |url| Broker::Nats {
+        url,
+        stream: unique("LT"),
+    })
+    .await;
+}
+
+#[cfg(feature = "kafka")]
+mod kafka;

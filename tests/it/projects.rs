@@ -67,3 +67,49 @@ fn interpolation_fills_settings_from_the_environment() {
     );
     assert_eq!(p.settings.serve.token, None);
 }
+
+/// The Event Hubs source block of examples/clickstream-kafka/README.md: SASL_SSL + PLAIN, the
+/// literal `$ConnectionString` user, the password from the environment.
+#[test]
+fn kafka_event_hubs_source_validates() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(dir.path().join("pipelines")).unwrap();
+    std::fs::write(
+        dir.path().join("pipelines/clicks.yaml"),
+        "name: clicks\nsource:\n  type: kafka\n  brokers: ${EVENTHUBS_NAMESPACE}.servicebus.windows.net:9093\n  topic: clicks\n  group: lambda-clickstream\n  security_protocol: SASL_SSL\n  sasl:\n    mechanism: PLAIN\n    username: $ConnectionString\n    password: ${EVENTHUBS_CONNECTION_STRING}\n  properties:\n    session.timeout.ms: \"30000\"\nschema:\n  id: string\n  ts: timestamp\nevent_time: ts\nviews:\n  - name: n\n    window: all\n    metrics:\n      n: count()\n",
+    )
+    .unwrap();
+    let secret =
+        "Endpoint=sb://ns.servicebus.windows.net/;SharedAccessKeyName=k;SharedAccessKey=s=";
+    let env = |n: &str| match n {
+        "EVENTHUBS_NAMESPACE" => Some("ns".to_string()),
+        "EVENTHUBS_CONNECTION_STRING" => Some(secret.to_string()),
+        _ => None,
+    };
+    let p = spec::load_with_env(dir.path(), &env).unwrap_or_else(|e| panic!("{e}"));
+    let Source::Kafka {
+        brokers,
+        security,
+        properties,
+        ..
+    } = &p.pipeline("clicks").unwrap().source
+    else {
+        panic!("a kafka source");
+    };
+    assert_eq!(brokers, "ns.servicebus.windows.net:9093");
+    assert_eq!(security.protocol, spec::KafkaProtocol::SaslSsl);
+    let sasl = security.sasl.as_ref().unwrap();
+    assert_eq!(
+        (
+            sasl.mechanism.as_str(),
+            sasl.username.as_str(),
+            sasl.password.as_str()
+        ),
+        ("PLAIN", "$ConnectionString", secret)
+    );
+    assert!(
+        !format!("{security:?}").contains("SharedAccessKey"),
+        "the password is redacted"
+    );
+    assert_eq!(properties["session.timeout.ms"], "30000");
+}

@@ -69,6 +69,7 @@ cases!(
     windows,
     workflows_bad,
     syntax,
+    kafka_security,
 );
 
 #[test]

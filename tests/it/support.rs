@@ -70,17 +70,27 @@ pub struct Server {
 impl Server {
     /// Starts `serve` on 127.0.0.1:0 for `project` and waits for its address line.
     pub fn start(project: &Path) -> Server {
-        Server::spawn(project, &[], std::process::Stdio::inherit())
+        Server::spawn(project, &[], &[], std::process::Stdio::inherit())
+    }
+
+    /// Like `start`, with extra environment variables (for `${VAR}` in the project's YAML).
+    pub fn start_with_env(project: &Path, env: &[(&str, &str)]) -> Server {
+        Server::spawn(project, &[], env, std::process::Stdio::inherit())
     }
 
     /// As [`Server::start`], with debug logs (JSON lines) written to `log`.
     pub fn start_logging(project: &Path, log: &Path) -> Server {
         let file = std::fs::File::create(log).expect("create the log file");
         let args = ["--log-format", "json"];
-        Server::spawn(project, &args, file.into())
+        Server::spawn(project, &args, &[], file.into())
     }
 
-    fn spawn(project: &Path, log_args: &[&str], stderr: std::process::Stdio) -> Server {
+    fn spawn(
+        project: &Path,
+        log_args: &[&str],
+        env: &[(&str, &str)],
+        stderr: std::process::Stdio,
+    ) -> Server {
         use std::io::BufRead;
         let mut child = Command::new(env!("CARGO_BIN_EXE_lambda-ctl"))
             .args(["serve", "--listen", "127.0.0.1:0", "--project"])
@@ -90,6 +100,7 @@ impl Server {
                 "RUST_LOG",
                 if log_args.is_empty() { "warn" } else { "debug" },
             )
+            .envs(env.iter().copied())
             .stdout(std::process::Stdio::piped())
             .stderr(stderr)
             .spawn()
@@ -146,5 +157,87 @@ impl Rng {
 
     pub fn below(&mut self, n: u64) -> u64 {
         self.next() % n
+    }
+}
+
+/// A TCP proxy on 127.0.0.1 in front of a broker, to cut a client's connections without
+/// restarting the (shared) broker: `cut` closes every open connection and refuses new ones
+/// for a while, then the proxy accepts again.
+pub struct Proxy {
+    pub addr: std::net::SocketAddr,
+    inner: std::sync::Arc<ProxyInner>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+struct ProxyInner {
+    /// Cancelled by `cut`: every connection opened before it closes.
+    generation: parking_lot::Mutex<tokio_util::sync::CancellationToken>,
+    refuse_until: parking_lot::Mutex<Option<tokio::time::Instant>>,
+    accepted: std::sync::atomic::AtomicUsize,
+}
+
+impl Proxy {
+    /// Listens on 127.0.0.1:0 and forwards every connection to `upstream` (`host:port`).
+    /// Upstream connections are opened per client connection, so `upstream` may start later.
+    pub async fn start(upstream: &str) -> Proxy {
+        use std::sync::atomic::Ordering;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let upstream = upstream.to_string();
+        let addr = listener.local_addr().unwrap();
+        let inner = std::sync::Arc::new(ProxyInner {
+            generation: parking_lot::Mutex::new(tokio_util::sync::CancellationToken::new()),
+            refuse_until: parking_lot::Mutex::new(None),
+            accepted: std::sync::atomic::AtomicUsize::new(0),
+        });
+        let state = inner.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((mut client, _)) = listener.accept().await else {
+                    continue;
+                };
+                let refusing = state
+                    .refuse_until
+                    .lock()
+                    .is_some_and(|t| tokio::time::Instant::now() < t);
+                if refusing {
+                    drop(client);
+                    continue;
+                }
+                state.accepted.fetch_add(1, Ordering::Relaxed);
+                let cut = state.generation.lock().clone();
+                let upstream = upstream.clone();
+                tokio::spawn(async move {
+                    let Ok(mut server) = tokio::net::TcpStream::connect(&upstream).await else {
+                        return;
+                    };
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut client, &mut server) => {}
+                        _ = cut.cancelled() => {}
+                    }
+                });
+            }
+        });
+        Proxy { addr, inner, task }
+    }
+
+    /// Connections accepted (and forwarded) so far.
+    pub fn accepted(&self) -> usize {
+        self.inner
+            .accepted
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Closes every open connection and refuses new ones for `refuse`.
+    pub fn cut(&self, refuse: std::time::Duration) {
+        *self.inner.refuse_until.lock() = Some(tokio::time::Instant::now() + refuse);
+        let old = std::mem::take(&mut *self.inner.generation.lock());
+        old.cancel();
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.task.abort();
+        self.inner.generation.lock().cancel();
     }
 }

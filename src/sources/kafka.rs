@@ -1,0 +1,421 @@
+//! The `kafka` source: a consumer group (`group`, default `lambda-<pipeline>`) on `topic`, for
+//! Kafka and Kafka-protocol brokers — Azure Event Hubs' Kafka endpoint (`security_protocol:
+//! SASL_SSL`, SASL `PLAIN`, username `$ConnectionString`), Redpanda, tansu.
+//!
+//! Why rdkafka (librdkafka) and not rskafka: the source needs consumer groups (partitions
+//! shared and rebalanced between `serve` instances, committed offsets kept by the broker) and
+//! full control over when offsets are committed; rdkafka has both, plus the SASL/TLS variants
+//! Event Hubs needs. rskafka has no consumer groups (and is no longer used by its main user).
+//! librdkafka is built from the bundled sources with make; the cost is behind the `kafka`
+//! cargo feature (on by default).
+//!
+//! Positions: each message's (partition, offset). Offsets are committed only after the
+//! segment holding the message is sealed — durable in the write-ahead log is not enough, so a
+//! committed offset always points at archived data. The mapping goes through the runtime's
+//! log positions: after a batch went through the door, the source notes the log's end
+//! (`PipelineRuntime::logged_end`) with the batch's next offset per partition; a separate
+//! committer commits a batch's offsets once the sealed end (`PipelineRuntime::sealed_end`)
+//! reaches that mark. Consequently commits trail the data by up to `archive.segment_age`.
+//!
+//! After a crash, the group resumes at the committed offsets and the broker redelivers what
+//! came after the last sealed segment; those events are already in the log (replayed at
+//! start), and a pipeline with `event_id` drops the copies at the door. Within one process,
+//! a reconnect or rebalance that redelivers offsets already ingested is skipped by position,
+//! with or without `event_id`.
+//!
+//! librdkafka reconnects to brokers by itself, keeping its fetch positions (consumer errors such
+//! as "all brokers down" are logged, not acted on); a session ends (and is rebuilt with
+//! backoff) only when the consumer cannot be created, the topic's metadata cannot be fetched,
+//! or the consumer reports a fatal error.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use futures::StreamExt;
+use parking_lot::Mutex;
+use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
+use rdkafka::error::{KafkaError, KafkaResult};
+use rdkafka::message::BorrowedMessage;
+use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use super::broker::{self, Backoff, Body};
+use crate::spec::KafkaSecurity;
+use crate::speed::runtime::PipelineRuntime;
+
+/// How long fetching metadata or watermarks may take before the broker counts as unreachable.
+const METADATA_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long the last commit of a session may delay its end.
+const FINAL_COMMIT_TIMEOUT: Duration = Duration::from_secs(5);
+
+pub struct KafkaSource {
+    rt: Arc<PipelineRuntime>,
+    config: ClientConfig,
+    brokers: String,
+    topic: String,
+    group: String,
+    /// Next offset to ingest per partition, across sessions of this process: a redelivery
+    /// below it (after a reconnect or rebalance) is already durable and is skipped.
+    ingested: Mutex<HashMap<i32, i64>>,
+}
+
+impl KafkaSource {
+    pub fn new(
+        rt: Arc<PipelineRuntime>,
+        brokers: &str,
+        topic: &str,
+        group: &str,
+        security: &KafkaSecurity,
+        properties: &BTreeMap<String, String>,
+    ) -> Self {
+        let config = client_config(&rt.pipeline.name, brokers, group, security, properties);
+        KafkaSource {
+            rt,
+            config,
+            brokers: brokers.to_string(),
+            topic: topic.to_string(),
+            group: group.to_string(),
+            ingested: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Messages of `batch` not yet ingested by this process, and the batch's next offset per
+    /// partition.
+    fn fresh<'a>(&self, batch: &'a [Received]) -> (Vec<&'a Received>, BTreeMap<i32, i64>) {
+        let ingested = self.ingested.lock();
+        let mut fresh = Vec::with_capacity(batch.len());
+        let mut next = BTreeMap::new();
+        for m in batch {
+            let (partition, offset, _) = *m;
+            if offset >= ingested.get(&partition).copied().unwrap_or(0) {
+                fresh.push(m);
+            }
+            let n = next.entry(partition).or_insert(0);
+            *n = (*n).max(offset + 1);
+        }
+        (fresh, next)
+    }
+}
+
+/// A received message: partition, offset, payload.
+type Received = (i32, i64, Option<Vec<u8>>);
+
+// A function, not a closure: it must be general over the message's lifetime for the session
+// future to be `Send`.
+fn owned(r: KafkaResult<BorrowedMessage<'_>>) -> KafkaResult<Received> {
+    r.map(|m| (m.partition(), m.offset(), m.payload().map(<[u8]>::to_vec)))
+}
+
+/// The librdkafka settings: ours first (offsets are stored and committed by the source only),
+/// then the pipeline's `properties` (which may not override ours; the spec checks that).
+fn client_config(
+    pipeline: &str,
+    brokers: &str,
+    group: &str,
+    security: &KafkaSecurity,
+    properties: &BTreeMap<String, String>,
+) -> ClientConfig {
+    let mut c = ClientConfig::new();
+    c.set("bootstrap.servers", brokers)
+        .set("group.id", group)
+        .set("client.id", format!("lambda-ctl-{pipeline}"))
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        // A new group reads the topic from its start, as the other sources do.
+        .set("auto.offset.reset", "earliest")
+        .set("security.protocol", security.protocol.as_str());
+    if let Some(sasl) = &security.sasl {
+        c.set("sasl.mechanism", &sasl.mechanism)
+            .set("sasl.username", &sasl.username)
+            .set("sasl.password", &sasl.password);
+    }
+    if let Some(ca) = &security.ssl_ca_location {
+        c.set("ssl.ca.location", ca);
+    }
+    for (k, v) in properties {
+        c.set(k, v);
+    }
+    c
+}
+
+impl broker::Session for KafkaSource {
+    const KIND: &'static str = "kafka";
+
+    fn runtime(&self) -> &Arc<PipelineRuntime> {
+        &self.rt
+    }
+
+    async fn session(
+        &self,
+        backoff: &mut Backoff,
+        shutdown: &CancellationToken,
+    ) -> anyhow::Result<()> {
+        let consumer: Arc<StreamConsumer> = Arc::new(
+            self.config
+                .create()
+                .context("creating the Kafka consumer (check `properties`)")?,
+        );
+        // librdkafka connects lazily and retries forever: ask for the topic's metadata so an
+        // unreachable broker, failed authentication or missing topic ends the session visibly.
+        let partitions = {
+            let (c, topic) = (consumer.clone(), self.topic.clone());
+            tokio::task::spawn_blocking(move || {
+                c.fetch_metadata(Some(&topic), METADATA_TIMEOUT).map(|m| {
+                    m.topics()
+                        .iter()
+                        .find(|t| t.name() == topic)
+                        .map(|t| (t.partitions().len(), t.error()))
+                })
+            })
+            .await?
+            .with_context(|| {
+                format!(
+                    "fetching metadata of topic `{}` from {}",
+                    self.topic, self.brokers
+                )
+            })?
+        };
+        match partitions {
+            Some((n, None)) if n > 0 => {}
+            _ => anyhow::bail!(
+                "topic `{}` does not exist on {} (create it, or enable auto-creation on the broker)",
+                self.topic,
+                self.brokers
+            ),
+        }
+        consumer
+            .subscribe(&[self.topic.as_str()])
+            .with_context(|| format!("subscribing to topic `{}`", self.topic))?;
+        backoff.reset();
+        tracing::info!(pipeline = %self.rt.pipeline.name, topic = %self.topic, group = %self.group, "Kafka connected");
+
+        let (marks, pending) = mpsc::unbounded_channel();
+        let committer = tokio::spawn(commit_sealed(
+            self.rt.clone(),
+            consumer.clone(),
+            self.topic.clone(),
+            pending,
+        ));
+        let result = self.consume(&consumer, &marks, shutdown).await;
+        drop(marks);
+        // The committer makes its last commit (of what is sealed) before the consumer closes.
+        let _ = committer.await;
+        result
+    }
+}
+
+impl KafkaSource {
+    async fn consume(
+        &self,
+        consumer: &StreamConsumer,
+        marks: &mpsc::UnboundedSender<Mark>,
+        shutdown: &CancellationToken,
+    ) -> anyhow::Result<()> {
+        let mut stream = consumer.stream().map(owned);
+        while let Some(batch) = broker::next_batch(&mut stream, broker::MAX_BATCH, shutdown).await {
+            let mut received = Vec::with_capacity(batch.len());
+            let mut failure = None;
+            for m in batch {
+                match m {
+                    Ok(m) => received.push(m),
+                    // Fatal: this consumer instance cannot go on; a new session starts over.
+                    Err(e @ KafkaError::MessageConsumptionFatal(_)) => failure = Some(e),
+                    // Everything else (a broker connection lost, all brokers down for a
+                    // while) librdkafka recovers from by itself, keeping its positions.
+                    Err(e) => {
+                        tracing::warn!(pipeline = %self.rt.pipeline.name, source = "kafka", error = %e, "Kafka consumer error; librdkafka retries")
+                    }
+                }
+            }
+            let (fresh, next) = self.fresh(&received);
+            let mut body = Body::new(self.rt.pipeline.format);
+            for (_, _, payload) in fresh {
+                body.push(payload.as_deref().unwrap_or_default());
+            }
+            if !broker::ingest_durably(&self.rt, "kafka", body.into_bytes(), shutdown).await {
+                return Ok(());
+            }
+            {
+                let mut ingested = self.ingested.lock();
+                for (p, n) in &next {
+                    let e = ingested.entry(*p).or_insert(0);
+                    *e = (*e).max(*n);
+                }
+            }
+            if !next.is_empty() {
+                let _ = marks.send(Mark {
+                    logged_end: self.rt.logged_end(),
+                    next,
+                });
+            }
+            if let Some(e) = failure {
+                return Err(e).context("receiving from Kafka");
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A batch that went through the door: its next offset per partition may be committed once
+/// the sealed end reaches `logged_end`.
+struct Mark {
+    logged_end: u64,
+    next: BTreeMap<i32, i64>,
+}
+
+/// Commits offsets of batches whose log positions are sealed, and measures the lag, until the
+/// session drops its sender; then makes a last, synchronous commit.
+async fn commit_sealed(
+    rt: Arc<PipelineRuntime>,
+    consumer: Arc<StreamConsumer>,
+    topic: String,
+    mut marks: mpsc::UnboundedReceiver<Mark>,
+) {
+    let mut sealed = rt.sealed_end();
+    let mut waiting: VecDeque<Mark> = VecDeque::new();
+    // Sealed but not yet committed (a failed commit is retried with later ones).
+    let mut ready: BTreeMap<i32, i64> = BTreeMap::new();
+    let mut lag_tick = tokio::time::interval(broker::LAG_EVERY);
+    loop {
+        tokio::select! {
+            m = marks.recv() => match m {
+                Some(m) => waiting.push_back(m),
+                None => break,
+            },
+            changed = sealed.changed() => if changed.is_err() { break },
+            _ = lag_tick.tick() => {
+                let (c, t) = (consumer.clone(), topic.clone());
+                if let Ok(Ok(lag)) = tokio::task::spawn_blocking(move || measure_lag(&c, &t)).await {
+                    rt.source_status.set_lag(lag);
+                }
+            }
+        }
+        take_sealed(&mut waiting, *sealed.borrow_and_update(), &mut ready);
+        commit(&rt, &consumer, &topic, &mut ready, CommitMode::Async);
+    }
+    take_sealed(&mut waiting, *sealed.borrow(), &mut ready);
+    // Bounded, so an unreachable broker cannot hold up shutdown; what is not committed is
+    // redelivered and dropped by `event_id`.
+    let c = consumer.clone();
+    let last = tokio::task::spawn_blocking(move || {
+        commit(&rt, &c, &topic, &mut ready, CommitMode::Sync);
+    });
+    let _ = tokio::time::timeout(FINAL_COMMIT_TIMEOUT, last).await;
+}
+
+/// Moves the offsets of marks at or below `sealed_end` into `ready`.
+fn take_sealed(waiting: &mut VecDeque<Mark>, sealed_end: u64, ready: &mut BTreeMap<i32, i64>) {
+    while waiting.front().is_some_and(|m| m.logged_end <= sealed_end) {
+        let Some(m) = waiting.pop_front() else { break };
+        for (p, n) in m.next {
+            let e = ready.entry(p).or_insert(n);
+            *e = (*e).max(n);
+        }
+    }
+}
+
+fn commit(
+    rt: &PipelineRuntime,
+    consumer: &StreamConsumer,
+    topic: &str,
+    ready: &mut BTreeMap<i32, i64>,
+    mode: CommitMode,
+) {
+    if ready.is_empty() {
+        return;
+    }
+    let mut tpl = TopicPartitionList::new();
+    for (p, n) in ready.iter() {
+        if let Err(e) = tpl.add_partition_offset(topic, *p, Offset::Offset(*n)) {
+            tracing::warn!(pipeline = %rt.pipeline.name, partition = p, error = %e, "invalid offset to commit");
+        }
+    }
+    match consumer.commit(&tpl, mode) {
+        Ok(()) => {
+            tracing::debug!(pipeline = %rt.pipeline.name, offsets = ?ready, "committed sealed Kafka offsets");
+            ready.clear();
+        }
+        // Retried with the next commit (e.g. during a rebalance).
+        Err(e) => {
+            tracing::warn!(pipeline = %rt.pipeline.name, error = %e, "committing Kafka offsets failed; will retry")
+        }
+    }
+}
+
+/// High watermark − consumed position, per assigned partition (blocking: run off the runtime).
+fn measure_lag(consumer: &StreamConsumer, topic: &str) -> KafkaResult<BTreeMap<String, u64>> {
+    let positions = consumer.position()?;
+    let mut lag = BTreeMap::new();
+    for e in consumer.assignment()?.elements_for_topic(topic) {
+        let p = e.partition();
+        let (low, high) = consumer.fetch_watermarks(topic, p, METADATA_TIMEOUT)?;
+        let at = match positions.find_partition(topic, p).map(|e| e.offset()) {
+            Some(Offset::Offset(n)) => n,
+            // Nothing consumed yet from this partition: all of it is behind.
+            _ => low,
+        };
+        lag.insert(p.to_string(), u64::try_from(high - at).unwrap_or(0));
+    }
+    Ok(lag)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::spec::{KafkaProtocol, KafkaSasl};
+
+    #[test]
+    fn marks_become_ready_only_when_sealed() {
+        let mut waiting = VecDeque::from([
+            Mark {
+                logged_end: 10,
+                next: BTreeMap::from([(0, 5), (1, 7)]),
+            },
+            Mark {
+                logged_end: 20,
+                next: BTreeMap::from([(0, 9)]),
+            },
+        ]);
+        let mut ready = BTreeMap::new();
+        take_sealed(&mut waiting, 9, &mut ready);
+        assert!(ready.is_empty(), "nothing sealed up to the first mark");
+        take_sealed(&mut waiting, 10, &mut ready);
+        assert_eq!(ready, BTreeMap::from([(0, 5), (1, 7)]));
+        take_sealed(&mut waiting, 25, &mut ready);
+        assert_eq!(ready, BTreeMap::from([(0, 9), (1, 7)]));
+        assert!(waiting.is_empty());
+    }
+
+    #[test]
+    fn event_hubs_settings_reach_librdkafka() {
+        let security = KafkaSecurity {
+            protocol: KafkaProtocol::SaslSsl,
+            sasl: Some(KafkaSasl {
+                mechanism: "PLAIN".into(),
+                username: "$ConnectionString".into(),
+                password: "Endpoint=sb://ns.servicebus.windows.net/;SharedAccessKey=k".into(),
+            }),
+            ssl_ca_location: None,
+        };
+        let props = BTreeMap::from([("session.timeout.ms".to_string(), "30000".to_string())]);
+        let c = client_config(
+            "clicks",
+            "ns.servicebus.windows.net:9093",
+            "g",
+            &security,
+            &props,
+        );
+        assert_eq!(c.get("security.protocol"), Some("SASL_SSL"));
+        assert_eq!(c.get("sasl.mechanism"), Some("PLAIN"));
+        assert_eq!(c.get("sasl.username"), Some("$ConnectionString"));
+        assert_eq!(c.get("enable.auto.commit"), Some("false"));
+        assert_eq!(c.get("session.timeout.ms"), Some("30000"));
+        assert_eq!(
+            c.get("bootstrap.servers"),
+            Some("ns.servicebus.windows.net:9093")
+        );
+    }
+}

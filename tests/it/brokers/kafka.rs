@@ -1,0 +1,340 @@
+//! The `kafka` source against a Kafka-protocol broker (`LAMBDA_TEST_KAFKA`, `host:port`; CI
+//! runs tansu). The connection-cut test starts its own tansu (`LAMBDA_TEST_TANSU`, the path
+//! of the binary) so the broker can advertise the proxy's address: Kafka clients connect to
+//! the advertised address, not the bootstrap one.
+
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+use serde_json::Value;
+
+use super::{
+    Broker, FIRST, env, event, exactly_once_across_connection_cut, exactly_once_across_kill9,
+    project, unique, wait_for_exactly,
+};
+use crate::support::{Proxy, Server, repo};
+
+/// Partitions of every test topic: events spread over them by device.
+pub const KAFKA_PARTITIONS: i32 = 2;
+
+fn config(url: &str) -> ClientConfig {
+    let mut c = ClientConfig::new();
+    c.set("bootstrap.servers", url);
+    c
+}
+
+pub async fn create_topic(url: &str, topic: &str) {
+    let admin: AdminClient<DefaultClientContext> = config(url).create().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let created = admin
+            .create_topics(
+                &[NewTopic::new(
+                    topic,
+                    KAFKA_PARTITIONS,
+                    TopicReplication::Fixed(1),
+                )],
+                &AdminOptions::new().operation_timeout(Some(Duration::from_secs(10))),
+            )
+            .await;
+        match created.as_deref() {
+            Ok([Ok(_)]) => return,
+            other => {
+                assert!(
+                    Instant::now() < deadline,
+                    "creating topic {topic} on {url}: {other:?}"
+                );
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    }
+}
+
+pub async fn delete_topic(url: &str, topic: &str) {
+    let admin: AdminClient<DefaultClientContext> = config(url).create().unwrap();
+    // Best effort: the test topics are unique, a leftover costs nothing but space.
+    let _ = admin.delete_topics(&[topic], &AdminOptions::new()).await;
+}
+
+pub async fn publish(url: &str, topic: &str, range: std::ops::Range<usize>) {
+    produce(url, topic, range.map(|i| (format!("d{}", i % 5), event(i)))).await;
+}
+
+/// Produces `(key, payload)` records, each confirmed by the broker before this returns.
+async fn produce(url: &str, topic: &str, records: impl Iterator<Item = (String, String)>) {
+    let producer: FutureProducer = config(url)
+        .set("acks", "all")
+        .set("message.timeout.ms", "60000")
+        .create()
+        .unwrap();
+    let sends = records.map(|(key, payload)| {
+        let producer = &producer;
+        async move {
+            producer
+                .send(
+                    FutureRecord::to(topic).payload(&payload).key(&key),
+                    Duration::from_secs(60),
+                )
+                .await
+                .map_err(|(e, _)| e)
+                .expect("the broker confirmed the publish");
+        }
+    });
+    futures::future::join_all(sends).await;
+}
+
+/// Offsets the group `group` committed on `topic`, summed over partitions.
+fn committed(url: &str, group: &str, topic: &str) -> i64 {
+    let consumer: BaseConsumer = config(url).set("group.id", group).create().unwrap();
+    let mut tpl = TopicPartitionList::new();
+    for p in 0..KAFKA_PARTITIONS {
+        tpl.add_partition(topic, p);
+    }
+    let committed = consumer
+        .committed_offsets(tpl, Duration::from_secs(10))
+        .expect("committed offsets");
+    committed
+        .elements()
+        .iter()
+        .map(|e| match e.offset() {
+            Offset::Offset(n) => n,
+            _ => 0,
+        })
+        .sum()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kafka_counts_every_event_once_across_kill9() {
+    let Some(url) = env("LAMBDA_TEST_KAFKA") else {
+        return;
+    };
+    exactly_once_across_kill9(Broker::Kafka {
+        url,
+        topic: unique("lt"),
+    })
+    .await;
+}
+
+/// A tansu broker of this test's own, advertising `advertised` (`host:port`).
+struct Tansu(Child);
+
+impl Tansu {
+    fn start(bin: &str, listen: u16, advertised: &str) -> Tansu {
+        let child = Command::new(bin)
+            .args([
+                "broker",
+                "--listener-url",
+                &format!("tcp://127.0.0.1:{listen}"),
+                "--advertised-listener-url",
+                &format!("tcp://{advertised}"),
+                "--storage-engine",
+                "memory://tansu/",
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting tansu ({bin}): {e}"));
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while std::net::TcpStream::connect(("127.0.0.1", listen)).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "tansu did not listen on {listen}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Tansu(child)
+    }
+}
+
+impl Drop for Tansu {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kafka_reconnects_after_a_connection_cut() {
+    let Some(bin) = env("LAMBDA_TEST_TANSU") else {
+        return;
+    };
+    let listen = free_port();
+    let proxy = Proxy::start(&format!("127.0.0.1:{listen}")).await;
+    let _tansu = Tansu::start(&bin, listen, &proxy.addr.to_string());
+    // Bootstrapping at the broker itself still leads every client to the advertised proxy.
+    let broker = Broker::Kafka {
+        url: format!("127.0.0.1:{listen}"),
+        topic: unique("lt"),
+    };
+    exactly_once_across_connection_cut(broker, proxy).await;
+}
+
+/// The group's committed offsets never run ahead of the sealed segments: with an open segment
+/// that will not seal (1 h), exactly the sealed events are committed; the lag reaches 0.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kafka_commits_only_offsets_of_sealed_segments() {
+    let Some(url) = env("LAMBDA_TEST_KAFKA") else {
+        return;
+    };
+    let topic = unique("lt");
+    let broker = Broker::Kafka {
+        url: url.clone(),
+        topic: topic.clone(),
+    };
+    let dir = project(&broker);
+    let yaml_path = dir.path().join("pipelines/readings.yaml");
+    let yaml = std::fs::read_to_string(&yaml_path).unwrap().replace(
+        "archive:\n  segment_age: 1s\n",
+        "archive:\n  segment_rows: 100\n  segment_age: 1h\n",
+    );
+    std::fs::write(&yaml_path, yaml).unwrap();
+    let client = reqwest::Client::new();
+    broker.prepare().await;
+
+    // One batch of FIRST (>= segment_rows) seals; the 50 after it stay in the open segment.
+    broker.publish(0..FIRST).await;
+    let server = Server::start(dir.path());
+    wait_for_exactly(&client, &server, FIRST).await;
+    broker.publish(FIRST..FIRST + 50).await;
+    wait_for_exactly(&client, &server, FIRST + 50).await;
+
+    let status = |v: &Value| v["pipelines"][0].clone();
+    let start = Instant::now();
+    loop {
+        let v: Value = client
+            .get(server.url("/v1/pipelines"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let p = status(&v);
+        let open = p["open_segment_rows"].as_u64().unwrap();
+        let sealed = (FIRST + 50) as i64 - open as i64;
+        let committed = {
+            let (url, topic) = (url.clone(), topic.clone());
+            tokio::task::spawn_blocking(move || committed(&url, &topic, &topic))
+                .await
+                .unwrap()
+        };
+        assert!(
+            committed <= sealed,
+            "committed {committed} offsets but only {sealed} events are sealed"
+        );
+        // Measured every 5 s, per assigned partition; empty before the first assignment.
+        let lag = p["lag"].as_object().cloned().unwrap_or_default();
+        let behind: u64 = lag.values().filter_map(Value::as_u64).sum();
+        if open > 0
+            && committed == sealed
+            && sealed > 0
+            && lag.len() == KAFKA_PARTITIONS as usize
+            && behind == 0
+        {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "after 30 s: {committed} committed, {sealed} sealed, {open} open, lag {}",
+            p["lag"]
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    server.kill9();
+    broker.remove().await;
+}
+
+/// examples/clickstream-kafka runs as shipped against the test broker.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clickstream_kafka_example_counts_published_clicks() {
+    let Some(url) = env("LAMBDA_TEST_KAFKA") else {
+        return;
+    };
+    let topic = unique("clicks");
+    let dir = tempfile::tempdir().unwrap();
+    copy_dir(&repo().join("examples/clickstream-kafka"), dir.path());
+    create_topic(&url, &topic).await;
+
+    const COUNTRIES: [&str; 3] = ["DE", "FR", "US"];
+    let n = 500;
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64;
+    let clicks = (0..n).map(|i| {
+        let click = serde_json::json!({
+            "click_id": format!("c{i}"),
+            "ts": now_ms - 1000 + i as i64,
+            "session_id": format!("s{}", i % 40),
+            "user_id": format!("u{}", i % 25),
+            "page": format!("/products/{}", i % 7),
+            "referrer": "https://search.example/",
+            "country": COUNTRIES[i % 3],
+            "latency_ms": 20.0 + (i % 50) as f64,
+        });
+        (format!("s{}", i % 40), click.to_string())
+    });
+    produce(&url, &topic, clicks).await;
+
+    let server = Server::start_with_env(
+        dir.path(),
+        // A group of its own: a killed run's member would hold up the group's next rebalance.
+        &[
+            ("KAFKA_BROKERS", url.as_str()),
+            ("CLICKS_TOPIC", &topic),
+            ("CLICKS_GROUP", &topic),
+        ],
+    );
+    let client = reqwest::Client::new();
+    let start = Instant::now();
+    loop {
+        let v: Value = client
+            .get(server.url("/v1/views/clicks/per_country"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let rows = v["rows"].as_array().unwrap();
+        let total: u64 = rows.iter().filter_map(|r| r["clicks"].as_u64()).sum();
+        assert!(total <= n as u64, "counted {total} of {n} clicks");
+        if total == n as u64 {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "{total} of {n} clicks counted after 60 s"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    server.kill9();
+    delete_topic(&url, &topic).await;
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let target = to.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            copy_dir(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), target).unwrap();
+        }
+    }
+}
