@@ -10,7 +10,10 @@
 //! - A run that fails or is killed publishes nothing more: what is published stays served.
 //! - Versions that are no longer current are kept for [`GRACE`] after they were replaced, then
 //!   their files are deleted.
+//! - With [`ScaleOut`], a view with many segments to scan is computed as groups by any number
+//!   of workers ([`groups`]) and merged here; without it, or for small inputs, in this process.
 
+pub mod groups;
 pub mod pickup;
 pub mod scan;
 pub mod verify;
@@ -26,6 +29,7 @@ use polars::prelude::*;
 
 use crate::lake::{self, Lake};
 use crate::plan::Plan;
+use crate::spec::BatchSettings;
 use crate::state::{
     Cutoff, NewPublication, Outcome, Publication, RunId, RunKind, Segment, State, StateError,
 };
@@ -122,13 +126,36 @@ pub async fn recompute(
     views: Option<&[String]>,
     progress: &mut (dyn FnMut(&Progress) + Send),
 ) -> Result<RunSummary, BatchError> {
+    recompute_scaled(plan, state, lake, views, None, progress).await
+}
+
+/// How a run scales out: the thresholds of `batch:` and who computes the groups.
+#[derive(Clone, Copy)]
+pub struct ScaleOut<'a> {
+    pub settings: BatchSettings,
+    pub fanout: &'a dyn groups::Fanout,
+}
+
+/// [`recompute`], splitting views with at least `scale.settings.scale_out_segments` segments to
+/// scan into group jobs handed to `scale.fanout`.
+pub async fn recompute_scaled(
+    plan: Arc<Plan>,
+    state: &State,
+    lake: &Lake,
+    views: Option<&[String]>,
+    scale: Option<ScaleOut<'_>>,
+    progress: &mut (dyn FnMut(&Progress) + Send),
+) -> Result<RunSummary, BatchError> {
     let pipeline = plan.pipeline().name.clone();
     let selected = select_views(&plan, views)?;
     let run = state.create_run(RunKind::Batch, &pipeline, None).await?;
     let run_id = run.id;
     state.start_run(run_id).await?;
     let started = Instant::now();
-    let result = run_views(&plan, state, lake, run_id, &selected, started, progress).await;
+    let result = run_views(
+        &plan, state, lake, run_id, &selected, scale, started, progress,
+    )
+    .await;
     match &result {
         Ok(summary) => {
             log(
@@ -203,12 +230,14 @@ pub async fn sealed(state: &State, pipeline: &str) -> Result<(Cutoff, Vec<Segmen
     Ok((cutoff, segments))
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn run_views(
     plan: &Arc<Plan>,
     state: &State,
     lake: &Lake,
     run_id: RunId,
     selected: &[usize],
+    scale: Option<ScaleOut<'_>>,
     started: Instant,
     progress: &mut (dyn FnMut(&Progress) + Send),
 ) -> anyhow::Result<RunSummary> {
@@ -241,6 +270,7 @@ async fn run_views(
             v,
             &cutoff,
             &segments,
+            scale,
             &mut *progress,
         )
         .await
@@ -284,6 +314,7 @@ async fn recompute_view(
     view: usize,
     cutoff: &Cutoff,
     segments: &[Segment],
+    scale: Option<ScaleOut<'_>>,
     progress: &mut (dyn FnMut(&Progress) + Send),
 ) -> anyhow::Result<ViewSummary> {
     let pipeline = plan.pipeline().name.clone();
@@ -323,20 +354,47 @@ async fn recompute_view(
 
     let total = todo.len();
     let (mut done, mut rows) = (0usize, 0u64);
-    let source = scan::open(lake, &todo, |s| {
-        done += 1;
-        rows += s.rows;
+    let mut report = |segments: usize, events: u64| {
+        done += segments;
+        rows += events;
         progress(&Progress::Segments {
             view: name.clone(),
             done,
             total,
             rows,
         });
-    })
-    .await?;
+    };
+    let split = scale.filter(|s| {
+        s.settings.scale_out_segments > 0 && total >= s.settings.scale_out_segments
+    });
+    let fresh = match split {
+        Some(scale) => {
+            let jobs = groups::split(plan, view, run_id.0, &todo, scale.settings.group_segments);
+            log(
+                state,
+                run_id,
+                &format!(
+                    "view {name}: {total} segment(s) split into {} group job(s)",
+                    jobs.len()
+                ),
+            )
+            .await;
+            scale.fanout.submit(&jobs).await?;
+            groups::collect(plan, lake, view, &jobs, |job| {
+                report(job.segments.len(), job.rows())
+            })
+            .await?
+        }
+        None => {
+            let source = scan::open(lake, &todo, |s| report(1, s.rows)).await?;
+            let p = plan.clone();
+            tokio::task::spawn_blocking(move || scan::view_partials(&p, view, &source))
+                .await
+                .context("batch computation panicked")??
+        }
+    };
     let p = plan.clone();
     let mut partials = tokio::task::spawn_blocking(move || -> PolarsResult<DataFrame> {
-        let fresh = scan::view_partials(&p, view, &source)?;
         match previous {
             Some(old) => p.merge(view, vec![old, fresh]),
             None => Ok(fresh),
@@ -364,6 +422,9 @@ async fn recompute_view(
             replaces: current.as_ref().map(|c| c.id),
         })
         .await?;
+    if split.is_some() {
+        groups::clean(lake, &pipeline, run_id.0, &name).await;
+    }
     Ok(ViewSummary {
         view: name,
         mode,

@@ -11,6 +11,7 @@ use anyhow::Context;
 use super::CliError;
 use super::serve::redact;
 use crate::batch::{self, BatchError, Progress};
+use crate::orchestration::fanout;
 use crate::lake::Lake;
 use crate::plan::Plan;
 use crate::spec::Project;
@@ -73,7 +74,9 @@ pub fn run(project_dir: &Path, name: &str, wait: bool, views: &[String]) -> Resu
             }
             Progress::Published { .. } => {}
         };
-        let result = batch::recompute(Arc::new(plan), &db, &lake, views, &mut progress).await;
+        let project = Arc::new(project.clone());
+        let result =
+            fanout::recompute(&project, Arc::new(plan), &db, &lake, views, &mut progress).await;
         db.close().await;
         match result {
             Ok(summary) => {

@@ -9,7 +9,7 @@ use anyhow::Context;
 use futures::future::BoxFuture;
 
 use super::{TaskContext, TaskRunner};
-use crate::batch::{self, Progress};
+use crate::batch::Progress;
 use crate::lake::Lake;
 use crate::plan::Plan;
 use crate::spec::Project;
@@ -68,7 +68,8 @@ impl TaskRunner for Layers {
                 Progress::Segments { .. } => {}
             }
             };
-            let summary = batch::recompute(
+            let summary = super::fanout::recompute(
+                &self.project,
                 Arc::new(plan),
                 &self.state,
                 &self.lake,

@@ -3,10 +3,12 @@
 
 mod brokers;
 mod cli;
+mod lakes;
 mod lambda;
 mod orchestration;
 mod orders;
 mod projects;
+mod scaleout;
 mod spec_diagnostics;
 mod speed;
 mod state;

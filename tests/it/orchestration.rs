@@ -680,13 +680,13 @@ impl TempDatabase {
 }
 
 /// A `lambda-ctl` child process whose stderr lines are collected; SIGKILLed on drop.
-struct Process {
+pub struct Process {
     child: std::process::Child,
     stderr: Arc<parking_lot::Mutex<Vec<String>>>,
 }
 
 impl Process {
-    fn start(project: &Path, args: &[&str]) -> Process {
+    pub fn start(project: &Path, args: &[&str]) -> Process {
         use std::io::BufRead;
         let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_lambda-ctl"))
             .args(args)
@@ -708,11 +708,15 @@ impl Process {
         Process { child, stderr }
     }
 
-    fn logged(&self, text: &str) -> bool {
+    pub fn stderr_lines(&self) -> Vec<String> {
+        self.stderr.lock().clone()
+    }
+
+    pub fn logged(&self, text: &str) -> bool {
         self.stderr.lock().iter().any(|l| l.contains(text))
     }
 
-    fn wait_for(&mut self, text: &str, within: Duration) {
+    pub fn wait_for(&mut self, text: &str, within: Duration) {
         let deadline = Instant::now() + within;
         while !self.logged(text) {
             if let Ok(Some(status)) = self.child.try_wait() {
@@ -731,7 +735,7 @@ impl Process {
         }
     }
 
-    fn kill9(&mut self) {
+    pub fn kill9(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
