@@ -1,17 +1,18 @@
-//! Batch scale-out (DESIGN.md §4): a view with many segments to scan is split into groups of
-//! segments, one [`GroupJob`] each. Any process working the queue (`lambda-ctl worker`, or the
-//! process running the batch run itself) computes a group's partials with the same plan and
-//! writes them to the run's scratch prefix in the lake; the run then merges every group's
-//! partials (the merge is associative and commutative) with the published ones, writes the view
-//! and publishes it with the usual compare-and-set — so a run that fails or is killed still
-//! publishes nothing.
+//! Batch scale-out (DESIGN.md §4): views with many segments to scan are split into groups of
+//! segments, one [`GroupJob`] each (views scanning the same segments share the jobs: a group's
+//! segments are read once for all of them). Any process working the queue (`lambda-ctl
+//! worker`, or the process running the batch run itself) computes a group's partials with the
+//! same plan and writes them to the run's scratch prefix in the lake; the run then merges every
+//! group's partials (the merge is associative and commutative) with the published ones, writes
+//! the view and publishes it with the usual compare-and-set — so a run that fails or is killed
+//! still publishes nothing.
 //!
 //! The lake is also how a group reports back: its partials file appears atomically when it is
 //! complete, and a group that cannot be computed leaves an error file instead. A worker killed
 //! mid-job leaves neither; the queue delivers the job again to another worker (apalis notices the
 //! missing heartbeats), which writes the same file.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -28,16 +29,22 @@ use crate::state::Segment;
 /// How often the run looks for finished groups.
 const POLL: Duration = Duration::from_millis(100);
 
-/// One group of segments of one view of one run.
+/// One group of segments of one run, for one or more views.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct GroupJob {
     pub pipeline: String,
-    pub view: String,
-    /// The logic the run computes; a worker whose project compiles to another refuses the job.
-    pub logic_hash: String,
+    pub views: Vec<GroupView>,
     pub run_id: i64,
+    /// Unique within the run.
     pub group: u32,
     pub segments: Vec<GroupSegment>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GroupView {
+    pub name: String,
+    /// The logic the run computes; a worker whose project compiles to another refuses the job.
+    pub logic_hash: String,
 }
 
 /// The part of a [`Segment`] a group needs.
@@ -51,12 +58,11 @@ pub struct GroupSegment {
 }
 
 impl GroupJob {
-    /// Where the group's partials appear when it is done.
-    pub fn partials_path(&self) -> String {
+    /// Where the group's partials of `view` appear when they are done.
+    pub fn partials_path(&self, view: &str) -> String {
         format!(
-            "{}{}/group-{:06}.parquet",
+            "{}group-{:06}/{view}.parquet",
             lake::run_scratch_prefix(&self.pipeline, self.run_id),
-            self.view,
             self.group
         )
     }
@@ -64,9 +70,8 @@ impl GroupJob {
     /// Where the reason appears when the group cannot be computed.
     pub fn error_path(&self) -> String {
         format!(
-            "{}{}/group-{:06}.error",
+            "{}group-{:06}.error",
             lake::run_scratch_prefix(&self.pipeline, self.run_id),
-            self.view,
             self.group
         )
     }
@@ -99,23 +104,33 @@ pub trait Fanout: Send + Sync {
     fn submit<'a>(&'a self, jobs: &'a [GroupJob]) -> BoxFuture<'a, anyhow::Result<()>>;
 }
 
-/// Splits `segments` (position order) into groups of `size` segments, one job each.
+/// Splits `segments` (position order) into groups of `size` segments, one job each computing
+/// `views`; groups are numbered from `next_group` on.
 pub fn split(
     plan: &Plan,
-    view: usize,
+    views: &[usize],
     run_id: i64,
     segments: &[Segment],
     size: usize,
+    next_group: &mut u32,
 ) -> Vec<GroupJob> {
+    let views: Vec<GroupView> = views
+        .iter()
+        .map(|&v| GroupView {
+            name: plan.pipeline().views[v].name.clone(),
+            logic_hash: plan.logic_hash(v),
+        })
+        .collect();
     segments
         .chunks(size.max(1))
-        .enumerate()
-        .map(|(i, chunk)| GroupJob {
+        .map(|chunk| GroupJob {
             pipeline: plan.pipeline().name.clone(),
-            view: plan.pipeline().views[view].name.clone(),
-            logic_hash: plan.logic_hash(view),
+            views: views.clone(),
             run_id,
-            group: i as u32,
+            group: {
+                *next_group += 1;
+                *next_group - 1
+            },
             segments: chunk
                 .iter()
                 .map(|s| GroupSegment {
@@ -146,32 +161,40 @@ pub async fn compute(plan: &Arc<Plan>, lake: &Lake, job: &GroupJob) -> anyhow::R
 }
 
 async fn compute_inner(plan: &Arc<Plan>, lake: &Lake, job: &GroupJob) -> anyhow::Result<()> {
-    let view = plan
-        .pipeline()
-        .views
-        .iter()
-        .position(|v| v.name == job.view)
-        .with_context(|| {
-            format!(
-                "pipeline `{}` of this worker's project has no view `{}`",
-                job.pipeline, job.view
-            )
-        })?;
-    anyhow::ensure!(
-        plan.logic_hash(view) == job.logic_hash,
-        "view `{}` of this worker's project differs from the run's (logic {} here, {} in the run): deploy the same project to every worker",
-        job.view,
-        plan.logic_hash(view),
-        job.logic_hash
-    );
-    let source = scan::open(lake, &job.segments(), |_| {}).await?;
-    let p = plan.clone();
-    let mut partials = tokio::task::spawn_blocking(move || scan::view_partials(&p, view, &source))
-        .await
-        .context("group computation panicked")??;
-    let mut bytes = Vec::new();
-    plan.write_partials(view, &mut partials, &mut bytes)?;
-    lake.put(&job.partials_path(), bytes).await?;
+    let mut views = Vec::with_capacity(job.views.len());
+    for v in &job.views {
+        let view = plan
+            .pipeline()
+            .views
+            .iter()
+            .position(|p| p.name == v.name)
+            .with_context(|| {
+                format!(
+                    "pipeline `{}` of this worker's project has no view `{}`",
+                    job.pipeline, v.name
+                )
+            })?;
+        anyhow::ensure!(
+            plan.logic_hash(view) == v.logic_hash,
+            "view `{}` of this worker's project differs from the run's (logic {} here, {} in the run): deploy the same project to every worker",
+            v.name,
+            plan.logic_hash(view),
+            v.logic_hash
+        );
+        views.push((view, v.name.clone()));
+    }
+    // Read once, computed for every view.
+    let source = Arc::new(scan::open(lake, &job.segments(), |_| {}).await?);
+    for (view, name) in views {
+        let (p, src) = (plan.clone(), source.clone());
+        let mut partials =
+            tokio::task::spawn_blocking(move || scan::view_partials(&p, view, &src))
+                .await
+                .context("group computation panicked")??;
+        let mut bytes = Vec::new();
+        plan.write_partials(view, &mut partials, &mut bytes)?;
+        lake.put(&job.partials_path(&name), bytes).await?;
+    }
     Ok(())
 }
 
@@ -187,14 +210,11 @@ pub async fn collect(
     let Some(first) = jobs.first() else {
         anyhow::bail!("no groups to collect");
     };
-    let dir = format!(
-        "{}{}/",
-        lake::run_scratch_prefix(&first.pipeline, first.run_id),
-        first.view
-    );
+    let name = &plan.pipeline().views[view].name;
+    let dir = lake::run_scratch_prefix(&first.pipeline, first.run_id);
     let mut parts: BTreeMap<u32, DataFrame> = BTreeMap::new();
     while parts.len() < jobs.len() {
-        let listed: Vec<String> = lake.list(&dir).await?.into_iter().map(|o| o.path).collect();
+        let listed: HashSet<String> = lake.list(&dir).await?.into_iter().map(|o| o.path).collect();
         for job in jobs {
             if parts.contains_key(&job.group) {
                 continue;
@@ -209,8 +229,9 @@ pub async fn collect(
                     String::from_utf8_lossy(&why)
                 );
             }
-            if listed.contains(&job.partials_path()) {
-                let bytes = match lake.get(&job.partials_path()).await {
+            let path = job.partials_path(name);
+            if listed.contains(&path) {
+                let bytes = match lake.get(&path).await {
                     Ok(b) => b,
                     // Listed, then replaced by a re-delivery: read it next time.
                     Err(LakeError::NotFound { .. }) => continue,
@@ -218,7 +239,7 @@ pub async fn collect(
                 };
                 let df = plan
                     .read_partials(view, &bytes)
-                    .with_context(|| format!("reading {}", job.partials_path()))?;
+                    .with_context(|| format!("reading {path}"))?;
                 parts.insert(job.group, df);
                 on_group(job);
             }
@@ -234,9 +255,9 @@ pub async fn collect(
         .context("merging group partials panicked")??)
 }
 
-/// Deletes a run's scratch files of `view` (best effort: leftovers only cost space).
-pub async fn clean(lake: &Lake, pipeline: &str, run_id: i64, view: &str) {
-    let dir = format!("{}{view}/", lake::run_scratch_prefix(pipeline, run_id));
+/// Deletes a run's scratch files (best effort: leftovers only cost space).
+pub async fn clean(lake: &Lake, pipeline: &str, run_id: i64) {
+    let dir = lake::run_scratch_prefix(pipeline, run_id);
     match lake.list(&dir).await {
         Ok(files) => {
             for f in files {

@@ -259,22 +259,26 @@ async fn run_views(
         ),
     )
     .await;
-    let mut out = Vec::new();
+    let mut prepared = Vec::with_capacity(selected.len());
     for &v in selected {
-        let name = plan.pipeline().views[v].name.clone();
-        let summary = recompute_view(
-            plan,
-            state,
-            lake,
-            run_id,
-            v,
-            &cutoff,
-            &segments,
-            scale,
-            &mut *progress,
-        )
-        .await
-        .with_context(|| format!("view `{name}`"))?;
+        let name = &plan.pipeline().views[v].name;
+        prepared.push(
+            prepare_view(plan, state, lake, v, &cutoff, &segments)
+                .await
+                .with_context(|| format!("view `{name}`"))?,
+        );
+    }
+    let jobs = match scale {
+        Some(scale) => fan_out(plan, state, run_id, &prepared, scale).await?,
+        None => vec![None; prepared.len()],
+    };
+    let scaled_out = jobs.iter().any(Option::is_some);
+    let mut out = Vec::new();
+    for (prep, jobs) in prepared.into_iter().zip(jobs) {
+        let name = prep.name.clone();
+        let summary = recompute_view(plan, state, lake, run_id, &cutoff, prep, jobs, &mut *progress)
+            .await
+            .with_context(|| format!("view `{name}`"))?;
         log(
             state,
             run_id,
@@ -297,6 +301,9 @@ async fn run_views(
         });
         out.push(summary);
     }
+    if scaled_out {
+        groups::clean(lake, &pipeline, run_id.0).await;
+    }
     Ok(RunSummary {
         run_id,
         cutoff,
@@ -305,18 +312,26 @@ async fn run_views(
     })
 }
 
-#[allow(clippy::too_many_arguments)]
-async fn recompute_view(
+/// What a view's recompute starts from.
+struct Prepared {
+    view: usize,
+    name: String,
+    current: Option<Publication>,
+    /// The publication an incremental run builds on.
+    base: Option<Publication>,
+    mode: Mode,
+    /// The segments to scan.
+    todo: Vec<Segment>,
+}
+
+async fn prepare_view(
     plan: &Arc<Plan>,
     state: &State,
     lake: &Lake,
-    run_id: RunId,
     view: usize,
     cutoff: &Cutoff,
     segments: &[Segment],
-    scale: Option<ScaleOut<'_>>,
-    progress: &mut (dyn FnMut(&Progress) + Send),
-) -> anyhow::Result<ViewSummary> {
+) -> anyhow::Result<Prepared> {
     let pipeline = plan.pipeline().name.clone();
     let name = plan.pipeline().views[view].name.clone();
     let current = state.current_publication(&pipeline, &name).await?;
@@ -326,13 +341,16 @@ async fn recompute_view(
     let hash = plan.logic_hash(view);
     // Incremental only on top of partials of the same logic, and never backwards (a cutoff
     // that went down would mean the manifest was reset: recompute).
-    let base = current.as_ref().filter(|c| {
-        c.logic_hash == hash
-            && c.cutoff
-                .iter()
-                .all(|(p, pos)| cutoff.get(p).is_some_and(|now| now >= pos))
-    });
-    let (mode, todo): (Mode, Vec<Segment>) = match base {
+    let base = current
+        .as_ref()
+        .filter(|c| {
+            c.logic_hash == hash
+                && c.cutoff
+                    .iter()
+                    .all(|(p, pos)| cutoff.get(p).is_some_and(|now| now >= pos))
+        })
+        .cloned();
+    let (mode, todo): (Mode, Vec<Segment>) = match &base {
         Some(b) => (
             Mode::Incremental,
             segments
@@ -343,15 +361,100 @@ async fn recompute_view(
         ),
         None => (Mode::Full, segments.to_vec()),
     };
-    let previous = match base {
-        Some(b) => Some(
-            load_partials(plan, lake, view, b)
-                .await
-                .with_context(|| format!("loading publication {} (run {})", b.id, b.run_id))?,
-        ),
-        None => None,
-    };
+    Ok(Prepared {
+        view,
+        name,
+        current,
+        base,
+        mode,
+        todo,
+    })
+}
 
+/// Splits the views with enough segments to scan into group jobs and submits them all at once;
+/// views scanning the same segments share their jobs (each job computes all of them). Returns
+/// each view's jobs (`None`: computed in this process).
+async fn fan_out(
+    plan: &Arc<Plan>,
+    state: &State,
+    run_id: RunId,
+    prepared: &[Prepared],
+    scale: ScaleOut<'_>,
+) -> anyhow::Result<Vec<Option<Vec<groups::GroupJob>>>> {
+    let threshold = scale.settings.scale_out_segments;
+    let mut out = vec![None; prepared.len()];
+    if threshold == 0 {
+        return Ok(out);
+    }
+    // Views with the same segments to scan, by their first member.
+    let mut buckets: Vec<Vec<usize>> = Vec::new();
+    for (i, p) in prepared.iter().enumerate() {
+        if p.todo.len() < threshold {
+            continue;
+        }
+        match buckets
+            .iter_mut()
+            .find(|b| prepared[b[0]].todo == p.todo)
+        {
+            Some(b) => b.push(i),
+            None => buckets.push(vec![i]),
+        }
+    }
+    let mut next_group = 0;
+    for members in buckets {
+        let views: Vec<usize> = members.iter().map(|&i| prepared[i].view).collect();
+        let todo = &prepared[members[0]].todo;
+        let jobs = groups::split(
+            plan,
+            &views,
+            run_id.0,
+            todo,
+            scale.settings.group_segments,
+            &mut next_group,
+        );
+        log(
+            state,
+            run_id,
+            &format!(
+                "views {}: {} segment(s) split into {} group job(s)",
+                members
+                    .iter()
+                    .map(|&i| prepared[i].name.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                todo.len(),
+                jobs.len()
+            ),
+        )
+        .await;
+        scale.fanout.submit(&jobs).await?;
+        for i in members {
+            out[i] = Some(jobs.clone());
+        }
+    }
+    Ok(out)
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn recompute_view(
+    plan: &Arc<Plan>,
+    state: &State,
+    lake: &Lake,
+    run_id: RunId,
+    cutoff: &Cutoff,
+    prep: Prepared,
+    jobs: Option<Vec<groups::GroupJob>>,
+    progress: &mut (dyn FnMut(&Progress) + Send),
+) -> anyhow::Result<ViewSummary> {
+    let pipeline = plan.pipeline().name.clone();
+    let Prepared {
+        view,
+        name,
+        current,
+        base,
+        mode,
+        todo,
+    } = prep;
     let total = todo.len();
     let (mut done, mut rows) = (0usize, 0u64);
     let mut report = |segments: usize, events: u64| {
@@ -364,23 +467,9 @@ async fn recompute_view(
             rows,
         });
     };
-    let split = scale.filter(|s| {
-        s.settings.scale_out_segments > 0 && total >= s.settings.scale_out_segments
-    });
-    let fresh = match split {
-        Some(scale) => {
-            let jobs = groups::split(plan, view, run_id.0, &todo, scale.settings.group_segments);
-            log(
-                state,
-                run_id,
-                &format!(
-                    "view {name}: {total} segment(s) split into {} group job(s)",
-                    jobs.len()
-                ),
-            )
-            .await;
-            scale.fanout.submit(&jobs).await?;
-            groups::collect(plan, lake, view, &jobs, |job| {
+    let fresh = match &jobs {
+        Some(jobs) => {
+            groups::collect(plan, lake, view, jobs, |job| {
                 report(job.segments.len(), job.rows())
             })
             .await?
@@ -392,6 +481,14 @@ async fn recompute_view(
                 .await
                 .context("batch computation panicked")??
         }
+    };
+    let previous = match &base {
+        Some(b) => Some(
+            load_partials(plan, lake, view, b)
+                .await
+                .with_context(|| format!("loading publication {} (run {})", b.id, b.run_id))?,
+        ),
+        None => None,
     };
     let p = plan.clone();
     let mut partials = tokio::task::spawn_blocking(move || -> PolarsResult<DataFrame> {
@@ -416,15 +513,12 @@ async fn recompute_view(
             pipeline: pipeline.clone(),
             view: name.clone(),
             run_id,
-            logic_hash: hash,
+            logic_hash: plan.logic_hash(view),
             cutoff: cutoff.clone(),
             rows: partial_rows,
             replaces: current.as_ref().map(|c| c.id),
         })
         .await?;
-    if split.is_some() {
-        groups::clean(lake, &pipeline, run_id.0, &name).await;
-    }
     Ok(ViewSummary {
         view: name,
         mode,

@@ -27,10 +27,7 @@ impl Job for GroupJob {
     const WHAT: &'static str = "batch group";
 
     fn key(&self) -> String {
-        format!(
-            "{}/{}/{}/{}",
-            self.pipeline, self.run_id, self.view, self.group
-        )
+        format!("group:{}/{}/{}", self.pipeline, self.run_id, self.group)
     }
 }
 
@@ -74,18 +71,18 @@ impl Groups {
                         }
                     };
                     info!(
-                        %worker, run = job.run_id, view = %job.view, group = job.group,
+                        %worker, run = job.run_id, group = job.group,
                         segments = job.segments.len(), "computing batch group"
                     );
                     let started = std::time::Instant::now();
                     match groups::compute(&plan, &lake, &job).await {
                         Ok(()) => info!(
-                            %worker, run = job.run_id, view = %job.view, group = job.group,
+                            %worker, run = job.run_id, group = job.group,
                             segments = job.segments.len(), ms = started.elapsed().as_millis() as u64,
                             "computed batch group"
                         ),
                         Err(e) => warn!(
-                            %worker, run = job.run_id, view = %job.view, group = job.group,
+                            %worker, run = job.run_id, group = job.group,
                             error = %format!("{e:#}"), "batch group failed"
                         ),
                     }

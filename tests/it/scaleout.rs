@@ -4,7 +4,8 @@
 //! the same answer, equal to the oracle — also when a worker is SIGKILLed while it holds a
 //! group, whose job the queue then delivers to another worker. On PostgreSQL state and the S3
 //! server when `LAMBDA_TEST_POSTGRES` / `LAMBDA_TEST_S3` are set (SQLite and a local lake
-//! otherwise). `LAMBDA_SCALEOUT_EVENTS` sizes the input (the timings are printed).
+//! otherwise). `LAMBDA_SCALEOUT_EVENTS`, `LAMBDA_SCALEOUT_SEGMENT_ROWS` and
+//! `LAMBDA_SCALEOUT_GROUP` (segments per group) size the input; the timings are printed.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -142,7 +143,10 @@ async fn scale_out(state_url: Option<String>, lake: TestLake) {
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path();
     std::fs::create_dir_all(root.join("pipelines")).unwrap();
-    let segment_rows = (n / 40).max(100);
+    let segment_rows = std::env::var("LAMBDA_SCALEOUT_SEGMENT_ROWS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or((n / 40).max(100));
     let spec = PIPELINE.replace(
         "segment_rows: 300",
         &format!("segment_rows: {segment_rows}"),
@@ -181,7 +185,11 @@ async fn scale_out(state_url: Option<String>, lake: TestLake) {
     for w in &mut workers {
         w.wait_for("worker started", Duration::from_secs(30));
     }
-    write_settings(root, &base, 2, 4);
+    let group: usize = std::env::var("LAMBDA_SCALEOUT_GROUP")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(4);
+    write_settings(root, &base, 2, group);
     let (scaled, scaled_took, log) = run(root, "orders").await;
     eprintln!(
         "scale-out ({} lake, {} state, {n} events): single process {:.2}s, 3 workers {:.2}s",
