@@ -822,7 +822,10 @@ mod tests {
             let err = Lake::open_with_env(
                 url,
                 &options(&[("endpoint", "http://127.0.0.1:9"), ("allow_http", "true")]),
-                &env(&[("AWS_ACCESS_KEY_ID", ""), ("AZURE_STORAGE_ACCOUNT_NAME", "acct")]),
+                &env(&[
+                    ("AWS_ACCESS_KEY_ID", ""),
+                    ("AZURE_STORAGE_ACCOUNT_NAME", "acct"),
+                ]),
             )
             .expect_err(url);
             let text = err.to_string();
@@ -900,7 +903,11 @@ mod tests {
         );
         // The only GCS client a default config can build is none at all: the default lake is
         // a directory, and no GOOGLE_* variable of the process environment makes one either.
-        let env_only = Lake::open_with_env("gs://bucket", &no_options(), &env(&[("GOOGLE_BUCKET", "x")]));
+        let env_only = Lake::open_with_env(
+            "gs://bucket",
+            &no_options(),
+            &env(&[("GOOGLE_BUCKET", "x")]),
+        );
         assert!(matches!(
             env_only,
             Err(LakeError::GcsWithoutCredentials { .. })

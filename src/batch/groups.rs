@@ -187,10 +187,9 @@ async fn compute_inner(plan: &Arc<Plan>, lake: &Lake, job: &GroupJob) -> anyhow:
     let source = Arc::new(scan::open(lake, &job.segments(), |_| {}).await?);
     for (view, name) in views {
         let (p, src) = (plan.clone(), source.clone());
-        let mut partials =
-            tokio::task::spawn_blocking(move || scan::view_partials(&p, view, &src))
-                .await
-                .context("group computation panicked")??;
+        let mut partials = tokio::task::spawn_blocking(move || scan::view_partials(&p, view, &src))
+            .await
+            .context("group computation panicked")??;
         let mut bytes = Vec::new();
         plan.write_partials(view, &mut partials, &mut bytes)?;
         lake.put(&job.partials_path(&name), bytes).await?;

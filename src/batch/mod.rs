@@ -276,9 +276,18 @@ async fn run_views(
     let mut out = Vec::new();
     for (prep, jobs) in prepared.into_iter().zip(jobs) {
         let name = prep.name.clone();
-        let summary = recompute_view(plan, state, lake, run_id, &cutoff, prep, jobs, &mut *progress)
-            .await
-            .with_context(|| format!("view `{name}`"))?;
+        let summary = recompute_view(
+            plan,
+            state,
+            lake,
+            run_id,
+            &cutoff,
+            prep,
+            jobs,
+            &mut *progress,
+        )
+        .await
+        .with_context(|| format!("view `{name}`"))?;
         log(
             state,
             run_id,
@@ -392,10 +401,7 @@ async fn fan_out(
         if p.todo.len() < threshold {
             continue;
         }
-        match buckets
-            .iter_mut()
-            .find(|b| prepared[b[0]].todo == p.todo)
-        {
+        match buckets.iter_mut().find(|b| prepared[b[0]].todo == p.todo) {
             Some(b) => b.push(i),
             None => buckets.push(vec![i]),
         }

@@ -233,15 +233,22 @@ async fn a_run_against_a_store_that_stays_down_fails_cleanly_and_publishes_nothi
     let down = Lake::open("s3://lake/prefix", &options).unwrap();
     seal(&state, &up, 2, &[("FR", 3.0)]).await;
     let started = Instant::now();
-    let err = run(&plan(&SPEC.replace("amount >= 0", "amount >= 1")), &state, &down)
-        .await
-        .unwrap_err();
+    let err = run(
+        &plan(&SPEC.replace("amount >= 0", "amount >= 1")),
+        &state,
+        &down,
+    )
+    .await
+    .unwrap_err();
     let text = format!("{err}");
     assert!(
         text.contains("by_country") && text.contains("archive/orders/"),
         "the error names the view and the object: {text}"
     );
-    assert!(started.elapsed() < std::time::Duration::from_secs(30), "bounded retries");
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(30),
+        "bounded retries"
+    );
     let after = state
         .current_publication("orders", "by_country")
         .await
@@ -250,7 +257,9 @@ async fn a_run_against_a_store_that_stays_down_fails_cleanly_and_publishes_nothi
     let last = &state.runs(Some("orders"), 1).await.unwrap()[0];
     assert_eq!(last.state, RunState::Failed);
     assert!(
-        last.error.as_deref().is_some_and(|e| e.contains("lake get")),
+        last.error
+            .as_deref()
+            .is_some_and(|e| e.contains("lake get")),
         "{:?}",
         last.error
     );

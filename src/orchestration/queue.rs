@@ -71,7 +71,6 @@ impl AttemptJob {
             not_before: attempt.scheduled_at,
         }
     }
-
 }
 
 impl Job for AttemptJob {

@@ -26,7 +26,14 @@ pub fn build(d: &mut Diagnostics, root: Option<&Node>, project: &Path) -> Option
         d,
         root.unwrap_or(&empty),
         "lambda.yaml",
-        &["state", "lake", "lake_options", "serve", "timezone", "batch"],
+        &[
+            "state",
+            "lake",
+            "lake_options",
+            "serve",
+            "timezone",
+            "batch",
+        ],
     )?;
     let str_or = |d: &mut Diagnostics, key: &str, default: &str| match obj.value(key) {
         None => Some(default.to_string()),
@@ -115,7 +122,10 @@ fn batch_settings(d: &mut Diagnostics, n: &Node) -> Option<BatchSettings> {
         None => Some(default),
         Some(n) => read::integer(d, n, key).and_then(|v| {
             if v < min {
-                d.error(n.loc(), format!("`{key}` must be at least {min}, found {v}"));
+                d.error(
+                    n.loc(),
+                    format!("`{key}` must be at least {min}, found {v}"),
+                );
                 return None;
             }
             Some(v)

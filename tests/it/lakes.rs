@@ -154,7 +154,10 @@ async fn create_container(endpoint: &str, container: &str) {
         "PUT\n\n\n\n\n\n\n\n\n\n\n\nx-ms-date:{date}\nx-ms-version:{version}\n/{AZURITE_ACCOUNT}{}\nrestype:container",
         url.path()
     );
-    let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &STANDARD.decode(AZURITE_KEY).unwrap());
+    let key = ring::hmac::Key::new(
+        ring::hmac::HMAC_SHA256,
+        &STANDARD.decode(AZURITE_KEY).unwrap(),
+    );
     let signature = STANDARD.encode(ring::hmac::sign(&key, to_sign.as_bytes()).as_ref());
     let resp = reqwest::Client::new()
         .put(url)
@@ -264,7 +267,10 @@ async fn round_trip(lake: &Lake) {
         "not visible before finish"
     );
     upload.finish().await.expect("finish");
-    assert_eq!(lake.get(&path).await.expect("get"), Bytes::from(big.clone()));
+    assert_eq!(
+        lake.get(&path).await.expect("get"),
+        Bytes::from(big.clone())
+    );
 
     // A plain put of a large object (a big segment or view) goes multipart too.
     assert!(big.len() > lake::MULTIPART_THRESHOLD);
@@ -360,4 +366,88 @@ async fn a_store_that_stays_down_fails_each_operation_after_bounded_retries() {
             started.elapsed()
         );
     }
+}
+
+/// A TCP proxy in front of `upstream` that answers the first `fail` connections with HTTP 503
+/// (as an overloaded store does) and forwards every later one; returns its URL and the count
+/// of connections it refused.
+async fn flaky_proxy(upstream: &str, fail: usize) -> (String, std::sync::Arc<AtomicU32>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let upstream = upstream
+        .trim_start_matches("http://")
+        .trim_end_matches('/')
+        .to_string();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let refused = std::sync::Arc::new(AtomicU32::new(0));
+    let count = refused.clone();
+    tokio::spawn(async move {
+        while let Ok((mut client, _)) = listener.accept().await {
+            if (count.load(Ordering::SeqCst) as usize) < fail {
+                count.fetch_add(1, Ordering::SeqCst);
+                let mut head = [0u8; 1024];
+                let _ = client.read(&mut head).await;
+                let _ = client
+                    .write_all(b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+                    .await;
+                continue;
+            }
+            let upstream = upstream.clone();
+            tokio::spawn(async move {
+                if let Ok(mut server) = tokio::net::TcpStream::connect(&upstream).await {
+                    let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+                }
+            });
+        }
+    });
+    (url, refused)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transient_store_errors_are_retried_with_backoff() {
+    let Some(s3) = TestLake::s3().await else {
+        eprintln!("skipped: set LAMBDA_TEST_S3=http://HOST:PORT");
+        return;
+    };
+    let endpoint = std::env::var("LAMBDA_TEST_S3").unwrap();
+    let bucket_url = s3.url.clone();
+
+    // Two refusals, three retries allowed: the writes succeed.
+    let (proxy, refused) = flaky_proxy(&endpoint, 2).await;
+    let mut options = s3_options(&proxy);
+    options.insert("max_retries".into(), "3".into());
+    let lake = Lake::open(&bucket_url, &options).unwrap();
+    let started = std::time::Instant::now();
+    lake.put("views/v/run=1/partials.parquet", b"ok".to_vec())
+        .await
+        .expect("retried past the 503s");
+    assert_eq!(refused.load(Ordering::SeqCst), 2);
+    assert!(
+        started.elapsed() >= std::time::Duration::from_millis(100),
+        "retries back off ({:?})",
+        started.elapsed()
+    );
+    assert_eq!(
+        s3.open()
+            .get("views/v/run=1/partials.parquet")
+            .await
+            .unwrap(),
+        Bytes::from("ok")
+    );
+
+    // More refusals than retries: the operation fails, saying why.
+    let (proxy, refused) = flaky_proxy(&endpoint, 100).await;
+    let lake = Lake::open(&bucket_url, &s3_options(&proxy)).unwrap();
+    let err = lake
+        .put("views/v/run=2/partials.parquet", b"no".to_vec())
+        .await
+        .expect_err("the store stays down");
+    assert_eq!(refused.load(Ordering::SeqCst), 3, "1 try + max_retries 2");
+    assert!(format!("{err:?}").contains("503"), "{err:?}");
+    assert!(
+        !s3.open()
+            .exists("views/v/run=2/partials.parquet")
+            .await
+            .unwrap()
+    );
 }

@@ -172,7 +172,11 @@ async fn lambda(seed: u64, state_url: Option<&str>, lake: &TestLake) {
     acked.extend(send(&client, &server, &mut rng, &evs[b..]).await);
     wait_for_count(&client, &server, kept(&acked)).await;
     for (view, runs) in view_runs(lake).await {
-        assert!(runs.contains(&run1), "{}: {view} before GC: {runs:?}", lake.name);
+        assert!(
+            runs.contains(&run1),
+            "{}: {view} before GC: {runs:?}",
+            lake.name
+        );
     }
     age_publications(dir.path(), state_url).await;
     let run3 = run_batch(dir.path()).await;
@@ -190,7 +194,11 @@ async fn lambda(seed: u64, state_url: Option<&str>, lake: &TestLake) {
         .list(&lambda_ctl::lake::dead_letters_prefix("orders"))
         .await
         .unwrap();
-    assert!(!dead.is_empty(), "{}: no dead letters in the lake", lake.name);
+    assert!(
+        !dead.is_empty(),
+        "{}: no dead letters in the lake",
+        lake.name
+    );
     wait_for_batch(&client, &server, &run3).await;
     check_views(&client, &server, &acked).await;
     for view in VIEWS {

@@ -88,9 +88,7 @@ fn same(a: &Value, b: &Value) -> bool {
             x.len() == y.len() && x.iter().zip(y).all(|(a, b)| same(a, b))
         }
         (Value::Object(x), Value::Object(y)) => {
-            x.len() == y.len()
-                && x.iter()
-                    .all(|(k, v)| y.get(k).is_some_and(|w| same(v, w)))
+            x.len() == y.len() && x.iter().all(|(k, v)| y.get(k).is_some_and(|w| same(v, w)))
         }
         _ => a == b,
     }
@@ -207,7 +205,10 @@ async fn scale_out(state_url: Option<String>, lake: TestLake) {
         .iter()
         .filter(|w| w.logged("computed batch group"))
         .count();
-    assert!(busy >= 2, "the groups were spread over the workers ({busy} busy)");
+    assert!(
+        busy >= 2,
+        "the groups were spread over the workers ({busy} busy)"
+    );
     wait_for_run(&client, &server, "mirror", &single).await;
     wait_for_run(&client, &server, "orders", &scaled).await;
     check_views(&client, &server, &acked).await;
@@ -215,7 +216,10 @@ async fn scale_out(state_url: Option<String>, lake: TestLake) {
     // The groups' scratch partials are gone once the view is published.
     let scratch = lake
         .open()
-        .list(&lambda_ctl::lake::run_scratch_prefix("orders", scaled.parse().unwrap()))
+        .list(&lambda_ctl::lake::run_scratch_prefix(
+            "orders",
+            scaled.parse().unwrap(),
+        ))
         .await
         .unwrap();
     assert!(scratch.is_empty(), "{scratch:?}");
@@ -251,7 +255,10 @@ async fn scale_out(state_url: Option<String>, lake: TestLake) {
         if let Some(&i) = started.first() {
             break i;
         }
-        assert!(!running.is_finished(), "the run ended before a worker took a group");
+        assert!(
+            !running.is_finished(),
+            "the run ended before a worker took a group"
+        );
         tokio::time::sleep(Duration::from_millis(5)).await;
     };
     workers[victim].kill9();
