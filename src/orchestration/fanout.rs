@@ -22,6 +22,9 @@ use crate::plan::Plan;
 use crate::spec::Project;
 use crate::state::State;
 
+/// How long a scaled-out run leaves its groups to the workers before working on them itself.
+pub const HELP_AFTER: Duration = Duration::from_secs(1);
+
 impl Job for GroupJob {
     const QUEUE: &'static str = "lambda_ctl_batch_groups";
     const WHAT: &'static str = "batch group";
@@ -118,8 +121,7 @@ impl Fanout for Groups {
 
 /// A batch run as the project's `batch:` settings say: in this process, or — when
 /// `scale_out_segments` is set — with big views split into group jobs on the queue, which this
-/// process works on too while it waits, one group per core (so the run ends even when no
-/// worker is running).
+/// process works on too (one group per core) once they have waited [`HELP_AFTER`].
 pub async fn recompute(
     project: &Arc<Project>,
     plan: Arc<Plan>,
@@ -136,22 +138,30 @@ pub async fn recompute(
         .await
         .context("opening the batch group queue")?;
     let stop = CancellationToken::new();
-    let working = fanout.work(
-        project.clone(),
-        lake.clone(),
-        format!("lambda-ctl-run:{}", std::process::id()),
-        std::thread::available_parallelism().map_or(1, |n| n.get()),
-        stop.clone(),
-    );
+    // Workers get the first go at the groups; this process joins in after a moment, so a run
+    // ends even when no worker is running.
+    let working = tokio::spawn({
+        let (fanout, project, lake, stop) =
+            (fanout.clone(), project.clone(), lake.clone(), stop.clone());
+        async move {
+            tokio::select! {
+                () = tokio::time::sleep(HELP_AFTER) => {}
+                () = stop.cancelled() => return,
+            }
+            let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+            let name = format!("lambda-ctl-run:{}", std::process::id());
+            if let Err(e) = fanout.work(project, lake, name, cores, stop).await {
+                warn!(error = %e, "batch group worker ended abnormally");
+            }
+        }
+    });
     let scale = ScaleOut {
         settings,
         fanout: &fanout,
     };
     let result = batch::recompute_scaled(plan, state, lake, views, Some(scale), progress).await;
     stop.cancel();
-    if let Err(e) = working.await {
-        warn!(error = %e, "batch group worker ended abnormally");
-    }
+    let _ = working.await;
     result
 }
 

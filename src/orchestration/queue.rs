@@ -119,10 +119,22 @@ impl<J: Job> Queue<J> {
                 // pool, which the archive manifest must not get.
                 let mut migrator = SqliteStorage::<()>::migrations();
                 migrator.dangerous_set_table_name(SQLITE_MIGRATIONS_TABLE);
-                migrator
-                    .run(&pool)
-                    .await
-                    .context("creating the job queue tables (apalis-sqlite)")?;
+                // Processes starting together race to apply the same migration; the loser
+                // finds it applied on a second look.
+                let mut tries = 0;
+                loop {
+                    match migrator.run(&pool).await {
+                        Ok(()) => break,
+                        Err(e) if tries < 5 => {
+                            tries += 1;
+                            debug!(error = %e, "job queue migration raced another process; retrying");
+                            tokio::time::sleep(Duration::from_millis(100 * tries)).await;
+                        }
+                        Err(e) => {
+                            return Err(e).context("creating the job queue tables (apalis-sqlite)");
+                        }
+                    }
+                }
                 let config = apalis_sqlite::Config::default()
                     .queue(J::QUEUE)
                     .heartbeat_interval(HEARTBEAT)
