@@ -770,6 +770,15 @@ impl Process {
         Process { child, stderr }
     }
 
+    /// Sends `signal` (e.g. STOP, CONT) to the process.
+    pub fn signal(&self, signal: rustix::process::Signal) {
+        if let Ok(pid) = i32::try_from(self.child.id())
+            && let Some(pid) = rustix::process::Pid::from_raw(pid)
+        {
+            let _ = rustix::process::kill_process(pid, signal);
+        }
+    }
+
     pub fn stderr_lines(&self) -> Vec<String> {
         self.stderr.lock().clone()
     }

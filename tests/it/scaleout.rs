@@ -241,25 +241,29 @@ async fn scale_out(state_url: Option<String>, lake: TestLake) {
     // (too short to be caught in the act), and on SQLite the workers poll so slowly that the
     // run's own process may take every group first.
     if lake.name != "file" && state_url.is_some() {
-        let victim = loop {
-            let holding: Vec<usize> = workers
-                .iter()
-                .enumerate()
-                .filter(|(_, w)| {
-                    let lines = w.stderr_lines();
-                    let count = |text: &str| lines.iter().filter(|l| l.contains(text)).count();
-                    count("computing batch group") > count("computed batch group")
-                })
-                .map(|(i, _)| i)
-                .collect();
-            if let Some(&i) = holding.first() {
-                break i;
+        let holding = |w: &Process| {
+            let lines = w.stderr_lines();
+            let count = |text: &str| lines.iter().filter(|l| l.contains(text)).count();
+            count("computing batch group") > count("computed batch group")
+        };
+        // Freeze a worker seen computing a group; if it really is mid-group once its log is
+        // drained, that is the one to kill, else let it go on.
+        let victim = 'search: loop {
+            for (i, w) in workers.iter().enumerate() {
+                if holding(w) {
+                    w.signal(rustix::process::Signal::STOP);
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    if holding(w) {
+                        break 'search i;
+                    }
+                    w.signal(rustix::process::Signal::CONT);
+                }
             }
             assert!(
                 !running.is_finished(),
-                "the run ended before a worker took a group"
+                "the run ended before a worker could be caught holding a group"
             );
-            tokio::time::sleep(Duration::from_millis(5)).await;
+            tokio::time::sleep(Duration::from_millis(2)).await;
         };
         workers[victim].kill9();
         let lines = workers[victim].stderr_lines();
