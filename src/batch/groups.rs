@@ -268,3 +268,55 @@ pub async fn clean(lake: &Lake, pipeline: &str, run_id: i64) {
         Err(e) => tracing::warn!(%dir, error = %e, "cannot list group partials"),
     }
 }
+
+/// Deletes the scratch files of `pipeline`'s runs other than `current` that can no longer use
+/// them: finished runs (a run that failed mid-way leaves its groups' partials behind) and runs
+/// "running" for longer than [`super::GRACE`] (killed). Failures are logged, never fatal.
+pub async fn collect_stale(state: &crate::state::State, lake: &Lake, pipeline: &str, current: i64) {
+    let prefix = format!("runs/{pipeline}/");
+    let files = match lake.list(&prefix).await {
+        Ok(f) => f,
+        Err(e) => {
+            tracing::warn!(%pipeline, error = %e, "cannot list batch run scratch files");
+            return;
+        }
+    };
+    let mut verdicts: BTreeMap<i64, bool> = BTreeMap::new();
+    for f in files {
+        let Some(run) = f
+            .path
+            .strip_prefix(&prefix)
+            .and_then(|rest| rest.strip_prefix("run="))
+            .and_then(|rest| rest.split('/').next())
+            .and_then(|id| id.parse::<i64>().ok())
+        else {
+            continue;
+        };
+        if run == current {
+            continue;
+        }
+        let stale = match verdicts.get(&run) {
+            Some(v) => *v,
+            None => {
+                let v = match state.run(crate::state::RunId(run)).await {
+                    Ok(Some(r)) => {
+                        r.state.is_finished()
+                            || (chrono::Utc::now() - r.created_at)
+                                .to_std()
+                                .is_ok_and(|a| a >= super::GRACE)
+                    }
+                    Ok(None) => true,
+                    Err(e) => {
+                        tracing::warn!(run, error = %e, "cannot read run; keeping its scratch files");
+                        false
+                    }
+                };
+                verdicts.insert(run, v);
+                v
+            }
+        };
+        if stale && let Err(e) = lake.delete(&f.path).await {
+            tracing::warn!(path = %f.path, error = %e, "cannot delete stale group partials");
+        }
+    }
+}

@@ -269,7 +269,7 @@ async fn run_views(
         );
     }
     let jobs = match scale {
-        Some(scale) => fan_out(plan, state, run_id, &prepared, scale).await?,
+        Some(scale) => fan_out(plan, state, lake, run_id, &prepared, scale).await?,
         None => vec![None; prepared.len()],
     };
     let scaled_out = jobs.iter().any(Option::is_some);
@@ -386,6 +386,7 @@ async fn prepare_view(
 async fn fan_out(
     plan: &Arc<Plan>,
     state: &State,
+    lake: &Lake,
     run_id: RunId,
     prepared: &[Prepared],
     scale: ScaleOut<'_>,
@@ -395,6 +396,7 @@ async fn fan_out(
     if threshold == 0 {
         return Ok(out);
     }
+    groups::collect_stale(state, lake, &plan.pipeline().name, run_id.0).await;
     // Views with the same segments to scan, by their first member.
     let mut buckets: Vec<Vec<usize>> = Vec::new();
     for (i, p) in prepared.iter().enumerate() {

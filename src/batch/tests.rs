@@ -264,3 +264,64 @@ async fn a_run_against_a_store_that_stays_down_fails_cleanly_and_publishes_nothi
         last.error
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stale_group_partials_of_failed_runs_are_collected_and_live_ones_kept() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}", dir.path().join("state.db").display());
+    let state = State::open(&url).await.unwrap();
+    let lake = Lake::open("memory://", &BTreeMap::new()).unwrap();
+    let failed = state
+        .create_run(RunKind::Batch, "orders", None)
+        .await
+        .unwrap()
+        .id;
+    state.start_run(failed).await.unwrap();
+    state
+        .finish_run(failed, Outcome::Failed, Some("killed"))
+        .await
+        .unwrap();
+    let running = state
+        .create_run(RunKind::Batch, "orders", None)
+        .await
+        .unwrap()
+        .id;
+    state.start_run(running).await.unwrap();
+    let current = state
+        .create_run(RunKind::Batch, "orders", None)
+        .await
+        .unwrap()
+        .id;
+    for run in [failed, running, current] {
+        let path = format!(
+            "{}group-000000/v.parquet",
+            lake::run_scratch_prefix("orders", run.0)
+        );
+        lake.put(&path, b"x".to_vec()).await.unwrap();
+    }
+    lake.put("runs/other/run=1/group-000000/v.parquet", b"x".to_vec())
+        .await
+        .unwrap();
+    groups::collect_stale(&state, &lake, "orders", current.0).await;
+    let left: Vec<String> = lake
+        .list("runs/")
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|o| o.path)
+        .collect();
+    assert_eq!(
+        left,
+        vec![
+            format!(
+                "{}group-000000/v.parquet",
+                lake::run_scratch_prefix("orders", running.0)
+            ),
+            format!(
+                "{}group-000000/v.parquet",
+                lake::run_scratch_prefix("orders", current.0)
+            ),
+            "runs/other/run=1/group-000000/v.parquet".to_string(),
+        ]
+    );
+}
