@@ -283,13 +283,7 @@ pub async fn collect_stale(state: &crate::state::State, lake: &Lake, pipeline: &
     };
     let mut verdicts: BTreeMap<i64, bool> = BTreeMap::new();
     for f in files {
-        let Some(run) = f
-            .path
-            .strip_prefix(&prefix)
-            .and_then(|rest| rest.strip_prefix("run="))
-            .and_then(|rest| rest.split('/').next())
-            .and_then(|id| id.parse::<i64>().ok())
-        else {
+        let Some(run) = super::run_of(&f.path, &prefix) else {
             continue;
         };
         if run == current {
@@ -298,14 +292,8 @@ pub async fn collect_stale(state: &crate::state::State, lake: &Lake, pipeline: &
         let stale = match verdicts.get(&run) {
             Some(v) => *v,
             None => {
-                let v = match state.run(crate::state::RunId(run)).await {
-                    Ok(Some(r)) => {
-                        r.state.is_finished()
-                            || (chrono::Utc::now() - r.created_at)
-                                .to_std()
-                                .is_ok_and(|a| a >= super::GRACE)
-                    }
-                    Ok(None) => true,
+                let v = match super::still_going(state, run).await {
+                    Ok(going) => !going,
                     Err(e) => {
                         tracing::warn!(run, error = %e, "cannot read run; keeping its scratch files");
                         false

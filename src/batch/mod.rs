@@ -592,30 +592,16 @@ async fn collect_garbage(
         }
     };
     for f in files {
-        let Some(run) = f
-            .path
-            .strip_prefix(&prefix)
-            .and_then(|rest| rest.strip_prefix("run="))
-            .and_then(|rest| rest.split('/').next())
-            .and_then(|id| id.parse::<i64>().ok())
-        else {
+        let Some(run) = run_of(&f.path, &prefix) else {
             continue;
         };
         if run == current.run_id.0 {
             continue;
         }
-        match state.run(RunId(run)).await {
-            // A run still going may publish these files; one that has been "running" for
-            // longer than the grace period was killed and never will.
-            Ok(Some(r))
-                if !r.state.is_finished()
-                    && (chrono::Utc::now() - r.created_at)
-                        .to_std()
-                        .is_ok_and(|a| a < GRACE) =>
-            {
-                continue;
-            }
-            Ok(_) => {}
+        // A run still going may publish these files.
+        match still_going(state, run).await {
+            Ok(true) => continue,
+            Ok(false) => {}
             Err(e) => {
                 tracing::warn!(run, error = %e, "cannot read run; keeping its view files");
                 continue;
@@ -626,4 +612,25 @@ async fn collect_garbage(
             Err(e) => tracing::warn!(path = %f.path, error = %e, "cannot delete old view file"),
         }
     }
+}
+
+/// The run of a lake path `{prefix}run={id}/…`.
+pub(crate) fn run_of(path: &str, prefix: &str) -> Option<i64> {
+    path.strip_prefix(prefix)?
+        .strip_prefix("run=")?
+        .split('/')
+        .next()?
+        .parse()
+        .ok()
+}
+
+/// Whether run `id` may still write to the lake: it has not finished and started less than
+/// [`GRACE`] ago (one "running" for longer was killed and never will).
+pub(crate) async fn still_going(state: &State, id: i64) -> Result<bool, StateError> {
+    Ok(state.run(RunId(id)).await?.is_some_and(|r| {
+        !r.state.is_finished()
+            && (chrono::Utc::now() - r.created_at)
+                .to_std()
+                .is_ok_and(|a| a < GRACE)
+    }))
 }

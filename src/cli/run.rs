@@ -150,7 +150,8 @@ fn runtime() -> Result<tokio::runtime::Runtime, CliError> {
         .context("starting the async runtime")?)
 }
 
-async fn open(project: &Project) -> Result<(State, Lake), CliError> {
+/// The project's state DB and lake.
+pub(super) async fn open(project: &Project) -> Result<(State, Lake), CliError> {
     let s = &project.settings;
     let db = State::open(&s.state)
         .await

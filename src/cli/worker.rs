@@ -14,7 +14,6 @@ use crate::orchestration::fanout::Groups;
 use crate::orchestration::layers::Layers;
 use crate::orchestration::{Options, OrchestrationError, Orchestrator};
 use crate::spec::Project;
-use crate::state::State;
 
 pub fn run(project_dir: &Path, concurrency: usize, schedule: bool) -> Result<(), CliError> {
     let project = super::load_project(project_dir)?;
@@ -59,15 +58,7 @@ pub(super) fn runtime() -> Result<tokio::runtime::Runtime, CliError> {
 
 /// The project's orchestrator over its state DB.
 pub(super) async fn open(project: Project) -> Result<Orchestrator, CliError> {
-    let settings = &project.settings;
-    let state = State::open(&settings.state).await.with_context(|| {
-        format!(
-            "opening the state DB {}",
-            super::serve::redact(&settings.state)
-        )
-    })?;
-    let lake = Lake::open(&settings.lake, &settings.lake_options)
-        .with_context(|| format!("opening the lake {}", settings.lake))?;
+    let (state, lake) = super::run::open(&project).await?;
     let project = Arc::new(project);
     let layers = Arc::new(Layers::new(project.clone(), state.clone(), lake));
     let orchestrator = Orchestrator::open(project, state, layers)
@@ -78,15 +69,7 @@ pub(super) async fn open(project: Project) -> Result<Orchestrator, CliError> {
 
 /// The batch group queue of the project's state DB, with the project and its lake.
 async fn open_groups(project: &Project) -> Result<(Groups, Project, Lake), CliError> {
-    let settings = &project.settings;
-    let state = State::open(&settings.state).await.with_context(|| {
-        format!(
-            "opening the state DB {}",
-            super::serve::redact(&settings.state)
-        )
-    })?;
-    let lake = Lake::open(&settings.lake, &settings.lake_options)
-        .with_context(|| format!("opening the lake {}", settings.lake))?;
+    let (state, lake) = super::run::open(project).await?;
     let groups = Groups::open(&state)
         .await
         .context("opening the batch group queue")?;
