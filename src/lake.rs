@@ -15,6 +15,16 @@
 //!   without them the GCS client would ask the cloud metadata address 169.254.169.254, which a
 //!   developer machine or CI must never do, so opening fails instead.
 //!
+//! S3 and Azure refuse to open without credentials too (keys, a token, a web identity, the
+//! emulator or `skip_signature`), unless `lake_options` says `instance_credentials: "true"`:
+//! only then may their clients ask the instance metadata service, as on a cloud VM.
+//!
+//! Cloud requests that fail transiently (connection errors, 5xx, throttling) are retried with
+//! exponential back-off — at most `max_retries` times (default [`DEFAULT_MAX_RETRIES`]) within
+//! `retry_timeout` (default 60s) — then the operation fails, and with it the run: a batch run
+//! publishes nothing unless every write succeeded. These three options are lambda-ctl's own;
+//! every other lake option is an object_store setting of the store kind.
+//!
 //! The layout (DESIGN.md §1, §4) is a set of plain functions: [`archive_path`],
 //! [`dead_letter_path`], [`view_run_prefix`] and their prefixes.
 
@@ -22,6 +32,7 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::str::FromStr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 use futures::TryStreamExt;
@@ -32,12 +43,24 @@ use object_store::local::LocalFileSystem;
 use object_store::memory::InMemory;
 use object_store::path::Path;
 use object_store::prefix::PrefixStore;
-use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload, WriteMultipart};
+use object_store::{
+    BackoffConfig, ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload, RetryConfig,
+    WriteMultipart,
+};
 use tracing::{debug, warn};
 use url::Url;
 
 /// Parts of a streamed upload in flight at once; bounds its memory to this many 5 MiB parts.
 const UPLOAD_PARTS_IN_FLIGHT: usize = 8;
+/// [`Lake::put`] sends objects larger than this (segments, views) as a multipart upload, so
+/// one failed request resends one part, not the whole object.
+pub const MULTIPART_THRESHOLD: usize = 10 * 1024 * 1024;
+/// Retries of a failed cloud request, unless `lake_options` sets `max_retries`.
+pub const DEFAULT_MAX_RETRIES: usize = 6;
+/// How long a cloud request is retried at most, unless `lake_options` sets `retry_timeout`.
+const DEFAULT_RETRY_TIMEOUT: Duration = Duration::from_secs(60);
+/// The lake options lambda-ctl reads itself instead of passing them to object_store.
+const OWN_OPTIONS: [&str; 3] = ["max_retries", "retry_timeout", "instance_credentials"];
 
 #[derive(Debug, thiserror::Error)]
 pub enum LakeError {
@@ -53,6 +76,16 @@ pub enum LakeError {
         "lake {url}: no Google Cloud credentials configured; set GOOGLE_SERVICE_ACCOUNT (a key file), GOOGLE_SERVICE_ACCOUNT_KEY (the key JSON) or GOOGLE_APPLICATION_CREDENTIALS, or the same keys in lake_options (refusing to fall back to the cloud metadata server)"
     )]
     GcsWithoutCredentials { url: String },
+    #[error(
+        "lake {url}: no {store} credentials configured; {hint} in lake_options or the environment, or set lake option `instance_credentials: \"true\"` to use the cloud instance's identity (refusing to ask the metadata server 169.254.169.254 otherwise)"
+    )]
+    CloudWithoutCredentials {
+        store: &'static str,
+        url: String,
+        hint: &'static str,
+    },
+    #[error("lake option `{key}`: {reason}")]
+    BadOption { key: String, reason: String },
     #[error("cannot create the lake directory {dir}: {source}")]
     CreateDir { dir: String, source: std::io::Error },
     #[error("cannot open the lake {url}: {source}")]
@@ -184,11 +217,30 @@ impl Lake {
     }
 
     /// Writes a whole object, replacing any object at `path`. Atomic: readers see the old
-    /// object or the new one, never a part.
+    /// object or the new one, never a part. Above [`MULTIPART_THRESHOLD`] bytes it is sent as
+    /// a multipart upload (aborted again if a part fails).
     pub async fn put(&self, path: &str, bytes: impl Into<Bytes>) -> Result<(), LakeError> {
+        let bytes: Bytes = bytes.into();
+        if bytes.len() > MULTIPART_THRESHOLD {
+            let mut upload = self.put_multipart(path).await?;
+            let sent = async {
+                for chunk in bytes.chunks(MULTIPART_THRESHOLD / 2) {
+                    upload.write(chunk).await?;
+                }
+                Ok::<(), LakeError>(())
+            }
+            .await;
+            if let Err(e) = sent {
+                if let Err(abort) = upload.abort().await {
+                    warn!(path, error = %abort, "cannot abort a failed upload");
+                }
+                return Err(e);
+            }
+            return upload.finish().await;
+        }
         let location = parse(path)?;
         self.store
-            .put(&location, PutPayload::from(bytes.into()))
+            .put(&location, PutPayload::from(bytes))
             .await
             .map_err(store_err("put", path))?;
         Ok(())
@@ -356,17 +408,43 @@ fn cloud(
         url: url.to_string(),
         source,
     };
+    let own = OwnOptions::from(options)?;
+    let options: BTreeMap<String, String> = options
+        .iter()
+        .filter(|(k, _)| !OWN_OPTIONS.contains(&k.to_ascii_lowercase().as_str()))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    let options = &options;
+    let refuse = |store, hint| LakeError::CloudWithoutCredentials {
+        store,
+        url: url.to_string(),
+        hint,
+    };
     let store: Arc<dyn ObjectStore> = match parsed.scheme() {
         "s3" | "s3a" => {
-            let mut b = AmazonS3Builder::new();
+            let mut b = AmazonS3Builder::new().with_retry(own.retry.clone());
             for (key, value) in settings::<AmazonS3ConfigKey>(env, "AWS_", options, "S3")? {
                 b = b.with_config(key, value);
+            }
+            let set = |key| b.get_config_value(&key).is_some_and(|v| !v.is_empty());
+            let configured = set(AmazonS3ConfigKey::AccessKeyId)
+                || set(AmazonS3ConfigKey::SecretAccessKey)
+                || set(AmazonS3ConfigKey::WebIdentityTokenFile)
+                || set(AmazonS3ConfigKey::ContainerCredentialsRelativeUri)
+                || set(AmazonS3ConfigKey::ContainerCredentialsFullUri)
+                || b.get_config_value(&AmazonS3ConfigKey::SkipSignature)
+                    .is_some_and(|v| v == "true");
+            if !configured && !own.instance_credentials {
+                return Err(refuse(
+                    "S3",
+                    "set access_key_id and secret_access_key (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY), web_identity_token_file with role_arn, or skip_signature",
+                ));
             }
             let b = b.with_url(&bucket_url);
             rooted(b.build().map_err(open)?, prefix)?
         }
         "gs" => {
-            let mut b = GoogleCloudStorageBuilder::new();
+            let mut b = GoogleCloudStorageBuilder::new().with_retry(own.retry.clone());
             if let Some((_, path)) = env.iter().find(|(k, _)| k == "SERVICE_ACCOUNT") {
                 b = b.with_service_account_path(path);
             }
@@ -380,6 +458,7 @@ fn cloud(
             ]
             .iter()
             .any(|key| b.get_config_value(key).is_some_and(|v| !v.is_empty()));
+            // `instance_credentials` does not apply: GCS never uses the metadata server.
             if !configured {
                 return Err(LakeError::GcsWithoutCredentials {
                     url: url.to_string(),
@@ -389,12 +468,30 @@ fn cloud(
             rooted(b.build().map_err(open)?, prefix)?
         }
         _ => {
-            let mut b = MicrosoftAzureBuilder::new();
+            let mut b = MicrosoftAzureBuilder::new().with_retry(own.retry.clone());
             for (key, value) in settings::<AzureConfigKey>(env, "AZURE_", options, "Azure")? {
                 b = b.with_config(key, value);
             }
             if let Some((_, endpoint)) = env.iter().find(|(k, _)| k == "MSI_ENDPOINT") {
                 b = b.with_msi_endpoint(endpoint);
+            }
+            let set = |key| b.get_config_value(&key).is_some_and(|v| !v.is_empty());
+            let on = |key| b.get_config_value(&key).is_some_and(|v| v == "true");
+            let configured = set(AzureConfigKey::AccessKey)
+                || set(AzureConfigKey::SasKey)
+                || set(AzureConfigKey::Token)
+                || set(AzureConfigKey::ClientSecret)
+                || set(AzureConfigKey::FederatedTokenFile)
+                || on(AzureConfigKey::UseEmulator)
+                || on(AzureConfigKey::UseAzureCli)
+                || on(AzureConfigKey::SkipSignature)
+                // A SAS token in the URL's query.
+                || parsed.query().is_some_and(|q| q.contains("sig="));
+            if !configured && !own.instance_credentials {
+                return Err(refuse(
+                    "Azure",
+                    "set access_key (AZURE_STORAGE_ACCOUNT_KEY), sas_key, bearer_token, client_id with client_secret and tenant_id, federated_token_file, use_azure_cli or use_emulator",
+                ));
             }
             let b = b.with_url(&bucket_url);
             rooted(b.build().map_err(open)?, prefix)?
@@ -408,6 +505,57 @@ fn cloud(
             format!("{bucket_url}/{prefix}/")
         },
     })
+}
+
+/// The lake options lambda-ctl reads itself (see the module docs).
+struct OwnOptions {
+    retry: RetryConfig,
+    /// Whether the client may ask the instance metadata service for credentials.
+    instance_credentials: bool,
+}
+
+impl OwnOptions {
+    fn from(options: &BTreeMap<String, String>) -> Result<OwnOptions, LakeError> {
+        let mut out = OwnOptions {
+            retry: RetryConfig {
+                backoff: BackoffConfig {
+                    init_backoff: Duration::from_millis(100),
+                    max_backoff: Duration::from_secs(5),
+                    base: 2.0,
+                },
+                max_retries: DEFAULT_MAX_RETRIES,
+                retry_timeout: DEFAULT_RETRY_TIMEOUT,
+            },
+            instance_credentials: false,
+        };
+        for (key, value) in options {
+            let bad = |reason: &str| LakeError::BadOption {
+                key: key.clone(),
+                reason: format!("{reason}, found `{value}`"),
+            };
+            match key.to_ascii_lowercase().as_str() {
+                "max_retries" => {
+                    out.retry.max_retries = value
+                        .trim()
+                        .parse()
+                        .map_err(|_| bad("expected a number of retries (0 disables them)"))?;
+                }
+                "retry_timeout" => {
+                    out.retry.retry_timeout = crate::spec::duration::parse(value)
+                        .map_err(|e| bad(&format!("expected a duration like 30s or 2m ({e})")))?;
+                }
+                "instance_credentials" => {
+                    out.instance_credentials = match value.trim() {
+                        "true" => true,
+                        "false" => false,
+                        _ => return Err(bad("expected \"true\" or \"false\"")),
+                    };
+                }
+                _ => {}
+            }
+        }
+        Ok(out)
+    }
 }
 
 /// The settings for one store kind: recognised `PREFIX*` environment variables (others are
@@ -477,6 +625,12 @@ pub fn view_run_prefix(pipeline: &str, view: &str, run_id: i64) -> String {
     format!("views/{pipeline}/{view}/run={run_id}/")
 }
 
+/// `runs/{pipeline}/run={run_id}/`: scratch files of one batch run (the partials of its groups
+/// when it is scaled out), deleted when the run publishes.
+pub fn run_scratch_prefix(pipeline: &str, run_id: i64) -> String {
+    format!("runs/{pipeline}/run={run_id}/")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -503,133 +657,8 @@ mod tests {
     /// store from it touches no network.
     const OFFLINE_GCS_KEY: &str = r#"{"private_key": "", "private_key_id": "", "client_email": "", "disable_oauth": true, "gcs_base_url": "http://127.0.0.1:9"}"#;
 
-    /// The behaviour every backend must show.
-    async fn round_trip(lake: &Lake) {
-        let seg = archive_path("clicks", 0, 0, 10);
-        assert!(!lake.exists(&seg).await.expect("head"));
-        assert!(matches!(
-            lake.get(&seg).await,
-            Err(LakeError::NotFound { .. })
-        ));
-
-        lake.put(&seg, b"first".to_vec()).await.expect("put");
-        assert!(lake.exists(&seg).await.expect("head"));
-        assert_eq!(lake.get(&seg).await.expect("get"), Bytes::from("first"));
-        lake.put(&seg, b"second".to_vec()).await.expect("overwrite");
-        assert_eq!(lake.get(&seg).await.expect("get"), Bytes::from("second"));
-
-        let once = dead_letter_path("clicks", 1_700_000_000_000, "a");
-        assert!(
-            lake.put_if_absent(&once, b"a".to_vec())
-                .await
-                .expect("create")
-        );
-        assert!(
-            !lake
-                .put_if_absent(&once, b"b".to_vec())
-                .await
-                .expect("exists")
-        );
-        assert_eq!(lake.get(&once).await.expect("get"), Bytes::from("a"));
-
-        lake.put(
-            &archive_path("clicks", 1, 0, 5),
-            Bytes::from_static(b"12345"),
-        )
-        .await
-        .expect("put");
-        lake.put(&archive_path("clicks2", 0, 0, 5), Bytes::from_static(b"x"))
-            .await
-            .expect("put");
-        let listed = lake.list(&archive_prefix("clicks")).await.expect("list");
-        assert_eq!(
-            listed,
-            vec![
-                ObjectInfo {
-                    path: seg.clone(),
-                    size: 6
-                },
-                ObjectInfo {
-                    path: archive_path("clicks", 1, 0, 5),
-                    size: 5
-                },
-            ],
-            "a prefix is a directory: clicks2 is not under clicks"
-        );
-        assert_eq!(lake.list("").await.expect("list all").len(), 4);
-        assert!(lake.list("nothing/here/").await.expect("list").is_empty());
-
-        lake.delete(&seg).await.expect("delete");
-        assert!(!lake.exists(&seg).await.expect("head"));
-        lake.delete(&seg)
-            .await
-            .expect("deleting a missing object succeeds");
-
-        // Larger than one 5 MiB part, written in pieces that do not align with parts.
-        let big: Vec<u8> = (0..12_000_000u32).map(|i| (i % 251) as u8).collect();
-        let path = format!(
-            "{}part-0.parquet",
-            view_run_prefix("clicks", "page_views", 7)
-        );
-        let mut upload = lake.put_multipart(&path).await.expect("start upload");
-        for chunk in big.chunks(1_000_003) {
-            upload.write(chunk).await.expect("write");
-        }
-        assert!(
-            !lake.exists(&path).await.expect("head"),
-            "not visible before finish"
-        );
-        upload.finish().await.expect("finish");
-        assert_eq!(lake.get(&path).await.expect("get"), Bytes::from(big));
-
-        let aborted = "views/clicks/page_views/run=8/part-0.parquet";
-        let mut upload = lake.put_multipart(aborted).await.expect("start upload");
-        upload.write(b"partial").await.expect("write");
-        upload.abort().await.expect("abort");
-        assert!(!lake.exists(aborted).await.expect("head"));
-
-        for bad in ["a//b", "a/../b"] {
-            let err = lake.put(bad, Bytes::new()).await.expect_err("invalid path");
-            assert!(matches!(err, LakeError::InvalidPath { .. }), "{err}");
-        }
-    }
-
-    #[tokio::test]
-    async fn memory_lake_round_trip() {
-        let lake = Lake::open("memory://", &no_options()).expect("opens");
-        round_trip(&lake).await;
-        assert_eq!(lake.url("archive/x.parquet"), "memory:///archive/x.parquet");
-    }
-
-    #[tokio::test]
-    async fn file_lake_round_trip_writes_real_files() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let root = dir.path().join("project/.lambda/lake");
-        let lake = Lake::open(&format!("file://{}", root.display()), &no_options())
-            .expect("opens and creates the directory");
-        assert!(root.is_dir());
-        round_trip(&lake).await;
-
-        let seg = archive_path("clicks", 1, 0, 5);
-        let on_disk = root.join(&seg);
-        assert_eq!(std::fs::read(&on_disk).expect("file exists"), b"12345");
-        let url = Url::parse(&lake.url(&seg)).expect("a valid URL");
-        assert_eq!(url.to_file_path().expect("a file URL"), on_disk);
-
-        // The store handed to other layers is rooted at the lake, like every lake path.
-        let meta = lake
-            .store()
-            .head(&Path::from(seg.as_str()))
-            .await
-            .expect("rooted store");
-        assert_eq!(meta.size, 5);
-
-        lake.delete(&seg).await.expect("delete");
-        assert!(
-            !root.join("archive/clicks/p=1").exists(),
-            "deleting the last object removes its empty directory"
-        );
-    }
+    // The behaviour of every backend (put, compare-and-swap, list, delete, multipart) is
+    // tested in tests/it/lakes.rs, on memory, file, S3 and Azure alike.
 
     #[test]
     fn url_errors_say_what_is_wrong() {
@@ -688,7 +717,12 @@ mod tests {
             lake.url(&archive_path("clicks", 0, 5, 9)),
             "s3://lake-bucket/team/prod/archive/clicks/p=0/00000000000000000005-00000000000000000009.parquet"
         );
-        let bare = Lake::open_with_env("s3a://lake-bucket", &no_options(), &[]).expect("builds");
+        let bare = Lake::open_with_env(
+            "s3a://lake-bucket",
+            &no_options(),
+            &env(&[("AWS_ACCESS_KEY_ID", "k"), ("AWS_SECRET_ACCESS_KEY", "s")]),
+        )
+        .expect("builds");
         assert_eq!(bare.root_url(), "s3a://lake-bucket/");
     }
 
@@ -765,6 +799,119 @@ mod tests {
         )
         .expect_err("missing file");
         assert!(matches!(err, LakeError::Open { .. }), "{err}");
+    }
+
+    #[test]
+    fn s3_and_azure_without_credentials_are_refused_unless_instance_identity_is_asked_for() {
+        let cases = [
+            (
+                "s3://bucket/lake",
+                "S3",
+                "access_key_id",
+                options(&[("instance_credentials", "true")]),
+            ),
+            (
+                "az://container/lake",
+                "Azure",
+                "access_key",
+                options(&[("instance_credentials", "true"), ("account_name", "acct")]),
+            ),
+        ];
+        for (url, store, hint, instance) in cases {
+            // Settings that are not credentials do not count; neither does an empty key.
+            let err = Lake::open_with_env(
+                url,
+                &options(&[("endpoint", "http://127.0.0.1:9"), ("allow_http", "true")]),
+                &env(&[
+                    ("AWS_ACCESS_KEY_ID", ""),
+                    ("AZURE_STORAGE_ACCOUNT_NAME", "acct"),
+                ]),
+            )
+            .expect_err(url);
+            let text = err.to_string();
+            assert!(
+                matches!(err, LakeError::CloudWithoutCredentials { store: s, .. } if s == store),
+                "{url}: {text}"
+            );
+            assert!(text.contains(hint), "{text}");
+            assert!(text.contains("instance_credentials"), "{text}");
+            assert!(text.contains("169.254.169.254"), "{text}");
+            // Explicitly asked for: the instance identity may be used (nothing is contacted
+            // until the first request).
+            Lake::open_with_env(url, &instance, &[]).unwrap_or_else(|e| panic!("{url}: {e}"));
+        }
+        // Any real credential is enough.
+        let ok: [(&str, BTreeMap<String, String>); 5] = [
+            (
+                "s3://b",
+                options(&[("access_key_id", "k"), ("secret_access_key", "s")]),
+            ),
+            ("s3://b", options(&[("skip_signature", "true")])),
+            ("az://c", options(&[("use_emulator", "true")])),
+            (
+                "az://c",
+                options(&[("account_name", "a"), ("sas_key", "sv=1&sig=x")]),
+            ),
+            (
+                "az://c",
+                options(&[("account_name", "a"), ("bearer_token", "t")]),
+            ),
+        ];
+        for (url, opts) in ok {
+            Lake::open_with_env(url, &opts, &[]).unwrap_or_else(|e| panic!("{url}: {e}"));
+        }
+    }
+
+    #[test]
+    fn retry_options_are_lambda_ctl_settings_checked_on_open() {
+        let creds = [("access_key_id", "k"), ("secret_access_key", "s")];
+        let with = |extra: &[(&str, &str)]| {
+            let mut o = options(&creds);
+            o.extend(options(extra));
+            Lake::open_with_env("s3://b/p", &o, &[])
+        };
+        with(&[("max_retries", "0"), ("retry_timeout", "30s")]).expect("valid retry settings");
+        with(&[("MAX_RETRIES", "3"), ("connect_timeout", "2s")]).expect("any case; client keys");
+        for (key, value, expected) in [
+            ("max_retries", "many", "number of retries"),
+            ("retry_timeout", "soon", "duration"),
+            ("instance_credentials", "yes", "\"true\" or \"false\""),
+        ] {
+            let err = with(&[(key, value)]).expect_err(key);
+            let text = err.to_string();
+            assert!(matches!(err, LakeError::BadOption { .. }), "{text}");
+            assert!(text.contains(key) && text.contains(expected), "{text}");
+        }
+        let own = OwnOptions::from(&no_options()).unwrap();
+        assert_eq!(own.retry.max_retries, DEFAULT_MAX_RETRIES);
+        assert_eq!(own.retry.retry_timeout, DEFAULT_RETRY_TIMEOUT);
+        assert!(!own.instance_credentials);
+    }
+
+    #[test]
+    fn gcs_never_falls_back_to_the_metadata_server() {
+        // Not even when instance credentials are allowed for S3 and Azure.
+        let err = Lake::open_with_env(
+            "gs://bucket",
+            &options(&[("instance_credentials", "true")]),
+            &[],
+        )
+        .expect_err("refused");
+        assert!(
+            matches!(err, LakeError::GcsWithoutCredentials { .. }),
+            "{err}"
+        );
+        // The only GCS client a default config can build is none at all: the default lake is
+        // a directory, and no GOOGLE_* variable of the process environment makes one either.
+        let env_only = Lake::open_with_env(
+            "gs://bucket",
+            &no_options(),
+            &env(&[("GOOGLE_BUCKET", "x")]),
+        );
+        assert!(matches!(
+            env_only,
+            Err(LakeError::GcsWithoutCredentials { .. })
+        ));
     }
 
     #[test]

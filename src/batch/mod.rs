@@ -10,7 +10,10 @@
 //! - A run that fails or is killed publishes nothing more: what is published stays served.
 //! - Versions that are no longer current are kept for [`GRACE`] after they were replaced, then
 //!   their files are deleted.
+//! - With [`ScaleOut`], a view with many segments to scan is computed as groups by any number
+//!   of workers ([`groups`]) and merged here; without it, or for small inputs, in this process.
 
+pub mod groups;
 pub mod maintenance;
 pub mod pickup;
 pub mod scan;
@@ -27,6 +30,7 @@ use polars::prelude::*;
 
 use crate::lake::{self, Lake};
 use crate::plan::Plan;
+use crate::spec::BatchSettings;
 use crate::state::{
     Cutoff, NewPublication, Outcome, Publication, RunId, RunKind, Segment, State, StateError,
 };
@@ -123,13 +127,36 @@ pub async fn recompute(
     views: Option<&[String]>,
     progress: &mut (dyn FnMut(&Progress) + Send),
 ) -> Result<RunSummary, BatchError> {
+    recompute_scaled(plan, state, lake, views, None, progress).await
+}
+
+/// How a run scales out: the thresholds of `batch:` and who computes the groups.
+#[derive(Clone, Copy)]
+pub struct ScaleOut<'a> {
+    pub settings: BatchSettings,
+    pub fanout: &'a dyn groups::Fanout,
+}
+
+/// [`recompute`], splitting views with at least `scale.settings.scale_out_segments` segments to
+/// scan into group jobs handed to `scale.fanout`.
+pub async fn recompute_scaled(
+    plan: Arc<Plan>,
+    state: &State,
+    lake: &Lake,
+    views: Option<&[String]>,
+    scale: Option<ScaleOut<'_>>,
+    progress: &mut (dyn FnMut(&Progress) + Send),
+) -> Result<RunSummary, BatchError> {
     let pipeline = plan.pipeline().name.clone();
     let selected = select_views(&plan, views)?;
     let run = state.create_run(RunKind::Batch, &pipeline, None).await?;
     let run_id = run.id;
     state.start_run(run_id).await?;
     let started = Instant::now();
-    let result = run_views(&plan, state, lake, run_id, &selected, started, progress).await;
+    let result = run_views(
+        &plan, state, lake, run_id, &selected, scale, started, progress,
+    )
+    .await;
     match &result {
         Ok(summary) => {
             log(
@@ -204,12 +231,14 @@ pub async fn sealed(state: &State, pipeline: &str) -> Result<(Cutoff, Vec<Segmen
     Ok((cutoff, segments))
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn run_views(
     plan: &Arc<Plan>,
     state: &State,
     lake: &Lake,
     run_id: RunId,
     selected: &[usize],
+    scale: Option<ScaleOut<'_>>,
     started: Instant,
     progress: &mut (dyn FnMut(&Progress) + Send),
 ) -> anyhow::Result<RunSummary> {
@@ -231,17 +260,31 @@ async fn run_views(
         ),
     )
     .await;
-    let mut out = Vec::new();
+    let mut prepared = Vec::with_capacity(selected.len());
     for &v in selected {
-        let name = plan.pipeline().views[v].name.clone();
+        let name = &plan.pipeline().views[v].name;
+        prepared.push(
+            prepare_view(plan, state, lake, v, &cutoff, &segments)
+                .await
+                .with_context(|| format!("view `{name}`"))?,
+        );
+    }
+    let jobs = match scale {
+        Some(scale) => fan_out(plan, state, lake, run_id, &prepared, scale).await?,
+        None => vec![None; prepared.len()],
+    };
+    let scaled_out = jobs.iter().any(Option::is_some);
+    let mut out = Vec::new();
+    for (prep, jobs) in prepared.into_iter().zip(jobs) {
+        let name = prep.name.clone();
         let summary = recompute_view(
             plan,
             state,
             lake,
             run_id,
-            v,
             &cutoff,
-            &segments,
+            prep,
+            jobs,
             &mut *progress,
         )
         .await
@@ -268,6 +311,9 @@ async fn run_views(
         });
         out.push(summary);
     }
+    if scaled_out {
+        groups::clean(lake, &pipeline, run_id.0).await;
+    }
     Ok(RunSummary {
         run_id,
         cutoff,
@@ -276,17 +322,26 @@ async fn run_views(
     })
 }
 
-#[allow(clippy::too_many_arguments)]
-async fn recompute_view(
+/// What a view's recompute starts from.
+struct Prepared {
+    view: usize,
+    name: String,
+    current: Option<Publication>,
+    /// The publication an incremental run builds on.
+    base: Option<Publication>,
+    mode: Mode,
+    /// The segments to scan.
+    todo: Vec<Segment>,
+}
+
+async fn prepare_view(
     plan: &Arc<Plan>,
     state: &State,
     lake: &Lake,
-    run_id: RunId,
     view: usize,
     cutoff: &Cutoff,
     segments: &[Segment],
-    progress: &mut (dyn FnMut(&Progress) + Send),
-) -> anyhow::Result<ViewSummary> {
+) -> anyhow::Result<Prepared> {
     let pipeline = plan.pipeline().name.clone();
     let name = plan.pipeline().views[view].name.clone();
     let current = state.current_publication(&pipeline, &name).await?;
@@ -296,13 +351,16 @@ async fn recompute_view(
     let hash = plan.logic_hash(view);
     // Incremental only on top of partials of the same logic, and never backwards (a cutoff
     // that went down would mean the manifest was reset: recompute).
-    let base = current.as_ref().filter(|c| {
-        c.logic_hash == hash
-            && c.cutoff
-                .iter()
-                .all(|(p, pos)| cutoff.get(p).is_some_and(|now| now >= pos))
-    });
-    let (mode, todo): (Mode, Vec<Segment>) = match base {
+    let base = current
+        .as_ref()
+        .filter(|c| {
+            c.logic_hash == hash
+                && c.cutoff
+                    .iter()
+                    .all(|(p, pos)| cutoff.get(p).is_some_and(|now| now >= pos))
+        })
+        .cloned();
+    let (mode, todo): (Mode, Vec<Segment>) = match &base {
         Some(b) => (
             Mode::Incremental,
             segments
@@ -313,7 +371,127 @@ async fn recompute_view(
         ),
         None => (Mode::Full, segments.to_vec()),
     };
-    let previous = match base {
+    Ok(Prepared {
+        view,
+        name,
+        current,
+        base,
+        mode,
+        todo,
+    })
+}
+
+/// Splits the views with enough segments to scan into group jobs and submits them all at once;
+/// views scanning the same segments share their jobs (each job computes all of them). Returns
+/// each view's jobs (`None`: computed in this process).
+async fn fan_out(
+    plan: &Arc<Plan>,
+    state: &State,
+    lake: &Lake,
+    run_id: RunId,
+    prepared: &[Prepared],
+    scale: ScaleOut<'_>,
+) -> anyhow::Result<Vec<Option<Vec<groups::GroupJob>>>> {
+    let threshold = scale.settings.scale_out_segments;
+    let mut out = vec![None; prepared.len()];
+    if threshold == 0 {
+        return Ok(out);
+    }
+    groups::collect_stale(state, lake, &plan.pipeline().name, run_id.0).await;
+    // Views with the same segments to scan, by their first member.
+    let mut buckets: Vec<Vec<usize>> = Vec::new();
+    for (i, p) in prepared.iter().enumerate() {
+        if p.todo.len() < threshold {
+            continue;
+        }
+        match buckets.iter_mut().find(|b| prepared[b[0]].todo == p.todo) {
+            Some(b) => b.push(i),
+            None => buckets.push(vec![i]),
+        }
+    }
+    let mut next_group = 0;
+    for members in buckets {
+        let views: Vec<usize> = members.iter().map(|&i| prepared[i].view).collect();
+        let todo = &prepared[members[0]].todo;
+        let jobs = groups::split(
+            plan,
+            &views,
+            run_id.0,
+            todo,
+            scale.settings.group_segments,
+            &mut next_group,
+        );
+        log(
+            state,
+            run_id,
+            &format!(
+                "views {}: {} segment(s) split into {} group job(s)",
+                members
+                    .iter()
+                    .map(|&i| prepared[i].name.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                todo.len(),
+                jobs.len()
+            ),
+        )
+        .await;
+        scale.fanout.submit(&jobs).await?;
+        for i in members {
+            out[i] = Some(jobs.clone());
+        }
+    }
+    Ok(out)
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn recompute_view(
+    plan: &Arc<Plan>,
+    state: &State,
+    lake: &Lake,
+    run_id: RunId,
+    cutoff: &Cutoff,
+    prep: Prepared,
+    jobs: Option<Vec<groups::GroupJob>>,
+    progress: &mut (dyn FnMut(&Progress) + Send),
+) -> anyhow::Result<ViewSummary> {
+    let pipeline = plan.pipeline().name.clone();
+    let Prepared {
+        view,
+        name,
+        current,
+        base,
+        mode,
+        todo,
+    } = prep;
+    let total = todo.len();
+    let (mut done, mut rows) = (0usize, 0u64);
+    let mut report = |segments: usize, events: u64| {
+        done += segments;
+        rows += events;
+        progress(&Progress::Segments {
+            view: name.clone(),
+            done,
+            total,
+            rows,
+        });
+    };
+    let fresh = match &jobs {
+        Some(jobs) => {
+            groups::collect(plan, lake, view, jobs, |job| {
+                report(job.segments.len(), job.rows())
+            })
+            .await?
+        }
+        None => {
+            let source = scan::open(lake, &todo, |s| report(1, s.rows)).await?;
+            let p = plan.clone();
+            tokio::task::spawn_blocking(move || scan::view_partials(&p, view, &source))
+                .await
+                .context("batch computation panicked")??
+        }
+    };
+    let previous = match &base {
         Some(b) => Some(
             load_partials(plan, lake, view, b)
                 .await
@@ -321,23 +499,8 @@ async fn recompute_view(
         ),
         None => None,
     };
-
-    let total = todo.len();
-    let (mut done, mut rows) = (0usize, 0u64);
-    let source = scan::open(lake, &todo, |s| {
-        done += 1;
-        rows += s.rows;
-        progress(&Progress::Segments {
-            view: name.clone(),
-            done,
-            total,
-            rows,
-        });
-    })
-    .await?;
     let p = plan.clone();
     let mut partials = tokio::task::spawn_blocking(move || -> PolarsResult<DataFrame> {
-        let fresh = scan::view_partials(&p, view, &source)?;
         match previous {
             Some(old) => p.merge(view, vec![old, fresh]),
             None => Ok(fresh),
@@ -359,7 +522,7 @@ async fn recompute_view(
             pipeline: pipeline.clone(),
             view: name.clone(),
             run_id,
-            logic_hash: hash,
+            logic_hash: plan.logic_hash(view),
             cutoff: cutoff.clone(),
             rows: partial_rows,
             replaces: current.as_ref().map(|c| c.id),
@@ -430,30 +593,16 @@ async fn collect_garbage(
         }
     };
     for f in files {
-        let Some(run) = f
-            .path
-            .strip_prefix(&prefix)
-            .and_then(|rest| rest.strip_prefix("run="))
-            .and_then(|rest| rest.split('/').next())
-            .and_then(|id| id.parse::<i64>().ok())
-        else {
+        let Some(run) = run_of(&f.path, &prefix) else {
             continue;
         };
         if run == current.run_id.0 {
             continue;
         }
-        match state.run(RunId(run)).await {
-            // A run still going may publish these files; one that has been "running" for
-            // longer than the grace period was killed and never will.
-            Ok(Some(r))
-                if !r.state.is_finished()
-                    && (chrono::Utc::now() - r.created_at)
-                        .to_std()
-                        .is_ok_and(|a| a < GRACE) =>
-            {
-                continue;
-            }
-            Ok(_) => {}
+        // A run still going may publish these files.
+        match still_going(state, run).await {
+            Ok(true) => continue,
+            Ok(false) => {}
             Err(e) => {
                 tracing::warn!(run, error = %e, "cannot read run; keeping its view files");
                 continue;
@@ -464,4 +613,25 @@ async fn collect_garbage(
             Err(e) => tracing::warn!(path = %f.path, error = %e, "cannot delete old view file"),
         }
     }
+}
+
+/// The run of a lake path `{prefix}run={id}/…`.
+pub(crate) fn run_of(path: &str, prefix: &str) -> Option<i64> {
+    path.strip_prefix(prefix)?
+        .strip_prefix("run=")?
+        .split('/')
+        .next()?
+        .parse()
+        .ok()
+}
+
+/// Whether run `id` may still write to the lake: it has not finished and started less than
+/// [`GRACE`] ago (one "running" for longer was killed and never will).
+pub(crate) async fn still_going(state: &State, id: i64) -> Result<bool, StateError> {
+    Ok(state.run(RunId(id)).await?.is_some_and(|r| {
+        !r.state.is_finished()
+            && (chrono::Utc::now() - r.created_at)
+                .to_std()
+                .is_ok_and(|a| a < GRACE)
+    }))
 }

@@ -197,3 +197,131 @@ async fn full_then_incremental_then_full_on_new_logic_and_failures_publish_nothi
 async fn run_ok(plan: &Arc<Plan>, state: &State, lake: &Lake) -> RunSummary {
     run(plan, state, lake).await.unwrap()
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_against_a_store_that_stays_down_fails_cleanly_and_publishes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}", dir.path().join("state.db").display());
+    let state = State::open(&url).await.unwrap();
+    let up = Lake::open("memory://", &BTreeMap::new()).unwrap();
+    let v1 = plan(SPEC);
+    seal(&state, &up, 0, &[("DE", 1.0), ("US", 2.0)]).await;
+    run_ok(&v1, &state, &up).await;
+    let before = state
+        .current_publication("orders", "by_country")
+        .await
+        .unwrap();
+
+    // The same lake, now on an S3 endpoint nothing answers (a port bound, then released).
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let options: BTreeMap<String, String> = [
+        ("endpoint", format!("http://127.0.0.1:{port}")),
+        ("allow_http", "true".into()),
+        ("region", "us-east-1".into()),
+        ("access_key_id", "test".into()),
+        ("secret_access_key", "test".into()),
+        ("max_retries", "2".into()),
+        ("retry_timeout", "5s".into()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v))
+    .collect();
+    let down = Lake::open("s3://lake/prefix", &options).unwrap();
+    seal(&state, &up, 2, &[("FR", 3.0)]).await;
+    let started = Instant::now();
+    let err = run(
+        &plan(&SPEC.replace("amount >= 0", "amount >= 1")),
+        &state,
+        &down,
+    )
+    .await
+    .unwrap_err();
+    let text = format!("{err}");
+    assert!(
+        text.contains("by_country") && text.contains("archive/orders/"),
+        "the error names the view and the object: {text}"
+    );
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(30),
+        "bounded retries"
+    );
+    let after = state
+        .current_publication("orders", "by_country")
+        .await
+        .unwrap();
+    assert_eq!(before, after, "nothing published");
+    let last = &state.runs(Some("orders"), 1).await.unwrap()[0];
+    assert_eq!(last.state, RunState::Failed);
+    assert!(
+        last.error
+            .as_deref()
+            .is_some_and(|e| e.contains("lake get")),
+        "{:?}",
+        last.error
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stale_group_partials_of_failed_runs_are_collected_and_live_ones_kept() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}", dir.path().join("state.db").display());
+    let state = State::open(&url).await.unwrap();
+    let lake = Lake::open("memory://", &BTreeMap::new()).unwrap();
+    let failed = state
+        .create_run(RunKind::Batch, "orders", None)
+        .await
+        .unwrap()
+        .id;
+    state.start_run(failed).await.unwrap();
+    state
+        .finish_run(failed, Outcome::Failed, Some("killed"))
+        .await
+        .unwrap();
+    let running = state
+        .create_run(RunKind::Batch, "orders", None)
+        .await
+        .unwrap()
+        .id;
+    state.start_run(running).await.unwrap();
+    let current = state
+        .create_run(RunKind::Batch, "orders", None)
+        .await
+        .unwrap()
+        .id;
+    for run in [failed, running, current] {
+        let path = format!(
+            "{}group-000000/v.parquet",
+            lake::run_scratch_prefix("orders", run.0)
+        );
+        lake.put(&path, b"x".to_vec()).await.unwrap();
+    }
+    lake.put("runs/other/run=1/group-000000/v.parquet", b"x".to_vec())
+        .await
+        .unwrap();
+    groups::collect_stale(&state, &lake, "orders", current.0).await;
+    let left: Vec<String> = lake
+        .list("runs/")
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|o| o.path)
+        .collect();
+    assert_eq!(
+        left,
+        vec![
+            format!(
+                "{}group-000000/v.parquet",
+                lake::run_scratch_prefix("orders", running.0)
+            ),
+            format!(
+                "{}group-000000/v.parquet",
+                lake::run_scratch_prefix("orders", current.0)
+            ),
+            "runs/other/run=1/group-000000/v.parquet".to_string(),
+        ]
+    );
+}

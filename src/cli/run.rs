@@ -12,6 +12,7 @@ use super::CliError;
 use super::serve::redact;
 use crate::batch::{self, BatchError, Progress};
 use crate::lake::Lake;
+use crate::orchestration::fanout;
 use crate::plan::Plan;
 use crate::spec::Project;
 use crate::state::State;
@@ -73,7 +74,9 @@ pub fn run(project_dir: &Path, name: &str, wait: bool, views: &[String]) -> Resu
             }
             Progress::Published { .. } => {}
         };
-        let result = batch::recompute(Arc::new(plan), &db, &lake, views, &mut progress).await;
+        let project = Arc::new(project.clone());
+        let result =
+            fanout::recompute(&project, Arc::new(plan), &db, &lake, views, &mut progress).await;
         db.close().await;
         match result {
             Ok(summary) => {
@@ -147,7 +150,8 @@ fn runtime() -> Result<tokio::runtime::Runtime, CliError> {
         .context("starting the async runtime")?)
 }
 
-async fn open(project: &Project) -> Result<(State, Lake), CliError> {
+/// The project's state DB and lake.
+pub(super) async fn open(project: &Project) -> Result<(State, Lake), CliError> {
     let s = &project.settings;
     let db = State::open(&s.state)
         .await

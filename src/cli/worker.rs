@@ -10,21 +10,31 @@ use tokio_util::sync::CancellationToken;
 
 use super::CliError;
 use crate::lake::Lake;
+use crate::orchestration::fanout::Groups;
 use crate::orchestration::layers::Layers;
 use crate::orchestration::{Options, OrchestrationError, Orchestrator};
 use crate::spec::Project;
-use crate::state::State;
 
 pub fn run(project_dir: &Path, concurrency: usize, schedule: bool) -> Result<(), CliError> {
     let project = super::load_project(project_dir)?;
     runtime()?.block_on(async {
-        let orchestrator = open(project).await?;
+        let groups = open_groups(&project).await?;
+        let orchestrator = open(project.clone()).await?;
         let shutdown = CancellationToken::new();
         let running = orchestrator.start(
             &Options {
                 scheduler: schedule,
                 concurrency,
             },
+            shutdown.clone(),
+        );
+        // The group jobs of scaled-out batch runs, as many at a time as task attempts.
+        let (fanout, project, lake) = groups;
+        let working = fanout.work(
+            Arc::new(project),
+            lake,
+            format!("lambda-ctl-worker:{}", std::process::id()),
+            concurrency.max(1),
             shutdown.clone(),
         );
         tracing::info!(concurrency, scheduler = schedule, "worker started");
@@ -34,6 +44,7 @@ pub fn run(project_dir: &Path, concurrency: usize, schedule: bool) -> Result<(),
         tracing::info!("shutting down");
         shutdown.cancel();
         running.join().await;
+        let _ = working.await;
         Ok(())
     })
 }
@@ -47,21 +58,22 @@ pub(super) fn runtime() -> Result<tokio::runtime::Runtime, CliError> {
 
 /// The project's orchestrator over its state DB.
 pub(super) async fn open(project: Project) -> Result<Orchestrator, CliError> {
-    let settings = &project.settings;
-    let state = State::open(&settings.state).await.with_context(|| {
-        format!(
-            "opening the state DB {}",
-            super::serve::redact(&settings.state)
-        )
-    })?;
-    let lake = Lake::open(&settings.lake, &settings.lake_options)
-        .with_context(|| format!("opening the lake {}", settings.lake))?;
+    let (state, lake) = super::run::open(&project).await?;
     let project = Arc::new(project);
     let layers = Arc::new(Layers::new(project.clone(), state.clone(), lake));
     let orchestrator = Orchestrator::open(project, state, layers)
         .await
         .context("opening the job queue")?;
     Ok(orchestrator)
+}
+
+/// The batch group queue of the project's state DB, with the project and its lake.
+async fn open_groups(project: &Project) -> Result<(Groups, Project, Lake), CliError> {
+    let (state, lake) = super::run::open(project).await?;
+    let groups = Groups::open(&state)
+        .await
+        .context("opening the batch group queue")?;
+    Ok((groups, project.clone(), lake))
 }
 
 /// Orchestration errors the user can act on are user errors (exit 1).

@@ -8,7 +8,7 @@ use anyhow::Context;
 use futures::future::BoxFuture;
 
 use super::{TaskContext, TaskRunner};
-use crate::batch::{self, Progress, maintenance};
+use crate::batch::{Progress, maintenance};
 use crate::lake::Lake;
 use crate::plan::Plan;
 use crate::spec::Project;
@@ -64,7 +64,8 @@ impl TaskRunner for Layers {
                 Progress::Segments { .. } => {}
             }
             };
-            let summary = batch::recompute(
+            let summary = super::fanout::recompute(
+                &self.project,
                 Arc::new(plan),
                 &self.state,
                 &self.lake,

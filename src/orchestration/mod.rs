@@ -13,6 +13,7 @@
 //!   failures, admission up to `max_active_runs`).
 //! - [`queue`]: apalis over the state DB; one job per task attempt, keyed by
 //!   (run, task, attempt).
+//! - [`fanout`]: the group jobs of scaled-out batch runs, on their own queue.
 //! - [`tasks`]: executing a task; [`TaskRunner`] is the boundary to the batch layer and the
 //!   lake/archive owners, `command` tasks are implemented here; [`layers`] is the runner of a
 //!   real project (batch recompute).
@@ -26,6 +27,7 @@
 
 pub mod clock;
 pub mod dag;
+pub mod fanout;
 pub mod layers;
 pub mod overview;
 pub mod queue;

@@ -1,5 +1,7 @@
-//! The job queue: apalis with the state DB as storage (apalis-sqlite embedded, apalis-postgres
-//! with a PostgreSQL state), wrapped here once so an apalis upgrade touches one file.
+//! The job queues: apalis with the state DB as storage (apalis-sqlite embedded, apalis-postgres
+//! with a PostgreSQL state), wrapped here once so an apalis upgrade touches one file. Two kinds
+//! of [`Job`] travel on it, each on its own apalis queue: task attempts ([`AttemptJob`], below)
+//! and the segment groups of a scaled-out batch run (`fanout::GroupJob`).
 //!
 //! A job is one task attempt, keyed `RUN/TASK/ATTEMPT` with apalis' idempotency key, so pushing
 //! it again (the recovery sweep, or two processes racing) never makes a second job. The queue
@@ -17,14 +19,22 @@ use apalis_postgres::PostgresStorage;
 use apalis_sqlite::SqliteStorage;
 use chrono::{DateTime, Utc};
 use futures::future::BoxFuture;
+use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
 use crate::state::{Pool, State, TaskAttempt};
 
-/// The apalis queue (job type) of task attempts.
-const QUEUE: &str = "lambda_ctl_task_attempts";
+/// What can travel on a [`Queue`].
+pub trait Job: Serialize + DeserializeOwned + Clone + Send + Sync + Unpin + 'static {
+    /// The apalis queue (job type) name.
+    const QUEUE: &'static str;
+    /// What it says in logs.
+    const WHAT: &'static str;
+    /// Unique per job: pushing a job whose key is queued already is a no-op.
+    fn key(&self) -> String;
+}
 /// SQLite: apalis' migration history, kept apart from ours (both would otherwise share
 /// `_sqlx_migrations`, and each migrator rejects the other's versions).
 const SQLITE_MIGRATIONS_TABLE: &str = "_apalis_migrations";
@@ -61,6 +71,11 @@ impl AttemptJob {
             not_before: attempt.scheduled_at,
         }
     }
+}
+
+impl Job for AttemptJob {
+    const QUEUE: &'static str = "lambda_ctl_task_attempts";
+    const WHAT: &'static str = "task attempt";
 
     fn key(&self) -> String {
         format!("{}/{}/{}", self.run_id, self.task, self.attempt)
@@ -69,15 +84,24 @@ impl AttemptJob {
 
 /// Handles one job; an error means "could not even record the outcome" (apalis delivers the
 /// job again, a few times).
-pub type Handler = Arc<dyn Fn(AttemptJob) -> BoxFuture<'static, anyhow::Result<()>> + Send + Sync>;
+pub type Handler<J = AttemptJob> =
+    Arc<dyn Fn(J) -> BoxFuture<'static, anyhow::Result<()>> + Send + Sync>;
 
-#[derive(Clone)]
-pub enum Queue {
-    Sqlite(SqliteStorage<AttemptJob>),
-    Postgres(PostgresStorage<AttemptJob>),
+pub enum Queue<J: Job = AttemptJob> {
+    Sqlite(SqliteStorage<J>),
+    Postgres(PostgresStorage<J>),
 }
 
-impl std::fmt::Debug for Queue {
+impl<J: Job> Clone for Queue<J> {
+    fn clone(&self) -> Self {
+        match self {
+            Queue::Sqlite(s) => Queue::Sqlite(s.clone()),
+            Queue::Postgres(s) => Queue::Postgres(s.clone()),
+        }
+    }
+}
+
+impl<J: Job> std::fmt::Debug for Queue<J> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(match self {
             Queue::Sqlite(_) => "Queue(sqlite)",
@@ -86,21 +110,33 @@ impl std::fmt::Debug for Queue {
     }
 }
 
-impl Queue {
+impl<J: Job> Queue<J> {
     /// The queue in the state DB, its tables created or migrated first.
-    pub async fn open(state: &State) -> anyhow::Result<Queue> {
+    pub async fn open(state: &State) -> anyhow::Result<Queue<J>> {
         match state.pool() {
             Pool::Sqlite(pool) => {
                 // Not `SqliteStorage::setup`: it also sets `synchronous = OFF` on the shared
                 // pool, which the archive manifest must not get.
                 let mut migrator = SqliteStorage::<()>::migrations();
                 migrator.dangerous_set_table_name(SQLITE_MIGRATIONS_TABLE);
-                migrator
-                    .run(&pool)
-                    .await
-                    .context("creating the job queue tables (apalis-sqlite)")?;
+                // Processes starting together race to apply the same migration; the loser
+                // finds it applied on a second look.
+                let mut tries = 0;
+                loop {
+                    match migrator.run(&pool).await {
+                        Ok(()) => break,
+                        Err(e) if tries < 5 => {
+                            tries += 1;
+                            debug!(error = %e, "job queue migration raced another process; retrying");
+                            tokio::time::sleep(Duration::from_millis(100 * tries)).await;
+                        }
+                        Err(e) => {
+                            return Err(e).context("creating the job queue tables (apalis-sqlite)");
+                        }
+                    }
+                }
                 let config = apalis_sqlite::Config::default()
-                    .queue(QUEUE)
+                    .queue(J::QUEUE)
                     .heartbeat_interval(HEARTBEAT)
                     .missed_heartbeats(MISSED_HEARTBEATS)
                     .batch_size(1);
@@ -111,7 +147,7 @@ impl Queue {
                     .await
                     .context("creating the job queue tables (apalis-postgres, schema `apalis`)")?;
                 let config = apalis_postgres::Config::default()
-                    .queue(QUEUE)
+                    .queue(J::QUEUE)
                     .heartbeat_interval(HEARTBEAT)
                     .missed_heartbeats(MISSED_HEARTBEATS)
                     .batch_size(1);
@@ -124,7 +160,7 @@ impl Queue {
 
     /// Pushes the job, to start `delay` from now. A job with the same key already in the queue
     /// (done or not) makes this a no-op.
-    pub async fn push(&self, job: AttemptJob, delay: Duration) -> anyhow::Result<()> {
+    pub async fn push(&self, job: J, delay: Duration) -> anyhow::Result<()> {
         let key = job.key();
         let task = TaskBuilder::new(job)
             .idempotency_key(&key)
@@ -144,14 +180,14 @@ impl Queue {
                 Err(TaskSinkError::PushError(apalis_postgres::Error::Database(
                     sqlx::Error::Database(e),
                 ))) if e.is_unique_violation() => {
-                    debug!(job = %key, "task attempt already queued");
+                    debug!(job = %key, "{} already queued", J::WHAT);
                     return Ok(());
                 }
                 Err(e) => Err(anyhow::anyhow!("{e}")),
             },
         };
-        pushed.with_context(|| format!("queueing task attempt {key}"))?;
-        debug!(job = %key, "queued task attempt");
+        pushed.with_context(|| format!("queueing {} {key}", J::WHAT))?;
+        debug!(job = %key, "queued {}", J::WHAT);
         Ok(())
     }
 
@@ -160,14 +196,14 @@ impl Queue {
         &self,
         name: String,
         concurrency: usize,
-        handler: Handler,
+        handler: Handler<J>,
         shutdown: CancellationToken,
     ) -> anyhow::Result<()> {
-        let service = move |job: AttemptJob| {
+        let service = move |job: J| {
             let handler = handler.clone();
             async move {
                 handler(job).await.map_err(|e| {
-                    warn!(error = %format!("{e:#}"), "task attempt could not be recorded; the queue will deliver it again");
+                    warn!(error = %format!("{e:#}"), "{} could not be recorded; the queue will deliver it again", J::WHAT);
                     BoxDynError::from(format!("{e:#}"))
                 })
             }

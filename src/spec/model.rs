@@ -38,6 +38,18 @@ pub struct Settings {
     pub serve: ServeSettings,
     /// Default time zone of workflow schedules.
     pub timezone: Tz,
+    /// How batch runs scale out (`batch:`).
+    pub batch: BatchSettings,
+}
+
+/// `batch:` of lambda.yaml: when a run is split into jobs for `lambda-ctl worker` processes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BatchSettings {
+    /// A view with at least this many segments to scan is split into groups, one queue job
+    /// each; 0 never splits (every run computes in one process).
+    pub scale_out_segments: usize,
+    /// Segments per group job.
+    pub group_segments: usize,
 }
 
 #[derive(Clone)]

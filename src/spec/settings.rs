@@ -4,7 +4,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use super::diag::Diagnostics;
-use super::model::{ServeSettings, Settings};
+use super::model::{BatchSettings, ServeSettings, Settings};
 use super::read::{self, Obj};
 use super::yaml::Node;
 
@@ -12,6 +12,10 @@ pub const DEFAULT_STATE: &str = "sqlite://.lambda/state.db";
 pub const DEFAULT_LAKE: &str = "file://.lambda/lake";
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
 pub const DEFAULT_MAX_BODY_BYTES: u64 = 64 * 1024 * 1024;
+/// `batch.scale_out_segments`: below this, a run stays in one process.
+pub const DEFAULT_SCALE_OUT_SEGMENTS: u64 = 64;
+/// `batch.group_segments`.
+pub const DEFAULT_GROUP_SEGMENTS: u64 = 16;
 
 pub fn build(d: &mut Diagnostics, root: Option<&Node>, project: &Path) -> Option<Settings> {
     let empty = Node::Map {
@@ -22,7 +26,14 @@ pub fn build(d: &mut Diagnostics, root: Option<&Node>, project: &Path) -> Option
         d,
         root.unwrap_or(&empty),
         "lambda.yaml",
-        &["state", "lake", "lake_options", "serve", "timezone"],
+        &[
+            "state",
+            "lake",
+            "lake_options",
+            "serve",
+            "timezone",
+            "batch",
+        ],
     )?;
     let str_or = |d: &mut Diagnostics, key: &str, default: &str| match obj.value(key) {
         None => Some(default.to_string()),
@@ -92,12 +103,43 @@ pub fn build(d: &mut Diagnostics, root: Option<&Node>, project: &Path) -> Option
             read::string(d, n, "timezone").and_then(|s| super::workflow::timezone(d, n.loc(), &s))
         }
     };
+    let batch = match obj.value("batch") {
+        None => Some(BatchSettings {
+            scale_out_segments: DEFAULT_SCALE_OUT_SEGMENTS as usize,
+            group_segments: DEFAULT_GROUP_SEGMENTS as usize,
+        }),
+        Some(n) => batch_settings(d, n),
+    };
     Some(Settings {
+        batch: batch?,
         state: state?,
         lake: lake?,
         lake_options: lake_options?,
         serve: serve?,
         timezone: timezone?,
+    })
+}
+
+fn batch_settings(d: &mut Diagnostics, n: &Node) -> Option<BatchSettings> {
+    let b = Obj::new(d, n, "batch", &["scale_out_segments", "group_segments"])?;
+    let count = |d: &mut Diagnostics, key: &str, default: u64, min: u64| match b.value(key) {
+        None => Some(default),
+        Some(n) => read::integer(d, n, key).and_then(|v| {
+            if v < min {
+                d.error(
+                    n.loc(),
+                    format!("`{key}` must be at least {min}, found {v}"),
+                );
+                return None;
+            }
+            Some(v)
+        }),
+    };
+    let scale_out = count(d, "scale_out_segments", DEFAULT_SCALE_OUT_SEGMENTS, 0);
+    let group = count(d, "group_segments", DEFAULT_GROUP_SEGMENTS, 1);
+    Some(BatchSettings {
+        scale_out_segments: usize::try_from(scale_out?).ok()?,
+        group_segments: usize::try_from(group?).ok()?,
     })
 }
 

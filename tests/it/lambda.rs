@@ -5,12 +5,16 @@
 //! once, and at every check every view of every window kind equals the oracle computed over
 //! the acknowledged events, with `as_of.batch_run` naming the latest run. Finally `verify`
 //! confirms both engines agree on the archive. On SQLite, and on PostgreSQL state when
-//! `LAMBDA_TEST_POSTGRES` is set (a fresh database per test; unreachable = failure).
+//! `LAMBDA_TEST_POSTGRES` is set (a fresh database per test; unreachable = failure); on a
+//! local lake, and on the S3 server (`LAMBDA_TEST_S3`, with PostgreSQL state when set) and
+//! Azurite (`LAMBDA_TEST_AZURE`): the same test, only lambda.yaml differs. On every lake the
+//! dead letters land in the store and garbage collection deletes replaced view versions.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use crate::lakes::TestLake;
 use crate::orders::{Ev, check_views, events, get_view, project, send, wait_for_count};
 use crate::state::TempDatabase;
 use crate::support::{Rng, Server};
@@ -69,11 +73,61 @@ pub fn kept(acked: &[Ev]) -> u64 {
     acked.iter().filter(|e| e.amount >= 0.0).count() as u64
 }
 
-async fn lambda(seed: u64, state_url: Option<&str>) {
-    let dir = project();
-    if let Some(url) = state_url {
-        std::fs::write(dir.path().join("lambda.yaml"), format!("state: {url}\n")).unwrap();
+/// Makes every publication look [`lambda_ctl::batch::GRACE`] old, so the next run collects the
+/// versions they replaced.
+async fn age_publications(project: &Path, state_url: Option<&str>) {
+    use sqlx::Connection;
+    let old = chrono::Utc::now() - lambda_ctl::batch::GRACE - chrono::TimeDelta::minutes(1);
+    match state_url {
+        Some(url) => {
+            let mut c = sqlx::PgConnection::connect(url).await.unwrap();
+            sqlx::query("UPDATE publications SET published_at = $1")
+                .bind(old)
+                .execute(&mut c)
+                .await
+                .unwrap();
+        }
+        None => {
+            let url = format!("sqlite://{}", project.join(".lambda/state.db").display());
+            let mut c = sqlx::SqliteConnection::connect(&url).await.unwrap();
+            sqlx::query("UPDATE publications SET published_at = ?")
+                .bind(old)
+                .execute(&mut c)
+                .await
+                .unwrap();
+        }
     }
+}
+
+/// The run ids with files under each view's directory in the lake.
+async fn view_runs(lake: &TestLake) -> Vec<(String, Vec<String>)> {
+    let lake = lake.open();
+    let mut out = Vec::new();
+    for view in VIEWS {
+        let prefix = lambda_ctl::lake::view_prefix("orders", view);
+        let mut runs: Vec<String> = lake
+            .list(&prefix)
+            .await
+            .unwrap()
+            .iter()
+            .filter_map(|f| f.path.strip_prefix(&prefix)?.strip_prefix("run="))
+            .filter_map(|rest| rest.split('/').next())
+            .map(str::to_string)
+            .collect();
+        runs.sort_by_key(|r| r.parse::<i64>().unwrap_or(i64::MAX));
+        runs.dedup();
+        out.push((view.to_string(), runs));
+    }
+    out
+}
+
+async fn lambda(seed: u64, state_url: Option<&str>, lake: &TestLake) {
+    let dir = project();
+    let mut settings = lake.yaml();
+    if let Some(url) = state_url {
+        settings.push_str(&format!("state: {url}\n"));
+    }
+    std::fs::write(dir.path().join("lambda.yaml"), settings).unwrap();
     let client = reqwest::Client::new();
     let mut rng = Rng(seed);
     let evs = events(&mut rng, 1800, seed as usize * 100_000);
@@ -113,10 +167,38 @@ async fn lambda(seed: u64, state_url: Option<&str>) {
     wait_for_count(&client, &server, kept(&acked)).await;
     check_views(&client, &server, &acked).await;
 
-    // More events, a last (incremental) run.
+    // More events, a last (incremental) run, after the grace period of the versions run 2
+    // replaced: run 1's files are collected, run 2's (current until run 3 publishes) are kept.
     acked.extend(send(&client, &server, &mut rng, &evs[b..]).await);
     wait_for_count(&client, &server, kept(&acked)).await;
+    for (view, runs) in view_runs(lake).await {
+        assert!(
+            runs.contains(&run1),
+            "{}: {view} before GC: {runs:?}",
+            lake.name
+        );
+    }
+    age_publications(dir.path(), state_url).await;
     let run3 = run_batch(dir.path()).await;
+    for (view, runs) in view_runs(lake).await {
+        assert_eq!(
+            runs,
+            vec![run2.clone(), run3.clone()],
+            "{}: {view} after GC",
+            lake.name
+        );
+    }
+    // Malformed lines went to the dead letters, in the lake.
+    let dead = lake
+        .open()
+        .list(&lambda_ctl::lake::dead_letters_prefix("orders"))
+        .await
+        .unwrap();
+    assert!(
+        !dead.is_empty(),
+        "{}: no dead letters in the lake",
+        lake.name
+    );
     wait_for_batch(&client, &server, &run3).await;
     check_views(&client, &server, &acked).await;
     for view in VIEWS {
@@ -140,7 +222,7 @@ async fn lambda(seed: u64, state_url: Option<&str>) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lambda_promise_on_sqlite() {
     for seed in [1, 2, 3] {
-        lambda(seed, None).await;
+        lambda(seed, None, &TestLake::file()).await;
     }
 }
 
@@ -154,9 +236,40 @@ async fn lambda_promise_on_postgres() {
     };
     let db = TempDatabase::create(&server).await;
     let url = db.url.clone();
-    let outcome = tokio::spawn(async move { lambda(4, Some(&url)).await }).await;
+    let outcome = tokio::spawn(async move { lambda(4, Some(&url), &TestLake::file()).await }).await;
     db.drop().await;
     if let Err(e) = outcome {
         std::panic::resume_unwind(e.into_panic());
     }
+}
+
+/// The production shape: lake = the S3 server, state = PostgreSQL (SQLite when
+/// `LAMBDA_TEST_POSTGRES` is unset).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lambda_promise_on_s3() {
+    let Some(lake) = TestLake::s3().await else {
+        eprintln!("skipped the S3 variant: set LAMBDA_TEST_S3=http://HOST:PORT");
+        return;
+    };
+    let db = match std::env::var("LAMBDA_TEST_POSTGRES") {
+        Ok(server) => Some(TempDatabase::create(&server).await),
+        Err(_) => None,
+    };
+    let url = db.as_ref().map(|d| d.url.clone());
+    let outcome = tokio::spawn(async move { lambda(5, url.as_deref(), &lake).await }).await;
+    if let Some(db) = db {
+        db.drop().await;
+    }
+    if let Err(e) = outcome {
+        std::panic::resume_unwind(e.into_panic());
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lambda_promise_on_azure() {
+    let Some(lake) = TestLake::azure().await else {
+        eprintln!("skipped the Azure variant: set LAMBDA_TEST_AZURE=http://HOST:PORT/ACCOUNT");
+        return;
+    };
+    lambda(6, None, &lake).await;
 }

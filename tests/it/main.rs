@@ -3,12 +3,14 @@
 
 mod brokers;
 mod cli;
+mod lakes;
 mod lambda;
 mod maintenance;
 mod ops;
 mod orchestration;
 mod orders;
 mod projects;
+mod scaleout;
 mod spec_diagnostics;
 mod speed;
 mod state;

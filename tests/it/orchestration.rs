@@ -1,7 +1,8 @@
 //! Workflows end to end: schedules across DST changes and outages, DAGs with retries,
-//! timeouts and upstream failures, `max_active_runs`, backfill — in process on SQLite with a
-//! manual clock (no sleeping through schedules) — and three `lambda-ctl` processes sharing one
-//! PostgreSQL state (`LAMBDA_TEST_POSTGRES`; skipped when unset).
+//! timeouts and upstream failures, `max_active_runs`, backfill — in process with a manual clock
+//! (no sleeping through schedules), on SQLite and again on PostgreSQL state when
+//! `LAMBDA_TEST_POSTGRES` is set ([`on_both`]) — and three `lambda-ctl` processes sharing one
+//! PostgreSQL state (skipped when unset).
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -18,7 +19,29 @@ fn utc(y: i32, mo: u32, d: u32, h: u32, mi: u32) -> DateTime<Utc> {
     Utc.with_ymd_and_hms(y, mo, d, h, mi, 0).unwrap()
 }
 
-/// A project in a temp directory with one workflow, its state in a SQLite file there.
+tokio::task_local! {
+    /// The state DB of the projects a test makes (default: a SQLite file in the project).
+    static STATE: String;
+}
+
+/// Runs `test` on SQLite state, then on a fresh PostgreSQL database when
+/// `LAMBDA_TEST_POSTGRES` is set.
+async fn on_both<F, Fut>(test: F)
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
+    test().await;
+    let Ok(server) = std::env::var("LAMBDA_TEST_POSTGRES") else {
+        return;
+    };
+    let db = TempDatabase::create(&server).await;
+    STATE.scope(db.url.clone(), test()).await;
+    db.drop().await;
+}
+
+/// A project in a temp directory with one workflow, its state in a SQLite file there (or the
+/// database [`on_both`] says).
 struct Project {
     dir: tempfile::TempDir,
 }
@@ -27,9 +50,12 @@ impl Project {
     fn new(workflow_yaml: &str) -> Project {
         let dir = tempfile::tempdir().expect("tempdir");
         std::fs::create_dir_all(dir.path().join("workflows")).unwrap();
+        let state = STATE
+            .try_with(String::clone)
+            .unwrap_or_else(|_| "sqlite://.lambda/state.db".into());
         std::fs::write(
             dir.path().join("lambda.yaml"),
-            "state: sqlite://.lambda/state.db\nlake: memory://\n",
+            format!("state: {state}\nlake: memory://\n"),
         )
         .unwrap();
         std::fs::write(dir.path().join("workflows/wf.yaml"), workflow_yaml).unwrap();
@@ -214,71 +240,83 @@ async fn dst_case(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn berlin_spring_forward_runs_the_missing_slot_once_at_the_change() {
-    // 2026-03-29 02:00 CET → 03:00 CEST (01:00 UTC): 02:30 does not exist that day.
-    let change = utc(2026, 3, 29, 1, 0);
-    dst_case(
-        "Europe/Berlin",
-        "30 2 * * *",
-        utc(2026, 3, 28, 12, 0),
-        &[
-            (change - chrono::Duration::seconds(1), &[]),
-            (change, &[change]),
-            (utc(2026, 3, 29, 23, 0), &[change]),
-            (utc(2026, 3, 30, 0, 30), &[change, utc(2026, 3, 30, 0, 30)]),
-        ],
-    )
+    on_both(|| async {
+        // 2026-03-29 02:00 CET → 03:00 CEST (01:00 UTC): 02:30 does not exist that day.
+        let change = utc(2026, 3, 29, 1, 0);
+        dst_case(
+            "Europe/Berlin",
+            "30 2 * * *",
+            utc(2026, 3, 28, 12, 0),
+            &[
+                (change - chrono::Duration::seconds(1), &[]),
+                (change, &[change]),
+                (utc(2026, 3, 29, 23, 0), &[change]),
+                (utc(2026, 3, 30, 0, 30), &[change, utc(2026, 3, 30, 0, 30)]),
+            ],
+        )
+        .await;
+    })
     .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn berlin_fall_back_runs_the_repeated_slot_once() {
-    // 2026-10-25 03:00 CEST → 02:00 CET: 02:30 is at 00:30 UTC and again at 01:30 UTC.
-    let first = utc(2026, 10, 25, 0, 30);
-    dst_case(
-        "Europe/Berlin",
-        "30 2 * * *",
-        utc(2026, 10, 24, 12, 0),
-        &[
-            (first, &[first]),
-            (utc(2026, 10, 25, 1, 30), &[first]),
-            (utc(2026, 10, 25, 12, 0), &[first]),
-            (utc(2026, 10, 26, 1, 30), &[first, utc(2026, 10, 26, 1, 30)]),
-        ],
-    )
+    on_both(|| async {
+        // 2026-10-25 03:00 CEST → 02:00 CET: 02:30 is at 00:30 UTC and again at 01:30 UTC.
+        let first = utc(2026, 10, 25, 0, 30);
+        dst_case(
+            "Europe/Berlin",
+            "30 2 * * *",
+            utc(2026, 10, 24, 12, 0),
+            &[
+                (first, &[first]),
+                (utc(2026, 10, 25, 1, 30), &[first]),
+                (utc(2026, 10, 25, 12, 0), &[first]),
+                (utc(2026, 10, 26, 1, 30), &[first, utc(2026, 10, 26, 1, 30)]),
+            ],
+        )
+        .await;
+    })
     .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn new_york_spring_forward_runs_the_missing_slot_once_at_the_change() {
-    // 2026-03-08 02:00 EST → 03:00 EDT (07:00 UTC).
-    let change = utc(2026, 3, 8, 7, 0);
-    dst_case(
-        "America/New_York",
-        "30 2 * * *",
-        utc(2026, 3, 7, 12, 0),
-        &[
-            (change - chrono::Duration::seconds(1), &[]),
-            (change, &[change]),
-            (utc(2026, 3, 9, 6, 30), &[change, utc(2026, 3, 9, 6, 30)]),
-        ],
-    )
+    on_both(|| async {
+        // 2026-03-08 02:00 EST → 03:00 EDT (07:00 UTC).
+        let change = utc(2026, 3, 8, 7, 0);
+        dst_case(
+            "America/New_York",
+            "30 2 * * *",
+            utc(2026, 3, 7, 12, 0),
+            &[
+                (change - chrono::Duration::seconds(1), &[]),
+                (change, &[change]),
+                (utc(2026, 3, 9, 6, 30), &[change, utc(2026, 3, 9, 6, 30)]),
+            ],
+        )
+        .await;
+    })
     .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn new_york_fall_back_runs_the_repeated_slot_once() {
-    // 2026-11-01 02:00 EDT → 01:00 EST: 01:30 is at 05:30 UTC and again at 06:30 UTC.
-    let first = utc(2026, 11, 1, 5, 30);
-    dst_case(
-        "America/New_York",
-        "30 1 * * *",
-        utc(2026, 10, 31, 12, 0),
-        &[
-            (first, &[first]),
-            (utc(2026, 11, 1, 6, 30), &[first]),
-            (utc(2026, 11, 2, 6, 30), &[first, utc(2026, 11, 2, 6, 30)]),
-        ],
-    )
+    on_both(|| async {
+        // 2026-11-01 02:00 EDT → 01:00 EST: 01:30 is at 05:30 UTC and again at 06:30 UTC.
+        let first = utc(2026, 11, 1, 5, 30);
+        dst_case(
+            "America/New_York",
+            "30 1 * * *",
+            utc(2026, 10, 31, 12, 0),
+            &[
+                (first, &[first]),
+                (utc(2026, 11, 1, 6, 30), &[first]),
+                (utc(2026, 11, 2, 6, 30), &[first, utc(2026, 11, 2, 6, 30)]),
+            ],
+        )
+        .await;
+    })
     .await;
 }
 
@@ -309,17 +347,23 @@ async fn outage(catchup: bool) -> Vec<DateTime<Utc>> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn catchup_runs_every_missed_slot_in_order_after_an_outage() {
-    let slots = outage(true).await;
-    let expected: Vec<DateTime<Utc>> = (0..73)
-        .map(|h| utc(2026, 5, 1, 1, 0) + chrono::Duration::hours(h))
-        .collect();
-    assert_eq!(slots, expected);
+    on_both(|| async {
+        let slots = outage(true).await;
+        let expected: Vec<DateTime<Utc>> = (0..73)
+            .map(|h| utc(2026, 5, 1, 1, 0) + chrono::Duration::hours(h))
+            .collect();
+        assert_eq!(slots, expected);
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn without_catchup_only_the_latest_missed_slot_runs_after_an_outage() {
-    let slots = outage(false).await;
-    assert_eq!(slots, vec![utc(2026, 5, 1, 1, 0), utc(2026, 5, 4, 1, 0)]);
+    on_both(|| async {
+        let slots = outage(false).await;
+        assert_eq!(slots, vec![utc(2026, 5, 1, 1, 0), utc(2026, 5, 4, 1, 0)]);
+    })
+    .await;
 }
 
 /// The largest number of runs whose [started, finished] intervals overlap.
@@ -341,143 +385,152 @@ fn max_overlap(runs: &[Run]) -> usize {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn max_active_runs_bounds_concurrent_runs() {
-    let project = Project::new(
-        "name: wf\nmax_active_runs: 2\ntasks:\n  - name: a\n    command: [\"sleep\", \"0.4\"]\n  - name: b\n    command: [\"sleep\", \"0.2\"]\n    needs: [a]\n",
-    );
-    let h = Harness::start(
-        &project,
-        ManualClock::new(utc(2026, 1, 1, 0, 0)),
-        workers_only(),
-    )
+    on_both(|| async {
+        let project = Project::new(
+            "name: wf\nmax_active_runs: 2\ntasks:\n  - name: a\n    command: [\"sleep\", \"0.4\"]\n  - name: b\n    command: [\"sleep\", \"0.2\"]\n    needs: [a]\n",
+        );
+        let h = Harness::start(
+            &project,
+            ManualClock::new(utc(2026, 1, 1, 0, 0)),
+            workers_only(),
+        )
+        .await;
+        let mut ids = Vec::new();
+        for _ in 0..5 {
+            ids.push(h.orchestrator.trigger("wf").await.expect("trigger"));
+        }
+        let mut runs = Vec::new();
+        for id in &ids {
+            let run = h.finished(*id).await;
+            assert_eq!(run.state, RunState::Succeeded, "{run:?}");
+            runs.push(run);
+        }
+        assert_eq!(max_overlap(&runs), 2, "{runs:#?}");
+        // Admitted oldest first.
+        let mut by_start = runs.clone();
+        by_start.sort_by_key(|r| r.started_at);
+        assert_eq!(by_start.iter().map(|r| r.id).collect::<Vec<_>>(), ids);
+        h.stop().await;
+    })
     .await;
-    let mut ids = Vec::new();
-    for _ in 0..5 {
-        ids.push(h.orchestrator.trigger("wf").await.expect("trigger"));
-    }
-    let mut runs = Vec::new();
-    for id in &ids {
-        let run = h.finished(*id).await;
-        assert_eq!(run.state, RunState::Succeeded, "{run:?}");
-        runs.push(run);
-    }
-    assert_eq!(max_overlap(&runs), 2, "{runs:#?}");
-    // Admitted oldest first.
-    let mut by_start = runs.clone();
-    by_start.sort_by_key(|r| r.started_at);
-    assert_eq!(by_start.iter().map(|r| r.id).collect::<Vec<_>>(), ids);
-    h.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn backfill_makes_one_run_per_slot_within_max_active_runs() {
-    let project = Project::new(
-        "name: wf\nschedule: \"0 6 * * *\"\ntimezone: Europe/Berlin\nmax_active_runs: 1\ntasks:\n  - name: t\n    command: [\"sh\", \"-c\", \"echo slot=$LAMBDA_SCHEDULED_AT; sleep 0.1\"]\n",
-    );
-    let h = Harness::start(
-        &project,
-        ManualClock::new(utc(2026, 6, 1, 0, 0)),
-        workers_only(),
-    )
+    on_both(|| async {
+        let project = Project::new(
+            "name: wf\nschedule: \"0 6 * * *\"\ntimezone: Europe/Berlin\nmax_active_runs: 1\ntasks:\n  - name: t\n    command: [\"sh\", \"-c\", \"echo slot=$LAMBDA_SCHEDULED_AT; sleep 0.1\"]\n",
+        );
+        let h = Harness::start(
+            &project,
+            ManualClock::new(utc(2026, 6, 1, 0, 0)),
+            workers_only(),
+        )
+        .await;
+        let ids = h
+            .orchestrator
+            .backfill("wf", utc(2026, 3, 27, 0, 0), utc(2026, 3, 31, 4, 0))
+            .await
+            .expect("backfill");
+        assert_eq!(ids.len(), 5);
+        let mut runs = Vec::new();
+        for id in &ids {
+            runs.push(h.finished(*id).await);
+        }
+        // 06:00 in Berlin: CET (05:00 UTC) before the change on the 29th, CEST (04:00 UTC) after.
+        let slots: Vec<DateTime<Utc>> = runs.iter().map(|r| r.scheduled_at.unwrap()).collect();
+        assert_eq!(
+            slots,
+            vec![
+                utc(2026, 3, 27, 5, 0),
+                utc(2026, 3, 28, 5, 0),
+                utc(2026, 3, 29, 4, 0),
+                utc(2026, 3, 30, 4, 0),
+                utc(2026, 3, 31, 4, 0),
+            ]
+        );
+        assert!(
+            runs.iter().all(|r| r.state == RunState::Succeeded),
+            "{runs:#?}"
+        );
+        assert_eq!(max_overlap(&runs), 1);
+        let logs = h.orchestrator.logs(ids[2]).await.unwrap().unwrap();
+        assert!(
+            logs.attempts[0].log.contains("slot=2026-03-29T04:00:00Z"),
+            "{}",
+            logs.attempts[0].log
+        );
+
+        // Backfilling a wider range again only adds the slots without a run.
+        let again = h
+            .orchestrator
+            .backfill("wf", utc(2026, 3, 26, 0, 0), utc(2026, 3, 31, 4, 0))
+            .await
+            .expect("second backfill");
+        assert_eq!(again.len(), 1, "only 2026-03-26 had no run");
+        let run = h.finished(again[0]).await;
+        assert_eq!(run.scheduled_at, Some(utc(2026, 3, 26, 5, 0)));
+
+        let err = h
+            .orchestrator
+            .backfill("wf", utc(2026, 3, 31, 0, 0), utc(2026, 3, 1, 0, 0))
+            .await
+            .expect_err("reversed range");
+        assert!(err.to_string().contains("is after"), "{err}");
+        h.stop().await;
+    })
     .await;
-    let ids = h
-        .orchestrator
-        .backfill("wf", utc(2026, 3, 27, 0, 0), utc(2026, 3, 31, 4, 0))
-        .await
-        .expect("backfill");
-    assert_eq!(ids.len(), 5);
-    let mut runs = Vec::new();
-    for id in &ids {
-        runs.push(h.finished(*id).await);
-    }
-    // 06:00 in Berlin: CET (05:00 UTC) before the change on the 29th, CEST (04:00 UTC) after.
-    let slots: Vec<DateTime<Utc>> = runs.iter().map(|r| r.scheduled_at.unwrap()).collect();
-    assert_eq!(
-        slots,
-        vec![
-            utc(2026, 3, 27, 5, 0),
-            utc(2026, 3, 28, 5, 0),
-            utc(2026, 3, 29, 4, 0),
-            utc(2026, 3, 30, 4, 0),
-            utc(2026, 3, 31, 4, 0),
-        ]
-    );
-    assert!(
-        runs.iter().all(|r| r.state == RunState::Succeeded),
-        "{runs:#?}"
-    );
-    assert_eq!(max_overlap(&runs), 1);
-    let logs = h.orchestrator.logs(ids[2]).await.unwrap().unwrap();
-    assert!(
-        logs.attempts[0].log.contains("slot=2026-03-29T04:00:00Z"),
-        "{}",
-        logs.attempts[0].log
-    );
-
-    // Backfilling a wider range again only adds the slots without a run.
-    let again = h
-        .orchestrator
-        .backfill("wf", utc(2026, 3, 26, 0, 0), utc(2026, 3, 31, 4, 0))
-        .await
-        .expect("second backfill");
-    assert_eq!(again.len(), 1, "only 2026-03-26 had no run");
-    let run = h.finished(again[0]).await;
-    assert_eq!(run.scheduled_at, Some(utc(2026, 3, 26, 5, 0)));
-
-    let err = h
-        .orchestrator
-        .backfill("wf", utc(2026, 3, 31, 0, 0), utc(2026, 3, 1, 0, 0))
-        .await
-        .expect_err("reversed range");
-    assert!(err.to_string().contains("is after"), "{err}");
-    h.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_failed_attempt_is_retried_after_its_backoff_then_succeeds() {
-    let project = Project::new(
-        "name: wf\ntasks:\n  - name: flaky\n    command: [\"sh\", \"-c\", \"if [ -e tried ]; then echo second try; else touch tried; echo first try; exit 3; fi\"]\n    retries: 2\n    retry_delay: 10m\n  - name: after\n    command: [\"true\"]\n    needs: [flaky]\n",
-    );
-    let t0 = utc(2026, 1, 1, 0, 0);
-    let h = Harness::start(&project, ManualClock::new(t0), workers_only()).await;
-    let id = h.orchestrator.trigger("wf").await.expect("trigger");
+    on_both(|| async {
+        let project = Project::new(
+            "name: wf\ntasks:\n  - name: flaky\n    command: [\"sh\", \"-c\", \"if [ -e tried ]; then echo second try; else touch tried; echo first try; exit 3; fi\"]\n    retries: 2\n    retry_delay: 10m\n  - name: after\n    command: [\"true\"]\n    needs: [flaky]\n",
+        );
+        let t0 = utc(2026, 1, 1, 0, 0);
+        let h = Harness::start(&project, ManualClock::new(t0), workers_only()).await;
+        let id = h.orchestrator.trigger("wf").await.expect("trigger");
 
-    // The first attempt fails; the retry waits for its back-off on the (manual) clock.
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let retry = loop {
-        let attempts = h.state.task_attempts(id).await.unwrap();
-        if let Some(a) = attempts.iter().find(|a| a.attempt == 2) {
-            break a.clone();
-        }
-        assert!(Instant::now() < deadline, "no retry queued: {attempts:#?}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
-    let first = &h.state.task_attempts(id).await.unwrap()[0];
-    assert_eq!(first.state, RunState::Failed);
-    assert!(
-        first.error.as_deref().unwrap().contains("status 3"),
-        "{first:?}"
-    );
-    assert_eq!(retry.scheduled_at, Some(t0 + chrono::Duration::minutes(10)));
-    tokio::time::sleep(Duration::from_millis(800)).await;
-    assert_eq!(
-        h.state.task_attempts(id).await.unwrap()[1].state,
-        RunState::Queued
-    );
+        // The first attempt fails; the retry waits for its back-off on the (manual) clock.
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let retry = loop {
+            let attempts = h.state.task_attempts(id).await.unwrap();
+            if let Some(a) = attempts.iter().find(|a| a.attempt == 2) {
+                break a.clone();
+            }
+            assert!(Instant::now() < deadline, "no retry queued: {attempts:#?}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        let first = &h.state.task_attempts(id).await.unwrap()[0];
+        assert_eq!(first.state, RunState::Failed);
+        assert!(
+            first.error.as_deref().unwrap().contains("status 3"),
+            "{first:?}"
+        );
+        assert_eq!(retry.scheduled_at, Some(t0 + chrono::Duration::minutes(10)));
+        tokio::time::sleep(Duration::from_millis(800)).await;
+        assert_eq!(
+            h.state.task_attempts(id).await.unwrap()[1].state,
+            RunState::Queued
+        );
 
-    h.clock.advance(Duration::from_secs(11 * 60));
-    let run = h.finished(id).await;
-    assert_eq!(run.state, RunState::Succeeded, "{run:?}");
-    let status = h.orchestrator.run_status(id).await.unwrap().unwrap();
-    let flaky = &status.tasks[0];
-    assert_eq!(
-        (flaky.state, flaky.attempts),
-        (Some(RunState::Succeeded), 2)
-    );
-    let logs = h.orchestrator.logs(id).await.unwrap().unwrap();
-    assert!(logs.attempts[0].log.contains("first try"));
-    assert!(logs.attempts[1].log.contains("second try"));
-    assert!(logs.run.log.contains("attempt 2 of 3"), "{}", logs.run.log);
-    h.stop().await;
+        h.clock.advance(Duration::from_secs(11 * 60));
+        let run = h.finished(id).await;
+        assert_eq!(run.state, RunState::Succeeded, "{run:?}");
+        let status = h.orchestrator.run_status(id).await.unwrap().unwrap();
+        let flaky = &status.tasks[0];
+        assert_eq!(
+            (flaky.state, flaky.attempts),
+            (Some(RunState::Succeeded), 2)
+        );
+        let logs = h.orchestrator.logs(id).await.unwrap().unwrap();
+        assert!(logs.attempts[0].log.contains("first try"));
+        assert!(logs.attempts[1].log.contains("second try"));
+        assert!(logs.run.log.contains("attempt 2 of 3"), "{}", logs.run.log);
+        h.stop().await;
+    })
+    .await;
 }
 
 /// Whether process `pid` is gone (or a zombie nobody reaped: it runs no code any more).
@@ -493,149 +546,158 @@ fn dead(pid: u32) -> bool {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_timeout_kills_the_command_and_everything_it_started() {
-    let project = Project::new(
-        "name: wf\ntasks:\n  - name: slow\n    command: [\"sh\", \"-c\", \"sleep 300 & echo $! > child.pid; echo $$ > shell.pid; wait\"]\n    timeout: 1h\n  - name: after\n    command: [\"true\"]\n    needs: [slow]\n",
-    );
-    let h = Harness::start(
-        &project,
-        ManualClock::new(utc(2026, 1, 1, 0, 0)),
-        workers_only(),
-    )
-    .await;
-    let id = h.orchestrator.trigger("wf").await.expect("trigger");
-    let read_pid = |name: &str| -> Option<u32> {
-        std::fs::read_to_string(project.path().join(name))
-            .ok()
-            .and_then(|s| s.trim().parse().ok())
-    };
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let (shell, child) = loop {
-        if let (Some(s), Some(c)) = (read_pid("shell.pid"), read_pid("child.pid")) {
-            break (s, c);
-        }
-        assert!(Instant::now() < deadline, "the command did not start");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
-    assert!(!dead(shell) && !dead(child));
-    h.clock.advance(Duration::from_secs(59 * 60));
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    assert!(!dead(child), "killed before its timeout");
-    h.clock.advance(Duration::from_secs(2 * 60));
-    let run = h.finished(id).await;
-    assert_eq!(run.state, RunState::Failed);
-    let status = h.orchestrator.run_status(id).await.unwrap().unwrap();
-    assert_eq!(status.tasks[0].state, Some(RunState::Failed));
-    assert!(
-        status.tasks[0]
-            .error
-            .as_deref()
-            .unwrap()
-            .contains("timed out after 1h"),
-        "{status:?}"
-    );
-    assert_eq!(status.tasks[1].state, Some(RunState::UpstreamFailed));
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while !(dead(shell) && dead(child)) {
-        assert!(
-            Instant::now() < deadline,
-            "the process tree survived its timeout"
+    on_both(|| async {
+        let project = Project::new(
+            "name: wf\ntasks:\n  - name: slow\n    command: [\"sh\", \"-c\", \"sleep 300 & echo $! > child.pid; echo $$ > shell.pid; wait\"]\n    timeout: 1h\n  - name: after\n    command: [\"true\"]\n    needs: [slow]\n",
         );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    h.stop().await;
+        let h = Harness::start(
+            &project,
+            ManualClock::new(utc(2026, 1, 1, 0, 0)),
+            workers_only(),
+        )
+        .await;
+        let id = h.orchestrator.trigger("wf").await.expect("trigger");
+        let read_pid = |name: &str| -> Option<u32> {
+            std::fs::read_to_string(project.path().join(name))
+                .ok()
+                .and_then(|s| s.trim().parse().ok())
+        };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let (shell, child) = loop {
+            if let (Some(s), Some(c)) = (read_pid("shell.pid"), read_pid("child.pid")) {
+                break (s, c);
+            }
+            assert!(Instant::now() < deadline, "the command did not start");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        assert!(!dead(shell) && !dead(child));
+        h.clock.advance(Duration::from_secs(59 * 60));
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert!(!dead(child), "killed before its timeout");
+        h.clock.advance(Duration::from_secs(2 * 60));
+        let run = h.finished(id).await;
+        assert_eq!(run.state, RunState::Failed);
+        let status = h.orchestrator.run_status(id).await.unwrap().unwrap();
+        assert_eq!(status.tasks[0].state, Some(RunState::Failed));
+        assert!(
+            status.tasks[0]
+                .error
+                .as_deref()
+                .unwrap()
+                .contains("timed out after 1h"),
+            "{status:?}"
+        );
+        assert_eq!(status.tasks[1].state, Some(RunState::UpstreamFailed));
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !(dead(shell) && dead(child)) {
+            assert!(
+                Instant::now() < deadline,
+                "the process tree survived its timeout"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        h.stop().await;
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_failed_task_fails_its_dependants_as_upstream_failed() {
-    let project = Project::new(
-        "name: wf\ntasks:\n  - name: extract\n    command: [\"sh\", \"-c\", \"echo boom >&2; exit 1\"]\n  - name: transform\n    command: [\"true\"]\n    needs: [extract]\n  - name: load\n    command: [\"true\"]\n    needs: [transform]\n  - name: side\n    command: [\"sh\", \"-c\", \"echo run $LAMBDA_RUN_ID of $LAMBDA_WORKFLOW\"]\n  - name: report\n    command: [\"true\"]\n    needs: [side, load]\n",
-    );
-    let h = Harness::start(
-        &project,
-        ManualClock::new(utc(2026, 1, 1, 0, 0)),
-        workers_only(),
-    )
+    on_both(|| async {
+        let project = Project::new(
+            "name: wf\ntasks:\n  - name: extract\n    command: [\"sh\", \"-c\", \"echo boom >&2; exit 1\"]\n  - name: transform\n    command: [\"true\"]\n    needs: [extract]\n  - name: load\n    command: [\"true\"]\n    needs: [transform]\n  - name: side\n    command: [\"sh\", \"-c\", \"echo run $LAMBDA_RUN_ID of $LAMBDA_WORKFLOW\"]\n  - name: report\n    command: [\"true\"]\n    needs: [side, load]\n",
+        );
+        let h = Harness::start(
+            &project,
+            ManualClock::new(utc(2026, 1, 1, 0, 0)),
+            workers_only(),
+        )
+        .await;
+        let id = h.orchestrator.trigger("wf").await.expect("trigger");
+        let run = h.finished(id).await;
+        assert_eq!(run.state, RunState::Failed);
+        assert!(
+            run.error
+                .as_deref()
+                .unwrap()
+                .contains("task `extract` failed"),
+            "{run:?}"
+        );
+        let status = h.orchestrator.run_status(id).await.unwrap().unwrap();
+        let states: Vec<(&str, Option<RunState>)> = status
+            .tasks
+            .iter()
+            .map(|t| (t.name.as_str(), t.state))
+            .collect();
+        assert_eq!(
+            states,
+            vec![
+                ("extract", Some(RunState::Failed)),
+                ("transform", Some(RunState::UpstreamFailed)),
+                ("load", Some(RunState::UpstreamFailed)),
+                ("side", Some(RunState::Succeeded)),
+                ("report", Some(RunState::UpstreamFailed)),
+            ]
+        );
+        assert_eq!(
+            status.tasks[1].error.as_deref(),
+            Some("upstream task `extract` failed")
+        );
+        let logs = h.orchestrator.logs(id).await.unwrap().unwrap();
+        let extract = logs.attempts.iter().find(|a| a.task == "extract").unwrap();
+        assert!(extract.log.contains("boom"), "{}", extract.log);
+        let side = logs.attempts.iter().find(|a| a.task == "side").unwrap();
+        assert!(
+            side.log.contains(&format!("run {id} of wf")),
+            "{}",
+            side.log
+        );
+        h.stop().await;
+    })
     .await;
-    let id = h.orchestrator.trigger("wf").await.expect("trigger");
-    let run = h.finished(id).await;
-    assert_eq!(run.state, RunState::Failed);
-    assert!(
-        run.error
-            .as_deref()
-            .unwrap()
-            .contains("task `extract` failed"),
-        "{run:?}"
-    );
-    let status = h.orchestrator.run_status(id).await.unwrap().unwrap();
-    let states: Vec<(&str, Option<RunState>)> = status
-        .tasks
-        .iter()
-        .map(|t| (t.name.as_str(), t.state))
-        .collect();
-    assert_eq!(
-        states,
-        vec![
-            ("extract", Some(RunState::Failed)),
-            ("transform", Some(RunState::UpstreamFailed)),
-            ("load", Some(RunState::UpstreamFailed)),
-            ("side", Some(RunState::Succeeded)),
-            ("report", Some(RunState::UpstreamFailed)),
-        ]
-    );
-    assert_eq!(
-        status.tasks[1].error.as_deref(),
-        Some("upstream task `extract` failed")
-    );
-    let logs = h.orchestrator.logs(id).await.unwrap().unwrap();
-    let extract = logs.attempts.iter().find(|a| a.task == "extract").unwrap();
-    assert!(extract.log.contains("boom"), "{}", extract.log);
-    let side = logs.attempts.iter().find(|a| a.task == "side").unwrap();
-    assert!(
-        side.log.contains(&format!("run {id} of wf")),
-        "{}",
-        side.log
-    );
-    h.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn layer_tasks_go_through_the_task_runner() {
-    let dir = tempfile::tempdir().unwrap();
-    let root = dir.path();
-    std::fs::create_dir_all(root.join("workflows")).unwrap();
-    std::fs::create_dir_all(root.join("pipelines")).unwrap();
-    std::fs::write(
-        root.join("lambda.yaml"),
-        "state: sqlite://.lambda/state.db\nlake: memory://\n",
-    )
-    .unwrap();
-    std::fs::copy(
-        crate::support::repo().join("pipelines/clicks.yaml"),
-        root.join("pipelines/clicks.yaml"),
-    )
-    .unwrap();
-    std::fs::copy(
-        crate::support::repo().join("workflows/nightly.yaml"),
-        root.join("workflows/nightly.yaml"),
-    )
-    .unwrap();
-    let spec = lambda_ctl::spec::load(root).expect("valid");
-    let state = State::open(&spec.settings.state).await.unwrap();
-    let orchestrator = Orchestrator::open(Arc::new(spec), state.clone(), Arc::new(FakeLayers))
-        .await
+    on_both(|| async {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        std::fs::create_dir_all(root.join("workflows")).unwrap();
+        std::fs::create_dir_all(root.join("pipelines")).unwrap();
+        std::fs::write(
+            root.join("lambda.yaml"),
+            "state: sqlite://.lambda/state.db\nlake: memory://\n",
+        )
         .unwrap();
-    let shutdown = CancellationToken::new();
-    let running = orchestrator.start(&workers_only(), shutdown.clone());
-    let id = orchestrator.trigger("nightly").await.unwrap();
-    let status = orchestrator
-        .wait(id, |_| {}, &CancellationToken::new())
-        .await
+        std::fs::copy(
+            crate::support::repo().join("pipelines/clicks.yaml"),
+            root.join("pipelines/clicks.yaml"),
+        )
         .unwrap();
-    assert_eq!(status.run.state, RunState::Succeeded, "{status:?}");
-    let logs = orchestrator.logs(id).await.unwrap().unwrap();
-    assert!(logs.attempts[0].log.contains("recomputing clicks"));
-    shutdown.cancel();
-    running.join().await;
+        std::fs::copy(
+            crate::support::repo().join("workflows/nightly.yaml"),
+            root.join("workflows/nightly.yaml"),
+        )
+        .unwrap();
+        let spec = lambda_ctl::spec::load(root).expect("valid");
+        let state = State::open(&spec.settings.state).await.unwrap();
+        let orchestrator = Orchestrator::open(Arc::new(spec), state.clone(), Arc::new(FakeLayers))
+            .await
+            .unwrap();
+        let shutdown = CancellationToken::new();
+        let running = orchestrator.start(&workers_only(), shutdown.clone());
+        let id = orchestrator.trigger("nightly").await.unwrap();
+        let status = orchestrator
+            .wait(id, |_| {}, &CancellationToken::new())
+            .await
+            .unwrap();
+        assert_eq!(status.run.state, RunState::Succeeded, "{status:?}");
+        let logs = orchestrator.logs(id).await.unwrap().unwrap();
+        assert!(logs.attempts[0].log.contains("recomputing clicks"));
+        shutdown.cancel();
+        running.join().await;
+    })
+    .await;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -690,13 +752,13 @@ impl TempDatabase {
 }
 
 /// A `lambda-ctl` child process whose stderr lines are collected; SIGKILLed on drop.
-struct Process {
+pub struct Process {
     child: std::process::Child,
     stderr: Arc<parking_lot::Mutex<Vec<String>>>,
 }
 
 impl Process {
-    fn start(project: &Path, args: &[&str]) -> Process {
+    pub fn start(project: &Path, args: &[&str]) -> Process {
         use std::io::BufRead;
         let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_lambda-ctl"))
             .args(args)
@@ -718,11 +780,24 @@ impl Process {
         Process { child, stderr }
     }
 
-    fn logged(&self, text: &str) -> bool {
+    /// Sends `signal` (e.g. STOP, CONT) to the process.
+    pub fn signal(&self, signal: rustix::process::Signal) {
+        if let Ok(pid) = i32::try_from(self.child.id())
+            && let Some(pid) = rustix::process::Pid::from_raw(pid)
+        {
+            let _ = rustix::process::kill_process(pid, signal);
+        }
+    }
+
+    pub fn stderr_lines(&self) -> Vec<String> {
+        self.stderr.lock().clone()
+    }
+
+    pub fn logged(&self, text: &str) -> bool {
         self.stderr.lock().iter().any(|l| l.contains(text))
     }
 
-    fn wait_for(&mut self, text: &str, within: Duration) {
+    pub fn wait_for(&mut self, text: &str, within: Duration) {
         let deadline = Instant::now() + within;
         while !self.logged(text) {
             if let Ok(Some(status)) = self.child.try_wait() {
@@ -741,7 +816,7 @@ impl Process {
         }
     }
 
-    fn kill9(&mut self) {
+    pub fn kill9(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
