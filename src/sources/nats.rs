@@ -21,14 +21,22 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use async_nats::jetstream::{self, consumer::AckPolicy, consumer::pull};
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use super::broker::{self, Backoff, Body};
 use crate::speed::runtime::PipelineRuntime;
 use crate::state::redact;
 
-/// Unacknowledged messages the server lets the consumer hold: several batches in flight.
-const MAX_ACK_PENDING: i64 = 20_000;
+/// Batches going through the door at once (their log appends share one fsync).
+const IN_FLIGHT: usize = 4;
+/// Messages per pull request and per batch through the door. At low rates batches stay small
+/// (a batch waits at most `broker::LINGER` after its first message).
+const BATCH: usize = 10_000;
+/// Unacknowledged messages the server lets the consumer hold: the batches in flight, the one
+/// being acknowledged and the one being received.
+const MAX_ACK_PENDING: i64 = ((IN_FLIGHT + 2) * BATCH) as i64;
 
 pub struct NatsSource {
     rt: Arc<PipelineRuntime>,
@@ -96,7 +104,7 @@ impl broker::Session for NatsSource {
         let ack_all = consumer.cached_info().config.ack_policy == AckPolicy::All;
         let mut messages = consumer
             .stream()
-            .max_messages_per_batch(broker::MAX_BATCH)
+            .max_messages_per_batch(BATCH)
             .messages()
             .await
             .context("starting the pull consumer")?;
@@ -116,11 +124,25 @@ impl broker::Session for NatsSource {
             }
         });
 
-        while let Some(batch) = broker::next_batch(&mut messages, broker::MAX_BATCH, shutdown).await
-        {
+        // Two stages, in delivery order: this loop takes batches and starts them through the
+        // door; the acker waits for each to be durable and acknowledges it. Up to IN_FLIGHT
+        // batches are between the two, so their appends share the log's group commit.
+        // Acknowledging in order matters: with AckPolicy::All an ack covers every lower
+        // sequence, so no batch may be acknowledged before the ones delivered earlier.
+        let (tx, mut rx) = mpsc::channel::<(JoinHandle<bool>, Vec<jetstream::Message>)>(IN_FLIGHT);
+        let acker = tokio::spawn(async move {
+            while let Some((ingest, received)) = rx.recv().await {
+                if !ingest.await.context("a batch's ingest task failed")? {
+                    return Ok(()); // shutdown: the rest stays unacknowledged
+                }
+                acknowledge(ack_all, &received).await?;
+            }
+            anyhow::Ok(())
+        });
+        let mut failure = None;
+        while let Some(batch) = broker::next_batch(&mut messages, BATCH, shutdown).await {
             let mut body = Body::new(self.rt.pipeline.format);
             let mut received = Vec::with_capacity(batch.len());
-            let mut failure = None;
             for m in batch {
                 match m {
                     Ok(m) => {
@@ -133,32 +155,44 @@ impl broker::Session for NatsSource {
                     }
                 }
             }
-            if !broker::ingest_durably(&self.rt, "nats", body.into_bytes(), shutdown).await {
-                return Ok(());
+            let (rt, stop) = (self.rt.clone(), shutdown.clone());
+            let ingest = tokio::spawn(async move {
+                broker::ingest_durably(&rt, "nats", body.into_bytes(), &stop).await
+            });
+            // A closed channel means the acker stopped; its error is reported below.
+            if tx.send((ingest, received)).await.is_err() || failure.is_some() {
+                break;
             }
-            if ack_all {
-                // The highest stream sequence covers every earlier one, redeliveries included.
-                let last = received
-                    .iter()
-                    .max_by_key(|m| m.info().map(|i| i.stream_sequence).unwrap_or(0));
-                if let Some(m) = last {
-                    m.ack()
-                        .await
-                        .map_err(|e| anyhow::anyhow!("acknowledging a batch: {e}"))?;
-                }
-            } else {
-                for m in &received {
-                    m.ack()
-                        .await
-                        .map_err(|e| anyhow::anyhow!("acknowledging a message: {e}"))?;
-                }
-            }
-            if let Some(e) = failure {
-                return Err(anyhow::anyhow!("receiving from JetStream: {e}"));
-            }
+        }
+        drop(tx);
+        acker.await.context("the acknowledging task failed")??;
+        if let Some(e) = failure {
+            return Err(anyhow::anyhow!("receiving from JetStream: {e}"));
         }
         // Make the last acknowledgements reach the server before the connection drops.
         let _ = client.flush().await;
         Ok(())
     }
+}
+
+/// Acknowledges a durable batch: its highest stream sequence (covering every earlier one,
+/// redeliveries included) under `AckPolicy::All`, else each message.
+async fn acknowledge(ack_all: bool, received: &[jetstream::Message]) -> anyhow::Result<()> {
+    if ack_all {
+        let last = received
+            .iter()
+            .max_by_key(|m| m.info().map(|i| i.stream_sequence).unwrap_or(0));
+        if let Some(m) = last {
+            m.ack()
+                .await
+                .map_err(|e| anyhow::anyhow!("acknowledging a batch: {e}"))?;
+        }
+    } else {
+        for m in received {
+            m.ack()
+                .await
+                .map_err(|e| anyhow::anyhow!("acknowledging a message: {e}"))?;
+        }
+    }
+    Ok(())
 }
