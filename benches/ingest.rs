@@ -153,9 +153,13 @@ fn main() {
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+        let clients: usize = std::env::var("QUERY_BENCH_CLIENTS")
+            .ok()
+            .and_then(|c| c.parse().ok())
+            .unwrap_or(4);
         let deadline = Instant::now() + Duration::from_secs(5);
         let mut tasks = Vec::new();
-        for _ in 0..4 {
+        for _ in 0..clients {
             let (http, url) = (http.clone(), page_url.clone());
             tasks.push(tokio::spawn(async move {
                 let mut lat = Vec::new();
@@ -175,7 +179,7 @@ fn main() {
         }
         q.sort_by(f64::total_cmp);
         let pq = |x: f64| q[((q.len() - 1) as f64 * x) as usize];
-        println!("point query with the batch view loaded: p50 {:.2} ms, p99 {:.2} ms, {:.0} queries/s (4 clients, 5 s)", pq(0.5), pq(0.99), q.len() as f64 / 5.0);
+        println!("point query with the batch view loaded: p50 {:.2} ms, p99 {:.2} ms, {:.0} queries/s ({clients} clients, 5 s)", pq(0.5), pq(0.99), q.len() as f64 / 5.0);
     });
     let _ = child.kill();
     let _ = child.wait();
