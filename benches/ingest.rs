@@ -5,9 +5,11 @@
 //!
 //! `cargo bench --bench ingest` (or `just bench`).
 
-use std::io::BufRead;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
+
+mod common;
+use common::Serve;
 
 const PIPELINE: &str = r#"
 name: clicks
@@ -45,24 +47,8 @@ fn body(client: usize, batch: usize, n: usize, now_ms: i64) -> String {
 }
 
 fn main() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    std::fs::create_dir_all(dir.path().join("pipelines")).unwrap();
-    std::fs::write(dir.path().join("pipelines/clicks.yaml"), PIPELINE).unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_lambda-ctl"))
-        .args(["serve", "--listen", "127.0.0.1:0", "--project"])
-        .arg(dir.path())
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("start lambda-ctl serve");
-    let mut lines = std::io::BufReader::new(child.stdout.take().unwrap()).lines();
-    let base = loop {
-        let line = lines.next().expect("serve exited").unwrap();
-        if let Some(url) = line.strip_prefix("lambda-ctl serving on ") {
-            break url.to_string();
-        }
-    };
-    std::thread::spawn(move || for _ in lines {});
+    let server = Serve::start("clicks", PIPELINE, "warn");
+    let base = server.base.clone();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -140,7 +126,7 @@ fn main() {
         tokio::time::sleep(Duration::from_secs(3)).await;
         let run = Command::new(env!("CARGO_BIN_EXE_lambda-ctl"))
             .args(["run", "clicks", "--project"])
-            .arg(dir.path())
+            .arg(server.project())
             .env("RUST_LOG", "warn")
             .output()
             .expect("lambda-ctl run");
@@ -181,6 +167,5 @@ fn main() {
         let pq = |x: f64| q[((q.len() - 1) as f64 * x) as usize];
         println!("point query with the batch view loaded: p50 {:.2} ms, p99 {:.2} ms, {:.0} queries/s ({clients} clients, 5 s)", pq(0.5), pq(0.99), q.len() as f64 / 5.0);
     });
-    let _ = child.kill();
-    let _ = child.wait();
+    drop(server);
 }

@@ -9,9 +9,10 @@
 //! A source whose `LAMBDA_TEST_*` variable is unset is skipped. `cargo bench --bench sources`
 //! (or `just bench`); figures from the dev profile are far below release ones.
 
-use std::io::BufRead;
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
+
+mod common;
+use common::Serve;
 
 const N: usize = 100_000;
 const MQTT_N: usize = 10_000;
@@ -41,50 +42,8 @@ fn unique(prefix: &str) -> String {
     format!("{prefix}{nanos}")
 }
 
-struct Serve {
-    child: Child,
-    base: String,
-    started: Instant,
-    _dir: tempfile::TempDir,
-}
-
-impl Drop for Serve {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 fn serve(source_yaml: &str) -> Serve {
-    let dir = tempfile::tempdir().expect("tempdir");
-    std::fs::create_dir_all(dir.path().join("pipelines")).unwrap();
-    std::fs::write(
-        dir.path().join("pipelines/bench.yaml"),
-        pipeline(source_yaml),
-    )
-    .unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_lambda-ctl"))
-        .args(["serve", "--listen", "127.0.0.1:0", "--project"])
-        .arg(dir.path())
-        .env("RUST_LOG", "error")
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("start lambda-ctl serve");
-    let mut lines = std::io::BufReader::new(child.stdout.take().unwrap()).lines();
-    let base = loop {
-        let line = lines.next().expect("serve exited").unwrap();
-        if let Some(url) = line.strip_prefix("lambda-ctl serving on ") {
-            break url.to_string();
-        }
-    };
-    let started = Instant::now();
-    std::thread::spawn(move || for _ in lines {});
-    Serve {
-        child,
-        base,
-        started,
-        _dir: dir,
-    }
+    Serve::start("bench", &pipeline(source_yaml), "error")
 }
 
 /// Waits until the `total` view counts `n`; returns the time since `from`.

@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::state::TempDatabase;
 use chrono::{DateTime, TimeZone, Utc};
 use futures::future::BoxFuture;
 use lambda_ctl::orchestration::{ManualClock, Options, Orchestrator, TaskContext, TaskRunner};
@@ -702,54 +703,6 @@ async fn layer_tasks_go_through_the_task_runner() {
 
 // ---------------------------------------------------------------------------------------------
 // Three processes on PostgreSQL.
-
-/// A database of its own on the `LAMBDA_TEST_POSTGRES` server, dropped at the end.
-struct TempDatabase {
-    server: String,
-    name: String,
-    url: String,
-}
-
-impl TempDatabase {
-    async fn create(server: &str) -> TempDatabase {
-        use sqlx::Connection;
-        let name = format!(
-            "lambda_test_orch_{}_{}",
-            std::process::id(),
-            Utc::now().timestamp_micros()
-        );
-        let mut conn = sqlx::PgConnection::connect(server)
-            .await
-            .unwrap_or_else(|e| {
-                panic!("LAMBDA_TEST_POSTGRES={server} is set but unreachable: {e}")
-            });
-        sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
-            .execute(&mut conn)
-            .await
-            .expect("create test database");
-        let mut url = url::Url::parse(server).expect("LAMBDA_TEST_POSTGRES is a URL");
-        url.set_path(&name);
-        TempDatabase {
-            server: server.to_string(),
-            name,
-            url: url.to_string(),
-        }
-    }
-
-    async fn drop(self) {
-        use sqlx::Connection;
-        let mut conn = sqlx::PgConnection::connect(&self.server)
-            .await
-            .expect("reconnect");
-        sqlx::query(sqlx::AssertSqlSafe(format!(
-            "DROP DATABASE IF EXISTS {} WITH (FORCE)",
-            self.name
-        )))
-        .execute(&mut conn)
-        .await
-        .expect("drop test database");
-    }
-}
 
 /// A `lambda-ctl` child process whose stderr lines are collected; SIGKILLed on drop.
 pub struct Process {

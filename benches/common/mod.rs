@@ -1,0 +1,68 @@
+//! What the benches share: a `lambda-ctl serve` child process on a project of one pipeline.
+
+// Each bench binary compiles this module on its own and uses a part of it.
+#![allow(dead_code)]
+
+use std::io::BufRead;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::Instant;
+
+/// `lambda-ctl serve` on 127.0.0.1:0, killed on drop (with its project directory).
+pub struct Serve {
+    child: Child,
+    /// `http://ADDR` it serves on.
+    pub base: String,
+    /// When it printed its address line.
+    pub started: Instant,
+    dir: tempfile::TempDir,
+}
+
+impl Serve {
+    /// Writes `pipelines/{name}.yaml` into a fresh project and starts `serve` on it with
+    /// `RUST_LOG=rust_log`; returns once it listens.
+    pub fn start(name: &str, pipeline_yaml: &str, rust_log: &str) -> Serve {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::create_dir_all(dir.path().join("pipelines")).unwrap();
+        std::fs::write(
+            dir.path().join(format!("pipelines/{name}.yaml")),
+            pipeline_yaml,
+        )
+        .unwrap();
+        let mut child = Command::new(env!("CARGO_BIN_EXE_lambda-ctl"))
+            .args(["serve", "--listen", "127.0.0.1:0", "--project"])
+            .arg(dir.path())
+            .env("RUST_LOG", rust_log)
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("start lambda-ctl serve");
+        let mut lines = std::io::BufReader::new(child.stdout.take().unwrap()).lines();
+        let base = loop {
+            let line = lines.next().expect("serve exited").unwrap();
+            if let Some(url) = line.strip_prefix("lambda-ctl serving on ") {
+                break url.to_string();
+            }
+        };
+        let started = Instant::now();
+        // Keep draining stdout so the child never blocks on a full pipe.
+        std::thread::spawn(move || for _ in lines {});
+        Serve {
+            child,
+            base,
+            started,
+            dir,
+        }
+    }
+
+    /// The project directory.
+    pub fn project(&self) -> &Path {
+        self.dir.path()
+    }
+}
+
+impl Drop for Serve {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
