@@ -1,33 +1,33 @@
-//! Batch scale-out (DESIGN.md §4): views with many segments to scan are split into groups of
-//! segments, one [`GroupJob`] each (views scanning the same segments share the jobs: a group's
-//! segments are read once for all of them). Any process working the queue (`lambda-ctl
-//! worker`, or the process running the batch run itself) computes a group's partials with the
-//! same plan and writes them to the run's scratch prefix in the lake; the run then merges every
-//! group's partials (the merge is associative and commutative) with the published ones, writes
-//! the view and publishes it with the usual compare-and-set — so a run that fails or is killed
-//! still publishes nothing.
+//! Batch scale-out (DESIGN.md §4): when a view has many segments to scan, every view of the run
+//! is computed as groups of segments, one [`GroupJob`] each (views scanning the same segments
+//! share the jobs: a group's segments are read once for all of them), and one final
+//! [`FinishJob`] merges and publishes. Any process working the queue (`lambda-ctl worker`,
+//! `serve`, or the process that started the run) takes either kind: a group's partials are
+//! computed with the same plan and written to the run's scratch prefix in the lake; the group
+//! that completes the set queues the finish job, which merges every group's partials (the merge
+//! is associative and commutative) with the published ones, writes each view and publishes it
+//! with the usual compare-and-set, then ends the run. The run's own process only splits and
+//! waits: if it dies, the run still publishes; if a run fails, it publishes nothing more.
 //!
-//! The lake is also how a group reports back: its partials file appears atomically when it is
-//! complete, and a group that cannot be computed leaves an error file instead. A worker killed
-//! mid-job leaves neither; the queue delivers the job again to another worker (apalis notices the
-//! missing heartbeats), which writes the same file.
+//! The lake is also how the jobs report to each other: a group's partials appear atomically,
+//! then its `.done` marker; a group that cannot be computed leaves an `.error` file instead.
+//! A worker killed mid-job leaves neither; the queue delivers the job again to another worker
+//! (apalis notices the missing heartbeats), which writes the same files. The finish job's
+//! description is `finish.json` in the scratch prefix, written before any group is queued.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::ops::Range;
 use std::sync::Arc;
-use std::time::Duration;
 
 use anyhow::Context;
 use futures::future::BoxFuture;
 use polars::prelude::*;
 use serde::{Deserialize, Serialize};
 
-use super::scan;
+use super::{Mode, scan};
 use crate::lake::{self, Lake, LakeError};
 use crate::plan::Plan;
-use crate::state::Segment;
-
-/// How often the run looks for finished groups.
-const POLL: Duration = Duration::from_millis(100);
+use crate::state::{Cutoff, Outcome, PublicationId, RunId, Segment, State, StateError};
 
 /// One group of segments of one run, for one or more views.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -35,8 +35,10 @@ pub struct GroupJob {
     pub pipeline: String,
     pub views: Vec<GroupView>,
     pub run_id: i64,
-    /// Unique within the run.
+    /// Unique within the run: `0..of`.
     pub group: u32,
+    /// How many groups the run has.
+    pub of: u32,
     pub segments: Vec<GroupSegment>,
 }
 
@@ -57,22 +59,53 @@ pub struct GroupSegment {
     pub rows: u64,
 }
 
+/// The last job of a scaled-out run: merge the groups' partials, publish every view, end the
+/// run.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FinishJob {
+    pub pipeline: String,
+    pub run_id: i64,
+    pub cutoff: Cutoff,
+    /// How many groups the run has.
+    pub groups: u32,
+    pub views: Vec<FinishView>,
+}
+
+/// What the finish job does for one view.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FinishView {
+    pub name: String,
+    pub logic_hash: String,
+    pub mode: Mode,
+    /// The groups computing this view's new segments (empty: nothing new to scan).
+    pub groups: Range<u32>,
+    /// The run whose published partials an incremental run builds on.
+    pub base_run: Option<i64>,
+    /// The publication current when the run started (compare-and-set).
+    pub replaces: Option<i64>,
+    pub segments: usize,
+    pub events: u64,
+}
+
 impl GroupJob {
     /// Where the group's partials of `view` appear when they are done.
     pub fn partials_path(&self, view: &str) -> String {
+        partials_path(&self.pipeline, self.run_id, self.group, view)
+    }
+
+    /// Appears once every view's partials are written.
+    pub fn done_path(&self) -> String {
         format!(
-            "{}group-{:06}/{view}.parquet",
-            lake::run_scratch_prefix(&self.pipeline, self.run_id),
-            self.group
+            "{}.done",
+            group_stem(&self.pipeline, self.run_id, self.group)
         )
     }
 
     /// Where the reason appears when the group cannot be computed.
     pub fn error_path(&self) -> String {
         format!(
-            "{}group-{:06}.error",
-            lake::run_scratch_prefix(&self.pipeline, self.run_id),
-            self.group
+            "{}.error",
+            group_stem(&self.pipeline, self.run_id, self.group)
         )
     }
 
@@ -99,13 +132,31 @@ impl GroupJob {
     }
 }
 
-/// Hands group jobs to whoever computes them (the job queue, in orchestration).
+fn group_stem(pipeline: &str, run_id: i64, group: u32) -> String {
+    format!(
+        "{}group-{group:06}",
+        lake::run_scratch_prefix(pipeline, run_id)
+    )
+}
+
+fn partials_path(pipeline: &str, run_id: i64, group: u32, view: &str) -> String {
+    format!("{}/{view}.parquet", group_stem(pipeline, run_id, group))
+}
+
+fn finish_path(pipeline: &str, run_id: i64) -> String {
+    format!("{}finish.json", lake::run_scratch_prefix(pipeline, run_id))
+}
+
+/// Hands jobs to whoever computes them (the job queue, in orchestration). Pushing a job that
+/// is queued already must be a no-op: the finish job may be submitted more than once.
 pub trait Fanout: Send + Sync {
     fn submit<'a>(&'a self, jobs: &'a [GroupJob]) -> BoxFuture<'a, anyhow::Result<()>>;
+    fn finish<'a>(&'a self, job: &'a FinishJob) -> BoxFuture<'a, anyhow::Result<()>>;
 }
 
 /// Splits `segments` (position order) into groups of `size` segments, one job each computing
-/// `views`; groups are numbered from `next_group` on.
+/// `views`; groups are numbered from `next_group` on. `of` is filled in by the caller once
+/// every view is split.
 pub fn split(
     plan: &Plan,
     views: &[usize],
@@ -131,6 +182,7 @@ pub fn split(
                 *next_group += 1;
                 *next_group - 1
             },
+            of: 0,
             segments: chunk
                 .iter()
                 .map(|s| GroupSegment {
@@ -145,44 +197,135 @@ pub fn split(
         .collect()
 }
 
-/// What a worker does with a job: computes the group's partials and writes them (replacing
-/// those of an earlier delivery, which are identical). An error is recorded in the lake for the
-/// run to report; it is returned too, for the worker's log.
-pub async fn compute(plan: &Arc<Plan>, lake: &Lake, job: &GroupJob) -> anyhow::Result<()> {
-    let result = compute_inner(plan, lake, job).await;
-    if let Err(e) = &result {
-        let msg = format!("{e:#}");
-        if let Err(write) = lake.put(&job.error_path(), msg.into_bytes()).await {
-            // The run cannot learn why; the job is delivered again by the queue.
-            return Err(anyhow::Error::new(write).context(format!("{e:#}")));
-        }
-    }
-    result
+/// Queues a run's jobs: the finish job's description first (a group completing the set reads
+/// it), then the groups.
+pub async fn start(
+    lake: &Lake,
+    fanout: &dyn Fanout,
+    finish: &FinishJob,
+    jobs: &[GroupJob],
+) -> anyhow::Result<()> {
+    let description = serde_json::to_vec(finish).context("describing the finish job")?;
+    lake.put(&finish_path(&finish.pipeline, finish.run_id), description)
+        .await?;
+    fanout.submit(jobs).await
 }
 
-async fn compute_inner(plan: &Arc<Plan>, lake: &Lake, job: &GroupJob) -> anyhow::Result<()> {
-    let mut views = Vec::with_capacity(job.views.len());
-    for v in &job.views {
+/// What a worker does with a group job: computes the group's partials and writes them
+/// (replacing those of an earlier delivery, which are identical), then its `.done` marker; an
+/// error is recorded in the lake instead, for the finish job to report, and returned for the
+/// worker's log. Returns the finish job when this group completed the run's set (the caller
+/// queues it).
+pub async fn compute(
+    plan: &Arc<Plan>,
+    lake: &Lake,
+    job: &GroupJob,
+) -> anyhow::Result<(Option<FinishJob>, anyhow::Result<()>)> {
+    // The queue delivers at least once: a group done already (or a run finished and cleaned
+    // up) is not computed again.
+    let dir = lake::run_scratch_prefix(&job.pipeline, job.run_id);
+    let listed: HashSet<String> = lake.list(&dir).await?.into_iter().map(|o| o.path).collect();
+    if listed.contains(&job.done_path())
+        || !listed.contains(&finish_path(&job.pipeline, job.run_id))
+    {
+        tracing::info!(
+            run = job.run_id,
+            group = job.group,
+            "batch group delivered again after it was done; skipped"
+        );
+        return Ok((None, Ok(())));
+    }
+    let result = compute_inner(plan, lake, job).await;
+    match &result {
+        Ok(()) => lake.put(&job.done_path(), Vec::new()).await?,
+        Err(e) => {
+            lake.put(&job.error_path(), format!("{e:#}").into_bytes())
+                .await?
+        }
+    }
+    let finish = ready(lake, &job.pipeline, job.run_id, job.of).await?;
+    Ok((finish, result))
+}
+
+/// Writes a group's error when it cannot even be started (its pipeline is unknown here), and
+/// returns the finish job if that completed the set.
+pub async fn refuse(lake: &Lake, job: &GroupJob, why: &str) -> anyhow::Result<Option<FinishJob>> {
+    lake.put(&job.error_path(), why.as_bytes().to_vec()).await?;
+    ready(lake, &job.pipeline, job.run_id, job.of).await
+}
+
+/// Which groups of a run have ended (done or failed).
+async fn ended(lake: &Lake, pipeline: &str, run_id: i64) -> anyhow::Result<BTreeSet<u32>> {
+    let dir = lake::run_scratch_prefix(pipeline, run_id);
+    Ok(lake
+        .list(&dir)
+        .await?
+        .into_iter()
+        .filter_map(|o| {
+            let name = o.path.strip_prefix(&dir)?.strip_prefix("group-")?;
+            let number = name
+                .strip_suffix(".done")
+                .or_else(|| name.strip_suffix(".error"))?;
+            number.parse().ok()
+        })
+        .collect())
+}
+
+/// The run's finish job once all `of` groups have ended.
+async fn ready(
+    lake: &Lake,
+    pipeline: &str,
+    run_id: i64,
+    of: u32,
+) -> anyhow::Result<Option<FinishJob>> {
+    if ended(lake, pipeline, run_id).await?.len() < of as usize {
+        return Ok(None);
+    }
+    let bytes = match lake.get(&finish_path(pipeline, run_id)).await {
+        Ok(b) => b,
+        // The finish job has run and cleaned up: this was a late second delivery.
+        Err(LakeError::NotFound { .. }) => return Ok(None),
+        Err(e) => return Err(e.into()),
+    };
+    let job = serde_json::from_slice(&bytes)
+        .with_context(|| format!("reading {}", finish_path(pipeline, run_id)))?;
+    Ok(Some(job))
+}
+
+/// The views of `plan` a job names, checked against the job's logic.
+fn views_of<'a>(
+    plan: &Plan,
+    pipeline: &str,
+    views: impl Iterator<Item = (&'a str, &'a str)>,
+) -> anyhow::Result<Vec<(usize, String)>> {
+    let mut out = Vec::new();
+    for (name, logic_hash) in views {
         let view = plan
             .pipeline()
             .views
             .iter()
-            .position(|p| p.name == v.name)
+            .position(|p| p.name == name)
             .with_context(|| {
-                format!(
-                    "pipeline `{}` of this worker's project has no view `{}`",
-                    job.pipeline, v.name
-                )
+                format!("pipeline `{pipeline}` of this worker's project has no view `{name}`")
             })?;
         anyhow::ensure!(
-            plan.logic_hash(view) == v.logic_hash,
-            "view `{}` of this worker's project differs from the run's (logic {} here, {} in the run): deploy the same project to every worker",
-            v.name,
+            plan.logic_hash(view) == logic_hash,
+            "view `{name}` of this worker's project differs from the run's (logic {} here, {logic_hash} in the run): deploy the same project to every worker",
             plan.logic_hash(view),
-            v.logic_hash
         );
-        views.push((view, v.name.clone()));
+        out.push((view, name.to_string()));
     }
+    Ok(out)
+}
+
+async fn compute_inner(plan: &Arc<Plan>, lake: &Lake, job: &GroupJob) -> anyhow::Result<()> {
+    let views = views_of(
+        plan,
+        &job.pipeline,
+        job.views
+            .iter()
+            .map(|v| (v.name.as_str(), v.logic_hash.as_str())),
+    )?;
     // Read once, computed for every view.
     let source = Arc::new(scan::open(lake, &job.segments(), |_| {}).await?);
     for (view, name) in views {
@@ -197,62 +340,190 @@ async fn compute_inner(plan: &Arc<Plan>, lake: &Lake, job: &GroupJob) -> anyhow:
     Ok(())
 }
 
-/// Waits until every job's partials are in the lake and merges them; fails as soon as a group
-/// reports an error. `on_group(job)` is called as each group completes.
-pub async fn collect(
+/// What a worker does with the finish job: unless the run has ended already (a second
+/// delivery), publishes every view this run has not published yet and ends the run — failed,
+/// publishing nothing more, when a group failed or a publish did. Returns an error only when
+/// the outcome could not be recorded (the queue delivers the job again).
+pub async fn finish(
+    plan: &Arc<Plan>,
+    state: &State,
+    lake: &Lake,
+    job: &FinishJob,
+) -> anyhow::Result<()> {
+    let run_id = RunId(job.run_id);
+    let started = match state.run(run_id).await? {
+        Some(run) if !run.state.is_finished() => run.started_at.unwrap_or(run.created_at),
+        _ => {
+            clean(lake, &job.pipeline, job.run_id).await;
+            return Ok(());
+        }
+    };
+    let result = publish_all(plan, state, lake, job).await;
+    let took = (chrono::Utc::now() - started).to_std().unwrap_or_default();
+    let (outcome, error) = match &result {
+        Ok(()) => {
+            let line = format!(
+                "succeeded: {} view(s) in {:.2}s",
+                job.views.len(),
+                took.as_secs_f64()
+            );
+            super::log(state, run_id, &line).await;
+            (Outcome::Succeeded, None)
+        }
+        Err(e) => {
+            let msg = format!("{e:#}");
+            super::log(state, run_id, &format!("failed: {msg}")).await;
+            (Outcome::Failed, Some(msg))
+        }
+    };
+    match state.finish_run(run_id, outcome, error.as_deref()).await {
+        // Ended meanwhile by an earlier delivery of this job.
+        Ok(_) | Err(StateError::WrongState { .. }) => {}
+        Err(e) => return Err(e.into()),
+    }
+    clean(lake, &job.pipeline, job.run_id).await;
+    Ok(())
+}
+
+async fn publish_all(
+    plan: &Arc<Plan>,
+    state: &State,
+    lake: &Lake,
+    job: &FinishJob,
+) -> anyhow::Result<()> {
+    let dir = lake::run_scratch_prefix(&job.pipeline, job.run_id);
+    let listed: Vec<String> = lake.list(&dir).await?.into_iter().map(|o| o.path).collect();
+    if let Some(path) = listed.iter().find(|p| p.ends_with(".error")) {
+        let why = lake.get(path).await?;
+        let group = path
+            .strip_prefix(&dir)
+            .and_then(|n| n.strip_suffix(".error"))
+            .unwrap_or(path);
+        anyhow::bail!("{group} failed: {}", String::from_utf8_lossy(&why));
+    }
+    let run_id = RunId(job.run_id);
+    let published: HashSet<String> = state
+        .run_publications(run_id)
+        .await?
+        .into_iter()
+        .map(|p| p.view)
+        .collect();
+    let views = views_of(
+        plan,
+        &job.pipeline,
+        job.views
+            .iter()
+            .map(|v| (v.name.as_str(), v.logic_hash.as_str())),
+    )?;
+    for (spec, (view, name)) in job.views.iter().zip(views) {
+        if published.contains(&name) {
+            continue;
+        }
+        let publication = async {
+            let fresh = merge_groups(plan, lake, job, view, &name, spec.groups.clone()).await?;
+            super::publish_view(
+                plan,
+                state,
+                lake,
+                run_id,
+                &job.cutoff,
+                view,
+                fresh,
+                spec.base_run.map(RunId),
+                spec.replaces.map(PublicationId),
+            )
+            .await
+        }
+        .await
+        .with_context(|| format!("view `{name}`"))?;
+        let line = super::view_line(&name, spec.mode, spec.segments, spec.events, &publication);
+        super::log(state, run_id, &line).await;
+    }
+    Ok(())
+}
+
+/// The merged partials of `view` over the groups `groups` (none: no new segments).
+async fn merge_groups(
     plan: &Arc<Plan>,
     lake: &Lake,
+    job: &FinishJob,
     view: usize,
-    jobs: &[GroupJob],
-    mut on_group: impl FnMut(&GroupJob),
+    name: &str,
+    groups: Range<u32>,
 ) -> anyhow::Result<DataFrame> {
-    let Some(first) = jobs.first() else {
-        anyhow::bail!("no groups to collect");
-    };
-    let name = &plan.pipeline().views[view].name;
-    let dir = lake::run_scratch_prefix(&first.pipeline, first.run_id);
-    let mut parts: BTreeMap<u32, DataFrame> = BTreeMap::new();
-    while parts.len() < jobs.len() {
-        let listed: HashSet<String> = lake.list(&dir).await?.into_iter().map(|o| o.path).collect();
-        for job in jobs {
-            if parts.contains_key(&job.group) {
-                continue;
+    use futures::{StreamExt, TryStreamExt};
+    // Futures made up front: see `scan::open`.
+    let reads: Vec<_> = groups
+        .map(|g| {
+            let path = partials_path(&job.pipeline, job.run_id, g, name);
+            async move {
+                let bytes = lake.get(&path).await?;
+                plan.read_partials(view, &bytes)
+                    .with_context(|| format!("reading {path}"))
             }
-            if listed.contains(&job.error_path()) {
-                let why = lake.get(&job.error_path()).await?;
-                anyhow::bail!(
-                    "group {} ({} segment(s) from {}) failed: {}",
-                    job.group,
-                    job.segments.len(),
-                    job.segments.first().map_or("", |s| s.path.as_str()),
-                    String::from_utf8_lossy(&why)
-                );
-            }
-            let path = job.partials_path(name);
-            if listed.contains(&path) {
-                let bytes = match lake.get(&path).await {
-                    Ok(b) => b,
-                    // Listed, then replaced by a re-delivery: read it next time.
-                    Err(LakeError::NotFound { .. }) => continue,
-                    Err(e) => return Err(e.into()),
-                };
-                let df = plan
-                    .read_partials(view, &bytes)
-                    .with_context(|| format!("reading {path}"))?;
-                parts.insert(job.group, df);
-                on_group(job);
-            }
-        }
-        if parts.len() < jobs.len() {
-            tokio::time::sleep(POLL).await;
-        }
-    }
+        })
+        .collect();
+    let parts: Vec<DataFrame> = futures::stream::iter(reads)
+        .buffered(READ_AHEAD)
+        .try_collect()
+        .await?;
     let p = plan.clone();
-    let parts: Vec<DataFrame> = parts.into_values().collect();
     Ok(tokio::task::spawn_blocking(move || p.merge(view, parts))
         .await
         .context("merging group partials panicked")??)
 }
+
+/// Group partials read at once by the finish job.
+const READ_AHEAD: usize = 8;
+
+/// The run's own side of a scaled-out run: waits until the run has ended (the finish job ends
+/// it, in whichever process), calling `on_group` as each group ends. Once every group has, it
+/// queues the finish job too (a no-op when the last group did), in case that group's worker
+/// died before it could. Returns the run's publications, or why it failed.
+pub async fn wait(
+    state: &State,
+    lake: &Lake,
+    fanout: &dyn Fanout,
+    job: &FinishJob,
+    mut on_group: impl FnMut(u32),
+) -> anyhow::Result<Vec<crate::state::Publication>> {
+    let run_id = RunId(job.run_id);
+    let mut reported = BTreeSet::new();
+    let mut queued = false;
+    loop {
+        let ended = ended(lake, &job.pipeline, job.run_id).await?;
+        for g in ended.difference(&reported).copied().collect::<Vec<_>>() {
+            reported.insert(g);
+            on_group(g);
+        }
+        if !queued && ended.len() >= job.groups as usize {
+            fanout.finish(job).await?;
+            queued = true;
+        }
+        let run = state
+            .run(run_id)
+            .await?
+            .with_context(|| format!("run {run_id} disappeared from the state DB"))?;
+        match run.state {
+            crate::state::RunState::Succeeded => {
+                // Groups that ended and were cleaned up between two looks.
+                for g in (0..job.groups).filter(|g| !reported.contains(g)) {
+                    on_group(g);
+                }
+                return Ok(state.run_publications(run_id).await?);
+            }
+            s if s.is_finished() => anyhow::bail!(
+                "{}",
+                run.error
+                    .unwrap_or_else(|| format!("the run ended {}", s.as_str()))
+            ),
+            _ => tokio::time::sleep(POLL).await,
+        }
+    }
+}
+
+/// How often the run looks at its groups and its state.
+const POLL: std::time::Duration = std::time::Duration::from_millis(50);
 
 /// Deletes a run's scratch files (best effort: leftovers only cost space).
 pub async fn clean(lake: &Lake, pipeline: &str, run_id: i64) {

@@ -10,8 +10,9 @@
 //! - A run that fails or is killed publishes nothing more: what is published stays served.
 //! - Versions that are no longer current are kept for [`GRACE`] after they were replaced, then
 //!   their files are deleted.
-//! - With [`ScaleOut`], a view with many segments to scan is computed as groups by any number
-//!   of workers ([`groups`]) and merged here; without it, or for small inputs, in this process.
+//! - With [`ScaleOut`], a run with a view with many segments to scan is computed as groups by
+//!   any number of workers and merged and published by a final job ([`groups`]); without it,
+//!   or for small inputs, in this process.
 
 pub mod groups;
 pub mod maintenance;
@@ -32,7 +33,8 @@ use crate::lake::{self, Lake};
 use crate::plan::Plan;
 use crate::spec::BatchSettings;
 use crate::state::{
-    Cutoff, NewPublication, Outcome, Publication, RunId, RunKind, Segment, State, StateError,
+    Cutoff, NewPublication, Outcome, Publication, PublicationId, RunId, RunKind, Segment, State,
+    StateError,
 };
 
 /// How long a replaced view version stays in the lake (a server may still be loading it).
@@ -57,7 +59,8 @@ pub enum BatchError {
 }
 
 /// How a view was recomputed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Mode {
     /// From every segment of the cutoff (first run, or the view's logic changed).
     Full,
@@ -137,8 +140,9 @@ pub struct ScaleOut<'a> {
     pub fanout: &'a dyn groups::Fanout,
 }
 
-/// [`recompute`], splitting views with at least `scale.settings.scale_out_segments` segments to
-/// scan into group jobs handed to `scale.fanout`.
+/// [`recompute`]; when a view has at least `scale.settings.scale_out_segments` segments to scan,
+/// every view is split into group jobs handed to `scale.fanout`, and the run's finish job (in
+/// whichever process takes it) publishes and records the outcome: this process only waits.
 pub async fn recompute_scaled(
     plan: Arc<Plan>,
     state: &State,
@@ -153,11 +157,22 @@ pub async fn recompute_scaled(
     let run_id = run.id;
     state.start_run(run_id).await?;
     let started = Instant::now();
+    // Set once the outcome is for a scaled-out run's finish job to record.
+    let mut handed_over = false;
     let result = run_views(
-        &plan, state, lake, run_id, &selected, scale, started, progress,
+        &plan,
+        state,
+        lake,
+        run_id,
+        &selected,
+        scale,
+        started,
+        &mut handed_over,
+        progress,
     )
     .await;
     match &result {
+        _ if handed_over => {}
         Ok(summary) => {
             log(
                 state,
@@ -211,7 +226,7 @@ fn select_views(plan: &Plan, views: Option<&[String]>) -> Result<Vec<usize>, Bat
 }
 
 /// Appends a line to the run's log; a log that cannot be written does not fail the run.
-async fn log(state: &State, run_id: RunId, line: &str) {
+pub(crate) async fn log(state: &State, run_id: RunId, line: &str) {
     tracing::info!(run = run_id.0, "{line}");
     if let Err(e) = state.append_run_log(run_id, &format!("{line}\n")).await {
         tracing::warn!(run = run_id.0, error = %e, "cannot append to the run log");
@@ -240,6 +255,7 @@ async fn run_views(
     selected: &[usize],
     scale: Option<ScaleOut<'_>>,
     started: Instant,
+    handed_over: &mut bool,
     progress: &mut (dyn FnMut(&Progress) + Send),
 ) -> anyhow::Result<RunSummary> {
     let pipeline = plan.pipeline().name.clone();
@@ -269,50 +285,45 @@ async fn run_views(
                 .with_context(|| format!("view `{name}`"))?,
         );
     }
-    let jobs = match scale {
-        Some(scale) => fan_out(plan, state, lake, run_id, &prepared, scale).await?,
-        None => vec![None; prepared.len()],
-    };
-    let scaled_out = jobs.iter().any(Option::is_some);
-    let mut out = Vec::new();
-    for (prep, jobs) in prepared.into_iter().zip(jobs) {
-        let name = prep.name.clone();
-        let summary = recompute_view(
-            plan,
-            state,
-            lake,
+    if let Some(scale) = scale
+        && let Some((finish, jobs)) =
+            fan_out(plan, state, lake, run_id, &cutoff, &prepared, scale).await?
+    {
+        groups::start(lake, scale.fanout, &finish, &jobs).await?;
+        *handed_over = true;
+        let line = format!(
+            "queued the run's batch jobs: {} group(s); the last one queues the finish job, which publishes",
+            jobs.len()
+        );
+        log(state, run_id, &line).await;
+        let views = wait_for_finish(state, lake, scale, &finish, &jobs, prepared, progress).await?;
+        return Ok(RunSummary {
             run_id,
-            &cutoff,
-            prep,
-            jobs,
-            &mut *progress,
-        )
-        .await
-        .with_context(|| format!("view `{name}`"))?;
+            cutoff,
+            views,
+            elapsed: started.elapsed(),
+        });
+    }
+    let mut out = Vec::new();
+    for prep in prepared {
+        let name = prep.name.clone();
+        let summary = recompute_view(plan, state, lake, run_id, &cutoff, prep, &mut *progress)
+            .await
+            .with_context(|| format!("view `{name}`"))?;
         log(
             state,
             run_id,
-            &format!(
-                "view {name}: {} over {} segment(s), {} events → publication {} ({} partial rows)",
-                summary.mode.as_str(),
+            &view_line(
+                &name,
+                summary.mode,
                 summary.segments,
                 summary.events,
-                summary.publication.id,
-                summary.publication.rows
+                &summary.publication,
             ),
         )
         .await;
-        progress(&Progress::Published {
-            view: name,
-            mode: summary.mode,
-            segments: summary.segments,
-            rows: summary.events,
-            partial_rows: summary.publication.rows,
-        });
+        published(&mut *progress, &summary);
         out.push(summary);
-    }
-    if scaled_out {
-        groups::clean(lake, &pipeline, run_id.0).await;
     }
     Ok(RunSummary {
         run_id,
@@ -320,6 +331,81 @@ async fn run_views(
         views: out,
         elapsed: started.elapsed(),
     })
+}
+
+/// The run log's line for a published view.
+pub(crate) fn view_line(
+    name: &str,
+    mode: Mode,
+    segments: usize,
+    events: u64,
+    publication: &Publication,
+) -> String {
+    format!(
+        "view {name}: {} over {segments} segment(s), {events} events → publication {} ({} partial rows)",
+        mode.as_str(),
+        publication.id,
+        publication.rows
+    )
+}
+
+fn published(progress: &mut (dyn FnMut(&Progress) + Send), summary: &ViewSummary) {
+    progress(&Progress::Published {
+        view: summary.view.clone(),
+        mode: summary.mode,
+        segments: summary.segments,
+        rows: summary.events,
+        partial_rows: summary.publication.rows,
+    });
+}
+
+/// Waits for a scaled-out run's finish job, reporting groups as they end; the views' summaries.
+async fn wait_for_finish(
+    state: &State,
+    lake: &Lake,
+    scale: ScaleOut<'_>,
+    finish: &groups::FinishJob,
+    jobs: &[groups::GroupJob],
+    prepared: Vec<Prepared>,
+    progress: &mut (dyn FnMut(&Progress) + Send),
+) -> anyhow::Result<Vec<ViewSummary>> {
+    let mut done = vec![(0usize, 0u64); finish.views.len()];
+    let publications = groups::wait(state, lake, scale.fanout, finish, |g| {
+        let Some(job) = jobs.get(g as usize) else {
+            return;
+        };
+        for (view, (segments, rows)) in finish.views.iter().zip(done.iter_mut()) {
+            if view.groups.contains(&g) {
+                *segments += job.segments.len();
+                *rows += job.rows();
+                progress(&Progress::Segments {
+                    view: view.name.clone(),
+                    done: *segments,
+                    total: view.segments,
+                    rows: *rows,
+                });
+            }
+        }
+    })
+    .await?;
+    let mut out = Vec::with_capacity(prepared.len());
+    for prep in prepared {
+        let publication = publications
+            .iter()
+            .find(|p| p.view == prep.name)
+            .cloned()
+            .with_context(|| format!("the run succeeded without publishing `{}`", prep.name))?;
+        let summary = ViewSummary {
+            view: prep.name,
+            mode: prep.mode,
+            segments: prep.todo.len(),
+            events: prep.todo.iter().map(|s| s.rows).sum(),
+            publication,
+        };
+        published(&mut *progress, &summary);
+        out.push(summary);
+    }
+    Ok(out)
 }
 
 /// What a view's recompute starts from.
@@ -381,39 +467,39 @@ async fn prepare_view(
     })
 }
 
-/// Splits the views with enough segments to scan into group jobs and submits them all at once;
-/// views scanning the same segments share their jobs (each job computes all of them). Returns
-/// each view's jobs (`None`: computed in this process).
+/// When some view has at least `scale_out_segments` segments to scan: splits every view into
+/// group jobs (views scanning the same segments share them: each job computes all of them)
+/// and describes the run's finish job. `None`: the run stays in this process.
 async fn fan_out(
     plan: &Arc<Plan>,
     state: &State,
     lake: &Lake,
     run_id: RunId,
+    cutoff: &Cutoff,
     prepared: &[Prepared],
     scale: ScaleOut<'_>,
-) -> anyhow::Result<Vec<Option<Vec<groups::GroupJob>>>> {
+) -> anyhow::Result<Option<(groups::FinishJob, Vec<groups::GroupJob>)>> {
     let threshold = scale.settings.scale_out_segments;
-    let mut out = vec![None; prepared.len()];
-    if threshold == 0 {
-        return Ok(out);
+    if threshold == 0 || prepared.iter().all(|p| p.todo.len() < threshold) {
+        return Ok(None);
     }
     groups::collect_stale(state, lake, &plan.pipeline().name, run_id.0).await;
     // Views with the same segments to scan, by their first member.
     let mut buckets: Vec<Vec<usize>> = Vec::new();
     for (i, p) in prepared.iter().enumerate() {
-        if p.todo.len() < threshold {
-            continue;
-        }
         match buckets.iter_mut().find(|b| prepared[b[0]].todo == p.todo) {
             Some(b) => b.push(i),
             None => buckets.push(vec![i]),
         }
     }
+    let mut jobs = Vec::new();
+    let mut ranges = vec![0..0; prepared.len()];
     let mut next_group = 0;
     for members in buckets {
         let views: Vec<usize> = members.iter().map(|&i| prepared[i].view).collect();
         let todo = &prepared[members[0]].todo;
-        let jobs = groups::split(
+        let first = next_group;
+        let bucket = groups::split(
             plan,
             &views,
             run_id.0,
@@ -432,19 +518,41 @@ async fn fan_out(
                     .collect::<Vec<_>>()
                     .join(", "),
                 todo.len(),
-                jobs.len()
+                bucket.len()
             ),
         )
         .await;
-        scale.fanout.submit(&jobs).await?;
         for i in members {
-            out[i] = Some(jobs.clone());
+            ranges[i] = first..next_group;
         }
+        jobs.extend(bucket);
     }
-    Ok(out)
+    for job in &mut jobs {
+        job.of = next_group;
+    }
+    let finish = groups::FinishJob {
+        pipeline: plan.pipeline().name.clone(),
+        run_id: run_id.0,
+        cutoff: cutoff.clone(),
+        groups: next_group,
+        views: prepared
+            .iter()
+            .zip(ranges)
+            .map(|(p, groups)| groups::FinishView {
+                name: p.name.clone(),
+                logic_hash: plan.logic_hash(p.view),
+                mode: p.mode,
+                groups,
+                base_run: p.base.as_ref().map(|b| b.run_id.0),
+                replaces: p.current.as_ref().map(|c| c.id.0),
+                segments: p.todo.len(),
+                events: p.todo.iter().map(|s| s.rows).sum(),
+            })
+            .collect(),
+    };
+    Ok(Some((finish, jobs)))
 }
 
-#[allow(clippy::too_many_arguments)]
 async fn recompute_view(
     plan: &Arc<Plan>,
     state: &State,
@@ -452,10 +560,8 @@ async fn recompute_view(
     run_id: RunId,
     cutoff: &Cutoff,
     prep: Prepared,
-    jobs: Option<Vec<groups::GroupJob>>,
     progress: &mut (dyn FnMut(&Progress) + Send),
 ) -> anyhow::Result<ViewSummary> {
-    let pipeline = plan.pipeline().name.clone();
     let Prepared {
         view,
         name,
@@ -466,36 +572,63 @@ async fn recompute_view(
     } = prep;
     let total = todo.len();
     let (mut done, mut rows) = (0usize, 0u64);
-    let mut report = |segments: usize, events: u64| {
-        done += segments;
-        rows += events;
+    let source = scan::open(lake, &todo, |s| {
+        done += 1;
+        rows += s.rows;
         progress(&Progress::Segments {
             view: name.clone(),
             done,
             total,
             rows,
         });
-    };
-    let fresh = match &jobs {
-        Some(jobs) => {
-            groups::collect(plan, lake, view, jobs, |job| {
-                report(job.segments.len(), job.rows())
-            })
-            .await?
-        }
-        None => {
-            let source = scan::open(lake, &todo, |s| report(1, s.rows)).await?;
-            let p = plan.clone();
-            tokio::task::spawn_blocking(move || scan::view_partials(&p, view, &source))
+    })
+    .await?;
+    let p = plan.clone();
+    let fresh = tokio::task::spawn_blocking(move || scan::view_partials(&p, view, &source))
+        .await
+        .context("batch computation panicked")??;
+    let publication = publish_view(
+        plan,
+        state,
+        lake,
+        run_id,
+        cutoff,
+        view,
+        fresh,
+        base.map(|b| b.run_id),
+        current.map(|c| c.id),
+    )
+    .await?;
+    Ok(ViewSummary {
+        view: name,
+        mode,
+        segments: total,
+        events: todo.iter().map(|s| s.rows).sum(),
+        publication,
+    })
+}
+
+/// Merges a view's `fresh` partials with those published by `base_run` (an incremental run),
+/// writes them under this run and publishes them if `replaces` is still current.
+#[allow(clippy::too_many_arguments)]
+pub(crate) async fn publish_view(
+    plan: &Arc<Plan>,
+    state: &State,
+    lake: &Lake,
+    run_id: RunId,
+    cutoff: &Cutoff,
+    view: usize,
+    fresh: DataFrame,
+    base_run: Option<RunId>,
+    replaces: Option<PublicationId>,
+) -> anyhow::Result<Publication> {
+    let pipeline = plan.pipeline().name.clone();
+    let name = plan.pipeline().views[view].name.clone();
+    let previous = match base_run {
+        Some(base) => Some(
+            load_run_partials(plan, lake, view, base)
                 .await
-                .context("batch computation panicked")??
-        }
-    };
-    let previous = match &base {
-        Some(b) => Some(
-            load_partials(plan, lake, view, b)
-                .await
-                .with_context(|| format!("loading publication {} (run {})", b.id, b.run_id))?,
+                .with_context(|| format!("loading the publication of run {base}"))?,
         ),
         None => None,
     };
@@ -517,24 +650,17 @@ async fn recompute_view(
         lake::view_run_prefix(&pipeline, &name, run_id.0)
     );
     lake.put(&path, bytes).await?;
-    let publication = state
+    Ok(state
         .publish(&NewPublication {
-            pipeline: pipeline.clone(),
-            view: name.clone(),
+            pipeline,
+            view: name,
             run_id,
             logic_hash: plan.logic_hash(view),
             cutoff: cutoff.clone(),
             rows: partial_rows,
-            replaces: current.as_ref().map(|c| c.id),
+            replaces,
         })
-        .await?;
-    Ok(ViewSummary {
-        view: name,
-        mode,
-        segments: total,
-        events: todo.iter().map(|s| s.rows).sum(),
-        publication,
-    })
+        .await?)
 }
 
 /// Reads a publication's partials (every Parquet file of its run directory), refusing files of
@@ -545,17 +671,22 @@ pub async fn load_partials(
     view: usize,
     publication: &Publication,
 ) -> anyhow::Result<DataFrame> {
-    let prefix = lake::view_run_prefix(
-        &publication.pipeline,
-        &publication.view,
-        publication.run_id.0,
-    );
+    load_run_partials(plan, lake, view, publication.run_id)
+        .await
+        .with_context(|| format!("publication {}", publication.id))
+}
+
+/// The partials of `view` that run `run_id` wrote.
+async fn load_run_partials(
+    plan: &Plan,
+    lake: &Lake,
+    view: usize,
+    run_id: RunId,
+) -> anyhow::Result<DataFrame> {
+    let pipeline = &plan.pipeline().name;
+    let prefix = lake::view_run_prefix(pipeline, &plan.pipeline().views[view].name, run_id.0);
     let files = lake.list(&prefix).await?;
-    anyhow::ensure!(
-        !files.is_empty(),
-        "no partials under {prefix} for publication {}",
-        publication.id
-    );
+    anyhow::ensure!(!files.is_empty(), "no partials under {prefix}");
     let mut parts = Vec::new();
     for f in files.iter().filter(|f| f.path.ends_with(".parquet")) {
         let bytes = lake.get(&f.path).await?;

@@ -27,6 +27,9 @@ pub fn local_root(lake: &Lake) -> Option<PathBuf> {
     url.to_file_path().ok()
 }
 
+/// Segments of a remote lake fetched at once.
+const FETCH_AHEAD: usize = 8;
+
 /// Collects the segments' sources; `on_segment(rows)` is called after each one is located
 /// or read, for progress.
 pub async fn open(
@@ -49,15 +52,30 @@ pub async fn open(
         }
         return Ok(Source::Files(files));
     }
-    let mut frames = Vec::with_capacity(segments.len());
-    for s in segments {
-        let bytes = lake
-            .get(&s.path)
+    // Object stores answer each request after a round trip: several segments are fetched and
+    // decoded at once, in position order.
+    use futures::{StreamExt, TryStreamExt};
+    // The futures are made up front (a stream mapping borrowed segments through a closure is
+    // not provably `Send` for every lifetime); they run as `buffered` polls them.
+    let fetches: Vec<_> = segments
+        .iter()
+        .map(|s| async move {
+            let bytes = lake
+                .get(&s.path)
+                .await
+                .with_context(|| format!("reading segment {}", s.path))?;
+            let df = tokio::task::spawn_blocking(move || {
+                ParquetReader::new(std::io::Cursor::new(bytes)).finish()
+            })
             .await
-            .with_context(|| format!("reading segment {}", s.path))?;
-        let df = ParquetReader::new(std::io::Cursor::new(bytes))
-            .finish()
+            .context("decoding a segment panicked")?
             .map_err(|e| anyhow::anyhow!("decoding segment {}: {e}", s.path))?;
+            anyhow::Ok((s, df))
+        })
+        .collect();
+    let mut fetched = futures::stream::iter(fetches).buffered(FETCH_AHEAD);
+    let mut frames = Vec::with_capacity(segments.len());
+    while let Some((s, df)) = fetched.try_next().await? {
         frames.push(df);
         on_segment(s);
     }

@@ -325,3 +325,207 @@ async fn stale_group_partials_of_failed_runs_are_collected_and_live_ones_kept() 
         ]
     );
 }
+
+/// A queue in memory: jobs are recorded, and [`work_off`] does them as a worker would.
+#[derive(Default)]
+struct Recorded {
+    groups: parking_lot::Mutex<Vec<groups::GroupJob>>,
+    finishes: parking_lot::Mutex<Vec<groups::FinishJob>>,
+    keys: parking_lot::Mutex<std::collections::HashSet<i64>>,
+}
+
+impl groups::Fanout for Recorded {
+    fn submit<'a>(
+        &'a self,
+        jobs: &'a [groups::GroupJob],
+    ) -> futures::future::BoxFuture<'a, anyhow::Result<()>> {
+        self.groups.lock().extend(jobs.iter().cloned());
+        Box::pin(async { Ok(()) })
+    }
+
+    fn finish<'a>(
+        &'a self,
+        job: &'a groups::FinishJob,
+    ) -> futures::future::BoxFuture<'a, anyhow::Result<()>> {
+        // Queued twice (by the last group and by the waiting run): one job, as apalis' key
+        // makes it (a key queued before, done or not, is not queued again).
+        if self.keys.lock().insert(job.run_id) {
+            self.finishes.lock().push(job.clone());
+        }
+        Box::pin(async { Ok(()) })
+    }
+}
+
+/// Does the recorded groups, newest first, then the finish job the last one queues.
+async fn work_off(plan: &Arc<Plan>, state: &State, lake: &Lake, queue: &Recorded) {
+    use groups::Fanout;
+    loop {
+        let group = queue.groups.lock().pop();
+        if let Some(job) = group {
+            // A group's own failure is recorded for the finish job, which reports it.
+            let (finish, _) = groups::compute(plan, lake, &job).await.unwrap();
+            if let Some(finish) = finish {
+                queue.finish(&finish).await.unwrap();
+            }
+            continue;
+        }
+        let finish = queue.finishes.lock().pop();
+        if let Some(job) = finish {
+            groups::finish(plan, state, lake, &job).await.unwrap();
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+}
+
+fn scale(queue: &Recorded) -> ScaleOut<'_> {
+    ScaleOut {
+        settings: crate::spec::BatchSettings {
+            scale_out_segments: 2,
+            group_segments: 2,
+        },
+        fanout: queue,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_scaled_out_run_is_published_by_its_finish_job_even_when_its_process_dies() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}", dir.path().join("state.db").display());
+    let state = State::open(&url).await.unwrap();
+    let lake = Lake::open("memory://", &BTreeMap::new()).unwrap();
+    let plan = plan(SPEC);
+    let rows = [
+        ("DE", 1.0),
+        ("US", 2.0),
+        ("DE", 4.0),
+        ("FR", -1.0),
+        ("FR", 8.0),
+    ];
+    for (i, r) in rows.iter().enumerate() {
+        seal(&state, &lake, i as u64, &[*r]).await;
+    }
+
+    // The run's process waits while a worker does its 3 groups and the finish job.
+    let queue = Recorded::default();
+    let mut seen = Vec::new();
+    let mut record = |p: &Progress| seen.push(p.clone());
+    let (summary, ()) = tokio::join!(
+        recompute_scaled(
+            plan.clone(),
+            &state,
+            &lake,
+            None,
+            Some(scale(&queue)),
+            &mut record
+        ),
+        work_off(&plan, &state, &lake, &queue)
+    );
+    let summary = summary.unwrap();
+    assert_eq!(summary.views[0].mode, Mode::Full);
+    assert_eq!(summary.views[0].segments, 5);
+    let reported = |seen: &[Progress]| {
+        seen.iter()
+            .filter_map(|p| match p {
+                Progress::Segments { done, total, .. } => Some((*done, *total)),
+                _ => None,
+            })
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(reported(&seen).last(), Some(&(5, 5)), "{seen:?}");
+    assert!(matches!(seen.last(), Some(Progress::Published { .. })));
+    let expected = vec![
+        ("DE".to_string(), 2, 5.0),
+        ("FR".to_string(), 1, 8.0),
+        ("US".to_string(), 1, 2.0),
+    ];
+    assert_eq!(served(&plan, &state, &lake).await, expected);
+    let run = state.run(summary.run_id).await.unwrap().unwrap();
+    assert_eq!(run.state, RunState::Succeeded);
+    assert!(run.log.contains("3 group job(s)"), "{}", run.log);
+    let scratch = lake.list("runs/").await.unwrap();
+    assert!(scratch.is_empty(), "scratch files left: {scratch:?}");
+
+    // Three more segments; the run's process dies once its jobs are queued. A worker still
+    // publishes the incremental result and ends the run.
+    for (i, r) in [("JP", 3.0), ("DE", 1.0), ("US", 0.5)].iter().enumerate() {
+        seal(&state, &lake, 5 + i as u64, &[*r]).await;
+    }
+    {
+        let mut quiet = |_: &Progress| {};
+        let run = recompute_scaled(
+            plan.clone(),
+            &state,
+            &lake,
+            None,
+            Some(scale(&queue)),
+            &mut quiet,
+        );
+        tokio::pin!(run);
+        while queue.groups.lock().is_empty() {
+            tokio::select! {
+                r = &mut run => panic!("the run ended before its workers did anything: {r:?}"),
+                () = tokio::time::sleep(std::time::Duration::from_millis(2)) => {}
+            }
+        }
+    }
+    let orphan = state.runs(Some("orders"), 1).await.unwrap().remove(0);
+    assert_eq!(orphan.state, RunState::Running);
+    work_off(&plan, &state, &lake, &queue).await;
+    let orphan = state.run(orphan.id).await.unwrap().unwrap();
+    assert_eq!(orphan.state, RunState::Succeeded, "{}", orphan.log);
+    assert!(
+        orphan.log.contains("incremental over 3 segment(s)"),
+        "{}",
+        orphan.log
+    );
+    assert_eq!(
+        served(&plan, &state, &lake).await,
+        vec![
+            ("DE".to_string(), 3, 6.0),
+            ("FR".to_string(), 1, 8.0),
+            ("JP".to_string(), 1, 3.0),
+            ("US".to_string(), 2, 2.5),
+        ]
+    );
+
+    // A group that cannot be computed fails the run in its finish job; nothing is published.
+    let before = state
+        .current_publication("orders", "by_country")
+        .await
+        .unwrap();
+    for (i, r) in [("JP", 1.0), ("DE", 2.0)].iter().enumerate() {
+        seal(&state, &lake, 8 + i as u64, &[*r]).await;
+    }
+    lake.delete(&lake::archive_path("orders", 0, 9, 10))
+        .await
+        .unwrap();
+    let mut quiet = |_: &Progress| {};
+    let (failed, ()) = tokio::join!(
+        recompute_scaled(
+            plan.clone(),
+            &state,
+            &lake,
+            None,
+            Some(scale(&queue)),
+            &mut quiet
+        ),
+        work_off(&plan, &state, &lake, &queue)
+    );
+    let err = failed.unwrap_err().to_string();
+    assert!(err.contains("group-000000 failed"), "{err}");
+    assert_eq!(
+        state
+            .current_publication("orders", "by_country")
+            .await
+            .unwrap(),
+        before
+    );
+    let last = state.runs(Some("orders"), 1).await.unwrap().remove(0);
+    assert_eq!(last.state, RunState::Failed);
+    assert!(
+        last.log.contains("failed: group-000000 failed"),
+        "{}",
+        last.log
+    );
+}

@@ -12,6 +12,7 @@ use tokio_util::sync::CancellationToken;
 use super::CliError;
 use crate::batch::pickup::Pickup;
 use crate::lake::Lake;
+use crate::orchestration::fanout::Groups;
 use crate::orchestration::layers::Layers;
 use crate::orchestration::{Orchestrator, overview};
 use crate::plan::Plan;
@@ -69,6 +70,19 @@ async fn serve(project: spec::Project, listen: Option<SocketAddr>) -> Result<(),
         Orchestrator::start_all(project.clone(), db.clone(), layers, shutdown.clone())
             .await
             .context("starting the scheduler and workers")?;
+    // Scaled-out batch runs' jobs, one at a time (serving comes first): a run whose own process
+    // died is finished here even where no `lambda-ctl worker` runs.
+    let batch_jobs = Groups::open(&db)
+        .await
+        .context("opening the batch job queue")?
+        .work(
+            project.clone(),
+            db.clone(),
+            lake.clone(),
+            format!("lambda-ctl-serve:{}", std::process::id()),
+            1,
+            shutdown.clone(),
+        );
 
     let addr: SocketAddr = match listen {
         Some(a) => a,
@@ -113,6 +127,7 @@ async fn serve(project: spec::Project, listen: Option<SocketAddr>) -> Result<(),
         .context("HTTP server failed")?;
     // Running task attempts see the shutdown and stop; the scheduler gives up its lock.
     running.join().await;
+    let _ = batch_jobs.await;
     db.close().await;
     Ok(())
 }

@@ -14,11 +14,12 @@ use crate::orchestration::fanout::Groups;
 use crate::orchestration::layers::Layers;
 use crate::orchestration::{Options, OrchestrationError, Orchestrator};
 use crate::spec::Project;
+use crate::state::State;
 
 pub fn run(project_dir: &Path, concurrency: usize, schedule: bool) -> Result<(), CliError> {
     let project = super::load_project(project_dir)?;
     runtime()?.block_on(async {
-        let groups = open_groups(&project).await?;
+        let (groups, state, lake) = open_groups(&project).await?;
         let orchestrator = open(project.clone()).await?;
         let shutdown = CancellationToken::new();
         let running = orchestrator.start(
@@ -28,10 +29,10 @@ pub fn run(project_dir: &Path, concurrency: usize, schedule: bool) -> Result<(),
             },
             shutdown.clone(),
         );
-        // The group jobs of scaled-out batch runs, as many at a time as task attempts.
-        let (fanout, project, lake) = groups;
-        let working = fanout.work(
+        // The jobs of scaled-out batch runs, as many at a time as task attempts.
+        let working = groups.work(
             Arc::new(project),
+            state,
             lake,
             format!("lambda-ctl-worker:{}", std::process::id()),
             concurrency.max(1),
@@ -67,13 +68,13 @@ pub(super) async fn open(project: Project) -> Result<Orchestrator, CliError> {
     Ok(orchestrator)
 }
 
-/// The batch group queue of the project's state DB, with the project and its lake.
-async fn open_groups(project: &Project) -> Result<(Groups, Project, Lake), CliError> {
+/// The batch job queue of the project's state DB, with the state DB and the lake.
+async fn open_groups(project: &Project) -> Result<(Groups, State, Lake), CliError> {
     let (state, lake) = super::run::open(project).await?;
     let groups = Groups::open(&state)
         .await
-        .context("opening the batch group queue")?;
-    Ok((groups, project.clone(), lake))
+        .context("opening the batch job queue")?;
+    Ok((groups, state, lake))
 }
 
 /// Orchestration errors the user can act on are user errors (exit 1).

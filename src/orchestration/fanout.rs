@@ -1,8 +1,8 @@
-//! Batch scale-out over the shared job queue: a scaled-out batch run's group jobs
-//! ([`GroupJob`], computed by `batch::groups`) travel on their own apalis queue in the state
-//! DB, and every `lambda-ctl worker` — and the process running the batch run — takes them.
-//! apalis re-delivers the job of a worker that stops sending heartbeats, so a killed worker's
-//! group is computed elsewhere.
+//! Batch scale-out over the shared job queue: the jobs of a scaled-out batch run (its groups
+//! and its finish job, see `batch::groups`) travel on their own apalis queue in the state DB,
+//! and every `lambda-ctl worker`, every `serve`, and the process running the batch run take
+//! them. apalis re-delivers the job of a worker that stops sending heartbeats, so a killed
+//! worker's group — or finish — is done elsewhere.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -11,11 +11,12 @@ use std::time::Duration;
 use anyhow::Context;
 use futures::future::BoxFuture;
 use parking_lot::Mutex;
+use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use super::queue::{Handler, Job, Queue};
-use crate::batch::groups::{self, Fanout, GroupJob};
+use crate::batch::groups::{self, Fanout, FinishJob, GroupJob};
 use crate::batch::{self, BatchError, Progress, RunSummary, ScaleOut};
 use crate::lake::Lake;
 use crate::plan::Plan;
@@ -25,19 +26,43 @@ use crate::state::State;
 /// How long a scaled-out run leaves its groups to the workers before working on them itself.
 pub const HELP_AFTER: Duration = Duration::from_secs(1);
 
-impl Job for GroupJob {
+/// A job of a scaled-out batch run.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum BatchJob {
+    Group(GroupJob),
+    Finish(FinishJob),
+}
+
+impl Job for BatchJob {
     const QUEUE: &'static str = "lambda_ctl_batch_groups";
-    const WHAT: &'static str = "batch group";
+    const WHAT: &'static str = "batch job";
+    // A run waits on its groups one after another: a worker finishing one looks for the next
+    // sooner than a task worker does.
+    const POLL: Duration = Duration::from_millis(50);
 
     fn key(&self) -> String {
-        format!("group:{}/{}/{}", self.pipeline, self.run_id, self.group)
+        match self {
+            BatchJob::Group(g) => format!("group:{}/{}/{}", g.pipeline, g.run_id, g.group),
+            BatchJob::Finish(f) => format!("finish:{}/{}", f.pipeline, f.run_id),
+        }
     }
 }
 
-/// The queue of group jobs in the state DB.
+/// The queue of batch jobs in the state DB.
 #[derive(Clone, Debug)]
 pub struct Groups {
-    queue: Queue<GroupJob>,
+    queue: Queue<BatchJob>,
+}
+
+/// What a process working the queue needs.
+#[derive(Clone)]
+struct BatchWorker {
+    project: Arc<Project>,
+    state: State,
+    lake: Lake,
+    queue: Groups,
+    plans: Arc<Mutex<HashMap<String, Arc<Plan>>>>,
+    worker: String,
 }
 
 impl Groups {
@@ -47,64 +72,103 @@ impl Groups {
         })
     }
 
-    /// Computes group jobs of `project`'s pipelines, `concurrency` at a time, until
+    /// Does the batch jobs of `project`'s pipelines, `concurrency` at a time, until
     /// `shutdown`; the returned thread ends after it.
     pub fn work(
         &self,
         project: Arc<Project>,
+        state: State,
         lake: Lake,
         name: String,
         concurrency: usize,
         shutdown: CancellationToken,
     ) -> tokio::task::JoinHandle<()> {
-        let plans: Arc<Mutex<HashMap<String, Arc<Plan>>>> = Arc::default();
-        let worker = name.clone();
-        let handler: Handler<GroupJob> = Arc::new(move |job: GroupJob| {
-            let (project, lake, plans, worker) =
-                (project.clone(), lake.clone(), plans.clone(), worker.clone());
+        let cx = BatchWorker {
+            project,
+            state,
+            lake,
+            queue: self.clone(),
+            plans: Arc::default(),
+            worker: name.clone(),
+        };
+        let handler: Handler<BatchJob> = Arc::new(move |job: BatchJob| {
+            let cx = cx.clone();
+            // Spawned: the queue's own thread only hands jobs out.
             Box::pin(async move {
-                tokio::spawn(async move {
-                    let plan = match plan(&project, &plans, &job.pipeline) {
-                        Ok(p) => p,
-                        Err(e) => {
-                            // Recorded for the run, which fails with this message.
-                            let msg = format!("{e:#}");
-                            lake.put(&job.error_path(), msg.into_bytes()).await?;
-                            return Ok(());
-                        }
-                    };
-                    info!(
-                        %worker, run = job.run_id, group = job.group,
-                        segments = job.segments.len(), "computing batch group"
-                    );
-                    let started = std::time::Instant::now();
-                    match groups::compute(&plan, &lake, &job).await {
-                        Ok(()) => info!(
-                            %worker, run = job.run_id, group = job.group,
-                            segments = job.segments.len(), ms = started.elapsed().as_millis() as u64,
-                            "computed batch group"
-                        ),
-                        Err(e) => warn!(
-                            %worker, run = job.run_id, group = job.group,
-                            error = %format!("{e:#}"), "batch group failed"
-                        ),
-                    }
-                    Ok(())
-                })
-                .await
-                .context("batch group panicked")?
+                tokio::spawn(async move { cx.handle(job).await })
+                    .await
+                    .context("batch job panicked")?
             })
         });
         let queue = self.queue.clone();
         let runtime = tokio::runtime::Handle::current();
         // apalis' worker future is not `Send` (see `Orchestrator::start`): a blocking thread
-        // drives it; the groups themselves run on the runtime.
+        // drives it; the jobs themselves run on the runtime.
         tokio::task::spawn_blocking(move || {
-            let work = queue.work(format!("{name}/groups"), concurrency, handler, shutdown);
+            let work = queue.work(format!("{name}/batch"), concurrency, handler, shutdown);
             if let Err(e) = runtime.block_on(work) {
-                warn!(error = %format!("{e:#}"), "batch group workers stopped");
+                warn!(error = %format!("{e:#}"), "batch job workers stopped");
             }
         })
+    }
+}
+
+impl BatchWorker {
+    /// Does one job; an error means its outcome could not be recorded (delivered again).
+    async fn handle(&self, job: BatchJob) -> anyhow::Result<()> {
+        let (pipeline, run) = match &job {
+            BatchJob::Group(g) => (&g.pipeline, g.run_id),
+            BatchJob::Finish(f) => (&f.pipeline, f.run_id),
+        };
+        let plan = plan(&self.project, &self.plans, pipeline);
+        let worker = &self.worker;
+        match job {
+            BatchJob::Group(job) => {
+                let finish = match plan {
+                    Ok(plan) => self.group(&plan, &job).await?,
+                    // Recorded for the run, which fails with this message.
+                    Err(e) => groups::refuse(&self.lake, &job, &format!("{e:#}")).await?,
+                };
+                if let Some(finish) = finish {
+                    info!(%worker, run, "last batch group done; queueing the run's finish job");
+                    self.queue.finish(&finish).await?;
+                }
+                Ok(())
+            }
+            BatchJob::Finish(job) => {
+                let plan = match plan {
+                    Ok(p) => p,
+                    Err(e) => {
+                        // Another process, with the pipeline, may take it on a later delivery.
+                        return Err(e.context("cannot finish the batch run"));
+                    }
+                };
+                info!(%worker, run, "finishing batch run");
+                groups::finish(&plan, &self.state, &self.lake, &job).await
+            }
+        }
+    }
+
+    async fn group(&self, plan: &Arc<Plan>, job: &GroupJob) -> anyhow::Result<Option<FinishJob>> {
+        let worker = &self.worker;
+        info!(
+            %worker, run = job.run_id, group = job.group,
+            segments = job.segments.len(), "computing batch group"
+        );
+        let started = std::time::Instant::now();
+        let (finish, outcome) = groups::compute(plan, &self.lake, job).await?;
+        match outcome {
+            Ok(()) => info!(
+                %worker, run = job.run_id, group = job.group,
+                segments = job.segments.len(), ms = started.elapsed().as_millis() as u64,
+                "computed batch group"
+            ),
+            Err(e) => warn!(
+                %worker, run = job.run_id, group = job.group,
+                error = %format!("{e:#}"), "batch group failed"
+            ),
+        }
+        Ok(finish)
     }
 }
 
@@ -112,16 +176,26 @@ impl Fanout for Groups {
     fn submit<'a>(&'a self, jobs: &'a [GroupJob]) -> BoxFuture<'a, anyhow::Result<()>> {
         Box::pin(async move {
             for job in jobs {
-                self.queue.push(job.clone(), Duration::ZERO).await?;
+                self.queue
+                    .push(BatchJob::Group(job.clone()), Duration::ZERO)
+                    .await?;
             }
             Ok(())
+        })
+    }
+
+    fn finish<'a>(&'a self, job: &'a FinishJob) -> BoxFuture<'a, anyhow::Result<()>> {
+        Box::pin(async move {
+            self.queue
+                .push(BatchJob::Finish(job.clone()), Duration::ZERO)
+                .await
         })
     }
 }
 
 /// A batch run as the project's `batch:` settings say: in this process, or — when
-/// `scale_out_segments` is set — with big views split into group jobs on the queue, which this
-/// process works on too (one group per core) once they have waited [`HELP_AFTER`].
+/// `scale_out_segments` is set and reached — as jobs on the queue, which this process works on
+/// too (one job per core) once they have waited [`HELP_AFTER`].
 pub async fn recompute(
     project: &Arc<Project>,
     plan: Arc<Plan>,
@@ -141,8 +215,13 @@ pub async fn recompute(
     // Workers get the first go at the groups; this process joins in after a moment, so a run
     // ends even when no worker is running.
     let working = tokio::spawn({
-        let (fanout, project, lake, stop) =
-            (fanout.clone(), project.clone(), lake.clone(), stop.clone());
+        let (fanout, project, state, lake, stop) = (
+            fanout.clone(),
+            project.clone(),
+            state.clone(),
+            lake.clone(),
+            stop.clone(),
+        );
         async move {
             tokio::select! {
                 () = tokio::time::sleep(HELP_AFTER) => {}
@@ -150,7 +229,7 @@ pub async fn recompute(
             }
             let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
             let name = format!("lambda-ctl-run:{}", std::process::id());
-            if let Err(e) = fanout.work(project, lake, name, cores, stop).await {
+            if let Err(e) = fanout.work(project, state, lake, name, cores, stop).await {
                 warn!(error = %e, "batch group worker ended abnormally");
             }
         }

@@ -1,7 +1,7 @@
 //! The job queues: apalis with the state DB as storage (apalis-sqlite embedded, apalis-postgres
 //! with a PostgreSQL state), wrapped here once so an apalis upgrade touches one file. Two kinds
 //! of [`Job`] travel on it, each on its own apalis queue: task attempts ([`AttemptJob`], below)
-//! and the segment groups of a scaled-out batch run (`fanout::GroupJob`).
+//! and the groups and finish job of a scaled-out batch run (`fanout::BatchJob`).
 //!
 //! A job is one task attempt, keyed `RUN/TASK/ATTEMPT` with apalis' idempotency key, so pushing
 //! it again (the recovery sweep, or two processes racing) never makes a second job. The queue
@@ -10,7 +10,10 @@
 //! attempts (new jobs) decided by orchestration; apalis' own re-delivery is kept for the case
 //! where the handler could not reach the state DB at all.
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::{Duration, SystemTime};
 
 use anyhow::Context;
@@ -32,6 +35,8 @@ pub trait Job: Serialize + DeserializeOwned + Clone + Send + Sync + Unpin + 'sta
     const QUEUE: &'static str;
     /// What it says in logs.
     const WHAT: &'static str;
+    /// How often an idle worker looks for new jobs.
+    const POLL: Duration = POLL_INTERVAL;
     /// Unique per job: pushing a job whose key is queued already is a no-op.
     fn key(&self) -> String;
 }
@@ -47,6 +52,49 @@ const HEARTBEAT: Duration = Duration::from_secs(5);
 const MISSED_HEARTBEATS: usize = 3;
 /// Deliveries of one job when the handler cannot reach the state DB.
 const DELIVERIES: usize = 5;
+
+/// Wakes an idle worker every `interval` to look for jobs. apalis' own `IntervalStrategy`
+/// re-arms its timer without polling it, so no wake-up is registered after its first tick: an
+/// idle worker then looked for jobs only when its heartbeat woke it (every [`HEARTBEAT`]),
+/// and a scaled-out run's groups went to whichever worker happened to be busy already.
+struct Every {
+    interval: Duration,
+    timer: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl Every {
+    fn new(interval: Duration) -> Every {
+        Every {
+            interval,
+            timer: None,
+        }
+    }
+}
+
+impl PollStrategy for Every {
+    fn poll_drive(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+        _: &PollSnapshot,
+    ) -> Poll<Option<()>> {
+        let mut fired = false;
+        loop {
+            let interval = self.interval;
+            let timer = self
+                .timer
+                .get_or_insert_with(|| Box::pin(tokio::time::sleep(interval)));
+            match timer.as_mut().poll(cx) {
+                // Re-armed and polled on the next turn, so the waker is registered.
+                Poll::Ready(()) => {
+                    self.timer = None;
+                    fired = true;
+                }
+                Poll::Pending if fired => return Poll::Ready(Some(())),
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+    }
+}
 
 /// One task attempt to execute.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -215,7 +263,7 @@ impl<J: Job> Queue<J> {
         let result = match self {
             Queue::Sqlite(s) => {
                 WorkerBuilder::new(name)
-                    .backend(s.clone().poll_with_interval(POLL_INTERVAL))
+                    .backend(s.clone().poll_with_strategy(Every::new(J::POLL)))
                     .concurrency(concurrency)
                     .build(service)
                     .run_until(stop)
@@ -223,7 +271,7 @@ impl<J: Job> Queue<J> {
             }
             Queue::Postgres(s) => {
                 WorkerBuilder::new(name)
-                    .backend(s.clone().poll_with_interval(POLL_INTERVAL))
+                    .backend(s.clone().poll_with_strategy(Every::new(J::POLL)))
                     .concurrency(concurrency)
                     .build(service)
                     .run_until(stop)

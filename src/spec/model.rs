@@ -45,8 +45,8 @@ pub struct Settings {
 /// `batch:` of lambda.yaml: when a run is split into jobs for `lambda-ctl worker` processes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct BatchSettings {
-    /// A view with at least this many segments to scan is split into groups, one queue job
-    /// each; 0 never splits (every run computes in one process).
+    /// A run with a view with at least this many segments to scan is split into group jobs
+    /// and a finish job on the queue; 0 never splits (every run computes in one process).
     pub scale_out_segments: usize,
     /// Segments per group job.
     pub group_segments: usize,

@@ -195,6 +195,21 @@ impl State {
         row.map(PublicationRow::into_publication).transpose()
     }
 
+    /// The views run `run_id` published, in the order it published them.
+    pub async fn run_publications(&self, run_id: RunId) -> Result<Vec<Publication>, StateError> {
+        const SQL: &str = "
+            SELECT id, pipeline, view, run_id, logic_hash, cutoff, row_count, published_at
+            FROM publications WHERE run_id = $1 ORDER BY id";
+        let rows: Vec<PublicationRow> = on_pool!(self, |pool| sqlx::query_as(SQL)
+            .bind(run_id.0)
+            .fetch_all(pool)
+            .await)
+        .map_err(db("read a run's publications"))?;
+        rows.into_iter()
+            .map(PublicationRow::into_publication)
+            .collect()
+    }
+
     /// Retention of view history: forgets every version of `pipeline.view` published before
     /// `before` except the current one; returns the runs whose files the caller may delete
     /// (those no remaining version refers to).

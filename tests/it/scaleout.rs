@@ -69,11 +69,21 @@ async fn view(client: &reqwest::Client, server: &Server, pipeline: &str, view: &
 
 /// Waits until `pipeline`'s views are all served from batch run `id`.
 async fn wait_for_run(client: &reqwest::Client, server: &Server, pipeline: &str, id: &str) {
+    wait_for_run_within(client, server, pipeline, id, Duration::from_secs(5)).await
+}
+
+async fn wait_for_run_within(
+    client: &reqwest::Client,
+    server: &Server,
+    pipeline: &str,
+    id: &str,
+    within: Duration,
+) {
     let start = Instant::now();
     for v in VIEWS {
         while view(client, server, pipeline, v).await["as_of"]["batch_run"].as_str() != Some(id) {
             assert!(
-                start.elapsed() < Duration::from_secs(5),
+                start.elapsed() < within,
                 "{pipeline}.{v} not served from run {id}"
             );
             tokio::time::sleep(Duration::from_millis(25)).await;
@@ -165,7 +175,7 @@ async fn scale_out(state_url: Option<String>, lake: TestLake) {
     let client = reqwest::Client::new();
     let mut rng = Rng(7);
     let evs = events(&mut rng, n, 0);
-    let first = n * 3 / 4;
+    let (first, second) = (n * 3 / 4, n * 7 / 8);
     let server = Server::start(root);
     let mut acked = send(&client, &server, &mut rng, &evs[..first]).await;
     mirror(&client, &server, &mut rng, &acked).await;
@@ -208,25 +218,19 @@ async fn scale_out(state_url: Option<String>, lake: TestLake) {
         .count();
     assert!(
         busy >= 2,
-        "the groups were spread over the workers ({busy} busy)"
+        "the groups were spread over the workers ({busy} busy):\n{}",
+        workers
+            .iter()
+            .map(|w| w.stderr_lines().join("\n"))
+            .collect::<Vec<_>>()
+            .join("\n---\n")
     );
     wait_for_run(&client, &server, "mirror", &single).await;
     wait_for_run(&client, &server, "orders", &scaled).await;
     check_views(&client, &server, &acked).await;
     assert_same_answers(&client, &server).await;
-    // The groups' scratch partials are gone once the view is published.
-    let scratch = lake
-        .open()
-        .list(&lambda_ctl::lake::run_scratch_prefix(
-            "orders",
-            scaled.parse().unwrap(),
-        ))
-        .await
-        .unwrap();
-    assert!(scratch.is_empty(), "{scratch:?}");
-
-    // The rest, then an incremental run during which a worker dies holding a group.
-    let more = send(&client, &server, &mut rng, &evs[first..]).await;
+    // More, then an incremental run during which a worker dies holding a group.
+    let more = send(&client, &server, &mut rng, &evs[first..second]).await;
     mirror(&client, &server, &mut rng, &more).await;
     acked.extend(more);
     wait_for_count(&client, &server, kept(&acked)).await;
@@ -274,8 +278,66 @@ async fn scale_out(state_url: Option<String>, lake: TestLake) {
         );
     }
     let (last, _, _) = running.await.unwrap();
+    // The first run's scratch files are gone: deleted by its finish job, or — written by a
+    // second delivery of a group after that — by the next scaled-out run.
+    let scratch = lake
+        .open()
+        .list(&lambda_ctl::lake::run_scratch_prefix(
+            "orders",
+            scaled.parse().unwrap(),
+        ))
+        .await
+        .unwrap();
+    assert!(
+        scratch.is_empty(),
+        "{scratch:?}\n{}",
+        workers
+            .iter()
+            .flat_map(|w| w.stderr_lines())
+            .filter(|l| l.contains("batch"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+
     let (single, _, _) = run(root, "mirror").await;
     wait_for_run(&client, &server, "orders", &last).await;
+    wait_for_run(&client, &server, "mirror", &single).await;
+    check_views(&client, &server, &acked).await;
+    assert_same_answers(&client, &server).await;
+
+    // The rest, then a run whose own process dies as soon as its jobs are queued: the workers
+    // compute the groups, and the finish job — taken by a worker or the server — publishes.
+    let more = send(&client, &server, &mut rng, &evs[second..]).await;
+    mirror(&client, &server, &mut rng, &more).await;
+    acked.extend(more);
+    wait_for_count(&client, &server, kept(&acked)).await;
+    wait_for_mirror(&client, &server, kept(&acked)).await;
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let orphan = tokio::task::spawn_blocking({
+        let root = root.to_path_buf();
+        move || {
+            let mut run = Process::start(&root, &["run", "orders", "--wait"]);
+            run.wait_for("queued the run's batch jobs", Duration::from_secs(30));
+            run.kill9();
+            let lines = run.stderr_lines();
+            assert!(
+                !lines.iter().any(|l| l.contains("computing batch group")),
+                "the run's process computed nothing itself:\n{}",
+                lines.join("\n")
+            );
+            lines
+                .iter()
+                .find_map(|l| {
+                    let id = l.strip_prefix("run ")?.split(':').next()?;
+                    id.parse::<i64>().ok().map(|i| i.to_string())
+                })
+                .expect("the run printed its id")
+        }
+    })
+    .await
+    .unwrap();
+    wait_for_run_within(&client, &server, "orders", &orphan, Duration::from_secs(60)).await;
+    let (single, _, _) = run(root, "mirror").await;
     wait_for_run(&client, &server, "mirror", &single).await;
     check_views(&client, &server, &acked).await;
     assert_same_answers(&client, &server).await;
