@@ -73,7 +73,9 @@ impl Server {
         Server::spawn(project, &[], &[], std::process::Stdio::inherit())
     }
 
-    /// Like `start`, with extra environment variables (for `${VAR}` in the project's YAML).
+    /// Like `start`, with extra environment variables (for `${VAR}` in the project's YAML);
+    /// only the Kafka tests (default feature `kafka`) use it.
+    #[cfg_attr(not(feature = "kafka"), allow(dead_code))]
     pub fn start_with_env(project: &Path, env: &[(&str, &str)]) -> Server {
         Server::spawn(project, &[], env, std::process::Stdio::inherit())
     }
