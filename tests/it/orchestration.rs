@@ -742,6 +742,10 @@ impl Process {
         }
     }
 
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     pub fn stderr_lines(&self) -> Vec<String> {
         self.stderr.lock().clone()
     }

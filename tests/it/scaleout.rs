@@ -7,6 +7,9 @@
 //! server when `LAMBDA_TEST_POSTGRES` / `LAMBDA_TEST_S3` are set (SQLite and a local lake
 //! otherwise). `LAMBDA_SCALEOUT_EVENTS`, `LAMBDA_SCALEOUT_SEGMENT_ROWS` and
 //! `LAMBDA_SCALEOUT_GROUP` (segments per group) size the input; the timings are printed.
+//! `LAMBDA_SCALEOUT_PIN=1` stands in for one-core machines on a small host: the single-process
+//! run gets CPU 0; in the scaled-out run the run's process and one worker share CPU 0, the
+//! server and the other two workers CPU 1 (`taskset`).
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -30,13 +33,44 @@ fn write_settings(dir: &Path, base: &str, scale_out: usize, group: usize) {
     .unwrap();
 }
 
+/// The CPU a process is pinned to under `LAMBDA_SCALEOUT_PIN`.
+fn cpu(n: u32) -> Option<u32> {
+    std::env::var_os("LAMBDA_SCALEOUT_PIN").map(|_| n)
+}
+
+/// Pins every thread of `pid` to `cpu`.
+fn pin(pid: u32, cpu: Option<u32>) {
+    if let Some(cpu) = cpu {
+        let ok = Command::new("taskset")
+            .args(["-a", "-p", "-c", &cpu.to_string(), &pid.to_string()])
+            .stdout(std::process::Stdio::null())
+            .status()
+            .expect("run taskset")
+            .success();
+        assert!(ok, "taskset failed for {pid}");
+    }
+}
+
 /// `lambda-ctl run PIPELINE --wait`; the run id, how long it took and its stderr.
 async fn run(project: &Path, pipeline: &str) -> (String, Duration, String) {
+    run_on(project, pipeline, None).await
+}
+
+/// [`run`], on CPU `cpu` if given.
+async fn run_on(project: &Path, pipeline: &str, cpu: Option<u32>) -> (String, Duration, String) {
     let project: PathBuf = project.to_path_buf();
     let pipeline = pipeline.to_string();
     tokio::task::spawn_blocking(move || {
         let started = Instant::now();
-        let out = Command::new(env!("CARGO_BIN_EXE_lambda-ctl"))
+        let mut command = match cpu {
+            Some(cpu) => {
+                let mut c = Command::new("taskset");
+                c.args(["-c", &cpu.to_string(), env!("CARGO_BIN_EXE_lambda-ctl")]);
+                c
+            }
+            None => Command::new(env!("CARGO_BIN_EXE_lambda-ctl")),
+        };
+        let out = command
             .args(["run", &pipeline, "--wait", "--project"])
             .arg(&project)
             .env("RUST_LOG", "warn")
@@ -186,20 +220,22 @@ async fn scale_out(state_url: Option<String>, lake: TestLake) {
     tokio::time::sleep(Duration::from_millis(2500)).await;
 
     // One process.
-    let (single, single_took, _) = run(root, "mirror").await;
+    let (single, single_took, _) = run_on(root, "mirror", cpu(0)).await;
     // 3 workers; the run splits every view into groups of 4 segments.
     let mut workers: Vec<Process> = (0..3)
         .map(|_| Process::start(root, &["worker", "--concurrency", "1"]))
         .collect();
-    for w in &mut workers {
+    for (i, w) in workers.iter_mut().enumerate() {
         w.wait_for("worker started", Duration::from_secs(30));
+        pin(w.pid(), cpu(u32::from(i > 0)));
     }
+    pin(server.child.id(), cpu(1));
     let group: usize = std::env::var("LAMBDA_SCALEOUT_GROUP")
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(4);
     write_settings(root, &base, 2, group);
-    let (scaled, scaled_took, log) = run(root, "orders").await;
+    let (scaled, scaled_took, log) = run_on(root, "orders", cpu(0)).await;
     eprintln!(
         "scale-out ({} lake, {} state, {n} events): single process {:.2}s, 3 workers {:.2}s",
         lake.name,
