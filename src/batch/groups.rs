@@ -71,6 +71,12 @@ pub struct FinishJob {
     pub views: Vec<FinishView>,
 }
 
+impl GroupView {
+    fn identity(&self) -> (&str, &str) {
+        (&self.name, &self.logic_hash)
+    }
+}
+
 /// What the finish job does for one view.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FinishView {
@@ -85,6 +91,12 @@ pub struct FinishView {
     pub replaces: Option<i64>,
     pub segments: usize,
     pub events: u64,
+}
+
+impl FinishView {
+    fn identity(&self) -> (&str, &str) {
+        (&self.name, &self.logic_hash)
+    }
 }
 
 impl GroupJob {
@@ -319,13 +331,7 @@ fn views_of<'a>(
 }
 
 async fn compute_inner(plan: &Arc<Plan>, lake: &Lake, job: &GroupJob) -> anyhow::Result<()> {
-    let views = views_of(
-        plan,
-        &job.pipeline,
-        job.views
-            .iter()
-            .map(|v| (v.name.as_str(), v.logic_hash.as_str())),
-    )?;
+    let views = views_of(plan, &job.pipeline, job.views.iter().map(|v| v.identity()))?;
     // Read once, computed for every view.
     let source = Arc::new(scan::open(lake, &job.segments(), |_| {}).await?);
     for (view, name) in views {
@@ -408,13 +414,7 @@ async fn publish_all(
         .into_iter()
         .map(|p| p.view)
         .collect();
-    let views = views_of(
-        plan,
-        &job.pipeline,
-        job.views
-            .iter()
-            .map(|v| (v.name.as_str(), v.logic_hash.as_str())),
-    )?;
+    let views = views_of(plan, &job.pipeline, job.views.iter().map(|v| v.identity()))?;
     for (spec, (view, name)) in job.views.iter().zip(views) {
         if published.contains(&name) {
             continue;

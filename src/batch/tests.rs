@@ -388,6 +388,26 @@ fn scale(queue: &Recorded) -> ScaleOut<'_> {
     }
 }
 
+/// A scaled-out run, its jobs done by [`work_off`] meanwhile.
+async fn scaled_run(
+    plan: &Arc<Plan>,
+    state: &State,
+    lake: &Lake,
+    queue: &Recorded,
+    progress: &mut (dyn FnMut(&Progress) + Send),
+) -> Result<RunSummary, BatchError> {
+    let run = recompute_scaled(
+        plan.clone(),
+        state,
+        lake,
+        None,
+        Some(scale(queue)),
+        progress,
+    );
+    let (summary, ()) = tokio::join!(run, work_off(plan, state, lake, queue));
+    summary
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_scaled_out_run_is_published_by_its_finish_job_even_when_its_process_dies() {
     let dir = tempfile::tempdir().unwrap();
@@ -409,19 +429,11 @@ async fn a_scaled_out_run_is_published_by_its_finish_job_even_when_its_process_d
     // The run's process waits while a worker does its 3 groups and the finish job.
     let queue = Recorded::default();
     let mut seen = Vec::new();
-    let mut record = |p: &Progress| seen.push(p.clone());
-    let (summary, ()) = tokio::join!(
-        recompute_scaled(
-            plan.clone(),
-            &state,
-            &lake,
-            None,
-            Some(scale(&queue)),
-            &mut record
-        ),
-        work_off(&plan, &state, &lake, &queue)
-    );
-    let summary = summary.unwrap();
+    let summary = scaled_run(&plan, &state, &lake, &queue, &mut |p: &Progress| {
+        seen.push(p.clone())
+    })
+    .await
+    .unwrap();
     assert_eq!(summary.views[0].mode, Mode::Full);
     assert_eq!(summary.views[0].segments, 5);
     let reported = |seen: &[Progress]| {
@@ -500,18 +512,7 @@ async fn a_scaled_out_run_is_published_by_its_finish_job_even_when_its_process_d
     lake.delete(&lake::archive_path("orders", 0, 9, 10))
         .await
         .unwrap();
-    let mut quiet = |_: &Progress| {};
-    let (failed, ()) = tokio::join!(
-        recompute_scaled(
-            plan.clone(),
-            &state,
-            &lake,
-            None,
-            Some(scale(&queue)),
-            &mut quiet
-        ),
-        work_off(&plan, &state, &lake, &queue)
-    );
+    let failed = scaled_run(&plan, &state, &lake, &queue, &mut |_| {}).await;
     let err = failed.unwrap_err().to_string();
     assert!(err.contains("group-000000 failed"), "{err}");
     assert_eq!(
