@@ -27,7 +27,7 @@ use serde::{Deserialize, Serialize};
 use super::{Mode, scan};
 use crate::lake::{self, Lake, LakeError};
 use crate::plan::Plan;
-use crate::state::{Cutoff, Outcome, PublicationId, RunId, Segment, State, StateError};
+use crate::state::{Cutoff, PublicationId, RunId, Segment, State, StateError};
 
 /// One group of segments of one run, for one or more views.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -366,25 +366,12 @@ pub async fn finish(
     };
     let result = publish_all(plan, state, lake, job).await;
     let took = (chrono::Utc::now() - started).to_std().unwrap_or_default();
-    let (outcome, error) = match &result {
-        Ok(()) => {
-            let line = format!(
-                "succeeded: {} view(s) in {:.2}s",
-                job.views.len(),
-                took.as_secs_f64()
-            );
-            super::log(state, run_id, &line).await;
-            (Outcome::Succeeded, None)
-        }
-        Err(e) => {
-            let msg = format!("{e:#}");
-            super::log(state, run_id, &format!("failed: {msg}")).await;
-            (Outcome::Failed, Some(msg))
-        }
-    };
-    match state.finish_run(run_id, outcome, error.as_deref()).await {
+    let ended = result
+        .map(|()| job.views.len())
+        .map_err(|e| format!("{e:#}"));
+    match super::end_run(state, run_id, ended, took).await {
         // Ended meanwhile by an earlier delivery of this job.
-        Ok(_) | Err(StateError::WrongState { .. }) => {}
+        Ok(()) | Err(StateError::WrongState { .. }) => {}
         Err(e) => return Err(e.into()),
     }
     clean(lake, &job.pipeline, job.run_id).await;

@@ -174,29 +174,41 @@ pub async fn recompute_scaled(
     match &result {
         _ if handed_over => {}
         Ok(summary) => {
-            log(
-                state,
-                run_id,
-                &format!(
-                    "succeeded: {} view(s) in {:.2}s",
-                    summary.views.len(),
-                    summary.elapsed.as_secs_f64()
-                ),
-            )
-            .await;
-            state.finish_run(run_id, Outcome::Succeeded, None).await?;
+            let ended = Ok(summary.views.len());
+            end_run(state, run_id, ended, summary.elapsed).await?;
         }
         Err(e) => {
-            let msg = format!("{e:#}");
-            log(state, run_id, &format!("failed: {msg}")).await;
             // The run's own error is the one to report; a state DB that also fails to record
             // it leaves the run `running`, which garbage collection treats as killed.
-            if let Err(e) = state.finish_run(run_id, Outcome::Failed, Some(&msg)).await {
+            let ended = Err(format!("{e:#}"));
+            if let Err(e) = end_run(state, run_id, ended, started.elapsed()).await {
                 tracing::warn!(run = run_id.0, error = %e, "cannot record the failed run");
             }
         }
     }
     result.map_err(BatchError::Other)
+}
+
+/// Logs how a run ended — `Ok(n)`: it published `n` views; `Err(why)` — and records it.
+pub(crate) async fn end_run(
+    state: &State,
+    run_id: RunId,
+    ended: Result<usize, String>,
+    took: Duration,
+) -> Result<(), StateError> {
+    let (outcome, error) = match ended {
+        Ok(views) => {
+            let line = format!("succeeded: {views} view(s) in {:.2}s", took.as_secs_f64());
+            log(state, run_id, &line).await;
+            (Outcome::Succeeded, None)
+        }
+        Err(why) => {
+            log(state, run_id, &format!("failed: {why}")).await;
+            (Outcome::Failed, Some(why))
+        }
+    };
+    state.finish_run(run_id, outcome, error.as_deref()).await?;
+    Ok(())
 }
 
 fn select_views(plan: &Plan, views: Option<&[String]>) -> Result<Vec<usize>, BatchError> {
