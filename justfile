@@ -34,3 +34,7 @@ ci:
 # Broker sources: events/s from each broker into partials (brokers from LAMBDA_TEST_*; .ci/run exports them).
 bench-sources:
     cargo bench --bench sources
+
+# Batch scale-out: one process against 3 workers, each on a "machine" of `cpus` CPUs (a cgroup; root).
+bench-scaleout cpus="0.6":
+    SCALEOUT_BENCH_CPUS={{cpus}} cargo bench --bench scaleout

@@ -10,46 +10,15 @@ use std::process::Command;
 use std::sync::Arc;
 use std::time::Instant;
 
-use lambda_ctl::lake::{self, Lake};
+use lambda_ctl::lake::Lake;
 use lambda_ctl::plan::Plan;
-use lambda_ctl::state::{Segment, State};
+use lambda_ctl::state::State;
 use polars::prelude::*;
 
 const SEGMENT_ROWS: usize = 500_000;
-const BASE_MS: i64 = 1_763_719_200_000;
 
-const SPEC: &str = r#"
-name: bench
-source:
-  type: http
-schema:
-  ts: timestamp
-  user: string
-  country: string
-  amount: float
-event_time: ts
-filter: "amount >= 0"
-views:
-  - name: per_minute
-    group_by: [country]
-    window: 1m
-    metrics:
-      n: count()
-      total: sum(amount)
-  - name: per_country
-    group_by: [country]
-    window: all
-    metrics:
-      n: count()
-      lo: min(amount)
-      hi: max(amount)
-  - name: per_user
-    group_by: [user]
-    window: all
-    metrics:
-      n: count()
-      mean: avg(amount)
-"#;
+mod common;
+use common::archive::{SPEC, archive};
 
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().collect();
@@ -146,56 +115,7 @@ fn prepare(dir: &Path, events: usize) -> anyhow::Result<()> {
     rt.block_on(async {
         let state = State::open(&state_url(dir)).await?;
         let lake = Lake::open(&lake_url(dir), &BTreeMap::new())?;
-        let countries = ["DE", "US", "FR", "JP", "BR", "IN", "CN", "GB"];
-        let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
-        let mut lo = 0usize;
-        while lo < events {
-            let n = SEGMENT_ROWS.min(events - lo);
-            let (mut ts, mut user, mut country, mut amount) = (
-                Vec::with_capacity(n),
-                Vec::with_capacity(n),
-                Vec::with_capacity(n),
-                Vec::with_capacity(n),
-            );
-            for _ in 0..n {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                ts.push(BASE_MS + (x % 86_400_000) as i64);
-                user.push(format!("u{}", (x >> 20) % 100_000));
-                country.push(countries[((x >> 40) % 8) as usize]);
-                amount.push(((x >> 8) % 100_000) as f64 / 100.0 - 10.0);
-            }
-            let offsets: Vec<i64> = (lo as i64..(lo + n) as i64).collect();
-            let mut df = df!("ts" => ts, "user" => user, "country" => country,
-                "amount" => amount, "_offset" => offsets)?;
-            let t = df
-                .column("ts")?
-                .cast(&DataType::Datetime(TimeUnit::Milliseconds, None))?;
-            df.with_column(t)?;
-            let mut buf = Vec::new();
-            ParquetWriter::new(&mut buf)
-                .with_compression(ParquetCompression::Zstd(None))
-                .finish(&mut df)?;
-            let path = lake::archive_path("bench", 0, lo as u64, (lo + n) as u64);
-            let bytes = buf.len() as u64;
-            lake.put(&path, buf).await?;
-            state
-                .seal_segment(&Segment {
-                    pipeline: "bench".into(),
-                    partition: 0,
-                    lo: lo as u64,
-                    hi: (lo + n) as u64,
-                    path,
-                    rows: n as u64,
-                    bytes,
-                    dead_letters: 0,
-                    min_event_ms: Some(BASE_MS),
-                    max_event_ms: Some(BASE_MS + 86_400_000),
-                })
-                .await?;
-            lo += n;
-        }
+        archive(&lake, &state, &["bench".to_string()], events, SEGMENT_ROWS).await?;
         state.close().await;
         anyhow::Ok(())
     })

@@ -3,6 +3,8 @@
 // Each bench binary compiles this module on its own and uses a part of it.
 #![allow(dead_code)]
 
+pub mod archive;
+
 use std::io::BufRead;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};

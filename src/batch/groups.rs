@@ -9,11 +9,13 @@
 //! with the usual compare-and-set, then ends the run. The run's own process only splits and
 //! waits: if it dies, the run still publishes; if a run fails, it publishes nothing more.
 //!
-//! The lake is also how the jobs report to each other: a group's partials appear atomically,
-//! then its `.done` marker; a group that cannot be computed leaves an `.error` file instead.
-//! A worker killed mid-job leaves neither; the queue delivers the job again to another worker
-//! (apalis notices the missing heartbeats), which writes the same files. The finish job's
-//! description is `finish.json` in the scratch prefix, written before any group is queued.
+//! The jobs report to each other through the state DB: once a group's partials are in the
+//! lake, its row in `batch_groups` says so (or why it could not be computed), and counting the
+//! rows tells the group that completes the set — one insert and one count per group, however
+//! many groups the run has. A worker killed mid-job records nothing; the queue delivers the job
+//! again to another worker (apalis notices the missing heartbeats), which writes the same
+//! files. The finish job's description is `finish.json` in the scratch prefix, written before
+//! any group is queued.
 
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::ops::Range;
@@ -103,22 +105,6 @@ impl GroupJob {
     /// Where the group's partials of `view` appear when they are done.
     pub fn partials_path(&self, view: &str) -> String {
         partials_path(&self.pipeline, self.run_id, self.group, view)
-    }
-
-    /// Appears once every view's partials are written.
-    pub fn done_path(&self) -> String {
-        format!(
-            "{}.done",
-            group_stem(&self.pipeline, self.run_id, self.group)
-        )
-    }
-
-    /// Where the reason appears when the group cannot be computed.
-    pub fn error_path(&self) -> String {
-        format!(
-            "{}.error",
-            group_stem(&self.pipeline, self.run_id, self.group)
-        )
     }
 
     fn segments(&self) -> Vec<Segment> {
@@ -224,21 +210,21 @@ pub async fn start(
 }
 
 /// What a worker does with a group job: computes the group's partials and writes them
-/// (replacing those of an earlier delivery, which are identical), then its `.done` marker; an
-/// error is recorded in the lake instead, for the finish job to report, and returned for the
+/// (replacing those of an earlier delivery, which are identical), then records the group as
+/// ended; an error is recorded instead, for the finish job to report, and returned for the
 /// worker's log. Returns the finish job when this group completed the run's set (the caller
 /// queues it).
 pub async fn compute(
     plan: &Arc<Plan>,
+    state: &State,
     lake: &Lake,
     job: &GroupJob,
 ) -> anyhow::Result<(Option<FinishJob>, anyhow::Result<()>)> {
     // The queue delivers at least once: a group done already (or a run finished and cleaned
     // up) is not computed again.
-    let dir = lake::run_scratch_prefix(&job.pipeline, job.run_id);
-    let listed: HashSet<String> = lake.list(&dir).await?.into_iter().map(|o| o.path).collect();
-    if listed.contains(&job.done_path())
-        || !listed.contains(&finish_path(&job.pipeline, job.run_id))
+    let run_id = RunId(job.run_id);
+    if state.batch_group_ended(run_id, job.group).await?
+        || !lake.exists(&finish_path(&job.pipeline, job.run_id)).await?
     {
         tracing::info!(
             run = job.run_id,
@@ -248,49 +234,37 @@ pub async fn compute(
         return Ok((None, Ok(())));
     }
     let result = compute_inner(plan, lake, job).await;
-    match &result {
-        Ok(()) => lake.put(&job.done_path(), Vec::new()).await?,
-        Err(e) => {
-            lake.put(&job.error_path(), format!("{e:#}").into_bytes())
-                .await?
-        }
-    }
-    let finish = ready(lake, &job.pipeline, job.run_id, job.of).await?;
+    let error = result.as_ref().err().map(|e| format!("{e:#}"));
+    let ended = state
+        .end_batch_group(run_id, job.group, error.as_deref())
+        .await?;
+    let finish = ready(lake, &job.pipeline, job.run_id, ended, job.of).await?;
     Ok((finish, result))
 }
 
-/// Writes a group's error when it cannot even be started (its pipeline is unknown here), and
+/// Records a group's error when it cannot even be started (its pipeline is unknown here), and
 /// returns the finish job if that completed the set.
-pub async fn refuse(lake: &Lake, job: &GroupJob, why: &str) -> anyhow::Result<Option<FinishJob>> {
-    lake.put(&job.error_path(), why.as_bytes().to_vec()).await?;
-    ready(lake, &job.pipeline, job.run_id, job.of).await
+pub async fn refuse(
+    state: &State,
+    lake: &Lake,
+    job: &GroupJob,
+    why: &str,
+) -> anyhow::Result<Option<FinishJob>> {
+    let ended = state
+        .end_batch_group(RunId(job.run_id), job.group, Some(why))
+        .await?;
+    ready(lake, &job.pipeline, job.run_id, ended, job.of).await
 }
 
-/// Which groups of a run have ended (done or failed).
-async fn ended(lake: &Lake, pipeline: &str, run_id: i64) -> anyhow::Result<BTreeSet<u32>> {
-    let dir = lake::run_scratch_prefix(pipeline, run_id);
-    Ok(lake
-        .list(&dir)
-        .await?
-        .into_iter()
-        .filter_map(|o| {
-            let name = o.path.strip_prefix(&dir)?.strip_prefix("group-")?;
-            let number = name
-                .strip_suffix(".done")
-                .or_else(|| name.strip_suffix(".error"))?;
-            number.parse().ok()
-        })
-        .collect())
-}
-
-/// The run's finish job once all `of` groups have ended.
+/// The run's finish job when `ended` of its `of` groups have ended, all of them.
 async fn ready(
     lake: &Lake,
     pipeline: &str,
     run_id: i64,
+    ended: u32,
     of: u32,
 ) -> anyhow::Result<Option<FinishJob>> {
-    if ended(lake, pipeline, run_id).await?.len() < of as usize {
+    if ended < of {
         return Ok(None);
     }
     let bytes = match lake.get(&finish_path(pipeline, run_id)).await {
@@ -384,17 +358,11 @@ async fn publish_all(
     lake: &Lake,
     job: &FinishJob,
 ) -> anyhow::Result<()> {
-    let dir = lake::run_scratch_prefix(&job.pipeline, job.run_id);
-    let listed: Vec<String> = lake.list(&dir).await?.into_iter().map(|o| o.path).collect();
-    if let Some(path) = listed.iter().find(|p| p.ends_with(".error")) {
-        let why = lake.get(path).await?;
-        let group = path
-            .strip_prefix(&dir)
-            .and_then(|n| n.strip_suffix(".error"))
-            .unwrap_or(path);
-        anyhow::bail!("{group} failed: {}", String::from_utf8_lossy(&why));
-    }
     let run_id = RunId(job.run_id);
+    let groups = state.batch_groups(run_id).await?;
+    if let Some((group, why)) = groups.iter().find_map(|(g, e)| Some((g, e.as_ref()?))) {
+        anyhow::bail!("group-{group:06} failed: {why}");
+    }
     let published: HashSet<String> = state
         .run_publications(run_id)
         .await?
@@ -469,7 +437,6 @@ const READ_AHEAD: usize = 8;
 /// died before it could. Returns the run's publications, or why it failed.
 pub async fn wait(
     state: &State,
-    lake: &Lake,
     fanout: &dyn Fanout,
     job: &FinishJob,
     mut on_group: impl FnMut(u32),
@@ -478,7 +445,7 @@ pub async fn wait(
     let mut reported = BTreeSet::new();
     let mut queued = false;
     loop {
-        let ended = ended(lake, &job.pipeline, job.run_id).await?;
+        let ended: BTreeSet<u32> = state.batch_groups(run_id).await?.into_keys().collect();
         for g in ended.difference(&reported).copied().collect::<Vec<_>>() {
             reported.insert(g);
             on_group(g);

@@ -308,7 +308,7 @@ async fn run_views(
             jobs.len()
         );
         log(state, run_id, &line).await;
-        let views = wait_for_finish(state, lake, scale, &finish, &jobs, prepared, progress).await?;
+        let views = wait_for_finish(state, scale, &finish, &jobs, prepared, progress).await?;
         return Ok(RunSummary {
             run_id,
             cutoff,
@@ -374,7 +374,6 @@ fn published(progress: &mut (dyn FnMut(&Progress) + Send), summary: &ViewSummary
 /// Waits for a scaled-out run's finish job, reporting groups as they end; the views' summaries.
 async fn wait_for_finish(
     state: &State,
-    lake: &Lake,
     scale: ScaleOut<'_>,
     finish: &groups::FinishJob,
     jobs: &[groups::GroupJob],
@@ -382,7 +381,7 @@ async fn wait_for_finish(
     progress: &mut (dyn FnMut(&Progress) + Send),
 ) -> anyhow::Result<Vec<ViewSummary>> {
     let mut done = vec![(0usize, 0u64); finish.views.len()];
-    let publications = groups::wait(state, lake, scale.fanout, finish, |g| {
+    let publications = groups::wait(state, scale.fanout, finish, |g| {
         let Some(job) = jobs.get(g as usize) else {
             return;
         };

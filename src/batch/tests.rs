@@ -363,7 +363,7 @@ async fn work_off(plan: &Arc<Plan>, state: &State, lake: &Lake, queue: &Recorded
         let group = queue.groups.lock().pop();
         if let Some(job) = group {
             // A group's own failure is recorded for the finish job, which reports it.
-            let (finish, _) = groups::compute(plan, lake, &job).await.unwrap();
+            let (finish, _) = groups::compute(plan, state, lake, &job).await.unwrap();
             if let Some(finish) = finish {
                 queue.finish(&finish).await.unwrap();
             }

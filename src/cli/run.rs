@@ -75,8 +75,16 @@ pub fn run(project_dir: &Path, name: &str, wait: bool, views: &[String]) -> Resu
             Progress::Published { .. } => {}
         };
         let project = Arc::new(project.clone());
-        let result =
-            fanout::recompute(&project, Arc::new(plan), &db, &lake, views, &mut progress).await;
+        let result = fanout::recompute(
+            &project,
+            Arc::new(plan),
+            &db,
+            &lake,
+            views,
+            fanout::Help::AfterAMoment,
+            &mut progress,
+        )
+        .await;
         db.close().await;
         match result {
             Ok(summary) => {

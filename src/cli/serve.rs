@@ -12,7 +12,7 @@ use tokio_util::sync::CancellationToken;
 use super::CliError;
 use crate::batch::pickup::Pickup;
 use crate::lake::Lake;
-use crate::orchestration::fanout::Groups;
+use crate::orchestration::fanout::{Groups, Help};
 use crate::orchestration::layers::Layers;
 use crate::orchestration::{Orchestrator, overview};
 use crate::plan::Plan;
@@ -65,7 +65,8 @@ async fn serve(project: spec::Project, listen: Option<SocketAddr>) -> Result<(),
     }
 
     // Scheduler (one active per state DB) and workers for the workflows.
-    let layers = Arc::new(Layers::new(project.clone(), db.clone(), lake.clone()));
+    // Its batch tasks' jobs go to the batch job worker below (and any `lambda-ctl worker`).
+    let layers = Arc::new(Layers::new(project.clone(), db.clone(), lake.clone()).helping(Help::No));
     let (orchestrator, running) =
         Orchestrator::start_all(project.clone(), db.clone(), layers, shutdown.clone())
             .await

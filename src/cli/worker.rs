@@ -10,7 +10,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::CliError;
 use crate::lake::Lake;
-use crate::orchestration::fanout::Groups;
+use crate::orchestration::fanout::{Groups, Help};
 use crate::orchestration::layers::Layers;
 use crate::orchestration::{Options, OrchestrationError, Orchestrator};
 use crate::spec::Project;
@@ -20,7 +20,8 @@ pub fn run(project_dir: &Path, concurrency: usize, schedule: bool) -> Result<(),
     let project = super::load_project(project_dir)?;
     runtime()?.block_on(async {
         let (groups, state, lake) = open_groups(&project).await?;
-        let orchestrator = open(project.clone()).await?;
+        // Its batch tasks' jobs go to its own batch job worker below (and the others').
+        let orchestrator = orchestrator(project.clone(), Help::No).await?;
         let shutdown = CancellationToken::new();
         let running = orchestrator.start(
             &Options {
@@ -59,9 +60,14 @@ pub(super) fn runtime() -> Result<tokio::runtime::Runtime, CliError> {
 
 /// The project's orchestrator over its state DB.
 pub(super) async fn open(project: Project) -> Result<Orchestrator, CliError> {
+    orchestrator(project, Help::AfterAMoment).await
+}
+
+/// [`open`], its scaled-out batch tasks' process helping with their jobs as `help` says.
+async fn orchestrator(project: Project, help: Help) -> Result<Orchestrator, CliError> {
     let (state, lake) = super::run::open(&project).await?;
     let project = Arc::new(project);
-    let layers = Arc::new(Layers::new(project.clone(), state.clone(), lake));
+    let layers = Arc::new(Layers::new(project.clone(), state.clone(), lake).helping(help));
     let orchestrator = Orchestrator::open(project, state, layers)
         .await
         .context("opening the job queue")?;

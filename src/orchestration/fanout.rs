@@ -127,7 +127,9 @@ impl BatchWorker {
                 let finish = match plan {
                     Ok(plan) => self.group(&plan, &job).await?,
                     // Recorded for the run, which fails with this message.
-                    Err(e) => groups::refuse(&self.lake, &job, &format!("{e:#}")).await?,
+                    Err(e) => {
+                        groups::refuse(&self.state, &self.lake, &job, &format!("{e:#}")).await?
+                    }
                 };
                 if let Some(finish) = finish {
                     info!(%worker, run, "last batch group done; queueing the run's finish job");
@@ -156,7 +158,7 @@ impl BatchWorker {
             segments = job.segments.len(), "computing batch group"
         );
         let started = std::time::Instant::now();
-        let (finish, outcome) = groups::compute(plan, &self.lake, job).await?;
+        let (finish, outcome) = groups::compute(plan, &self.state, &self.lake, job).await?;
         match outcome {
             Ok(()) => info!(
                 %worker, run = job.run_id, group = job.group,
@@ -193,15 +195,27 @@ impl Fanout for Groups {
     }
 }
 
+/// Whether the process of a scaled-out run works on the run's jobs itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Help {
+    /// Yes, one job per core, once they have waited [`HELP_AFTER`] for the workers: a run
+    /// ends even when no worker is running.
+    AfterAMoment,
+    /// No: the process works the queue already (`serve`, one job at a time so serving comes
+    /// first; `lambda-ctl worker`).
+    No,
+}
+
 /// A batch run as the project's `batch:` settings say: in this process, or — when
 /// `scale_out_segments` is set and reached — as jobs on the queue, which this process works on
-/// too (one job per core) once they have waited [`HELP_AFTER`].
+/// too as `help` says.
 pub async fn recompute(
     project: &Arc<Project>,
     plan: Arc<Plan>,
     state: &State,
     lake: &Lake,
     views: Option<&[String]>,
+    help: Help,
     progress: &mut (dyn FnMut(&Progress) + Send),
 ) -> Result<RunSummary, BatchError> {
     let settings = project.settings.batch;
@@ -212,27 +226,28 @@ pub async fn recompute(
         .await
         .context("opening the batch group queue")?;
     let stop = CancellationToken::new();
-    // Workers get the first go at the groups; this process joins in after a moment, so a run
-    // ends even when no worker is running.
-    let working = tokio::spawn({
-        let (fanout, project, state, lake, stop) = (
-            fanout.clone(),
-            project.clone(),
-            state.clone(),
-            lake.clone(),
-            stop.clone(),
-        );
-        async move {
-            tokio::select! {
-                () = tokio::time::sleep(HELP_AFTER) => {}
-                () = stop.cancelled() => return,
+    // Workers get the first go at the groups.
+    let working = (help == Help::AfterAMoment).then(|| {
+        tokio::spawn({
+            let (fanout, project, state, lake, stop) = (
+                fanout.clone(),
+                project.clone(),
+                state.clone(),
+                lake.clone(),
+                stop.clone(),
+            );
+            async move {
+                tokio::select! {
+                    () = tokio::time::sleep(HELP_AFTER) => {}
+                    () = stop.cancelled() => return,
+                }
+                let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+                let name = format!("lambda-ctl-run:{}", std::process::id());
+                if let Err(e) = fanout.work(project, state, lake, name, cores, stop).await {
+                    warn!(error = %e, "batch group worker ended abnormally");
+                }
             }
-            let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-            let name = format!("lambda-ctl-run:{}", std::process::id());
-            if let Err(e) = fanout.work(project, state, lake, name, cores, stop).await {
-                warn!(error = %e, "batch group worker ended abnormally");
-            }
-        }
+        })
     });
     let scale = ScaleOut {
         settings,
@@ -240,7 +255,9 @@ pub async fn recompute(
     };
     let result = batch::recompute_scaled(plan, state, lake, views, Some(scale), progress).await;
     stop.cancel();
-    let _ = working.await;
+    if let Some(working) = working {
+        let _ = working.await;
+    }
     result
 }
 

@@ -7,6 +7,7 @@ use std::time::Duration;
 use anyhow::Context;
 use futures::future::BoxFuture;
 
+use super::fanout::Help;
 use super::{TaskContext, TaskRunner};
 use crate::batch::{Progress, maintenance};
 use crate::lake::Lake;
@@ -18,15 +19,25 @@ pub struct Layers {
     project: Arc<Project>,
     state: State,
     lake: Lake,
+    /// Whether a scaled-out `batch` task's process works on its jobs (see [`Help`]).
+    help: Help,
 }
 
 impl Layers {
+    /// Layers whose scaled-out batch runs are helped by the process running them.
     pub fn new(project: Arc<Project>, state: State, lake: Lake) -> Layers {
         Layers {
             project,
             state,
             lake,
+            help: Help::AfterAMoment,
         }
+    }
+
+    /// Layers whose scaled-out batch runs' process helps with their jobs as `help` says
+    /// ([`Help::No`] in a process that works the batch job queue already).
+    pub fn helping(self, help: Help) -> Layers {
+        Layers { help, ..self }
     }
 }
 
@@ -70,6 +81,7 @@ impl TaskRunner for Layers {
                 &self.state,
                 &self.lake,
                 views,
+                self.help,
                 &mut progress,
             )
             .await?;

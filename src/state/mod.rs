@@ -45,6 +45,7 @@ macro_rules! on_pool {
 }
 
 mod archive;
+mod groups;
 mod publications;
 mod runs;
 mod schedules;

@@ -37,6 +37,7 @@ on_both_backends!(
     concurrent_first_publishes_let_one_win,
     runs_follow_their_lifecycle,
     concurrent_starts_of_one_run_let_one_worker_win,
+    batch_groups_end_once_and_are_counted_per_run,
     task_attempts_number_their_retries,
     schedule_slots_are_claimed_once,
     compaction_swaps_segments_in_one_transaction,
@@ -519,6 +520,50 @@ async fn runs_follow_their_lifecycle(url: String) {
         ids(state.runs(None, 2).await.unwrap()),
         vec![third.id, batch.id]
     );
+}
+
+async fn batch_groups_end_once_and_are_counted_per_run(url: String) {
+    let state = open(&url).await;
+    let run = state
+        .create_run(RunKind::Batch, "clicks", None)
+        .await
+        .unwrap();
+    let other = state
+        .create_run(RunKind::Batch, "clicks", None)
+        .await
+        .unwrap();
+    assert!(!state.batch_group_ended(run.id, 0).await.unwrap());
+    assert_eq!(state.end_batch_group(other.id, 0, None).await.unwrap(), 1);
+    // Groups ending at once: each counts once, and the last to count sees the set complete
+    // (two may: queueing the finish job twice is a no-op).
+    let mut tasks = Vec::new();
+    for g in 0..6u32 {
+        let state = state.clone();
+        let error = (g == 4).then_some("segment missing");
+        tasks.push(tokio::spawn(async move {
+            state.end_batch_group(run.id, g, error).await.unwrap()
+        }));
+    }
+    let mut counts = Vec::new();
+    for task in tasks {
+        counts.push(task.await.unwrap());
+    }
+    counts.sort();
+    assert_eq!(counts.last(), Some(&6), "{counts:?}");
+    assert!(counts.iter().all(|c| (1..=6).contains(c)), "{counts:?}");
+    // A second delivery of a group keeps the first outcome.
+    assert_eq!(state.end_batch_group(run.id, 4, None).await.unwrap(), 6);
+    assert!(state.batch_group_ended(run.id, 0).await.unwrap());
+    let groups = state.batch_groups(run.id).await.unwrap();
+    assert_eq!(groups.len(), 6);
+    assert_eq!(groups[&4].as_deref(), Some("segment missing"));
+    assert!(
+        groups
+            .iter()
+            .filter(|(g, _)| **g != 4)
+            .all(|(_, e)| e.is_none())
+    );
+    assert_eq!(state.batch_groups(other.id).await.unwrap().len(), 1);
 }
 
 async fn concurrent_starts_of_one_run_let_one_worker_win(url: String) {

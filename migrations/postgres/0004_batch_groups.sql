@@ -1,0 +1,11 @@
+-- Scaled-out batch runs (PostgreSQL). Kept in step with migrations/sqlite/0004_batch_groups.sql.
+
+-- The groups of a scaled-out batch run that have ended: a row once the group's partials are in
+-- the lake (error NULL), or with the reason it could not be computed. The group whose row
+-- completes the run's set queues the finish job; a group delivered again is skipped.
+CREATE TABLE batch_groups (
+    run_id BIGINT  NOT NULL,
+    grp    BIGINT  NOT NULL,
+    error  TEXT,
+    PRIMARY KEY (run_id, grp)
+);
