@@ -6,6 +6,9 @@
 CREATE TABLE batch_groups (
     run_id BIGINT  NOT NULL,
     grp    BIGINT  NOT NULL,
+    -- The worker that computed it and how long that took (milliseconds).
+    worker TEXT    NOT NULL,
+    ms     BIGINT  NOT NULL,
     error  TEXT,
     PRIMARY KEY (run_id, grp)
 );

@@ -6,6 +6,9 @@
 CREATE TABLE batch_groups (
     run_id INTEGER NOT NULL,
     grp    INTEGER NOT NULL,
+    -- The worker that computed it and how long that took (milliseconds).
+    worker TEXT    NOT NULL,
+    ms     INTEGER NOT NULL,
     error  TEXT,
     PRIMARY KEY (run_id, grp)
 ) STRICT;

@@ -29,7 +29,7 @@ use serde::{Deserialize, Serialize};
 use super::{Mode, scan};
 use crate::lake::{self, Lake, LakeError};
 use crate::plan::Plan;
-use crate::state::{Cutoff, PublicationId, RunId, Segment, State, StateError};
+use crate::state::{Cutoff, GroupEnd, PublicationId, RunId, Segment, State, StateError};
 
 /// One group of segments of one run, for one or more views.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -218,6 +218,7 @@ pub async fn compute(
     plan: &Arc<Plan>,
     state: &State,
     lake: &Lake,
+    worker: &str,
     job: &GroupJob,
 ) -> anyhow::Result<(Option<FinishJob>, anyhow::Result<()>)> {
     // The queue delivers at least once: a group done already (or a run finished and cleaned
@@ -233,11 +234,14 @@ pub async fn compute(
         );
         return Ok((None, Ok(())));
     }
+    let started = std::time::Instant::now();
     let result = compute_inner(plan, lake, job).await;
-    let error = result.as_ref().err().map(|e| format!("{e:#}"));
-    let ended = state
-        .end_batch_group(run_id, job.group, error.as_deref())
-        .await?;
+    let end = GroupEnd {
+        worker: worker.to_string(),
+        took: started.elapsed(),
+        error: result.as_ref().err().map(|e| format!("{e:#}")),
+    };
+    let ended = state.end_batch_group(run_id, job.group, &end).await?;
     let finish = ready(lake, &job.pipeline, job.run_id, ended, job.of).await?;
     Ok((finish, result))
 }
@@ -247,11 +251,17 @@ pub async fn compute(
 pub async fn refuse(
     state: &State,
     lake: &Lake,
+    worker: &str,
     job: &GroupJob,
     why: &str,
 ) -> anyhow::Result<Option<FinishJob>> {
+    let end = GroupEnd {
+        worker: worker.to_string(),
+        took: std::time::Duration::ZERO,
+        error: Some(why.to_string()),
+    };
     let ended = state
-        .end_batch_group(RunId(job.run_id), job.group, Some(why))
+        .end_batch_group(RunId(job.run_id), job.group, &end)
         .await?;
     ready(lake, &job.pipeline, job.run_id, ended, job.of).await
 }
@@ -338,7 +348,9 @@ pub async fn finish(
             return Ok(());
         }
     };
-    let result = publish_all(plan, state, lake, job).await;
+    let groups = state.batch_groups(run_id).await?;
+    super::log(state, run_id, &groups_line(&groups)).await;
+    let result = publish_all(plan, state, lake, job, &groups).await;
     let took = (chrono::Utc::now() - started).to_std().unwrap_or_default();
     let ended = result
         .map(|()| job.views.len())
@@ -357,10 +369,13 @@ async fn publish_all(
     state: &State,
     lake: &Lake,
     job: &FinishJob,
+    groups: &BTreeMap<u32, GroupEnd>,
 ) -> anyhow::Result<()> {
     let run_id = RunId(job.run_id);
-    let groups = state.batch_groups(run_id).await?;
-    if let Some((group, why)) = groups.iter().find_map(|(g, e)| Some((g, e.as_ref()?))) {
+    if let Some((group, why)) = groups
+        .iter()
+        .find_map(|(g, end)| Some((g, end.error.as_ref()?)))
+    {
         anyhow::bail!("group-{group:06} failed: {why}");
     }
     let published: HashSet<String> = state
@@ -395,6 +410,32 @@ async fn publish_all(
         super::log(state, run_id, &line).await;
     }
     Ok(())
+}
+
+/// The run log's line on how the groups went: how many, on which workers, the slowest.
+fn groups_line(groups: &BTreeMap<u32, GroupEnd>) -> String {
+    let mut per_worker: BTreeMap<&str, usize> = BTreeMap::new();
+    for end in groups.values() {
+        *per_worker.entry(&end.worker).or_default() += 1;
+    }
+    let workers: Vec<String> = per_worker.iter().map(|(w, n)| format!("{w} {n}")).collect();
+    let mut took: Vec<std::time::Duration> = groups.values().map(|e| e.took).collect();
+    took.sort();
+    let mut line = format!(
+        "{} group(s) ended on {} worker(s) ({})",
+        groups.len(),
+        per_worker.len(),
+        workers.join(", ")
+    );
+    if let Some((g, slowest)) = groups.iter().max_by_key(|(_, e)| e.took) {
+        line.push_str(&format!(
+            "; median {:.2}s, slowest group-{g:06} {:.2}s on {}",
+            took[took.len() / 2].as_secs_f64(),
+            slowest.took.as_secs_f64(),
+            slowest.worker
+        ));
+    }
+    line
 }
 
 /// The merged partials of `view` over the groups `groups` (none: no new segments).

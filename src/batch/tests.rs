@@ -363,7 +363,9 @@ async fn work_off(plan: &Arc<Plan>, state: &State, lake: &Lake, queue: &Recorded
         let group = queue.groups.lock().pop();
         if let Some(job) = group {
             // A group's own failure is recorded for the finish job, which reports it.
-            let (finish, _) = groups::compute(plan, state, lake, &job).await.unwrap();
+            let (finish, _) = groups::compute(plan, state, lake, "test", &job)
+                .await
+                .unwrap();
             if let Some(finish) = finish {
                 queue.finish(&finish).await.unwrap();
             }
@@ -455,6 +457,14 @@ async fn a_scaled_out_run_is_published_by_its_finish_job_even_when_its_process_d
     let run = state.run(summary.run_id).await.unwrap().unwrap();
     assert_eq!(run.state, RunState::Succeeded);
     assert!(run.log.contains("3 group job(s)"), "{}", run.log);
+    // Where the groups ran and how long the slowest took.
+    assert!(
+        run.log
+            .contains("3 group(s) ended on 1 worker(s) (test 3); median "),
+        "{}",
+        run.log
+    );
+    assert!(run.log.contains("on test"), "{}", run.log);
     let scratch = lake.list("runs/").await.unwrap();
     assert!(scratch.is_empty(), "scratch files left: {scratch:?}");
 

@@ -128,7 +128,14 @@ impl BatchWorker {
                     Ok(plan) => self.group(&plan, &job).await?,
                     // Recorded for the run, which fails with this message.
                     Err(e) => {
-                        groups::refuse(&self.state, &self.lake, &job, &format!("{e:#}")).await?
+                        groups::refuse(
+                            &self.state,
+                            &self.lake,
+                            &self.worker,
+                            &job,
+                            &format!("{e:#}"),
+                        )
+                        .await?
                     }
                 };
                 if let Some(finish) = finish {
@@ -158,7 +165,7 @@ impl BatchWorker {
             segments = job.segments.len(), "computing batch group"
         );
         let started = std::time::Instant::now();
-        let (finish, outcome) = groups::compute(plan, &self.state, &self.lake, job).await?;
+        let (finish, outcome) = groups::compute(plan, &self.state, &self.lake, worker, job).await?;
         match outcome {
             Ok(()) => info!(
                 %worker, run = job.run_id, group = job.group,

@@ -5,10 +5,12 @@
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
 
 use chrono::{DateTime, TimeZone, Utc};
 use lambda_ctl::state::{
-    NewPublication, Outcome, PublicationId, RunId, RunKind, RunState, Segment, State, StateError,
+    GroupEnd, NewPublication, Outcome, PublicationId, RunId, RunKind, RunState, Segment, State,
+    StateError,
 };
 use sqlx::Connection;
 
@@ -532,16 +534,26 @@ async fn batch_groups_end_once_and_are_counted_per_run(url: String) {
         .create_run(RunKind::Batch, "clicks", None)
         .await
         .unwrap();
+    let end = |worker: &str, ms: u64, error: Option<&str>| GroupEnd {
+        worker: worker.to_string(),
+        took: Duration::from_millis(ms),
+        error: error.map(str::to_string),
+    };
     assert!(!state.batch_group_ended(run.id, 0).await.unwrap());
-    assert_eq!(state.end_batch_group(other.id, 0, None).await.unwrap(), 1);
+    let first = end("w0", 5, None);
+    assert_eq!(state.end_batch_group(other.id, 0, &first).await.unwrap(), 1);
     // Groups ending at once: each counts once, and the last to count sees the set complete
     // (two may: queueing the finish job twice is a no-op).
     let mut tasks = Vec::new();
     for g in 0..6u32 {
         let state = state.clone();
-        let error = (g == 4).then_some("segment missing");
+        let e = end(
+            &format!("w{}", g % 2),
+            100 + u64::from(g),
+            (g == 4).then_some("segment missing"),
+        );
         tasks.push(tokio::spawn(async move {
-            state.end_batch_group(run.id, g, error).await.unwrap()
+            state.end_batch_group(run.id, g, &e).await.unwrap()
         }));
     }
     let mut counts = Vec::new();
@@ -552,18 +564,20 @@ async fn batch_groups_end_once_and_are_counted_per_run(url: String) {
     assert_eq!(counts.last(), Some(&6), "{counts:?}");
     assert!(counts.iter().all(|c| (1..=6).contains(c)), "{counts:?}");
     // A second delivery of a group keeps the first outcome.
-    assert_eq!(state.end_batch_group(run.id, 4, None).await.unwrap(), 6);
+    let again = end("w9", 1, None);
+    assert_eq!(state.end_batch_group(run.id, 4, &again).await.unwrap(), 6);
     assert!(state.batch_group_ended(run.id, 0).await.unwrap());
     let groups = state.batch_groups(run.id).await.unwrap();
     assert_eq!(groups.len(), 6);
-    assert_eq!(groups[&4].as_deref(), Some("segment missing"));
+    assert_eq!(groups[&4], end("w0", 104, Some("segment missing")));
+    assert_eq!(groups[&5], end("w1", 105, None));
     assert!(
         groups
             .iter()
             .filter(|(g, _)| **g != 4)
-            .all(|(_, e)| e.is_none())
+            .all(|(_, e)| e.error.is_none())
     );
-    assert_eq!(state.batch_groups(other.id).await.unwrap().len(), 1);
+    assert_eq!(state.batch_groups(other.id).await.unwrap()[&0], first);
 }
 
 async fn concurrent_starts_of_one_run_let_one_worker_win(url: String) {
