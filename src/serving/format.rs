@@ -7,9 +7,14 @@ use super::time::format_ms;
 
 /// One JSON object per row; timestamps as RFC 3339 strings, non-finite floats as null.
 pub fn rows_json(df: &DataFrame) -> Vec<Value> {
+    rows_json_at(df, 0..df.height())
+}
+
+/// Rows `rows` of `df` (row numbers, each below its height), as [`rows_json`] makes them.
+pub fn rows_json_at(df: &DataFrame, rows: impl IntoIterator<Item = usize>) -> Vec<Value> {
     let columns = df.columns();
     let names: Vec<String> = columns.iter().map(|c| c.name().to_string()).collect();
-    (0..df.height())
+    rows.into_iter()
         .map(|i| {
             let mut obj = Map::with_capacity(names.len());
             for (name, col) in names.iter().zip(columns) {

@@ -1,7 +1,8 @@
 //! Answering a view query: batch view ⊕ speed partials of the segments it does not cover,
 //! taken under one snapshot, merged and finished by the plan, then filtered by keys and time.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, OnceLock};
 
 use parking_lot::Mutex;
@@ -10,7 +11,7 @@ use polars::prelude::*;
 use serde::Serialize;
 use serde_json::Value;
 
-use super::format::rows_json;
+use super::format::{rows_json, rows_json_at};
 use super::time::format_ms;
 use crate::spec::{View, Window};
 use crate::speed::runtime::PipelineRuntime;
@@ -84,11 +85,15 @@ pub fn query(rt: &PipelineRuntime, view_idx: usize, q: &ViewQuery) -> Result<Ans
     }
     let finished = rt.answers.get(rt, view_idx)?;
     let cols = columns(view);
+    // The all-time window has no start; it spans every range.
+    let all_time = view.window == Window::All;
     let mut rows = if q.filters.is_empty() && (q.from.is_none() && q.to.is_none()) {
         finished.all_rows().to_vec()
     } else {
         match &finished.frame {
-            Some(df) => rows_json(&filter(df.clone(), view, q)?),
+            // The first filtered query of an answer scans it; the next ones use its index.
+            Some(df) if !finished.index.warm() => rows_json(&filter(df.clone(), q, all_time)?),
+            Some(df) => rows_json_at(df, finished.index.select(df, q, all_time)?),
             None => Vec::new(),
         }
     };
@@ -127,6 +132,7 @@ pub struct Finished {
     speed: Vec<DataFrame>,
     /// Group keys each layer answers alone, made by the first query asking for `origin`.
     origins: OnceLock<(HashSet<String>, HashSet<String>)>,
+    index: RowIndex,
 }
 
 /// A row's window and group: what identifies it in either layer's answer.
@@ -178,6 +184,96 @@ impl Finished {
         self.rows
             .get_or_init(|| self.frame.as_ref().map(rows_json).unwrap_or_default())
     }
+}
+
+/// Row lookup for the filtered queries of one answer, so a point query costs its result rather
+/// than a scan. Built lazily, and only from an answer's second filtered query on: an answer
+/// replaced after one query (a busy speed layer) never pays for an index.
+struct RowIndex {
+    group_by: Vec<String>,
+    /// Filtered queries so far.
+    queries: AtomicU32,
+    /// Per group_by column, the rows of each value in the form [`filter`] compares (the column
+    /// cast to string); made by the first query filtering on it.
+    columns: Vec<OnceLock<HashMap<String, Vec<usize>>>>,
+    /// Every row's `window_start` (epoch ms), for time ranges.
+    starts: OnceLock<Vec<Option<i64>>>,
+}
+
+impl RowIndex {
+    fn new(group_by: &[String]) -> RowIndex {
+        RowIndex {
+            group_by: group_by.to_vec(),
+            queries: AtomicU32::new(0),
+            columns: group_by.iter().map(|_| OnceLock::new()).collect(),
+            starts: OnceLock::new(),
+        }
+    }
+
+    /// Counts a filtered query; whether it should use the index (all but the first).
+    fn warm(&self) -> bool {
+        self.queries.fetch_add(1, Ordering::Relaxed) > 0
+    }
+
+    /// The rows of `df` (the answer's frame) that [`filter`] keeps, in order: a point query
+    /// costs its result, not a scan of the answer.
+    fn select(&self, df: &DataFrame, q: &ViewQuery, all_time: bool) -> PolarsResult<Vec<usize>> {
+        let mut picked: Option<Vec<usize>> = None;
+        for (c, v) in &q.filters {
+            let Some(pos) = self.group_by.iter().position(|g| g == c) else {
+                polars_bail!(ColumnNotFound: "`{c}` is not a group_by column");
+            };
+            let rows = match self.columns[pos].get() {
+                Some(index) => index,
+                None => {
+                    let built = column_index(df, c)?;
+                    self.columns[pos].get_or_init(|| built)
+                }
+            }
+            .get(v)
+            .map_or(&[][..], Vec::as_slice);
+            picked = Some(match picked {
+                None => rows.to_vec(),
+                Some(p) => p
+                    .into_iter()
+                    .filter(|r| rows.binary_search(r).is_ok())
+                    .collect(),
+            });
+        }
+        let mut picked = picked.unwrap_or_else(|| (0..df.height()).collect());
+        if !all_time && (q.from.is_some() || q.to.is_some()) {
+            let starts = match self.starts.get() {
+                Some(s) => s,
+                None => {
+                    let built: Vec<Option<i64>> = df
+                        .column("window_start")?
+                        .cast(&DataType::Int64)?
+                        .i64()?
+                        .iter()
+                        .collect();
+                    self.starts.get_or_init(|| built)
+                }
+            };
+            picked.retain(|&r| {
+                starts[r].is_some_and(|s| {
+                    q.from.is_none_or(|from| s >= from) && q.to.is_none_or(|to| s < to)
+                })
+            });
+        }
+        Ok(picked)
+    }
+}
+
+/// Row numbers of `df` by the value of column `c` cast to string (nulls match no filter).
+fn column_index(df: &DataFrame, c: &str) -> PolarsResult<HashMap<String, Vec<usize>>> {
+    let values = df.column(c)?.cast(&DataType::String)?;
+    let mut index: HashMap<String, Vec<usize>> = HashMap::new();
+    for (r, v) in values.str()?.iter().enumerate() {
+        if let Some(v) = v {
+            index.entry(v.to_string()).or_default().push(r);
+        }
+    }
+    Ok(index)
 }
 
 /// Per view, the last [`Finished`] answer. Merging and finishing every uncovered partial is
@@ -243,10 +339,12 @@ fn compute(rt: &PipelineRuntime, view_idx: usize) -> PolarsResult<Finished> {
         batch,
         speed: snap.speed,
         origins: OnceLock::new(),
+        index: RowIndex::new(&rt.pipeline.views[view_idx].group_by),
     })
 }
 
-fn filter(df: DataFrame, view: &View, q: &ViewQuery) -> PolarsResult<DataFrame> {
+/// The rows of `df` (a finished answer) that `q` asks for, by a scan.
+fn filter(df: DataFrame, q: &ViewQuery, all_time: bool) -> PolarsResult<DataFrame> {
     let mut pred: Option<Expr> = None;
     let mut and = |e: Expr| {
         pred = Some(match pred.take() {
@@ -257,8 +355,7 @@ fn filter(df: DataFrame, view: &View, q: &ViewQuery) -> PolarsResult<DataFrame> 
     for (c, v) in &q.filters {
         and(col(c.as_str()).cast(DataType::String).eq(lit(v.clone())));
     }
-    // The all-time window has no start; it spans every range.
-    if view.window != Window::All {
+    if !all_time {
         let start = col("window_start").cast(DataType::Int64);
         if let Some(from) = q.from {
             and(start.clone().gt_eq(lit(from)));
@@ -270,5 +367,95 @@ fn filter(df: DataFrame, view: &View, q: &ViewQuery) -> PolarsResult<DataFrame> 
     match pred {
         Some(p) => df.lazy().filter(p).collect(),
         None => Ok(df),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    /// A finished answer: windows (some null), a string and an integer key (some null).
+    fn answer(rows: &[(Option<i64>, Option<u8>, Option<i64>)]) -> DataFrame {
+        let starts: Vec<Option<i64>> = rows.iter().map(|r| r.0.map(|m| m * 60_000)).collect();
+        let pages: Vec<Option<String>> = rows
+            .iter()
+            .map(|r| r.1.map(|p| format!("/p/{p}")))
+            .collect();
+        let codes: Vec<Option<i64>> = rows.iter().map(|r| r.2).collect();
+        let n: Vec<u64> = (0..rows.len() as u64).collect();
+        let start = Series::new("window_start".into(), starts)
+            .cast(&DataType::Datetime(TimeUnit::Milliseconds, None))
+            .unwrap();
+        DataFrame::new(
+            rows.len(),
+            vec![
+                start.into(),
+                Column::new("page".into(), pages),
+                Column::new("code".into(), codes),
+                Column::new("n".into(), n),
+            ],
+        )
+        .unwrap()
+    }
+
+    fn row() -> impl Strategy<Value = (Option<i64>, Option<u8>, Option<i64>)> {
+        (
+            proptest::option::weighted(0.9, 0..6i64),
+            proptest::option::weighted(0.9, 0..4u8),
+            proptest::option::weighted(0.9, -1..3i64),
+        )
+    }
+
+    fn query() -> impl Strategy<Value = ViewQuery> {
+        (
+            proptest::option::of(0..5u8),
+            proptest::option::of(-2..4i64),
+            proptest::option::of(-1..7i64),
+            proptest::option::of(-1..7i64),
+        )
+            .prop_map(|(page, code, from, to)| ViewQuery {
+                filters: page
+                    .map(|p| ("page".to_string(), format!("/p/{p}")))
+                    .into_iter()
+                    .chain(code.map(|c| ("code".to_string(), c.to_string())))
+                    .collect(),
+                from: from.map(|m| m * 60_000),
+                to: to.map(|m| m * 60_000),
+                origin: false,
+            })
+    }
+
+    proptest! {
+        /// The index answers every query exactly as the scan does, rows in the same order.
+        #[test]
+        fn the_row_index_selects_what_the_filter_keeps(
+            rows in proptest::collection::vec(row(), 0..60),
+            queries in proptest::collection::vec((query(), any::<bool>()), 1..12),
+        ) {
+            let df = answer(&rows);
+            let index = RowIndex::new(&["page".to_string(), "code".to_string()]);
+            for (q, all_time) in &queries {
+                let scanned = rows_json(&filter(df.clone(), q, *all_time).unwrap());
+                let looked_up = rows_json_at(&df, index.select(&df, q, *all_time).unwrap());
+                prop_assert_eq!(looked_up, scanned, "{:?}", q);
+            }
+        }
+    }
+
+    #[test]
+    fn only_the_second_filtered_query_on_builds_the_index() {
+        let index = RowIndex::new(&["page".to_string()]);
+        assert!(!index.warm());
+        assert!(index.warm());
+        assert!(index.columns[0].get().is_none());
+        let df = answer(&[(Some(1), Some(2), None), (Some(2), Some(2), Some(1))]);
+        let q = ViewQuery {
+            filters: vec![("page".into(), "/p/2".into())],
+            ..ViewQuery::default()
+        };
+        assert_eq!(index.select(&df, &q, false).unwrap(), vec![0, 1]);
+        assert!(index.columns[0].get().is_some());
     }
 }
