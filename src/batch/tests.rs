@@ -540,3 +540,66 @@ async fn a_scaled_out_run_is_published_by_its_finish_job_even_when_its_process_d
         last.log
     );
 }
+
+/// A `batch` task in a process that works the batch job queue already (`serve`, `lambda-ctl
+/// worker`) starts no helper of its own: that process's worker computes every group and the
+/// finish job, however long it takes to come.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_beside_a_batch_worker_leaves_its_jobs_to_it() {
+    use crate::orchestration::fanout::{self, Groups, Help};
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(dir.path().join("pipelines")).unwrap();
+    std::fs::write(dir.path().join("pipelines/orders.yaml"), SPEC).unwrap();
+    std::fs::write(
+        dir.path().join("lambda.yaml"),
+        "state: sqlite://state.db\nlake: memory://\nbatch:\n  scale_out_segments: 1\n  group_segments: 1\n",
+    )
+    .unwrap();
+    let project = Arc::new(crate::spec::load(dir.path()).expect("valid project"));
+    let state = State::open(&project.settings.state).await.unwrap();
+    let lake = Lake::open(&project.settings.lake, &project.settings.lake_options).unwrap();
+    for (i, r) in [("DE", 1.0), ("FR", 2.0), ("DE", 3.0)].iter().enumerate() {
+        seal(&state, &lake, i as u64, &[*r]).await;
+    }
+    // The worker starts late: a helper, had the run started one, would take the jobs first.
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let groups = Groups::open(&state).await.unwrap();
+    let working = tokio::spawn({
+        let (project, state, lake, shutdown) = (
+            project.clone(),
+            state.clone(),
+            lake.clone(),
+            shutdown.clone(),
+        );
+        async move {
+            tokio::time::sleep(fanout::HELP_AFTER * 2).await;
+            let work = groups.work(project, state, lake, "permanent".into(), 1, shutdown);
+            work.await.unwrap();
+        }
+    });
+    let plan = Arc::new(Plan::compile(project.pipeline("orders").unwrap()).unwrap());
+    let summary = fanout::recompute(
+        &project,
+        plan.clone(),
+        &state,
+        &lake,
+        None,
+        Help::No,
+        &mut |_| {},
+    )
+    .await
+    .unwrap();
+    shutdown.cancel();
+    working.await.unwrap();
+    let run = state.run(summary.run_id).await.unwrap().unwrap();
+    assert!(
+        run.log
+            .contains("3 group(s) ended on 1 worker(s) (permanent 3)"),
+        "{}",
+        run.log
+    );
+    assert_eq!(
+        served(&plan, &state, &lake).await,
+        vec![("DE".to_string(), 2, 4.0), ("FR".to_string(), 1, 2.0)]
+    );
+}
