@@ -1,14 +1,15 @@
 -- Scaled-out batch runs (SQLite). Kept in step with migrations/postgres/0004_batch_groups.sql.
 
--- The groups of a scaled-out batch run that have ended: a row once the group's partials are in
--- the lake (error NULL), or with the reason it could not be computed. The group whose row
--- completes the run's set queues the finish job; a group delivered again is skipped.
+-- The groups of a scaled-out batch run: a row when a worker starts one (ms NULL), completed
+-- when it ends — its partials in the lake (error NULL), or the reason it could not be
+-- computed. The group that completes the run's set queues the finish job; a group delivered
+-- again after it ended is skipped. The run's process helps when nothing moves here.
 CREATE TABLE batch_groups (
     run_id INTEGER NOT NULL,
     grp    INTEGER NOT NULL,
-    -- The worker that computed it and how long that took (milliseconds).
+    -- The worker that took it (then: that ended it), and how long it took in milliseconds.
     worker TEXT    NOT NULL,
-    ms     INTEGER NOT NULL,
+    ms     INTEGER,
     error  TEXT,
     PRIMARY KEY (run_id, grp)
 ) STRICT;

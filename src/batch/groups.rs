@@ -9,10 +9,10 @@
 //! with the usual compare-and-set, then ends the run. The run's own process only splits and
 //! waits: if it dies, the run still publishes; if a run fails, it publishes nothing more.
 //!
-//! The jobs report to each other through the state DB: once a group's partials are in the
-//! lake, its row in `batch_groups` says so (or why it could not be computed), and counting the
-//! rows tells the group that completes the set — one insert and one count per group, however
-//! many groups the run has. A worker killed mid-job records nothing; the queue delivers the job
+//! The jobs report to each other through the state DB: a group's row in `batch_groups` says a
+//! worker took it, then that its partials are in the lake (or why it could not be computed);
+//! counting the ended rows tells the group that completes the set — a few statements per
+//! group, however many groups the run has — and the waiting run sees whether anything moves. A worker killed mid-job records nothing; the queue delivers the job
 //! again to another worker (apalis notices the missing heartbeats), which writes the same
 //! files. The finish job's description is `finish.json` in the scratch prefix, written before
 //! any group is queued.
@@ -234,6 +234,7 @@ pub async fn compute(
         );
         return Ok((None, Ok(())));
     }
+    state.start_batch_group(run_id, job.group, worker).await?;
     let started = std::time::Instant::now();
     let result = compute_inner(plan, lake, job).await;
     let end = GroupEnd {
@@ -472,21 +473,42 @@ async fn merge_groups(
 /// Group partials read at once by the finish job.
 const READ_AHEAD: usize = 8;
 
+/// How long a scaled-out run's jobs may make no progress (no group taken or ended) before the
+/// run's own process is asked to work on them: no worker is free, or none is running.
+pub const HELP_AFTER: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// The run's own side of a scaled-out run: waits until the run has ended (the finish job ends
 /// it, in whichever process), calling `on_group` as each group ends. Once every group has, it
 /// queues the finish job too (a no-op when the last group did), in case that group's worker
-/// died before it could. Returns the run's publications, or why it failed.
+/// died before it could. When nothing has moved for [`HELP_AFTER`] it notifies `help` (once),
+/// whose waiter works on the jobs too. Returns the run's publications, or why it failed.
 pub async fn wait(
     state: &State,
     fanout: &dyn Fanout,
     job: &FinishJob,
+    help: Option<&tokio::sync::Notify>,
     mut on_group: impl FnMut(u32),
 ) -> anyhow::Result<Vec<crate::state::Publication>> {
     let run_id = RunId(job.run_id);
     let mut reported = BTreeSet::new();
     let mut queued = false;
+    let (mut last, mut moved) = (None, std::time::Instant::now());
+    let mut help = help;
     loop {
-        let ended: BTreeSet<u32> = state.batch_groups(run_id).await?.into_keys().collect();
+        let progress = state.batch_group_progress(run_id).await?;
+        let seen = (progress.started, progress.ended.len());
+        if last != Some(seen) {
+            (last, moved) = (Some(seen), std::time::Instant::now());
+        } else if moved.elapsed() >= HELP_AFTER
+            && let Some(h) = help.take()
+        {
+            tracing::info!(
+                run = job.run_id,
+                "no batch job progress for a second; helping"
+            );
+            h.notify_one();
+        }
+        let ended = progress.ended;
         for g in ended.difference(&reported).copied().collect::<Vec<_>>() {
             reported.insert(g);
             on_group(g);

@@ -138,6 +138,8 @@ pub async fn recompute(
 pub struct ScaleOut<'a> {
     pub settings: BatchSettings,
     pub fanout: &'a dyn groups::Fanout,
+    /// Notified when the run's jobs stall (see [`groups::wait`]); `None`: never help.
+    pub help: Option<&'a tokio::sync::Notify>,
 }
 
 /// [`recompute`]; when a view has at least `scale.settings.scale_out_segments` segments to scan,
@@ -381,7 +383,7 @@ async fn wait_for_finish(
     progress: &mut (dyn FnMut(&Progress) + Send),
 ) -> anyhow::Result<Vec<ViewSummary>> {
     let mut done = vec![(0usize, 0u64); finish.views.len()];
-    let publications = groups::wait(state, scale.fanout, finish, |g| {
+    let publications = groups::wait(state, scale.fanout, finish, scale.help, |g| {
         let Some(job) = jobs.get(g as usize) else {
             return;
         };

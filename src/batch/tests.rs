@@ -387,6 +387,7 @@ fn scale(queue: &Recorded) -> ScaleOut<'_> {
             group_segments: 2,
         },
         fanout: queue,
+        help: None,
     }
 }
 
@@ -541,26 +542,79 @@ async fn a_scaled_out_run_is_published_by_its_finish_job_even_when_its_process_d
     );
 }
 
-/// A `batch` task in a process that works the batch job queue already (`serve`, `lambda-ctl
-/// worker`) starts no helper of its own: that process's worker computes every group and the
-/// finish job, however long it takes to come.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_run_beside_a_batch_worker_leaves_its_jobs_to_it() {
-    use crate::orchestration::fanout::{self, Groups, Help};
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::create_dir_all(dir.path().join("pipelines")).unwrap();
-    std::fs::write(dir.path().join("pipelines/orders.yaml"), SPEC).unwrap();
+/// A project of `orders` scaling out every run over groups of one segment, on SQLite (the
+/// real job queue) and a memory lake, with three sealed segments.
+async fn scaling_project(dir: &std::path::Path) -> (Arc<crate::spec::Project>, State, Lake) {
+    std::fs::create_dir_all(dir.join("pipelines")).unwrap();
+    std::fs::write(dir.join("pipelines/orders.yaml"), SPEC).unwrap();
     std::fs::write(
-        dir.path().join("lambda.yaml"),
+        dir.join("lambda.yaml"),
         "state: sqlite://state.db\nlake: memory://\nbatch:\n  scale_out_segments: 1\n  group_segments: 1\n",
     )
     .unwrap();
-    let project = Arc::new(crate::spec::load(dir.path()).expect("valid project"));
+    let project = Arc::new(crate::spec::load(dir).expect("valid project"));
     let state = State::open(&project.settings.state).await.unwrap();
     let lake = Lake::open(&project.settings.lake, &project.settings.lake_options).unwrap();
     for (i, r) in [("DE", 1.0), ("FR", 2.0), ("DE", 3.0)].iter().enumerate() {
         seal(&state, &lake, i as u64, &[*r]).await;
     }
+    (project, state, lake)
+}
+
+/// `fanout::recompute` of `orders`; asserts the answer and returns the run's log.
+async fn scaled_recompute(
+    project: &Arc<crate::spec::Project>,
+    state: &State,
+    lake: &Lake,
+    help: crate::orchestration::fanout::Help,
+) -> String {
+    let plan = Arc::new(Plan::compile(project.pipeline("orders").unwrap()).unwrap());
+    let summary = crate::orchestration::fanout::recompute(
+        project,
+        plan.clone(),
+        state,
+        lake,
+        None,
+        help,
+        &mut |_| {},
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        served(&plan, state, lake).await,
+        vec![("DE".to_string(), 2, 4.0), ("FR".to_string(), 1, 2.0)]
+    );
+    state.run(summary.run_id).await.unwrap().unwrap().log
+}
+
+/// `lambda-ctl run` with no worker anywhere: its jobs stall, and the run's own process
+/// computes them and the finish job.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_without_workers_works_on_its_jobs_once_they_stall() {
+    let dir = tempfile::tempdir().unwrap();
+    let (project, state, lake) = scaling_project(dir.path()).await;
+    let log = scaled_recompute(
+        &project,
+        &state,
+        &lake,
+        crate::orchestration::fanout::Help::AfterAMoment,
+    )
+    .await;
+    let me = format!("lambda-ctl-run:{}", std::process::id());
+    assert!(
+        log.contains(&format!("3 group(s) ended on 1 worker(s) ({me} 3)")),
+        "{log}"
+    );
+}
+
+/// A `batch` task in a process that works the batch job queue already (`serve`, `lambda-ctl
+/// worker`) starts no helper of its own: that process's worker computes every group and the
+/// finish job, however long it takes to come.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_beside_a_batch_worker_leaves_its_jobs_to_it() {
+    use crate::orchestration::fanout::{Groups, Help};
+    let dir = tempfile::tempdir().unwrap();
+    let (project, state, lake) = scaling_project(dir.path()).await;
     // The worker starts late: a helper, had the run started one, would take the jobs first.
     let shutdown = tokio_util::sync::CancellationToken::new();
     let groups = Groups::open(&state).await.unwrap();
@@ -572,34 +626,16 @@ async fn a_run_beside_a_batch_worker_leaves_its_jobs_to_it() {
             shutdown.clone(),
         );
         async move {
-            tokio::time::sleep(fanout::HELP_AFTER * 2).await;
+            tokio::time::sleep(groups::HELP_AFTER * 2).await;
             let work = groups.work(project, state, lake, "permanent".into(), 1, shutdown);
             work.await.unwrap();
         }
     });
-    let plan = Arc::new(Plan::compile(project.pipeline("orders").unwrap()).unwrap());
-    let summary = fanout::recompute(
-        &project,
-        plan.clone(),
-        &state,
-        &lake,
-        None,
-        Help::No,
-        &mut |_| {},
-    )
-    .await
-    .unwrap();
+    let log = scaled_recompute(&project, &state, &lake, Help::No).await;
     shutdown.cancel();
     working.await.unwrap();
-    let run = state.run(summary.run_id).await.unwrap().unwrap();
     assert!(
-        run.log
-            .contains("3 group(s) ended on 1 worker(s) (permanent 3)"),
-        "{}",
-        run.log
-    );
-    assert_eq!(
-        served(&plan, &state, &lake).await,
-        vec![("DE".to_string(), 2, 4.0), ("FR".to_string(), 1, 2.0)]
+        log.contains("3 group(s) ended on 1 worker(s) (permanent 3)"),
+        "{log}"
     );
 }

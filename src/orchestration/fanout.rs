@@ -23,9 +23,6 @@ use crate::plan::Plan;
 use crate::spec::Project;
 use crate::state::State;
 
-/// How long a scaled-out run leaves its groups to the workers before working on them itself.
-pub const HELP_AFTER: Duration = Duration::from_secs(1);
-
 /// A job of a scaled-out batch run.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum BatchJob {
@@ -205,8 +202,9 @@ impl Fanout for Groups {
 /// Whether the process of a scaled-out run works on the run's jobs itself.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Help {
-    /// Yes, one job per core, once they have waited [`HELP_AFTER`] for the workers: a run
-    /// ends even when no worker is running.
+    /// Yes, one job per core, once its jobs have made no progress for
+    /// [`groups::HELP_AFTER`] (no free worker, or none running): a run ends even when no
+    /// worker is running, and takes nothing from workers that keep up.
     AfterAMoment,
     /// No: the process works the queue already (`serve`, one job at a time so serving comes
     /// first; `lambda-ctl worker`).
@@ -233,19 +231,21 @@ pub async fn recompute(
         .await
         .context("opening the batch group queue")?;
     let stop = CancellationToken::new();
-    // Workers get the first go at the groups.
+    // Workers get the first go at the jobs; this process joins in when they stall.
+    let stalled = Arc::new(tokio::sync::Notify::new());
     let working = (help == Help::AfterAMoment).then(|| {
         tokio::spawn({
-            let (fanout, project, state, lake, stop) = (
+            let (fanout, project, state, lake, stop, stalled) = (
                 fanout.clone(),
                 project.clone(),
                 state.clone(),
                 lake.clone(),
                 stop.clone(),
+                stalled.clone(),
             );
             async move {
                 tokio::select! {
-                    () = tokio::time::sleep(HELP_AFTER) => {}
+                    () = stalled.notified() => {}
                     () = stop.cancelled() => return,
                 }
                 let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
@@ -259,6 +259,7 @@ pub async fn recompute(
     let scale = ScaleOut {
         settings,
         fanout: &fanout,
+        help: (help == Help::AfterAMoment).then_some(&*stalled),
     };
     let result = batch::recompute_scaled(plan, state, lake, views, Some(scale), progress).await;
     stop.cancel();

@@ -53,7 +53,7 @@ mod stats;
 mod workflows;
 
 pub use archive::{RetiredObject, Segment};
-pub use groups::GroupEnd;
+pub use groups::{GroupEnd, GroupProgress};
 pub use publications::{Cutoff, NewPublication, Publication, PublicationId};
 pub use runs::{AttemptId, Outcome, Run, RunId, RunKind, RunState, TaskAttempt};
 pub use stats::{AttemptFigure, RunCount};

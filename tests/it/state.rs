@@ -540,6 +540,13 @@ async fn batch_groups_end_once_and_are_counted_per_run(url: String) {
         error: error.map(str::to_string),
     };
     assert!(!state.batch_group_ended(run.id, 0).await.unwrap());
+    // Taken, not ended: counted as started only; a second delivery's start changes nothing.
+    state.start_batch_group(run.id, 0, "w0").await.unwrap();
+    state.start_batch_group(run.id, 0, "w9").await.unwrap();
+    assert!(!state.batch_group_ended(run.id, 0).await.unwrap());
+    assert!(state.batch_groups(run.id).await.unwrap().is_empty());
+    let progress = state.batch_group_progress(run.id).await.unwrap();
+    assert_eq!((progress.started, progress.ended.len()), (1, 0));
     let first = end("w0", 5, None);
     assert_eq!(state.end_batch_group(other.id, 0, &first).await.unwrap(), 1);
     // Groups ending at once: each counts once, and the last to count sees the set complete
@@ -578,6 +585,9 @@ async fn batch_groups_end_once_and_are_counted_per_run(url: String) {
             .all(|(_, e)| e.error.is_none())
     );
     assert_eq!(state.batch_groups(other.id).await.unwrap()[&0], first);
+    let progress = state.batch_group_progress(run.id).await.unwrap();
+    assert_eq!(progress.started, 6);
+    assert_eq!(progress.ended, (0..6).collect());
 }
 
 async fn concurrent_starts_of_one_run_let_one_worker_win(url: String) {
