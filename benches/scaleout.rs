@@ -1,6 +1,6 @@
 //! `cargo bench --bench scaleout`: one batch run of the same archive computed by one process,
 //! then scaled out (DESIGN.md §4) over 3 `lambda-ctl worker` processes; prints the wall time of
-//! each `lambda-ctl run PIPELINE --wait` and checks both published the same views.
+//! each `lambda-ctl run PIPELINE --wait` and checks both published the same answers.
 //!
 //! Every process lives on a "machine": with `SCALEOUT_BENCH_CPUS=C` each machine is a cgroup
 //! with a quota of C CPUs (root and a cgroup v1 or v2 cpu controller needed), so a small host
@@ -21,7 +21,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail, ensure};
 use lambda_ctl::lake::Lake;
+use lambda_ctl::plan::Plan;
 use lambda_ctl::state::State;
+use polars::prelude::{DataFrame, DataType};
 
 mod common;
 use common::archive::{SPEC, archive};
@@ -132,7 +134,7 @@ fn bench(
             "{many}: only {busy} worker(s) computed groups; logs in {}",
             root.display()
         );
-        rt.block_on(same_views(&backends.state, one, many))?;
+        rt.block_on(same_views(backends, root, one, many))?;
     }
     drop(workers);
 
@@ -173,26 +175,53 @@ fn run(machine: &Machine, root: &Path, pipeline: &str) -> anyhow::Result<Duratio
     Ok(took)
 }
 
-/// Both runs published every view with the same number of partial rows.
-async fn same_views(state_url: &str, one: &str, many: &str) -> anyhow::Result<()> {
-    let state = State::open(state_url).await?;
-    for view in VIEWS {
-        let rows = |p| {
-            let state = &state;
-            async move {
-                let publication = state.current_publication(p, view).await?;
-                publication
-                    .map(|p| p.rows)
-                    .with_context(|| format!("{p}.{view} was not published"))
-            }
-        };
-        let (a, b) = (rows(one).await?, rows(many).await?);
-        ensure!(
-            a == b,
-            "{view}: one process published {a} rows, 3 workers {b}"
-        );
+/// Both runs published every view, with the same answer (floats up to merge-order rounding).
+async fn same_views(backends: &Backends, root: &Path, one: &str, many: &str) -> anyhow::Result<()> {
+    let project = lambda_ctl::spec::load(root).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let state = State::open(&backends.state).await?;
+    let lake = Lake::open(&backends.lake, &backends.lake_options)?;
+    for (v, view) in VIEWS.iter().enumerate() {
+        let mut answers = Vec::new();
+        for pipeline in [one, many] {
+            let spec = project.pipeline(pipeline).context("pipeline")?;
+            let plan = Plan::compile(spec)?;
+            let publication = state
+                .current_publication(pipeline, view)
+                .await?
+                .with_context(|| format!("{pipeline}.{view} was not published"))?;
+            let partials = lambda_ctl::batch::load_partials(&plan, &lake, v, &publication).await?;
+            answers.push(plan.finish(v, partials)?);
+        }
+        same_frame(&answers[0], &answers[1])
+            .with_context(|| format!("{view}: the one-process and 3-worker answers differ"))?;
     }
     state.close().await;
+    Ok(())
+}
+
+/// Equal frames, floats within a relative 1e-9.
+fn same_frame(a: &DataFrame, b: &DataFrame) -> anyhow::Result<()> {
+    ensure!(
+        a.shape() == b.shape(),
+        "shapes {:?} and {:?}",
+        a.shape(),
+        b.shape()
+    );
+    for (x, y) in a.columns().iter().zip(b.columns()) {
+        let (x, y) = (x.as_materialized_series(), y.as_materialized_series());
+        if x.dtype().is_float() {
+            let (x, y) = (x.cast(&DataType::Float64)?, y.cast(&DataType::Float64)?);
+            for (p, q) in x.f64()?.iter().zip(y.f64()?.iter()) {
+                let close = match (p, q) {
+                    (Some(p), Some(q)) => (p - q).abs() <= 1e-9 * p.abs().max(q.abs()).max(1.0),
+                    (p, q) => p.is_none() && q.is_none(),
+                };
+                ensure!(close, "column {}: {p:?} vs {q:?}", x.name());
+            }
+        } else {
+            ensure!(x.equals_missing(y), "column {} differs", x.name());
+        }
+    }
     Ok(())
 }
 

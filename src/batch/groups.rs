@@ -12,7 +12,8 @@
 //! The jobs report to each other through the state DB: a group's row in `batch_groups` says a
 //! worker took it, then that its partials are in the lake (or why it could not be computed);
 //! counting the ended rows tells the group that completes the set — a few statements per
-//! group, however many groups the run has — and the waiting run sees whether anything moves. A worker killed mid-job records nothing; the queue delivers the job
+//! group, however many groups the run has — and the waiting run sees whether anything moves.
+//! A worker killed mid-job leaves its group taken but not ended; the queue delivers the job
 //! again to another worker (apalis notices the missing heartbeats), which writes the same
 //! files. The finish job's description is `finish.json` in the scratch prefix, written before
 //! any group is queued.
@@ -242,9 +243,7 @@ pub async fn compute(
         took: started.elapsed(),
         error: result.as_ref().err().map(|e| format!("{e:#}")),
     };
-    let ended = state.end_batch_group(run_id, job.group, &end).await?;
-    let finish = ready(lake, &job.pipeline, job.run_id, ended, job.of).await?;
-    Ok((finish, result))
+    Ok((record(state, lake, job, &end).await?, result))
 }
 
 /// Records a group's error when it cannot even be started (its pipeline is unknown here), and
@@ -261,32 +260,32 @@ pub async fn refuse(
         took: std::time::Duration::ZERO,
         error: Some(why.to_string()),
     };
-    let ended = state
-        .end_batch_group(RunId(job.run_id), job.group, &end)
-        .await?;
-    ready(lake, &job.pipeline, job.run_id, ended, job.of).await
+    record(state, lake, job, &end).await
 }
 
-/// The run's finish job when `ended` of its `of` groups have ended, all of them.
-async fn ready(
+/// Records how a group ended; the run's finish job when that completed the set.
+async fn record(
+    state: &State,
     lake: &Lake,
-    pipeline: &str,
-    run_id: i64,
-    ended: u32,
-    of: u32,
+    job: &GroupJob,
+    end: &GroupEnd,
 ) -> anyhow::Result<Option<FinishJob>> {
-    if ended < of {
+    let ended = state
+        .end_batch_group(RunId(job.run_id), job.group, end)
+        .await?;
+    if ended < job.of {
         return Ok(None);
     }
+    let (pipeline, run_id) = (&job.pipeline, job.run_id);
     let bytes = match lake.get(&finish_path(pipeline, run_id)).await {
         Ok(b) => b,
         // The finish job has run and cleaned up: this was a late second delivery.
         Err(LakeError::NotFound { .. }) => return Ok(None),
         Err(e) => return Err(e.into()),
     };
-    let job = serde_json::from_slice(&bytes)
+    let finish = serde_json::from_slice(&bytes)
         .with_context(|| format!("reading {}", finish_path(pipeline, run_id)))?;
-    Ok(Some(job))
+    Ok(Some(finish))
 }
 
 /// The views of `plan` a job names, checked against the job's logic.
