@@ -72,7 +72,7 @@ fn main() {
                 while Instant::now() < deadline {
                     // Fresh ids per round so nothing is dropped as a duplicate.
                     let b = if round < mine.len() { mine[round].clone() } else { body(c, round, BATCH, now) };
-                    let r = http.post(&url).body(b).send().await.expect("POST");
+                    let r = http.post(&url).header("content-type", "application/x-ndjson").body(b).send().await.expect("POST");
                     assert!(r.status().is_success(), "POST answered {}", r.status());
                     let v: serde_json::Value = r.json().await.unwrap();
                     sent += v["accepted"].as_u64().unwrap();
@@ -104,7 +104,7 @@ fn main() {
         let mut lat = Vec::new();
         for i in 0..200 {
             let b = body(99, 100_000 + i, 100, chrono::Utc::now().timestamp_millis());
-            let r = http.post(&url).body(b).send().await.unwrap();
+            let r = http.post(&url).header("content-type", "application/x-ndjson").body(b).send().await.unwrap();
             let acked = Instant::now();
             let accepted = r.json::<serde_json::Value>().await.unwrap()["accepted"].as_u64().unwrap();
             let target = seen + accepted;
@@ -125,7 +125,7 @@ fn main() {
         // Serving: publish a batch view of everything sealed, then point queries.
         tokio::time::sleep(Duration::from_secs(3)).await;
         let run = Command::new(env!("CARGO_BIN_EXE_lambda-ctl"))
-            .args(["run", "clicks", "--project"])
+            .args(["run", "clicks", "--wait", "--project"])
             .arg(server.project())
             .env("RUST_LOG", "warn")
             .output()

@@ -67,6 +67,14 @@ pub fn run(
                 reqwest::Method::POST,
                 &format!("/v1/pipelines/{pipeline}/events"),
             )
+            .header(
+                reqwest::header::CONTENT_TYPE,
+                if csv {
+                    "text/csv"
+                } else {
+                    "application/x-ndjson"
+                },
+            )
             .body(chunk);
         let answer = rt.block_on(client.send(req))?;
         let v: serde_json::Value =

@@ -18,6 +18,7 @@ use crate::orchestration::{Orchestrator, overview};
 use crate::plan::Plan;
 use crate::serving::http::{self, App};
 use crate::serving::metrics::Ops;
+use crate::serving::server;
 use crate::speed::runtime::PipelineRuntime;
 use crate::state::State;
 use crate::{sources, spec};
@@ -114,18 +115,23 @@ async fn serve(project: spec::Project, listen: Option<SocketAddr>) -> Result<(),
         workflows = project.workflows.len(),
         "serving"
     );
+    if app.token.is_none() && !local.ip().is_loopback() {
+        tracing::warn!(
+            address = %local,
+            "listening beyond loopback without `serve.token`: anyone who can reach this address can ingest, query and start runs; set `serve.token` (requests naming this server by a DNS name are refused until then)"
+        );
+    }
     // Tests and scripts read the bound address from this line.
     println!("lambda-ctl serving on http://{local}");
 
     let stop = shutdown.clone();
-    axum::serve(listener, http::router(app))
-        .with_graceful_shutdown(async move {
-            wait_for_signal().await;
-            tracing::info!("shutting down");
-            stop.cancel();
-        })
-        .await
-        .context("HTTP server failed")?;
+    server::serve(listener, http::router(app), async move {
+        wait_for_signal().await;
+        tracing::info!("shutting down");
+        stop.cancel();
+    })
+    .await
+    .context("HTTP server failed")?;
     // Running task attempts see the shutdown and stop; the scheduler gives up its lock.
     running.join().await;
     let _ = batch_jobs.await;

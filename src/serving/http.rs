@@ -2,20 +2,26 @@
 //! dashboard. Names from URLs are looked up in the project, never spliced into paths or SQL.
 
 use std::collections::BTreeMap;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::task::{Context, Poll};
+use std::time::Duration;
 
 use axum::Router;
-use axum::body::Bytes;
-use axum::extract::{DefaultBodyLimit, Path, Query, Request, State};
+use axum::body::{Body, Bytes};
+use axum::extract::{DefaultBodyLimit, FromRequest, Path, Query, Request, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use serde_json::json;
+use tokio::sync::Semaphore;
 
 use super::dashboard;
 use super::format;
+use super::guard;
 use super::metrics::{self, Ops};
 use super::query::{self, QueryError, ViewQuery};
 use super::time::{now_ms, parse_time};
@@ -46,6 +52,7 @@ pub fn router(app: Arc<App>) -> Router {
     let scrape = Router::new()
         .route("/metrics", get(metrics_page))
         .route_layer(middleware::from_fn_with_state(app.clone(), auth_metrics));
+    let in_flight = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
     Router::new()
         .merge(v1)
         .merge(scrape)
@@ -53,8 +60,115 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/healthz", get(|| async { "ok\n" }))
         .layer(DefaultBodyLimit::max(app.max_body_bytes))
         .layer(middleware::from_fn_with_state(app.clone(), too_large))
+        .layer(middleware::from_fn_with_state(in_flight, limits))
+        .layer(middleware::from_fn_with_state(app.clone(), refuse_foreign))
         .layer(middleware::from_fn(trace))
         .with_state(app)
+}
+
+/// Requests handled at once (bodies included); more wait up to [`QUEUE_WAIT`] for a turn.
+pub const MAX_IN_FLIGHT: usize = 256;
+/// How long a request waits for a turn before a 503.
+const QUEUE_WAIT: Duration = Duration::from_secs(10);
+/// A request body that sends nothing for this long is abandoned (408).
+pub const BODY_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+/// A request body must have arrived this long after its request was let in (408).
+pub const BODY_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// Refuses what another origin's page could make a browser send (see [`guard`](super::guard)).
+async fn refuse_foreign(State(app): State<Arc<App>>, req: Request, next: Next) -> Response {
+    match guard::check(req.method(), req.headers(), app.token.is_some()) {
+        Ok(()) => next.run(req).await,
+        Err(message) => error(StatusCode::FORBIDDEN, message),
+    }
+}
+
+/// At most [`MAX_IN_FLIGHT`] requests at once, and their bodies on time. `/healthz` skips
+/// the queue: a busy server is alive.
+async fn limits(State(in_flight): State<Arc<Semaphore>>, req: Request, next: Next) -> Response {
+    if req.uri().path() == "/healthz" {
+        return next.run(req).await;
+    }
+    let Ok(Ok(_turn)) = tokio::time::timeout(QUEUE_WAIT, in_flight.acquire_owned()).await else {
+        let mut busy = error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("server busy: {MAX_IN_FLIGHT} requests in progress; retry"),
+        );
+        busy.headers_mut()
+            .insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
+        return busy;
+    };
+    let late = Arc::new(AtomicBool::new(false));
+    let req = req.map(|body| Body::new(OnTime::new(body, late.clone())));
+    let response = next.run(req).await;
+    if late.load(Ordering::Relaxed) {
+        let mut refused = error(
+            StatusCode::REQUEST_TIMEOUT,
+            format!(
+                "request body not received in time (nothing for {}s, or not all within {}s)",
+                BODY_IDLE_TIMEOUT.as_secs(),
+                BODY_TIMEOUT.as_secs()
+            ),
+        );
+        refused.headers_mut().insert(
+            header::CONNECTION,
+            header::HeaderValue::from_static("close"),
+        );
+        return refused;
+    }
+    response
+}
+
+/// A request body that fails once it stalls for [`BODY_IDLE_TIMEOUT`] or is not complete
+/// [`BODY_TIMEOUT`] after the request was let in; `late` records that it did.
+struct OnTime {
+    inner: Body,
+    by: Pin<Box<tokio::time::Sleep>>,
+    idle: Option<Pin<Box<tokio::time::Sleep>>>,
+    late: Arc<AtomicBool>,
+}
+
+impl OnTime {
+    fn new(inner: Body, late: Arc<AtomicBool>) -> OnTime {
+        OnTime {
+            inner,
+            by: Box::pin(tokio::time::sleep(BODY_TIMEOUT)),
+            idle: None,
+            late,
+        }
+    }
+}
+
+impl http_body::Body for OnTime {
+    type Data = Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Bytes>, axum::Error>>> {
+        let this = self.get_mut();
+        if let Poll::Ready(frame) = Pin::new(&mut this.inner).poll_frame(cx) {
+            this.idle = None;
+            return Poll::Ready(frame);
+        }
+        let idle = this
+            .idle
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(BODY_IDLE_TIMEOUT)));
+        if idle.as_mut().poll(cx).is_ready() || this.by.as_mut().poll(cx).is_ready() {
+            this.late.store(true, Ordering::Relaxed);
+            return Poll::Ready(Some(Err(axum::Error::new("request body timed out"))));
+        }
+        Poll::Pending
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
 }
 
 /// One line per request: refusals at warn, failures at error, the rest (and 404s) at debug.
@@ -120,7 +234,7 @@ async fn auth(State(app): State<Arc<App>>, req: Request, next: Next) -> Response
             .headers()
             .get(header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
+            .and_then(guard::bearer)
             .unwrap_or("");
         if !constant_time_eq(given.as_bytes(), token.as_bytes()) {
             let mut refused = error(
@@ -156,11 +270,15 @@ fn runtime(app: &App, name: &str) -> Result<Arc<PipelineRuntime>, Box<Response>>
     })
 }
 
-async fn ingest(State(app): State<Arc<App>>, Path(name): Path<String>, body: Bytes) -> Response {
+async fn ingest(State(app): State<Arc<App>>, Path(name): Path<String>, req: Request) -> Response {
     let rt = match runtime(&app, &name) {
         Ok(rt) => rt,
         Err(e) => return *e,
     };
+    // Checked before the body is read: a refused body is not waited for.
+    if let Err(message) = guard::events_content_type(req.headers()) {
+        return error(StatusCode::UNSUPPORTED_MEDIA_TYPE, message);
+    }
     if !matches!(
         rt.pipeline.source,
         Source::Http | Source::Generator { .. } | Source::File { .. }
@@ -173,6 +291,10 @@ async fn ingest(State(app): State<Arc<App>>, Path(name): Path<String>, body: Byt
             ),
         );
     }
+    let body = match Bytes::from_request(req, &()).await {
+        Ok(body) => body,
+        Err(rejection) => return rejection.into_response(),
+    };
     // Run the ingest to completion even if the client goes away: once the log has the events
     // they are acknowledged to the aggregator.
     match tokio::spawn(async move { rt.ingest(body).await }).await {

@@ -3,8 +3,10 @@
 
 pub mod dashboard;
 pub mod format;
+pub mod guard;
 pub mod http;
 pub mod metrics;
 pub mod query;
+pub mod server;
 pub mod time;
 pub mod workflows;

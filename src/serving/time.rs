@@ -6,6 +6,18 @@ use chrono::{DateTime, NaiveDate, Utc};
 
 /// Parses `text` into epoch milliseconds (UTC), relative forms counted from `now_ms`.
 pub fn parse_time(text: &str, now_ms: i64) -> Result<i64, String> {
+    let ms = parse_unchecked(text, now_ms)?;
+    // Beyond what a date can express (about ±262,000 years) a time is a typo or an overflow.
+    match ms {
+        Some(ms) if DateTime::<Utc>::from_timestamp_millis(ms).is_some() => Ok(ms),
+        _ => Err(format!(
+            "time `{text}` is out of range (at most ±262,000 years around 1970)"
+        )),
+    }
+}
+
+/// `Ok(None)`: well formed, but the arithmetic overflows.
+fn parse_unchecked(text: &str, now_ms: i64) -> Result<Option<i64>, String> {
     let t = text.trim();
     let bad = || {
         format!(
@@ -13,32 +25,40 @@ pub fn parse_time(text: &str, now_ms: i64) -> Result<i64, String> {
         )
     };
     if t == "now" {
-        return Ok(now_ms);
+        return Ok(Some(now_ms));
     }
     if let Some(rest) = t.strip_prefix('-').or_else(|| t.strip_prefix('+'))
         && rest.starts_with(|c: char| c.is_ascii_digit())
         && !rest.chars().all(|c| c.is_ascii_digit())
     {
         let d = crate::spec::duration::parse(rest).map_err(|_| bad())?;
-        let ms = i64::try_from(d.as_millis()).map_err(|_| bad())?;
+        let Ok(ms) = i64::try_from(d.as_millis()) else {
+            return Ok(None);
+        };
         return Ok(if t.starts_with('-') {
-            now_ms - ms
+            now_ms.checked_sub(ms)
         } else {
-            now_ms + ms
+            now_ms.checked_add(ms)
         });
     }
     if let Ok(dt) = DateTime::parse_from_rfc3339(t) {
-        return Ok(dt.timestamp_millis());
+        return Ok(Some(dt.timestamp_millis()));
     }
     if let Ok(d) = NaiveDate::parse_from_str(t, "%Y-%m-%d") {
-        return Ok(d
-            .and_hms_opt(0, 0, 0)
-            .ok_or_else(bad)?
-            .and_utc()
-            .timestamp_millis());
+        return Ok(Some(
+            d.and_hms_opt(0, 0, 0)
+                .ok_or_else(bad)?
+                .and_utc()
+                .timestamp_millis(),
+        ));
     }
     if let Ok(ms) = t.parse::<i64>() {
-        return Ok(ms);
+        return Ok(Some(ms));
+    }
+    // All digits but too many for an i64.
+    let digits = t.strip_prefix('-').unwrap_or(t);
+    if !digits.is_empty() && digits.chars().all(|c| c.is_ascii_digit()) {
+        return Ok(None);
     }
     Err(bad())
 }
@@ -58,6 +78,29 @@ pub fn now_ms() -> i64 {
 mod tests {
     use super::*;
 
+    #[test]
+    fn overflow_is_an_error_not_a_wrap() {
+        for t in [
+            "+9223372036854775807ms",
+            "+106751991167d",
+            "-106751991167d",
+            "+300000000d",
+            "9223372036854775807",
+            "99999999999999999999",
+            "-99999999999999999999",
+        ] {
+            let e = parse_time(t, NOW).unwrap_err();
+            assert!(e.contains("out of range"), "{t}: {e}");
+        }
+        // The edges of what a date can hold still parse.
+        let max = DateTime::<Utc>::MAX_UTC.timestamp_millis();
+        assert_eq!(parse_time(&max.to_string(), NOW).unwrap(), max);
+        assert_eq!(
+            parse_time("+100000d", NOW).unwrap(),
+            NOW + 100_000 * 86_400_000
+        );
+    }
+
     const NOW: i64 = 1_763_719_200_000; // 2025-11-21T10:00:00Z
 
     #[test]
@@ -72,6 +115,8 @@ mod tests {
         assert_eq!(parse_time(&NOW.to_string(), 0).unwrap(), NOW);
         assert!(parse_time("yesterday", NOW).is_err());
         assert!(parse_time("-1x", NOW).is_err());
+        assert!(parse_time("", NOW).is_err());
+        assert!(parse_time("-", NOW).is_err());
         assert_eq!(format_ms(NOW), "2025-11-21T10:00:00.000Z");
     }
 }

@@ -5,13 +5,15 @@
 use std::sync::Arc;
 
 use axum::Router;
+use axum::body::Bytes;
 use axum::extract::{Path, State};
-use axum::http::StatusCode;
+use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use chrono::{DateTime, Utc};
 use serde_json::{Value, json};
 
+use super::guard;
 use super::http::{App, error};
 use crate::orchestration::{OrchestrationError, Orchestrator, RunStatus};
 use crate::state::{Run, RunId};
@@ -108,11 +110,20 @@ async fn list(State(app): State<Arc<App>>) -> Response {
     axum::Json(json!({ "workflows": out })).into_response()
 }
 
-async fn trigger(State(app): State<Arc<App>>, Path(workflow): Path<String>) -> Response {
+async fn trigger(
+    State(app): State<Arc<App>>,
+    Path(workflow): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
     let orch = match orchestrator(&app) {
         Ok(o) => o,
         Err(e) => return *e,
     };
+    // No body, or JSON: what a page on another origin cannot send without asking first.
+    if let Err(message) = guard::trigger_content_type(&headers, body.is_empty()) {
+        return error(StatusCode::UNSUPPORTED_MEDIA_TYPE, message);
+    }
     match orch.trigger(&workflow).await {
         Ok(id) => (StatusCode::CREATED, axum::Json(json!({ "run_id": id.0 }))).into_response(),
         Err(e) => failure(e),

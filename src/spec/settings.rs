@@ -88,7 +88,7 @@ pub fn build(d: &mut Diagnostics, root: Option<&Node>, project: &Path) -> Option
             {
                 d.error(n.loc(), format!("`listen` must be HOST:PORT with an IP address, e.g. 127.0.0.1:8080, found `{l}`"));
             }
-            let token = s.value("token").and_then(|n| read::string(d, n, "token")).filter(|t| !t.is_empty());
+            let token = s.value("token").and_then(|n| token(d, n));
             let max = s.value("max_body_bytes").map_or(Some(DEFAULT_MAX_BODY_BYTES), |n| read::integer(d, n, "max_body_bytes"));
             let protect_metrics = s.value("protect_metrics").map_or(Some(false), |n| read::boolean(d, n, "protect_metrics"));
             if let (Some(true), None, Some(n)) = (protect_metrics, &token, s.value("protect_metrics")) {
@@ -195,4 +195,27 @@ fn absolute(project: &Path, path: &str) -> std::path::PathBuf {
         project.join(p)
     };
     std::path::absolute(&joined).unwrap_or(joined)
+}
+
+/// `serve.token`. Absent or null — `token:`, or an unquoted `${VAR:-}` whose variable is unset
+/// or empty — means no token. A string that is empty or blank is refused: it reads like
+/// a token and would leave the API open.
+fn token(d: &mut Diagnostics, n: &Node) -> Option<String> {
+    let t = read::string(d, n, "token")?;
+    if t.trim().is_empty() {
+        d.error(
+            n.loc(),
+            "`token` is empty, which would leave the API open: set a token, or remove the key to serve without one (`token: ${LAMBDA_TOKEN:-}` unquoted, with the variable unset, also means none)".to_string(),
+        );
+        return None;
+    }
+    if t.trim() != t {
+        d.error(
+            n.loc(),
+            "`token` starts or ends with whitespace, which an Authorization header cannot carry"
+                .to_string(),
+        );
+        return None;
+    }
+    Some(t)
 }

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use crate::orders::{BASE_MS, post, project};
+use crate::orders::{BASE_MS, NDJSON, post, project};
 use crate::support::{Server, get_json, lambda_ctl, stderr, stdout};
 
 /// A workflow whose only task fails once, is retried, and fails again.
@@ -390,7 +390,7 @@ fn chunked_post(server: &Server, path: &str, body: &str) -> u16 {
     let mut s = std::net::TcpStream::connect(addr).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     let mut req = format!(
-        "POST {path} HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer s3cret-token\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
+        "POST {path} HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer s3cret-token\r\nContent-Type: application/x-ndjson\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
     );
     for chunk in body.as_bytes().chunks(512) {
         req.push_str(&format!(
@@ -434,7 +434,10 @@ async fn token_and_body_limit_refuse_and_the_server_keeps_serving() {
         Some("Bearer s3cret-tokenX"),
         Some("s3cret-token"),
     ] {
-        let mut req = client.post(&events).body(body.clone());
+        let mut req = client
+            .post(&events)
+            .header("content-type", NDJSON)
+            .body(body.clone());
         if let Some(a) = auth {
             req = req.header("authorization", a);
         }
@@ -462,6 +465,7 @@ async fn token_and_body_limit_refuse_and_the_server_keeps_serving() {
     let r = client
         .post(&events)
         .bearer_auth("s3cret-token")
+        .header("content-type", NDJSON)
         .body(big.clone())
         .send()
         .await
@@ -484,6 +488,7 @@ async fn token_and_body_limit_refuse_and_the_server_keeps_serving() {
     let r = client
         .post(&events)
         .bearer_auth("s3cret-token")
+        .header("content-type", NDJSON)
         .body(body)
         .send()
         .await
@@ -718,6 +723,7 @@ async fn dashboard_shows_the_pipeline_and_its_chart_follows_new_events() {
         client
             .post(server.url("/v1/pipelines/orders/events"))
             .bearer_auth("dash-token")
+            .header("content-type", NDJSON)
             .body(body.join("\n"))
             .send()
     };

@@ -58,6 +58,9 @@ views:
       median: approx_quantile(amount, 0.5)
 "#;
 
+/// The `Content-Type` of an events POST (the server refuses a body without one).
+pub const NDJSON: &str = "application/x-ndjson";
+
 pub const BASE_MS: i64 = 1_763_719_200_000; // 2025-11-21T10:00:00Z
 pub const GAP_MS: i64 = 300_000;
 
@@ -130,6 +133,7 @@ pub fn events(rng: &mut Rng, n: usize, id_base: usize) -> Vec<Ev> {
 pub async fn post(client: &reqwest::Client, server: &Server, body: String) -> Value {
     let resp = client
         .post(server.url("/v1/pipelines/orders/events"))
+        .header("content-type", NDJSON)
         .body(body)
         .send()
         .await

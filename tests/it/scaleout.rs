@@ -158,6 +158,7 @@ async fn mirror(client: &reqwest::Client, server: &Server, rng: &mut Rng, acked:
         let body: String = chunk.iter().map(|e| e.line(rng) + "\n").collect();
         let resp = client
             .post(server.url("/v1/pipelines/mirror/events"))
+            .header("content-type", crate::orders::NDJSON)
             .body(body)
             .send()
             .await

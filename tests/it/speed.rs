@@ -65,7 +65,12 @@ async fn kill_9_mid_ingest_loses_and_doubles_nothing() {
                 let (client, url) = (client.clone(), server.url("/v1/pipelines/orders/events"));
                 let body: Vec<String> = chunk.iter().map(|e| e.line(&mut rng)).collect();
                 tasks.push(tokio::spawn(async move {
-                    client.post(url).body(body.join("\n")).send().await
+                    client
+                        .post(url)
+                        .header("content-type", crate::orders::NDJSON)
+                        .body(body.join("\n"))
+                        .send()
+                        .await
                 }));
             }
             if next >= kill_after {
