@@ -78,10 +78,10 @@ pub enum Command {
         #[arg(long = "where", value_name = "COL=VALUE")]
         filters: Vec<String>,
         /// Windows starting at or after T (RFC 3339, date, or relative like -1h).
-        #[arg(long)]
+        #[arg(long, allow_hyphen_values = true)]
         from: Option<String>,
         /// Windows starting before T.
-        #[arg(long)]
+        #[arg(long, allow_hyphen_values = true)]
         to: Option<String>,
         #[arg(long, value_enum, default_value_t = query::OutputFormat::Table)]
         format: query::OutputFormat,
@@ -102,6 +102,9 @@ pub enum Command {
         /// Pipeline only: only these views (comma-separated).
         #[arg(long, value_delimiter = ',')]
         views: Vec<String>,
+        /// Internal: this process is the background half of `run PIPELINE` without --wait.
+        #[arg(long, hide = true)]
+        detached: bool,
     },
     /// Recompute every view over the sealed segments in both engines (batch scan and the
     /// speed path) and report any difference; exit 1 if they disagree.
@@ -225,7 +228,12 @@ fn run(cli: Cli) -> Result<(), CliError> {
                 server: server.as_deref(),
             },
         ),
-        Command::Run { name, wait, views } => run_workflow::run(&cli.project, &name, wait, &views),
+        Command::Run {
+            name,
+            wait,
+            views,
+            detached,
+        } => run_workflow::run(&cli.project, &name, wait, detached, &views),
         Command::Verify { pipeline } => run::verify(&cli.project, &pipeline),
         Command::Runs { workflow, limit } => runs::run(&cli.project, workflow.as_deref(), limit),
         Command::Logs { run_id } => logs::run(&cli.project, run_id),

@@ -1,5 +1,10 @@
-//! `lambda-ctl run PIPELINE [--wait] [--views a,b]`: recompute a pipeline's views now, in this
-//! process (a running server picks the publication up within a second), and `verify PIPELINE`.
+//! `lambda-ctl run PIPELINE [--wait] [--views a,b]`: recompute a pipeline's views now (a
+//! running server picks the publication up within a second), and `verify PIPELINE`.
+//!
+//! With `--wait` the run happens in this process, which shows its progress and exits with its
+//! outcome. Without, this process starts a background `lambda-ctl run --detached` (in its own
+//! process group, so it outlives this one and the terminal's Ctrl-C), prints the run id it
+//! reports once the run exists, and returns; the run's outcome is in `lambda-ctl runs`/`logs`.
 
 use std::io::{IsTerminal, Write};
 use std::path::Path;
@@ -17,9 +22,18 @@ use crate::plan::Plan;
 use crate::spec::Project;
 use crate::state::State;
 
-pub fn run(project_dir: &Path, name: &str, wait: bool, views: &[String]) -> Result<(), CliError> {
+pub fn run(
+    project_dir: &Path,
+    name: &str,
+    wait: bool,
+    detached: bool,
+    views: &[String],
+) -> Result<(), CliError> {
     let project = super::load_project(project_dir)?;
     let plan = compile(&project, name)?;
+    if !wait && !detached {
+        return detach(project_dir, name, views);
+    }
     let rt = runtime()?;
     rt.block_on(async {
         let (db, lake) = open(&project).await?;
@@ -33,8 +47,10 @@ pub fn run(project_dir: &Path, name: &str, wait: bool, views: &[String]) -> Resu
                 segments,
                 rows,
             } => {
-                // The id first, on stdout, so scripts can read it.
-                println!("{run_id}");
+                // The id first, on stdout, so scripts (and `detach`) can read it. Nothing else
+                // goes there: a detached run's stdout is closed once the id is read.
+                let mut out = std::io::stdout().lock();
+                let _ = writeln!(out, "{run_id}").and_then(|()| out.flush());
                 if wait {
                     eprintln!(
                         "run {run_id}: {segments} sealed segment(s), {rows} events in the cutoff"
@@ -101,6 +117,62 @@ pub fn run(project_dir: &Path, name: &str, wait: bool, views: &[String]) -> Resu
             Err(e) => Err(CliError::User(format!("run failed: {e}"))),
         }
     })
+}
+
+/// Runs the recompute in a background `lambda-ctl run --detached` and prints its run id;
+/// fails with the background process's message if it ends before the run exists.
+fn detach(project_dir: &Path, name: &str, views: &[String]) -> Result<(), CliError> {
+    use std::io::{BufRead, Read, Seek};
+    use std::os::unix::process::CommandExt;
+    use std::process::{Command, Stdio};
+
+    let exe = std::env::current_exe().context("locating the lambda-ctl binary")?;
+    // Its stderr goes to a file nobody else can open (unlinked at once): read here only if it
+    // fails before the run exists; afterwards the run's log is in the state DB.
+    let path = std::env::temp_dir().join(format!(
+        "lambda-ctl-run-{}-{}.log",
+        std::process::id(),
+        chrono::Utc::now().timestamp_nanos_opt().unwrap_or_default()
+    ));
+    let mut log = std::fs::File::options()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .open(&path)
+        .with_context(|| format!("creating {}", path.display()))?;
+    let _ = std::fs::remove_file(&path);
+    let mut cmd = Command::new(exe);
+    cmd.arg("--project")
+        .arg(project_dir)
+        .args(["run", name, "--detached"]);
+    if !views.is_empty() {
+        cmd.arg("--views").arg(views.join(","));
+    }
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(log.try_clone().context("sharing the log file")?)
+        .process_group(0)
+        .spawn()
+        .context("starting the background run")?;
+    let mut line = String::new();
+    if let Some(out) = child.stdout.take() {
+        // EOF without a line: it ended before the run existed.
+        let _ = std::io::BufReader::new(out).read_line(&mut line);
+    }
+    if let Ok(id) = line.trim().parse::<i64>() {
+        println!("{id}");
+        return Ok(());
+    }
+    let status = child.wait().context("waiting for the background run")?;
+    let mut text = String::new();
+    let _ = log.rewind().and_then(|()| log.read_to_string(&mut text));
+    let text = text.trim();
+    Err(CliError::User(if text.is_empty() {
+        format!("the run did not start (background process: {status})")
+    } else {
+        text.to_string()
+    }))
 }
 
 pub fn verify(project_dir: &Path, name: &str) -> Result<(), CliError> {

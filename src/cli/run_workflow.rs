@@ -13,10 +13,16 @@ use super::worker::{open, runtime, user_or_internal, wait_for_signal};
 use crate::orchestration::{Options, RunStatus};
 use crate::state::RunState;
 
-pub fn run(project_dir: &Path, name: &str, wait: bool, views: &[String]) -> Result<(), CliError> {
+pub fn run(
+    project_dir: &Path,
+    name: &str,
+    wait: bool,
+    detached: bool,
+    views: &[String],
+) -> Result<(), CliError> {
     let project = super::load_project(project_dir)?;
     if project.workflow(name).is_none() && project.pipeline(name).is_some() {
-        return super::run::run(project_dir, name, wait, views);
+        return super::run::run(project_dir, name, wait, detached, views);
     }
     if !views.is_empty() && project.workflow(name).is_some() {
         return Err(CliError::User(format!(
