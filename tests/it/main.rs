@@ -3,6 +3,7 @@
 
 mod brokers;
 mod cli;
+mod hostile;
 mod lakes;
 mod lambda;
 mod maintenance;
@@ -10,6 +11,7 @@ mod ops;
 mod orchestration;
 mod orders;
 mod projects;
+mod readme;
 mod scaleout;
 mod spec_diagnostics;
 mod speed;
