@@ -20,12 +20,14 @@ pub fn parse_time(text: &str, now_ms: i64) -> Result<i64, String> {
         && !rest.chars().all(|c| c.is_ascii_digit())
     {
         let d = crate::spec::duration::parse(rest).map_err(|_| bad())?;
-        let ms = i64::try_from(d.as_millis()).map_err(|_| bad())?;
-        return Ok(if t.starts_with('-') {
-            now_ms - ms
+        let out_of_range = || format!("time `{text}` is out of range");
+        let ms = i64::try_from(d.as_millis()).map_err(|_| out_of_range())?;
+        return if t.starts_with('-') {
+            now_ms.checked_sub(ms)
         } else {
-            now_ms + ms
-        });
+            now_ms.checked_add(ms)
+        }
+        .ok_or_else(out_of_range);
     }
     if let Ok(dt) = DateTime::parse_from_rfc3339(t) {
         return Ok(dt.timestamp_millis());
@@ -73,5 +75,14 @@ mod tests {
         assert!(parse_time("yesterday", NOW).is_err());
         assert!(parse_time("-1x", NOW).is_err());
         assert_eq!(format_ms(NOW), "2025-11-21T10:00:00.000Z");
+    }
+
+    #[test]
+    fn relative_times_beyond_i64_are_refused() {
+        for t in ["+9223372036854775807ms", "+106751991167d", "-9223372036854775808ms"] {
+            let e = parse_time(t, NOW).unwrap_err();
+            assert!(e.contains("out of range"), "{t}: {e}");
+        }
+        assert!(parse_time("+99999999999999999999999d", NOW).is_err());
     }
 }

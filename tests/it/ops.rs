@@ -239,6 +239,8 @@ async fn metrics_count_exactly_what_was_sent() {
         ("lambda_events_accepted_total", 40.0),
         ("lambda_events_rejected_total", 6.0),
         ("lambda_events_deduplicated_total", 10.0),
+        // Accepted, archived, but in no view: `filter: amount >= 0` (SPEC: "counted").
+        ("lambda_filtered_events_total", 5.0),
         ("lambda_ack_to_visible_seconds_count", 2.0),
     ] {
         assert_eq!(value(&samples, name, &p), Some(sent), "{name}");
@@ -618,24 +620,33 @@ async fn status_reads_the_state_db_and_adds_live_figures_from_a_server() {
     assert!(s["pipelines"][0]["live"].is_null());
     assert_eq!(s["recent_runs"][0]["state"], "failed");
 
-    // With the server: live counters.
+    // With the server: live counters; 3 of the 12 events fail `amount >= 0`.
     let server = Server::start(dir.path());
     let client = reqwest::Client::new();
     post(
         &client,
         &server,
         (0..12)
-            .map(|i| event(i, 2.0))
+            .map(|i| event(i, if i % 4 == 0 { -2.0 } else { 2.0 }))
             .collect::<Vec<_>>()
             .join("\n"),
     )
     .await;
-    let o = lambda_ctl(&["status", "--json", "--server", &server.base, "--project", d]);
-    assert!(o.status.success(), "{}", stderr(&o));
-    let s: Value = serde_json::from_slice(&o.stdout).unwrap();
+    // Filtered events are counted once the speed layer has taken them (right after the ack).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let s = loop {
+        let o = lambda_ctl(&["status", "--json", "--server", &server.base, "--project", d]);
+        assert!(o.status.success(), "{}", stderr(&o));
+        let s: Value = serde_json::from_slice(&o.stdout).unwrap();
+        if s["pipelines"][0]["live"]["filtered"] == 3 || Instant::now() > deadline {
+            break s;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
     assert_eq!(s["server"]["reachable"], true);
     let live = &s["pipelines"][0]["live"];
     assert_eq!(live["accepted"], 12);
+    assert_eq!(live["filtered"], 3, "{live}");
     assert!(
         live["ingest_rate"].is_number() && live["open_segment_rows"].is_number(),
         "{live}"
@@ -651,6 +662,16 @@ async fn status_reads_the_state_db_and_adds_live_figures_from_a_server() {
         .find(|l| l.contains("orders") && l.contains("http"))
         .unwrap_or_else(|| panic!("{text}"));
     assert!(orders.contains(" rows, "), "open segment shown: {orders}");
+    let header = text
+        .lines()
+        .find(|l| l.contains("REJECTED"))
+        .unwrap_or_else(|| panic!("{text}"));
+    let at = header.find("FILTERED").expect("a FILTERED column");
+    assert_eq!(
+        orders.get(at..).and_then(|r| r.split_whitespace().next()),
+        Some("3"),
+        "{header}\n{orders}"
+    );
 }
 
 /// Runs headless Chromium on `url` and returns the DOM after `budget_ms` of virtual time.
