@@ -46,12 +46,62 @@ fn corpus(target: &str) -> Vec<Vec<u8>> {
 
 /// Fragments worth inserting: the syntax of every format read here, and edge values.
 const TOKENS: &[&[u8]] = &[
-    b"\"", b"\"\"", b",", b"\n", b"\r\n", b"\r", b" ", b"\t", b"{", b"}", b"[", b"]", b":",
-    b"null", b"true", b"\\u0000", b"\\ud800", b"\\", b"\xEF\xBB\xBF", b"\xff", b"\xc3", b"-",
-    b"+", b"e308", b"9223372036854775808", b"-9223372036854775809", b"1e400", b"0.5", b"Z",
-    b"+14:00", b"T", b"2024-02-29T23:59:60Z", b"9999-12-31T23:59:59.999Z", b"&", b"=", b"%",
-    b"%ff", b"*a", b"&a ", b"<<: *a", b"- ", b": ", b"${", b"${X:-", b"}", b"#", b"!!str ",
-    b"---\n", b"...\n", b"|\n", b">-\n", b"'", b"now", b"-1h", b"+106751991167d", b"ms",
+    b"\"",
+    b"\"\"",
+    b",",
+    b"\n",
+    b"\r\n",
+    b"\r",
+    b" ",
+    b"\t",
+    b"{",
+    b"}",
+    b"[",
+    b"]",
+    b":",
+    b"null",
+    b"true",
+    b"\\u0000",
+    b"\\ud800",
+    b"\\",
+    b"\xEF\xBB\xBF",
+    b"\xff",
+    b"\xc3",
+    b"-",
+    b"+",
+    b"e308",
+    b"9223372036854775808",
+    b"-9223372036854775809",
+    b"1e400",
+    b"0.5",
+    b"Z",
+    b"+14:00",
+    b"T",
+    b"2024-02-29T23:59:60Z",
+    b"9999-12-31T23:59:59.999Z",
+    b"&",
+    b"=",
+    b"%",
+    b"%ff",
+    b"*a",
+    b"&a ",
+    b"<<: *a",
+    b"- ",
+    b": ",
+    b"${",
+    b"${X:-",
+    b"}",
+    b"#",
+    b"!!str ",
+    b"---\n",
+    b"...\n",
+    b"|\n",
+    b">-\n",
+    b"'",
+    b"now",
+    b"-1h",
+    b"+106751991167d",
+    b"ms",
 ];
 
 #[derive(Debug, Clone)]
@@ -104,7 +154,11 @@ fn apply(seeds: &[Vec<u8>], seed: usize, mutations: &[Mutation]) -> Vec<u8> {
             }
             Mutation::Splice(i, s, from, n) => {
                 let other = &seeds[s % seeds.len()];
-                let from = if other.is_empty() { 0 } else { from % other.len() };
+                let from = if other.is_empty() {
+                    0
+                } else {
+                    from % other.len()
+                };
                 let part = other[from..(from + n).min(other.len())].to_vec();
                 let i = at(&b, i);
                 b.splice(i..i, part);

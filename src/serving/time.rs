@@ -79,7 +79,11 @@ mod tests {
 
     #[test]
     fn relative_times_beyond_i64_are_refused() {
-        for t in ["+9223372036854775807ms", "+106751991167d", "-9223372036854775808ms"] {
+        for t in [
+            "+9223372036854775807ms",
+            "+106751991167d",
+            "-9223372036854775808ms",
+        ] {
             let e = parse_time(t, NOW).unwrap_err();
             assert!(e.contains("out of range"), "{t}: {e}");
         }

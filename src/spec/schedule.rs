@@ -85,21 +85,23 @@ impl Schedule {
                 fields.join(" ")
             }
         };
-        let parse = |six: &str| cron::Schedule::from_str(six).map_err(|e| {
-            // The crate's message quotes the translated expression with a caret; keep its reason.
-            let text = e.to_string();
-            let reason = text
-                .lines()
-                .rev()
-                .find(|l| !l.trim().is_empty())
-                .unwrap_or(&text)
-                .trim()
-                .to_string();
-            format!(
-                "invalid schedule `{trimmed}`: {}",
-                out_of_range(&reason).unwrap_or(reason)
-            )
-        });
+        let parse = |six: &str| {
+            cron::Schedule::from_str(six).map_err(|e| {
+                // The crate's message quotes the translated expression with a caret; keep its reason.
+                let text = e.to_string();
+                let reason = text
+                    .lines()
+                    .rev()
+                    .find(|l| !l.trim().is_empty())
+                    .unwrap_or(&text)
+                    .trim()
+                    .to_string();
+                format!(
+                    "invalid schedule `{trimmed}`: {}",
+                    out_of_range(&reason).unwrap_or(reason)
+                )
+            })
+        };
         // Checked as written (both day fields at once) so errors read the same either way.
         let cron = parse(&six)?;
         let (cron, or_weekdays) = match either_day {
@@ -224,10 +226,7 @@ mod tests {
     fn next_days(expr: &str, n: usize) -> Vec<Weekday> {
         let s = Schedule::parse(expr).unwrap();
         let start = Utc.with_ymd_and_hms(2026, 11, 1, 0, 0, 0).unwrap(); // a Sunday
-        s.after(start)
-            .take(n)
-            .map(|t| t.weekday())
-            .collect()
+        s.after(start).take(n).map(|t| t.weekday()).collect()
     }
 
     #[test]
@@ -266,7 +265,14 @@ mod tests {
         use Weekday::*;
         assert_eq!(
             days,
-            vec![(6, Fri), (13, Fri), (20, Fri), (27, Fri), (4, Fri), (11, Fri)]
+            vec![
+                (6, Fri),
+                (13, Fri),
+                (20, Fri),
+                (27, Fri),
+                (4, Fri),
+                (11, Fri)
+            ]
         );
         let s = Schedule::parse("30 6 1,15 * MON").unwrap();
         let fires: Vec<DateTime<Utc>> = s.after(start).take(4).collect();
@@ -280,8 +286,14 @@ mod tests {
         // A day both ways fires once.
         let s = Schedule::parse("0 0 2 * 1").unwrap(); // 2026-11-02 is a Monday
         let fires: Vec<DateTime<Utc>> = s.after(start).take(2).collect();
-        assert_eq!(fires[0], Utc.with_ymd_and_hms(2026, 11, 2, 0, 0, 0).unwrap());
-        assert_eq!(fires[1], Utc.with_ymd_and_hms(2026, 11, 9, 0, 0, 0).unwrap());
+        assert_eq!(
+            fires[0],
+            Utc.with_ymd_and_hms(2026, 11, 2, 0, 0, 0).unwrap()
+        );
+        assert_eq!(
+            fires[1],
+            Utc.with_ymd_and_hms(2026, 11, 9, 0, 0, 0).unwrap()
+        );
     }
 
     #[test]

@@ -443,7 +443,10 @@ mod tests {
         let started = std::time::Instant::now();
         for levels in [6, 9] {
             let err = parse(&alias_bomb(levels)).unwrap_err();
-            assert!(err.message.contains("more than 100000 YAML nodes"), "{err:?}");
+            assert!(
+                err.message.contains("more than 100000 YAML nodes"),
+                "{err:?}"
+            );
             // a0..a3 hold 11 + 111 + 1111 + 11111 nodes; a4's aliases cross the limit.
             assert_eq!(err.loc.line, 5, "{err:?}");
         }
@@ -462,11 +465,7 @@ mod tests {
         assert!(parse(&format!("{}{}", "[".repeat(100), "]".repeat(100))).is_ok());
         // 70 levels under an anchor, placed 70 levels down again by an alias.
         let inner = format!("{}{}", "[".repeat(70), "]".repeat(70));
-        let text = format!(
-            "a: &a {inner}\nb: {}*a{}\n",
-            "[".repeat(70),
-            "]".repeat(70)
-        );
+        let text = format!("a: &a {inner}\nb: {}*a{}\n", "[".repeat(70), "]".repeat(70));
         let err = parse(&text).unwrap_err();
         assert!(err.message.contains("deeper than 128"), "{err:?}");
         assert_eq!(err.loc.line, 2, "{err:?}");

@@ -488,13 +488,14 @@ impl Aggregator {
             frames.push(with_positions(b.events, range, b.arrival_ms)?);
         }
         let rt = self.rt.clone();
-        let (events, parts, filtered) = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
-            let events = concat_frames(frames)?;
-            let parts = partials_of(&rt.plan, &events)?;
-            let filtered = filtered_of(&rt.plan, &events, &sizes)?;
-            Ok((events, parts, filtered))
-        })
-        .await??;
+        let (events, parts, filtered) =
+            tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
+                let events = concat_frames(frames)?;
+                let parts = partials_of(&rt.plan, &events)?;
+                let filtered = filtered_of(&rt.plan, &events, &sizes)?;
+                Ok((events, parts, filtered))
+            })
+            .await??;
         let rows = events.height() as u64;
         if self.opened.is_none() {
             self.opened = Some(Instant::now());

@@ -188,7 +188,7 @@ async fn metrics_count_exactly_what_was_sent() {
     let client = reqwest::Client::new();
 
     // 3 requests: 40 good events (5 of them filtered out by `amount >= 0`, still accepted),
-    // 6 malformed lines, then 10 redelivered ids.
+    // 6 malformed lines and 3 without a usable `event_id`, then 10 redelivered ids.
     let good: Vec<String> = (0..40)
         .map(|i| event(i, if i % 8 == 0 { -1.0 } else { i as f64 }))
         .collect();
@@ -209,13 +209,33 @@ async fn metrics_count_exactly_what_was_sent() {
             "[]",
             "{\"id\":",
             r#"{"id":"y","ts":1,"user":"u","country":"DE","amount":"lots"}"#,
+            // No usable id: neither accepted unchecked nor taken for a duplicate.
+            r#"{"ts":1,"user":"u","country":"DE","amount":1}"#,
+            r#"{"id":"","ts":1,"user":"u","country":"DE","amount":1}"#,
+            r#"{"id":"","ts":2,"user":"u","country":"DE","amount":1}"#,
         ]
         .map(String::from),
     );
     let a = post(&client, &server, second.join("\n")).await;
     assert_eq!(
         (a["accepted"].as_u64(), a["rejected"].as_u64()),
-        (Some(15), Some(4))
+        (Some(15), Some(7)),
+        "{a}"
+    );
+    let reasons: Vec<&str> = a["errors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|e| e["reason"].as_str())
+        .filter(|r| r.starts_with("missing event_id"))
+        .collect();
+    assert_eq!(
+        reasons,
+        [
+            "missing event_id `id`",
+            "missing event_id: `id` is empty",
+            "missing event_id: `id` is empty"
+        ]
     );
     let a = post(&client, &server, good[..10].join("\n")).await;
     assert_eq!(a["duplicates"].as_u64(), Some(10));
@@ -237,7 +257,7 @@ async fn metrics_count_exactly_what_was_sent() {
     let p = [("pipeline", "orders")];
     for (name, sent) in [
         ("lambda_events_accepted_total", 40.0),
-        ("lambda_events_rejected_total", 6.0),
+        ("lambda_events_rejected_total", 9.0),
         ("lambda_events_deduplicated_total", 10.0),
         // Accepted, archived, but in no view: `filter: amount >= 0` (SPEC: "counted").
         ("lambda_filtered_events_total", 5.0),

@@ -365,7 +365,10 @@ fn events_without_a_usable_event_id_are_rejected_with_a_reason() {
         )
         .as_bytes(),
     );
-    assert_eq!(strings(&d.events, "page"), [Some("a".into()), Some(" ".into())]);
+    assert_eq!(
+        strings(&d.events, "page"),
+        [Some("a".into()), Some(" ".into())]
+    );
     assert_eq!(
         reasons(&d),
         [
@@ -380,7 +383,11 @@ fn events_without_a_usable_event_id_are_rejected_with_a_reason() {
     let d = Decoder::new(&p).decode(b"ts,page,n\n1,a,0\n1,b,\n1,c,\"\"\n");
     assert_eq!(ints(&d.events, "n"), [Some(0)]);
     assert_eq!(d.rejected.len(), 2, "{:?}", d.rejected);
-    assert!(d.rejected.iter().all(|r| r.reason.starts_with("missing event_id")));
+    assert!(
+        d.rejected
+            .iter()
+            .all(|r| r.reason.starts_with("missing event_id"))
+    );
     p.event_id = Some("page".into());
     let d = Decoder::new(&p).decode(b"ts,page\n1,\"\"\n1,\n1,x\n");
     assert_eq!(strings(&d.events, "page"), [Some("x".into())]);
