@@ -46,3 +46,6 @@ pub mod spec;
 pub mod speed;
 pub mod state;
 pub mod telemetry;
+
+#[cfg(test)]
+mod fuzz;

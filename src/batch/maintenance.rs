@@ -21,6 +21,15 @@
 //! of up to `segment_rows` rows, keeping every row and column as archived. Retention drops
 //! covered segments whose newest event is older than `keep`, the view versions published
 //! before that which are not current, and dead letters that arrived before it.
+//!
+//! Retention also **retires served windows**: every windowed view's current version is
+//! republished (a batch run of its own, same cutoff and logic) without the windows that ended
+//! at or before `now - keep`, and with that instant as its horizon. Serving leaves windows
+//! ending at or before the horizon out of the whole answer — the speed layer's partials (late
+//! events) included — and every later version of the view carries the horizon forward, so a
+//! full recompute over what is left of the archive never brings back a partial old window.
+//! Windows that straddle the horizon stay whole. All-time views are not trimmed. `verify`
+//! still compares the two engines over the same segments.
 
 use std::io::Cursor;
 use std::time::Duration;
@@ -32,8 +41,11 @@ use polars::prelude::*;
 
 use super::GRACE;
 use crate::lake::{self, Lake};
-use crate::spec::Pipeline;
-use crate::state::{Cutoff, Publication, Segment, State, StateError};
+use crate::plan::Plan;
+use crate::spec::{Pipeline, Window};
+use crate::state::{
+    Cutoff, NewPublication, Publication, RunId, RunKind, Segment, State, StateError,
+};
 
 /// Most bytes of archived Parquet merged into one segment, whatever `segment_rows` says: the
 /// merge holds the decoded rows in memory.
@@ -56,6 +68,9 @@ pub struct Compacted {
 pub struct Retained {
     pub segments_dropped: usize,
     pub rows_dropped: u64,
+    /// Views republished without their retired windows, and the partial rows left out.
+    pub views_trimmed: usize,
+    pub partial_rows_retired: u64,
     pub view_versions_dropped: usize,
     pub dead_letter_files_dropped: usize,
     pub collected: usize,
@@ -316,6 +331,8 @@ pub async fn retention(
         }
     }
 
+    retire_windows(state, lake, pipeline, horizon_ms, &mut done, log).await?;
+
     for view in &pipeline.views {
         let runs = state
             .drop_publications_before(name, &view.name, horizon)
@@ -352,6 +369,123 @@ pub async fn retention(
         horizon.to_rfc3339()
     ));
     Ok(done)
+}
+
+/// Republishes every windowed view without the windows that ended at or before `horizon_ms`
+/// (module docs), as one batch run; views already at that horizon are left alone.
+async fn retire_windows(
+    state: &State,
+    lake: &Lake,
+    pipeline: &Pipeline,
+    horizon_ms: i64,
+    done: &mut Retained,
+    log: &(dyn Fn(String) + Send + Sync),
+) -> anyhow::Result<()> {
+    let plan = std::sync::Arc::new(Plan::compile(pipeline)?);
+    let started = std::time::Instant::now();
+    let mut run: Option<RunId> = None;
+    let result = async {
+        for (v, view) in pipeline.views.iter().enumerate() {
+            if view.window == Window::All {
+                continue;
+            }
+            // A batch run may publish meanwhile: start again from its version.
+            for attempt in 1.. {
+                let Some(current) = state.current_publication(&pipeline.name, &view.name).await?
+                else {
+                    break;
+                };
+                if current.horizon_ms.is_some_and(|h| h >= horizon_ms) {
+                    break;
+                }
+                if current.logic_hash != plan.logic_hash(v) {
+                    log(format!(
+                        "{}.{}: the current version was computed by other logic; its windows are retired by the next batch run",
+                        pipeline.name, view.name
+                    ));
+                    break;
+                }
+                let run_id = match run {
+                    Some(r) => r,
+                    None => {
+                        let r = state
+                            .create_run(RunKind::Batch, &pipeline.name, None)
+                            .await?
+                            .id;
+                        state.start_run(r).await?;
+                        super::log(
+                            state,
+                            r,
+                            &format!("retention: retiring windows that ended at or before {horizon_ms} ms"),
+                        )
+                        .await;
+                        run = Some(r);
+                        r
+                    }
+                };
+                let partials = super::load_partials(&plan, lake, v, &current).await?;
+                let p = plan.clone();
+                let (bytes, kept, retired) =
+                    tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
+                        let before = partials.height() as u64;
+                        let mut kept = p.trim_partials(v, partials, horizon_ms)?;
+                        let mut bytes = Vec::new();
+                        p.write_partials(v, &mut kept, &mut bytes)?;
+                        let rows = kept.height() as u64;
+                        Ok((bytes, rows, before - rows))
+                    })
+                    .await??;
+                let path = format!(
+                    "{}{}",
+                    lake::view_run_prefix(&pipeline.name, &view.name, run_id.0),
+                    super::PARTIALS_FILE
+                );
+                lake.put(&path, bytes).await?;
+                let published = state
+                    .publish(&NewPublication {
+                        pipeline: pipeline.name.clone(),
+                        view: view.name.clone(),
+                        run_id,
+                        logic_hash: current.logic_hash.clone(),
+                        cutoff: current.cutoff.clone(),
+                        rows: kept,
+                        replaces: Some(current.id),
+                        horizon_ms: Some(horizon_ms),
+                    })
+                    .await;
+                match published {
+                    Ok(_) => {
+                        log(format!(
+                            "{}.{}: republished without {retired} partial row(s) of windows that ended by the horizon",
+                            pipeline.name, view.name
+                        ));
+                        done.views_trimmed += 1;
+                        done.partial_rows_retired += retired;
+                        break;
+                    }
+                    Err(StateError::PublicationRaced { .. }) if attempt < 3 => continue,
+                    Err(e) => return Err(anyhow::Error::from(e)),
+                }
+            }
+        }
+        anyhow::Ok(())
+    }
+    .await;
+    if let Some(r) = run {
+        let ended = match &result {
+            Ok(()) => Ok(done.views_trimmed),
+            Err(e) => Err(format!("{e:#}")),
+        };
+        let recorded = super::end_run(state, r, ended, started.elapsed()).await;
+        match (recorded, &result) {
+            (Err(e), Ok(())) => return Err(e.into()),
+            (Err(e), Err(_)) => {
+                tracing::warn!(run = r.0, error = %e, "cannot record the failed retention run")
+            }
+            (Ok(()), _) => {}
+        }
+    }
+    result
 }
 
 /// Deletes the files retired at least [`GRACE`] ago; returns how many.

@@ -622,7 +622,9 @@ async fn recompute_view(
 }
 
 /// Merges a view's `fresh` partials with those published by `base_run` (an incremental run),
-/// writes them under this run and publishes them if `replaces` is still current.
+/// writes them under this run and publishes them if `replaces` is still current. Windows the
+/// replaced version retired (its horizon, set by `retention`) stay retired: a full recompute
+/// or late events never bring them back.
 #[allow(clippy::too_many_arguments)]
 pub(crate) async fn publish_view(
     plan: &Arc<Plan>,
@@ -645,11 +647,23 @@ pub(crate) async fn publish_view(
         ),
         None => None,
     };
+    let horizon_ms = match replaces {
+        Some(id) => state
+            .current_publication(&pipeline, &name)
+            .await?
+            .filter(|c| c.id == id)
+            .and_then(|c| c.horizon_ms),
+        None => None,
+    };
     let p = plan.clone();
     let mut partials = tokio::task::spawn_blocking(move || -> PolarsResult<DataFrame> {
-        match previous {
-            Some(old) => p.merge(view, vec![old, fresh]),
-            None => Ok(fresh),
+        let merged = match previous {
+            Some(old) => p.merge(view, vec![old, fresh])?,
+            None => fresh,
+        };
+        match horizon_ms {
+            Some(h) => p.trim_partials(view, merged, h),
+            None => Ok(merged),
         }
     })
     .await
@@ -672,6 +686,7 @@ pub(crate) async fn publish_view(
             cutoff: cutoff.clone(),
             rows: partial_rows,
             replaces,
+            horizon_ms,
         })
         .await?)
 }

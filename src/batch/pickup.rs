@@ -79,6 +79,7 @@ impl Pickup {
                 cutoff: current.cutoff.clone(),
                 partials,
                 published_at_ms: current.published_at.timestamp_millis(),
+                horizon_ms: current.horizon_ms,
             };
             self.rt.state.write().publish(v, batch);
             self.loaded[v] = Some(current.id);

@@ -218,6 +218,7 @@ fn render(r: &Value, recent: &[Run]) -> String {
         "OPEN SEGMENT",
         "SEALED",
         "REJECTED",
+        "FILTERED",
         "BATCH CUTOFF AGE",
     ]
     .map(String::from)
@@ -251,6 +252,7 @@ fn render(r: &Value, recent: &[Run]) -> String {
                     || format!("{} archived", text(&p["dead_letters"])),
                     |x| x.to_string(),
                 ),
+                l["filtered"].as_u64().map_or("-".into(), |x| x.to_string()),
                 match stalest {
                     Some(a) if p["views"].as_array().is_some_and(|v| !v.is_empty()) => age(a),
                     _ => "never published".into(),

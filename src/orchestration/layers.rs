@@ -132,8 +132,9 @@ impl TaskRunner for Layers {
             )
             .await?;
             ctx.log.line(format!(
-                "retention of {pipeline}: {} segment(s), {} view version(s), {} dead-letter file(s) dropped",
-                done.segments_dropped, done.view_versions_dropped, done.dead_letter_files_dropped
+                "retention of {pipeline}: {} segment(s), {} view version(s), {} dead-letter file(s) dropped; {} view(s) republished without {} partial row(s) of retired windows",
+                done.segments_dropped, done.view_versions_dropped, done.dead_letter_files_dropped,
+                done.views_trimmed, done.partial_rows_retired
             ));
             Ok(())
         })

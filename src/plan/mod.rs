@@ -68,7 +68,7 @@
 
 mod accumulator;
 mod aggregate;
-mod decode;
+pub(crate) mod decode;
 mod hll;
 mod layout;
 mod parquet;
@@ -137,6 +137,8 @@ pub enum PlanError {
 pub struct Plan {
     pipeline: Pipeline,
     decoder: decode::Decoder,
+    /// `decoder` without the `event_id` requirement, for replaying the write-ahead log.
+    log_decoder: decode::Decoder,
     filter: Option<Expr>,
     /// Derived columns, cast to their spec type, in declaration order.
     columns: Vec<Expr>,
@@ -199,9 +201,11 @@ impl Plan {
             .map(|v| ViewLayout::build(pipeline, v, &available).map(Arc::new))
             .collect::<Result<Vec<_>, _>>()?;
         let hashes = views.iter().map(|v| logic_hash(pipeline, v)).collect();
+        let decoder = decode::Decoder::new(pipeline);
         Ok(Plan {
             pipeline: pipeline.clone(),
-            decoder: decode::Decoder::new(pipeline),
+            log_decoder: decoder.without_event_id(),
+            decoder,
             filter,
             columns,
             views,
@@ -217,6 +221,29 @@ impl Plan {
     /// in order, plus one rejection per bad line. Never fails and never panics.
     pub fn decode(&self, bytes: &[u8]) -> Decoded {
         self.decoder.decode(bytes)
+    }
+
+    /// [`Plan::decode`] for records of the write-ahead log: they were accepted, so an event
+    /// without a usable `event_id` logged before ids were required still decodes.
+    pub fn decode_logged(&self, bytes: &[u8]) -> Decoded {
+        self.log_decoder.decode(bytes)
+    }
+
+    /// Per event, whether the pipeline's `filter` keeps it (a null result drops it, as in
+    /// [`Plan::prepare`]); `None` without a filter.
+    pub fn filter_mask(&self, events: &DataFrame) -> PolarsResult<Option<BooleanChunked>> {
+        const KEEP: &str = "__lambda_filter_keeps";
+        let Some(f) = &self.filter else {
+            return Ok(None);
+        };
+        // `with_column` broadcasts a filter that is a constant (`1 = 1`) to every row.
+        let keep = events
+            .clone()
+            .lazy()
+            .with_column(f.clone().alias(KEEP))
+            .select([col(KEEP)])
+            .collect()?;
+        Ok(Some(keep.column(KEEP)?.bool()?.clone()))
     }
 
     /// Filter, then derived columns, lazily: the batch layer passes a `scan_parquet` frame.
@@ -268,6 +295,34 @@ impl Plan {
         let mut acc = self.accumulator(view);
         acc.absorb(&partials)?;
         acc.finish()
+    }
+
+    /// Drops the partial rows of view `view` that only feed windows ending at or before
+    /// `horizon_ms` (every event of such a window is older than the horizon): tumbling windows
+    /// by `window_start + size`, hopping panes by `pane_start + size` (the end of the last
+    /// window a pane is in), sessions by `session_last + gap`. An all-time view keeps its row.
+    /// Windows that end after the horizon keep every partial, so they stay exact. A hopping
+    /// window that ended by the horizon can still be finished from a newer pane it shares:
+    /// whoever serves trimmed partials leaves out rows whose `window_end` is at or before it.
+    pub fn trim_partials(
+        &self,
+        view: usize,
+        partials: DataFrame,
+        horizon_ms: i64,
+    ) -> PolarsResult<DataFrame> {
+        use layout::{PANE_START, SESSION_LAST, WINDOW_START, WindowLayout};
+        let (column, span) = match self.views[view].window {
+            WindowLayout::Tumbling { size } => (WINDOW_START, size),
+            WindowLayout::Hopping { size, .. } => (PANE_START, size),
+            WindowLayout::Session { gap } => (SESSION_LAST, gap),
+            WindowLayout::All => return Ok(partials),
+        };
+        // Window columns are never null in windowed partials; a null row is kept, not lost.
+        let end = col(column).cast(DataType::Int64) + lit(span);
+        partials
+            .lazy()
+            .filter(end.clone().gt(lit(horizon_ms)).or(end.is_null()))
+            .collect()
     }
 
     /// Changes whenever anything that decides the view's answer changes — schema, filter,

@@ -24,7 +24,7 @@ use super::format;
 use super::guard;
 use super::metrics::{self, Ops};
 use super::query::{self, QueryError, ViewQuery};
-use super::time::{now_ms, parse_time};
+use super::time::now_ms;
 use crate::orchestration::Orchestrator;
 use crate::spec::Source;
 use crate::speed::runtime::PipelineRuntime;
@@ -333,34 +333,10 @@ async fn view(
             ),
         );
     };
-    let mut q = ViewQuery::default();
-    let mut fmt = None;
-    let now = now_ms();
-    for (k, v) in params {
-        match k.as_str() {
-            "from" | "to" => match parse_time(&v, now) {
-                Ok(t) if k == "from" => q.from = Some(t),
-                Ok(t) => q.to = Some(t),
-                Err(e) => return error(StatusCode::BAD_REQUEST, e),
-            },
-            "format" => fmt = Some(v),
-            "origin" => q.origin = matches!(v.as_str(), "" | "1" | "true"),
-            _ => q.filters.push((k, v)),
-        }
-    }
-    let wants_csv = match fmt.as_deref() {
-        Some("csv") => true,
-        Some("json") => false,
-        Some(other) => {
-            return error(
-                StatusCode::BAD_REQUEST,
-                format!("unknown format `{other}` (json or csv)"),
-            );
-        }
-        None => headers
-            .get(header::ACCEPT)
-            .and_then(|a| a.to_str().ok())
-            .is_some_and(|a| a.starts_with("text/csv")),
+    let accept = headers.get(header::ACCEPT).and_then(|a| a.to_str().ok());
+    let (q, wants_csv) = match ViewQuery::from_params(params, now_ms(), accept) {
+        Ok(parsed) => parsed,
+        Err(e) => return error(StatusCode::BAD_REQUEST, e),
     };
     let answer = match tokio::task::spawn_blocking(move || query::query(&rt, idx, &q)).await {
         Ok(Ok(a)) => {
@@ -397,6 +373,7 @@ async fn pipelines(State(app): State<Arc<App>>) -> Response {
                 "accepted": c.accepted.load(Ordering::Relaxed),
                 "rejected": c.rejected.load(Ordering::Relaxed),
                 "duplicates": c.duplicates.load(Ordering::Relaxed),
+                "filtered": c.filtered.load(Ordering::Relaxed),
                 "open_segment_rows": c.open_rows.load(Ordering::Relaxed),
                 "open_segment_age_ms": if open_since == 0 { 0 } else { (now_ms() as u64).saturating_sub(open_since) },
                 "sealed_segments": c.sealed_segments.load(Ordering::Relaxed),

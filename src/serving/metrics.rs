@@ -135,7 +135,7 @@ fn pipelines(e: &mut Exposition, runtimes: &BTreeMap<String, Arc<PipelineRuntime
         .map(|(p, rt)| (p.as_str(), rt.as_ref()))
         .collect();
     type Counter = (&'static str, &'static str, fn(&PipelineRuntime) -> u64);
-    let counters: [Counter; 3] = [
+    let counters: [Counter; 4] = [
         (
             "lambda_events_accepted_total",
             "Events acknowledged by the door (durable in the write-ahead log).",
@@ -150,6 +150,11 @@ fn pipelines(e: &mut Exposition, runtimes: &BTreeMap<String, Arc<PipelineRuntime
             "lambda_events_deduplicated_total",
             "Events dropped as already acknowledged within the dedupe window.",
             |rt| rt.counters.duplicates.load(Ordering::Relaxed),
+        ),
+        (
+            "lambda_filtered_events_total",
+            "Accepted events the pipeline's filter dropped (archived, in no view).",
+            |rt| rt.counters.filtered.load(Ordering::Relaxed),
         ),
     ];
     for (name, help, get) in counters {

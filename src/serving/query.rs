@@ -12,7 +12,7 @@ use serde::Serialize;
 use serde_json::Value;
 
 use super::format::{rows_json, rows_json_at};
-use super::time::format_ms;
+use super::time::{format_ms, parse_time};
 use crate::spec::{View, Window};
 use crate::speed::runtime::PipelineRuntime;
 
@@ -26,6 +26,38 @@ pub struct ViewQuery {
     /// Tag every row with `_origin`: `batch`, `speed` or `both` (which layer's partials it
     /// merges). Costs two extra merges; the dashboard asks for it.
     pub origin: bool,
+}
+
+impl ViewQuery {
+    /// A query from the URL parameters of `GET /v1/views/…`: `from`/`to` (any form
+    /// [`parse_time`] takes, relative to `now_ms`), `format` (json | csv), `origin`, and
+    /// `COL=VALUE` filters (checked against the view by [`query`]). Also returns whether the
+    /// answer is CSV: `format=csv`, or without `format` an `Accept` starting with `text/csv`.
+    /// An `Err` is a message for a 400.
+    pub fn from_params(
+        params: Vec<(String, String)>,
+        now_ms: i64,
+        accept: Option<&str>,
+    ) -> Result<(ViewQuery, bool), String> {
+        let mut q = ViewQuery::default();
+        let mut fmt = None;
+        for (k, v) in params {
+            match k.as_str() {
+                "from" => q.from = Some(parse_time(&v, now_ms)?),
+                "to" => q.to = Some(parse_time(&v, now_ms)?),
+                "format" => fmt = Some(v),
+                "origin" => q.origin = matches!(v.as_str(), "" | "1" | "true"),
+                _ => q.filters.push((k, v)),
+            }
+        }
+        let csv = match fmt.as_deref() {
+            Some("csv") => true,
+            Some("json") => false,
+            Some(other) => return Err(format!("unknown format `{other}` (json or csv)")),
+            None => accept.is_some_and(|a| a.starts_with("text/csv")),
+        };
+        Ok((q, csv))
+    }
 }
 
 #[derive(Debug, Serialize)]
@@ -316,7 +348,11 @@ fn compute(rt: &PipelineRuntime, view_idx: usize) -> PolarsResult<Finished> {
     let batch: Vec<DataFrame> = snap.batch.iter().map(|b| b.partials.clone()).collect();
     let mut frames = snap.speed.clone();
     frames.extend(batch.iter().cloned());
-    let frame = finish_all(rt, view_idx, frames)?;
+    let horizon = snap.batch.as_ref().and_then(|b| b.horizon_ms);
+    let frame = match (finish_all(rt, view_idx, frames)?, horizon) {
+        (Some(df), Some(h)) => Some(without_retired(df, h)?),
+        (frame, _) => frame,
+    };
     let as_of = AsOf {
         batch_run: snap.batch.as_ref().map(|b| b.run_id.clone()),
         batch_cutoff: snap
@@ -341,6 +377,16 @@ fn compute(rt: &PipelineRuntime, view_idx: usize) -> PolarsResult<Finished> {
         origins: OnceLock::new(),
         index: RowIndex::new(&rt.pipeline.views[view_idx].group_by),
     })
+}
+
+/// A finished answer without the windows `retention` retired: those that ended at or before
+/// `horizon_ms`, whichever layer's partials they come from (late events the speed layer took
+/// after the retention included). All-time rows have no end and stay.
+fn without_retired(df: DataFrame, horizon_ms: i64) -> PolarsResult<DataFrame> {
+    let end = col("window_end").cast(DataType::Int64);
+    df.lazy()
+        .filter(end.clone().gt(lit(horizon_ms)).or(end.is_null()))
+        .collect()
 }
 
 /// The rows of `df` (a finished answer) that `q` asks for, by a scan.

@@ -119,4 +119,17 @@ mod tests {
         assert!(parse_time("-", NOW).is_err());
         assert_eq!(format_ms(NOW), "2025-11-21T10:00:00.000Z");
     }
+
+    #[test]
+    fn relative_times_beyond_i64_are_refused() {
+        for t in [
+            "+9223372036854775807ms",
+            "+106751991167d",
+            "-9223372036854775808ms",
+        ] {
+            let e = parse_time(t, NOW).unwrap_err();
+            assert!(e.contains("out of range"), "{t}: {e}");
+        }
+        assert!(parse_time("+99999999999999999999999d", NOW).is_err());
+    }
 }

@@ -172,7 +172,16 @@ pub fn interpolate(input: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<
     Ok(out)
 }
 
-/// Parses one YAML document. An empty file is an empty mapping.
+/// Most nodes a document may hold once its aliases are expanded. A spec file has hundreds;
+/// a "billion laughs" file (anchors of aliases of anchors…) has billions, and would take
+/// every byte of memory to expand.
+pub const MAX_NODES: usize = 100_000;
+/// Deepest nesting of lists and mappings, aliases expanded (the tree is walked recursively).
+pub const MAX_DEPTH: usize = 128;
+
+/// Parses one YAML document. An empty file is an empty mapping. Aliases are expanded, within
+/// [`MAX_NODES`] and [`MAX_DEPTH`]: a document beyond either is an error at the node that
+/// crosses the limit.
 pub fn parse(text: &str) -> Result<Node, SyntaxError> {
     let mut events = Vec::new();
     for ev in Parser::new_from_str(text) {
@@ -198,13 +207,32 @@ pub fn parse(text: &str) -> Result<Node, SyntaxError> {
     let mut builder = Builder {
         events: events.into_iter().peekable(),
         anchors: Vec::new(),
+        nodes: 0,
     };
     builder.document()
 }
 
 struct Builder<'a, I: Iterator<Item = (Event<'a>, Loc)>> {
     events: std::iter::Peekable<I>,
-    anchors: Vec<(usize, Node)>,
+    /// Anchor id → its node, how many nodes it holds and how deep it nests.
+    anchors: Vec<(usize, Anchored)>,
+    /// Nodes of the tree so far, aliases expanded.
+    nodes: usize,
+}
+
+struct Anchored {
+    node: Node,
+    size: usize,
+    height: usize,
+}
+
+/// Nesting levels of `node` (a scalar is 1).
+fn height(node: &Node) -> usize {
+    match node {
+        Node::Scalar { .. } => 1,
+        Node::Seq { items, .. } => 1 + items.iter().map(height).max().unwrap_or(0),
+        Node::Map { entries, .. } => 1 + entries.iter().map(|(_, n)| height(n)).max().unwrap_or(0),
+    }
 }
 
 impl<'a, I: Iterator<Item = (Event<'a>, Loc)>> Builder<'a, I> {
@@ -221,7 +249,7 @@ impl<'a, I: Iterator<Item = (Event<'a>, Loc)>> Builder<'a, I> {
                             message: "only one YAML document per file is allowed".into(),
                         });
                     }
-                    root = Some(self.node()?);
+                    root = Some(self.node(1)?);
                 }
                 _ => {
                     return Err(SyntaxError {
@@ -237,13 +265,40 @@ impl<'a, I: Iterator<Item = (Event<'a>, Loc)>> Builder<'a, I> {
         }))
     }
 
-    fn node(&mut self) -> Result<Node, SyntaxError> {
+    /// Counts `size` more nodes of the tree at `loc`; refuses a tree beyond [`MAX_NODES`].
+    fn count(&mut self, size: usize, loc: Loc) -> Result<(), SyntaxError> {
+        self.nodes = self.nodes.saturating_add(size);
+        if self.nodes > MAX_NODES {
+            return Err(SyntaxError {
+                loc,
+                message: format!(
+                    "this document expands to more than {MAX_NODES} YAML nodes (aliases \
+                     repeating anchors that repeat anchors); write the values out or use fewer aliases"
+                ),
+            });
+        }
+        Ok(())
+    }
+
+    /// The node starting at the next event, `depth` levels down (the root is 1).
+    fn node(&mut self, depth: usize) -> Result<Node, SyntaxError> {
         let Some((ev, loc)) = self.events.next() else {
             return Err(SyntaxError {
                 loc: Loc::default(),
                 message: "unexpected end of YAML".into(),
             });
         };
+        let too_deep = |loc| SyntaxError {
+            loc,
+            message: format!("lists and mappings nest deeper than {MAX_DEPTH} levels"),
+        };
+        if depth > MAX_DEPTH {
+            return Err(too_deep(loc));
+        }
+        let before = self.nodes;
+        if !matches!(ev, Event::Alias(_)) {
+            self.count(1, loc)?;
+        }
         let (node, anchor) = match ev {
             Event::Scalar(value, style, anchor, _) => {
                 let quoted = !matches!(style, ScalarStyle::Plain);
@@ -259,7 +314,7 @@ impl<'a, I: Iterator<Item = (Event<'a>, Loc)>> Builder<'a, I> {
             Event::SequenceStart(anchor, _) => {
                 let mut items = Vec::new();
                 while !matches!(self.events.peek(), Some((Event::SequenceEnd, _)) | None) {
-                    items.push(self.node()?);
+                    items.push(self.node(depth + 1)?);
                 }
                 self.events.next();
                 (Node::Seq { items, loc }, anchor)
@@ -267,7 +322,7 @@ impl<'a, I: Iterator<Item = (Event<'a>, Loc)>> Builder<'a, I> {
             Event::MappingStart(anchor, _) => {
                 let mut entries: Vec<(Key, Node)> = Vec::new();
                 while !matches!(self.events.peek(), Some((Event::MappingEnd, _)) | None) {
-                    let key = match self.node()? {
+                    let key = match self.node(depth + 1)? {
                         Node::Scalar { value, loc, .. } => Key { name: value, loc },
                         other => {
                             return Err(SyntaxError {
@@ -282,23 +337,26 @@ impl<'a, I: Iterator<Item = (Event<'a>, Loc)>> Builder<'a, I> {
                             message: format!("duplicate key `{}`", key.name),
                         });
                     }
-                    let value = self.node()?;
+                    let value = self.node(depth + 1)?;
                     entries.push((key, value));
                 }
                 self.events.next();
                 (Node::Map { entries, loc }, anchor)
             }
             Event::Alias(id) => {
-                let found = self
-                    .anchors
-                    .iter()
-                    .rev()
-                    .find(|(a, _)| *a == id)
-                    .map(|(_, n)| n.clone());
-                return found.ok_or(SyntaxError {
-                    loc,
-                    message: "alias to an unknown anchor".into(),
-                });
+                let Some(i) = self.anchors.iter().rposition(|(a, _)| *a == id) else {
+                    return Err(SyntaxError {
+                        loc,
+                        message: "alias to an unknown anchor".into(),
+                    });
+                };
+                let (size, h) = (self.anchors[i].1.size, self.anchors[i].1.height);
+                // Counted before it is copied: the copies are what a bomb multiplies.
+                self.count(size, loc)?;
+                if depth + h - 1 > MAX_DEPTH {
+                    return Err(too_deep(loc));
+                }
+                return Ok(self.anchors[i].1.node.clone());
             }
             _ => {
                 return Err(SyntaxError {
@@ -308,7 +366,14 @@ impl<'a, I: Iterator<Item = (Event<'a>, Loc)>> Builder<'a, I> {
             }
         };
         if anchor > 0 {
-            self.anchors.push((anchor, node.clone()));
+            self.anchors.push((
+                anchor,
+                Anchored {
+                    size: self.nodes - before,
+                    height: height(&node),
+                    node: node.clone(),
+                },
+            ));
         }
         Ok(node)
     }
@@ -361,6 +426,49 @@ mod tests {
                 .contains("`NOPE` is not set")
         );
         assert!(interpolate("${oops", &env).is_err());
+    }
+
+    /// `levels` anchors, each a list of ten aliases of the previous one: 10^levels leaves.
+    pub(crate) fn alias_bomb(levels: usize) -> String {
+        let mut s = String::from("a0: &a0 [x, x, x, x, x, x, x, x, x, x]\n");
+        for i in 1..=levels {
+            let p = format!("*a{}", i - 1);
+            s.push_str(&format!("a{i}: &a{i} [{}]\n", vec![p; 10].join(", ")));
+        }
+        s
+    }
+
+    #[test]
+    fn an_alias_bomb_is_refused_where_it_goes_off() {
+        let started = std::time::Instant::now();
+        for levels in [6, 9] {
+            let err = parse(&alias_bomb(levels)).unwrap_err();
+            assert!(
+                err.message.contains("more than 100000 YAML nodes"),
+                "{err:?}"
+            );
+            // a0..a3 hold 11 + 111 + 1111 + 11111 nodes; a4's aliases cross the limit.
+            assert_eq!(err.loc.line, 5, "{err:?}");
+        }
+        assert!(started.elapsed() < std::time::Duration::from_secs(2));
+        // Aliases as spec files use them stay fine.
+        let n = parse("base: &b {x: 1, y: [1, 2]}\nc: *b\nd: *b\n").unwrap();
+        assert_eq!(n.get("d"), n.get("base"));
+        assert!(parse(&alias_bomb(3)).is_ok());
+    }
+
+    #[test]
+    fn nesting_is_bounded_even_through_aliases() {
+        let deep = format!("{}{}", "[".repeat(MAX_DEPTH + 1), "]".repeat(MAX_DEPTH + 1));
+        let err = parse(&deep).unwrap_err();
+        assert!(err.message.contains("deeper than 128"), "{err:?}");
+        assert!(parse(&format!("{}{}", "[".repeat(100), "]".repeat(100))).is_ok());
+        // 70 levels under an anchor, placed 70 levels down again by an alias.
+        let inner = format!("{}{}", "[".repeat(70), "]".repeat(70));
+        let text = format!("a: &a {inner}\nb: {}*a{}\n", "[".repeat(70), "]".repeat(70));
+        let err = parse(&text).unwrap_err();
+        assert!(err.message.contains("deeper than 128"), "{err:?}");
+        assert_eq!(err.loc.line, 2, "{err:?}");
     }
 
     #[test]

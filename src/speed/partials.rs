@@ -33,6 +33,9 @@ pub struct BatchView {
     pub cutoff: BTreeMap<u32, u64>,
     pub partials: DataFrame,
     pub published_at_ms: i64,
+    /// Windows that ended at or before this instant (epoch ms) are retired (`retention`):
+    /// not in `partials`, and left out of the speed layer's part of the answer too.
+    pub horizon_ms: Option<i64>,
 }
 
 impl BatchView {

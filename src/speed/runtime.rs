@@ -61,6 +61,9 @@ pub struct Counters {
     pub accepted: AtomicU64,
     pub rejected: AtomicU64,
     pub duplicates: AtomicU64,
+    /// Accepted events the pipeline's `filter` dropped from every view (they are archived;
+    /// replayed events are not counted again).
+    pub filtered: AtomicU64,
     pub sealed_segments: AtomicU64,
     pub open_rows: AtomicU64,
     /// Arrival time of the open segment's first event (0 when empty).
@@ -83,6 +86,7 @@ impl Default for Counters {
             accepted: AtomicU64::new(0),
             rejected: AtomicU64::new(0),
             duplicates: AtomicU64::new(0),
+            filtered: AtomicU64::new(0),
             sealed_segments: AtomicU64::new(0),
             open_rows: AtomicU64::new(0),
             open_since_ms: AtomicU64::new(0),
@@ -469,7 +473,10 @@ impl Aggregator {
     async fn apply(&mut self, batch: Vec<log::Durable<Batch>>) -> anyhow::Result<()> {
         let mut frames = Vec::with_capacity(batch.len());
         let mut acks = Vec::with_capacity(batch.len());
+        // (events, fresh) per frame: replayed events were counted by the process that took them.
+        let mut sizes = Vec::with_capacity(batch.len());
         for (range, b) in batch {
+            sizes.push((range.end - range.start, b.acked.is_some()));
             acks.extend(b.acked);
             anyhow::ensure!(
                 range.start == self.next,
@@ -481,12 +488,14 @@ impl Aggregator {
             frames.push(with_positions(b.events, range, b.arrival_ms)?);
         }
         let rt = self.rt.clone();
-        let (events, parts) = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
-            let events = concat_frames(frames)?;
-            let parts = partials_of(&rt.plan, &events)?;
-            Ok((events, parts))
-        })
-        .await??;
+        let (events, parts, filtered) =
+            tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
+                let events = concat_frames(frames)?;
+                let parts = partials_of(&rt.plan, &events)?;
+                let filtered = filtered_of(&rt.plan, &events, &sizes)?;
+                Ok((events, parts, filtered))
+            })
+            .await??;
         let rows = events.height() as u64;
         if self.opened.is_none() {
             self.opened = Some(Instant::now());
@@ -509,6 +518,10 @@ impl Aggregator {
             .counters
             .open_rows
             .store(self.rows, Ordering::Relaxed);
+        self.rt
+            .counters
+            .filtered
+            .fetch_add(filtered, Ordering::Relaxed);
         // Visible now. A request whose reply has not reached the door yet was visible before
         // it was acknowledged: zero latency.
         for ack in acks {
@@ -596,6 +609,25 @@ pub fn partials_of(plan: &Plan, events: &DataFrame) -> anyhow::Result<Vec<DataFr
                 .map_err(anyhow::Error::from)
         })
         .collect()
+}
+
+/// How many fresh events of `events` the pipeline's filter drops; `frames` gives the (events,
+/// fresh) of the frames `events` stacks, in order.
+fn filtered_of(plan: &Plan, events: &DataFrame, frames: &[(u64, bool)]) -> anyhow::Result<u64> {
+    let Some(keep) = plan.filter_mask(events)? else {
+        return Ok(0);
+    };
+    let (mut offset, mut dropped) = (0usize, 0u64);
+    for &(n, fresh) in frames {
+        let n = usize::try_from(n)?;
+        if fresh {
+            // Valid and true: a null result drops the event, as the filter does.
+            let kept = keep.slice(i64::try_from(offset)?, n).num_trues();
+            dropped += (n - kept) as u64;
+        }
+        offset += n;
+    }
+    Ok(dropped)
 }
 
 fn with_positions(
@@ -710,7 +742,7 @@ fn decode_records(plan: &Plan, records: &[(u64, Vec<u8>)]) -> anyhow::Result<Dat
             body.push(b'\n');
             j += 1;
         }
-        let decoded = plan.decode(&body);
+        let decoded = plan.decode_logged(&body);
         anyhow::ensure!(
             decoded.rejected.is_empty() && decoded.events.height() == j - i,
             "write-ahead log records {}..{} no longer decode ({} rejected); was the pipeline schema changed?",

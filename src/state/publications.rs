@@ -33,6 +33,9 @@ pub struct NewPublication {
     /// succeeds only if it is still current, so an incremental result is never built on a
     /// version another run has already replaced.
     pub replaces: Option<PublicationId>,
+    /// Windows that ended at or before this instant (epoch ms) are retired: left out of this
+    /// version, and out of the speed layer's part of answers served with it (`retention`).
+    pub horizon_ms: Option<i64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -45,6 +48,8 @@ pub struct Publication {
     pub cutoff: Cutoff,
     pub rows: u64,
     pub published_at: DateTime<Utc>,
+    /// See [`NewPublication::horizon_ms`].
+    pub horizon_ms: Option<i64>,
 }
 
 #[derive(sqlx::FromRow)]
@@ -57,6 +62,7 @@ struct PublicationRow {
     cutoff: String,
     row_count: i64,
     published_at: DateTime<Utc>,
+    horizon_ms: Option<i64>,
 }
 
 impl PublicationRow {
@@ -74,13 +80,15 @@ impl PublicationRow {
             cutoff,
             rows: from_db("row count", self.row_count)?,
             published_at: self.published_at,
+            horizon_ms: self.horizon_ms,
         })
     }
 }
 
 const INSERT: &str = "
-    INSERT INTO publications (pipeline, view, run_id, logic_hash, cutoff, row_count, published_at)
-    VALUES ($1, $2, $3, $4, $5, $6, $7)
+    INSERT INTO publications
+        (pipeline, view, run_id, logic_hash, cutoff, row_count, published_at, horizon_ms)
+    VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
     RETURNING id";
 
 /// First publication of a view: only if no other run made one current meanwhile.
@@ -117,6 +125,7 @@ impl State {
                 .bind(&cutoff)
                 .bind(rows)
                 .bind(at)
+                .bind(new.horizon_ms)
                 .fetch_one(&mut *tx)
                 .await
                 .map_err(db("publish: insert version"))?;
@@ -172,6 +181,7 @@ impl State {
             cutoff: new.cutoff.clone(),
             rows: new.rows,
             published_at: at,
+            horizon_ms: new.horizon_ms,
         })
     }
 
@@ -183,7 +193,7 @@ impl State {
     ) -> Result<Option<Publication>, StateError> {
         const SQL: &str = "
             SELECT p.id, p.pipeline, p.view, p.run_id, p.logic_hash, p.cutoff, p.row_count,
-                   p.published_at
+                   p.published_at, p.horizon_ms
             FROM current_publications c JOIN publications p ON p.id = c.publication_id
             WHERE c.pipeline = $1 AND c.view = $2";
         let row: Option<PublicationRow> = on_pool!(self, |pool| sqlx::query_as(SQL)
@@ -198,7 +208,8 @@ impl State {
     /// The views run `run_id` published, in the order it published them.
     pub async fn run_publications(&self, run_id: RunId) -> Result<Vec<Publication>, StateError> {
         const SQL: &str = "
-            SELECT id, pipeline, view, run_id, logic_hash, cutoff, row_count, published_at
+            SELECT id, pipeline, view, run_id, logic_hash, cutoff, row_count, published_at,
+                   horizon_ms
             FROM publications WHERE run_id = $1 ORDER BY id";
         let rows: Vec<PublicationRow> = on_pool!(self, |pool| sqlx::query_as(SQL)
             .bind(run_id.0)

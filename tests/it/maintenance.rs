@@ -1,6 +1,8 @@
-//! Archive maintenance through `serve` and the workflow API: `compact` and `retention` tasks
-//! change the manifest, never an answer (every view still equals the oracle, `verify` still
-//! agrees after compaction), and the repository's nightly workflow runs to success.
+//! Archive maintenance through `serve` and the workflow API: `compact` changes the manifest,
+//! never an answer (every view still equals the oracle, `verify` still agrees); `retention`
+//! changes answers only by retiring the windows that ended before `now - keep`, in every layer
+//! (the rest still equals the oracle, `verify` still agrees); and the repository's nightly
+//! workflow runs to success.
 
 use std::path::Path;
 use std::process::Command;
@@ -12,12 +14,15 @@ use lambda_ctl::state::{RunState, Segment, State};
 use serde_json::Value;
 
 use crate::lambda::{VIEWS, kept, run_batch, wait_for_batch};
-use crate::orders::{Ev, check_views, events, post, project, send, wait_for_count};
+use crate::orders::{
+    BASE_MS, Ev, check_views, check_views_after, events, get_view, post, project, send,
+    wait_for_count,
+};
 use crate::support::{Rng, Server, get_json, lambda_ctl, repo, stderr, stdout};
 
 const MAINT: &str = "name: maint\ntasks:\n  - name: recompute\n    batch: orders\n  - name: compact\n    compact: orders\n    needs: [recompute]\n";
 const TRIM: &str =
-    "name: trim\ntasks:\n  - name: trim\n    retention: {pipeline: orders, keep: 1d}\n";
+    "name: trim\ntasks:\n  - name: trim\n    retention: {pipeline: orders, keep: 3650d}\n";
 
 /// `POST /v1/workflows/{w}/runs`, then `GET /v1/runs/{id}` until the run finished.
 async fn run_workflow(client: &reqwest::Client, server: &Server, workflow: &str) -> Value {
@@ -65,6 +70,21 @@ async fn send_in_bursts(
         tokio::time::sleep(Duration::from_millis(1300)).await;
     }
     acked
+}
+
+/// Waits until the windowed views are served from batch run `id` (a retention republishes
+/// those only).
+async fn wait_for_windowed_views(client: &reqwest::Client, server: &Server, id: &str) {
+    let start = Instant::now();
+    for view in VIEWS.iter().filter(|v| **v != "overall") {
+        while get_view(client, server, view).await["as_of"]["batch_run"].as_str() != Some(id) {
+            assert!(
+                start.elapsed() < Duration::from_secs(3),
+                "view {view} not served from run {id} after 3 s"
+            );
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
 }
 
 async fn latest_batch_run(state: &State) -> String {
@@ -144,26 +164,54 @@ async fn compaction_and_retention_change_no_answer() {
     check_views(&client, &server, &acked).await;
     assert_eq!(verify(dir.path()).matches(": ok (").count(), VIEWS.len());
 
-    // Retention now: every event is more than a day old, but every segment was sealed within
-    // the dedupe window (a restart rebuilds the dedupe index from them): nothing goes.
+    // Retention now, keeping ten years: no event is that old, and every segment was sealed
+    // within the dedupe window (a restart rebuilds the dedupe index from them): nothing goes.
     let covered_before = state.segments("orders").await.unwrap();
     let run = run_workflow(&client, &server, "trim").await;
     assert_succeeded(&run);
     assert_eq!(state.segments("orders").await.unwrap(), covered_before);
+    wait_for_windowed_views(&client, &server, &latest_batch_run(&state).await).await;
+    check_views(&client, &server, &acked).await;
 
-    // Two days later (the task's clock): every covered segment goes; no answer changes.
+    // Two days later (the task's clock), keeping what ended after BASE + 30 min: the windows
+    // that ended by then go — from the batch view and from the speed layer's part of the
+    // answer alike — while every segment (events arrived shuffled) has newer events and stays.
+    // Windows across the horizon stay whole; `verify` still agrees.
     let pipeline = &spec.pipelines[0];
     let later = chrono::Utc::now() + chrono::Duration::days(2);
-    let done = maintenance::retention(
-        &state,
-        &lake,
-        pipeline,
-        Duration::from_secs(86_400),
-        later,
-        &|_| {},
-    )
-    .await
-    .unwrap();
+    let horizon = BASE_MS + 30 * 60_000;
+    let keep = Duration::from_millis((later.timestamp_millis() - horizon) as u64);
+    let done = maintenance::retention(&state, &lake, pipeline, keep, later, &|_| {})
+        .await
+        .unwrap();
+    assert_eq!(
+        done.views_trimmed,
+        VIEWS.len() - 1,
+        "all but the all-time view"
+    );
+    assert!(done.partial_rows_retired > 0, "{done:?}");
+    let left = state.segments("orders").await.unwrap();
+    let cutoff = maintenance::covered(&state, pipeline)
+        .await
+        .unwrap()
+        .expect("every view is published");
+    assert!(
+        left.iter()
+            .filter(|s| maintenance::is_covered(&cutoff, s))
+            .all(|s| s.max_event_ms.is_some_and(|t| t >= horizon)),
+        "only covered segments with events after the horizon stay: {left:?}"
+    );
+    wait_for_windowed_views(&client, &server, &latest_batch_run(&state).await).await;
+    check_views_after(&client, &server, &acked, Some(horizon)).await;
+    assert_eq!(verify(dir.path()).matches(": ok (").count(), VIEWS.len());
+
+    // Keeping a day: every covered segment goes, every window (all are older) is retired.
+    let before = state.segments("orders").await.unwrap();
+    let keep = Duration::from_secs(86_400);
+    let done = maintenance::retention(&state, &lake, pipeline, keep, later, &|_| {})
+        .await
+        .unwrap();
+    let horizon = (later - chrono::Duration::days(1)).timestamp_millis();
     let left = state.segments("orders").await.unwrap();
     let cutoff = maintenance::covered(&state, pipeline)
         .await
@@ -173,11 +221,16 @@ async fn compaction_and_retention_change_no_answer() {
         left.iter().all(|s| s.hi > cutoff[&s.partition]),
         "only segments the batch does not cover stay: {left:?}"
     );
-    assert_eq!(done.segments_dropped, covered_before.len() - left.len());
-    assert!(done.segments_dropped > 0);
-    // The first run's versions (replaced by the second run's) go too; current ones stay.
-    assert_eq!(done.view_versions_dropped, VIEWS.len());
-    check_views(&client, &server, &acked).await;
+    assert_eq!(done.segments_dropped, before.len() - left.len());
+    // The versions replaced before (of both batch runs and the first retentions) go too;
+    // current ones stay.
+    assert!(done.view_versions_dropped >= 2 * VIEWS.len(), "{done:?}");
+    wait_for_windowed_views(&client, &server, &latest_batch_run(&state).await).await;
+    check_views_after(&client, &server, &acked, Some(horizon)).await;
+    for view in ["by_country", "hop", "sessions"] {
+        let v = get_view(&client, &server, view).await;
+        assert_eq!(v["rows"].as_array().map(Vec::len), Some(0), "{view}: {v}");
+    }
 
     // Dropped files stay readable for the grace period, then go.
     let dropped: Vec<&Segment> = covered_before
@@ -208,12 +261,14 @@ async fn compaction_and_retention_change_no_answer() {
         assert!(!lake.exists(&s.path).await.unwrap(), "{} deleted", s.path);
     }
 
-    // Life goes on: new events, a new incremental run, still exact.
+    // Life goes on: new events (as old as the others: late), served by no window layer before
+    // and after a new incremental run (which carries the horizon forward); still exact.
     acked.extend(send(&client, &server, &mut rng, &evs[720..]).await);
     wait_for_count(&client, &server, kept(&acked)).await;
+    check_views_after(&client, &server, &acked, Some(horizon)).await;
     let run3 = run_batch(dir.path()).await;
     wait_for_batch(&client, &server, &run3).await;
-    check_views(&client, &server, &acked).await;
+    check_views_after(&client, &server, &acked, Some(horizon)).await;
 
     // The API's answers for unknown names and bad ids.
     let resp = client

@@ -188,7 +188,7 @@ async fn metrics_count_exactly_what_was_sent() {
     let client = reqwest::Client::new();
 
     // 3 requests: 40 good events (5 of them filtered out by `amount >= 0`, still accepted),
-    // 6 malformed lines, then 10 redelivered ids.
+    // 6 malformed lines and 3 without a usable `event_id`, then 10 redelivered ids.
     let good: Vec<String> = (0..40)
         .map(|i| event(i, if i % 8 == 0 { -1.0 } else { i as f64 }))
         .collect();
@@ -209,13 +209,33 @@ async fn metrics_count_exactly_what_was_sent() {
             "[]",
             "{\"id\":",
             r#"{"id":"y","ts":1,"user":"u","country":"DE","amount":"lots"}"#,
+            // No usable id: neither accepted unchecked nor taken for a duplicate.
+            r#"{"ts":1,"user":"u","country":"DE","amount":1}"#,
+            r#"{"id":"","ts":1,"user":"u","country":"DE","amount":1}"#,
+            r#"{"id":"","ts":2,"user":"u","country":"DE","amount":1}"#,
         ]
         .map(String::from),
     );
     let a = post(&client, &server, second.join("\n")).await;
     assert_eq!(
         (a["accepted"].as_u64(), a["rejected"].as_u64()),
-        (Some(15), Some(4))
+        (Some(15), Some(7)),
+        "{a}"
+    );
+    let reasons: Vec<&str> = a["errors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|e| e["reason"].as_str())
+        .filter(|r| r.starts_with("missing event_id"))
+        .collect();
+    assert_eq!(
+        reasons,
+        [
+            "missing event_id `id`",
+            "missing event_id: `id` is empty",
+            "missing event_id: `id` is empty"
+        ]
     );
     let a = post(&client, &server, good[..10].join("\n")).await;
     assert_eq!(a["duplicates"].as_u64(), Some(10));
@@ -237,8 +257,10 @@ async fn metrics_count_exactly_what_was_sent() {
     let p = [("pipeline", "orders")];
     for (name, sent) in [
         ("lambda_events_accepted_total", 40.0),
-        ("lambda_events_rejected_total", 6.0),
+        ("lambda_events_rejected_total", 9.0),
         ("lambda_events_deduplicated_total", 10.0),
+        // Accepted, archived, but in no view: `filter: amount >= 0` (SPEC: "counted").
+        ("lambda_filtered_events_total", 5.0),
         ("lambda_ack_to_visible_seconds_count", 2.0),
     ] {
         assert_eq!(value(&samples, name, &p), Some(sent), "{name}");
@@ -623,24 +645,33 @@ async fn status_reads_the_state_db_and_adds_live_figures_from_a_server() {
     assert!(s["pipelines"][0]["live"].is_null());
     assert_eq!(s["recent_runs"][0]["state"], "failed");
 
-    // With the server: live counters.
+    // With the server: live counters; 3 of the 12 events fail `amount >= 0`.
     let server = Server::start(dir.path());
     let client = reqwest::Client::new();
     post(
         &client,
         &server,
         (0..12)
-            .map(|i| event(i, 2.0))
+            .map(|i| event(i, if i % 4 == 0 { -2.0 } else { 2.0 }))
             .collect::<Vec<_>>()
             .join("\n"),
     )
     .await;
-    let o = lambda_ctl(&["status", "--json", "--server", &server.base, "--project", d]);
-    assert!(o.status.success(), "{}", stderr(&o));
-    let s: Value = serde_json::from_slice(&o.stdout).unwrap();
+    // Filtered events are counted once the speed layer has taken them (right after the ack).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let s = loop {
+        let o = lambda_ctl(&["status", "--json", "--server", &server.base, "--project", d]);
+        assert!(o.status.success(), "{}", stderr(&o));
+        let s: Value = serde_json::from_slice(&o.stdout).unwrap();
+        if s["pipelines"][0]["live"]["filtered"] == 3 || Instant::now() > deadline {
+            break s;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
     assert_eq!(s["server"]["reachable"], true);
     let live = &s["pipelines"][0]["live"];
     assert_eq!(live["accepted"], 12);
+    assert_eq!(live["filtered"], 3, "{live}");
     assert!(
         live["ingest_rate"].is_number() && live["open_segment_rows"].is_number(),
         "{live}"
@@ -656,6 +687,16 @@ async fn status_reads_the_state_db_and_adds_live_figures_from_a_server() {
         .find(|l| l.contains("orders") && l.contains("http"))
         .unwrap_or_else(|| panic!("{text}"));
     assert!(orders.contains(" rows, "), "open segment shown: {orders}");
+    let header = text
+        .lines()
+        .find(|l| l.contains("REJECTED"))
+        .unwrap_or_else(|| panic!("{text}"));
+    let at = header.find("FILTERED").expect("a FILTERED column");
+    assert_eq!(
+        orders.get(at..).and_then(|r| r.split_whitespace().next()),
+        Some("3"),
+        "{header}\n{orders}"
+    );
 }
 
 /// Runs headless Chromium on `url` and returns the DOM after `budget_ms` of virtual time.

@@ -188,7 +188,19 @@ pub async fn wait_for_count(client: &reqwest::Client, server: &Server, n: u64) {
 
 /// Compares every view with plain-loop computations over `acked` (the accepted, unique events).
 pub async fn check_views(client: &reqwest::Client, server: &Server, acked: &[Ev]) {
+    check_views_after(client, server, acked, None).await;
+}
+
+/// [`check_views`] after a retention with `horizon` (epoch ms): windows that ended at or
+/// before it are served by no layer; the all-time view keeps everything.
+pub async fn check_views_after(
+    client: &reqwest::Client,
+    server: &Server,
+    acked: &[Ev],
+    horizon: Option<i64>,
+) {
     let kept: Vec<&Ev> = acked.iter().filter(|e| e.amount >= 0.0).collect();
+    let retired = |end: i64| horizon.is_some_and(|h| end <= h);
 
     // by_country: 1m tumbling.
     let mut oracle: BTreeMap<(i64, String), Vec<f64>> = BTreeMap::new();
@@ -198,6 +210,7 @@ pub async fn check_views(client: &reqwest::Client, server: &Server, acked: &[Ev]
             .or_default()
             .push(e.amount);
     }
+    oracle.retain(|(start, _), _| !retired(start + 60_000));
     let v = get_view(client, server, "by_country").await;
     let rows = v["rows"].as_array().unwrap();
     assert_eq!(rows.len(), oracle.len(), "by_country windows");
@@ -243,6 +256,7 @@ pub async fn check_views(client: &reqwest::Client, server: &Server, acked: &[Ev]
             w.1 += e.amount;
         }
     }
+    hop.retain(|start, _| !retired(start + 600_000));
     let v = get_view(client, server, "hop").await;
     let rows = v["rows"].as_array().unwrap();
     assert_eq!(rows.len(), hop.len(), "hop windows");
@@ -280,6 +294,7 @@ pub async fn check_views(client: &reqwest::Client, server: &Server, acked: &[Ev]
             i = j + 1;
         }
     }
+    sessions.retain(|_, (end, ..)| !retired(*end));
     let v = get_view(client, server, "sessions").await;
     let rows = v["rows"].as_array().unwrap();
     assert_eq!(rows.len(), sessions.len(), "sessions");

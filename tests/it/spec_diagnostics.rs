@@ -70,6 +70,7 @@ cases!(
     workflows_bad,
     syntax,
     kafka_security,
+    alias_bomb,
 );
 
 #[test]

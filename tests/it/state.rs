@@ -311,6 +311,7 @@ async fn publishing_switches_the_current_version(url: String) {
         cutoff: cutoff.iter().copied().collect(),
         rows: 42,
         replaces,
+        horizon_ms: None,
     };
 
     let first = state.publish(&new(&[(0, 10)], None)).await.expect("first");
@@ -357,6 +358,23 @@ async fn publishing_switches_the_current_version(url: String) {
         Some(second.clone())
     );
 
+    // A retention horizon is kept with its version.
+    let trimmed = state
+        .publish(&NewPublication {
+            horizon_ms: Some(1_700_000_000_000),
+            ..new(&[(0, 25), (1, 150)], Some(second.id))
+        })
+        .await
+        .expect("a retention version");
+    let current = state
+        .current_publication("clicks", "page_views")
+        .await
+        .unwrap()
+        .expect("current");
+    assert_eq!(current, trimmed);
+    assert_eq!(current.horizon_ms, Some(1_700_000_000_000));
+    assert_eq!(second.horizon_ms, None);
+
     // Views are independent; a publication must come from a run.
     state
         .publish(&NewPublication {
@@ -399,6 +417,7 @@ async fn concurrent_first_publishes_let_one_win(url: String) {
                     cutoff: BTreeMap::from([(0, i)]),
                     rows: i,
                     replaces: None,
+                    horizon_ms: None,
                 })
                 .await
         }));
@@ -876,6 +895,7 @@ async fn retention_drops_segments_and_old_view_versions(url: String) {
                 cutoff: BTreeMap::from([(0, 10 * (i + 1))]),
                 rows: i,
                 replaces: previous,
+                horizon_ms: None,
             })
             .await
             .unwrap();

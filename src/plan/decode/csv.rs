@@ -218,7 +218,7 @@ impl Decoder {
                     }
                 }
             }
-            match result.and_then(|()| self.check_event_time(&slots)) {
+            match result.and_then(|()| self.check_required(&slots)) {
                 Ok(()) => out.commit(&slots, text, &buf),
                 Err(reason) => out.reject(this_line, reason, raw),
             }

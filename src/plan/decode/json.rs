@@ -10,6 +10,12 @@ pub(super) enum Text {
 }
 
 impl Text {
+    pub fn is_empty(self) -> bool {
+        match self {
+            Text::Line(a, b) | Text::Buf(a, b) => a >= b,
+        }
+    }
+
     /// Ranges always sit on ASCII delimiters of valid UTF-8; `get` only guards the invariant.
     pub fn resolve<'a>(self, line: &'a str, buf: &'a str) -> &'a str {
         match self {

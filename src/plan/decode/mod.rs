@@ -52,6 +52,9 @@ pub(crate) struct Decoder {
     format: Format,
     columns: Vec<(String, ColumnType)>,
     event_time: usize,
+    /// The `event_id` column: an event without a usable id (missing, null or `""`) cannot be
+    /// de-duplicated, so it is rejected rather than counted unchecked or all deduplicated as one.
+    event_id: Option<usize>,
 }
 
 impl Decoder {
@@ -64,6 +67,19 @@ impl Decoder {
                 .iter()
                 .position(|(n, _)| *n == p.event_time)
                 .unwrap_or(0),
+            event_id: p
+                .event_id
+                .as_ref()
+                .and_then(|id| p.schema.iter().position(|(n, _)| n == id)),
+        }
+    }
+
+    /// This decoder without the `event_id` requirement: for write-ahead log records, which
+    /// were accepted (perhaps before the requirement existed) and must decode as they were.
+    pub fn without_event_id(&self) -> Decoder {
+        Decoder {
+            event_id: None,
+            ..self.clone()
         }
     }
 
@@ -102,7 +118,7 @@ impl Decoder {
             buf.clear();
             match self
                 .json_line(text, &mut slots, &mut buf, &mut key_buf)
-                .and_then(|()| self.check_event_time(&slots))
+                .and_then(|()| self.check_required(&slots))
             {
                 Ok(()) => out.commit(&slots, text, &buf),
                 Err(reason) => out.reject(line_no, reason, line),
@@ -240,11 +256,22 @@ impl Decoder {
         }
     }
 
-    fn check_event_time(&self, slots: &[Slot]) -> Result<(), String> {
+    /// The event time, and the event id when the pipeline declares one.
+    fn check_required(&self, slots: &[Slot]) -> Result<(), String> {
         let name = &self.columns[self.event_time].0;
         match slots[self.event_time] {
-            Slot::Missing => Err(format!("missing event time `{name}`")),
-            Slot::Null => Err(format!("event time `{name}` is null")),
+            Slot::Missing => return Err(format!("missing event time `{name}`")),
+            Slot::Null => return Err(format!("event time `{name}` is null")),
+            _ => {}
+        }
+        let Some(id) = self.event_id else {
+            return Ok(());
+        };
+        let name = &self.columns[id].0;
+        match slots[id] {
+            Slot::Missing => Err(format!("missing event_id `{name}`")),
+            Slot::Null => Err(format!("missing event_id: `{name}` is null")),
+            Slot::Str(t) if t.is_empty() => Err(format!("missing event_id: `{name}` is empty")),
             _ => Ok(()),
         }
     }

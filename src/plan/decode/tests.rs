@@ -350,3 +350,55 @@ fn deep_nesting_is_rejected_not_recursed() {
         d.rejected
     );
 }
+
+#[test]
+fn events_without_a_usable_event_id_are_rejected_with_a_reason() {
+    let mut p = pipeline(Format::Json);
+    p.event_id = Some("page".into());
+    let d = Decoder::new(&p).decode(
+        concat!(
+            "{\"ts\":1,\"page\":\"a\"}\n",
+            "{\"ts\":1}\n",
+            "{\"ts\":1,\"page\":null}\n",
+            "{\"ts\":1,\"page\":\"\"}\n",
+            "{\"ts\":1,\"page\":\" \"}\n",
+        )
+        .as_bytes(),
+    );
+    assert_eq!(
+        strings(&d.events, "page"),
+        [Some("a".into()), Some(" ".into())]
+    );
+    assert_eq!(
+        reasons(&d),
+        [
+            (2, "missing event_id `page`"),
+            (3, "missing event_id: `page` is null"),
+            (4, "missing event_id: `page` is empty"),
+        ]
+    );
+    // CSV: an empty cell, quoted or not, is no id; an integer id of 0 is one.
+    let mut p = pipeline(Format::Csv);
+    p.event_id = Some("n".into());
+    let d = Decoder::new(&p).decode(b"ts,page,n\n1,a,0\n1,b,\n1,c,\"\"\n");
+    assert_eq!(ints(&d.events, "n"), [Some(0)]);
+    assert_eq!(d.rejected.len(), 2, "{:?}", d.rejected);
+    assert!(
+        d.rejected
+            .iter()
+            .all(|r| r.reason.starts_with("missing event_id"))
+    );
+    p.event_id = Some("page".into());
+    let d = Decoder::new(&p).decode(b"ts,page\n1,\"\"\n1,\n1,x\n");
+    assert_eq!(strings(&d.events, "page"), [Some("x".into())]);
+    assert_eq!(
+        reasons(&d),
+        [
+            (2, "missing event_id: `page` is empty"),
+            (3, "missing event_id: `page` is null"),
+        ]
+    );
+    // Log records were accepted already: they decode without the requirement.
+    let d = Decoder::new(&p).without_event_id().decode(b"ts,page\n1,\n");
+    assert_eq!((d.events.height(), d.rejected.len()), (1, 0));
+}
