@@ -188,6 +188,9 @@ fn read_node(
             return None;
         }
     };
+    for (loc, message) in pipeline::literal_secrets(&node) {
+        d.error(loc, message);
+    }
     for (loc, message) in node.interpolate(env) {
         d.error(loc, message);
     }

@@ -70,6 +70,8 @@ cases!(
     workflows_bad,
     syntax,
     kafka_security,
+    servicebus,
+    json_paths,
 );
 
 #[test]

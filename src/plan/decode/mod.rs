@@ -7,6 +7,7 @@
 
 mod csv;
 mod json;
+mod path;
 #[cfg(test)]
 mod tests;
 pub(crate) mod timestamp;
@@ -52,6 +53,8 @@ pub(crate) struct Decoder {
     format: Format,
     columns: Vec<(String, ColumnType)>,
     event_time: usize,
+    /// Columns at nested paths (`path:`, `from: meta.KEY`); None when all are top-level keys.
+    tree: Option<path::Tree>,
 }
 
 impl Decoder {
@@ -64,6 +67,7 @@ impl Decoder {
                 .iter()
                 .position(|(n, _)| *n == p.event_time)
                 .unwrap_or(0),
+            tree: path::Tree::build(&p.schema, &p.paths),
         }
     }
 
@@ -133,6 +137,14 @@ impl Decoder {
             } else {
                 "not JSON: expected an object like {\"field\": value}".into()
             });
+        }
+        if let Some(tree) = &self.tree {
+            self.object(tree, &mut s, line, slots, buf, key_buf, 0)?;
+            s.ws();
+            if !s.at_end() {
+                return Err(s.err("unexpected text after the object"));
+            }
+            return Ok(());
         }
         s.pos += 1;
         s.ws();
