@@ -133,8 +133,10 @@ fn nested_pipeline() -> Pipeline {
         ("country", "$.geo.country"),
         ("latency_ms", "$.timings[1].ms"),
     ] {
-        p.paths
-            .insert(col.to_string(), parse_path(path).expect("bench paths parse"));
+        p.paths.insert(
+            col.to_string(),
+            parse_path(path).expect("bench paths parse"),
+        );
     }
     p
 }

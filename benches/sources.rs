@@ -157,7 +157,12 @@ async fn servicebus(url: String, classic: String) {
     let s = serve(&format!(
         "  type: servicebus\n  url: \"{url}\"\n  queue: /amq/queue/{queue}\n  prefetch: 2000\n"
     ));
-    report("servicebus", N, until_counted(&s, N, s.started).await, " (AMQP 1.0)");
+    report(
+        "servicebus",
+        N,
+        until_counted(&s, N, s.started).await,
+        " (AMQP 1.0)",
+    );
     drop(s);
     amqp_delete(&classic, &queue).await;
 }
@@ -175,9 +180,7 @@ async fn amqp_delete(url: &str, queue: &str) {
 
 /// A new durable queue holding events `0..N`, each confirmed; returns its name.
 async fn amqp_fill(url: &str) -> String {
-    use lapin::options::{
-        BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOptions,
-    };
+    use lapin::options::{BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOptions};
     let queue = unique("bench");
     let conn = lapin::Connection::connect(url, lapin::ConnectionProperties::default())
         .await

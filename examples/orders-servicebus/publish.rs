@@ -38,7 +38,8 @@ async fn main() -> anyhow::Result<()> {
 
     let mut conn = Connection::open("orders-shop", url.as_str()).await?;
     let mut session = Session::begin(&mut conn).await?;
-    let mut sender = Sender::attach(&mut session, "orders-shop", format!("/amq/queue/{queue}")).await?;
+    let mut sender =
+        Sender::attach(&mut session, "orders-shop", format!("/amq/queue/{queue}")).await?;
     let now_ms = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)?
         .as_millis() as i64;

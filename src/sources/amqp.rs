@@ -146,9 +146,8 @@ impl broker::Session for AmqpSource {
 /// One `meta.*` value of a delivery (`spec::AMQP_META`).
 fn meta_value(d: &lapin::message::Delivery, key: &str) -> serde_json::Value {
     use serde_json::Value as J;
-    let text = |s: &Option<lapin::types::ShortString>| {
-        s.as_ref().map_or(J::Null, |s| J::from(s.as_str()))
-    };
+    let text =
+        |s: &Option<lapin::types::ShortString>| s.as_ref().map_or(J::Null, |s| J::from(s.as_str()));
     let p = &d.properties;
     match key {
         "message_id" => text(p.message_id()),

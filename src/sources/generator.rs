@@ -272,7 +272,8 @@ mod tests {
 
     #[test]
     fn nested_columns_are_generated_at_their_paths() {
-        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/orders-servicebus");
+        let root =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/orders-servicebus");
         let project = spec::load(&root).unwrap();
         let p = project.pipeline("orders").unwrap();
         let bytes = Generator::new(p, 7).batch(50, 1_700_000_000_000);

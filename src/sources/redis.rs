@@ -240,11 +240,11 @@ impl RedisSource {
                 "stream" => serde_json::Value::from(self.stream.as_str()),
                 "id" => serde_json::Value::from(e.id.as_str()),
                 // An entry id is `MILLISECONDS-SEQUENCE`.
-                "timestamp" => e
-                    .id
-                    .split_once('-')
-                    .and_then(|(ms, _)| ms.parse::<i64>().ok())
-                    .map_or(serde_json::Value::Null, serde_json::Value::from),
+                "timestamp" => {
+                    e.id.split_once('-')
+                        .and_then(|(ms, _)| ms.parse::<i64>().ok())
+                        .map_or(serde_json::Value::Null, serde_json::Value::from)
+                }
                 _ => serde_json::Value::Null,
             });
         }

@@ -175,7 +175,11 @@ impl broker::Session for ServiceBusSource {
             let mut session = Session::begin(&mut conn)
                 .await
                 .context("beginning the AMQP session")?;
-            let link = format!("lambda-ctl-{}-{}", self.rt.pipeline.name, std::process::id());
+            let link = format!(
+                "lambda-ctl-{}-{}",
+                self.rt.pipeline.name,
+                std::process::id()
+            );
             let receiver = Receiver::builder()
                 .name(link)
                 .source(self.address.clone())
@@ -231,7 +235,9 @@ impl broker::Session for ServiceBusSource {
             }
             let mut body = DoorBody::new(self.rt.pipeline.format);
             for d in &batch {
-                body.push_meta(&payload(d.body()), &self.meta, |k| meta_value(d.message(), k));
+                body.push_meta(&payload(d.body()), &self.meta, |k| {
+                    meta_value(d.message(), k)
+                });
             }
             if !broker::ingest_durably(&self.rt, Self::KIND, body.into_bytes(), shutdown).await {
                 break Ok(());
@@ -299,12 +305,16 @@ fn meta_value(msg: &Message<Body<Value>>, key: &str) -> serde_json::Value {
             .and_then(|p| p.correlation_id.as_ref())
             .map_or(J::Null, |id| J::from(message_id(id))),
         "subject" => text(props.and_then(|p| p.subject.as_deref())),
-        "content_type" => text(props.and_then(|p| p.content_type.as_ref()).map(|s| s.as_str())),
+        "content_type" => text(
+            props
+                .and_then(|p| p.content_type.as_ref())
+                .map(|s| s.as_str()),
+        ),
         "to" => text(props.and_then(|p| p.to.as_deref())),
         "reply_to" => text(props.and_then(|p| p.reply_to.as_deref())),
-        "user_id" => props
-            .and_then(|p| p.user_id.as_ref())
-            .map_or(J::Null, |b| J::from(String::from_utf8_lossy(b).into_owned())),
+        "user_id" => props.and_then(|p| p.user_id.as_ref()).map_or(J::Null, |b| {
+            J::from(String::from_utf8_lossy(b).into_owned())
+        }),
         "creation_time" => props
             .and_then(|p| p.creation_time.as_ref())
             .map_or(J::Null, |t| J::from(t.milliseconds())),
@@ -438,13 +448,7 @@ mod tests {
         );
         assert!(t.starts_with("SharedAccessSignature sig="), "{t}");
         assert!(t.contains("&se=1700000000&skn=RootManageSharedAccessKey&sr=http%3A%2F%2Fns.servicebus.windows.net%2Forders"), "{t}");
-        let sig = t
-            .split_once("sig=")
-            .unwrap()
-            .1
-            .split_once('&')
-            .unwrap()
-            .0;
+        let sig = t.split_once("sig=").unwrap().1.split_once('&').unwrap().0;
         let sig = url::form_urlencoded::parse(format!("s={sig}").as_bytes())
             .next()
             .unwrap()

@@ -224,7 +224,8 @@ impl fmt::Display for JsonPath {
             match step {
                 PathStep::Key(k)
                     if !k.is_empty()
-                        && k.chars().all(|c| c.is_alphanumeric() || c == '_' || c == '-') =>
+                        && k.chars()
+                            .all(|c| c.is_alphanumeric() || c == '_' || c == '-') =>
                 {
                     write!(f, ".{k}")?
                 }

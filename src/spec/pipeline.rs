@@ -488,14 +488,10 @@ fn servicebus(d: &mut Diagnostics, obj: &Obj) -> Option<Source> {
             }
         }
     });
-    let text = |d: &mut Diagnostics, key: &str| {
-        obj.value(key).and_then(|n| read::string(d, n, key))
-    };
-    let (queue, topic, subscription) = (
-        text(d, "queue"),
-        text(d, "topic"),
-        text(d, "subscription"),
-    );
+    let text =
+        |d: &mut Diagnostics, key: &str| obj.value(key).and_then(|n| read::string(d, n, key));
+    let (queue, topic, subscription) =
+        (text(d, "queue"), text(d, "topic"), text(d, "subscription"));
     let address = match (queue, topic, subscription) {
         (Some(q), None, None) => Some(q),
         (None, Some(t), Some(s)) => Some(format!("{t}/Subscriptions/{s}")),
@@ -562,8 +558,8 @@ fn servicebus(d: &mut Diagnostics, obj: &Obj) -> Option<Source> {
             return None;
         }
     };
-    let prefetch = optional(d, obj, "prefetch", 1000, read::integer).and_then(|p| {
-        match u32::try_from(p) {
+    let prefetch =
+        optional(d, obj, "prefetch", 1000, read::integer).and_then(|p| match u32::try_from(p) {
             Ok(p) if (1..=100_000).contains(&p) => Some(p),
             _ => {
                 d.error(
@@ -572,8 +568,7 @@ fn servicebus(d: &mut Diagnostics, obj: &Obj) -> Option<Source> {
                 );
                 None
             }
-        }
-    });
+        });
     Some(Source::ServiceBus {
         url: url?,
         address: address?,
@@ -986,7 +981,10 @@ fn json_path(d: &mut Diagnostics, node: &Node) -> Option<JsonPath> {
 pub fn parse_path(s: &str) -> Result<JsonPath, (usize, String)> {
     let b = s.as_bytes();
     if b.first() != Some(&b'$') {
-        return Err((0, "a path starts at the event's root `$`, like `$.body.id`".into()));
+        return Err((
+            0,
+            "a path starts at the event's root `$`, like `$.body.id`".into(),
+        ));
     }
     let mut i = 1;
     let mut steps = Vec::new();
@@ -1002,10 +1000,15 @@ pub fn parse_path(s: &str) -> Result<JsonPath, (usize, String)> {
                 if key.is_empty() {
                     return Err((start, "expected a key after `.`".into()));
                 }
-                if key.chars().any(|c| c.is_whitespace() || "]'\"*?@()".contains(c)) {
+                if key
+                    .chars()
+                    .any(|c| c.is_whitespace() || "]'\"*?@()".contains(c))
+                {
                     return Err((
                         start,
-                        format!("`{key}` is not a plain key (write `['{key}']` for a key with such characters; wildcards and filters are not supported)"),
+                        format!(
+                            "`{key}` is not a plain key (write `['{key}']` for a key with such characters; wildcards and filters are not supported)"
+                        ),
                     ));
                 }
                 steps.push(PathStep::Key(key.to_string()));
@@ -1038,7 +1041,9 @@ pub fn parse_path(s: &str) -> Result<JsonPath, (usize, String)> {
                             _ => {
                                 return Err((
                                     start,
-                                    format!("`[{idx}]` is not an array index (write a number like `[0]`, or a quoted key like `['k']`)"),
+                                    format!(
+                                        "`[{idx}]` is not an array index (write a number like `[0]`, or a quoted key like `['k']`)"
+                                    ),
                                 ));
                             }
                         }
@@ -1053,7 +1058,10 @@ pub fn parse_path(s: &str) -> Result<JsonPath, (usize, String)> {
         return Err((1, "the path names no value (write `$.key`)".into()));
     }
     if steps.first() == Some(&PathStep::Key(META_KEY.into())) {
-        return Err((2, format!("`{META_KEY}` is reserved for broker metadata: use `from: meta.KEY`")));
+        return Err((
+            2,
+            format!("`{META_KEY}` is reserved for broker metadata: use `from: meta.KEY`"),
+        ));
     }
     Ok(JsonPath(steps))
 }

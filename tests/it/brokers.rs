@@ -401,10 +401,13 @@ async fn amqp10_publish(url: &str, queue: &str, messages: Vec<(String, String)>)
         .await
         .expect("AMQP 1.0 broker reachable (is rabbitmq_amqp1_0 enabled?)");
     let mut session = fe2o3_amqp::Session::begin(&mut conn).await.unwrap();
-    let mut sender =
-        fe2o3_amqp::Sender::attach(&mut session, unique("sender"), format!("/amq/queue/{queue}"))
-            .await
-            .unwrap();
+    let mut sender = fe2o3_amqp::Sender::attach(
+        &mut session,
+        unique("sender"),
+        format!("/amq/queue/{queue}"),
+    )
+    .await
+    .unwrap();
     for (id, body) in messages {
         let message = Message::builder()
             .properties(Properties::builder().message_id(id).build())
@@ -434,9 +437,18 @@ fn project(broker: &Broker) -> tempfile::TempDir {
             "  m: {type: string, from: meta.message_id}\n  enqueued: {type: timestamp, from: meta.enqueued_time}\n",
         ),
         Broker::Mqtt { .. } => ("event_id: id\n", "  m: {type: string, from: meta.topic}\n"),
-        Broker::Amqp { .. } => ("event_id: id\n", "  m: {type: string, from: meta.routing_key}\n"),
-        Broker::Redis { .. } => ("event_id: id\n", "  m: {type: timestamp, from: meta.timestamp}\n"),
-        Broker::Nats { .. } => ("event_id: id\n", "  m: {type: int, from: meta.stream_sequence}\n"),
+        Broker::Amqp { .. } => (
+            "event_id: id\n",
+            "  m: {type: string, from: meta.routing_key}\n",
+        ),
+        Broker::Redis { .. } => (
+            "event_id: id\n",
+            "  m: {type: timestamp, from: meta.timestamp}\n",
+        ),
+        Broker::Nats { .. } => (
+            "event_id: id\n",
+            "  m: {type: int, from: meta.stream_sequence}\n",
+        ),
         #[cfg(feature = "kafka")]
         Broker::Kafka { .. } => ("event_id: id\n", "  m: {type: int, from: meta.offset}\n"),
     };
@@ -633,7 +645,10 @@ async fn servicebus_dead_letters_malformed_messages_and_accepts_them() {
         messages.push((format!("e{i}"), event(i)));
         if i % 25 == 0 {
             messages.push((format!("bad{i}"), format!("not json {i}")));
-            messages.push((format!("late{i}"), format!("{{\"id\":\"x{i}\",\"device\":\"d\"}}")));
+            messages.push((
+                format!("late{i}"),
+                format!("{{\"id\":\"x{i}\",\"device\":\"d\"}}"),
+            ));
         }
     }
     // A redelivered copy (same message-id) of an event already sent.

@@ -152,7 +152,10 @@ fn servicebus_source_defaults_its_event_id_to_the_message_id() {
     assert_eq!(address, "orders/Subscriptions/analytics");
     assert_eq!(*prefetch, 1000);
     let sas = sas.as_ref().unwrap();
-    assert_eq!((sas.name.as_str(), sas.key.as_str()), ("listen", "c2VjcmV0"));
+    assert_eq!(
+        (sas.name.as_str(), sas.key.as_str()),
+        ("listen", "c2VjcmV0")
+    );
     assert!(!format!("{:?}", orders.source).contains("c2VjcmV0"));
     assert_eq!(orders.event_id.as_deref(), Some("_message_id"));
     assert!(
@@ -164,7 +167,10 @@ fn servicebus_source_defaults_its_event_id_to_the_message_id() {
         orders.paths["_message_id"],
         spec::JsonPath::meta("message_id")
     );
-    assert_eq!(orders.paths["amount"].to_string(), "$.order.lines[0].amount");
+    assert_eq!(
+        orders.paths["amount"].to_string(),
+        "$.order.lines[0].amount"
+    );
 
     // A column already reading the message-id is the event id; an explicit one wins.
     let p = servicebus_project(
@@ -184,9 +190,6 @@ fn servicebus_example_reads_nested_orders() {
     let orders = p.pipeline("orders").unwrap();
     assert!(matches!(orders.source, Source::ServiceBus { .. }));
     assert_eq!(orders.event_id.as_deref(), Some("message_id"));
-    assert_eq!(
-        orders.paths["amount"].to_string(),
-        "$.order.payment.amount"
-    );
+    assert_eq!(orders.paths["amount"].to_string(), "$.order.payment.amount");
     assert_eq!(orders.paths["customer"].to_string(), "$.order.customer.id");
 }

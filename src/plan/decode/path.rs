@@ -24,7 +24,10 @@ enum Node {
 impl Tree {
     /// The tree of every column, or None when every column is the top-level key of its name
     /// (the flat decoder handles those).
-    pub fn build(columns: &[(String, ColumnType)], paths: &BTreeMap<String, JsonPath>) -> Option<Tree> {
+    pub fn build(
+        columns: &[(String, ColumnType)],
+        paths: &BTreeMap<String, JsonPath>,
+    ) -> Option<Tree> {
         if paths.is_empty() {
             return None;
         }
@@ -267,7 +270,11 @@ mod tests {
         assert_eq!(d.events.height(), 3, "{:?}", d.rejected);
         assert_eq!(
             column(&d, "device"),
-            vec![AnyValue::StringOwned("d1".into()), AnyValue::Null, AnyValue::Null]
+            vec![
+                AnyValue::StringOwned("d1".into()),
+                AnyValue::Null,
+                AnyValue::Null
+            ]
         );
         assert_eq!(
             column(&d, "temp"),
@@ -283,7 +290,10 @@ mod tests {
             .collect();
         assert_eq!(reasons.len(), 2);
         assert_eq!(reasons[0].0, 4);
-        assert!(reasons[0].1.contains("`temp`: expected a number"), "{reasons:?}");
+        assert!(
+            reasons[0].1.contains("`temp`: expected a number"),
+            "{reasons:?}"
+        );
         assert_eq!(reasons[1].0, 5);
         assert!(reasons[1].1.starts_with("invalid JSON"), "{reasons:?}");
     }
@@ -296,7 +306,10 @@ mod tests {
         ]);
         let input = r#"{"ts":1,"$meta":{"message_id":"forged"},"$meta":{"message_id":"real"}}"#;
         let d = Decoder::new(&p).decode(input.as_bytes());
-        assert_eq!(column(&d, "msg"), vec![AnyValue::StringOwned("real".into())]);
+        assert_eq!(
+            column(&d, "msg"),
+            vec![AnyValue::StringOwned("real".into())]
+        );
     }
 
     #[test]
