@@ -150,6 +150,7 @@ async fn amqp(url: String) {
     amqp_delete(&url, &queue).await;
 }
 
+#[cfg(feature = "servicebus")]
 /// The `servicebus` source (AMQP 1.0) on RabbitMQ's AMQP 1.0 plugin, reading a queue filled
 /// over 0-9-1 (the fastest way to pre-publish; the source's side is what is measured).
 async fn servicebus(url: String, classic: String) {
@@ -348,6 +349,7 @@ fn main() {
         }
         if let Some(url) = var("LAMBDA_TEST_AMQP") {
             amqp(url.clone()).await;
+            #[cfg(feature = "servicebus")]
             if let Some(sb) = var("LAMBDA_TEST_SERVICEBUS") {
                 servicebus(sb, url).await;
             }

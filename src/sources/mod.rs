@@ -14,6 +14,7 @@ pub mod kafka;
 pub mod mqtt;
 pub mod nats;
 pub mod redis;
+#[cfg(feature = "servicebus")]
 pub mod servicebus;
 pub mod status;
 
@@ -57,10 +58,16 @@ pub fn spawn(
             let source = amqp::AmqpSource::new(rt, &url, &queue, prefetch);
             Some(tokio::spawn(broker::run(source, shutdown)))
         }
+        #[cfg(feature = "servicebus")]
         Source::ServiceBus { .. } => {
             let source = servicebus::ServiceBusSource::new(rt)?;
             Some(tokio::spawn(broker::run(source, shutdown)))
         }
+        #[cfg(not(feature = "servicebus"))]
+        Source::ServiceBus { .. } => anyhow::bail!(
+            "pipeline `{}`: the `servicebus` source is not available in this build of lambda-ctl (built without the `servicebus` cargo feature)",
+            rt.pipeline.name
+        ),
         Source::Redis {
             url,
             stream,

@@ -139,7 +139,10 @@ pub fn build(d: &mut Diagnostics, root: &Node, file: &Path) -> Option<Pipeline> 
         Duration::from_secs(86_400),
         read::duration,
     );
-    if obj.value("dedupe_window").is_some() && event_id.is_none() {
+    // (A servicebus pipeline's event id defaults to the message-id even when the schema has
+    // errors: no second, misleading error about the window.)
+    let defaulted = matches!(source, Some(Source::ServiceBus { .. }));
+    if obj.value("dedupe_window").is_some() && event_id.is_none() && !defaulted {
         d.error(
             obj.get("dedupe_window").map_or(obj.loc, Node::loc),
             "`dedupe_window` has no effect without `event_id`",
