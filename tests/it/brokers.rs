@@ -425,9 +425,11 @@ async fn amqp10_publish(url: &str, queue: &str, messages: Vec<(String, String)>)
             .accepted_or("not accepted")
             .unwrap();
     }
-    sender.close().await.unwrap();
-    session.end().await.unwrap();
-    conn.close().await.unwrap();
+    // Every message is accepted above; RabbitMQ 3.10 answers a closing detach in a way the
+    // client calls an illegal state, so the teardown is best effort.
+    let _ = sender.close().await;
+    let _ = session.end().await;
+    let _ = conn.close().await;
 }
 
 fn project(broker: &Broker) -> tempfile::TempDir {
