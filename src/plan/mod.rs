@@ -351,6 +351,10 @@ fn logic_hash(p: &Pipeline, view: &ViewLayout) -> String {
     );
     for (name, t) in &p.schema {
         text.push_str(&format!("schema: {name} {}\n", t.name()));
+        // Only nested columns add a line: flat schemas keep their earlier hash.
+        if let Some(path) = p.paths.get(name) {
+            text.push_str(&format!("path: {name} {path}\n"));
+        }
     }
     if let Some(f) = &p.filter {
         text.push_str(&format!("filter: {}\n", f.trim()));

@@ -82,6 +82,7 @@ pub(super) fn test_pipeline() -> Pipeline {
         source: Source::Http,
         format: Format::Json,
         schema: schema(),
+        paths: Default::default(),
         event_time: "ts".into(),
         event_id: None,
         dedupe_window: Duration::from_secs(86_400),

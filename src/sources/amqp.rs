@@ -99,6 +99,7 @@ impl broker::Session for AmqpSource {
                 }
             }
         });
+        let meta = broker::meta_keys(&self.rt);
         // A batch never needs more deliveries than the broker lets be unacknowledged.
         let max = broker::MAX_BATCH.min(usize::from(self.prefetch));
         let result = loop {
@@ -115,7 +116,7 @@ impl broker::Session for AmqpSource {
             for delivery in batch {
                 match delivery {
                     Ok(d) => {
-                        body.push(&d.data);
+                        body.push_meta(&d.data, &meta, |k| meta_value(&d, k));
                         last_tag = Some(d.delivery_tag);
                     }
                     Err(e) => {
@@ -139,6 +140,27 @@ impl broker::Session for AmqpSource {
         };
         let _ = conn.close(200, "lambda-ctl stopping".into()).await;
         result
+    }
+}
+
+/// One `meta.*` value of a delivery (`spec::AMQP_META`).
+fn meta_value(d: &lapin::message::Delivery, key: &str) -> serde_json::Value {
+    use serde_json::Value as J;
+    let text =
+        |s: &Option<lapin::types::ShortString>| s.as_ref().map_or(J::Null, |s| J::from(s.as_str()));
+    let p = &d.properties;
+    match key {
+        "message_id" => text(p.message_id()),
+        "correlation_id" => text(p.correlation_id()),
+        "content_type" => text(p.content_type()),
+        "app_id" => text(p.app_id()),
+        "timestamp" => p
+            .timestamp()
+            .map_or(J::Null, |s| J::from(s.saturating_mul(1000))),
+        "exchange" => J::from(d.exchange.as_str()),
+        "routing_key" => J::from(d.routing_key.as_str()),
+        "redelivered" => J::from(d.redelivered),
+        _ => J::Null,
     }
 }
 

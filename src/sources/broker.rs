@@ -144,6 +144,35 @@ fn log_session_end(
     }
 }
 
+/// The `meta.*` keys the pipeline's schema reads (`from: meta.KEY`), sorted; empty when it
+/// reads none, and then sources push payloads as they are.
+pub fn meta_keys(rt: &PipelineRuntime) -> Vec<String> {
+    let mut keys: Vec<String> = rt
+        .pipeline
+        .paths
+        .values()
+        .filter_map(|p| p.meta_key().map(String::from))
+        .collect();
+    keys.sort();
+    keys.dedup();
+    keys
+}
+
+/// The members of one message's `$meta` object as JSON text: each key of `keys` with the
+/// value `value` gives for it (null when the message does not carry it).
+pub fn meta_json(keys: &[String], mut value: impl FnMut(&str) -> serde_json::Value) -> String {
+    let mut out = String::new();
+    for key in keys {
+        if !out.is_empty() {
+            out.push(',');
+        }
+        out.push_str(&serde_json::Value::from(key.as_str()).to_string());
+        out.push(':');
+        out.push_str(&value(key).to_string());
+    }
+    out
+}
+
 /// Message payloads joined into one door body. JSON payloads are NDJSON (one or more lines);
 /// CSV payloads each carry their header line, which is kept from the first payload only (all
 /// messages of one pipeline share the schema's header).
@@ -177,6 +206,55 @@ impl Body {
         self.buf.extend_from_slice(payload);
         if !payload.ends_with(b"\n") {
             self.buf.push(b'\n');
+        }
+    }
+
+    /// `push`, or `push_with_meta` with the `$meta` members `keys` and `value` give when the
+    /// pipeline reads any.
+    pub fn push_meta(
+        &mut self,
+        payload: &[u8],
+        keys: &[String],
+        value: impl FnMut(&str) -> serde_json::Value,
+    ) {
+        if keys.is_empty() {
+            self.push(payload);
+        } else {
+            self.push_with_meta(payload, &meta_json(keys, value));
+        }
+    }
+
+    /// Like `push`, adding `meta` — the members of the `$meta` object, as JSON text like
+    /// `"message_id":"m1","enqueued_time":1700000000000` — to every JSON object line of the
+    /// payload (as its last member, so it wins over a `$meta` key the producer wrote). A line
+    /// that is not an object is left as is: the door rejects it with its reason.
+    pub fn push_with_meta(&mut self, payload: &[u8], meta: &str) {
+        if self.csv {
+            return self.push(payload);
+        }
+        self.messages += 1;
+        for line in payload.split(|c| *c == b'\n') {
+            let trimmed = line.trim_ascii();
+            if trimmed.is_empty() {
+                continue;
+            }
+            match (trimmed.first(), trimmed.split_last()) {
+                (Some(b'{'), Some((b'}', head))) => {
+                    self.buf.extend_from_slice(head);
+                    if !head[1..].trim_ascii().is_empty() {
+                        self.buf.push(b',');
+                    }
+                    self.buf.extend_from_slice(b"\"");
+                    self.buf.extend_from_slice(crate::spec::META_KEY.as_bytes());
+                    self.buf.extend_from_slice(b"\":{");
+                    self.buf.extend_from_slice(meta.as_bytes());
+                    self.buf.extend_from_slice(b"}}\n");
+                }
+                _ => {
+                    self.buf.extend_from_slice(line);
+                    self.buf.push(b'\n');
+                }
+            }
         }
     }
 
@@ -259,6 +337,22 @@ mod tests {
         assert_eq!(
             &b.into_bytes()[..],
             b"{\"a\":1}\n{\"a\":2}\n{\"a\":3}\n".as_slice()
+        );
+    }
+
+    #[test]
+    fn meta_goes_last_into_every_object_line() {
+        let mut b = Body::new(Format::Json);
+        b.push_with_meta(b"{\"a\":1}", "\"message_id\":\"m1\"");
+        b.push_with_meta(b" { } \n{\"a\":2}\r\n", "\"message_id\":null");
+        b.push_with_meta(b"not json\n[1]", "\"message_id\":\"m3\"");
+        assert_eq!(b.messages(), 3);
+        assert_eq!(
+            std::str::from_utf8(&b.into_bytes()).unwrap(),
+            "{\"a\":1,\"$meta\":{\"message_id\":\"m1\"}}\n\
+             { \"$meta\":{\"message_id\":null}}\n\
+             {\"a\":2,\"$meta\":{\"message_id\":null}}\n\
+             not json\n[1]\n"
         );
     }
 

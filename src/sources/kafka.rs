@@ -215,6 +215,7 @@ impl KafkaSource {
         shutdown: &CancellationToken,
     ) -> anyhow::Result<()> {
         let mut stream = consumer.stream().map(owned);
+        let meta = broker::meta_keys(&self.rt);
         while let Some(batch) = broker::next_batch(&mut stream, broker::MAX_BATCH, shutdown).await {
             let mut received = Vec::with_capacity(batch.len());
             let mut failure = None;
@@ -232,8 +233,13 @@ impl KafkaSource {
             }
             let (fresh, next) = self.fresh(&received);
             let mut body = Body::new(self.rt.pipeline.format);
-            for (_, _, payload) in fresh {
-                body.push(payload.as_deref().unwrap_or_default());
+            for (partition, offset, payload) in fresh {
+                body.push_meta(payload.as_deref().unwrap_or_default(), &meta, |k| match k {
+                    "topic" => serde_json::Value::from(self.topic.as_str()),
+                    "partition" => serde_json::Value::from(*partition),
+                    "offset" => serde_json::Value::from(*offset),
+                    _ => serde_json::Value::Null,
+                });
             }
             if !broker::ingest_durably(&self.rt, "kafka", body.into_bytes(), shutdown).await {
                 return Ok(());

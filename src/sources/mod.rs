@@ -1,7 +1,7 @@
 //! Sources: where events come from, one file per kind. Every source feeds the pipeline's door,
 //! which logs every event durably before acknowledging it; HTTP is served by
 //! `serving::http`, the others run as tasks started here. Broker sources (`mqtt`, `amqp`,
-//! `redis`, `nats`, `kafka`) acknowledge upstream only after the door returned (see `broker`;
+//! `redis`, `nats`, `kafka`, `servicebus`) acknowledge upstream only after the door returned (see `broker`;
 //! kafka only after the segment is sealed). Each reports its lag into the runtime's
 //! `status::SourceStatus`.
 
@@ -14,6 +14,8 @@ pub mod kafka;
 pub mod mqtt;
 pub mod nats;
 pub mod redis;
+#[cfg(feature = "servicebus")]
+pub mod servicebus;
 pub mod status;
 
 use std::path::Path;
@@ -56,6 +58,16 @@ pub fn spawn(
             let source = amqp::AmqpSource::new(rt, &url, &queue, prefetch);
             Some(tokio::spawn(broker::run(source, shutdown)))
         }
+        #[cfg(feature = "servicebus")]
+        Source::ServiceBus { .. } => {
+            let source = servicebus::ServiceBusSource::new(rt)?;
+            Some(tokio::spawn(broker::run(source, shutdown)))
+        }
+        #[cfg(not(feature = "servicebus"))]
+        Source::ServiceBus { .. } => anyhow::bail!(
+            "pipeline `{}`: the `servicebus` source is not available in this build of lambda-ctl (built without the `servicebus` cargo feature)",
+            rt.pipeline.name
+        ),
         Source::Redis {
             url,
             stream,

@@ -92,12 +92,18 @@ impl MqttSource {
             shutdown.clone(),
         ));
         let mut publishes = futures::stream::poll_fn(move |cx| rx.poll_recv(cx));
+        let meta = broker::meta_keys(&self.rt);
         while let Some(batch) =
             broker::next_batch(&mut publishes, broker::MAX_BATCH, &shutdown).await
         {
             let mut body = Body::new(self.rt.pipeline.format);
             for p in &batch {
-                body.push(&p.payload);
+                body.push_meta(&p.payload, &meta, |k| match k {
+                    "topic" => serde_json::Value::from(p.topic.as_str()),
+                    "qos" => serde_json::Value::from(p.qos as u8),
+                    "retain" => serde_json::Value::from(p.retain),
+                    _ => serde_json::Value::Null,
+                });
             }
             if !broker::ingest_durably(&self.rt, "mqtt", body.into_bytes(), &shutdown).await {
                 break;

@@ -140,13 +140,14 @@ impl broker::Session for NatsSource {
             anyhow::Ok(())
         });
         let mut failure = None;
+        let meta = broker::meta_keys(&self.rt);
         while let Some(batch) = broker::next_batch(&mut messages, BATCH, shutdown).await {
             let mut body = Body::new(self.rt.pipeline.format);
             let mut received = Vec::with_capacity(batch.len());
             for m in batch {
                 match m {
                     Ok(m) => {
-                        body.push(&m.payload);
+                        body.push_meta(&m.payload, &meta, |k| meta_value(&m, k));
                         received.push(m);
                     }
                     Err(e) => {
@@ -195,4 +196,19 @@ async fn acknowledge(ack_all: bool, received: &[jetstream::Message]) -> anyhow::
         }
     }
     Ok(())
+}
+
+/// One `meta.*` value of a JetStream message (`spec::NATS_META`).
+fn meta_value(m: &async_nats::jetstream::Message, key: &str) -> serde_json::Value {
+    use serde_json::Value as J;
+    let info = m.info().ok();
+    match key {
+        "subject" => J::from(m.subject.as_str()),
+        "stream_sequence" => info.map_or(J::Null, |i| J::from(i.stream_sequence)),
+        "published" => info.map_or(J::Null, |i| {
+            J::from((i.published.unix_timestamp_nanos() / 1_000_000) as i64)
+        }),
+        "delivered" => info.map_or(J::Null, |i| J::from(i.delivered)),
+        _ => J::Null,
+    }
 }

@@ -234,8 +234,19 @@ impl RedisSource {
         let mut body = Body::new(self.rt.pipeline.format);
         // A pending entry trimmed or deleted from the stream comes back without fields:
         // nothing to ingest, but it is acknowledged so it leaves the pending list.
+        let meta = broker::meta_keys(&self.rt);
         for e in entries.iter().filter(|e| !e.map.is_empty()) {
-            body.push(&payload(e));
+            body.push_meta(&payload(e), &meta, |k| match k {
+                "stream" => serde_json::Value::from(self.stream.as_str()),
+                "id" => serde_json::Value::from(e.id.as_str()),
+                // An entry id is `MILLISECONDS-SEQUENCE`.
+                "timestamp" => {
+                    e.id.split_once('-')
+                        .and_then(|(ms, _)| ms.parse::<i64>().ok())
+                        .map_or(serde_json::Value::Null, serde_json::Value::from)
+                }
+                _ => serde_json::Value::Null,
+            });
         }
         if !broker::ingest_durably(&self.rt, "redis", body.into_bytes(), shutdown).await {
             return Ok(false);

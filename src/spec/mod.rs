@@ -188,10 +188,16 @@ fn read_node(
             return None;
         }
     };
+    // Checked on the file as written; reported without stopping the file's validation.
+    let secrets = pipeline::literal_secrets(&node);
     for (loc, message) in node.interpolate(env) {
         d.error(loc, message);
     }
-    d.is_empty().then_some(node)
+    let ok = d.is_empty();
+    for (loc, message) in secrets {
+        d.error(loc, message);
+    }
+    ok.then_some(node)
 }
 
 /// `*.yaml` / `*.yml` in `dir`, sorted; a missing directory is an empty project part.

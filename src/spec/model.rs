@@ -84,6 +84,9 @@ pub struct Pipeline {
     pub format: Format,
     /// Declared columns, in file order.
     pub schema: Vec<(String, ColumnType)>,
+    /// Columns not read from the top-level JSON key of their name: a `path:` into the event
+    /// or a broker's metadata (`from: meta.KEY`, the path `$meta.KEY`). JSON only.
+    pub paths: BTreeMap<String, JsonPath>,
     /// A `timestamp` column of the schema.
     pub event_time: String,
     /// A column of the schema used to drop redelivered events.
@@ -150,6 +153,88 @@ pub enum Source {
         queue: String,
         prefetch: u16,
     },
+    /// AMQP 1.0 (Azure Service Bus, RabbitMQ's AMQP 1.0 plugin): one queue or subscription.
+    ServiceBus {
+        /// `amqp://[user:pass@]host[:port]` or `amqps://…`; credentials mean SASL PLAIN.
+        url: String,
+        /// The node address the receiver attaches to (a queue, or `TOPIC/Subscriptions/SUB`).
+        address: String,
+        /// Shared access signature: SASL ANONYMOUS plus a CBS put-token for the entity.
+        sas: Option<SasKey>,
+        /// Link credit: messages the broker may deliver ahead of their acceptance.
+        prefetch: u32,
+    },
+}
+
+/// A Service Bus shared access key (policy name and key), from the environment.
+#[derive(Clone, PartialEq, Eq)]
+pub struct SasKey {
+    pub name: String,
+    pub key: String,
+}
+
+impl std::fmt::Debug for SasKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SasKey")
+            .field("name", &self.name)
+            .field("key", &"<redacted>")
+            .finish()
+    }
+}
+
+/// The top-level key a broker source adds to each JSON event for its `meta.*` columns.
+pub const META_KEY: &str = "$meta";
+
+/// One step of a [`JsonPath`].
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum PathStep {
+    Key(String),
+    Index(usize),
+}
+
+/// Where a column's value sits in a JSON event, from the top-level object: `$.a.b[0]`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct JsonPath(pub Vec<PathStep>);
+
+impl JsonPath {
+    /// The path of metadata key `key` (`from: meta.KEY`).
+    pub fn meta(key: &str) -> JsonPath {
+        JsonPath(vec![
+            PathStep::Key(META_KEY.into()),
+            PathStep::Key(key.into()),
+        ])
+    }
+
+    /// The metadata key this path reads, if it is a `meta.KEY` path.
+    pub fn meta_key(&self) -> Option<&str> {
+        match self.0.as_slice() {
+            [PathStep::Key(m), PathStep::Key(k)] if m == META_KEY => Some(k),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for JsonPath {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if let Some(k) = self.meta_key() {
+            return write!(f, "meta.{k}");
+        }
+        f.write_str("$")?;
+        for step in &self.0 {
+            match step {
+                PathStep::Key(k)
+                    if !k.is_empty()
+                        && k.chars()
+                            .all(|c| c.is_alphanumeric() || c == '_' || c == '-') =>
+                {
+                    write!(f, ".{k}")?
+                }
+                PathStep::Key(k) => write!(f, "[{}]", serde_json::Value::from(k.as_str()))?,
+                PathStep::Index(i) => write!(f, "[{i}]")?,
+            }
+        }
+        Ok(())
+    }
 }
 
 /// How the `kafka` source authenticates and encrypts (librdkafka `security.protocol`,
@@ -247,7 +332,94 @@ impl Source {
             Source::Mqtt { .. } => "mqtt",
             Source::Redis { .. } => "redis",
             Source::Amqp { .. } => "amqp",
+            Source::ServiceBus { .. } => "servicebus",
         }
+    }
+
+    /// The metadata a source can add to each event as `from: meta.KEY` columns (JSON only),
+    /// each with the type it arrives as.
+    pub fn meta_keys(&self) -> &'static [(&'static str, ColumnType)] {
+        match self {
+            Source::ServiceBus { .. } => SERVICEBUS_META,
+            Source::Amqp { .. } => AMQP_META,
+            Source::Mqtt { .. } => MQTT_META,
+            Source::Redis { .. } => REDIS_META,
+            Source::Nats { .. } => NATS_META,
+            Source::Kafka { .. } => KAFKA_META,
+            Source::Http | Source::Generator { .. } | Source::File { .. } => &[],
+        }
+    }
+}
+
+/// `meta.*` keys of the `servicebus` source: AMQP 1.0 message properties and header, and the
+/// Service Bus annotations (`x-opt-enqueued-time`, `x-opt-sequence-number`,
+/// `x-opt-partition-key`; absent on other brokers, so null there).
+pub const SERVICEBUS_META: &[(&str, ColumnType)] = &[
+    ("message_id", ColumnType::String),
+    ("correlation_id", ColumnType::String),
+    ("subject", ColumnType::String),
+    ("content_type", ColumnType::String),
+    ("to", ColumnType::String),
+    ("reply_to", ColumnType::String),
+    ("user_id", ColumnType::String),
+    ("creation_time", ColumnType::Timestamp),
+    ("enqueued_time", ColumnType::Timestamp),
+    ("sequence_number", ColumnType::Int),
+    ("partition_key", ColumnType::String),
+    ("delivery_count", ColumnType::Int),
+];
+
+/// `meta.*` keys of the `amqp` source (AMQP 0-9-1 delivery and basic properties; the
+/// properties' `timestamp` is in seconds, given as a timestamp).
+pub const AMQP_META: &[(&str, ColumnType)] = &[
+    ("message_id", ColumnType::String),
+    ("correlation_id", ColumnType::String),
+    ("content_type", ColumnType::String),
+    ("app_id", ColumnType::String),
+    ("timestamp", ColumnType::Timestamp),
+    ("exchange", ColumnType::String),
+    ("routing_key", ColumnType::String),
+    ("redelivered", ColumnType::Bool),
+];
+
+/// `meta.*` keys of the `mqtt` source (the PUBLISH packet).
+pub const MQTT_META: &[(&str, ColumnType)] = &[
+    ("topic", ColumnType::String),
+    ("qos", ColumnType::Int),
+    ("retain", ColumnType::Bool),
+];
+
+/// `meta.*` keys of the `redis` source: the entry id and the time in it.
+pub const REDIS_META: &[(&str, ColumnType)] = &[
+    ("stream", ColumnType::String),
+    ("id", ColumnType::String),
+    ("timestamp", ColumnType::Timestamp),
+];
+
+/// `meta.*` keys of the `nats` source (JetStream message and its ack metadata).
+pub const NATS_META: &[(&str, ColumnType)] = &[
+    ("subject", ColumnType::String),
+    ("stream_sequence", ColumnType::Int),
+    ("published", ColumnType::Timestamp),
+    ("delivered", ColumnType::Int),
+];
+
+/// `meta.*` keys of the `kafka` source.
+pub const KAFKA_META: &[(&str, ColumnType)] = &[
+    ("topic", ColumnType::String),
+    ("partition", ColumnType::Int),
+    ("offset", ColumnType::Int),
+];
+
+impl ColumnType {
+    /// Whether a value arriving as `self` can fill a column of type `column`: the same type,
+    /// or epoch milliseconds as an int, or an int as a float.
+    pub fn fits(self, column: ColumnType) -> bool {
+        self == column
+            || matches!(
+                (self, column),
+                (ColumnType::Timestamp, ColumnType::Int) | (ColumnType::Int, ColumnType::Float)
+            )
     }
 }
 

@@ -8,7 +8,7 @@ use super::diag::{Diagnostics, did_you_mean};
 use super::expr;
 use super::model::*;
 use super::read::{self, Obj};
-use super::yaml::Node;
+use super::yaml::{Loc, Node};
 
 const KEYS: &[&str] = &[
     "name",
@@ -33,6 +33,7 @@ const SOURCE_TYPES: &[&str] = &[
     "mqtt",
     "redis",
     "amqp",
+    "servicebus",
 ];
 pub const AGGREGATES: &[&str] = &[
     "count",
@@ -77,11 +78,33 @@ pub fn build(d: &mut Diagnostics, root: &Node, file: &Path) -> Option<Pipeline> 
             None => None,
         },
     };
-    let schema = obj
+    let mapped = obj
         .required(d, "schema", "pipeline")
-        .and_then(|n| schema(d, n));
-    let schema_ok = schema.is_some();
-    let schema = schema.unwrap_or_default();
+        .and_then(|n| schema(d, n, source.as_ref(), format));
+    let schema_ok = mapped.is_some();
+    let (mut schema, mut paths) = mapped.unwrap_or_default();
+    // AMQP 1.0 messages carry a message-id: without `event_id`, it is the one (a column
+    // `_message_id` of the events), so redeliveries are dropped at the door.
+    let mut default_event_id = None;
+    if schema_ok
+        && matches!(source, Some(Source::ServiceBus { .. }))
+        && obj.value("event_id").is_none()
+        && format == Some(Format::Json)
+    {
+        let message_id = JsonPath::meta("message_id");
+        let declared = paths
+            .iter()
+            .find(|(_, p)| **p == message_id)
+            .map(|(c, _)| c.clone());
+        default_event_id = Some(declared.unwrap_or_else(|| {
+            let col = DEFAULT_MESSAGE_ID.to_string();
+            if !schema.iter().any(|(c, _)| *c == col) {
+                schema.push((col.clone(), ColumnType::String));
+                paths.insert(col.clone(), message_id);
+            }
+            col
+        }));
+    }
 
     let event_time = obj.required(d, "event_time", "pipeline").and_then(|n| {
         let col = read::string(d, n, "event_time")?;
@@ -98,14 +121,17 @@ pub fn build(d: &mut Diagnostics, root: &Node, file: &Path) -> Option<Pipeline> 
             }
         }
     });
-    let event_id = obj.value("event_id").and_then(|n| {
-        let col = read::string(d, n, "event_id")?;
-        if schema_ok && !schema.iter().any(|(c, _)| *c == col) {
-            d.error(n.loc(), unknown_column("event_id", &col, &schema));
-            return None;
-        }
-        Some(col)
-    });
+    let event_id = obj
+        .value("event_id")
+        .and_then(|n| {
+            let col = read::string(d, n, "event_id")?;
+            if schema_ok && !schema.iter().any(|(c, _)| *c == col) {
+                d.error(n.loc(), unknown_column("event_id", &col, &schema));
+                return None;
+            }
+            Some(col)
+        })
+        .or(default_event_id);
     let dedupe_window = optional(
         d,
         &obj,
@@ -113,7 +139,10 @@ pub fn build(d: &mut Diagnostics, root: &Node, file: &Path) -> Option<Pipeline> 
         Duration::from_secs(86_400),
         read::duration,
     );
-    if obj.value("dedupe_window").is_some() && obj.value("event_id").is_none() {
+    // (A servicebus pipeline's event id defaults to the message-id even when the schema has
+    // errors: no second, misleading error about the window.)
+    let defaulted = matches!(source, Some(Source::ServiceBus { .. }));
+    if obj.value("dedupe_window").is_some() && event_id.is_none() && !defaulted {
         d.error(
             obj.get("dedupe_window").map_or(obj.loc, Node::loc),
             "`dedupe_window` has no effect without `event_id`",
@@ -222,6 +251,7 @@ pub fn build(d: &mut Diagnostics, root: &Node, file: &Path) -> Option<Pipeline> 
         source: source?,
         format: format?,
         schema,
+        paths,
         event_time: event_time?,
         event_id,
         dedupe_window: dedupe_window?,
@@ -291,6 +321,16 @@ fn source(d: &mut Diagnostics, node: &Node, pipeline: &str) -> Option<Source> {
         "mqtt" => &["type", "url", "topic", "qos", "client_id"],
         "redis" => &["type", "url", "stream", "group", "consumer"],
         "amqp" => &["type", "url", "queue", "prefetch"],
+        "servicebus" => &[
+            "type",
+            "url",
+            "queue",
+            "topic",
+            "subscription",
+            "sas_key_name",
+            "sas_key",
+            "prefetch",
+        ],
         other => {
             d.error(
                 ty_node.loc(),
@@ -414,9 +454,147 @@ fn source(d: &mut Diagnostics, node: &Node, pipeline: &str) -> Option<Source> {
                 prefetch: prefetch?,
             }
         }
+        "servicebus" => servicebus(d, &obj)?,
         _ => unreachable!("source types are matched above"),
     };
     Some(src)
+}
+
+/// The column holding the AMQP message-id when a `servicebus` pipeline names no `event_id`.
+pub const DEFAULT_MESSAGE_ID: &str = "_message_id";
+
+/// A `servicebus` source: the URL's scheme, exactly one entity, SAS keys given together.
+fn servicebus(d: &mut Diagnostics, obj: &Obj) -> Option<Source> {
+    let what = "servicebus source";
+    let url = obj.required(d, "url", what).and_then(|n| {
+        let s = read::string(d, n, "url")?;
+        match url::Url::parse(&s) {
+            Ok(u) if matches!(u.scheme(), "amqp" | "amqps") && u.host_str().is_some() => Some(s),
+            Ok(u) if !matches!(u.scheme(), "amqp" | "amqps") => {
+                d.error(
+                    n.loc(),
+                    format!(
+                        "servicebus `url` must start with amqps:// (Service Bus) or amqp:// (a local broker), found `{}://`",
+                        u.scheme()
+                    ),
+                );
+                None
+            }
+            _ => {
+                d.error(
+                    n.loc(),
+                    format!(
+                        "invalid servicebus `url` `{s}` (write amqps://NAMESPACE.servicebus.windows.net or amqp://127.0.0.1:5672)"
+                    ),
+                );
+                None
+            }
+        }
+    });
+    let text =
+        |d: &mut Diagnostics, key: &str| obj.value(key).and_then(|n| read::string(d, n, key));
+    let (queue, topic, subscription) =
+        (text(d, "queue"), text(d, "topic"), text(d, "subscription"));
+    let address = match (queue, topic, subscription) {
+        (Some(q), None, None) => Some(q),
+        (None, Some(t), Some(s)) => Some(format!("{t}/Subscriptions/{s}")),
+        (Some(_), _, _) => {
+            d.error(
+                obj.get("topic")
+                    .or(obj.get("subscription"))
+                    .map_or(obj.loc, Node::loc),
+                "a servicebus source reads either a `queue` or a `topic` with a `subscription`, not both",
+            );
+            None
+        }
+        (None, Some(_), None) => {
+            d.error(
+                obj.get("topic").map_or(obj.loc, Node::loc),
+                "`topic` needs a `subscription` (the subscription this pipeline reads)",
+            );
+            None
+        }
+        (None, None, Some(_)) => {
+            d.error(
+                obj.get("subscription").map_or(obj.loc, Node::loc),
+                "`subscription` needs the `topic` it belongs to",
+            );
+            None
+        }
+        (None, None, None) => {
+            if obj.get("queue").is_none() && obj.get("topic").is_none() {
+                d.error(
+                    obj.loc,
+                    "servicebus source is missing `queue` (or `topic` and `subscription`)",
+                );
+            }
+            None
+        }
+    };
+    // Present but empty: typically a `${VAR:-}` whose variable is unset.
+    let secret = |d: &mut Diagnostics, key: &str| -> Option<Option<String>> {
+        let Some(n) = obj.get(key) else {
+            return Some(None);
+        };
+        if !n.is_null()
+            && let Some(s) = read::string(d, n, key)
+            && !s.is_empty()
+        {
+            return Some(Some(s));
+        }
+        d.error(
+            n.loc(),
+            format!("`{key}` is empty (write `${{VAR}}` and set VAR in the environment)"),
+        );
+        None
+    };
+    let sas = match (secret(d, "sas_key_name")?, secret(d, "sas_key")?) {
+        (Some(name), Some(key)) => Some(SasKey { name, key }),
+        (None, None) => None,
+        (Some(_), None) | (None, Some(_)) => {
+            d.error(
+                obj.get("sas_key_name")
+                    .or(obj.get("sas_key"))
+                    .map_or(obj.loc, Node::loc),
+                "`sas_key_name` and `sas_key` go together (a shared access policy and its key)",
+            );
+            return None;
+        }
+    };
+    let prefetch =
+        optional(d, obj, "prefetch", 1000, read::integer).and_then(|p| match u32::try_from(p) {
+            Ok(p) if (1..=100_000).contains(&p) => Some(p),
+            _ => {
+                d.error(
+                    obj.get("prefetch").map_or(obj.loc, Node::loc),
+                    "`prefetch` must be between 1 and 100000",
+                );
+                None
+            }
+        });
+    Some(Source::ServiceBus {
+        url: url?,
+        address: address?,
+        sas,
+        prefetch: prefetch?,
+    })
+}
+
+/// Where a secret of a pipeline file is written as a literal rather than `${VAR}`: checked on
+/// the file as written, before interpolation. Only `source.sas_key` is such a secret.
+pub fn literal_secrets(root: &Node) -> Vec<(Loc, String)> {
+    let mut out = Vec::new();
+    if let Some(source) = root.get("source")
+        && let Some(Node::Scalar { value, loc, .. }) = source.get("sas_key")
+        && !value.trim().is_empty()
+        && !(value.trim_start().starts_with("${") && value.trim_end().ends_with('}'))
+    {
+        out.push((
+            *loc,
+            "`sas_key` is a secret: write it as `${VAR}` and set VAR in the environment, not in the file".to_string(),
+        ));
+    }
+    out
 }
 
 /// `1000/s`, `60/m`, `3600/h` or a plain number (per second).
@@ -611,7 +789,17 @@ fn kafka_properties(
     ok.then_some(out)
 }
 
-fn schema(d: &mut Diagnostics, node: &Node) -> Option<Vec<(String, ColumnType)>> {
+/// Declared columns and the paths of those not read from the top-level key of their name.
+type Mapped = (Vec<(String, ColumnType)>, BTreeMap<String, JsonPath>);
+
+/// `schema:` — each entry `col: TYPE` (the top-level key `col`), or
+/// `col: {type: TYPE, path: $.a.b[0]}`, or `col: {type: TYPE, from: meta.KEY}`.
+fn schema(
+    d: &mut Diagnostics,
+    node: &Node,
+    source: Option<&Source>,
+    format: Option<Format>,
+) -> Option<Mapped> {
     let Node::Map { entries, .. } = node else {
         d.error(
             node.loc(),
@@ -627,6 +815,9 @@ fn schema(d: &mut Diagnostics, node: &Node) -> Option<Vec<(String, ColumnType)>>
         return None;
     }
     let mut out = Vec::new();
+    let mut paths: BTreeMap<String, (JsonPath, Loc)> = BTreeMap::new();
+    // `from: meta.KEY` columns: the type each value arrives as, checked against the column's.
+    let mut meta_types: Vec<(String, ColumnType, Loc)> = Vec::new();
     let mut ok = true;
     for (key, value) in entries {
         if !read::is_identifier(&key.name) {
@@ -639,7 +830,55 @@ fn schema(d: &mut Diagnostics, node: &Node) -> Option<Vec<(String, ColumnType)>>
             );
             ok = false;
         }
-        let Some(ty) = read::string(d, value, &key.name) else {
+        let (ty_node, path) = match value {
+            Node::Map { .. } => {
+                let what = format!("column `{}`", key.name);
+                let Some(o) = Obj::new(d, value, &what, &["type", "path", "from"]) else {
+                    ok = false;
+                    continue;
+                };
+                let Some(t) = o.required(d, "type", &what) else {
+                    ok = false;
+                    continue;
+                };
+                let path = match (o.value("path"), o.value("from")) {
+                    (Some(_), Some(f)) => {
+                        d.error(
+                            f.loc(),
+                            format!("column `{}` has both `path` and `from`: use one", key.name),
+                        );
+                        ok = false;
+                        None
+                    }
+                    (Some(p), None) => json_path(d, p),
+                    (None, Some(f)) => meta_path(d, f, source).map(|(p, arrives)| {
+                        meta_types.push((key.name.clone(), arrives, f.loc()));
+                        p
+                    }),
+                    (None, None) => None,
+                };
+                if (o.value("path").is_some() || o.value("from").is_some()) && path.is_none() {
+                    ok = false;
+                }
+                if let Some(p) = &path
+                    && format == Some(Format::Csv)
+                {
+                    let n = o.value("path").or(o.value("from")).unwrap_or(value);
+                    d.error(
+                        n.loc(),
+                        format!(
+                            "column `{}`: `{}` applies to JSON events only (this pipeline's format is csv)",
+                            key.name,
+                            if p.meta_key().is_some() { "from" } else { "path" }
+                        ),
+                    );
+                    ok = false;
+                }
+                (t, path.map(|p| (p, value.loc())))
+            }
+            _ => (value, None),
+        };
+        let Some(ty) = read::string(d, ty_node, &key.name) else {
             ok = false;
             continue;
         };
@@ -648,7 +887,7 @@ fn schema(d: &mut Diagnostics, node: &Node) -> Option<Vec<(String, ColumnType)>>
             None => {
                 let names = ColumnType::ALL.map(|(n, _)| n);
                 d.error(
-                    value.loc(),
+                    ty_node.loc(),
                     format!(
                         "unknown type `{ty}` for column `{}`{} (one of {})",
                         key.name,
@@ -659,8 +898,218 @@ fn schema(d: &mut Diagnostics, node: &Node) -> Option<Vec<(String, ColumnType)>>
                 ok = false;
             }
         }
+        if let Some(p) = path {
+            paths.insert(key.name.clone(), p);
+        }
     }
-    ok.then_some(out)
+    for (col, arrives, loc) in &meta_types {
+        if let Some((_, t)) = out.iter().find(|(c, _)| c == col)
+            && !arrives.fits(*t)
+        {
+            d.error(
+                *loc,
+                format!(
+                    "column `{col}` is a {}, but this metadata arrives as a {} (declare it `{}`)",
+                    t.name(),
+                    arrives.name(),
+                    arrives.name()
+                ),
+            );
+            ok = false;
+        }
+    }
+    // Every column reads one value: no path may lead into another column's value.
+    let all: Vec<(&str, JsonPath, Loc)> = out
+        .iter()
+        .map(|(c, _)| match paths.get(c) {
+            Some((p, loc)) => (c.as_str(), p.clone(), *loc),
+            None => (
+                c.as_str(),
+                JsonPath(vec![PathStep::Key(c.clone())]),
+                Loc::default(),
+            ),
+        })
+        .collect();
+    for (i, (a, pa, _)) in all.iter().enumerate() {
+        for (b, pb, loc) in &all[i + 1..] {
+            let (short, long) = if pa.0.len() <= pb.0.len() {
+                (pa, pb)
+            } else {
+                (pb, pa)
+            };
+            if long.0.starts_with(&short.0) {
+                let at = if *loc == Loc::default() {
+                    paths.get(*a).map_or(node.loc(), |(_, l)| *l)
+                } else {
+                    *loc
+                };
+                d.error(
+                    at,
+                    if pa == pb {
+                        format!("columns `{a}` and `{b}` read the same value `{pa}`")
+                    } else {
+                        format!(
+                            "columns `{a}` (`{pa}`) and `{b}` (`{pb}`): one path leads into the other's value"
+                        )
+                    },
+                );
+                ok = false;
+            }
+        }
+    }
+    let paths = paths.into_iter().map(|(c, (p, _))| (c, p)).collect();
+    ok.then_some((out, paths))
+}
+
+/// `path: $.a.b[0]` — checked where it is written (the column of the offending character).
+fn json_path(d: &mut Diagnostics, node: &Node) -> Option<JsonPath> {
+    let text = read::string(d, node, "path")?;
+    match parse_path(&text) {
+        Ok(p) => Some(p),
+        Err((at, msg)) => {
+            let mut loc = node.loc();
+            if let Node::Scalar { quoted, .. } = node
+                && !text.contains('\n')
+            {
+                loc.col += at + usize::from(*quoted);
+            }
+            d.error(loc, format!("invalid path `{text}`: {msg}"));
+            None
+        }
+    }
+}
+
+/// A JSONPath of keys and indexes from the event's root: `$.a.b`, `$.a[0]`, `$['a b']`.
+/// The error is the byte offset of the problem and what is wrong there.
+pub fn parse_path(s: &str) -> Result<JsonPath, (usize, String)> {
+    let b = s.as_bytes();
+    if b.first() != Some(&b'$') {
+        return Err((
+            0,
+            "a path starts at the event's root `$`, like `$.body.id`".into(),
+        ));
+    }
+    let mut i = 1;
+    let mut steps = Vec::new();
+    while i < b.len() {
+        match b[i] {
+            b'.' => {
+                let start = i + 1;
+                let mut j = start;
+                while j < b.len() && !matches!(b[j], b'.' | b'[') {
+                    j += 1;
+                }
+                let key = &s[start..j];
+                if key.is_empty() {
+                    return Err((start, "expected a key after `.`".into()));
+                }
+                if key
+                    .chars()
+                    .any(|c| c.is_whitespace() || "]'\"*?@()".contains(c))
+                {
+                    return Err((
+                        start,
+                        format!(
+                            "`{key}` is not a plain key (write `['{key}']` for a key with such characters; wildcards and filters are not supported)"
+                        ),
+                    ));
+                }
+                steps.push(PathStep::Key(key.to_string()));
+                i = j;
+            }
+            b'[' => {
+                let start = i + 1;
+                match b.get(start) {
+                    Some(&q @ (b'\'' | b'"')) => {
+                        let Some(len) = s[start + 1..].find(q as char) else {
+                            return Err((start, "unterminated quoted key".into()));
+                        };
+                        let key = &s[start + 1..start + 1 + len];
+                        let close = start + 1 + len + 1;
+                        if b.get(close) != Some(&b']') {
+                            return Err((close, "expected `]` after the quoted key".into()));
+                        }
+                        steps.push(PathStep::Key(key.to_string()));
+                        i = close + 1;
+                    }
+                    _ => {
+                        let Some(len) = s[start..].find(']') else {
+                            return Err((i, "unterminated `[`".into()));
+                        };
+                        let idx = &s[start..start + len];
+                        match idx.parse::<usize>() {
+                            Ok(n) if idx.bytes().all(|c| c.is_ascii_digit()) => {
+                                steps.push(PathStep::Index(n))
+                            }
+                            _ => {
+                                return Err((
+                                    start,
+                                    format!(
+                                        "`[{idx}]` is not an array index (write a number like `[0]`, or a quoted key like `['k']`)"
+                                    ),
+                                ));
+                            }
+                        }
+                        i = start + len + 1;
+                    }
+                }
+            }
+            _ => return Err((i, "expected `.key` or `[index]`".into())),
+        }
+    }
+    if steps.is_empty() {
+        return Err((1, "the path names no value (write `$.key`)".into()));
+    }
+    if steps.first() == Some(&PathStep::Key(META_KEY.into())) {
+        return Err((
+            2,
+            format!("`{META_KEY}` is reserved for broker metadata: use `from: meta.KEY`"),
+        ));
+    }
+    Ok(JsonPath(steps))
+}
+
+/// `from: meta.KEY` — a key the pipeline's source carries. Returns the path and the type the
+/// value arrives as.
+fn meta_path(
+    d: &mut Diagnostics,
+    node: &Node,
+    source: Option<&Source>,
+) -> Option<(JsonPath, ColumnType)> {
+    let text = read::string(d, node, "from")?;
+    let Some(key) = text.strip_prefix("meta.") else {
+        d.error(
+            node.loc(),
+            format!("`from: {text}`: write `from: meta.KEY` (broker metadata), or `path:` for a value of the event"),
+        );
+        return None;
+    };
+    let source = source?;
+    let keys = source.meta_keys();
+    if keys.is_empty() {
+        d.error(
+            node.loc(),
+            format!(
+                "`from: {text}`: the {} source carries no metadata",
+                source.kind()
+            ),
+        );
+        return None;
+    }
+    let Some((_, t)) = keys.iter().find(|(k, _)| *k == key) else {
+        let names: Vec<&str> = keys.iter().map(|(k, _)| *k).collect();
+        d.error(
+            node.loc(),
+            format!(
+                "unknown metadata key `{key}` of the {} source{} (one of {})",
+                source.kind(),
+                did_you_mean(key, names.iter().copied()),
+                names.join(", ")
+            ),
+        );
+        return None;
+    };
+    Some((JsonPath::meta(key), *t))
 }
 
 fn views(
@@ -995,4 +1444,41 @@ pub fn aggregate(
         }
         _ => unreachable!("checked against AGGREGATES"),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn paths_parse_and_print_back() {
+        for (text, shown) in [
+            ("$.body.device.id", "$.body.device.id"),
+            ("$.readings[0].value", "$.readings[0].value"),
+            ("$['a key'][2]", "$[\"a key\"][2]"),
+            ("$[\"x\"]", "$.x"),
+        ] {
+            assert_eq!(parse_path(text).unwrap().to_string(), shown, "{text}");
+        }
+        assert_eq!(JsonPath::meta("message_id").to_string(), "meta.message_id");
+    }
+
+    #[test]
+    fn bad_paths_say_where() {
+        for (text, at) in [
+            ("body.id", 0),
+            ("$", 1),
+            ("$.", 2),
+            ("$.a..b", 4),
+            ("$.a[x]", 4),
+            ("$.a[0", 3),
+            ("$['a]", 2),
+            ("$.a[*]", 4),
+            ("$.a b", 2),
+            ("$.$meta.message_id", 2),
+        ] {
+            let (got, msg) = parse_path(text).expect_err(text);
+            assert_eq!(got, at, "{text}: {msg}");
+        }
+    }
 }

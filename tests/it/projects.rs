@@ -113,3 +113,83 @@ fn kafka_event_hubs_source_validates() {
     );
     assert_eq!(properties["session.timeout.ms"], "30000");
 }
+
+fn servicebus_project(source: &str, schema_extra: &str, env: &[(&str, &str)]) -> spec::Project {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(dir.path().join("pipelines")).unwrap();
+    std::fs::write(
+        dir.path().join("pipelines/orders.yaml"),
+        format!("name: orders\nsource:\n{source}schema:\n  ts: timestamp\n{schema_extra}event_time: ts\nviews:\n  - name: n\n    window: all\n    metrics:\n      n: count()\n"),
+    )
+    .unwrap();
+    let env: Vec<(String, String)> = env
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    let lookup = move |n: &str| env.iter().find(|(k, _)| k == n).map(|(_, v)| v.clone());
+    spec::load_with_env(dir.path(), &lookup).unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// The Service Bus source as SPEC.md writes it: topic + subscription, SAS from the
+/// environment (redacted in Debug), and without `event_id` the message-id is the one.
+#[test]
+fn servicebus_source_defaults_its_event_id_to_the_message_id() {
+    let p = servicebus_project(
+        "  type: servicebus\n  url: amqps://shop.servicebus.windows.net\n  topic: orders\n  subscription: analytics\n  sas_key_name: ${SB_KEY_NAME}\n  sas_key: ${SB_KEY}\n",
+        "  amount: {type: float, path: \"$.order.lines[0].amount\"}\n",
+        &[("SB_KEY_NAME", "listen"), ("SB_KEY", "c2VjcmV0")],
+    );
+    let orders = p.pipeline("orders").unwrap();
+    let Source::ServiceBus {
+        address,
+        sas,
+        prefetch,
+        ..
+    } = &orders.source
+    else {
+        panic!("a servicebus source");
+    };
+    assert_eq!(address, "orders/Subscriptions/analytics");
+    assert_eq!(*prefetch, 1000);
+    let sas = sas.as_ref().unwrap();
+    assert_eq!(
+        (sas.name.as_str(), sas.key.as_str()),
+        ("listen", "c2VjcmV0")
+    );
+    assert!(!format!("{:?}", orders.source).contains("c2VjcmV0"));
+    assert_eq!(orders.event_id.as_deref(), Some("_message_id"));
+    assert!(
+        orders
+            .schema
+            .contains(&("_message_id".to_string(), spec::ColumnType::String))
+    );
+    assert_eq!(
+        orders.paths["_message_id"],
+        spec::JsonPath::meta("message_id")
+    );
+    assert_eq!(
+        orders.paths["amount"].to_string(),
+        "$.order.lines[0].amount"
+    );
+
+    // A column already reading the message-id is the event id; an explicit one wins.
+    let p = servicebus_project(
+        "  type: servicebus\n  url: amqp://guest:guest@127.0.0.1:5672\n  queue: /amq/queue/orders\n",
+        "  mid: {type: string, from: meta.message_id}\n",
+        &[],
+    );
+    let orders = p.pipeline("orders").unwrap();
+    assert_eq!(orders.event_id.as_deref(), Some("mid"));
+    assert_eq!(orders.schema.len(), 2);
+}
+
+/// examples/orders-servicebus reads nested orders and the message-id from the broker.
+#[test]
+fn servicebus_example_reads_nested_orders() {
+    let p = load(&repo().join("examples/orders-servicebus"));
+    let orders = p.pipeline("orders").unwrap();
+    assert!(matches!(orders.source, Source::ServiceBus { .. }));
+    assert_eq!(orders.event_id.as_deref(), Some("message_id"));
+    assert_eq!(orders.paths["amount"].to_string(), "$.order.payment.amount");
+    assert_eq!(orders.paths["customer"].to_string(), "$.order.customer.id");
+}

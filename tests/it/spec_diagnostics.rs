@@ -71,6 +71,8 @@ cases!(
     syntax,
     kafka_security,
     alias_bomb,
+    servicebus,
+    json_paths,
 );
 
 #[test]

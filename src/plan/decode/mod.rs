@@ -7,6 +7,7 @@
 
 mod csv;
 mod json;
+mod path;
 #[cfg(test)]
 mod tests;
 pub(crate) mod timestamp;
@@ -55,6 +56,8 @@ pub(crate) struct Decoder {
     /// The `event_id` column: an event without a usable id (missing, null or `""`) cannot be
     /// de-duplicated, so it is rejected rather than counted unchecked or all deduplicated as one.
     event_id: Option<usize>,
+    /// Columns at nested paths (`path:`, `from: meta.KEY`); None when all are top-level keys.
+    tree: Option<path::Tree>,
 }
 
 impl Decoder {
@@ -71,6 +74,7 @@ impl Decoder {
                 .event_id
                 .as_ref()
                 .and_then(|id| p.schema.iter().position(|(n, _)| n == id)),
+            tree: path::Tree::build(&p.schema, &p.paths),
         }
     }
 
@@ -149,6 +153,14 @@ impl Decoder {
             } else {
                 "not JSON: expected an object like {\"field\": value}".into()
             });
+        }
+        if let Some(tree) = &self.tree {
+            self.object(tree, &mut s, line, slots, buf, key_buf, 0)?;
+            s.ws();
+            if !s.at_end() {
+                return Err(s.err("unexpected text after the object"));
+            }
+            return Ok(());
         }
         s.pos += 1;
         s.ws();

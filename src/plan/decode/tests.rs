@@ -23,6 +23,7 @@ fn pipeline(format: Format) -> Pipeline {
         .into_iter()
         .map(|(n, t)| (n.to_string(), t))
         .collect(),
+        paths: Default::default(),
         event_time: "ts".into(),
         event_id: None,
         dedupe_window: Duration::from_secs(60),
