@@ -44,6 +44,9 @@ pub async fn run(rt: Arc<PipelineRuntime>, rate: f64, shutdown: CancellationToke
 pub struct Generator {
     columns: Vec<(String, ColumnType)>,
     event_time: String,
+    /// The pipeline's `event_id` column, whatever its name: always a fresh, unique id (an
+    /// event without one is a dead letter).
+    event_id: Option<String>,
     format: Format,
     /// Nested columns (`path:`): the generated event puts their values there.
     paths: Vec<Option<JsonPath>>,
@@ -77,6 +80,7 @@ impl Generator {
         Generator {
             columns: pipeline.schema.clone(),
             event_time: pipeline.event_time.clone(),
+            event_id: pipeline.event_id.clone(),
             format: pipeline.format,
             paths: pipeline
                 .schema
@@ -138,14 +142,14 @@ impl Generator {
         out.into_bytes()
     }
 
-    /// One event with each column's value at its path (metadata columns are left to the
-    /// broker, which the generator is not: they stay null).
+    /// One event with each column's value at its path; metadata columns (`from: meta.KEY`) go
+    /// where a broker source puts them, under `$meta`, so an example of a broker pipeline can
+    /// be generated too.
     fn nested(&self, values: &[(usize, String)]) -> serde_json::Value {
         let mut event = serde_json::Value::Object(Default::default());
         for (i, v) in values {
             let value: serde_json::Value = serde_json::from_str(v).unwrap_or_default();
             let steps = match &self.paths[*i] {
-                Some(p) if p.meta_key().is_some() => continue,
                 Some(p) => p.0.clone(),
                 None => vec![PathStep::Key(self.columns[*i].0.clone())],
             };
@@ -194,7 +198,8 @@ impl Generator {
             }
             ColumnType::Float => format!("{:.2}", self.unit() * 200.0),
             ColumnType::String
-                if lname == "event_id"
+                if self.event_id.as_deref() == Some(name.as_str())
+                    || lname == "event_id"
                     || lname.ends_with("_id") && lname.starts_with("event")
                     || lname == "id" =>
             {
