@@ -25,11 +25,18 @@
 //! publishes nothing unless every write succeeded. These three options are lambda-ctl's own;
 //! every other lake option is an object_store setting of the store kind.
 //!
+//! A `file://` lake writes its objects itself rather than through object_store's local store,
+//! which never syncs: each object is written to a staging file beside it, synced, renamed into
+//! place, and its directory (and every directory up to the lake root, some of which the write
+//! may have created) synced — a segment must be on disk before its manifest row lets the
+//! write-ahead log below it go. Reads, listings and deletes go through object_store.
+//!
 //! The layout (DESIGN.md §1, §4) is a set of plain functions: [`archive_path`],
 //! [`dead_letter_path`], [`view_run_prefix`] and their prefixes.
 
 use std::collections::BTreeMap;
 use std::fmt;
+use std::io::{self, Write};
 use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -106,6 +113,13 @@ pub enum LakeError {
         path: String,
         source: object_store::Error,
     },
+    /// Writing (or syncing) an object of a `file://` lake failed.
+    #[error("lake {op} {path}: {source}")]
+    Local {
+        op: &'static str,
+        path: String,
+        source: io::Error,
+    },
 }
 
 /// An object under a listed prefix.
@@ -123,6 +137,8 @@ pub struct Lake {
     store: Arc<dyn ObjectStore>,
     /// The lake URL ending in `/`; [`Lake::url`] appends a path to it.
     base: String,
+    /// The directory of a `file://` lake, whose objects [`Lake::put`] writes and syncs itself.
+    local: Option<Arc<std::path::PathBuf>>,
 }
 
 impl fmt::Debug for Lake {
@@ -166,6 +182,7 @@ impl Lake {
             "memory" => Lake {
                 store: Arc::new(InMemory::new()),
                 base: "memory:///".into(),
+                local: None,
             },
             "file" => {
                 let dir = parsed
@@ -173,7 +190,7 @@ impl Lake {
                     .ok()
                     .filter(|p| p.is_absolute())
                     .ok_or_else(|| unsupported("a file:// lake needs an absolute path"))?;
-                std::fs::create_dir_all(&dir).map_err(|source| LakeError::CreateDir {
+                crate::fsync::create_dir_all(&dir).map_err(|source| LakeError::CreateDir {
                     dir: dir.display().to_string(),
                     source,
                 })?;
@@ -190,6 +207,7 @@ impl Lake {
                     base: Url::from_directory_path(&dir)
                         .map_err(|()| unsupported("a file:// lake needs an absolute path"))?
                         .to_string(),
+                    local: Some(Arc::new(dir)),
                 }
             }
             "s3" | "s3a" | "az" | "azure" | "abfs" | "abfss" | "gs" => {
@@ -217,10 +235,14 @@ impl Lake {
     }
 
     /// Writes a whole object, replacing any object at `path`. Atomic: readers see the old
-    /// object or the new one, never a part. Above [`MULTIPART_THRESHOLD`] bytes it is sent as
-    /// a multipart upload (aborted again if a part fails).
+    /// object or the new one, never a part. Durable when it returns (on a `file://` lake:
+    /// synced, with its directory). Above [`MULTIPART_THRESHOLD`] bytes it is sent to a cloud
+    /// store as a multipart upload (aborted again if a part fails).
     pub async fn put(&self, path: &str, bytes: impl Into<Bytes>) -> Result<(), LakeError> {
         let bytes: Bytes = bytes.into();
+        if let Some(root) = &self.local {
+            return put_local(root, path, bytes, false).await.map(|_| ());
+        }
         if bytes.len() > MULTIPART_THRESHOLD {
             let mut upload = self.put_multipart(path).await?;
             let sent = async {
@@ -252,6 +274,9 @@ impl Lake {
         path: &str,
         bytes: impl Into<Bytes>,
     ) -> Result<bool, LakeError> {
+        if let Some(root) = &self.local {
+            return put_local(root, path, bytes.into(), true).await;
+        }
         let location = parse(path)?;
         let opts = PutOptions::from(PutMode::Create);
         match self
@@ -326,8 +351,105 @@ impl Lake {
         Ok(Upload {
             path: path.to_string(),
             inner: WriteMultipart::new(upload),
+            local: self
+                .local
+                .as_ref()
+                .map(|root| (root.clone(), local_file(root, &location))),
         })
     }
+}
+
+/// The file of a `file://` lake object, as object_store's local store names it.
+fn local_file(root: &std::path::Path, location: &Path) -> std::path::PathBuf {
+    let mut file = root.to_path_buf();
+    file.extend(location.parts().map(|p| p.as_ref().to_string()));
+    file
+}
+
+/// [`Lake::put`] (or, with `create`, [`Lake::put_if_absent`]) on a `file://` lake.
+async fn put_local(
+    root: &Arc<std::path::PathBuf>,
+    path: &str,
+    bytes: Bytes,
+    create: bool,
+) -> Result<bool, LakeError> {
+    let location = parse(path)?;
+    // The local store reads `NAME#DIGITS` as an unfinished upload (and refuses such paths).
+    if location.filename().is_some_and(|f| {
+        f.split_once('#')
+            .is_some_and(|(_, n)| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+    }) {
+        return Err(LakeError::Local {
+            op: "put",
+            path: path.to_string(),
+            source: io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "names ending in #DIGITS are reserved for uploads in progress",
+            ),
+        });
+    }
+    let root = root.clone();
+    let err = |source| LakeError::Local {
+        op: "put",
+        path: path.to_string(),
+        source,
+    };
+    tokio::task::spawn_blocking(move || {
+        let dest = local_file(&root, &location);
+        write_local(&root, &dest, &bytes, create)
+    })
+    .await
+    .map_err(|e| err(io::Error::other(e)))?
+    .map_err(err)
+}
+
+/// Writes `dest` through a synced staging file, renamed (or, with `create`, linked unless
+/// `dest` exists) into place; then syncs the directories up to `root`. `false`: `dest` existed
+/// and `create` was asked.
+fn write_local(
+    root: &std::path::Path,
+    dest: &std::path::Path,
+    bytes: &[u8],
+    create: bool,
+) -> io::Result<bool> {
+    let parent = dest.parent().unwrap_or(root);
+    std::fs::create_dir_all(parent)?;
+    let (mut file, staging) = crate::fsync::staging_file(dest)?;
+    let written = file
+        .write_all(bytes)
+        .and_then(|()| crate::fsync::sync_file(&file, &staging));
+    drop(file);
+    let placed = written.and_then(|()| {
+        if create {
+            match std::fs::hard_link(&staging, dest) {
+                Ok(()) => Ok(true),
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(false),
+                Err(e) => Err(e),
+            }
+        } else {
+            std::fs::rename(&staging, dest).map(|()| true)
+        }
+    });
+    if create || placed.is_err() {
+        let _ = std::fs::remove_file(&staging);
+    }
+    let placed = placed?;
+    sync_dirs_up_to(root, parent)?;
+    Ok(placed)
+}
+
+/// Syncs `dir` and each directory above it up to `root` (the directories a write may have
+/// created, and the entries naming them).
+fn sync_dirs_up_to(root: &std::path::Path, dir: &std::path::Path) -> io::Result<()> {
+    let mut cur = Some(dir);
+    while let Some(d) = cur {
+        crate::fsync::sync_dir(d)?;
+        if d == root || !d.starts_with(root) {
+            break;
+        }
+        cur = d.parent();
+    }
+    Ok(())
 }
 
 /// A streamed upload from [`Lake::put_multipart`]. Dropping it without [`Upload::finish`] or
@@ -336,6 +458,8 @@ impl Lake {
 pub struct Upload {
     path: String,
     inner: WriteMultipart,
+    /// On a `file://` lake: the root and the object's file, synced once the upload finishes.
+    local: Option<(Arc<std::path::PathBuf>, std::path::PathBuf)>,
 }
 
 impl Upload {
@@ -349,12 +473,26 @@ impl Upload {
         Ok(())
     }
 
-    /// Sends the rest and completes the object.
+    /// Sends the rest and completes the object (durably, on a `file://` lake).
     pub async fn finish(self) -> Result<(), LakeError> {
         self.inner
             .finish()
             .await
             .map_err(store_err("finish upload", &self.path))?;
+        if let Some((root, file)) = self.local {
+            let err = |source| LakeError::Local {
+                op: "finish upload",
+                path: self.path.clone(),
+                source,
+            };
+            tokio::task::spawn_blocking(move || {
+                crate::fsync::sync_file(&std::fs::File::open(&file)?, &file)?;
+                sync_dirs_up_to(&root, file.parent().unwrap_or(&root))
+            })
+            .await
+            .map_err(|e| err(io::Error::other(e)))?
+            .map_err(err)?;
+        }
         Ok(())
     }
 
@@ -504,6 +642,7 @@ fn cloud(
         } else {
             format!("{bucket_url}/{prefix}/")
         },
+        local: None,
     })
 }
 
@@ -912,6 +1051,69 @@ mod tests {
             env_only,
             Err(LakeError::GcsWithoutCredentials { .. })
         ));
+    }
+
+    #[tokio::test]
+    async fn file_lake_objects_are_synced_with_every_directory_up_to_the_root() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().canonicalize().unwrap().join("lake");
+        let lake =
+            Lake::open_with_env(&format!("file://{}", root.display()), &no_options(), &[]).unwrap();
+        let staged = |f: &std::path::Path| std::path::PathBuf::from(format!("{}#1", f.display()));
+        let big = vec![7u8; MULTIPART_THRESHOLD + 1];
+        let seg = archive_path("clicks", 0, 0, 5);
+        let dl = dead_letter_path("clicks", 1, "1-1");
+        for (path, bytes) in [(&seg, b"12345".to_vec()), (&dl, big.clone())] {
+            lake.put(path, bytes.clone()).await.unwrap();
+            let file = root.join(path);
+            assert_eq!(std::fs::read(&file).unwrap(), bytes);
+            let synced = crate::fsync::synced_under(&root);
+            let last = |p: &std::path::Path| {
+                synced
+                    .iter()
+                    .rposition(|s| s == p)
+                    .unwrap_or_else(|| panic!("{} not synced: {synced:?}", p.display()))
+            };
+            // The data before the entry naming it; then each directory up to the root.
+            let data = last(&staged(&file));
+            for d in file
+                .parent()
+                .unwrap()
+                .ancestors()
+                .take_while(|d| d.starts_with(&root))
+            {
+                assert!(data < last(d), "{} not synced after the data", d.display());
+            }
+        }
+        // Only the objects are listed: no staging file is left behind.
+        let listed: Vec<String> = lake
+            .list("")
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|o| o.path)
+            .collect();
+        assert_eq!(listed, vec![seg.clone(), dl]);
+
+        let once = "runs/orders/run=1/finish.json";
+        assert!(lake.put_if_absent(once, b"a".to_vec()).await.unwrap());
+        assert!(!lake.put_if_absent(once, b"b".to_vec()).await.unwrap());
+        assert_eq!(lake.get(once).await.unwrap(), Bytes::from_static(b"a"));
+        let file = root.join(once);
+        let synced = crate::fsync::synced_under(&root);
+        assert!(synced.contains(&staged(&file)) && synced.contains(&root.join("runs")));
+        assert!(!staged(&file).exists());
+
+        // A streamed upload is synced once it finishes.
+        let view = "views/clicks/v/run=1/part-0.parquet";
+        let mut upload = lake.put_multipart(view).await.unwrap();
+        upload.write(b"xyz").await.unwrap();
+        upload.finish().await.unwrap();
+        let synced = crate::fsync::synced_under(&root);
+        assert!(synced.contains(&root.join(view)) && synced.contains(&root.join("views")));
+
+        let err = lake.put("archive/x#12", b"x".to_vec()).await.unwrap_err();
+        assert!(matches!(err, LakeError::Local { .. }), "{err}");
     }
 
     #[test]

@@ -33,10 +33,12 @@
 //! - [`cli`]: the `lambda-ctl` command line, one file per subcommand.
 //!
 //! Beside them, [`telemetry`] (histograms, rates, the Prometheus text format) is used by the
-//! speed layer to record and by serving to expose.
+//! speed layer to record and by serving to expose, and [`fsync`] (local files that survive a
+//! crash) by the log, the `file://` lake and the file source.
 
 pub mod batch;
 pub mod cli;
+pub mod fsync;
 pub mod lake;
 pub mod orchestration;
 pub mod plan;

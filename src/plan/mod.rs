@@ -87,6 +87,7 @@ use crate::spec::expr;
 use crate::spec::{ColumnType, Pipeline};
 
 pub use accumulator::Accumulator;
+pub(crate) use decode::csv_whole_records;
 pub use decode::{Decoded, Rejection};
 pub use parquet::{FORMAT_KEY, LOGIC_HASH_KEY, VIEW_KEY};
 

@@ -10,6 +10,11 @@
 //! `(offsets, attachment)` to the log's consumer *in offset order*, so the aggregator sees a
 //! gap-free position stream no matter how callers race.
 //!
+//! Bounded under load: at most [`QUEUE`] appends wait for the writer and as many are written
+//! in one group commit, and the consumer's channel is bounded too (its capacity is the
+//! caller's). A slow consumer blocks the writer, which stops taking appends, which makes
+//! callers wait — the door slows down instead of memory growing.
+//!
 //! On disk: files `{first_offset:020}.wal` holding records `len: u32 LE | crc32: u32 LE | payload`;
 //! a record's offset is implicit (the file's first offset + its index). A crash can leave a torn
 //! record at the tail of the last file; it was never acknowledged, so opening the log cuts it off.
@@ -18,16 +23,19 @@ use std::fs::{self, File, OpenOptions};
 use std::io::{self, BufReader, BufWriter, Read, Write};
 use std::ops::Range;
 use std::path::{Path, PathBuf};
-use std::sync::mpsc as std_mpsc;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::thread;
 
-use tokio::sync::oneshot;
+use tokio::sync::{mpsc, oneshot};
 
 /// Start a new file beyond this size, so truncation can drop whole files.
 const FILE_BYTES: u64 = 64 * 1024 * 1024;
 const HEADER: usize = 8;
 /// A record longer than this is corruption, not data.
 const MAX_RECORD: u32 = 64 * 1024 * 1024;
+/// Appends waiting for the writer thread at most; more wait in `append` for room.
+pub const QUEUE: usize = 64;
 
 #[derive(Debug, thiserror::Error)]
 pub enum LogError {
@@ -49,7 +57,9 @@ pub type Durable<T> = (Range<u64>, T);
 /// Handle to the log's writer thread; cheap to clone.
 pub struct Log<T = ()> {
     dir: PathBuf,
-    tx: std_mpsc::Sender<Request<T>>,
+    tx: mpsc::Sender<Request<T>>,
+    /// End (exclusive) of the synced records; set before they are handed to the consumer.
+    durable_end: Arc<AtomicU64>,
 }
 
 impl<T> Clone for Log<T> {
@@ -57,6 +67,7 @@ impl<T> Clone for Log<T> {
         Log {
             dir: self.dir.clone(),
             tx: self.tx.clone(),
+            durable_end: self.durable_end.clone(),
         }
     }
 }
@@ -66,13 +77,13 @@ impl<T: Send + 'static> Log<T> {
     /// next offset it will assign. Durable appends are forwarded to `consumer` when given.
     pub fn open(
         dir: &Path,
-        consumer: Option<tokio::sync::mpsc::UnboundedSender<Durable<T>>>,
+        consumer: Option<mpsc::Sender<Durable<T>>>,
     ) -> Result<(Log<T>, u64), LogError> {
         let err = |source| LogError::Io {
             dir: dir.to_path_buf(),
             source,
         };
-        fs::create_dir_all(dir).map_err(err)?;
+        crate::fsync::create_dir_all(dir).map_err(err)?;
         let files = files(dir).map_err(err)?;
         let (file, next) = match files.last() {
             Some(&(first, ref path)) => {
@@ -85,11 +96,13 @@ impl<T: Send + 'static> Log<T> {
             }
             None => (None, 0),
         };
-        let (tx, rx) = std_mpsc::channel::<Request<T>>();
+        let (tx, rx) = mpsc::channel::<Request<T>>(QUEUE);
+        let durable_end = Arc::new(AtomicU64::new(next));
         let mut writer = Writer {
             dir: dir.to_path_buf(),
             file,
             next,
+            durable_end: durable_end.clone(),
             consumer,
         };
         thread::Builder::new()
@@ -100,13 +113,14 @@ impl<T: Send + 'static> Log<T> {
             Log {
                 dir: dir.to_path_buf(),
                 tx,
+                durable_end,
             },
             next,
         ))
     }
 
     /// Appends records; resolves with their offsets once they are durable (and, with a
-    /// consumer, handed to it with `attachment`).
+    /// consumer, handed to it with `attachment`). Waits while the writer's queue is full.
     pub async fn append(
         &self,
         records: Vec<Vec<u8>>,
@@ -119,6 +133,7 @@ impl<T: Send + 'static> Log<T> {
                 attachment,
                 reply,
             })
+            .await
             .map_err(|_| LogError::Closed(self.dir.clone()))?;
         rx.await.map_err(|_| LogError::Closed(self.dir.clone()))?
     }
@@ -141,6 +156,12 @@ impl<T: Send + 'static> Log<T> {
 
     pub fn dir(&self) -> &Path {
         &self.dir
+    }
+
+    /// End (exclusive) of the synced records. Every record below it is on disk and has been
+    /// (or is being) handed to the consumer; records at or above it reach the consumer later.
+    pub fn durable_end(&self) -> u64 {
+        self.durable_end.load(Ordering::Acquire)
     }
 }
 
@@ -175,21 +196,30 @@ struct Writer<T> {
     /// The open file and its length; `None` until the first append of an empty log.
     file: Option<(File, u64)>,
     next: u64,
-    consumer: Option<tokio::sync::mpsc::UnboundedSender<Durable<T>>>,
+    durable_end: Arc<AtomicU64>,
+    consumer: Option<mpsc::Sender<Durable<T>>>,
 }
 
 impl<T> Writer<T> {
-    fn run(&mut self, rx: std_mpsc::Receiver<Request<T>>) {
-        while let Ok(first) = rx.recv() {
+    fn run(&mut self, mut rx: mpsc::Receiver<Request<T>>) {
+        while let Some(first) = rx.blocking_recv() {
+            // Group commit of what is waiting — at most a queue's worth, so callers racing to
+            // refill the queue cannot grow one batch without bound.
             let mut batch = vec![first];
-            batch.extend(rx.try_iter());
+            while batch.len() < QUEUE
+                && let Ok(more) = rx.try_recv()
+            {
+                batch.push(more);
+            }
             match self.write(&batch) {
                 Ok(ranges) => {
+                    self.durable_end.store(self.next, Ordering::Release);
                     for (req, range) in batch.into_iter().zip(ranges) {
                         if let Some(c) = &self.consumer {
                             // Forward before replying: once acknowledged, the events are on
-                            // their way to the aggregator.
-                            let _ = c.send((range.clone(), req.attachment));
+                            // their way to the aggregator. A full channel blocks here (the
+                            // consumer is behind), and so the appends queued behind this one.
+                            let _ = c.blocking_send((range.clone(), req.attachment));
                         }
                         let _ = req.reply.send(Ok(range));
                     }
@@ -213,7 +243,7 @@ impl<T> Writer<T> {
         if self.file.as_ref().is_none_or(|(_, len)| *len >= FILE_BYTES) {
             let path = self.dir.join(format!("{:020}.wal", self.next));
             let f = OpenOptions::new().create(true).append(true).open(&path)?;
-            File::open(&self.dir)?.sync_all()?;
+            crate::fsync::sync_dir(&self.dir)?;
             self.file = Some((f, 0));
         }
         let (file, len) = self.file.as_mut().expect("opened above");
@@ -368,7 +398,7 @@ mod tests {
     #[tokio::test]
     async fn the_consumer_sees_appends_in_offset_order() {
         let dir = tempfile::tempdir().unwrap();
-        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let (tx, mut rx) = tokio::sync::mpsc::channel(64);
         let (log, _) = Log::<usize>::open(dir.path(), Some(tx)).unwrap();
         let tasks: Vec<_> = (0..32)
             .map(|i| {
@@ -388,6 +418,43 @@ mod tests {
             assert_eq!(range.end - range.start, (i % 4 + 1) as u64);
             next = range.end;
         }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_slow_consumer_makes_appends_wait_instead_of_piling_up() {
+        let dir = tempfile::tempdir().unwrap();
+        let (tx, mut rx) = tokio::sync::mpsc::channel(1);
+        let (log, _) = Log::<usize>::open(dir.path(), Some(tx)).unwrap();
+        let n = 4 * QUEUE;
+        let tasks: Vec<_> = (0..n)
+            .map(|i| {
+                let log = log.clone();
+                tokio::spawn(async move { log.append(recs(&["x"]), i).await })
+            })
+            .collect();
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        // Nobody consumes: one append is in the channel, the writer waits to hand over the
+        // next, and the rest wait in (or for room in) the bounded queue — unacknowledged.
+        let done = tasks.iter().filter(|t| t.is_finished()).count();
+        assert!(
+            done <= 1,
+            "{done} of {n} appends acknowledged past a stalled consumer"
+        );
+        let written = read_from(dir.path(), 0).unwrap().len();
+        assert!(
+            written <= QUEUE,
+            "the writer took {written} of {n} appends past a stalled consumer"
+        );
+        assert_eq!(log.durable_end(), written as u64);
+        // The consumer catches up: everything goes through, in order.
+        for next in 0..n as u64 {
+            let (range, _) = rx.recv().await.unwrap();
+            assert_eq!(range, next..next + 1);
+        }
+        for t in tasks {
+            t.await.unwrap().unwrap();
+        }
+        assert_eq!(log.durable_end(), n as u64);
     }
 
     #[tokio::test]

@@ -77,6 +77,7 @@ impl SpeedState {
     }
 
     /// Adds micro-batch partials (one frame per view) to the open segment `(partition, lo)`.
+    /// All or nothing: when a merge fails, the state is as it was.
     pub fn absorb(
         &mut self,
         plan: &Plan,
@@ -86,6 +87,22 @@ impl SpeedState {
         rows: u64,
         parts: Vec<DataFrame>,
     ) -> PolarsResult<()> {
+        let current = self.segments.get(&(partition, lo));
+        let mut views: Vec<Vec<DataFrame>> = match current {
+            Some(seg) => seg.views.clone(),
+            None => vec![Vec::new(); parts.len()],
+        };
+        for (i, p) in parts.into_iter().enumerate() {
+            if p.height() == 0 {
+                continue;
+            }
+            let pending = &mut views[i];
+            pending.push(p);
+            if pending.len() >= MAX_PENDING {
+                let merged = plan.merge(i, std::mem::take(pending))?;
+                pending.push(merged);
+            }
+        }
         self.version += 1;
         let seg = self
             .segments
@@ -94,22 +111,25 @@ impl SpeedState {
                 hi,
                 sealed: false,
                 rows: 0,
-                views: vec![Vec::new(); parts.len()],
+                views: Vec::new(),
             });
         seg.hi = seg.hi.max(hi);
         seg.rows += rows;
-        for (i, p) in parts.into_iter().enumerate() {
-            if p.height() == 0 {
-                continue;
-            }
-            let pending = &mut seg.views[i];
-            pending.push(p);
-            if pending.len() >= MAX_PENDING {
-                let merged = plan.merge(i, std::mem::take(pending))?;
-                pending.push(merged);
-            }
-        }
+        seg.views = views;
         Ok(())
+    }
+
+    /// Forgets the partials of the open (unsealed) segment `(partition, lo)`, to rebuild them
+    /// from the write-ahead log. Sealed segments stay.
+    pub fn discard_open(&mut self, partition: u32, lo: u64) {
+        if self
+            .segments
+            .get(&(partition, lo))
+            .is_some_and(|seg| !seg.sealed)
+        {
+            self.version += 1;
+            self.segments.remove(&(partition, lo));
+        }
     }
 
     pub fn seal(&mut self, partition: u32, lo: u64, hi: u64) {

@@ -5,6 +5,15 @@
 //! segments from their Parquet files and replays the open segment from the log.
 //!
 //! Position-less sources (HTTP, generator, file) use partition 0 of the pipeline's own log.
+//!
+//! Fail closed: a micro-batch is absorbed whole or not at all, and the open segment only grows
+//! when it is. When one fails, the aggregator absorbs nothing more and rebuilds the open segment
+//! from the write-ahead log (retrying with back-off); no segment is sealed meanwhile, and a
+//! segment is sealed only if it holds exactly one row per position.
+//!
+//! Bounded: the log hands durable events to the aggregator through a channel of
+//! [`AGGREGATOR_QUEUE`] micro-batches; when the aggregator falls behind, the log's writer and
+//! then the door wait.
 
 use std::io::Cursor;
 use std::ops::Range;
@@ -36,6 +45,10 @@ use crate::telemetry::{Histogram, LATENCY_BUCKETS, RateMeter};
 
 /// The partition of the pipeline's own write-ahead log.
 const LOG_PARTITION: u32 = 0;
+/// Durable requests waiting for the aggregator at most (see the module docs).
+pub const AGGREGATOR_QUEUE: usize = 64;
+/// Longest wait between attempts to rebuild the open segment after a failure.
+const MAX_REBUILD_BACKOFF: Duration = Duration::from_secs(30);
 /// Archive columns added to the schema's: the event's position and arrival time.
 pub const OFFSET_COLUMN: &str = "_offset";
 pub const ARRIVAL_COLUMN: &str = "_arrival";
@@ -125,6 +138,9 @@ pub struct PipelineRuntime {
     dedupe: Option<Arc<Mutex<Dedupe>>>,
     lake: Lake,
     db: State,
+    /// Test hook: this many coming micro-batches fail as if the plan had failed on them.
+    #[cfg(test)]
+    fail_applies: std::sync::atomic::AtomicU32,
 }
 
 impl PipelineRuntime {
@@ -214,7 +230,7 @@ impl PipelineRuntime {
         // The log, with its consumer: the aggregator.
         let log_dir = log_dir.join(&name).join(format!("p={LOG_PARTITION}"));
         ensure_log_starts_at(&log_dir, checkpoint)?;
-        let (tx, rx) = mpsc::unbounded_channel();
+        let (tx, rx) = mpsc::channel(AGGREGATOR_QUEUE);
         let (log, next) = Log::open(&log_dir, Some(tx.clone()))?;
         anyhow::ensure!(
             next >= checkpoint,
@@ -232,14 +248,16 @@ impl PipelineRuntime {
                 admit_recent(&mut d.lock(), &events, id_col, dedupe_horizon)?;
             }
             tracing::info!(pipeline = %name, from = first, to = last, "replaying write-ahead log");
-            let _ = tx.send((
+            // The channel is empty: nothing was appended yet.
+            tx.try_send((
                 first..last,
                 Batch {
                     events,
                     arrival_ms: now_ms(),
                     acked: None,
                 },
-            ));
+            ))
+            .map_err(|_| anyhow::anyhow!("cannot hand the replayed log to the aggregator"))?;
         }
         drop(tx);
 
@@ -256,6 +274,8 @@ impl PipelineRuntime {
             dedupe,
             lake,
             db,
+            #[cfg(test)]
+            fail_applies: Default::default(),
         });
         let aggregator = Aggregator::new(rt.clone(), checkpoint);
         tokio::spawn(aggregator.run(rx, shutdown));
@@ -306,19 +326,17 @@ impl PipelineRuntime {
         }
         let Decoded {
             mut events,
-            rejected,
+            records: mut sources,
+            header,
+            ..
         } = decoded;
-        let mut lines = accepted_lines(
-            &body,
-            &rejected,
-            self.pipeline.format == crate::spec::Format::Csv,
-        );
         anyhow::ensure!(
-            lines.len() == events.height(),
-            "decoder returned {} events for {} accepted lines",
+            sources.len() == events.height(),
+            "decoder returned {} events for {} records",
             events.height(),
-            lines.len()
+            sources.len()
         );
+        let header = header.and_then(|h| body.get(h));
 
         // De-duplicate at the door.
         let mut admitted_ids: Vec<Vec<u8>> = Vec::new();
@@ -342,7 +360,7 @@ impl PipelineRuntime {
                 let mask = BooleanChunked::from_slice("keep".into(), &keep);
                 events = events.filter(&mask)?;
                 let mut it = keep.iter();
-                lines.retain(|_| *it.next().unwrap_or(&true));
+                sources.retain(|_| *it.next().unwrap_or(&true));
                 report.duplicates = dups;
                 self.counters.duplicates.fetch_add(dups, Ordering::Relaxed);
             }
@@ -350,7 +368,10 @@ impl PipelineRuntime {
         if events.height() == 0 {
             return Ok(report);
         }
-        let records: Vec<Vec<u8>> = lines.iter().map(|l| encode_record(arrival, l)).collect();
+        let records: Vec<Vec<u8>> = sources
+            .into_iter()
+            .map(|r| encode_record(arrival, header, &body[r]))
+            .collect();
         let n = records.len() as u64;
         let acked = Arc::new(OnceLock::new());
         let appended = self
@@ -412,12 +433,18 @@ struct Aggregator {
     rt: Arc<PipelineRuntime>,
     /// First position of the open segment.
     lo: u64,
-    /// Next position expected (= end of the open segment so far).
+    /// Next position expected (= end of the open segment so far): every position in
+    /// `[lo, next)` is absorbed, and nothing else.
     next: u64,
     /// Raw events of the open segment, for its Parquet file.
     events: Vec<DataFrame>,
     rows: u64,
     opened: Option<Instant>,
+    /// Set when a micro-batch failed: nothing is absorbed or sealed until the open segment is
+    /// rebuilt from the log, which is next tried at this instant.
+    rebuild_at: Option<Instant>,
+    /// Failed attempts in a row (for the back-off).
+    failures: u32,
 }
 
 impl Aggregator {
@@ -429,12 +456,14 @@ impl Aggregator {
             events: Vec::new(),
             rows: 0,
             opened: None,
+            rebuild_at: None,
+            failures: 0,
         }
     }
 
     async fn run(
         mut self,
-        mut rx: mpsc::UnboundedReceiver<log::Durable<Batch>>,
+        mut rx: mpsc::Receiver<log::Durable<Batch>>,
         shutdown: CancellationToken,
     ) {
         let age = self.rt.pipeline.archive.segment_age;
@@ -445,16 +474,31 @@ impl Aggregator {
                     let Some(first) = first else { break };
                     // Adaptive micro-batch: everything that arrived while the last one ran.
                     let mut batch = vec![first];
-                    while let Ok(more) = rx.try_recv() {
+                    while batch.len() < 1024 && let Ok(more) = rx.try_recv() {
                         batch.push(more);
-                        if batch.len() >= 1024 { break; }
                     }
-                    if let Err(e) = self.apply(batch).await {
-                        tracing::error!(pipeline = %self.rt.pipeline.name, error = %format!("{e:#}"), "speed layer failed to apply a micro-batch");
+                    // While broken, the events wait in the log: the rebuild reads them there.
+                    if self.rebuild_at.is_none()
+                        && let Err(e) = self.apply(batch).await
+                    {
+                        self.fail(e, "speed layer failed to apply a micro-batch");
                     }
                 }
                 _ = tick.tick() => {}
                 _ = shutdown.cancelled() => break,
+            }
+            if self.rebuild_at.is_some_and(|at| at <= Instant::now()) {
+                match self.rebuild().await {
+                    Ok(()) => {
+                        tracing::info!(pipeline = %self.rt.pipeline.name, from = self.lo, to = self.next, "rebuilt the open segment from the write-ahead log");
+                        self.rebuild_at = None;
+                        self.failures = 0;
+                    }
+                    Err(e) => self.fail(
+                        e,
+                        "rebuilding the open segment from the write-ahead log failed",
+                    ),
+                }
             }
             let accepted = self.rt.counters.accepted.load(Ordering::Relaxed);
             self.rt
@@ -462,30 +506,114 @@ impl Aggregator {
                 .ingest_rate
                 .lock()
                 .record(accepted, Instant::now());
-            if self.should_seal()
-                && let Err(e) = self.seal().await
-            {
-                tracing::error!(pipeline = %self.rt.pipeline.name, error = %format!("{e:#}"), "sealing segment failed; will retry");
+            if self.rebuild_at.is_none() && self.should_seal() {
+                if self.rows != self.next - self.lo {
+                    let e = anyhow::anyhow!(
+                        "the open segment holds {} events for positions {}..{}",
+                        self.rows,
+                        self.lo,
+                        self.next
+                    );
+                    self.fail(e, "refusing to seal an incomplete segment");
+                } else if let Err(e) = self.seal().await {
+                    tracing::error!(pipeline = %self.rt.pipeline.name, error = %format!("{e:#}"), "sealing segment failed; will retry");
+                }
             }
         }
     }
 
+    /// Stops absorbing: the open segment is rebuilt from the log, at once the first time, then
+    /// with a growing back-off while rebuilding fails too.
+    fn fail(&mut self, e: anyhow::Error, what: &str) {
+        let backoff = if self.failures == 0 {
+            Duration::ZERO
+        } else {
+            (Duration::from_secs(1) * 2u32.saturating_pow(self.failures - 1))
+                .min(MAX_REBUILD_BACKOFF)
+        };
+        tracing::error!(
+            pipeline = %self.rt.pipeline.name,
+            error = %format!("{e:#}"),
+            retry_in_ms = backoff.as_millis() as u64,
+            "{what}; absorbing nothing until the open segment is rebuilt from the write-ahead log"
+        );
+        self.failures = self.failures.saturating_add(1);
+        self.rebuild_at = Some(Instant::now() + backoff);
+    }
+
+    /// Forgets the open segment and absorbs it again from the log: every durable record from
+    /// its start. Micro-batches still on their way for those records are skipped by `apply`.
+    async fn rebuild(&mut self) -> anyhow::Result<()> {
+        let rt = self.rt.clone();
+        rt.state.write().discard_open(LOG_PARTITION, self.lo);
+        self.next = self.lo;
+        self.events.clear();
+        self.rows = 0;
+        self.opened = None;
+        rt.counters.open_rows.store(0, Ordering::Relaxed);
+        rt.counters.open_since_ms.store(0, Ordering::Relaxed);
+        let (lo, end) = (self.lo, rt.log.durable_end());
+        if end <= lo {
+            return Ok(());
+        }
+        let dir = rt.log.dir().to_path_buf();
+        let plan = rt.plan.clone();
+        let events = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
+            let mut records = log::read_from(&dir, lo)?;
+            records.retain(|(offset, _)| *offset < end);
+            anyhow::ensure!(
+                records.len() as u64 == end - lo && records.first().map(|r| r.0) == Some(lo),
+                "the write-ahead log {} holds {} of the records {lo}..{end}",
+                dir.display(),
+                records.len()
+            );
+            decode_records(&plan, &records)
+        })
+        .await??;
+        self.apply(vec![(
+            lo..end,
+            Batch {
+                events,
+                arrival_ms: now_ms(),
+                acked: None,
+            },
+        )])
+        .await
+    }
+
+    /// Absorbs durable requests into the open segment — all of them, or (on error) none.
     async fn apply(&mut self, batch: Vec<log::Durable<Batch>>) -> anyhow::Result<()> {
         let mut frames = Vec::with_capacity(batch.len());
         let mut acks = Vec::with_capacity(batch.len());
         // (events, fresh) per frame: replayed events were counted by the process that took them.
         let mut sizes = Vec::with_capacity(batch.len());
+        let mut next = self.next;
         for (range, b) in batch {
-            sizes.push((range.end - range.start, b.acked.is_some()));
-            acks.extend(b.acked);
+            if range.end <= next {
+                // Absorbed already, by a rebuild from the log.
+                continue;
+            }
             anyhow::ensure!(
-                range.start == self.next,
-                "position gap: expected {}, got {}",
-                self.next,
+                range.start == next,
+                "position gap: expected {next}, got {}",
                 range.start
             );
-            self.next = range.end;
+            next = range.end;
+            sizes.push((range.end - range.start, b.acked.is_some()));
+            acks.extend(b.acked);
             frames.push(with_positions(b.events, range, b.arrival_ms)?);
+        }
+        if frames.is_empty() {
+            return Ok(());
+        }
+        #[cfg(test)]
+        if self
+            .rt
+            .fail_applies
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok()
+        {
+            anyhow::bail!("injected failure of the plan");
         }
         let rt = self.rt.clone();
         let (events, parts, filtered) =
@@ -497,6 +625,17 @@ impl Aggregator {
             })
             .await??;
         let rows = events.height() as u64;
+        anyhow::ensure!(
+            rows == next - self.next,
+            "{rows} events for positions {}..{next}",
+            self.next
+        );
+        self.rt
+            .state
+            .write()
+            .absorb(&self.rt.plan, LOG_PARTITION, self.lo, next, rows, parts)?;
+        // Absorbed: only now does the open segment take the positions.
+        self.next = next;
         if self.opened.is_none() {
             self.opened = Some(Instant::now());
             self.rt
@@ -506,14 +645,6 @@ impl Aggregator {
         }
         self.rows += rows;
         self.events.push(events);
-        self.rt.state.write().absorb(
-            &self.rt.plan,
-            LOG_PARTITION,
-            self.lo,
-            self.next,
-            rows,
-            parts,
-        )?;
         self.rt
             .counters
             .open_rows
@@ -544,6 +675,11 @@ impl Aggregator {
     async fn seal(&mut self) -> anyhow::Result<()> {
         let rt = self.rt.clone();
         let (lo, hi) = (self.lo, self.next);
+        anyhow::ensure!(
+            self.rows == hi - lo,
+            "the open segment holds {} events for positions {lo}..{hi}",
+            self.rows
+        );
         let frames = self.events.clone();
         let event_time = rt.pipeline.event_time.clone();
         let (bytes, rows, min_ms, max_ms) =
@@ -557,6 +693,10 @@ impl Aggregator {
                 Ok((buf, df.height() as u64, min_ms, max_ms))
             })
             .await??;
+        anyhow::ensure!(
+            rows == hi - lo,
+            "segment {lo}..{hi} would hold {rows} events"
+        );
         let path = lake::archive_path(&rt.pipeline.name, LOG_PARTITION, lo, hi);
         let size = bytes.len() as u64;
         rt.lake
@@ -704,43 +844,142 @@ fn admit_recent(
     Ok(())
 }
 
-/// Log record: arrival time (ms, LE) then the event's source line (for CSV: header, newline, line).
-fn encode_record(arrival_ms: i64, line: &[u8]) -> Vec<u8> {
-    let mut r = Vec::with_capacity(8 + line.len());
-    r.extend_from_slice(&arrival_ms.to_le_bytes());
-    r.extend_from_slice(line);
+/// Log record (version 2): `!arrival_ms` as i64 LE — negative, which tells it from a version 1
+/// record, whose arrival time comes first as is —, a flags byte ([`HAS_HEADER`]), then for CSV
+/// the length (u32 LE) and bytes of the request's header, then the event's record as the door
+/// decoded it, line break included. Each record replays on its own: requests that arrived in the same millisecond,
+/// with different headers, a byte order mark or records spanning lines, decode as they did.
+fn encode_record(arrival_ms: i64, header: Option<&[u8]>, record: &[u8]) -> Vec<u8> {
+    let header_len = header.map_or(0, |h| 4 + h.len());
+    let mut r = Vec::with_capacity(9 + header_len + record.len());
+    r.extend_from_slice(&(!arrival_ms).to_le_bytes());
+    match header {
+        Some(h) => {
+            r.push(HAS_HEADER);
+            // A header beyond 4 GiB cannot have passed the door's body limit.
+            r.extend_from_slice(&u32::try_from(h.len()).unwrap_or(u32::MAX).to_le_bytes());
+            r.extend_from_slice(h);
+        }
+        None => r.push(0),
+    }
+    r.extend_from_slice(record);
     r
+}
+
+/// Flag of a version 2 log record: a CSV header precedes the record.
+const HAS_HEADER: u8 = 1;
+
+/// A log record, parsed.
+#[derive(PartialEq)]
+enum LogRecord<'a> {
+    /// Version 1 (before requests were kept apart): the event's line, for CSV prefixed with
+    /// the header and a newline.
+    V1 { arrival: i64, line: &'a [u8] },
+    V2 {
+        arrival: i64,
+        header: Option<&'a [u8]>,
+        record: &'a [u8],
+    },
+}
+
+impl<'a> LogRecord<'a> {
+    fn parse(offset: u64, bytes: &'a [u8]) -> anyhow::Result<LogRecord<'a>> {
+        let bad = || anyhow::anyhow!("write-ahead log record {offset} is malformed");
+        let head: [u8; 8] = bytes
+            .get(..8)
+            .and_then(|h| h.try_into().ok())
+            .ok_or_else(bad)?;
+        let stamp = i64::from_le_bytes(head);
+        if stamp >= 0 {
+            return Ok(LogRecord::V1 {
+                arrival: stamp,
+                line: &bytes[8..],
+            });
+        }
+        let flags = *bytes.get(8).ok_or_else(bad)?;
+        let (header, rest) = if flags & HAS_HEADER != 0 {
+            let len: [u8; 4] = bytes
+                .get(9..13)
+                .and_then(|l| l.try_into().ok())
+                .ok_or_else(bad)?;
+            let end = 13 + u32::from_le_bytes(len) as usize;
+            (Some(bytes.get(13..end).ok_or_else(bad)?), &bytes[end..])
+        } else {
+            (None, &bytes[9..])
+        };
+        Ok(LogRecord::V2 {
+            arrival: !stamp,
+            header,
+            record: rest,
+        })
+    }
+
+    fn arrival(&self) -> i64 {
+        match self {
+            LogRecord::V1 { arrival, .. } | LogRecord::V2 { arrival, .. } => *arrival,
+        }
+    }
+
+    /// Whether `other` decodes in one body with `self` (as the next record).
+    fn joins(&self, other: &LogRecord) -> bool {
+        match (self, other) {
+            (LogRecord::V1 { arrival: a, .. }, LogRecord::V1 { arrival: b, .. }) => a == b,
+            (
+                LogRecord::V2 {
+                    arrival: a,
+                    header: h,
+                    ..
+                },
+                LogRecord::V2 {
+                    arrival: b,
+                    header: g,
+                    ..
+                },
+            ) => a == b && h == g,
+            _ => false,
+        }
+    }
 }
 
 /// Decodes replayed log records back into events (with their original arrival times).
 fn decode_records(plan: &Plan, records: &[(u64, Vec<u8>)]) -> anyhow::Result<DataFrame> {
     let csv = plan.pipeline().format == crate::spec::Format::Csv;
+    let parsed: Vec<LogRecord> = records
+        .iter()
+        .map(|(offset, bytes)| LogRecord::parse(*offset, bytes))
+        .collect::<anyhow::Result<_>>()?;
     let mut frames = Vec::new();
-    // Consecutive records with the same arrival time came from one request: decode together.
+    // Runs of records that decode together: one body per run.
     let mut i = 0;
-    while i < records.len() {
-        let head: [u8; 8] = records[i]
-            .1
-            .get(..8)
-            .and_then(|h| h.try_into().ok())
-            .ok_or_else(|| anyhow::anyhow!("log record {} is too short", records[i].0))?;
-        let arrival = i64::from_le_bytes(head);
-        let mut j = i;
+    while i < parsed.len() {
+        let mut j = i + 1;
+        while j < parsed.len() && parsed[i].joins(&parsed[j]) {
+            j += 1;
+        }
         let mut body = Vec::new();
-        while j < records.len()
-            && records[j].1.len() >= 8
-            && records[j].1[..8] == arrival.to_le_bytes()
-        {
-            let line = &records[j].1[8..];
-            if csv && j > i {
-                // Each CSV record carries its header; keep only the first.
-                let data = line.splitn(2, |b| *b == b'\n').nth(1).unwrap_or_default();
-                body.extend_from_slice(data);
-            } else {
-                body.extend_from_slice(line);
+        for (k, rec) in parsed[i..j].iter().enumerate() {
+            match rec {
+                LogRecord::V2 { header, record, .. } => {
+                    if let (0, Some(h)) = (k, header) {
+                        body.extend_from_slice(h);
+                        body.push(b'\n');
+                    }
+                    // With its own line break (which the last one of a request may lack).
+                    body.extend_from_slice(record);
+                    if !record.ends_with(b"\n") {
+                        body.push(b'\n');
+                    }
+                    continue;
+                }
+                // Version 1 records of one arrival time came from one request (as far as
+                // that version knew); each CSV record carries its header: keep the first.
+                LogRecord::V1 { line, .. } if csv && k > 0 => {
+                    let data = line.splitn(2, |b| *b == b'\n').nth(1).unwrap_or_default();
+                    body.extend_from_slice(data);
+                }
+                LogRecord::V1 { line, .. } => body.extend_from_slice(line),
             }
             body.push(b'\n');
-            j += 1;
         }
         let decoded = plan.decode_logged(&body);
         anyhow::ensure!(
@@ -753,7 +992,7 @@ fn decode_records(plan: &Plan, records: &[(u64, Vec<u8>)]) -> anyhow::Result<Dat
         frames.push(with_positions(
             decoded.events,
             records[i].0..records[j - 1].0 + 1,
-            arrival,
+            parsed[i].arrival(),
         )?);
         i = j;
     }
@@ -761,47 +1000,314 @@ fn decode_records(plan: &Plan, records: &[(u64, Vec<u8>)]) -> anyhow::Result<Dat
     Ok(concat_frames(frames)?.drop_many([OFFSET_COLUMN]))
 }
 
-/// The source lines of the accepted events, in order (for the log). Blank lines are skipped,
-/// as the decoder skips them; for CSV each line is prefixed with the header.
-fn accepted_lines(body: &[u8], rejected: &[crate::plan::Rejection], csv: bool) -> Vec<Vec<u8>> {
-    let mut rejected_lines: Vec<usize> = rejected.iter().map(|r| r.line).collect();
-    rejected_lines.sort_unstable();
-    let mut out = Vec::new();
-    let mut header: Option<&[u8]> = None;
-    for (i, raw) in body.split(|b| *b == b'\n').enumerate() {
-        let line = raw.strip_suffix(b"\r").unwrap_or(raw);
-        if line.iter().all(u8::is_ascii_whitespace) {
-            continue;
-        }
-        if csv && header.is_none() {
-            header = Some(line);
-            continue;
-        }
-        if rejected_lines.binary_search(&(i + 1)).is_ok() {
-            continue;
-        }
-        match header {
-            Some(h) => {
-                let mut l = h.to_vec();
-                l.push(b'\n');
-                l.extend_from_slice(line);
-                out.push(l);
-            }
-            None => out.push(line.to_vec()),
-        }
-    }
-    out
-}
-
 /// A log directory that has lost its files (or is new) must continue at the checkpoint, so
 /// positions are never reused.
 fn ensure_log_starts_at(dir: &Path, checkpoint: u64) -> anyhow::Result<()> {
-    std::fs::create_dir_all(dir)?;
+    crate::fsync::create_dir_all(dir)?;
     let has_files = std::fs::read_dir(dir)?
         .filter_map(Result::ok)
         .any(|e| e.path().extension().is_some_and(|x| x == "wal"));
     if !has_files && checkpoint > 0 {
-        std::fs::File::create(dir.join(format!("{checkpoint:020}.wal")))?;
+        // Durable, entry included: a crash must not lose the marker and restart at 0.
+        crate::fsync::create_file(&dir.join(format!("{checkpoint:020}.wal")))?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use super::*;
+    use crate::serving::query::{ViewQuery, query};
+
+    fn spec(format: &str, segment_age: &str) -> String {
+        format!(
+            r#"
+name: orders
+source:
+  type: http
+format: {format}
+schema:
+  ts: timestamp
+  country: string
+  amount: float
+event_time: ts
+archive:
+  segment_rows: 1000000
+  segment_age: {segment_age}
+views:
+  - name: overall
+    window: all
+    metrics:
+      n: count()
+      total: sum(amount)
+"#
+        )
+    }
+
+    /// A project directory with its state DB, lake and log, and runtimes started on them.
+    struct Project {
+        dir: tempfile::TempDir,
+        pipeline: Arc<Pipeline>,
+        plan: Arc<Plan>,
+        db: State,
+        lake: Lake,
+        shutdown: CancellationToken,
+    }
+
+    impl Project {
+        async fn new(spec: &str) -> Project {
+            let dir = tempfile::tempdir().unwrap();
+            std::fs::create_dir_all(dir.path().join("pipelines")).unwrap();
+            std::fs::write(dir.path().join("pipelines/orders.yaml"), spec).unwrap();
+            let project = crate::spec::load(dir.path()).expect("valid spec");
+            let pipeline = Arc::new(project.pipeline("orders").unwrap().clone());
+            let plan = Arc::new(Plan::compile(&pipeline).unwrap());
+            let url = format!("sqlite://{}", dir.path().join("state.db").display());
+            let db = State::open(&url).await.unwrap();
+            let lake_dir = dir.path().join("lake");
+            let lake =
+                Lake::open(&format!("file://{}", lake_dir.display()), &BTreeMap::new()).unwrap();
+            Project {
+                dir,
+                pipeline,
+                plan,
+                db,
+                lake,
+                shutdown: CancellationToken::new(),
+            }
+        }
+
+        async fn start(&mut self) -> Arc<PipelineRuntime> {
+            self.shutdown.cancel();
+            self.shutdown = CancellationToken::new();
+            PipelineRuntime::start(
+                self.pipeline.clone(),
+                self.plan.clone(),
+                self.db.clone(),
+                self.lake.clone(),
+                &self.dir.path().join("log"),
+                self.shutdown.clone(),
+            )
+            .await
+            .unwrap()
+        }
+    }
+
+    /// `(n, total)` of the `overall` view as served.
+    fn served(rt: &PipelineRuntime) -> (u64, f64) {
+        let answer = query(rt, 0, &ViewQuery::default()).unwrap();
+        answer.rows.first().map_or((0, 0.0), |r| {
+            (r["n"].as_u64().unwrap(), r["total"].as_f64().unwrap())
+        })
+    }
+
+    async fn wait_for(what: &str, mut done: impl AsyncFnMut() -> bool) {
+        let start = Instant::now();
+        while !done().await {
+            assert!(start.elapsed() < Duration::from_secs(15), "{what}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    fn ndjson(amounts: &[f64]) -> Bytes {
+        let lines: Vec<String> = amounts
+            .iter()
+            .enumerate()
+            .map(|(i, a)| {
+                format!(
+                    r#"{{"ts": {}, "country": "DE", "amount": {a}}}"#,
+                    1_700_000_000_000 + i as i64
+                )
+            })
+            .collect();
+        Bytes::from(lines.join("\n"))
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_failed_micro_batch_is_rebuilt_from_the_log_never_sealed_short() {
+        let mut p = Project::new(&spec("json", "300ms")).await;
+        let rt = p.start().await;
+        // The plan fails on the next micro-batch (the first request's).
+        rt.fail_applies.store(1, Ordering::SeqCst);
+        assert_eq!(
+            rt.ingest(ndjson(&[1.0, 2.0, 3.0])).await.unwrap().accepted,
+            3
+        );
+        assert_eq!(rt.ingest(ndjson(&[10.0, 20.0])).await.unwrap().accepted, 2);
+        wait_for("the open segment sealed", async || {
+            p.db.checkpoint("orders", 0).await.unwrap() == Some(5)
+        })
+        .await;
+        // Every acknowledged event is counted and archived: the failed micro-batch was
+        // absorbed again from the log, and no segment lacks rows.
+        assert_eq!(served(&rt), (5, 36.0));
+        let segments = p.db.segments("orders").await.unwrap();
+        for s in &segments {
+            assert_eq!(s.rows, s.hi - s.lo, "{s:?}");
+        }
+        assert_eq!(segments.iter().map(|s| s.rows).sum::<u64>(), 5);
+
+        // The same after a restart, from the archive.
+        let rt = p.start().await;
+        assert_eq!(served(&rt), (5, 36.0));
+        p.shutdown.cancel();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn while_rebuilding_fails_nothing_is_sealed_and_then_everything_is() {
+        let mut p = Project::new(&spec("json", "200ms")).await;
+        let rt = p.start().await;
+        // The micro-batch and the first rebuild fail: the aggregator waits (back-off) and
+        // seals nothing meanwhile, then rebuilds.
+        rt.fail_applies.store(2, Ordering::SeqCst);
+        rt.ingest(ndjson(&[1.0, 2.0])).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert_eq!(p.db.checkpoint("orders", 0).await.unwrap(), None);
+        assert_eq!(
+            served(&rt),
+            (0, 0.0),
+            "nothing served from a failed micro-batch"
+        );
+        rt.ingest(ndjson(&[4.0])).await.unwrap();
+        wait_for("everything sealed after the rebuild", async || {
+            p.db.checkpoint("orders", 0).await.unwrap() == Some(3)
+        })
+        .await;
+        assert_eq!(served(&rt), (3, 7.0));
+        p.shutdown.cancel();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn csv_records_spanning_lines_and_unterminated_quotes_are_logged_and_replayed() {
+        let mut p = Project::new(&spec("csv", "1h")).await;
+        let rt = p.start().await;
+        let body = "ts,country,amount\n1700000000000,\"D\nE\",1.5\n1700000000001,US,2\n";
+        let r = rt.ingest(Bytes::from(body)).await.unwrap();
+        assert_eq!((r.accepted, r.rejected), (2, 0));
+        // An unterminated quote rejects its own record; the rest of the request counts.
+        let body = "\u{feff}amount,ts,country\n4,1700000000002,\"FR\n8,1700000000003,JP\r\n16,1700000000004,IT\n";
+        let r = rt.ingest(Bytes::from(body)).await.unwrap();
+        assert_eq!((r.accepted, r.rejected), (2, 1), "{r:?}");
+        assert_eq!(r.errors[0].line, 2);
+        assert_eq!(r.errors[0].reason, "unterminated quoted field");
+        wait_for("absorbed", async || served(&rt).0 == 4).await;
+        assert_eq!(served(&rt), (4, 27.5));
+        // Replayed from the log after a restart: the same events.
+        let rt = p.start().await;
+        wait_for("replayed", async || served(&rt).0 == 4).await;
+        assert_eq!(served(&rt), (4, 27.5));
+        p.shutdown.cancel();
+    }
+
+    /// The log records the door writes for `body`.
+    fn door_records(plan: &Plan, arrival: i64, body: &[u8]) -> Vec<Vec<u8>> {
+        let d = plan.decode(body);
+        assert!(d.rejected.is_empty(), "{:?}", d.rejected);
+        let header = d.header.clone().map(|h| &body[h]);
+        d.records
+            .iter()
+            .map(|r| encode_record(arrival, header, &body[r.clone()]))
+            .collect()
+    }
+
+    fn replay(plan: &Plan, records: Vec<Vec<u8>>) -> DataFrame {
+        let records: Vec<(u64, Vec<u8>)> = records
+            .into_iter()
+            .enumerate()
+            .map(|(i, r)| (i as u64, r))
+            .collect();
+        decode_records(plan, &records).unwrap()
+    }
+
+    #[tokio::test]
+    async fn requests_of_one_millisecond_replay_as_each_was_decoded() {
+        let csv = Project::new(&spec("csv", "1h")).await;
+        let arrival = 1_700_000_000_000;
+        // Two requests, one millisecond, different headers; the second with a byte order mark.
+        let a = "ts,country,amount\n1,DE,1.5\n2,\"U\nS\",2\n";
+        let b = "\u{feff}amount,ts,country\n4,3,FR\r\r\n8,4,JP";
+        let mut records = door_records(&csv.plan, arrival, a.as_bytes());
+        records.extend(door_records(&csv.plan, arrival, b.as_bytes()));
+        let events = replay(&csv.plan, records);
+        let amounts: Vec<Option<f64>> = events
+            .column("amount")
+            .unwrap()
+            .f64()
+            .unwrap()
+            .iter()
+            .collect();
+        assert_eq!(amounts, [Some(1.5), Some(2.0), Some(4.0), Some(8.0)]);
+        let countries: Vec<Option<&str>> = events
+            .column("country")
+            .unwrap()
+            .str()
+            .unwrap()
+            .iter()
+            .collect();
+        // Exactly as the door read them: a value spanning lines, a carriage return kept.
+        assert_eq!(
+            countries,
+            [Some("DE"), Some("U\nS"), Some("FR\r"), Some("JP")]
+        );
+
+        let json = Project::new(&spec("json", "1h")).await;
+        let a = "{\"ts\": 1, \"country\": \"DE\", \"amount\": 1}\n";
+        let b = "\u{feff}{\"ts\": 2, \"country\": \"US\", \"amount\": 2}\n";
+        let mut records = door_records(&json.plan, arrival, a.as_bytes());
+        records.extend(door_records(&json.plan, arrival, b.as_bytes()));
+        assert_eq!(replay(&json.plan, records).height(), 2);
+    }
+
+    #[tokio::test]
+    async fn version_1_log_records_still_replay() {
+        let p = Project::new(&spec("csv", "1h")).await;
+        let v1 = |arrival: i64, line: &str| {
+            let mut r = arrival.to_le_bytes().to_vec();
+            r.extend_from_slice(line.as_bytes());
+            r
+        };
+        let records = vec![
+            v1(5, "ts,country,amount\n1,DE,1"),
+            v1(5, "ts,country,amount\n2,US,2"),
+            v1(6, "amount,ts,country\n4,3,FR"),
+        ];
+        let events = replay(&p.plan, records);
+        let amounts: Vec<Option<f64>> = events
+            .column("amount")
+            .unwrap()
+            .f64()
+            .unwrap()
+            .iter()
+            .collect();
+        assert_eq!(amounts, [Some(1.0), Some(2.0), Some(4.0)]);
+        let arrivals = events
+            .column(ARRIVAL_COLUMN)
+            .unwrap()
+            .cast(&DataType::Int64)
+            .unwrap();
+        let arrivals: Vec<Option<i64>> = arrivals.i64().unwrap().iter().collect();
+        assert_eq!(arrivals, [Some(5), Some(5), Some(6)]);
+    }
+
+    #[tokio::test]
+    async fn the_log_start_marker_is_durable() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().canonicalize().unwrap();
+        let log_dir = root.join("log/orders/p=0");
+        ensure_log_starts_at(&log_dir, 42).unwrap();
+        let marker = log_dir.join(format!("{:020}.wal", 42));
+        assert!(marker.is_file());
+        let synced = crate::fsync::synced_under(&root);
+        for p in [
+            &marker,
+            &log_dir,
+            &root.join("log/orders"),
+            &root.join("log"),
+            &root,
+        ] {
+            assert!(synced.contains(p), "{} not synced: {synced:?}", p.display());
+        }
+    }
 }

@@ -18,7 +18,8 @@ pub struct Segment {
     pub path: String,
     pub rows: u64,
     pub bytes: u64,
-    /// Events of `[lo, hi)` rejected into the dead-letter area instead of the segment.
+    /// Events rejected into the dead-letter area since the previous segment was sealed
+    /// (rejected events get no position: they are not part of `[lo, hi)`).
     pub dead_letters: u64,
     /// Event-time range of the rows (epoch ms); `None` when the segment has no rows.
     pub min_event_ms: Option<i64>,
@@ -86,6 +87,10 @@ impl State {
     /// Fails with [`StateError::NotContiguous`] (and changes nothing) unless the checkpoint is
     /// exactly `lo` — or the partition has none yet — so two archivers, or a replay after a
     /// crash, can never record overlapping segments.
+    ///
+    /// Fails with [`StateError::IncompleteSegment`] (and changes nothing) unless the segment
+    /// holds exactly one row per position: every position is an event in the segment (events
+    /// rejected or dropped as duplicates never get one).
     pub async fn seal_segment(&self, segment: &Segment) -> Result<(), StateError> {
         let s = segment;
         if s.lo >= s.hi {
@@ -94,6 +99,15 @@ impl State {
                 partition: s.partition,
                 lo: s.lo,
                 hi: s.hi,
+            });
+        }
+        if s.rows != s.hi - s.lo {
+            return Err(StateError::IncompleteSegment {
+                pipeline: s.pipeline.clone(),
+                partition: s.partition,
+                lo: s.lo,
+                hi: s.hi,
+                rows: s.rows,
             });
         }
         let (lo, hi) = (to_db("position", s.lo)?, to_db("position", s.hi)?);

@@ -105,6 +105,19 @@ pub enum StateError {
         lo: u64,
         hi: u64,
     },
+    /// A segment holds one row per position of `[lo, hi)`: fewer would archive a range with
+    /// events missing (and let the log below it go), more would count events twice.
+    #[error(
+        "segment {pipeline}/p={partition} [{lo}, {hi}) holds {rows} rows, not one per position ({}); refusing to archive it",
+        hi - lo
+    )]
+    IncompleteSegment {
+        pipeline: String,
+        partition: u32,
+        lo: u64,
+        hi: u64,
+        rows: u64,
+    },
     /// Sealing `[lo, hi)` requires the partition's checkpoint to be exactly `lo`. Anything else
     /// means another archiver sealed this range or positions were skipped; the caller must not
     /// acknowledge upstream.

@@ -163,14 +163,11 @@ async fn sealing_records_the_segment_and_advances_the_checkpoint(url: String) {
     };
     // A partition's first segment may start anywhere (a Kafka topic after retention).
     let other_partition = segment(1, 100, 150);
-    let empty = Segment {
-        rows: 0,
+    let second = Segment {
         dead_letters: 5,
-        min_event_ms: None,
-        max_event_ms: None,
         ..segment(0, 10, 25)
     };
-    for s in [&first, &other_partition, &empty] {
+    for s in [&first, &other_partition, &second] {
         state.seal_segment(s).await.expect("seal");
     }
     state
@@ -183,7 +180,7 @@ async fn sealing_records_the_segment_and_advances_the_checkpoint(url: String) {
 
     assert_eq!(
         state.segments("clicks").await.unwrap(),
-        vec![first, empty, other_partition],
+        vec![first, second, other_partition],
         "by partition, then position"
     );
     assert_eq!(state.checkpoint("clicks", 0).await.unwrap(), Some(25));
@@ -221,6 +218,21 @@ async fn sealing_refuses_gaps_overlaps_and_empty_ranges(url: String) {
             .await
             .expect_err("empty or reversed");
         assert!(matches!(err, StateError::EmptySegment { .. }), "{err}");
+    }
+    // A segment missing rows (or holding extra ones) would archive a range with events lost
+    // or doubled, and let the log below it go.
+    for rows in [0, 9, 11] {
+        let err = state
+            .seal_segment(&Segment {
+                rows,
+                ..segment(0, 10, 20)
+            })
+            .await
+            .expect_err("rows != hi - lo");
+        assert!(
+            matches!(err, StateError::IncompleteSegment { rows: r, .. } if r == rows),
+            "{err}"
+        );
     }
     let err = state
         .seal_segment(&segment(0, 10, u64::MAX))

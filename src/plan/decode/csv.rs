@@ -1,6 +1,9 @@
 //! CSV (RFC 4180): a header line naming the columns in any order, then one record per line;
 //! quoted fields may hold commas, `""` and newlines. Header columns outside the schema are
 //! ignored; schema columns absent from the header are null.
+//!
+//! A quote that is never closed rejects its own record only: that record is taken to end at
+//! the first line break after the quote, and decoding goes on with the next line.
 
 use super::json::Text;
 use super::{Decoder, Output, Slot};
@@ -25,6 +28,11 @@ struct Record {
     /// Line breaks consumed, including those inside quoted fields.
     newlines: usize,
     error: Option<&'static str>,
+    /// A quoted field was still open at the end of the input (the record was cut at the first
+    /// line break after its quote, if any).
+    unterminated: bool,
+    /// The record ended with a line break (not at the end of the input).
+    at_newline: bool,
 }
 
 enum State {
@@ -40,6 +48,9 @@ fn record(b: &[u8], pos: usize, fields: &mut Vec<Field>) -> Record {
     let mut state = State::FieldStart;
     let mut error = None;
     let mut newlines = 0;
+    let mut unterminated = false;
+    // Where the last quoted field opened, and the line breaks consumed before it.
+    let mut opened = (pos, 0);
     let mut i = pos;
     let end_at = |i: usize| {
         if i > pos && b[i - 1] == b'\r' {
@@ -53,6 +64,7 @@ fn record(b: &[u8], pos: usize, fields: &mut Vec<Field>) -> Record {
         match state {
             State::FieldStart => {
                 if c == Some(b'"') {
+                    opened = (i, newlines);
                     state = State::Quoted {
                         start: i + 1,
                         escaped: false,
@@ -92,6 +104,13 @@ fn record(b: &[u8], pos: usize, fields: &mut Vec<Field>) -> Record {
             State::Quoted { start, escaped } => match c {
                 None => {
                     error.get_or_insert("unterminated quoted field");
+                    unterminated = true;
+                    // Only this record is rejected: it ends at the quote's line break.
+                    let (quote, before) = opened;
+                    if let Some(k) = memchr::memchr(b'\n', &b[quote..]) {
+                        i = quote + k;
+                        newlines = before;
+                    }
                     break;
                 }
                 Some(b'"') if b.get(i + 1) == Some(&b'"') => {
@@ -138,7 +157,25 @@ fn record(b: &[u8], pos: usize, fields: &mut Vec<Field>) -> Record {
         next: if at_newline { i + 1 } else { b.len() },
         newlines: newlines + at_newline as usize,
         error,
+        unterminated,
+        at_newline,
     }
+}
+
+/// The length of the longest prefix of `b` made of whole records, each ended by its line
+/// break: a record still inside a quoted field, or without its line break yet, may be
+/// completed by more input (a file being written).
+pub(crate) fn whole_records(b: &[u8]) -> usize {
+    let mut fields = Vec::new();
+    let mut pos = 0;
+    while pos < b.len() {
+        let rec = record(b, pos, &mut fields);
+        if rec.unterminated || !rec.at_newline {
+            break;
+        }
+        pos = rec.next;
+    }
+    pos
 }
 
 impl Decoder {
@@ -175,6 +212,9 @@ impl Decoder {
                     }
                 };
                 buf.clear();
+                if parsed.is_ok() {
+                    out.header = Some(rec.start..rec.end);
+                }
                 header = Some(parsed);
                 continue;
             };
@@ -219,7 +259,7 @@ impl Decoder {
                 }
             }
             match result.and_then(|()| self.check_required(&slots)) {
-                Ok(()) => out.commit(&slots, text, &buf),
+                Ok(()) => out.commit(&slots, text, &buf, rec.start..rec.next),
                 Err(reason) => out.reject(this_line, reason, raw),
             }
         }

@@ -12,6 +12,10 @@ mod path;
 mod tests;
 pub(crate) mod timestamp;
 
+pub(crate) use csv::whole_records as csv_whole_records;
+
+use std::ops::Range;
+
 use polars::prelude::*;
 
 use crate::spec::{ColumnType, Format, Pipeline};
@@ -25,6 +29,12 @@ pub struct Decoded {
     pub events: DataFrame,
     /// In input order.
     pub rejected: Vec<Rejection>,
+    /// Per event, where its record lies in the input, line break included (a line of NDJSON;
+    /// a CSV record, which may span lines). Decoding the header (for CSV) and these records,
+    /// each ended by a line break, yields `events` again.
+    pub records: Vec<Range<usize>>,
+    /// For CSV, where the header record lies in the input (after a byte order mark).
+    pub header: Option<Range<usize>>,
 }
 
 /// A line that could not become an event.
@@ -87,14 +97,22 @@ impl Decoder {
         }
     }
 
-    pub fn decode(&self, bytes: &[u8]) -> Decoded {
-        let bytes = bytes.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(bytes);
+    pub fn decode(&self, input: &[u8]) -> Decoded {
+        let bytes = input.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(input);
         let mut out = Output::new(&self.columns, bytes.len() / 96 + 1);
         match self.format {
             Format::Json => self.decode_json(bytes, &mut out),
             Format::Csv => self.decode_csv(bytes, &mut out),
         }
-        out.finish(&self.columns)
+        let mut decoded = out.finish(&self.columns);
+        // Ranges into `input`, byte order mark included.
+        let bom = input.len() - bytes.len();
+        if bom > 0 {
+            let shift = |r: &mut Range<usize>| *r = r.start + bom..r.end + bom;
+            decoded.records.iter_mut().for_each(shift);
+            decoded.header.iter_mut().for_each(shift);
+        }
+        decoded
     }
 
     fn decode_json(&self, bytes: &[u8], out: &mut Output) {
@@ -124,7 +142,12 @@ impl Decoder {
                 .json_line(text, &mut slots, &mut buf, &mut key_buf)
                 .and_then(|()| self.check_required(&slots))
             {
-                Ok(()) => out.commit(&slots, text, &buf),
+                Ok(()) => out.commit(
+                    &slots,
+                    text,
+                    &buf,
+                    end - line.len()..(end + 1).min(bytes.len()),
+                ),
                 Err(reason) => out.reject(line_no, reason, line),
             }
         }
@@ -404,6 +427,8 @@ struct Output {
     builders: Vec<ColBuilder>,
     rows: usize,
     rejected: Vec<Rejection>,
+    records: Vec<Range<usize>>,
+    header: Option<Range<usize>>,
 }
 
 impl Output {
@@ -428,6 +453,8 @@ impl Output {
             builders,
             rows: 0,
             rejected: Vec::new(),
+            records: Vec::with_capacity(capacity),
+            header: None,
         }
     }
 
@@ -440,9 +467,11 @@ impl Output {
         });
     }
 
-    /// Appends one row. Slots were type-checked against their column, so a mismatch cannot
-    /// occur; it would be written as null rather than panic.
-    fn commit(&mut self, slots: &[Slot], line: &str, buf: &str) {
+    /// Appends one row, decoded from the record at `range` of the input. Slots were
+    /// type-checked against their column, so a mismatch cannot occur; it would be written as
+    /// null rather than panic.
+    fn commit(&mut self, slots: &[Slot], line: &str, buf: &str, range: Range<usize>) {
+        self.records.push(range);
         for (b, slot) in self.builders.iter_mut().zip(slots) {
             match (b, slot) {
                 (ColBuilder::Str(b), Slot::Str(t)) => b.append_value(t.resolve(line, buf)),
@@ -481,6 +510,8 @@ impl Output {
         Decoded {
             events,
             rejected: self.rejected,
+            records: self.records,
+            header: self.header,
         }
     }
 }

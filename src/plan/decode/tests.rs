@@ -177,7 +177,8 @@ fn csv_header_in_any_order_quotes_and_line_numbers() {
         "\"\",6,,,\n",
         "\"a\"b,7,,,\n",
         "\"unterminated,5,1,,\n",
-        "still,inside,the,quote,\n",
+        // An unterminated quote rejects its own line only.
+        "after,9,,,\n",
     );
     let d = decode(Format::Csv, input);
     assert_eq!(
@@ -204,6 +205,7 @@ fn csv_header_in_any_order_quotes_and_line_numbers() {
             Some("/b,c".into()),
             Some("multi\nline \"quoted\"".into()),
             Some(String::new()),
+            Some("after".into()),
         ]
     );
     assert_eq!(
@@ -212,13 +214,48 @@ fn csv_header_in_any_order_quotes_and_line_numbers() {
             Some(1_714_564_800_000),
             Some(1_714_564_800_000),
             Some(5),
-            Some(6)
+            Some(6),
+            Some(9)
         ]
     );
-    assert_eq!(floats(e, "latency_ms"), [Some(12.5), None, Some(1.0), None]);
-    assert_eq!(ints(e, "n"), [Some(3), None, None, None]);
+    assert_eq!(
+        floats(e, "latency_ms"),
+        [Some(12.5), None, Some(1.0), None, None]
+    );
+    assert_eq!(ints(e, "n"), [Some(3), None, None, None, None]);
     // `ok` is not in the header: null throughout.
-    assert_eq!(e.column("ok").unwrap().null_count(), 4);
+    assert_eq!(e.column("ok").unwrap().null_count(), 5);
+    // Each event's record, as the input holds it (line break included).
+    let records: Vec<&str> = d.records.iter().map(|r| &input[r.clone()]).collect();
+    assert_eq!(
+        records,
+        [
+            "/a,2024-05-01T12:00:00Z,12.5,zzz,3\r\n",
+            "\"/b,c\",1714564800000,,x,\r\n",
+            "\"multi\nline \"\"quoted\"\"\",5,1,,\n",
+            "\"\",6,,,\n",
+            "after,9,,,\n"
+        ]
+    );
+    assert_eq!(
+        &input[d.header.clone().unwrap()],
+        "page,ts,\"latency_ms\",extra,n"
+    );
+}
+
+#[test]
+fn records_are_located_in_the_input_byte_order_mark_and_all() {
+    let input = "\u{feff}{\"ts\": 1}\r\n\n  \nnot json\n{\"ts\": 2}";
+    let d = decode(Format::Json, input);
+    let records: Vec<&str> = d.records.iter().map(|r| &input[r.clone()]).collect();
+    assert_eq!(records, ["{\"ts\": 1}\r\n", "{\"ts\": 2}"]);
+    assert_eq!(d.header, None);
+    let input = "\u{feff}ts,page\n1,\"a\nb\"\n2,\"open\n3,c";
+    let d = decode(Format::Csv, input);
+    assert_eq!(reasons(&d), [(4, "unterminated quoted field")]);
+    let records: Vec<&str> = d.records.iter().map(|r| &input[r.clone()]).collect();
+    assert_eq!(records, ["1,\"a\nb\"\n", "3,c"]);
+    assert_eq!(&input[d.header.clone().unwrap()], "ts,page");
 }
 
 #[test]
@@ -234,7 +271,10 @@ fn csv_without_the_event_time_column_rejects_every_record() {
     let d = decode(Format::Csv, "\"page,ts\n/a,1\n");
     assert_eq!(
         reasons(&d),
-        [(1, "invalid CSV header: unterminated quoted field")]
+        [
+            (1, "invalid CSV header: unterminated quoted field"),
+            (2, "no usable CSV header (see line 1)")
+        ]
     );
 }
 
