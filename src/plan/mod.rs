@@ -249,15 +249,39 @@ impl Plan {
 
     /// Filter, then derived columns, lazily: the batch layer passes a `scan_parquet` frame.
     pub fn prepare(&self, events: LazyFrame) -> LazyFrame {
-        let mut lf = events;
-        if let Some(f) = &self.filter {
-            lf = lf.filter(f.clone());
+        match &self.filter {
+            Some(f) => self.derive(events.filter(f.clone())),
+            None => self.derive(events),
         }
+    }
+
+    /// The derived columns, in order.
+    fn derive(&self, mut lf: LazyFrame) -> LazyFrame {
         // One `with_column` each: a derived column may use the ones declared before it.
         for c in &self.columns {
             lf = lf.with_column(c.clone());
         }
         lf
+    }
+
+    /// One micro-batch's partials for every view, in view order, and the filter's mask (None
+    /// without a filter): the speed layer counts what the filter dropped from the same mask
+    /// that dropped it, so the filter runs once. The same rows as `prepare` keeps: a null
+    /// result drops the event.
+    pub fn partials_masked(
+        &self,
+        events: DataFrame,
+    ) -> PolarsResult<(Vec<DataFrame>, Option<BooleanChunked>)> {
+        let mask = self.filter_mask(&events)?;
+        let kept = match &mask {
+            Some(m) => events.filter(m)?,
+            None => events,
+        };
+        let prepared = self.derive(kept.lazy()).collect()?;
+        let parts = (0..self.views.len())
+            .map(|v| self.partials(v, prepared.clone().lazy()).collect())
+            .collect::<PolarsResult<_>>()?;
+        Ok((parts, mask))
     }
 
     /// Partial aggregation of prepared events for view `view` (an index into

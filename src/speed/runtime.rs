@@ -619,8 +619,8 @@ impl Aggregator {
         let (events, parts, filtered) =
             tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
                 let events = concat_frames(frames)?;
-                let parts = partials_of(&rt.plan, &events)?;
-                let filtered = filtered_of(&rt.plan, &events, &sizes)?;
+                let (parts, keep) = rt.plan.partials_masked(events.clone())?;
+                let filtered = dropped_fresh(keep.as_ref(), &sizes)?;
                 Ok((events, parts, filtered))
             })
             .await??;
@@ -741,20 +741,14 @@ impl Aggregator {
 
 /// Partials of every view for raw (decoded) events.
 pub fn partials_of(plan: &Plan, events: &DataFrame) -> anyhow::Result<Vec<DataFrame>> {
-    let prepared = plan.prepare(events.clone().lazy());
-    (0..plan.pipeline().views.len())
-        .map(|i| {
-            plan.partials(i, prepared.clone())
-                .collect()
-                .map_err(anyhow::Error::from)
-        })
-        .collect()
+    // Prepared once for every view, not once per view.
+    Ok(plan.partials_all(events.clone())?)
 }
 
-/// How many fresh events of `events` the pipeline's filter drops; `frames` gives the (events,
-/// fresh) of the frames `events` stacks, in order.
-fn filtered_of(plan: &Plan, events: &DataFrame, frames: &[(u64, bool)]) -> anyhow::Result<u64> {
-    let Some(keep) = plan.filter_mask(events)? else {
+/// How many fresh events the pipeline's filter dropped, from its mask over a micro-batch
+/// (None: no filter); `frames` gives the (events, fresh) of the frames it stacks, in order.
+fn dropped_fresh(keep: Option<&BooleanChunked>, frames: &[(u64, bool)]) -> anyhow::Result<u64> {
+    let Some(keep) = keep else {
         return Ok(0);
     };
     let (mut offset, mut dropped) = (0usize, 0u64);
