@@ -38,6 +38,7 @@
 
 pub mod batch;
 pub mod cli;
+pub mod clock;
 pub mod fsync;
 pub mod lake;
 pub mod orchestration;
@@ -51,3 +52,5 @@ pub mod telemetry;
 
 #[cfg(test)]
 mod fuzz;
+#[cfg(test)]
+mod layers;

@@ -44,7 +44,7 @@ use crate::lake::{self, Lake};
 use crate::plan::Plan;
 use crate::spec::{Pipeline, Window};
 use crate::state::{
-    Cutoff, NewPublication, Publication, RunId, RunKind, Segment, State, StateError,
+    Cutoff, NewPublication, RunId, RunKind, Segment, State, StateError, is_covered,
 };
 
 /// Most bytes of archived Parquet merged into one segment, whatever `segment_rows` says: the
@@ -74,48 +74,6 @@ pub struct Retained {
     pub view_versions_dropped: usize,
     pub dead_letter_files_dropped: usize,
     pub collected: usize,
-}
-
-/// Per partition, the first position NOT covered by every view's current publication;
-/// `None` when some view has none (then nothing is covered). A pipeline without views
-/// covers everything sealed.
-pub async fn covered(state: &State, pipeline: &Pipeline) -> Result<Option<Cutoff>, StateError> {
-    covered_where(state, pipeline, |_, _| true).await
-}
-
-/// [`covered`], counting only the current publications `accept(view index, publication)`
-/// takes (the speed layer takes only those computed by the views' current logic).
-pub async fn covered_where(
-    state: &State,
-    pipeline: &Pipeline,
-    accept: impl Fn(usize, &Publication) -> bool,
-) -> Result<Option<Cutoff>, StateError> {
-    if pipeline.views.is_empty() {
-        return Ok(Some(state.checkpoints(&pipeline.name).await?));
-    }
-    let mut lowest: Option<Cutoff> = None;
-    for (i, view) in pipeline.views.iter().enumerate() {
-        let current = state
-            .current_publication(&pipeline.name, &view.name)
-            .await?;
-        let Some(current) = current.filter(|p| accept(i, p)) else {
-            return Ok(None);
-        };
-        lowest = Some(match lowest {
-            None => current.cutoff,
-            // A partition missing from either cutoff is covered by neither.
-            Some(low) => low
-                .into_iter()
-                .filter_map(|(p, pos)| current.cutoff.get(&p).map(|c| (p, pos.min(*c))))
-                .collect(),
-        });
-    }
-    Ok(lowest)
-}
-
-/// Whether `cutoff` covers all of segment `s`.
-pub fn is_covered(cutoff: &Cutoff, s: &Segment) -> bool {
-    cutoff.get(&s.partition).is_some_and(|c| s.hi <= *c)
 }
 
 /// Groups of contiguous covered small segments worth merging (two or more each), in
@@ -167,7 +125,7 @@ pub async fn compact(
         collected: collect_retired(state, lake, &pipeline.name).await?,
         ..Compacted::default()
     };
-    let Some(cutoff) = covered(state, pipeline).await? else {
+    let Some(cutoff) = state.covered(pipeline).await? else {
         log(format!(
             "{}: a view has no published batch yet, so no segment is covered; nothing to compact",
             pipeline.name
@@ -294,7 +252,7 @@ pub async fn retention(
         ..Retained::default()
     };
 
-    match covered(state, pipeline).await? {
+    match state.covered(pipeline).await? {
         None => log(format!(
             "{name}: a view has no published batch yet, so every segment is still needed"
         )),

@@ -16,7 +16,6 @@
 
 pub mod groups;
 pub mod maintenance;
-pub mod pickup;
 pub mod scan;
 pub mod verify;
 

@@ -7,7 +7,8 @@ use chrono::{DateTime, Utc};
 
 use super::CliError;
 use super::worker::{open, runtime, user_or_internal};
-use crate::serving::time::{now_ms, parse_time};
+use crate::clock::now_ms;
+use crate::serving::time::parse_time;
 
 pub fn run(project_dir: &Path, workflow: &str, from: &str, to: &str) -> Result<(), CliError> {
     let project = super::load_project(project_dir)?;

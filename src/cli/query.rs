@@ -6,6 +6,7 @@ use anyhow::Context;
 
 use super::CliError;
 use super::client::Client;
+use crate::clock;
 use crate::serving::{format, query, time};
 
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
@@ -50,11 +51,11 @@ pub fn run(project_dir: &Path, a: Args) -> Result<(), CliError> {
         params.push((c.to_string(), val.to_string()));
     }
     // Resolve relative times here so the server and the user agree on "now".
-    let now = time::now_ms();
+    let now = clock::now_ms();
     for (k, t) in [("from", a.from), ("to", a.to)] {
         if let Some(t) = t {
             let ms = time::parse_time(t, now).map_err(CliError::User)?;
-            params.push((k.to_string(), time::format_ms(ms)));
+            params.push((k.to_string(), clock::format_ms(ms)));
         }
     }
     params.push(("format".into(), "json".into()));

@@ -10,15 +10,16 @@ use anyhow::Context;
 use tokio_util::sync::CancellationToken;
 
 use super::CliError;
-use crate::batch::pickup::Pickup;
 use crate::lake::Lake;
 use crate::orchestration::fanout::{Groups, Help};
 use crate::orchestration::layers::Layers;
-use crate::orchestration::{Orchestrator, overview};
+use crate::orchestration::{Orchestrator, api, overview};
 use crate::plan::Plan;
-use crate::serving::http::{self, App};
+use crate::serving::app::App;
 use crate::serving::metrics::Ops;
-use crate::serving::server;
+use crate::serving::pickup::Pickup;
+use crate::serving::query::Served;
+use crate::serving::{self, server};
 use crate::speed::runtime::PipelineRuntime;
 use crate::state::State;
 use crate::{sources, spec};
@@ -43,7 +44,7 @@ async fn serve(project: spec::Project, listen: Option<SocketAddr>) -> Result<(),
         .with_context(|| format!("opening the lake {}", redact(&settings.lake)))?;
     let shutdown = CancellationToken::new();
 
-    let mut runtimes = BTreeMap::new();
+    let mut pipelines = BTreeMap::new();
     for p in &project.pipelines {
         let plan = Plan::compile(p).with_context(|| format!("compiling pipeline `{}`", p.name))?;
         let rt = PipelineRuntime::start(
@@ -62,7 +63,7 @@ async fn serve(project: spec::Project, listen: Option<SocketAddr>) -> Result<(),
         let mut pickup = Pickup::new(rt.clone(), db.clone(), lake.clone());
         pickup.poll().await;
         tokio::spawn(pickup.run(shutdown.clone()));
-        runtimes.insert(p.name.clone(), rt);
+        pipelines.insert(p.name.clone(), Arc::new(Served::new(rt)));
     }
 
     // Scheduler (one active per state DB) and workers for the workflows.
@@ -103,12 +104,12 @@ async fn serve(project: spec::Project, listen: Option<SocketAddr>) -> Result<(),
         .local_addr()
         .context("reading the listen address")?;
     let app = Arc::new(App {
-        runtimes,
+        pipelines,
         token: settings.serve.token.clone(),
         max_body_bytes: settings.serve.max_body_bytes,
-        orchestrator: Some(orchestrator),
         ops: ops(&project, &db),
     });
+    let router = serving::router(app.clone(), api::routes(orchestrator));
     tracing::info!(
         address = %local,
         pipelines = project.pipelines.len(),
@@ -125,7 +126,7 @@ async fn serve(project: spec::Project, listen: Option<SocketAddr>) -> Result<(),
     println!("lambda-ctl serving on http://{local}");
 
     let stop = shutdown.clone();
-    server::serve(listener, http::router(app), async move {
+    server::serve(listener, router, async move {
         wait_for_signal().await;
         tracing::info!("shutting down");
         stop.cancel();

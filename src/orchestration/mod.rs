@@ -25,6 +25,7 @@
 //! workflow's lock, and the queue is only a transport — a job delivered twice still executes
 //! its attempt once.
 
+pub mod api;
 pub mod clock;
 pub mod dag;
 pub mod fanout;

@@ -76,6 +76,8 @@ mod quantile;
 mod value;
 
 #[cfg(test)]
+mod fuzz;
+#[cfg(test)]
 mod tests;
 
 use std::sync::Arc;

@@ -3,7 +3,7 @@
 use polars::prelude::*;
 use serde_json::{Map, Value};
 
-use super::time::format_ms;
+use crate::clock::format_ms;
 
 /// One JSON object per row; timestamps as RFC 3339 strings, non-finite floats as null.
 pub fn rows_json(df: &DataFrame) -> Vec<Value> {

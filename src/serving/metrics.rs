@@ -10,7 +10,8 @@ use std::time::Instant;
 use futures::future::BoxFuture;
 use parking_lot::Mutex;
 
-use super::time::now_ms;
+use super::query::Served;
+use crate::clock::now_ms;
 use crate::speed::runtime::PipelineRuntime;
 use crate::telemetry::Exposition;
 
@@ -78,7 +79,7 @@ impl ServedRows {
 
 /// Seconds since a view's batch publication; `None` before its first one.
 pub fn batch_cutoff_age_seconds(rt: &PipelineRuntime, view: usize) -> Option<f64> {
-    let published = rt.state.read().batch.get(view)?.as_ref()?.published_at_ms;
+    let published = rt.published_at_ms(view)?;
     Some((now_ms() - published).max(0) as f64 / 1000.0)
 }
 
@@ -91,10 +92,14 @@ pub fn open_segment_age_seconds(rt: &PipelineRuntime) -> f64 {
 }
 
 /// The whole page.
-pub async fn render(runtimes: &BTreeMap<String, Arc<PipelineRuntime>>, ops: &Ops) -> String {
+pub async fn render(pipelines_served: &BTreeMap<String, Arc<Served>>, ops: &Ops) -> String {
+    let runtimes: Vec<(&str, &PipelineRuntime)> = pipelines_served
+        .iter()
+        .map(|(p, s)| (p.as_str(), s.runtime.as_ref()))
+        .collect();
     let mut e = Exposition::new();
-    pipelines(&mut e, runtimes);
-    views(&mut e, runtimes, ops);
+    pipelines(&mut e, &runtimes);
+    views(&mut e, &runtimes, ops);
     if let Some(workflows) = &ops.workflows {
         // A state DB that cannot be read must not cost the pipeline figures: the failure is
         // logged and counted, the rest of the page still answers.
@@ -129,11 +134,7 @@ pub async fn render(runtimes: &BTreeMap<String, Arc<PipelineRuntime>>, ops: &Ops
     e.finish()
 }
 
-fn pipelines(e: &mut Exposition, runtimes: &BTreeMap<String, Arc<PipelineRuntime>>) {
-    let named: Vec<(&str, &PipelineRuntime)> = runtimes
-        .iter()
-        .map(|(p, rt)| (p.as_str(), rt.as_ref()))
-        .collect();
+fn pipelines(e: &mut Exposition, named: &[(&str, &PipelineRuntime)]) {
     type Counter = (&'static str, &'static str, fn(&PipelineRuntime) -> u64);
     let counters: [Counter; 4] = [
         (
@@ -158,11 +159,11 @@ fn pipelines(e: &mut Exposition, runtimes: &BTreeMap<String, Arc<PipelineRuntime
         ),
     ];
     for (name, help, get) in counters {
-        for &(p, rt) in &named {
+        for &(p, rt) in named {
             e.counter(name, help, &[("pipeline", p)], get(rt) as f64);
         }
     }
-    for &(p, rt) in &named {
+    for &(p, rt) in named {
         e.gauge(
             "lambda_ingest_rate_events_per_second",
             "Accepted events per second over the last 10 seconds.",
@@ -170,7 +171,7 @@ fn pipelines(e: &mut Exposition, runtimes: &BTreeMap<String, Arc<PipelineRuntime
             rt.counters.ingest_rate.lock().per_second(),
         );
     }
-    for &(p, rt) in &named {
+    for &(p, rt) in named {
         let lag = rt.source_status.lag().map(|l| l.by_key).unwrap_or_default();
         for (partition, lag) in lag {
             e.gauge(
@@ -181,7 +182,7 @@ fn pipelines(e: &mut Exposition, runtimes: &BTreeMap<String, Arc<PipelineRuntime
             );
         }
     }
-    for &(p, rt) in &named {
+    for &(p, rt) in named {
         e.gauge(
             "lambda_open_segment_rows",
             "Events in the open (not yet sealed) segment.",
@@ -189,7 +190,7 @@ fn pipelines(e: &mut Exposition, runtimes: &BTreeMap<String, Arc<PipelineRuntime
             rt.counters.open_rows.load(Ordering::Relaxed) as f64,
         );
     }
-    for &(p, rt) in &named {
+    for &(p, rt) in named {
         e.gauge(
             "lambda_open_segment_age_seconds",
             "Seconds since the open segment's first event (0 when empty).",
@@ -197,7 +198,7 @@ fn pipelines(e: &mut Exposition, runtimes: &BTreeMap<String, Arc<PipelineRuntime
             open_segment_age_seconds(rt),
         );
     }
-    for &(p, rt) in &named {
+    for &(p, rt) in named {
         e.gauge(
             "lambda_sealed_segments",
             "Sealed Parquet segments in the archive.",
@@ -209,8 +210,8 @@ fn pipelines(e: &mut Exposition, runtimes: &BTreeMap<String, Arc<PipelineRuntime
     let speed: Vec<(&str, usize, usize)> = named
         .iter()
         .map(|&(p, rt)| {
-            let st = rt.state.read();
-            (p, st.groups(), st.estimated_bytes())
+            let (groups, bytes) = rt.held();
+            (p, groups, bytes)
         })
         .collect();
     for &(p, groups, _) in &speed {
@@ -229,7 +230,7 @@ fn pipelines(e: &mut Exposition, runtimes: &BTreeMap<String, Arc<PipelineRuntime
             bytes as f64,
         );
     }
-    for &(p, rt) in &named {
+    for &(p, rt) in named {
         e.histogram(
             "lambda_ack_to_visible_seconds",
             "From a request's acknowledgement to its events being visible in queries.",
@@ -239,14 +240,14 @@ fn pipelines(e: &mut Exposition, runtimes: &BTreeMap<String, Arc<PipelineRuntime
     }
 }
 
-fn views(e: &mut Exposition, runtimes: &BTreeMap<String, Arc<PipelineRuntime>>, ops: &Ops) {
+fn views(e: &mut Exposition, runtimes: &[(&str, &PipelineRuntime)], ops: &Ops) {
     let all = || {
-        runtimes.iter().flat_map(|(p, rt)| {
+        runtimes.iter().flat_map(|&(p, rt)| {
             rt.pipeline
                 .views
                 .iter()
                 .enumerate()
-                .map(move |(i, v)| (p.as_str(), i, v.name.as_str(), rt))
+                .map(move |(i, v)| (p, i, v.name.as_str(), rt))
         })
     };
     for (p, i, v, rt) in all() {

@@ -1,12 +1,32 @@
 //! The serving layer (DESIGN.md §5): merge the published batch view with the speed partials
-//! of the segments it does not cover, finish, filter, and answer over HTTP and the CLI.
+//! of the segments it does not cover, finish, filter, and answer over HTTP and the CLI; follow
+//! new publications (pickup).
 
+pub mod app;
 pub mod dashboard;
 pub mod format;
+#[cfg(test)]
+mod fuzz;
 pub mod guard;
 pub mod http;
 pub mod metrics;
+pub mod pickup;
 pub mod query;
 pub mod server;
 pub mod time;
-pub mod workflows;
+
+use std::sync::Arc;
+
+use axum::Router;
+
+use app::App;
+
+/// Every route of the server — the pipelines' (ingest, views, status, `/metrics`), the
+/// dashboard, `/healthz` and the `workflows` routes orchestration supplies — behind the one
+/// middleware stack of [`app::stack`].
+pub fn router(app: Arc<App>, workflows: Router<Arc<App>>) -> Router {
+    let routes = http::routes()
+        .merge(dashboard::routes())
+        .merge(workflows);
+    app::stack(app, routes)
+}

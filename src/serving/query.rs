@@ -12,7 +12,8 @@ use serde::Serialize;
 use serde_json::Value;
 
 use super::format::{rows_json, rows_json_at};
-use super::time::{format_ms, parse_time};
+use super::time::parse_time;
+use crate::clock::{format_ms, now_ms};
 use crate::spec::{View, Window};
 use crate::speed::runtime::PipelineRuntime;
 
@@ -100,7 +101,31 @@ pub fn columns(view: &View) -> Vec<String> {
     cols
 }
 
-pub fn query(rt: &PipelineRuntime, view_idx: usize, q: &ViewQuery) -> Result<Answer, QueryError> {
+/// A pipeline as serving holds it: the speed runtime it answers from and, beside it, the
+/// answers it computed from the runtime's state.
+pub struct Served {
+    pub runtime: Arc<PipelineRuntime>,
+    answers: AnswerCache,
+}
+
+impl Served {
+    pub fn new(runtime: Arc<PipelineRuntime>) -> Served {
+        let answers = AnswerCache::new(runtime.pipeline.views.len());
+        Served { runtime, answers }
+    }
+
+    /// Answers `q` on view `view_idx`.
+    pub fn query(&self, view_idx: usize, q: &ViewQuery) -> Result<Answer, QueryError> {
+        query(&self.runtime, &self.answers, view_idx, q)
+    }
+}
+
+fn query(
+    rt: &PipelineRuntime,
+    answers: &AnswerCache,
+    view_idx: usize,
+    q: &ViewQuery,
+) -> Result<Answer, QueryError> {
     let view = &rt.pipeline.views[view_idx];
     for (col, _) in &q.filters {
         if !view.group_by.contains(col) {
@@ -115,7 +140,7 @@ pub fn query(rt: &PipelineRuntime, view_idx: usize, q: &ViewQuery) -> Result<Ans
             )));
         }
     }
-    let finished = rt.answers.get(rt, view_idx)?;
+    let finished = answers.get(rt, view_idx)?;
     let cols = columns(view);
     // The all-time window has no start; it spans every range.
     let all_time = view.window == Window::All;
@@ -151,8 +176,8 @@ pub fn query(rt: &PipelineRuntime, view_idx: usize, q: &ViewQuery) -> Result<Ans
 }
 
 /// A view's merged and finished answer before filtering, and where it came from.
-pub struct Finished {
-    /// [`crate::speed::partials::SpeedState::version`] it was computed at.
+struct Finished {
+    /// [`PipelineRuntime::version`] it was computed at.
     version: u64,
     /// `None` when neither layer has partials.
     frame: Option<DataFrame>,
@@ -312,21 +337,21 @@ fn column_index(df: &DataFrame, c: &str) -> PolarsResult<HashMap<String, Vec<usi
 /// the cost of a query; between two changes of the speed state (micro-batches, seals,
 /// publishes) every query of a view shares one computation, and concurrent queries after a
 /// change wait for the one computing instead of each merging the same partials.
-pub struct AnswerCache {
+struct AnswerCache {
     views: Vec<Mutex<Option<Arc<Finished>>>>,
 }
 
 impl AnswerCache {
-    pub fn new(views: usize) -> AnswerCache {
+    fn new(views: usize) -> AnswerCache {
         AnswerCache {
             views: (0..views).map(|_| Mutex::new(None)).collect(),
         }
     }
 
     /// The current answer of view `view_idx`, computed if the state changed since the last.
-    pub fn get(&self, rt: &PipelineRuntime, view_idx: usize) -> PolarsResult<Arc<Finished>> {
+    fn get(&self, rt: &PipelineRuntime, view_idx: usize) -> PolarsResult<Arc<Finished>> {
         let mut slot = self.views[view_idx].lock();
-        let version = rt.state.read().version();
+        let version = rt.version();
         if let Some(f) = slot.as_ref()
             && f.version == version
         {
@@ -339,7 +364,7 @@ impl AnswerCache {
 }
 
 fn compute(rt: &PipelineRuntime, view_idx: usize) -> PolarsResult<Finished> {
-    let snap = rt.state.read().snapshot(view_idx);
+    let snap = rt.snapshot(view_idx);
     let batch_rows = snap
         .batch
         .as_ref()
@@ -365,7 +390,7 @@ fn compute(rt: &PipelineRuntime, view_idx: usize) -> PolarsResult<Finished> {
         speed_rows,
         speed_segments: snap.speed_segments,
         speed_events: snap.speed_events,
-        computed_at: format_ms(super::time::now_ms()),
+        computed_at: format_ms(now_ms()),
     };
     Ok(Finished {
         version: snap.version,

@@ -8,7 +8,7 @@
 //!   connection's start, and on a kept-alive connection from the end of the previous
 //!   response, so an idle connection is closed after it as well.
 //! - Bodies, and how many requests are handled at once, are limited by the router's
-//!   middleware ([`super::http`]).
+//!   middleware ([`super::app`]).
 //!
 //! HTTP/1.1 only: browsers speak HTTP/2 only over TLS, which a reverse proxy in front adds.
 

@@ -63,17 +63,6 @@ fn parse_unchecked(text: &str, now_ms: i64) -> Result<Option<i64>, String> {
     Err(bad())
 }
 
-/// RFC 3339 with milliseconds, UTC (`2026-11-21T10:00:00.000Z`).
-pub fn format_ms(ms: i64) -> String {
-    DateTime::<Utc>::from_timestamp_millis(ms)
-        .map(|d| d.to_rfc3339_opts(chrono::SecondsFormat::Millis, true))
-        .unwrap_or_else(|| ms.to_string())
-}
-
-pub fn now_ms() -> i64 {
-    Utc::now().timestamp_millis()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -117,7 +106,6 @@ mod tests {
         assert!(parse_time("-1x", NOW).is_err());
         assert!(parse_time("", NOW).is_err());
         assert!(parse_time("-", NOW).is_err());
-        assert_eq!(format_ms(NOW), "2025-11-21T10:00:00.000Z");
     }
 
     #[test]

@@ -10,7 +10,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use tokio_util::sync::CancellationToken;
 
-use crate::serving::time::now_ms;
+use crate::clock::now_ms;
 use crate::spec::{ColumnType, Format, JsonPath, PathStep, Pipeline};
 use crate::speed::runtime::PipelineRuntime;
 

@@ -3,7 +3,7 @@
 //! `serving::http`, the others run as tasks started here. Broker sources (`mqtt`, `amqp`,
 //! `redis`, `nats`, `kafka`, `servicebus`) acknowledge upstream only after the door returned (see `broker`;
 //! kafka only after the segment is sealed). Each reports its lag into the runtime's
-//! `status::SourceStatus`.
+//! [`SourceStatus`](crate::speed::status::SourceStatus).
 
 pub mod amqp;
 pub mod broker;
@@ -16,7 +16,6 @@ pub mod nats;
 pub mod redis;
 #[cfg(feature = "servicebus")]
 pub mod servicebus;
-pub mod status;
 
 use std::path::Path;
 use std::sync::Arc;

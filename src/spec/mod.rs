@@ -8,6 +8,8 @@
 pub mod diag;
 pub mod duration;
 pub mod expr;
+#[cfg(test)]
+mod fuzz;
 pub mod model;
 pub mod pipeline;
 mod read;

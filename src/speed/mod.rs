@@ -5,3 +5,4 @@ pub mod dedupe;
 pub mod log;
 pub mod partials;
 pub mod runtime;
+pub mod status;

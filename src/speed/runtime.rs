@@ -32,15 +32,13 @@ use tokio_util::sync::CancellationToken;
 
 use super::dedupe::Dedupe;
 use super::log::{self, Log};
-use super::partials::SpeedState;
-use crate::batch::maintenance;
+use super::partials::{BatchView, Snapshot, SpeedState};
+use super::status::SourceStatus;
 use crate::lake::{self, Lake};
 use crate::plan::{Decoded, Plan};
-use crate::serving::query::AnswerCache;
-use crate::serving::time::now_ms;
-use crate::sources::status::SourceStatus;
+use crate::clock::now_ms;
 use crate::spec::Pipeline;
-use crate::state::{Segment, State};
+use crate::state::{self, Segment, State};
 use crate::telemetry::{Histogram, LATENCY_BUCKETS, RateMeter};
 
 /// The partition of the pipeline's own write-ahead log.
@@ -121,10 +119,9 @@ pub struct Batch {
 pub struct PipelineRuntime {
     pub pipeline: Arc<Pipeline>,
     pub plan: Arc<Plan>,
-    pub state: Arc<RwLock<SpeedState>>,
+    /// Partials and published batch views; serving reads them through [`Self::snapshot`].
+    state: Arc<RwLock<SpeedState>>,
     pub counters: Arc<Counters>,
-    /// The serving layer's finished answers per view, valid while the state's version holds.
-    pub answers: AnswerCache,
     /// What the pipeline's source reports (lag), for status and metrics.
     pub source_status: Arc<SourceStatus>,
     log: Log<Batch>,
@@ -172,9 +169,9 @@ impl PipelineRuntime {
             .store(segments.len() as u64, Ordering::Relaxed);
         let dedupe_horizon =
             now_ms() - i64::try_from(pipeline.dedupe_window.as_millis()).unwrap_or(i64::MAX);
-        let covered =
-            maintenance::covered_where(&db, &pipeline, |v, p| p.logic_hash == plan.logic_hash(v))
-                .await?;
+        let covered = db
+            .covered_where(&pipeline, |v, p| p.logic_hash == plan.logic_hash(v))
+            .await?;
         let sealed_at = match (&covered, &dedupe) {
             (Some(_), Some(_)) => db.sealed_at(&name).await?,
             _ => Default::default(),
@@ -183,7 +180,7 @@ impl PipelineRuntime {
         for seg in &segments {
             let is_covered = covered
                 .as_ref()
-                .is_some_and(|c| maintenance::is_covered(c, seg));
+                .is_some_and(|c| state::is_covered(c, seg));
             // Ids that arrived within the dedupe window are in segments sealed after its start.
             let has_recent_ids = dedupe.is_some()
                 && sealed_at
@@ -266,7 +263,6 @@ impl PipelineRuntime {
             plan: plan.clone(),
             state: speed,
             counters,
-            answers: AnswerCache::new(views),
             source_status: Arc::new(SourceStatus::default()),
             log,
             logged_end: AtomicU64::new(next),
@@ -280,6 +276,35 @@ impl PipelineRuntime {
         let aggregator = Aggregator::new(rt.clone(), checkpoint);
         tokio::spawn(aggregator.run(rx, shutdown));
         Ok(rt)
+    }
+
+    /// What a query of view `view` merges — the published batch view and the speed partials
+    /// of the segments it does not cover — taken under one lock.
+    pub fn snapshot(&self, view: usize) -> Snapshot {
+        self.state.read().snapshot(view)
+    }
+
+    /// Changes with every absorb, seal and publish: an answer computed from a snapshot of this
+    /// version is still the answer while it holds.
+    pub fn version(&self) -> u64 {
+        self.state.read().version()
+    }
+
+    /// Installs a published batch view of view `view` (serving's pickup); the segments every
+    /// view's batch now covers are freed.
+    pub fn publish(&self, view: usize, batch: BatchView) {
+        self.state.write().publish(view, batch);
+    }
+
+    /// When view `view`'s batch view was published (epoch ms); `None` before its first one.
+    pub fn published_at_ms(&self, view: usize) -> Option<i64> {
+        Some(self.state.read().batch.get(view)?.as_ref()?.published_at_ms)
+    }
+
+    /// Partial rows the speed layer holds, and their estimated memory, read under one lock.
+    pub fn held(&self) -> (usize, usize) {
+        let st = self.state.read();
+        (st.groups(), st.estimated_bytes())
     }
 
     /// End (exclusive) of the write-ahead log: positions below it are durable. Read after
@@ -405,7 +430,7 @@ impl PipelineRuntime {
     async fn dead_letter(&self, decoded: &Decoded, arrival: i64) -> anyhow::Result<()> {
         let mut body = String::new();
         for r in &decoded.rejected {
-            let rec = serde_json::json!({"line": r.line, "reason": r.reason, "raw": r.raw, "received_at": crate::serving::time::format_ms(arrival)});
+            let rec = serde_json::json!({"line": r.line, "reason": r.reason, "raw": r.raw, "received_at": crate::clock::format_ms(arrival)});
             body.push_str(&rec.to_string());
             body.push('\n');
         }
@@ -1013,7 +1038,6 @@ mod tests {
     use std::collections::BTreeMap;
 
     use super::*;
-    use crate::serving::query::{ViewQuery, query};
 
     fn spec(format: &str, segment_age: &str) -> String {
         format!(
@@ -1089,12 +1113,21 @@ views:
         }
     }
 
-    /// `(n, total)` of the `overall` view as served.
+    /// `(n, total)` of the `overall` view as the speed layer holds it (these tests publish
+    /// no batch view): its partials merged and finished by the plan.
     fn served(rt: &PipelineRuntime) -> (u64, f64) {
-        let answer = query(rt, 0, &ViewQuery::default()).unwrap();
-        answer.rows.first().map_or((0, 0.0), |r| {
-            (r["n"].as_u64().unwrap(), r["total"].as_f64().unwrap())
-        })
+        let snap = rt.snapshot(0);
+        if snap.speed.is_empty() {
+            return (0, 0.0);
+        }
+        let merged = rt.plan.merge(0, snap.speed).unwrap();
+        let answer = rt.plan.finish(0, merged).unwrap();
+        let n = answer.column("n").unwrap().cast(&DataType::UInt64).unwrap();
+        let total = answer.column("total").unwrap().cast(&DataType::Float64).unwrap();
+        (
+            n.u64().unwrap().get(0).unwrap_or(0),
+            total.f64().unwrap().get(0).unwrap_or(0.0),
+        )
     }
 
     async fn wait_for(what: &str, mut done: impl AsyncFnMut() -> bool) {

@@ -45,6 +45,7 @@ macro_rules! on_pool {
 }
 
 mod archive;
+mod covered;
 mod groups;
 mod publications;
 mod runs;
@@ -53,6 +54,7 @@ mod stats;
 mod workflows;
 
 pub use archive::{RetiredObject, Segment};
+pub use covered::is_covered;
 pub use groups::{GroupEnd, GroupProgress};
 pub use publications::{Cutoff, NewPublication, Publication, PublicationId};
 pub use runs::{AttemptId, Outcome, Run, RunId, RunKind, RunState, TaskAttempt};

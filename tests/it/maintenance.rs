@@ -191,13 +191,13 @@ async fn compaction_and_retention_change_no_answer() {
     );
     assert!(done.partial_rows_retired > 0, "{done:?}");
     let left = state.segments("orders").await.unwrap();
-    let cutoff = maintenance::covered(&state, pipeline)
+    let cutoff = state.covered(pipeline)
         .await
         .unwrap()
         .expect("every view is published");
     assert!(
         left.iter()
-            .filter(|s| maintenance::is_covered(&cutoff, s))
+            .filter(|s| lambda_ctl::state::is_covered(&cutoff, s))
             .all(|s| s.max_event_ms.is_some_and(|t| t >= horizon)),
         "only covered segments with events after the horizon stay: {left:?}"
     );
@@ -213,7 +213,7 @@ async fn compaction_and_retention_change_no_answer() {
         .unwrap();
     let horizon = (later - chrono::Duration::days(1)).timestamp_millis();
     let left = state.segments("orders").await.unwrap();
-    let cutoff = maintenance::covered(&state, pipeline)
+    let cutoff = state.covered(pipeline)
         .await
         .unwrap()
         .expect("every view is published");
@@ -366,13 +366,13 @@ async fn a_restart_reads_only_segments_the_batch_does_not_cover() {
 
     let state = State::open(&spec.settings.state).await.unwrap();
     let lake = Lake::open(&spec.settings.lake, &spec.settings.lake_options).unwrap();
-    let cutoff = maintenance::covered(&state, &spec.pipelines[0])
+    let cutoff = state.covered(&spec.pipelines[0])
         .await
         .unwrap()
         .expect("published");
     let mut deleted = 0;
     for s in state.segments("orders").await.unwrap() {
-        if maintenance::is_covered(&cutoff, &s) {
+        if lambda_ctl::state::is_covered(&cutoff, &s) {
             lake.delete(&s.path).await.unwrap();
             deleted += 1;
         }

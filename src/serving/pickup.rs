@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
+use crate::batch::load_partials;
 use crate::lake::Lake;
 use crate::speed::partials::BatchView;
 use crate::speed::runtime::PipelineRuntime;
@@ -66,7 +67,7 @@ impl Pickup {
                 self.refused[v] = Some(current.id);
                 continue;
             }
-            let partials = match super::load_partials(&self.rt.plan, &self.lake, v, &current).await
+            let partials = match load_partials(&self.rt.plan, &self.lake, v, &current).await
             {
                 Ok(df) => df,
                 Err(e) => {
@@ -81,7 +82,7 @@ impl Pickup {
                 published_at_ms: current.published_at.timestamp_millis(),
                 horizon_ms: current.horizon_ms,
             };
-            self.rt.state.write().publish(v, batch);
+            self.rt.publish(v, batch);
             self.loaded[v] = Some(current.id);
             tracing::info!(%pipeline, view = %name, publication = current.id.0, run = current.run_id.0, "serving batch view");
         }

@@ -1,6 +1,8 @@
 //! The workflow part of the HTTP API (SPEC.md): trigger a run, read a run, list workflows
 //! with their next fire time and recent runs. Served by `serve`, whose orchestrator runs the
-//! scheduler and workers; workflow names from URLs are looked up in the project.
+//! scheduler and workers; workflow names from URLs are looked up in the project. Orchestration
+//! sits above serving: it hands these routes to [`crate::serving::router`], which puts them
+//! behind the one middleware stack (authentication included) of [`crate::serving::app`].
 
 use std::sync::Arc;
 
@@ -13,29 +15,21 @@ use axum::routing::{get, post};
 use chrono::{DateTime, Utc};
 use serde_json::{Value, json};
 
-use super::guard;
-use super::http::{App, error};
-use crate::orchestration::{OrchestrationError, Orchestrator, RunStatus};
+use super::{OrchestrationError, Orchestrator, RunStatus};
+use crate::serving::app::error;
+use crate::serving::guard;
 use crate::state::{Run, RunId};
 
 /// Recent runs listed per workflow by `GET /v1/workflows`.
 const RECENT_RUNS: u32 = 10;
 
-/// The routes, to be merged under the /v1 authentication of [`super::http::router`].
-pub fn routes() -> Router<Arc<App>> {
+/// The routes, served by `orch`; the router they join gives them its own state.
+pub fn routes<S>(orch: Orchestrator) -> Router<S> {
     Router::new()
         .route("/v1/workflows", get(list))
         .route("/v1/workflows/{workflow}/runs", post(trigger))
         .route("/v1/runs/{id}", get(run))
-}
-
-fn orchestrator(app: &App) -> Result<&Orchestrator, Box<Response>> {
-    app.orchestrator.as_ref().ok_or_else(|| {
-        Box::new(error(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "this server runs no orchestrator",
-        ))
-    })
+        .with_state(Arc::new(orch))
 }
 
 fn failure(e: OrchestrationError) -> Response {
@@ -84,11 +78,7 @@ fn status_json(s: &RunStatus) -> Value {
     v
 }
 
-async fn list(State(app): State<Arc<App>>) -> Response {
-    let orch = match orchestrator(&app) {
-        Ok(o) => o,
-        Err(e) => return *e,
-    };
+async fn list(State(orch): State<Arc<Orchestrator>>) -> Response {
     let mut out = Vec::new();
     for wf in &orch.project().workflows {
         let next = match orch.next_fire(&wf.name).await {
@@ -111,15 +101,11 @@ async fn list(State(app): State<Arc<App>>) -> Response {
 }
 
 async fn trigger(
-    State(app): State<Arc<App>>,
+    State(orch): State<Arc<Orchestrator>>,
     Path(workflow): Path<String>,
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    let orch = match orchestrator(&app) {
-        Ok(o) => o,
-        Err(e) => return *e,
-    };
     // No body, or JSON: what a page on another origin cannot send without asking first.
     if let Err(message) = guard::trigger_content_type(&headers, body.is_empty()) {
         return error(StatusCode::UNSUPPORTED_MEDIA_TYPE, message);
@@ -130,11 +116,7 @@ async fn trigger(
     }
 }
 
-async fn run(State(app): State<Arc<App>>, Path(id): Path<String>) -> Response {
-    let orch = match orchestrator(&app) {
-        Ok(o) => o,
-        Err(e) => return *e,
-    };
+async fn run(State(orch): State<Arc<Orchestrator>>, Path(id): Path<String>) -> Response {
     let Ok(id) = id.parse::<i64>() else {
         return error(
             StatusCode::BAD_REQUEST,

@@ -1,4 +1,6 @@
 //! What a running source reports about itself, for `GET /v1/pipelines` (and `/metrics`).
+//! It lives with the speed layer, which holds it for its pipeline: sources (above) write it,
+//! serving (above) reads it.
 //!
 //! Every pipeline runtime holds one [`SourceStatus`] (`PipelineRuntime::source_status`). Broker
 //! sources overwrite its lag from their own measurements; readers take a snapshot with
@@ -21,7 +23,7 @@ use std::collections::BTreeMap;
 
 use parking_lot::Mutex;
 
-use crate::serving::time::now_ms;
+use crate::clock::now_ms;
 
 #[derive(Default)]
 pub struct SourceStatus {
