@@ -12,7 +12,8 @@
 //!               └── partials per segment ──► serving ◄─┘   orchestration: cron, DAGs
 //! ```
 //!
-//! Modules, lowest first; dependencies only point down the list:
+//! Modules, lowest first; dependencies only point down the list (`src/layers.rs` checks every
+//! `crate::` path of every file against it, with no exception):
 //! - [`spec`]: `lambda.yaml`, `pipelines/*.yaml`, `workflows/*.yaml` → validated types, with
 //!   every problem reported as `FILE:LINE:COL: message`.
 //! - [`plan`]: the one polars definition of decode → filter → derived columns → windows →
@@ -20,21 +21,30 @@
 //! - [`lake`]: the object store (local directory, S3, Azure, GCS, memory), wrapped once; the
 //!   archive, dead-letter and view layout.
 //! - [`state`]: the state database (SQLite or PostgreSQL): archive manifest and checkpoints,
-//!   published views, runs, schedules. Every SQL statement lives there.
-//! - [`speed`]: the write-ahead log, de-duplication at the door, micro-batches into partials
-//!   per segment, the archiver, recovery.
+//!   published views and the segments they cover, runs, schedules. Every SQL statement lives
+//!   there.
+//! - [`speed`]: per pipeline, the runtime wiring the door (decode, dead letters,
+//!   de-duplication, the write-ahead log and its records), the aggregator and archiver
+//!   (micro-batches into partials per segment, sealing) and recovery; what the source reports
+//!   about itself (lag).
 //! - [`batch`]: recompute views from the sealed segments with the same plan, publish them
-//!   atomically; verify the two engines agree; serving's pickup of new publications.
+//!   atomically; verify the two engines agree; archive maintenance.
 //! - [`sources`]: where events come from (generator, file, brokers: mqtt, amqp, redis, nats,
-//!   kafka; HTTP arrives through serving), and what each reports about itself (lag).
-//! - [`serving`]: batch view ⊕ speed partials under one snapshot; the HTTP API.
+//!   kafka, servicebus; HTTP arrives through serving).
+//! - [`serving`]: batch view ⊕ speed partials under one snapshot, with the answer cache beside
+//!   the runtime it serves; pickup of new publications; the HTTP API behind one middleware
+//!   stack (`serving::app`).
 //! - [`orchestration`]: workflows — cron slots in a time zone, DAGs of tasks with retries and
-//!   timeouts, catch-up, backfill and `max_active_runs` — on the apalis queue in the state DB.
+//!   timeouts, catch-up, backfill and `max_active_runs` — on the apalis queue in the state DB;
+//!   the workflow routes of the HTTP API.
 //! - [`cli`]: the `lambda-ctl` command line, one file per subcommand.
 //!
-//! Beside them, [`telemetry`] (histograms, rates, the Prometheus text format) is used by the
-//! speed layer to record and by serving to expose, and [`fsync`] (local files that survive a
-//! crash) by the log, the `file://` lake and the file source.
+//! Beside them, leaves that every layer may use and that import no module of the crate:
+//! [`clock`] (now in epoch milliseconds, and how times are written), [`telemetry`]
+//! (histograms, rates, the Prometheus text format: the speed layer records, serving exposes)
+//! and [`fsync`] (local files that survive a crash: the log, the `file://` lake, the file
+//! source). Tests add two: the fuzz harness (`src/fuzz.rs`; each target lives with the layer
+//! it fuzzes) and the layer check itself.
 
 pub mod batch;
 pub mod cli;

@@ -286,3 +286,6 @@ fn plan(
     plans.lock().insert(pipeline.to_string(), plan.clone());
     Ok(plan)
 }
+
+#[cfg(test)]
+mod tests;

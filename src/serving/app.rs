@@ -218,7 +218,10 @@ pub fn error(status: StatusCode, message: impl Into<String>) -> Response {
 /// The bearer token on every route but the [`open`] ones (when `serve.token` is set). A route
 /// without a known pattern is not open.
 async fn auth(State(app): State<Arc<App>>, req: Request, next: Next) -> Response {
-    let route = req.extensions().get::<MatchedPath>().map(MatchedPath::as_str);
+    let route = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map(MatchedPath::as_str);
     let open = route.is_some_and(|r| open(r, app.ops.protect_metrics));
     if let Some(token) = app.token.as_ref().filter(|_| !open) {
         let given = req
@@ -253,7 +256,7 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 
 #[cfg(test)]
 mod tests {
-    use super::constant_time_eq;
+    use super::*;
 
     #[test]
     fn token_compare() {
@@ -261,5 +264,70 @@ mod tests {
         assert!(!constant_time_eq(b"secret", b"secreT"));
         assert!(!constant_time_eq(b"", b"secret"));
         assert!(!constant_time_eq(b"secret-longer", b"secret"));
+    }
+
+    /// Serves every route of a server with the token `t` (and `extra` as the workflow routes);
+    /// returns its address and the handle that stops it.
+    async fn server(
+        protect_metrics: bool,
+        extra: Router<Arc<App>>,
+    ) -> (String, tokio_util::sync::CancellationToken) {
+        let app = Arc::new(App {
+            pipelines: BTreeMap::new(),
+            token: Some("t".into()),
+            max_body_bytes: 1024,
+            ops: Ops::new(protect_metrics),
+        });
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let stop = tokio_util::sync::CancellationToken::new();
+        let stopped = stop.clone();
+        let router = crate::serving::router(app, extra);
+        tokio::spawn(async move {
+            crate::serving::server::serve(listener, router, stopped.cancelled_owned()).await
+        });
+        (format!("http://{addr}"), stop)
+    }
+
+    async fn status(url: &str, token: Option<&str>) -> u16 {
+        let mut req = reqwest::Client::new().get(url);
+        if let Some(t) = token {
+            req = req.bearer_auth(t);
+        }
+        req.send().await.unwrap().status().as_u16()
+    }
+
+    #[tokio::test]
+    async fn only_the_listed_routes_answer_without_the_token() {
+        let workflows = Router::new().route("/v1/workflows", axum::routing::get(|| async { "[]" }));
+        let (base, stop) = server(false, workflows).await;
+        for open in [HEALTHZ, METRICS].iter().chain(DASHBOARD) {
+            assert!(super::open(open, false), "{open}");
+            assert_eq!(status(&format!("{base}{open}"), None).await, 200, "{open}");
+        }
+        // Every other route, whichever module supplies it, asks for the token.
+        for closed in ["/v1/pipelines", "/v1/workflows"] {
+            assert!(!super::open(closed, false), "{closed}");
+            assert_eq!(
+                status(&format!("{base}{closed}"), None).await,
+                401,
+                "{closed}"
+            );
+            assert_eq!(
+                status(&format!("{base}{closed}"), Some("t")).await,
+                200,
+                "{closed}"
+            );
+        }
+        // Unknown paths are not found, token or not.
+        assert_eq!(status(&format!("{base}/nowhere"), None).await, 404);
+        stop.cancel();
+
+        let (base, stop) = server(true, Router::new()).await;
+        assert!(!super::open(METRICS, true));
+        assert_eq!(status(&format!("{base}{METRICS}"), None).await, 401);
+        assert_eq!(status(&format!("{base}{METRICS}"), Some("t")).await, 200);
+        assert_eq!(status(&format!("{base}{HEALTHZ}"), None).await, 200);
+        stop.cancel();
     }
 }

@@ -169,4 +169,3 @@ async fn pipelines(State(app): State<Arc<App>>) -> Response {
         .collect();
     axum::Json(json!({ "pipelines": list })).into_response()
 }
-

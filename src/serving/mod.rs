@@ -25,8 +25,6 @@ use app::App;
 /// dashboard, `/healthz` and the `workflows` routes orchestration supplies — behind the one
 /// middleware stack of [`app::stack`].
 pub fn router(app: Arc<App>, workflows: Router<Arc<App>>) -> Router {
-    let routes = http::routes()
-        .merge(dashboard::routes())
-        .merge(workflows);
+    let routes = http::routes().merge(dashboard::routes()).merge(workflows);
     app::stack(app, routes)
 }

@@ -67,8 +67,7 @@ impl Pickup {
                 self.refused[v] = Some(current.id);
                 continue;
             }
-            let partials = match load_partials(&self.rt.plan, &self.lake, v, &current).await
-            {
+            let partials = match load_partials(&self.rt.plan, &self.lake, v, &current).await {
                 Ok(df) => df,
                 Err(e) => {
                     tracing::warn!(%pipeline, view = %name, publication = current.id.0, error = %format!("{e:#}"), "cannot load the published batch view");

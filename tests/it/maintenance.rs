@@ -191,7 +191,8 @@ async fn compaction_and_retention_change_no_answer() {
     );
     assert!(done.partial_rows_retired > 0, "{done:?}");
     let left = state.segments("orders").await.unwrap();
-    let cutoff = state.covered(pipeline)
+    let cutoff = state
+        .covered(pipeline)
         .await
         .unwrap()
         .expect("every view is published");
@@ -213,7 +214,8 @@ async fn compaction_and_retention_change_no_answer() {
         .unwrap();
     let horizon = (later - chrono::Duration::days(1)).timestamp_millis();
     let left = state.segments("orders").await.unwrap();
-    let cutoff = state.covered(pipeline)
+    let cutoff = state
+        .covered(pipeline)
         .await
         .unwrap()
         .expect("every view is published");
@@ -366,7 +368,8 @@ async fn a_restart_reads_only_segments_the_batch_does_not_cover() {
 
     let state = State::open(&spec.settings.state).await.unwrap();
     let lake = Lake::open(&spec.settings.lake, &spec.settings.lake_options).unwrap();
-    let cutoff = state.covered(&spec.pipelines[0])
+    let cutoff = state
+        .covered(&spec.pipelines[0])
         .await
         .unwrap()
         .expect("published");

@@ -1,0 +1,427 @@
+//! The aggregator and archiver: one task per pipeline that absorbs durable micro-batches
+//! through the plan into partials of the open segment, and seals the open segment — a Parquet
+//! file in the lake, then its manifest row and checkpoint in one state transaction — once it
+//! is old or big enough.
+//!
+//! Fail closed: a micro-batch is absorbed whole or not at all, and the open segment only grows
+//! when it is. When one fails, the aggregator absorbs nothing more and rebuilds the open segment
+//! from the write-ahead log (retrying with back-off); no segment is sealed meanwhile, and a
+//! segment is sealed only if it holds exactly one row per position.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use bytes::Bytes;
+use polars::prelude::*;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use super::log;
+use super::record::{concat_frames, decode_records, with_positions};
+use super::runtime::{Batch, LOG_PARTITION, PipelineRuntime};
+use crate::clock::now_ms;
+use crate::lake;
+use crate::state::Segment;
+
+/// Longest wait between attempts to rebuild the open segment after a failure.
+const MAX_REBUILD_BACKOFF: Duration = Duration::from_secs(30);
+
+/// The aggregator/archiver task state: the open segment of the log partition.
+pub(super) struct Aggregator {
+    rt: Arc<PipelineRuntime>,
+    /// First position of the open segment.
+    lo: u64,
+    /// Next position expected (= end of the open segment so far): every position in
+    /// `[lo, next)` is absorbed, and nothing else.
+    next: u64,
+    /// Raw events of the open segment, for its Parquet file.
+    events: Vec<DataFrame>,
+    rows: u64,
+    opened: Option<Instant>,
+    /// Set when a micro-batch failed: nothing is absorbed or sealed until the open segment is
+    /// rebuilt from the log, which is next tried at this instant.
+    rebuild_at: Option<Instant>,
+    /// Failed attempts in a row (for the back-off).
+    failures: u32,
+}
+
+impl Aggregator {
+    pub(super) fn new(rt: Arc<PipelineRuntime>, checkpoint: u64) -> Self {
+        Aggregator {
+            rt,
+            lo: checkpoint,
+            next: checkpoint,
+            events: Vec::new(),
+            rows: 0,
+            opened: None,
+            rebuild_at: None,
+            failures: 0,
+        }
+    }
+
+    pub(super) async fn run(
+        mut self,
+        mut rx: mpsc::Receiver<log::Durable<Batch>>,
+        shutdown: CancellationToken,
+    ) {
+        let age = self.rt.pipeline.archive.segment_age;
+        let mut tick = tokio::time::interval(Duration::from_millis(250).min(age));
+        loop {
+            tokio::select! {
+                first = rx.recv() => {
+                    let Some(first) = first else { break };
+                    // Adaptive micro-batch: everything that arrived while the last one ran.
+                    let mut batch = vec![first];
+                    while batch.len() < 1024 && let Ok(more) = rx.try_recv() {
+                        batch.push(more);
+                    }
+                    // While broken, the events wait in the log: the rebuild reads them there.
+                    if self.rebuild_at.is_none()
+                        && let Err(e) = self.apply(batch).await
+                    {
+                        self.fail(e, "speed layer failed to apply a micro-batch");
+                    }
+                }
+                _ = tick.tick() => {}
+                _ = shutdown.cancelled() => break,
+            }
+            if self.rebuild_at.is_some_and(|at| at <= Instant::now()) {
+                match self.rebuild().await {
+                    Ok(()) => {
+                        tracing::info!(pipeline = %self.rt.pipeline.name, from = self.lo, to = self.next, "rebuilt the open segment from the write-ahead log");
+                        self.rebuild_at = None;
+                        self.failures = 0;
+                    }
+                    Err(e) => self.fail(
+                        e,
+                        "rebuilding the open segment from the write-ahead log failed",
+                    ),
+                }
+            }
+            let accepted = self.rt.counters.accepted.load(Ordering::Relaxed);
+            self.rt
+                .counters
+                .ingest_rate
+                .lock()
+                .record(accepted, Instant::now());
+            if self.rebuild_at.is_none() && self.should_seal() {
+                if self.rows != self.next - self.lo {
+                    let e = anyhow::anyhow!(
+                        "the open segment holds {} events for positions {}..{}",
+                        self.rows,
+                        self.lo,
+                        self.next
+                    );
+                    self.fail(e, "refusing to seal an incomplete segment");
+                } else if let Err(e) = self.seal().await {
+                    tracing::error!(pipeline = %self.rt.pipeline.name, error = %format!("{e:#}"), "sealing segment failed; will retry");
+                }
+            }
+        }
+    }
+
+    /// Stops absorbing: the open segment is rebuilt from the log, at once the first time, then
+    /// with a growing back-off while rebuilding fails too.
+    fn fail(&mut self, e: anyhow::Error, what: &str) {
+        let backoff = if self.failures == 0 {
+            Duration::ZERO
+        } else {
+            (Duration::from_secs(1) * 2u32.saturating_pow(self.failures - 1))
+                .min(MAX_REBUILD_BACKOFF)
+        };
+        tracing::error!(
+            pipeline = %self.rt.pipeline.name,
+            error = %format!("{e:#}"),
+            retry_in_ms = backoff.as_millis() as u64,
+            "{what}; absorbing nothing until the open segment is rebuilt from the write-ahead log"
+        );
+        self.failures = self.failures.saturating_add(1);
+        self.rebuild_at = Some(Instant::now() + backoff);
+    }
+
+    /// Forgets the open segment and absorbs it again from the log: every durable record from
+    /// its start. Micro-batches still on their way for those records are skipped by `apply`.
+    async fn rebuild(&mut self) -> anyhow::Result<()> {
+        let rt = self.rt.clone();
+        rt.state.write().discard_open(LOG_PARTITION, self.lo);
+        self.next = self.lo;
+        self.events.clear();
+        self.rows = 0;
+        self.opened = None;
+        rt.counters.open_rows.store(0, Ordering::Relaxed);
+        rt.counters.open_since_ms.store(0, Ordering::Relaxed);
+        let (lo, end) = (self.lo, rt.log.durable_end());
+        if end <= lo {
+            return Ok(());
+        }
+        let dir = rt.log.dir().to_path_buf();
+        let plan = rt.plan.clone();
+        let events = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
+            let mut records = log::read_from(&dir, lo)?;
+            records.retain(|(offset, _)| *offset < end);
+            anyhow::ensure!(
+                records.len() as u64 == end - lo && records.first().map(|r| r.0) == Some(lo),
+                "the write-ahead log {} holds {} of the records {lo}..{end}",
+                dir.display(),
+                records.len()
+            );
+            decode_records(&plan, &records)
+        })
+        .await??;
+        self.apply(vec![(
+            lo..end,
+            Batch {
+                events,
+                arrival_ms: now_ms(),
+                acked: None,
+            },
+        )])
+        .await
+    }
+
+    /// Absorbs durable requests into the open segment — all of them, or (on error) none.
+    async fn apply(&mut self, batch: Vec<log::Durable<Batch>>) -> anyhow::Result<()> {
+        let mut frames = Vec::with_capacity(batch.len());
+        let mut acks = Vec::with_capacity(batch.len());
+        // (events, fresh) per frame: replayed events were counted by the process that took them.
+        let mut sizes = Vec::with_capacity(batch.len());
+        let mut next = self.next;
+        for (range, b) in batch {
+            if range.end <= next {
+                // Absorbed already, by a rebuild from the log.
+                continue;
+            }
+            anyhow::ensure!(
+                range.start == next,
+                "position gap: expected {next}, got {}",
+                range.start
+            );
+            next = range.end;
+            sizes.push((range.end - range.start, b.acked.is_some()));
+            acks.extend(b.acked);
+            frames.push(with_positions(b.events, range, b.arrival_ms)?);
+        }
+        if frames.is_empty() {
+            return Ok(());
+        }
+        #[cfg(test)]
+        if self
+            .rt
+            .fail_applies
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok()
+        {
+            anyhow::bail!("injected failure of the plan");
+        }
+        let rt = self.rt.clone();
+        let (events, parts, filtered) =
+            tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
+                let events = concat_frames(frames)?;
+                let (parts, keep) = rt.plan.partials_masked(events.clone())?;
+                let filtered = dropped_fresh(keep.as_ref(), &sizes)?;
+                Ok((events, parts, filtered))
+            })
+            .await??;
+        let rows = events.height() as u64;
+        anyhow::ensure!(
+            rows == next - self.next,
+            "{rows} events for positions {}..{next}",
+            self.next
+        );
+        self.rt
+            .state
+            .write()
+            .absorb(&self.rt.plan, LOG_PARTITION, self.lo, next, rows, parts)?;
+        // Absorbed: only now does the open segment take the positions.
+        self.next = next;
+        if self.opened.is_none() {
+            self.opened = Some(Instant::now());
+            self.rt
+                .counters
+                .open_since_ms
+                .store(now_ms() as u64, Ordering::Relaxed);
+        }
+        self.rows += rows;
+        self.events.push(events);
+        self.rt
+            .counters
+            .open_rows
+            .store(self.rows, Ordering::Relaxed);
+        self.rt
+            .counters
+            .filtered
+            .fetch_add(filtered, Ordering::Relaxed);
+        // Visible now. A request whose reply has not reached the door yet was visible before
+        // it was acknowledged: zero latency.
+        for ack in acks {
+            let latency = ack.get().map_or(Duration::ZERO, Instant::elapsed);
+            self.rt.counters.ack_to_visible.observe(latency);
+        }
+        Ok(())
+    }
+
+    fn should_seal(&self) -> bool {
+        let a = &self.rt.pipeline.archive;
+        self.next > self.lo
+            && (self.rows >= a.segment_rows
+                || self.opened.is_some_and(|t| t.elapsed() >= a.segment_age))
+    }
+
+    /// Parquet file into the lake, then manifest row + checkpoint in one transaction, then the
+    /// log below the segment may go. A crash between the steps leaves an orphan file (rewritten
+    /// on replay) or a complete segment — never half of one.
+    async fn seal(&mut self) -> anyhow::Result<()> {
+        let rt = self.rt.clone();
+        let (lo, hi) = (self.lo, self.next);
+        anyhow::ensure!(
+            self.rows == hi - lo,
+            "the open segment holds {} events for positions {lo}..{hi}",
+            self.rows
+        );
+        let frames = self.events.clone();
+        let event_time = rt.pipeline.event_time.clone();
+        let (bytes, rows, min_ms, max_ms) =
+            tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
+                let mut df = concat_frames(frames)?;
+                let (min_ms, max_ms) = time_range(&df, &event_time)?;
+                let mut buf = Vec::new();
+                ParquetWriter::new(&mut buf)
+                    .with_compression(ParquetCompression::Zstd(None))
+                    .finish(&mut df)?;
+                Ok((buf, df.height() as u64, min_ms, max_ms))
+            })
+            .await??;
+        anyhow::ensure!(
+            rows == hi - lo,
+            "segment {lo}..{hi} would hold {rows} events"
+        );
+        let path = lake::archive_path(&rt.pipeline.name, LOG_PARTITION, lo, hi);
+        let size = bytes.len() as u64;
+        rt.lake
+            .put(&path, Bytes::from(bytes))
+            .await
+            .with_context(|| format!("writing segment {path}"))?;
+        let segment = Segment {
+            pipeline: rt.pipeline.name.clone(),
+            partition: LOG_PARTITION,
+            lo,
+            hi,
+            path: path.clone(),
+            rows,
+            bytes: size,
+            dead_letters: rt.counters.rejected_unsealed.load(Ordering::Relaxed),
+            min_event_ms: min_ms,
+            max_event_ms: max_ms,
+        };
+        rt.db
+            .seal_segment(&segment)
+            .await
+            .with_context(|| format!("recording segment {path}"))?;
+        rt.counters
+            .rejected_unsealed
+            .fetch_sub(segment.dead_letters, Ordering::Relaxed);
+        rt.state.write().seal(LOG_PARTITION, lo, hi);
+        rt.sealed_end.send_replace(hi);
+        if let Err(e) = rt.log.truncate_below(hi) {
+            tracing::warn!(pipeline = %rt.pipeline.name, error = %e, "could not truncate the write-ahead log");
+        }
+        tracing::info!(pipeline = %rt.pipeline.name, segment = %path, rows, "sealed segment");
+        rt.counters.sealed_segments.fetch_add(1, Ordering::Relaxed);
+        rt.counters.open_rows.store(0, Ordering::Relaxed);
+        rt.counters.open_since_ms.store(0, Ordering::Relaxed);
+        self.lo = hi;
+        self.events.clear();
+        self.rows = 0;
+        self.opened = None;
+        Ok(())
+    }
+}
+
+/// How many fresh events the pipeline's filter dropped, from its mask over a micro-batch
+/// (None: no filter); `frames` gives the (events, fresh) of the frames it stacks, in order.
+fn dropped_fresh(keep: Option<&BooleanChunked>, frames: &[(u64, bool)]) -> anyhow::Result<u64> {
+    let Some(keep) = keep else {
+        return Ok(0);
+    };
+    let (mut offset, mut dropped) = (0usize, 0u64);
+    for &(n, fresh) in frames {
+        let n = usize::try_from(n)?;
+        if fresh {
+            // Valid and true: a null result drops the event, as the filter does.
+            let kept = keep.slice(i64::try_from(offset)?, n).num_trues();
+            dropped += (n - kept) as u64;
+        }
+        offset += n;
+    }
+    Ok(dropped)
+}
+
+fn time_range(df: &DataFrame, col: &str) -> anyhow::Result<(Option<i64>, Option<i64>)> {
+    let c = df.column(col)?.cast(&DataType::Int64)?;
+    let ca = c.i64()?;
+    Ok((ca.min(), ca.max()))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::Ordering;
+    use std::time::Duration;
+
+    use crate::speed::testing::{Project, ndjson, served, spec, wait_for};
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_failed_micro_batch_is_rebuilt_from_the_log_never_sealed_short() {
+        let mut p = Project::new(&spec("json", "300ms")).await;
+        let rt = p.start().await;
+        // The plan fails on the next micro-batch (the first request's).
+        rt.fail_applies.store(1, Ordering::SeqCst);
+        assert_eq!(
+            rt.ingest(ndjson(&[1.0, 2.0, 3.0])).await.unwrap().accepted,
+            3
+        );
+        assert_eq!(rt.ingest(ndjson(&[10.0, 20.0])).await.unwrap().accepted, 2);
+        wait_for("the open segment sealed", async || {
+            p.db.checkpoint("orders", 0).await.unwrap() == Some(5)
+        })
+        .await;
+        // Every acknowledged event is counted and archived: the failed micro-batch was
+        // absorbed again from the log, and no segment lacks rows.
+        assert_eq!(served(&rt), (5, 36.0));
+        let segments = p.db.segments("orders").await.unwrap();
+        for s in &segments {
+            assert_eq!(s.rows, s.hi - s.lo, "{s:?}");
+        }
+        assert_eq!(segments.iter().map(|s| s.rows).sum::<u64>(), 5);
+
+        // The same after a restart, from the archive.
+        let rt = p.start().await;
+        assert_eq!(served(&rt), (5, 36.0));
+        p.shutdown.cancel();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn while_rebuilding_fails_nothing_is_sealed_and_then_everything_is() {
+        let mut p = Project::new(&spec("json", "200ms")).await;
+        let rt = p.start().await;
+        // The micro-batch and the first rebuild fail: the aggregator waits (back-off) and
+        // seals nothing meanwhile, then rebuilds.
+        rt.fail_applies.store(2, Ordering::SeqCst);
+        rt.ingest(ndjson(&[1.0, 2.0])).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert_eq!(p.db.checkpoint("orders", 0).await.unwrap(), None);
+        assert_eq!(
+            served(&rt),
+            (0, 0.0),
+            "nothing served from a failed micro-batch"
+        );
+        rt.ingest(ndjson(&[4.0])).await.unwrap();
+        wait_for("everything sealed after the rebuild", async || {
+            p.db.checkpoint("orders", 0).await.unwrap() == Some(3)
+        })
+        .await;
+        assert_eq!(served(&rt), (3, 7.0));
+        p.shutdown.cancel();
+    }
+}

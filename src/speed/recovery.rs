@@ -1,0 +1,220 @@
+//! Recovery at start: the partials of the sealed segments no published batch view covers,
+//! rebuilt from their Parquet files (and the de-duplication index from the ids that arrived
+//! within `dedupe_window`), then the open segment replayed from the write-ahead log. Segments
+//! every view's published batch (of the current logic) covers are served from it and not read:
+//! a restart reads only what it needs, not the whole archive.
+
+use std::io::Cursor;
+use std::path::Path;
+use std::sync::atomic::Ordering;
+
+use anyhow::Context;
+use bytes::Bytes;
+use parking_lot::{Mutex, RwLock};
+use polars::prelude::*;
+use tokio::sync::mpsc;
+
+use super::dedupe::Dedupe;
+use super::door::id_strings;
+use super::log;
+use super::partials::SpeedState;
+use super::record::{ARRIVAL_COLUMN, decode_records};
+use super::runtime::{Batch, Counters};
+use crate::clock::now_ms;
+use crate::lake::Lake;
+use crate::plan::Plan;
+use crate::spec::Pipeline;
+use crate::state::{self, State};
+
+/// The de-duplication index to refill, the column of the ids, and since when (epoch ms) ids
+/// count: those that arrived after it.
+#[derive(Clone, Copy)]
+pub(super) struct Recent<'a> {
+    pub index: &'a Mutex<Dedupe>,
+    pub id_column: &'a str,
+    pub horizon_ms: i64,
+}
+
+impl Recent<'_> {
+    /// Re-admits the ids of `events` that arrived after the horizon.
+    fn admit(&self, events: &DataFrame) -> anyhow::Result<()> {
+        admit_recent(
+            &mut self.index.lock(),
+            events,
+            self.id_column,
+            self.horizon_ms,
+        )
+    }
+}
+
+/// Sealed segments: rebuilds their partials (and recent ids) from the lake — except those
+/// every view's published batch (of the current logic) covers.
+pub(super) async fn sealed_segments(
+    pipeline: &Pipeline,
+    plan: &Plan,
+    db: &State,
+    lake: &Lake,
+    speed: &RwLock<SpeedState>,
+    counters: &Counters,
+    recent: Option<Recent<'_>>,
+) -> anyhow::Result<()> {
+    let name = &pipeline.name;
+    let segments = db.segments(name).await?;
+    counters
+        .sealed_segments
+        .store(segments.len() as u64, Ordering::Relaxed);
+    let covered = db
+        .covered_where(pipeline, |v, p| p.logic_hash == plan.logic_hash(v))
+        .await?;
+    let sealed_at = match (&covered, &recent) {
+        (Some(_), Some(_)) => db.sealed_at(name).await?,
+        _ => Default::default(),
+    };
+    let mut skipped = 0usize;
+    for seg in &segments {
+        let is_covered = covered.as_ref().is_some_and(|c| state::is_covered(c, seg));
+        // Ids that arrived within the dedupe window are in segments sealed after its start.
+        let has_recent_ids = recent.is_some_and(|r| {
+            sealed_at
+                .get(&(seg.partition, seg.lo))
+                .is_none_or(|at| at.timestamp_millis() > r.horizon_ms)
+        });
+        if is_covered && !has_recent_ids {
+            skipped += 1;
+            continue;
+        }
+        let bytes = lake
+            .get(&seg.path)
+            .await
+            .with_context(|| format!("reading segment {}", seg.path))?;
+        let events =
+            read_parquet(bytes).with_context(|| format!("decoding segment {}", seg.path))?;
+        if let Some(r) = recent
+            && seg.max_event_ms.is_some()
+        {
+            r.admit(&events)?;
+        }
+        if is_covered {
+            continue;
+        }
+        let parts = partials_of(plan, &events)?;
+        let mut st = speed.write();
+        st.absorb(
+            plan,
+            seg.partition,
+            seg.lo,
+            seg.hi,
+            events.height() as u64,
+            parts,
+        )?;
+        st.seal(seg.partition, seg.lo, seg.hi);
+    }
+    if skipped > 0 {
+        tracing::info!(
+            pipeline = %name,
+            skipped,
+            "sealed segments covered by the published batch views are served from them, not read"
+        );
+    }
+    Ok(())
+}
+
+/// Hands the open segment — the log records at or after `checkpoint` — to the aggregator,
+/// before anything is appended.
+pub(super) fn replay(
+    plan: &Plan,
+    log_dir: &Path,
+    checkpoint: u64,
+    recent: Option<Recent<'_>>,
+    tx: &mpsc::Sender<log::Durable<Batch>>,
+) -> anyhow::Result<()> {
+    let replay = log::read_from(log_dir, checkpoint)?;
+    if !replay.is_empty() {
+        let first = replay[0].0;
+        let last = replay[replay.len() - 1].0 + 1;
+        let events = decode_records(plan, &replay)?;
+        if let Some(r) = recent {
+            r.admit(&events)?;
+        }
+        tracing::info!(pipeline = %plan.pipeline().name, from = first, to = last, "replaying write-ahead log");
+        // The channel is empty: nothing was appended yet.
+        tx.try_send((
+            first..last,
+            Batch {
+                events,
+                arrival_ms: now_ms(),
+                acked: None,
+            },
+        ))
+        .map_err(|_| anyhow::anyhow!("cannot hand the replayed log to the aggregator"))?;
+    }
+    Ok(())
+}
+
+/// Partials of every view for raw (decoded) events.
+fn partials_of(plan: &Plan, events: &DataFrame) -> anyhow::Result<Vec<DataFrame>> {
+    // Prepared once for every view, not once per view.
+    Ok(plan.partials_all(events.clone())?)
+}
+
+fn read_parquet(bytes: Bytes) -> anyhow::Result<DataFrame> {
+    Ok(ParquetReader::new(Cursor::new(bytes)).finish()?)
+}
+
+/// Re-admits ids that arrived after `horizon_ms` (rebuilding the index after a restart).
+fn admit_recent(
+    d: &mut Dedupe,
+    events: &DataFrame,
+    id_col: &str,
+    horizon_ms: i64,
+) -> anyhow::Result<()> {
+    let ids = id_strings(events, id_col)?;
+    let arrivals = events.column(ARRIVAL_COLUMN)?.cast(&DataType::Int64)?;
+    for (id, at) in ids.iter().zip(arrivals.i64()?.iter()) {
+        if let (Some(id), Some(at)) = (id, at)
+            && at > horizon_ms
+        {
+            d.admit(id.as_bytes(), at);
+        }
+    }
+    Ok(())
+}
+
+/// A log directory that has lost its files (or is new) must continue at the checkpoint, so
+/// positions are never reused.
+pub(super) fn ensure_log_starts_at(dir: &Path, checkpoint: u64) -> anyhow::Result<()> {
+    crate::fsync::create_dir_all(dir)?;
+    let has_files = std::fs::read_dir(dir)?
+        .filter_map(Result::ok)
+        .any(|e| e.path().extension().is_some_and(|x| x == "wal"));
+    if !has_files && checkpoint > 0 {
+        // Durable, entry included: a crash must not lose the marker and restart at 0.
+        crate::fsync::create_file(&dir.join(format!("{checkpoint:020}.wal")))?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn the_log_start_marker_is_durable() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().canonicalize().unwrap();
+        let log_dir = root.join("log/orders/p=0");
+        ensure_log_starts_at(&log_dir, 42).unwrap();
+        let marker = log_dir.join(format!("{:020}.wal", 42));
+        assert!(marker.is_file());
+        let synced = crate::fsync::synced_under(&root);
+        for p in [
+            &marker,
+            &log_dir,
+            &root.join("log/orders"),
+            &root.join("log"),
+            &root,
+        ] {
+            assert!(synced.contains(p), "{} not synced: {synced:?}", p.display());
+        }
+    }
+}
