@@ -364,7 +364,7 @@ fn every_module_imports_only_layers_below_it_and_leaves() {
         found.extend(violations(rel, &text));
     }
     // The scan itself works: the crate is full of imports.
-    assert!(seen > 200, "only {seen} imports found");
+    assert!(seen > 100, "only {seen} imports found");
     assert!(
         found.is_empty(),
         "imports against the layer order of src/lib.rs:\n{}",
