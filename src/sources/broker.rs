@@ -431,7 +431,10 @@ mod tests {
         // Step i waits 100 ms · 2^i (at most 30 s), plus up to as much again.
         for (i, d) in seen.iter().enumerate() {
             let base = Duration::from_millis(100 << i).min(Duration::from_secs(30));
-            assert!(base <= *d && *d < 2 * base, "step {i}: {d:?}, base {base:?}");
+            assert!(
+                base <= *d && *d < 2 * base,
+                "step {i}: {d:?}, base {base:?}"
+            );
         }
         b.reset();
         assert!(b.delay() < Duration::from_millis(200), "{:?}", b.delay());

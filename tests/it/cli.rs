@@ -171,7 +171,12 @@ fn one_shot_commands_log_only_when_asked() {
     const OPENED: &str = "opened state database";
     let dir = crate::orders::project();
     let d = dir.path().to_str().unwrap();
-    for command in [&["status"][..], &["runs"], &["validate"], &["verify", "orders"]] {
+    for command in [
+        &["status"][..],
+        &["runs"],
+        &["validate"],
+        &["verify", "orders"],
+    ] {
         let args: Vec<&str> = command.iter().copied().chain(["--project", d]).collect();
         let quiet = lambda_ctl_logging(&args, None);
         assert!(quiet.status.success(), "{command:?}: {}", stderr(&quiet));

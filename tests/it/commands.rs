@@ -13,9 +13,7 @@ use serde_json::{Value, json};
 
 use crate::orchestration::Process;
 use crate::orders::{Ev, check_views, events, project, wait_for_count};
-use crate::support::{
-    Rng, Server, eventually, get_json, lambda_ctl, post_events, stderr, stdout,
-};
+use crate::support::{Rng, Server, eventually, get_json, lambda_ctl, post_events, stderr, stdout};
 
 /// `lambda-ctl ARGS` with `input` on its stdin.
 fn lambda_ctl_stdin(args: &[&str], input: &[u8]) -> Output {
@@ -85,16 +83,34 @@ async fn ingest_sends_a_file_and_stdin_and_names_every_rejected_line() {
     std::fs::write(&file, &text).unwrap();
     let f = file.to_str().unwrap();
 
-    let o = lambda_ctl(&["ingest", "orders", f, "--server", &server.base, "--project", d]);
+    let o = lambda_ctl(&[
+        "ingest",
+        "orders",
+        f,
+        "--server",
+        &server.base,
+        "--project",
+        d,
+    ]);
     assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
     assert_eq!(
         stdout(&o),
-        format!("accepted {}, rejected {}, duplicates 3\n", file_evs.len(), bad.len())
+        format!(
+            "accepted {}, rejected {}, duplicates 3\n",
+            file_evs.len(),
+            bad.len()
+        )
     );
     let err = stderr(&o);
     let named: Vec<usize> = err
         .lines()
-        .filter_map(|l| l.strip_prefix(&format!("{f}:"))?.split(':').next()?.parse().ok())
+        .filter_map(|l| {
+            l.strip_prefix(&format!("{f}:"))?
+                .split(':')
+                .next()?
+                .parse()
+                .ok()
+        })
         .collect();
     assert_eq!(named, bad, "{err}");
     assert!(
@@ -109,7 +125,15 @@ async fn ingest_sends_a_file_and_stdin_and_names_every_rejected_line() {
     check_views(&client, &server, file_evs).await;
 
     let body: String = stdin_evs.iter().map(|e| e.line(&mut rng) + "\n").collect();
-    let args = ["ingest", "orders", "-", "--server", &server.base, "--project", d];
+    let args = [
+        "ingest",
+        "orders",
+        "-",
+        "--server",
+        &server.base,
+        "--project",
+        d,
+    ];
     let o = lambda_ctl_stdin(&args, body.as_bytes());
     assert!(o.status.success(), "{}", stderr(&o));
     assert_eq!(stdout(&o), "accepted 200, rejected 0, duplicates 0\n");
@@ -453,11 +477,23 @@ async fn csv_events_over_http_come_back_as_the_csv_of_their_view() {
     let post = |body: &str| post_events(&client, url.clone(), "text/csv", body.to_string());
 
     let a = post("ts,store,amount,qty\n2025-11-21T10:05:00Z,Berlin,10.5,2\n2025-11-21T10:59:59.999Z,Berlin,4.25,1\n2025-11-21T11:00:00Z,Berlin,1,1\n").await;
-    assert_eq!((a["accepted"].clone(), a["rejected"].clone()), (json!(3), json!(0)), "{a}");
+    assert_eq!(
+        (a["accepted"].clone(), a["rejected"].clone()),
+        (json!(3), json!(0)),
+        "{a}"
+    );
     let b = post("\u{feff}qty,store,ts,amount\r\n3,\"Köln, Mitte\",1763719200000,3.25\r\n1,\"Say \"\"hi\"\"\",1763719200001,0.5\r\n").await;
-    assert_eq!((b["accepted"].clone(), b["rejected"].clone()), (json!(2), json!(0)), "{b}");
+    assert_eq!(
+        (b["accepted"].clone(), b["rejected"].clone()),
+        (json!(2), json!(0)),
+        "{b}"
+    );
     let c = post("store,amount,ts,qty\n\"New\nYork\",2,2025-11-21T12:30:00Z,4\nBerlin,lots,2025-11-21T10:10:00Z,1\nBerlin,8,2025-11-21T10:20:00Z,2\n").await;
-    assert_eq!((c["accepted"].clone(), c["rejected"].clone()), (json!(2), json!(1)), "{c}");
+    assert_eq!(
+        (c["accepted"].clone(), c["rejected"].clone()),
+        (json!(2), json!(1)),
+        "{c}"
+    );
     // The bad record is on line 4 of its request (the quoted line break counts).
     assert_eq!(c["errors"][0]["line"], 4, "{c}");
 
@@ -482,22 +518,44 @@ async fn csv_events_over_http_come_back_as_the_csv_of_their_view() {
         async move { (csv_of(client, url).await == expected).then_some(()) }
     })
     .await;
-    let query = ["query", "sales.by_store", "--format", "csv", "--server", &server.base];
+    let query = [
+        "query",
+        "sales.by_store",
+        "--format",
+        "csv",
+        "--server",
+        &server.base,
+    ];
     let o = lambda_ctl(&[&query[..], &["--project", d]].concat());
     assert!(o.status.success(), "{}", stderr(&o));
     assert_eq!(stdout(&o), expected);
 
     // `ingest -` sends CSV with its header.
-    let args = ["ingest", "sales", "-", "--server", &server.base, "--project", d];
-    let o = lambda_ctl_stdin(&args, b"amount,ts,store,qty\n6.75,2025-11-21T10:45:00Z,Berlin,5\n");
+    let args = [
+        "ingest",
+        "sales",
+        "-",
+        "--server",
+        &server.base,
+        "--project",
+        d,
+    ];
+    let o = lambda_ctl_stdin(
+        &args,
+        b"amount,ts,store,qty\n6.75,2025-11-21T10:45:00Z,Berlin,5\n",
+    );
     assert!(o.status.success(), "{}", stderr(&o));
     assert_eq!(stdout(&o), "accepted 1, rejected 0, duplicates 0\n");
     sales.push((t0 + 45 * 60_000, "Berlin", 6.75, 5));
     let expected = by_store_csv(&sales);
-    eventually("the view holds the ingested sale", Duration::from_secs(20), || {
-        let (client, url, expected) = (client.clone(), url.clone(), expected.clone());
-        async move { (csv_of(client, url).await == expected).then_some(()) }
-    })
+    eventually(
+        "the view holds the ingested sale",
+        Duration::from_secs(20),
+        || {
+            let (client, url, expected) = (client.clone(), url.clone(), expected.clone());
+            async move { (csv_of(client, url).await == expected).then_some(()) }
+        },
+    )
     .await;
 }
 
@@ -519,7 +577,16 @@ fn backfill_queues_one_run_per_slot_and_a_worker_runs_them_to_success() {
     .unwrap();
     let d = root.to_str().unwrap();
     let backfill = |from: &str, to: &str| {
-        lambda_ctl(&["backfill", "hourly", "--from", from, "--to", to, "--project", d])
+        lambda_ctl(&[
+            "backfill",
+            "hourly",
+            "--from",
+            from,
+            "--to",
+            to,
+            "--project",
+            d,
+        ])
     };
     let slot = |h: u32| format!("2026-01-01T{h:02}:00:00Z");
 
@@ -549,7 +616,12 @@ fn backfill_queues_one_run_per_slot_and_a_worker_runs_them_to_success() {
         let cells: Vec<&str> = row.split_whitespace().collect();
         assert_eq!(
             cells[..4],
-            [(h + 1).to_string().as_str(), "hourly", "succeeded", &slot(h)],
+            [
+                (h + 1).to_string().as_str(),
+                "hourly",
+                "succeeded",
+                &slot(h)
+            ],
             "{table}"
         );
     }

@@ -18,9 +18,7 @@ use crate::orders::{
     BASE_MS, Ev, check_views, check_views_after, events, get_view, post, project, send,
     wait_for_count,
 };
-use crate::support::{
-    Rng, Server, get_json, lambda_ctl, repo, stderr, stdout, wait_for_sealed,
-};
+use crate::support::{Rng, Server, get_json, lambda_ctl, repo, stderr, stdout, wait_for_sealed};
 
 const MAINT: &str = "name: maint\ntasks:\n  - name: recompute\n    batch: orders\n  - name: compact\n    compact: orders\n    needs: [recompute]\n";
 const TRIM: &str =

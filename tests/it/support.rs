@@ -76,7 +76,9 @@ pub async fn post_events(
         .await
         .unwrap_or_else(|e| panic!("POST {url}: {e}"));
     assert_eq!(r.status(), 200, "POST {url}");
-    r.json().await.unwrap_or_else(|e| panic!("POST {url}: not JSON: {e}"))
+    r.json()
+        .await
+        .unwrap_or_else(|e| panic!("POST {url}: not JSON: {e}"))
 }
 
 /// A `lambda-ctl serve` child process on a free port, killed (SIGKILL) on drop.

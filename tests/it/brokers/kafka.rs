@@ -15,8 +15,8 @@ use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 use serde_json::Value;
 
 use super::{
-    Broker, FIRST, event, exactly_once_across_connection_cut, exactly_once_across_kill9,
-    project, unique, wait_for_exactly,
+    Broker, FIRST, event, exactly_once_across_connection_cut, exactly_once_across_kill9, project,
+    unique, wait_for_exactly,
 };
 use crate::support::{Proxy, Server, repo, service};
 
