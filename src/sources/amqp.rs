@@ -18,7 +18,6 @@ use anyhow::Context;
 use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions, QueueDeclareOptions};
 use lapin::types::FieldTable;
 use lapin::{Channel, Connection, ConnectionProperties};
-use tokio_util::sync::CancellationToken;
 
 use super::broker::{self, Body};
 use crate::speed::runtime::PipelineRuntime;

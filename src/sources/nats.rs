@@ -23,7 +23,6 @@ use anyhow::Context;
 use async_nats::jetstream::{self, consumer::AckPolicy, consumer::pull};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
-use tokio_util::sync::CancellationToken;
 
 use super::broker::{self, Body};
 use crate::speed::runtime::PipelineRuntime;

@@ -30,7 +30,6 @@ use fe2o3_amqp::{Connection, Delivery, Receiver, Session};
 use fe2o3_amqp_cbs::client::CbsClient;
 use fe2o3_amqp_cbs::token::CbsToken;
 use tokio::net::TcpStream;
-use tokio_util::sync::CancellationToken;
 
 use super::broker::{self, Body as DoorBody};
 use crate::spec::{SasKey, Source};

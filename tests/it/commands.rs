@@ -137,7 +137,7 @@ async fn ingest_sends_a_file_and_stdin_and_names_every_rejected_line() {
     let o = lambda_ctl_stdin(&args, body.as_bytes());
     assert!(o.status.success(), "{}", stderr(&o));
     assert_eq!(stdout(&o), "accepted 200, rejected 0, duplicates 0\n");
-    wait_for_count(&client, &server, kept(&evs)).await;
+    wait_for_count(&client, &server, kept(&evs[..])).await;
     check_views(&client, &server, &evs).await;
 }
 
@@ -267,7 +267,7 @@ async fn query_filters_by_key_and_relative_time_in_every_format() {
     let fr = by_country(&orders, Some("FR"), i64::MIN, i64::MAX);
     let mut csv = COLUMNS.join(",") + "\n";
     for r in &fr {
-        let cells: Vec<String> = COLUMNS.iter().map(|c| csv_cell(&cell(&r[c]))).collect();
+        let cells: Vec<String> = COLUMNS.iter().map(|c| csv_cell(&cell(&r[*c]))).collect();
         csv.push_str(&(cells.join(",") + "\n"));
     }
     let o = query(&["--where", "country=FR", "--format", "csv"]);
@@ -284,7 +284,7 @@ async fn query_filters_by_key_and_relative_time_in_every_format() {
     assert_eq!(lines[0].split_whitespace().collect::<Vec<_>>(), COLUMNS);
     assert!(lines[1].chars().all(|c| c == '─' || c == ' '), "{text}");
     for (line, r) in lines[2..].iter().zip(&recent) {
-        let cells: Vec<String> = COLUMNS.iter().map(|c| cell(&r[c])).collect();
+        let cells: Vec<String> = COLUMNS.iter().map(|c| cell(&r[*c])).collect();
         assert_eq!(line.split_whitespace().collect::<Vec<_>>(), cells, "{text}");
     }
     assert!(
@@ -620,7 +620,7 @@ fn backfill_queues_one_run_per_slot_and_a_worker_runs_them_to_success() {
                 (h + 1).to_string().as_str(),
                 "hourly",
                 "succeeded",
-                &slot(h)
+                slot(h).as_str()
             ],
             "{table}"
         );
