@@ -9,7 +9,7 @@ cd "$here/../.."
 url="${SERVICEBUS_URL:-amqp://guest:guest@127.0.0.1:5672}"
 orders="${ORDERS:-200}"
 queue="orders-example-$$"
-cargo build --quiet --features servicebus --bin lambda-ctl --example orders-servicebus-publish
+cargo build --quiet --bin lambda-ctl --example orders-servicebus-publish
 bin="$(cargo metadata --format-version 1 --no-deps | python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')/debug"
 
 project="$(mktemp -d)"

@@ -102,6 +102,27 @@ pub enum Progress {
     },
 }
 
+impl Progress {
+    /// The line a published view is reported with (`run --wait`, a `batch` task's log):
+    /// `VIEW: published (MODE, N segment(s), N events, N groups)`; None for other progress.
+    pub fn published_line(&self) -> Option<String> {
+        let Progress::Published {
+            view,
+            mode,
+            segments,
+            rows,
+            partial_rows,
+        } = self
+        else {
+            return None;
+        };
+        Some(format!(
+            "{view}: published ({}, {segments} segment(s), {rows} events, {partial_rows} groups)",
+            mode.as_str()
+        ))
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct ViewSummary {
     pub view: String,

@@ -36,6 +36,11 @@ pub struct Cli {
     #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
 
+    /// More log lines on stderr: -v info, -vv debug. One-shot commands log only warnings and
+    /// errors by default, `serve` and `worker` info; `RUST_LOG` overrides both.
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    pub verbose: u8,
+
     #[command(subcommand)]
     pub command: Command,
 }
@@ -155,6 +160,21 @@ pub enum Command {
     },
 }
 
+impl Cli {
+    /// The log level without `RUST_LOG`: `serve` and `worker` run for long and say what they
+    /// do; a one-shot command's output is its answer, so it logs only what went wrong.
+    fn log_level(&self) -> &'static str {
+        let long_running = matches!(self.command, Command::Serve { .. } | Command::Worker { .. });
+        match self.verbose {
+            0 if long_running => "info",
+            0 => "warn",
+            1 => "info",
+            2 => "debug",
+            _ => "trace",
+        }
+    }
+}
+
 /// A failure with the exit code it maps to.
 #[derive(Debug, thiserror::Error)]
 pub enum CliError {
@@ -187,7 +207,7 @@ pub fn main() -> ExitCode {
             };
         }
     };
-    init_logging(cli.log_format);
+    init_logging(cli.log_format, cli.log_level());
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -260,9 +280,9 @@ fn load_project(dir: &std::path::Path) -> Result<crate::spec::Project, CliError>
     })
 }
 
-fn init_logging(format: LogFormat) {
+fn init_logging(format: LogFormat, level: &str) {
     use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(level));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);

@@ -6,15 +6,17 @@
 //! process group, so it outlives this one and the terminal's Ctrl-C), prints the run id it
 //! reports once the run exists, and returns; the run's outcome is in `lambda-ctl runs`/`logs`.
 
-use std::io::{IsTerminal, Write};
+use std::io::Write;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::Context;
+use indicatif::{ProgressBar, ProgressStyle};
 
 use super::CliError;
 use super::serve::redact;
+use super::worker::runtime;
 use crate::batch::{self, BatchError, Progress};
 use crate::lake::Lake;
 use crate::orchestration::fanout;
@@ -22,14 +24,15 @@ use crate::plan::Plan;
 use crate::spec::Project;
 use crate::state::State;
 
-pub fn run(
+/// `run PIPELINE` of the loaded `project` (in `project_dir`).
+pub fn pipeline(
     project_dir: &Path,
+    project: Project,
     name: &str,
     wait: bool,
     detached: bool,
     views: &[String],
 ) -> Result<(), CliError> {
-    let project = super::load_project(project_dir)?;
     let plan = compile(&project, name)?;
     if !wait && !detached {
         return detach(project_dir, name, views);
@@ -38,9 +41,14 @@ pub fn run(
     rt.block_on(async {
         let (db, lake) = open(&project).await?;
         let views = (!views.is_empty()).then_some(views);
-        let tty = std::io::stderr().is_terminal();
         let started = Instant::now();
-        let mut bar_shown = false;
+        // Segments read, as a bar on a terminal only (indicatif draws nothing on a pipe); the
+        // lines around it are printed either way.
+        let bar = ProgressBar::new(0).with_style(
+            ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} segments, {elapsed}")
+                .expect("a valid template")
+                .progress_chars("=> "),
+        );
         let mut progress = |p: &Progress| match p {
             Progress::Started {
                 run_id,
@@ -62,33 +70,17 @@ pub fn run(
                 done,
                 total,
                 rows,
-            } if wait && tty => {
-                eprint!(
-                    "\r{view}: segments {done}/{total}, {rows} events, {:.1}s   ",
-                    started.elapsed().as_secs_f64()
-                );
-                let _ = std::io::stderr().flush();
-                bar_shown = true;
-            }
-            Progress::Segments { .. } => {}
-            Progress::Published {
-                view,
-                mode,
-                segments,
-                rows,
-                partial_rows,
             } if wait => {
-                if bar_shown {
-                    eprintln!();
-                    bar_shown = false;
-                }
-                eprintln!(
-                    "{view}: published ({}, {segments} segment(s), {rows} events, {partial_rows} groups) at {:.1}s",
-                    mode.as_str(),
-                    started.elapsed().as_secs_f64()
-                );
+                bar.set_message(format!("{view}: {rows} events"));
+                bar.set_length(*total as u64);
+                bar.set_position(*done as u64);
             }
-            Progress::Published { .. } => {}
+            _ => {
+                if let Some(line) = p.published_line().filter(|_| wait) {
+                    let at = started.elapsed().as_secs_f64();
+                    bar.suspend(|| eprintln!("{line} at {at:.1}s"));
+                }
+            }
         };
         let project = Arc::new(project.clone());
         let result = fanout::recompute(
@@ -101,6 +93,7 @@ pub fn run(
             &mut progress,
         )
         .await;
+        bar.finish_and_clear();
         db.close().await;
         match result {
             Ok(summary) => {
@@ -221,13 +214,6 @@ fn compile(project: &Project, name: &str) -> Result<Plan, CliError> {
         )));
     };
     Ok(Plan::compile(p).with_context(|| format!("compiling pipeline `{name}`"))?)
-}
-
-fn runtime() -> Result<tokio::runtime::Runtime, CliError> {
-    Ok(tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .context("starting the async runtime")?)
 }
 
 /// The project's state DB and lake.

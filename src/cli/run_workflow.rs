@@ -3,9 +3,10 @@
 //! running), show the task states as they change, and exit with the run's outcome. A NAME that
 //! is a pipeline goes to `run.rs` (recompute it now).
 
-use std::io::{IsTerminal, Write};
+use std::io::Write;
 use std::path::Path;
 
+use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 use tokio_util::sync::CancellationToken;
 
 use super::CliError;
@@ -22,7 +23,7 @@ pub fn run(
 ) -> Result<(), CliError> {
     let project = super::load_project(project_dir)?;
     if project.workflow(name).is_none() && project.pipeline(name).is_some() {
-        return super::run::run(project_dir, name, wait, detached, views);
+        return super::run::pipeline(project_dir, project, name, wait, detached, views);
     }
     if !views.is_empty() && project.workflow(name).is_some() {
         return Err(CliError::User(format!(
@@ -71,27 +72,25 @@ pub fn run(
     })
 }
 
-/// Task states on stderr (stdout carries only the run id, for scripts): redrawn in place on a
-/// terminal, one line per change otherwise.
+/// Task states on stderr (stdout carries only the run id, for scripts): one line each, redrawn
+/// in place on a terminal (indicatif), one line per change otherwise.
 struct Screen {
-    tty: bool,
-    /// Lines drawn last time (terminal only), to move back over them.
-    drawn: usize,
+    /// On a terminal: the lines drawn, the run's first and then one per task.
+    live: Option<(MultiProgress, Vec<ProgressBar>)>,
     /// Last printed state per task (not a terminal), to print only changes.
     printed: Vec<(String, String)>,
 }
 
 impl Screen {
     fn new() -> Screen {
+        let multi = MultiProgress::new();
         Screen {
-            tty: std::io::stderr().is_terminal(),
-            drawn: 0,
+            live: (!multi.is_hidden()).then_some((multi, Vec::new())),
             printed: Vec::new(),
         }
     }
 
     fn show(&mut self, status: &RunStatus) {
-        let mut out = std::io::stderr().lock();
         let lines: Vec<(String, String)> = std::iter::once((
             format!("run {}", status.run.id),
             status.run.state.to_string(),
@@ -105,17 +104,18 @@ impl Screen {
             (format!("  {}", t.name), state)
         }))
         .collect();
-        if self.tty {
-            if self.drawn > 0 {
-                // Up to the first line drawn, then clear to the end of the screen.
-                let _ = write!(out, "\x1b[{}F\x1b[J", self.drawn);
-            }
+        if let Some((multi, bars)) = &mut self.live {
             let width = lines.iter().map(|(n, _)| n.len()).max().unwrap_or(0);
-            for (name, state) in &lines {
-                let _ = writeln!(out, "{name:width$}  {state}");
+            let style = ProgressStyle::with_template("{prefix}  {msg}").expect("a valid template");
+            for (i, (name, state)) in lines.into_iter().enumerate() {
+                if bars.len() == i {
+                    bars.push(multi.add(ProgressBar::new_spinner().with_style(style.clone())));
+                }
+                bars[i].set_prefix(format!("{name:width$}"));
+                bars[i].set_message(state);
             }
-            self.drawn = lines.len();
         } else {
+            let mut out = std::io::stderr().lock();
             for (i, (name, state)) in lines.into_iter().enumerate() {
                 let name = if i == 0 {
                     name
@@ -129,7 +129,7 @@ impl Screen {
                     self.printed.push(line);
                 }
             }
+            let _ = out.flush();
         }
-        let _ = out.flush();
     }
 }

@@ -54,26 +54,18 @@ impl TaskRunner for Layers {
                 Plan::compile(spec).with_context(|| format!("compiling pipeline `{pipeline}`"))?;
             let log = ctx.log.clone();
             let mut progress = move |p: &Progress| {
-                match p {
-                Progress::Started {
+                if let Progress::Started {
                     run_id,
                     segments,
                     rows,
-                } => log.line(format!(
-                    "batch run {run_id} of {pipeline}: {segments} sealed segment(s), {rows} events"
-                )),
-                Progress::Published {
-                    view,
-                    mode,
-                    segments,
-                    rows,
-                    partial_rows,
-                } => log.line(format!(
-                    "{view}: published ({}, {segments} segment(s), {rows} events, {partial_rows} groups)",
-                    mode.as_str()
-                )),
-                Progress::Segments { .. } => {}
-            }
+                } = p
+                {
+                    log.line(format!(
+                        "batch run {run_id} of {pipeline}: {segments} sealed segment(s), {rows} events"
+                    ));
+                } else if let Some(line) = p.published_line() {
+                    log.line(line);
+                }
             };
             let summary = super::fanout::recompute(
                 &self.project,

@@ -18,9 +18,8 @@ use anyhow::Context;
 use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions, QueueDeclareOptions};
 use lapin::types::FieldTable;
 use lapin::{Channel, Connection, ConnectionProperties};
-use tokio_util::sync::CancellationToken;
 
-use super::broker::{self, Backoff, Body};
+use super::broker::{self, Body};
 use crate::speed::runtime::PipelineRuntime;
 
 pub struct AmqpSource {
@@ -44,16 +43,9 @@ impl AmqpSource {
 impl broker::Session for AmqpSource {
     const KIND: &'static str = "amqp";
 
-    fn runtime(&self) -> &Arc<PipelineRuntime> {
-        &self.rt
-    }
-
     /// One connection: consume until it fails or shutdown.
-    async fn session(
-        &self,
-        backoff: &mut Backoff,
-        shutdown: &CancellationToken,
-    ) -> anyhow::Result<()> {
+    async fn session(&self, link: &broker::Link) -> anyhow::Result<()> {
+        let shutdown = &link.shutdown;
         // Named so the connection is recognisable in the broker's connection list.
         let name = format!("lambda-ctl-{}", self.rt.pipeline.name);
         let properties = ConnectionProperties::default().with_connection_name(name.as_str().into());
@@ -75,7 +67,7 @@ impl broker::Session for AmqpSource {
             )
             .await
             .with_context(|| format!("consuming queue `{}`", self.queue))?;
-        backoff.reset();
+        link.connected();
         tracing::info!(pipeline = %self.rt.pipeline.name, queue = %self.queue, prefetch = self.prefetch, "AMQP connected");
         // Its own channel: a failed passive declare closes the channel it ran on.
         let probe = conn

@@ -11,8 +11,10 @@
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
+use backon::{BackoffBuilder, ExponentialBuilder};
 use bytes::Bytes;
 use futures::{Stream, StreamExt};
 use tokio_util::sync::{CancellationToken, DropGuard};
@@ -25,25 +27,31 @@ pub const MAX_BATCH: usize = 1000;
 /// How long a batch waits for more messages after its first one arrived.
 pub const LINGER: Duration = Duration::from_millis(5);
 
-const BACKOFF_START: Duration = Duration::from_millis(100);
-const BACKOFF_MAX: Duration = Duration::from_secs(30);
+/// Reconnect and retry delays: from 100 ms, doubling up to 30 s, each lengthened at random by
+/// up to as much again (jitter), so the sources of many processes do not retry in step.
+const BACKOFF: ExponentialBuilder = ExponentialBuilder::new()
+    .with_min_delay(Duration::from_millis(100))
+    .with_max_delay(Duration::from_secs(30))
+    .with_jitter()
+    .without_max_times();
 
-/// Exponential reconnect backoff, capped at 30 s; reset after a successful connection.
+/// Exponential backoff ([`BACKOFF`]); reset after a successful connection.
 pub struct Backoff {
+    delays: <ExponentialBuilder as BackoffBuilder>::Backoff,
     next: Duration,
 }
 
 impl Default for Backoff {
     fn default() -> Self {
-        Backoff {
-            next: BACKOFF_START,
-        }
+        let mut delays = BACKOFF.build();
+        let next = delays.next().unwrap_or_default();
+        Backoff { delays, next }
     }
 }
 
 impl Backoff {
     pub fn reset(&mut self) {
-        self.next = BACKOFF_START;
+        *self = Backoff::default();
     }
 
     /// The delay the next `wait` will sleep.
@@ -51,10 +59,10 @@ impl Backoff {
         self.next
     }
 
-    /// Sleeps the current delay and doubles it; false when shutdown came first.
+    /// Sleeps the current delay and moves on to the next; false when shutdown came first.
     pub async fn wait(&mut self, shutdown: &CancellationToken) -> bool {
         let delay = self.next;
-        self.next = (self.next * 2).min(BACKOFF_MAX);
+        self.next = self.delays.next().unwrap_or(delay);
         tokio::select! {
             _ = tokio::time::sleep(delay) => true,
             _ = shutdown.cancelled() => false,
@@ -68,27 +76,41 @@ pub trait Session {
     /// The source kind, for logs.
     const KIND: &'static str;
 
-    fn runtime(&self) -> &Arc<PipelineRuntime>;
-
-    /// One connection: connect, call `backoff.reset()` once connected, consume until the
-    /// connection fails (Err), the broker ends it (Ok) or `shutdown` is cancelled.
-    fn session(
-        &self,
-        backoff: &mut Backoff,
-        shutdown: &CancellationToken,
-    ) -> impl Future<Output = anyhow::Result<()>> + Send;
+    /// One connection: connect, call `link.connected()` once connected, consume until the
+    /// connection fails (Err), the broker ends it (Ok) or `link.shutdown` is cancelled.
+    fn session(&self, link: &Link) -> impl Future<Output = anyhow::Result<()>> + Send;
 }
 
-/// Runs `source` until `shutdown`: each ended session is logged and followed by a
+/// What one [`Session::session`] gets from [`run`].
+pub struct Link {
+    pub shutdown: CancellationToken,
+    connected: AtomicBool,
+}
+
+impl Link {
+    /// The connection is up: the next reconnect starts over from the shortest backoff.
+    pub fn connected(&self) {
+        self.connected.store(true, Ordering::Relaxed);
+    }
+}
+
+/// Runs `source` of `rt` until `shutdown`: each ended session is logged and followed by a
 /// reconnect after an exponential backoff (reset by every successful connection).
-pub async fn run<S: Session>(source: S, shutdown: CancellationToken) {
+pub async fn run<S: Session>(rt: Arc<PipelineRuntime>, source: S, shutdown: CancellationToken) {
     let mut backoff = Backoff::default();
     loop {
-        let result = source.session(&mut backoff, &shutdown).await;
+        let link = Link {
+            shutdown: shutdown.clone(),
+            connected: AtomicBool::new(false),
+        };
+        let result = source.session(&link).await;
         if shutdown.is_cancelled() {
             return;
         }
-        log_session_end(source.runtime(), S::KIND, &result, &backoff);
+        if link.connected.load(Ordering::Relaxed) {
+            backoff.reset();
+        }
+        log_session_end(&rt, S::KIND, &result, &backoff);
         if !backoff.wait(&shutdown).await {
             return;
         }
@@ -397,19 +419,24 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn backoff_doubles_up_to_the_cap_and_resets() {
+    async fn backoff_doubles_up_to_the_cap_with_jitter_and_resets() {
         let mut b = Backoff::default();
         let shutdown = CancellationToken::new();
         shutdown.cancel();
         let mut seen = Vec::new();
-        for _ in 0..12 {
+        for _ in 0..14 {
             seen.push(b.delay());
             assert!(!b.wait(&shutdown).await, "cancelled: no sleep");
         }
-        assert_eq!(seen[0], Duration::from_millis(100));
-        assert_eq!(seen[1], Duration::from_millis(200));
-        assert_eq!(*seen.last().unwrap(), BACKOFF_MAX);
+        // Step i waits 100 ms · 2^i (at most 30 s), plus up to as much again.
+        for (i, d) in seen.iter().enumerate() {
+            let base = Duration::from_millis(100 << i).min(Duration::from_secs(30));
+            assert!(
+                base <= *d && *d < 2 * base,
+                "step {i}: {d:?}, base {base:?}"
+            );
+        }
         b.reset();
-        assert_eq!(b.delay(), BACKOFF_START);
+        assert!(b.delay() < Duration::from_millis(200), "{:?}", b.delay());
     }
 }

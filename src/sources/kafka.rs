@@ -42,7 +42,7 @@ use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use super::broker::{self, Backoff, Body};
+use super::broker::{self, Body};
 use crate::spec::KafkaSecurity;
 use crate::speed::runtime::PipelineRuntime;
 
@@ -144,15 +144,8 @@ fn client_config(
 impl broker::Session for KafkaSource {
     const KIND: &'static str = "kafka";
 
-    fn runtime(&self) -> &Arc<PipelineRuntime> {
-        &self.rt
-    }
-
-    async fn session(
-        &self,
-        backoff: &mut Backoff,
-        shutdown: &CancellationToken,
-    ) -> anyhow::Result<()> {
+    async fn session(&self, link: &broker::Link) -> anyhow::Result<()> {
+        let shutdown = &link.shutdown;
         let consumer: Arc<StreamConsumer> = Arc::new(
             self.config
                 .create()
@@ -189,7 +182,7 @@ impl broker::Session for KafkaSource {
         consumer
             .subscribe(&[self.topic.as_str()])
             .with_context(|| format!("subscribing to topic `{}`", self.topic))?;
-        backoff.reset();
+        link.connected();
         tracing::info!(pipeline = %self.rt.pipeline.name, topic = %self.topic, group = %self.group, "Kafka connected");
 
         let (marks, pending) = mpsc::unbounded_channel();

@@ -54,13 +54,13 @@ pub fn spawn(
             queue,
             prefetch,
         } => {
-            let source = amqp::AmqpSource::new(rt, &url, &queue, prefetch);
-            Some(tokio::spawn(broker::run(source, shutdown)))
+            let source = amqp::AmqpSource::new(rt.clone(), &url, &queue, prefetch);
+            Some(tokio::spawn(broker::run(rt, source, shutdown)))
         }
         #[cfg(feature = "servicebus")]
         Source::ServiceBus { .. } => {
-            let source = servicebus::ServiceBusSource::new(rt)?;
-            Some(tokio::spawn(broker::run(source, shutdown)))
+            let source = servicebus::ServiceBusSource::new(rt.clone())?;
+            Some(tokio::spawn(broker::run(rt, source, shutdown)))
         }
         #[cfg(not(feature = "servicebus"))]
         Source::ServiceBus { .. } => anyhow::bail!(
@@ -73,8 +73,9 @@ pub fn spawn(
             group,
             consumer,
         } => {
-            let source = redis::RedisSource::new(rt, &url, &stream, &group, consumer.as_deref())?;
-            Some(tokio::spawn(broker::run(source, shutdown)))
+            let source =
+                redis::RedisSource::new(rt.clone(), &url, &stream, &group, consumer.as_deref())?;
+            Some(tokio::spawn(broker::run(rt, source, shutdown)))
         }
         Source::Nats {
             url,
@@ -82,8 +83,8 @@ pub fn spawn(
             subject,
             consumer,
         } => {
-            let source = nats::NatsSource::new(rt, &url, &stream, &subject, &consumer);
-            Some(tokio::spawn(broker::run(source, shutdown)))
+            let source = nats::NatsSource::new(rt.clone(), &url, &stream, &subject, &consumer);
+            Some(tokio::spawn(broker::run(rt, source, shutdown)))
         }
         #[cfg(feature = "kafka")]
         Source::Kafka {
@@ -93,9 +94,15 @@ pub fn spawn(
             security,
             properties,
         } => {
-            let source =
-                kafka::KafkaSource::new(rt, &brokers, &topic, &group, &security, &properties);
-            Some(tokio::spawn(broker::run(source, shutdown)))
+            let source = kafka::KafkaSource::new(
+                rt.clone(),
+                &brokers,
+                &topic,
+                &group,
+                &security,
+                &properties,
+            );
+            Some(tokio::spawn(broker::run(rt, source, shutdown)))
         }
         #[cfg(not(feature = "kafka"))]
         Source::Kafka { .. } => anyhow::bail!(

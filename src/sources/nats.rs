@@ -23,9 +23,8 @@ use anyhow::Context;
 use async_nats::jetstream::{self, consumer::AckPolicy, consumer::pull};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
-use tokio_util::sync::CancellationToken;
 
-use super::broker::{self, Backoff, Body};
+use super::broker::{self, Body};
 use crate::speed::runtime::PipelineRuntime;
 use crate::state::redact;
 
@@ -67,15 +66,8 @@ impl NatsSource {
 impl broker::Session for NatsSource {
     const KIND: &'static str = "nats";
 
-    fn runtime(&self) -> &Arc<PipelineRuntime> {
-        &self.rt
-    }
-
-    async fn session(
-        &self,
-        backoff: &mut Backoff,
-        shutdown: &CancellationToken,
-    ) -> anyhow::Result<()> {
+    async fn session(&self, link: &broker::Link) -> anyhow::Result<()> {
+        let shutdown = &link.shutdown;
         let client = async_nats::connect(self.url.as_str())
             .await
             .with_context(|| format!("connecting to NATS at {}", redact(&self.url)))?;
@@ -108,7 +100,7 @@ impl broker::Session for NatsSource {
             .messages()
             .await
             .context("starting the pull consumer")?;
-        backoff.reset();
+        link.connected();
         tracing::info!(pipeline = %self.rt.pipeline.name, stream = %self.stream, consumer = %self.consumer, pending = consumer.cached_info().num_pending, "NATS connected");
         let _lag = broker::lag_probe(&self.rt, {
             let consumer = consumer.clone();

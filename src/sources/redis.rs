@@ -31,7 +31,7 @@ use anyhow::Context;
 use bytes::Bytes;
 use tokio_util::sync::CancellationToken;
 
-use super::broker::{self, Backoff, Body};
+use super::broker::{self, Body};
 use crate::speed::runtime::PipelineRuntime;
 use crate::state::redact;
 
@@ -75,15 +75,8 @@ impl RedisSource {
 impl broker::Session for RedisSource {
     const KIND: &'static str = "redis";
 
-    fn runtime(&self) -> &Arc<PipelineRuntime> {
-        &self.rt
-    }
-
-    async fn session(
-        &self,
-        backoff: &mut Backoff,
-        shutdown: &CancellationToken,
-    ) -> anyhow::Result<()> {
+    async fn session(&self, link: &broker::Link) -> anyhow::Result<()> {
+        let shutdown = &link.shutdown;
         // The response timeout must outlast a blocking XREADGROUP.
         let config = AsyncConnectionConfig::new()
             .set_connection_timeout(Some(Duration::from_secs(5)))
@@ -104,7 +97,7 @@ impl broker::Session for RedisSource {
             tracing::debug!(consumer = %self.consumer, error = %e, "Redis refused the connection name");
         }
         self.create_group(&mut con).await?;
-        backoff.reset();
+        link.connected();
         tracing::info!(pipeline = %self.rt.pipeline.name, stream = %self.stream, group = %self.group, consumer = %self.consumer, "Redis connected");
         let _lag = broker::lag_probe(&self.rt, {
             let (con, stream, group) = (con.clone(), self.stream.clone(), self.group.clone());

@@ -30,9 +30,8 @@ use fe2o3_amqp::{Connection, Delivery, Receiver, Session};
 use fe2o3_amqp_cbs::client::CbsClient;
 use fe2o3_amqp_cbs::token::CbsToken;
 use tokio::net::TcpStream;
-use tokio_util::sync::CancellationToken;
 
-use super::broker::{self, Backoff, Body as DoorBody};
+use super::broker::{self, Body as DoorBody};
 use crate::spec::{SasKey, Source};
 use crate::speed::runtime::PipelineRuntime;
 
@@ -158,15 +157,8 @@ impl ServiceBusSource {
 impl broker::Session for ServiceBusSource {
     const KIND: &'static str = "servicebus";
 
-    fn runtime(&self) -> &Arc<PipelineRuntime> {
-        &self.rt
-    }
-
-    async fn session(
-        &self,
-        backoff: &mut Backoff,
-        shutdown: &CancellationToken,
-    ) -> anyhow::Result<()> {
+    async fn session(&self, link: &broker::Link) -> anyhow::Result<()> {
+        let shutdown = &link.shutdown;
         let attach = async {
             let mut conn = self.connect().await?;
             if let Some(sas) = &self.sas {
@@ -197,7 +189,7 @@ impl broker::Session for ServiceBusSource {
             }
             _ = shutdown.cancelled() => return Ok(()),
         };
-        backoff.reset();
+        link.connected();
         tracing::info!(pipeline = %self.rt.pipeline.name, address = %self.address, prefetch = self.prefetch, "AMQP 1.0 connected");
 
         let max = broker::MAX_BATCH.min(self.prefetch as usize);

@@ -1,6 +1,7 @@
 //! Broker sources against the real brokers named by `LAMBDA_TEST_MQTT`, `LAMBDA_TEST_AMQP`,
-//! `LAMBDA_TEST_SERVICEBUS` (RabbitMQ's AMQP 1.0 plugin), `LAMBDA_TEST_REDIS`, `LAMBDA_TEST_NATS` and `LAMBDA_TEST_KAFKA` (a test whose variable is
-//! unset prints a skip note; one whose broker is unreachable fails). Per source: events
+//! `LAMBDA_TEST_SERVICEBUS` (RabbitMQ's AMQP 1.0 plugin), `LAMBDA_TEST_REDIS`, `LAMBDA_TEST_NATS`
+//! and `LAMBDA_TEST_KAFKA` (a test whose variable is unset prints a skip note, or fails under
+//! CI; one whose broker is unreachable fails). Per source: events
 //! published while `serve` is down are all counted once it starts; then `serve` is killed with
 //! SIGKILL mid-stream, more events are published, and after a restart every event is counted
 //! exactly once (redeliveries of events already durable are dropped by `event_id`). And per
@@ -12,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use crate::support::{Proxy, Server};
+use crate::support::{Proxy, Server, service};
 
 /// Events published before the first start, and in total.
 const FIRST: usize = 300;
@@ -56,14 +57,6 @@ fn unique(prefix: &str) -> String {
         .unwrap()
         .as_nanos();
     format!("{prefix}{}x{nanos}", std::process::id())
-}
-
-fn env(var: &str) -> Option<String> {
-    let v = std::env::var(var).ok().filter(|v| !v.is_empty());
-    if v.is_none() {
-        eprintln!("skipping: {var} is not set (see the README's Development section)");
-    }
-    v
 }
 
 fn event(i: usize) -> String {
@@ -599,7 +592,7 @@ async fn exactly_once_across_kill9(broker: Broker) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mqtt_counts_every_event_once_across_kill9() {
-    let Some(url) = env("LAMBDA_TEST_MQTT") else {
+    let Some(url) = service("LAMBDA_TEST_MQTT") else {
         return;
     };
     exactly_once_across_kill9(Broker::Mqtt {
@@ -611,7 +604,7 @@ async fn mqtt_counts_every_event_once_across_kill9() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn amqp_counts_every_event_once_across_kill9() {
-    let Some(url) = env("LAMBDA_TEST_AMQP") else {
+    let Some(url) = service("LAMBDA_TEST_AMQP") else {
         return;
     };
     exactly_once_across_kill9(Broker::Amqp {
@@ -624,7 +617,7 @@ async fn amqp_counts_every_event_once_across_kill9() {
 #[cfg(feature = "servicebus")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn servicebus_counts_every_event_once_across_kill9() {
-    let Some(url) = env("LAMBDA_TEST_SERVICEBUS") else {
+    let Some(url) = service("LAMBDA_TEST_SERVICEBUS") else {
         return;
     };
     exactly_once_across_kill9(Broker::ServiceBus {
@@ -639,7 +632,7 @@ async fn servicebus_counts_every_event_once_across_kill9() {
 #[cfg(feature = "servicebus")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn servicebus_dead_letters_malformed_messages_and_accepts_them() {
-    let Some(url) = env("LAMBDA_TEST_SERVICEBUS") else {
+    let Some(url) = service("LAMBDA_TEST_SERVICEBUS") else {
         return;
     };
     let queue = unique("lt");
@@ -711,7 +704,7 @@ async fn servicebus_dead_letters_malformed_messages_and_accepts_them() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_counts_every_event_once_across_kill9() {
-    let Some(url) = env("LAMBDA_TEST_REDIS") else {
+    let Some(url) = service("LAMBDA_TEST_REDIS") else {
         return;
     };
     exactly_once_across_kill9(Broker::Redis {
@@ -723,7 +716,7 @@ async fn redis_counts_every_event_once_across_kill9() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nats_counts_every_event_once_across_kill9() {
-    let Some(url) = env("LAMBDA_TEST_NATS") else {
+    let Some(url) = service("LAMBDA_TEST_NATS") else {
         return;
     };
     exactly_once_across_kill9(Broker::Nats {
@@ -783,7 +776,7 @@ async fn exactly_once_across_connection_cut(broker: Broker, proxy: Proxy) {
 
 /// The connection-cut test for the broker at `$var`, reached through a proxy of its own.
 async fn connection_cut(var: &str, broker: impl FnOnce(String) -> Broker) {
-    let Some(url) = env(var) else {
+    let Some(url) = service(var) else {
         return;
     };
     let broker = broker(url);

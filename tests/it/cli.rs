@@ -151,3 +151,80 @@ fn run_pipeline_without_wait_finishes_in_the_background() {
         std::thread::sleep(std::time::Duration::from_millis(200));
     }
 }
+
+/// `lambda-ctl ARGS` with `RUST_LOG` as given (unset when `None`), nothing else from the
+/// environment that changes logging.
+fn lambda_ctl_logging(args: &[&str], rust_log: Option<&str>) -> std::process::Output {
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_lambda-ctl"));
+    cmd.args(args)
+        .env_remove("LAMBDA_PROJECT")
+        .env_remove("RUST_LOG");
+    if let Some(level) = rust_log {
+        cmd.env("RUST_LOG", level);
+    }
+    cmd.output().expect("the lambda-ctl binary runs")
+}
+
+/// One-shot commands answer without log lines; `-v`, `-vv` or `RUST_LOG` bring them back.
+#[test]
+fn one_shot_commands_log_only_when_asked() {
+    const OPENED: &str = "opened state database";
+    let dir = crate::orders::project();
+    let d = dir.path().to_str().unwrap();
+    for command in [
+        &["status"][..],
+        &["runs"],
+        &["validate"],
+        &["verify", "orders"],
+    ] {
+        let args: Vec<&str> = command.iter().copied().chain(["--project", d]).collect();
+        let quiet = lambda_ctl_logging(&args, None);
+        assert!(quiet.status.success(), "{command:?}: {}", stderr(&quiet));
+        assert!(
+            !stderr(&quiet).contains("INFO") && !stderr(&quiet).contains(OPENED),
+            "{command:?} logged by default:\n{}",
+            stderr(&quiet)
+        );
+    }
+    let status = ["status", "--project", d];
+    let verbose = lambda_ctl_logging(&[&status[..], &["-v"]].concat(), None);
+    assert!(verbose.status.success(), "{}", stderr(&verbose));
+    assert!(stderr(&verbose).contains(OPENED), "{}", stderr(&verbose));
+    assert!(!stderr(&verbose).contains("DEBUG"), "{}", stderr(&verbose));
+    let debug = lambda_ctl_logging(&[&["-vv"][..], &status].concat(), None);
+    assert!(stderr(&debug).contains("DEBUG"), "{}", stderr(&debug));
+    let env = lambda_ctl_logging(&status, Some("info"));
+    assert!(env.status.success(), "{}", stderr(&env));
+    assert!(stderr(&env).contains(OPENED), "{}", stderr(&env));
+    // `RUST_LOG` wins over `-v`.
+    let env = lambda_ctl_logging(&[&status[..], &["-v"]].concat(), Some("error"));
+    assert!(!stderr(&env).contains(OPENED), "{}", stderr(&env));
+}
+
+/// `serve` keeps logging at info by default: what it does over hours is in its log.
+#[test]
+fn serve_logs_at_info_by_default() {
+    use std::io::BufRead;
+    let dir = crate::orders::project();
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_lambda-ctl"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--project"])
+        .arg(dir.path())
+        .env_remove("RUST_LOG")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("start lambda-ctl serve");
+    let stdout = std::io::BufReader::new(child.stdout.take().unwrap());
+    let listening = stdout
+        .lines()
+        .map_while(Result::ok)
+        .any(|l| l.starts_with("lambda-ctl serving on "));
+    let _ = child.kill();
+    let out = child.wait_with_output().unwrap();
+    assert!(listening, "serve did not listen: {}", stderr(&out));
+    assert!(
+        stderr(&out).contains("opened state database"),
+        "{}",
+        stderr(&out)
+    );
+}

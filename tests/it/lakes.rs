@@ -14,6 +14,8 @@ use bytes::Bytes;
 use lambda_ctl::lake::{self, Lake, LakeError, ObjectInfo};
 use object_store::ObjectStoreExt as _;
 
+use crate::support::service;
+
 /// Azurite's well-known development account.
 const AZURITE_ACCOUNT: &str = "devstoreaccount1";
 const AZURITE_KEY: &str =
@@ -38,9 +40,9 @@ impl TestLake {
         }
     }
 
-    /// A fresh bucket on the S3 server of `LAMBDA_TEST_S3`, if set.
+    /// A fresh bucket on the S3 server of `LAMBDA_TEST_S3`, if set (see [`service`]).
     pub async fn s3() -> Option<TestLake> {
-        let endpoint = std::env::var("LAMBDA_TEST_S3").ok()?;
+        let endpoint = service("LAMBDA_TEST_S3")?;
         let endpoint = endpoint.trim_end_matches('/').to_string();
         let bucket = unique("lake");
         let resp = reqwest::Client::new()
@@ -63,9 +65,9 @@ impl TestLake {
         })
     }
 
-    /// A fresh container on the Azurite of `LAMBDA_TEST_AZURE`, if set.
+    /// A fresh container on the Azurite of `LAMBDA_TEST_AZURE`, if set (see [`service`]).
     pub async fn azure() -> Option<TestLake> {
-        let endpoint = std::env::var("LAMBDA_TEST_AZURE").ok()?;
+        let endpoint = service("LAMBDA_TEST_AZURE")?;
         let endpoint = endpoint.trim_end_matches('/').to_string();
         let container = unique("lake");
         create_container(&endpoint, &container).await;
@@ -406,10 +408,9 @@ async fn flaky_proxy(upstream: &str, fail: usize) -> (String, std::sync::Arc<Ato
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn transient_store_errors_are_retried_with_backoff() {
     let Some(s3) = TestLake::s3().await else {
-        eprintln!("skipped: set LAMBDA_TEST_S3=http://HOST:PORT");
         return;
     };
-    let endpoint = std::env::var("LAMBDA_TEST_S3").unwrap();
+    let endpoint = std::env::var("LAMBDA_TEST_S3").expect("set: the lake above is on it");
     let bucket_url = s3.url.clone();
 
     // Two refusals, three retries allowed: the writes succeed.

@@ -228,10 +228,7 @@ async fn lambda_promise_on_sqlite() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lambda_promise_on_postgres() {
-    let Ok(server) = std::env::var("LAMBDA_TEST_POSTGRES") else {
-        eprintln!(
-            "skipped the PostgreSQL variant: set LAMBDA_TEST_POSTGRES=postgres://USER@HOST:PORT/DB"
-        );
+    let Some(server) = crate::support::service("LAMBDA_TEST_POSTGRES") else {
         return;
     };
     let db = TempDatabase::create(&server).await;
@@ -248,12 +245,11 @@ async fn lambda_promise_on_postgres() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lambda_promise_on_s3() {
     let Some(lake) = TestLake::s3().await else {
-        eprintln!("skipped the S3 variant: set LAMBDA_TEST_S3=http://HOST:PORT");
         return;
     };
-    let db = match std::env::var("LAMBDA_TEST_POSTGRES") {
-        Ok(server) => Some(TempDatabase::create(&server).await),
-        Err(_) => None,
+    let db = match crate::support::service("LAMBDA_TEST_POSTGRES") {
+        Some(server) => Some(TempDatabase::create(&server).await),
+        None => None,
     };
     let url = db.as_ref().map(|d| d.url.clone());
     let outcome = tokio::spawn(async move { lambda(5, url.as_deref(), &lake).await }).await;
@@ -268,7 +264,6 @@ async fn lambda_promise_on_s3() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lambda_promise_on_azure() {
     let Some(lake) = TestLake::azure().await else {
-        eprintln!("skipped the Azure variant: set LAMBDA_TEST_AZURE=http://HOST:PORT/ACCOUNT");
         return;
     };
     lambda(6, None, &lake).await;

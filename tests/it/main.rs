@@ -3,6 +3,7 @@
 
 mod brokers;
 mod cli;
+mod commands;
 mod hostile;
 mod lakes;
 mod lambda;

@@ -18,7 +18,7 @@ use crate::orders::{
     BASE_MS, Ev, check_views, check_views_after, events, get_view, post, project, send,
     wait_for_count,
 };
-use crate::support::{Rng, Server, get_json, lambda_ctl, repo, stderr, stdout};
+use crate::support::{Rng, Server, get_json, lambda_ctl, repo, stderr, stdout, wait_for_sealed};
 
 const MAINT: &str = "name: maint\ntasks:\n  - name: recompute\n    batch: orders\n  - name: compact\n    compact: orders\n    needs: [recompute]\n";
 const TRIM: &str =
@@ -57,7 +57,7 @@ fn assert_succeeded(run: &Value) {
     }
 }
 
-/// Sends `evs` in bursts separated by more than the 1 s segment age: small segments.
+/// Sends `evs` in bursts, each sealed (by the 1 s segment age) before the next: small segments.
 async fn send_in_bursts(
     client: &reqwest::Client,
     server: &Server,
@@ -65,9 +65,10 @@ async fn send_in_bursts(
     evs: &[Ev],
 ) -> Vec<Ev> {
     let mut acked = Vec::new();
+    let mut sealed = wait_for_sealed(client, server, "orders", 0).await;
     for burst in evs.chunks(90) {
         acked.extend(send(client, server, rng, burst).await);
-        tokio::time::sleep(Duration::from_millis(1300)).await;
+        sealed = wait_for_sealed(client, server, "orders", sealed + 1).await;
     }
     acked
 }
@@ -356,7 +357,7 @@ async fn a_restart_reads_only_segments_the_batch_does_not_cover() {
     }
     let mut acked = evs[..500].to_vec();
     wait_for_count(&client, &server, kept(&acked)).await;
-    tokio::time::sleep(Duration::from_millis(1500)).await; // the open segment seals by age
+    wait_for_sealed(&client, &server, "orders", 1).await; // the open segment seals by age
     let run = run_batch(dir.path()).await;
     wait_for_batch(&client, &server, &run).await;
     for body in post_all(&evs[500..], &mut rng) {

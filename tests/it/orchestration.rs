@@ -12,7 +12,9 @@ use std::time::{Duration, Instant};
 use crate::state::TempDatabase;
 use chrono::{DateTime, TimeZone, Utc};
 use futures::future::BoxFuture;
-use lambda_ctl::orchestration::{ManualClock, Options, Orchestrator, TaskContext, TaskRunner};
+use lambda_ctl::orchestration::{
+    Clock, ManualClock, Options, Orchestrator, TaskContext, TaskRunner,
+};
 use lambda_ctl::state::{Run, RunId, RunState, State};
 use tokio_util::sync::CancellationToken;
 
@@ -33,7 +35,7 @@ where
     Fut: std::future::Future<Output = ()>,
 {
     test().await;
-    let Ok(server) = std::env::var("LAMBDA_TEST_POSTGRES") else {
+    let Some(server) = crate::support::service("LAMBDA_TEST_POSTGRES") else {
         return;
     };
     let db = TempDatabase::create(&server).await;
@@ -104,17 +106,149 @@ impl TaskRunner for FakeLayers {
     }
 }
 
+/// The harness's manual clock, which also knows who sleeps on it: every `sleep_until` asked
+/// (the scheduler ends each pass with one) and, per sleeper still waiting, its deadline and the
+/// latest time it saw. Tests wait on those — "the scheduler finished a pass", "the worker waits
+/// for the retry's back-off" — instead of sleeping for longer than they hope those take.
+#[derive(Clone)]
+struct TestClock {
+    manual: ManualClock,
+    moved: Arc<tokio::sync::watch::Sender<u64>>,
+    sleepers: Arc<parking_lot::Mutex<Sleepers>>,
+}
+
+#[derive(Default)]
+struct Sleepers {
+    /// How many `sleep_until` calls were made.
+    asked: usize,
+    next_id: u64,
+    /// Per waiting sleeper: (its deadline, the latest clock time it saw).
+    waiting: std::collections::BTreeMap<u64, (DateTime<Utc>, DateTime<Utc>)>,
+}
+
+/// Takes a finished or dropped sleeper off the list.
+struct Waiting(Arc<parking_lot::Mutex<Sleepers>>, u64);
+
+impl Drop for Waiting {
+    fn drop(&mut self) {
+        self.0.lock().waiting.remove(&self.1);
+    }
+}
+
+impl TestClock {
+    fn new(manual: ManualClock) -> TestClock {
+        TestClock {
+            manual,
+            moved: Arc::new(tokio::sync::watch::Sender::new(0)),
+            sleepers: Arc::default(),
+        }
+    }
+
+    fn set(&self, at: DateTime<Utc>) {
+        self.manual.set(at);
+        self.moved.send_modify(|n| *n += 1);
+    }
+
+    fn advance(&self, d: Duration) {
+        self.set(self.now() + chrono::Duration::from_std(d).unwrap());
+    }
+
+    fn asked(&self) -> usize {
+        self.sleepers.lock().asked
+    }
+
+    /// Waits (real time) until `sleep_until` was asked `n` times in all.
+    async fn until_asked(&self, n: usize) {
+        crate::support::eventually(
+            &format!("{n} sleeps asked of the clock"),
+            Duration::from_secs(20),
+            || async move { (self.asked() >= n).then_some(()) },
+        )
+        .await
+    }
+
+    /// Waits until the scheduler finished its first pass (it recorded its baseline).
+    async fn scheduler_started(&self) {
+        self.until_asked(1).await
+    }
+
+    /// Waits until the scheduler finished a whole pass begun after this call: two more ends of
+    /// a pass (the first may end one that began before).
+    async fn scheduler_settled(&self) {
+        self.until_asked(self.asked() + 2).await
+    }
+
+    /// Waits until a sleeper waits for `until` and has seen the clock's current time: what
+    /// sleeps until then has looked at the clock since its last move and still waits.
+    async fn sleeping_until(&self, until: DateTime<Utc>) {
+        let now = self.now();
+        crate::support::eventually(
+            &format!("a sleeper waiting for {until} that saw {now}"),
+            Duration::from_secs(20),
+            || async move {
+                let s = self.sleepers.lock();
+                s.waiting
+                    .values()
+                    .any(|&(u, seen)| u == until && seen >= now)
+                    .then_some(())
+            },
+        )
+        .await
+    }
+}
+
+impl Clock for TestClock {
+    fn now(&self) -> DateTime<Utc> {
+        self.manual.now()
+    }
+
+    fn is_wall_clock(&self) -> bool {
+        false
+    }
+
+    fn sleep_until(&self, at: DateTime<Utc>) -> BoxFuture<'static, ()> {
+        let clock = self.clone();
+        let mut moved = self.moved.subscribe();
+        let id = {
+            let mut s = self.sleepers.lock();
+            s.asked += 1;
+            s.next_id += 1;
+            let id = s.next_id;
+            s.waiting.insert(id, (at, self.now()));
+            id
+        };
+        let waiting = Waiting(self.sleepers.clone(), id);
+        Box::pin(async move {
+            let _waiting = waiting;
+            loop {
+                moved.mark_unchanged();
+                let now = clock.now();
+                if now >= at {
+                    return;
+                }
+                if let Some(w) = clock.sleepers.lock().waiting.get_mut(&id) {
+                    w.1 = now;
+                }
+                if moved.changed().await.is_err() {
+                    std::future::pending::<()>().await;
+                }
+            }
+        })
+    }
+}
+
 /// An orchestrator of `project` on a manual clock, running per `options` until dropped.
 struct Harness {
     orchestrator: Orchestrator,
     state: State,
-    clock: ManualClock,
+    clock: TestClock,
     shutdown: CancellationToken,
     running: Option<lambda_ctl::orchestration::Running>,
 }
 
 impl Harness {
     async fn start(project: &Project, clock: ManualClock, options: Options) -> Harness {
+        let clock = TestClock::new(clock);
         let spec = project.load();
         let state = State::open(&spec.settings.state)
             .await
@@ -196,12 +330,12 @@ impl Harness {
         }
     }
 
-    /// Moves the clock to `at`, gives the scheduler time to act, and returns the slots.
+    /// Moves the clock to `at`, waits for `expect` runs and one more whole scheduler pass
+    /// (in which nothing more may appear), and returns the slots.
     async fn slots_at(&self, at: DateTime<Utc>, expect: usize) -> Vec<DateTime<Utc>> {
         self.clock.set(at);
         self.until_runs(expect).await;
-        // Longer than the scheduler's real-time check interval: nothing more may appear.
-        tokio::time::sleep(Duration::from_millis(1300)).await;
+        self.clock.scheduler_settled().await;
         self.slots().await
     }
 }
@@ -231,7 +365,7 @@ async fn dst_case(
     ));
     let h = Harness::start(&project, ManualClock::new(start), scheduler_only()).await;
     // Let the scheduler record its baseline at `start`.
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    h.clock.scheduler_started().await;
     for (at, expected) in steps {
         let got = h.slots_at(*at, expected.len()).await;
         assert_eq!(&got, expected, "{tz} `{expr}` at clock {at}");
@@ -328,7 +462,7 @@ async fn outage(catchup: bool) -> Vec<DateTime<Utc>> {
     let t0 = utc(2026, 5, 1, 0, 30);
     let clock = ManualClock::new(t0);
     let h = Harness::start(&project, clock.clone(), scheduler_only()).await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    h.clock.scheduler_started().await;
     assert_eq!(
         h.slots_at(utc(2026, 5, 1, 1, 0), 1).await,
         vec![utc(2026, 5, 1, 1, 0)]
@@ -340,7 +474,7 @@ async fn outage(catchup: bool) -> Vec<DateTime<Utc>> {
     let h = Harness::start(&project, clock, scheduler_only()).await;
     let expected = if catchup { 1 + 72 } else { 2 };
     h.until_runs(expected).await;
-    tokio::time::sleep(Duration::from_millis(1300)).await;
+    h.clock.scheduler_settled().await;
     let slots = h.slots().await;
     h.stop().await;
     slots
@@ -510,7 +644,10 @@ async fn a_failed_attempt_is_retried_after_its_backoff_then_succeeds() {
             "{first:?}"
         );
         assert_eq!(retry.scheduled_at, Some(t0 + chrono::Duration::minutes(10)));
-        tokio::time::sleep(Duration::from_millis(800)).await;
+        // A worker holds the retry, waiting on the clock for its back-off.
+        h.clock
+            .sleeping_until(t0 + chrono::Duration::minutes(10))
+            .await;
         assert_eq!(
             h.state.task_attempts(id).await.unwrap()[1].state,
             RunState::Queued
@@ -551,12 +688,8 @@ async fn a_timeout_kills_the_command_and_everything_it_started() {
         let project = Project::new(
             "name: wf\ntasks:\n  - name: slow\n    command: [\"sh\", \"-c\", \"sleep 300 & echo $! > child.pid; echo $$ > shell.pid; wait\"]\n    timeout: 1h\n  - name: after\n    command: [\"true\"]\n    needs: [slow]\n",
         );
-        let h = Harness::start(
-            &project,
-            ManualClock::new(utc(2026, 1, 1, 0, 0)),
-            workers_only(),
-        )
-        .await;
+        let t0 = utc(2026, 1, 1, 0, 0);
+        let h = Harness::start(&project, ManualClock::new(t0), workers_only()).await;
         let id = h.orchestrator.trigger("wf").await.expect("trigger");
         let read_pid = |name: &str| -> Option<u32> {
             std::fs::read_to_string(project.path().join(name))
@@ -573,7 +706,8 @@ async fn a_timeout_kills_the_command_and_everything_it_started() {
         };
         assert!(!dead(shell) && !dead(child));
         h.clock.advance(Duration::from_secs(59 * 60));
-        tokio::time::sleep(Duration::from_millis(500)).await;
+        // The timeout saw 00:59 and waits on for 01:00.
+        h.clock.sleeping_until(t0 + chrono::Duration::hours(1)).await;
         assert!(!dead(child), "killed before its timeout");
         h.clock.advance(Duration::from_secs(2 * 60));
         let run = h.finished(id).await;
@@ -805,8 +939,7 @@ const ACTIVE: &str = "this process is now the active scheduler";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn three_processes_on_postgres_run_every_slot_once_and_hand_over_scheduling() {
-    let Ok(server) = std::env::var("LAMBDA_TEST_POSTGRES") else {
-        eprintln!("skipped: set LAMBDA_TEST_POSTGRES=postgres://USER@HOST:PORT/DB");
+    let Some(server) = crate::support::service("LAMBDA_TEST_POSTGRES") else {
         return;
     };
     let db = TempDatabase::create(&server).await;
@@ -834,18 +967,35 @@ async fn three_processes_on_postgres_run_every_slot_once_and_hand_over_schedulin
     b.wait_for("serving", Duration::from_secs(60));
     c.wait_for("worker started", Duration::from_secs(60));
 
-    tokio::time::sleep(Duration::from_secs(25)).await;
+    // The scheduled slots so far, oldest first.
+    let state = State::open(&db.url).await.unwrap();
+    let slots_after = |n: usize, after: DateTime<Utc>| {
+        let state = state.clone();
+        async move {
+            let what = format!("{n} runs, the last one for a slot after {after}");
+            crate::support::eventually(&what, Duration::from_secs(90), || {
+                let state = state.clone();
+                async move {
+                    let runs = state.runs(Some("wf"), 100_000).await.unwrap();
+                    let last = runs.first()?.scheduled_at?;
+                    (runs.len() >= n && last > after).then_some(())
+                }
+            })
+            .await
+        }
+    };
+    // Ten slots scheduled by `a`; then `b` takes over, and schedules ten more.
+    slots_after(10, Utc::now()).await;
     assert!(!b.logged(ACTIVE), "two active schedulers");
     let killed_at = Utc::now();
     let kill = Instant::now();
     a.kill9();
     b.wait_for(ACTIVE, Duration::from_secs(10));
     let handover = kill.elapsed();
-    tokio::time::sleep(Duration::from_secs(25)).await;
+    slots_after(20, killed_at + chrono::Duration::seconds(20)).await;
     b.terminate();
     c.terminate();
 
-    let state = State::open(&db.url).await.unwrap();
     let mut runs = state.runs(Some("wf"), 100_000).await.unwrap();
     runs.reverse();
     let slots: Vec<DateTime<Utc>> = runs.iter().map(|r| r.scheduled_at.unwrap()).collect();

@@ -21,7 +21,7 @@ use crate::lakes::TestLake;
 use crate::orchestration::Process;
 use crate::orders::{Ev, PIPELINE, check_views, close, events, send, wait_for_count};
 use crate::state::TempDatabase;
-use crate::support::{Rng, Server};
+use crate::support::{Rng, Server, wait_for_sealed};
 
 const VIEWS: [&str; 4] = ["by_country", "hop", "sessions", "overall"];
 
@@ -179,6 +179,13 @@ async fn wait_for_mirror(client: &reqwest::Client, server: &Server, n: u64) {
     }
 }
 
+/// Waits until both pipelines sealed every event they absorbed.
+async fn sealed(client: &reqwest::Client, server: &Server) {
+    for pipeline in ["orders", "mirror"] {
+        wait_for_sealed(client, server, pipeline, 1).await;
+    }
+}
+
 async fn scale_out(state_url: Option<String>, lake: TestLake) {
     let n: usize = std::env::var("LAMBDA_SCALEOUT_EVENTS")
         .ok()
@@ -218,7 +225,7 @@ async fn scale_out(state_url: Option<String>, lake: TestLake) {
     wait_for_count(&client, &server, kept(&acked)).await;
     wait_for_mirror(&client, &server, kept(&acked)).await;
     // Every event sealed into a segment (segment_age: 1s).
-    tokio::time::sleep(Duration::from_millis(2500)).await;
+    sealed(&client, &server).await;
 
     // One process.
     let (single, single_took, _) = run_on(root, "mirror", cpu(0)).await;
@@ -272,7 +279,7 @@ async fn scale_out(state_url: Option<String>, lake: TestLake) {
     acked.extend(more);
     wait_for_count(&client, &server, kept(&acked)).await;
     wait_for_mirror(&client, &server, kept(&acked)).await;
-    tokio::time::sleep(Duration::from_millis(2500)).await;
+    sealed(&client, &server).await;
     write_settings(root, &base, 2, 1);
     let running = tokio::spawn({
         let root = root.to_path_buf();
@@ -349,7 +356,7 @@ async fn scale_out(state_url: Option<String>, lake: TestLake) {
     acked.extend(more);
     wait_for_count(&client, &server, kept(&acked)).await;
     wait_for_mirror(&client, &server, kept(&acked)).await;
-    tokio::time::sleep(Duration::from_millis(2500)).await;
+    sealed(&client, &server).await;
     let orphan = tokio::task::spawn_blocking({
         let root = root.to_path_buf();
         move || {
@@ -386,9 +393,9 @@ async fn three_workers_compute_the_same_answer_as_one_process_even_when_one_dies
         Some(l) => l,
         None => TestLake::file(),
     };
-    let db = match std::env::var("LAMBDA_TEST_POSTGRES") {
-        Ok(server) => Some(TempDatabase::create(&server).await),
-        Err(_) => None,
+    let db = match crate::support::service("LAMBDA_TEST_POSTGRES") {
+        Some(server) => Some(TempDatabase::create(&server).await),
+        None => None,
     };
     let url = db.as_ref().map(|d| d.url.clone());
     let outcome = tokio::spawn(scale_out(url, lake)).await;

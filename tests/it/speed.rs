@@ -177,15 +177,7 @@ async fn wait_counted(client: &reqwest::Client, server: &Server, n: u64, secs: u
 
 /// POSTs CSV `body`; the answer's `(accepted, rejected)`.
 async fn post_csv(client: &reqwest::Client, url: String, body: String) -> (u64, u64) {
-    let r = client
-        .post(url)
-        .header("content-type", "text/csv")
-        .body(body)
-        .send()
-        .await
-        .unwrap();
-    assert!(r.status().is_success(), "POST answered {}", r.status());
-    let v: Value = r.json().await.unwrap();
+    let v = crate::support::post_events(client, url, "text/csv", body).await;
     (
         v["accepted"].as_u64().unwrap(),
         v["rejected"].as_u64().unwrap(),

@@ -1,6 +1,7 @@
 //! The state database, driven through its public API. Every behaviour runs twice: on a SQLite
 //! file in a temp directory, and on a fresh PostgreSQL database created on the server named by
-//! `LAMBDA_TEST_POSTGRES` (skipped when unset; a set but unreachable server fails the test).
+//! `LAMBDA_TEST_POSTGRES` (skipped when unset, failed when unset under CI; a set but unreachable
+//! server fails the test).
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -63,10 +64,7 @@ where
     F: FnOnce(String) -> Fut,
     Fut: Future<Output = ()> + Send + 'static,
 {
-    let Ok(server) = std::env::var("LAMBDA_TEST_POSTGRES") else {
-        eprintln!(
-            "skipped the PostgreSQL variant: set LAMBDA_TEST_POSTGRES=postgres://USER@HOST:PORT/DB"
-        );
+    let Some(server) = crate::support::service("LAMBDA_TEST_POSTGRES") else {
         return;
     };
     let db = TempDatabase::create(&server).await;

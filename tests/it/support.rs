@@ -61,6 +61,26 @@ pub async fn get_json(client: &reqwest::Client, url: String) -> serde_json::Valu
         .unwrap_or_else(|e| panic!("GET {url}: not JSON: {e}"))
 }
 
+/// POSTs `body` as `content_type` to the events endpoint `url`; the answer, which must be 200.
+pub async fn post_events(
+    client: &reqwest::Client,
+    url: String,
+    content_type: &str,
+    body: String,
+) -> serde_json::Value {
+    let r = client
+        .post(&url)
+        .header("content-type", content_type)
+        .body(body)
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("POST {url}: {e}"));
+    assert_eq!(r.status(), 200, "POST {url}");
+    r.json()
+        .await
+        .unwrap_or_else(|e| panic!("POST {url}: not JSON: {e}"))
+}
+
 /// A `lambda-ctl serve` child process on a free port, killed (SIGKILL) on drop.
 pub struct Server {
     pub child: std::process::Child,
@@ -242,4 +262,61 @@ impl Drop for Proxy {
         self.task.abort();
         self.inner.generation.lock().cancel();
     }
+}
+
+/// The value of the service variable `var` (a `LAMBDA_TEST_*` URL or path). Unset or empty:
+/// `None` — the caller skips its test — except under CI (`CI` set), where every service is
+/// provided and a missing one must fail the test, not let it pass without running.
+pub fn service(var: &str) -> Option<String> {
+    let value = std::env::var(var).ok().filter(|v| !v.is_empty());
+    if value.is_none() {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "{var} is not set, and CI is: this service-backed test must run there (see .ci/run)"
+        );
+        eprintln!("skipping: {var} is not set (see the README's Development section)");
+    }
+    value
+}
+
+/// Polls `probe` every 20 ms until it answers `Some`, and returns that; panics with `what` once
+/// `within` has passed.
+pub async fn eventually<T, F, Fut>(what: &str, within: std::time::Duration, mut probe: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = std::time::Instant::now() + within;
+    loop {
+        if let Some(v) = probe().await {
+            return v;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "not within {within:?}: {what}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
+/// Waits until `pipeline` of `server` holds no open segment (every event it absorbed is in a
+/// sealed segment) and has sealed at least `at_least` segments; returns how many it sealed.
+pub async fn wait_for_sealed(
+    client: &reqwest::Client,
+    server: &Server,
+    pipeline: &str,
+    at_least: u64,
+) -> u64 {
+    let what = format!("{pipeline}: open segment sealed, {at_least} segment(s) sealed");
+    eventually(&what, std::time::Duration::from_secs(20), || async move {
+        let all = get_json(client, server.url("/v1/pipelines")).await;
+        let p = all["pipelines"]
+            .as_array()?
+            .iter()
+            .find(|p| p["name"] == pipeline)?
+            .clone();
+        let sealed = p["sealed_segments"].as_u64()?;
+        (p["open_segment_rows"].as_u64() == Some(0) && sealed >= at_least).then_some(sealed)
+    })
+    .await
 }

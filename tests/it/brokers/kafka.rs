@@ -15,10 +15,10 @@ use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 use serde_json::Value;
 
 use super::{
-    Broker, FIRST, env, event, exactly_once_across_connection_cut, exactly_once_across_kill9,
-    project, unique, wait_for_exactly,
+    Broker, FIRST, event, exactly_once_across_connection_cut, exactly_once_across_kill9, project,
+    unique, wait_for_exactly,
 };
-use crate::support::{Proxy, Server, repo};
+use crate::support::{Proxy, Server, repo, service};
 
 /// Partitions of every test topic: events spread over them by device.
 pub const KAFKA_PARTITIONS: i32 = 2;
@@ -111,7 +111,7 @@ fn committed(url: &str, group: &str, topic: &str) -> i64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kafka_counts_every_event_once_across_kill9() {
-    let Some(url) = env("LAMBDA_TEST_KAFKA") else {
+    let Some(url) = service("LAMBDA_TEST_KAFKA") else {
         return;
     };
     exactly_once_across_kill9(Broker::Kafka {
@@ -169,7 +169,7 @@ fn free_port() -> u16 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kafka_reconnects_after_a_connection_cut() {
-    let Some(bin) = env("LAMBDA_TEST_TANSU") else {
+    let Some(bin) = service("LAMBDA_TEST_TANSU") else {
         return;
     };
     let listen = free_port();
@@ -187,7 +187,7 @@ async fn kafka_reconnects_after_a_connection_cut() {
 /// that will not seal (1 h), exactly the sealed events are committed; the lag reaches 0.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kafka_commits_only_offsets_of_sealed_segments() {
-    let Some(url) = env("LAMBDA_TEST_KAFKA") else {
+    let Some(url) = service("LAMBDA_TEST_KAFKA") else {
         return;
     };
     let topic = unique("lt");
@@ -261,7 +261,7 @@ async fn kafka_commits_only_offsets_of_sealed_segments() {
 /// examples/clickstream-kafka runs as shipped against the test broker.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn clickstream_kafka_example_counts_published_clicks() {
-    let Some(url) = env("LAMBDA_TEST_KAFKA") else {
+    let Some(url) = service("LAMBDA_TEST_KAFKA") else {
         return;
     };
     let topic = unique("clicks");
