@@ -4,11 +4,14 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
+use std::time::Instant;
 
 use polars::prelude::*;
 
 use super::*;
-use crate::state::RunState;
+use crate::lake::{self, Lake};
+use crate::plan::Plan;
+use crate::state::{Outcome, RunKind, RunState, Segment, State};
 
 const SPEC: &str = r#"
 name: orders

@@ -236,6 +236,7 @@ fn rooted<S: ObjectStore>(store: S, prefix: &str) -> Result<Arc<dyn ObjectStore>
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::lake::archive_path;
 
     fn no_options() -> BTreeMap<String, String> {
         BTreeMap::new()
