@@ -134,25 +134,23 @@ fn batch(dir: &Path) -> anyhow::Result<u64> {
     })
 }
 
-/// Plain polars: the same filter and group-bys, streaming, over the same files.
+/// Plain polars: the same filter and group-bys, streaming, over the same segments as the batch
+/// layer scans them (`batch::scan`).
 fn plain(dir: &Path) -> anyhow::Result<u64> {
-    let mut files: Vec<PathBuf> = Vec::new();
-    let root = dir.join("lake/archive/bench/p=0");
-    for e in std::fs::read_dir(&root)? {
-        files.push(e?.path());
-    }
-    files.sort();
-    let scan = || -> PolarsResult<LazyFrame> {
-        let paths = files
-            .iter()
-            .map(|p| PlRefPath::new(p.to_string_lossy().as_ref()))
-            .collect();
-        let mut args = ScanArgsParquet {
-            glob: false,
-            ..ScanArgsParquet::default()
-        };
-        args.hive_options.enabled = Some(false);
-        Ok(LazyFrame::scan_parquet_files(paths, args)?.filter(col("amount").gt_eq(lit(0.0))))
+    let rt = tokio::runtime::Runtime::new()?;
+    let source = rt.block_on(async {
+        let state = State::open(&state_url(dir)).await?;
+        let lake = Lake::open(&lake_url(dir), &BTreeMap::new())?;
+        let (_, segments) = lambda_ctl::batch::sealed(&state, "bench").await?;
+        let source = lambda_ctl::batch::scan::open(&lake, &segments, |_| {}).await?;
+        state.close().await;
+        anyhow::Ok(source)
+    })?;
+    let scan = || -> anyhow::Result<LazyFrame> {
+        let events = source
+            .lazy()?
+            .ok_or_else(|| anyhow::anyhow!("no sealed segments"))?;
+        Ok(events.filter(col("amount").gt_eq(lit(0.0))))
     };
     let per_minute = scan()?
         .group_by([

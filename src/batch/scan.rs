@@ -18,15 +18,6 @@ pub enum Source {
     Frames(Vec<DataFrame>),
 }
 
-/// The local directory of a `file://` lake, if it is one.
-pub fn local_root(lake: &Lake) -> Option<PathBuf> {
-    let url = url::Url::parse(lake.root_url()).ok()?;
-    if url.scheme() != "file" {
-        return None;
-    }
-    url.to_file_path().ok()
-}
-
 /// Segments of a remote lake fetched at once.
 const FETCH_AHEAD: usize = 8;
 
@@ -37,17 +28,14 @@ pub async fn open(
     segments: &[Segment],
     mut on_segment: impl FnMut(&Segment),
 ) -> anyhow::Result<Source> {
-    if let Some(root) = local_root(lake) {
-        let mut files = Vec::with_capacity(segments.len());
-        for s in segments {
-            let path = root.join(&s.path);
+    if let Some(files) = lake.local_files(segments.iter().map(|s| s.path.as_str()))? {
+        for (s, path) in segments.iter().zip(&files) {
             anyhow::ensure!(
                 path.is_file(),
                 "sealed segment {} is missing from the lake ({})",
                 s.path,
                 path.display()
             );
-            files.push(path);
             on_segment(s);
         }
         return Ok(Source::Files(files));

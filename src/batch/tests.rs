@@ -4,11 +4,14 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
+use std::time::Instant;
 
 use polars::prelude::*;
 
 use super::*;
-use crate::state::RunState;
+use crate::lake::{self, Lake};
+use crate::plan::Plan;
+use crate::state::{Outcome, RunKind, RunState, Segment, State};
 
 pub(crate) const SPEC: &str = r#"
 name: orders
@@ -302,7 +305,7 @@ async fn stale_group_partials_of_failed_runs_are_collected_and_live_ones_kept() 
     lake.put("runs/other/run=1/group-000000/v.parquet", b"x".to_vec())
         .await
         .unwrap();
-    groups::collect_stale(&state, &lake, "orders", current.0).await;
+    scaleout::collect_stale(&state, &lake, "orders", current.0).await;
     let left: Vec<String> = lake
         .list("runs/")
         .await
@@ -329,15 +332,15 @@ async fn stale_group_partials_of_failed_runs_are_collected_and_live_ones_kept() 
 /// A queue in memory: jobs are recorded, and [`work_off`] does them as a worker would.
 #[derive(Default)]
 struct Recorded {
-    groups: parking_lot::Mutex<Vec<groups::GroupJob>>,
-    finishes: parking_lot::Mutex<Vec<groups::FinishJob>>,
+    groups: parking_lot::Mutex<Vec<scaleout::GroupJob>>,
+    finishes: parking_lot::Mutex<Vec<scaleout::FinishJob>>,
     keys: parking_lot::Mutex<std::collections::HashSet<i64>>,
 }
 
-impl groups::Fanout for Recorded {
+impl scaleout::Fanout for Recorded {
     fn submit<'a>(
         &'a self,
-        jobs: &'a [groups::GroupJob],
+        jobs: &'a [scaleout::GroupJob],
     ) -> futures::future::BoxFuture<'a, anyhow::Result<()>> {
         self.groups.lock().extend(jobs.iter().cloned());
         Box::pin(async { Ok(()) })
@@ -345,7 +348,7 @@ impl groups::Fanout for Recorded {
 
     fn finish<'a>(
         &'a self,
-        job: &'a groups::FinishJob,
+        job: &'a scaleout::FinishJob,
     ) -> futures::future::BoxFuture<'a, anyhow::Result<()>> {
         // Queued twice (by the last group and by the waiting run): one job, as apalis' key
         // makes it (a key queued before, done or not, is not queued again).
@@ -358,12 +361,12 @@ impl groups::Fanout for Recorded {
 
 /// Does the recorded groups, newest first, then the finish job the last one queues.
 async fn work_off(plan: &Arc<Plan>, state: &State, lake: &Lake, queue: &Recorded) {
-    use groups::Fanout;
+    use scaleout::Fanout;
     loop {
         let group = queue.groups.lock().pop();
         if let Some(job) = group {
             // A group's own failure is recorded for the finish job, which reports it.
-            let (finish, _) = groups::compute(plan, state, lake, "test", &job)
+            let (finish, _) = scaleout::compute(plan, state, lake, "test", &job)
                 .await
                 .unwrap();
             if let Some(finish) = finish {
@@ -373,7 +376,7 @@ async fn work_off(plan: &Arc<Plan>, state: &State, lake: &Lake, queue: &Recorded
         }
         let finish = queue.finishes.lock().pop();
         if let Some(job) = finish {
-            groups::finish(plan, state, lake, &job).await.unwrap();
+            scaleout::finish(plan, state, lake, &job).await.unwrap();
             return;
         }
         tokio::time::sleep(std::time::Duration::from_millis(5)).await;

@@ -1,5 +1,5 @@
 //! Batch scale-out over the shared job queue: the jobs of a scaled-out batch run (its groups
-//! and its finish job, see `batch::groups`) travel on their own apalis queue in the state DB,
+//! and its finish job, see `batch::scaleout`) travel on their own apalis queue in the state DB,
 //! and every `lambda-ctl worker`, every `serve`, and the process running the batch run take
 //! them. apalis re-delivers the job of a worker that stops sending heartbeats, so a killed
 //! worker's group — or finish — is done elsewhere.
@@ -16,7 +16,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use super::queue::{Handler, Job, Queue};
-use crate::batch::groups::{self, Fanout, FinishJob, GroupJob};
+use crate::batch::scaleout::{self, Fanout, FinishJob, GroupJob};
 use crate::batch::{self, BatchError, Progress, RunSummary, ScaleOut};
 use crate::lake::Lake;
 use crate::plan::Plan;
@@ -121,20 +121,8 @@ impl BatchWorker {
         let worker = &self.worker;
         match job {
             BatchJob::Group(job) => {
-                let finish = match plan {
-                    Ok(plan) => self.group(&plan, &job).await?,
-                    // Recorded for the run, which fails with this message.
-                    Err(e) => {
-                        groups::refuse(
-                            &self.state,
-                            &self.lake,
-                            &self.worker,
-                            &job,
-                            &format!("{e:#}"),
-                        )
-                        .await?
-                    }
-                };
+                let finish =
+                    scaleout::work_group(plan, &self.state, &self.lake, worker, &job).await?;
                 if let Some(finish) = finish {
                     info!(%worker, run, "last batch group done; queueing the run's finish job");
                     self.queue.finish(&finish).await?;
@@ -150,31 +138,9 @@ impl BatchWorker {
                     }
                 };
                 info!(%worker, run, "finishing batch run");
-                groups::finish(&plan, &self.state, &self.lake, &job).await
+                scaleout::finish(&plan, &self.state, &self.lake, &job).await
             }
         }
-    }
-
-    async fn group(&self, plan: &Arc<Plan>, job: &GroupJob) -> anyhow::Result<Option<FinishJob>> {
-        let worker = &self.worker;
-        info!(
-            %worker, run = job.run_id, group = job.group,
-            segments = job.segments.len(), "computing batch group"
-        );
-        let started = std::time::Instant::now();
-        let (finish, outcome) = groups::compute(plan, &self.state, &self.lake, worker, job).await?;
-        match outcome {
-            Ok(()) => info!(
-                %worker, run = job.run_id, group = job.group,
-                segments = job.segments.len(), ms = started.elapsed().as_millis() as u64,
-                "computed batch group"
-            ),
-            Err(e) => warn!(
-                %worker, run = job.run_id, group = job.group,
-                error = %format!("{e:#}"), "batch group failed"
-            ),
-        }
-        Ok(finish)
     }
 }
 
@@ -203,7 +169,7 @@ impl Fanout for Groups {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Help {
     /// Yes, one job per core, once its jobs have made no progress for
-    /// [`groups::HELP_AFTER`] (no free worker, or none running): a run ends even when no
+    /// [`scaleout::HELP_AFTER`] (no free worker, or none running): a run ends even when no
     /// worker is running, and takes nothing from workers that keep up.
     AfterAMoment,
     /// No: the process works the queue already (`serve`, one job at a time so serving comes

@@ -1,6 +1,7 @@
 //! Typed reads from the located YAML tree; each failed read records a diagnostic and yields
 //! `None`, so validation continues and reports every problem.
 
+use std::ops::RangeInclusive;
 use std::time::Duration;
 
 use super::diag::{Diagnostics, did_you_mean};
@@ -102,6 +103,32 @@ pub fn integer(d: &mut Diagnostics, node: &Node, what: &str) -> Option<u64> {
     }
 }
 
+/// The whole number `key` of `obj` (`default` when absent), which must lie in `range` and fit
+/// a `T`; otherwise `key` must be what `must` says ("at least 1").
+pub fn integer_in<T: TryFrom<u64>>(
+    d: &mut Diagnostics,
+    obj: &Obj,
+    key: &str,
+    default: u64,
+    range: RangeInclusive<u64>,
+    must: &str,
+) -> Option<T> {
+    let n = match obj.value(key) {
+        None => default,
+        Some(node) => integer(d, node, key)?,
+    };
+    match T::try_from(n) {
+        Ok(v) if range.contains(&n) => Some(v),
+        _ => {
+            d.error(
+                obj.get(key).map_or(obj.loc, Node::loc),
+                format!("`{key}` must be {must}"),
+            );
+            None
+        }
+    }
+}
+
 pub fn boolean(d: &mut Diagnostics, node: &Node, what: &str) -> Option<bool> {
     match node {
         Node::Scalar {
@@ -139,8 +166,44 @@ pub fn duration(d: &mut Diagnostics, node: &Node, what: &str) -> Option<Duration
     }
 }
 
-/// A list of strings, each with its location (for "unknown column" pointing at the item).
-pub fn string_list(d: &mut Diagnostics, node: &Node, what: &str) -> Option<Vec<(String, Loc)>> {
+/// The entries of a mapping whose entries are all alike (`schema`, `metrics`, `columns`):
+/// `shape` says what an entry is (`column: type`).
+pub fn entries<'a>(
+    d: &mut Diagnostics,
+    node: &'a Node,
+    key: &str,
+    shape: &str,
+) -> Option<&'a [(Key, Node)]> {
+    let Node::Map { entries, .. } = node else {
+        d.error(
+            node.loc(),
+            format!(
+                "`{key}` must be a mapping of {shape}, found {}",
+                node.kind()
+            ),
+        );
+        return None;
+    };
+    Some(entries)
+}
+
+/// Whether an entry's key is a column or metric name (`what`), reported when it is not.
+pub fn identifier(d: &mut Diagnostics, key: &Key, what: &str) -> bool {
+    let ok = is_identifier(&key.name);
+    if !ok {
+        d.error(
+            key.loc,
+            format!(
+                "invalid {what} name `{}`: use letters, digits and `_`",
+                key.name
+            ),
+        );
+    }
+    ok
+}
+
+/// The items of a list.
+fn list<'a>(d: &mut Diagnostics, node: &'a Node, what: &str) -> Option<&'a [Node]> {
     let Node::Seq { items, .. } = node else {
         d.error(
             node.loc(),
@@ -148,6 +211,62 @@ pub fn string_list(d: &mut Diagnostics, node: &Node, what: &str) -> Option<Vec<(
         );
         return None;
     };
+    Some(items)
+}
+
+/// The items of a non-empty list of named mappings (`views`, `tasks`), each built by `build`.
+pub struct Named<'a, T> {
+    /// The items that built, in order.
+    pub built: Vec<T>,
+    /// The `name` of every item that has one, built or not, in order.
+    pub names: Vec<&'a str>,
+    /// Every item built and no name was given twice.
+    pub ok: bool,
+}
+
+/// Reads the list `key` of named `what`s (`views` of `view`s): it must have an item, a name
+/// given twice is reported at its second item, and every item is built whatever else is wrong.
+pub fn named<'a, T>(
+    d: &mut Diagnostics,
+    node: &'a Node,
+    key: &str,
+    what: &str,
+    mut build: impl FnMut(&mut Diagnostics, &'a Node) -> Option<T>,
+) -> Option<Named<'a, T>> {
+    let items = list(d, node, key)?;
+    if items.is_empty() {
+        d.error(
+            node.loc(),
+            format!("`{key}` is empty: declare at least one {what}"),
+        );
+        return None;
+    }
+    let mut out = Named {
+        built: Vec::new(),
+        names: Vec::new(),
+        ok: true,
+    };
+    for item in items {
+        if let Some(name_node) = item.get("name")
+            && let Some(name) = name_node.as_str()
+        {
+            if out.names.contains(&name) {
+                d.error(name_node.loc(), format!("duplicate {what} name `{name}`"));
+                out.ok = false;
+            }
+            out.names.push(name);
+        }
+        match build(d, item) {
+            Some(t) => out.built.push(t),
+            None => out.ok = false,
+        }
+    }
+    Some(out)
+}
+
+/// A list of strings, each with its location (for "unknown column" pointing at the item).
+pub fn string_list(d: &mut Diagnostics, node: &Node, what: &str) -> Option<Vec<(String, Loc)>> {
+    let items = list(d, node, what)?;
     let mut out = Vec::with_capacity(items.len());
     let mut ok = true;
     for item in items {

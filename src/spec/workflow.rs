@@ -85,19 +85,14 @@ fn workflow(
     let catchup = obj
         .value("catchup")
         .map_or(Some(false), |n| read::boolean(d, n, "catchup"));
-    let max_active_runs = obj
-        .value("max_active_runs")
-        .map_or(Some(1), |n| read::integer(d, n, "max_active_runs"));
-    let max_active_runs = max_active_runs.and_then(|m| match u32::try_from(m) {
-        Ok(m) if m > 0 => Some(m),
-        _ => {
-            d.error(
-                obj.get("max_active_runs").map_or(obj.loc, Node::loc),
-                "`max_active_runs` must be at least 1",
-            );
-            None
-        }
-    });
+    let max_active_runs: Option<u32> = read::integer_in(
+        d,
+        &obj,
+        "max_active_runs",
+        1,
+        1..=u64::from(u32::MAX),
+        "at least 1",
+    );
     let tasks = obj
         .required(d, "tasks", "workflow")
         .and_then(|n| tasks(d, n, refs));
@@ -131,37 +126,12 @@ pub fn timezone(d: &mut Diagnostics, loc: Loc, s: &str) -> Option<Tz> {
 }
 
 fn tasks(d: &mut Diagnostics, node: &Node, refs: &mut Vec<TaskRefs>) -> Option<Vec<Task>> {
-    let Node::Seq { items, .. } = node else {
-        d.error(
-            node.loc(),
-            format!("`tasks` must be a list, found {}", node.kind()),
-        );
-        return None;
-    };
-    if items.is_empty() {
-        d.error(node.loc(), "`tasks` is empty: declare at least one task");
-        return None;
-    }
-    let mut out: Vec<(Task, Vec<Loc>)> = Vec::new();
-    let mut names_seen: Vec<&str> = Vec::new();
-    let mut ok = true;
-    for item in items {
-        if let Some(name_node) = item.get("name")
-            && let Some(name) = name_node.as_str()
-        {
-            if names_seen.contains(&name) {
-                d.error(name_node.loc(), format!("duplicate task name `{name}`"));
-                ok = false;
-            }
-            names_seen.push(name);
-        }
-        match task(d, item, refs) {
-            Some(t) => out.push(t),
-            None => ok = false,
-        }
-    }
+    let read::Named {
+        built: out,
+        names,
+        mut ok,
+    } = read::named(d, node, "tasks", "task", |d, item| task(d, item, refs))?;
     // `needs` must name tasks of this workflow, and the graph must be acyclic.
-    let names = names_seen;
     for (t, need_locs) in &out {
         for (need, loc) in t.needs.iter().zip(need_locs) {
             if !names.contains(&need.as_str()) {

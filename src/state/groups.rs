@@ -1,4 +1,4 @@
-//! The groups of scaled-out batch runs (`batch::groups`): which have started, which have ended,
+//! The groups of scaled-out batch runs (`batch::scaleout`): which have started, which have ended,
 //! where and how. The group whose end completes its run's set queues the run's finish job.
 
 use std::collections::{BTreeMap, BTreeSet};

@@ -305,6 +305,75 @@ const LIST_ATTEMPTS: &str = concat!(
     " FROM task_attempts WHERE run_id = $1 ORDER BY id"
 );
 
+/// What differs between the two tables that share the lifecycle: runs and task attempts.
+trait Lifecycle: Sized {
+    type Row: for<'r> sqlx::FromRow<'r, sqlx::sqlite::SqliteRow>
+        + for<'r> sqlx::FromRow<'r, sqlx::postgres::PgRow>
+        + Send
+        + Unpin;
+    /// What one is called in errors.
+    const WHAT: &'static str;
+    const SELECT: &'static str;
+    const START: &'static str;
+    const FINISH: &'static str;
+    const APPEND_LOG: &'static str;
+    /// The operations as database errors name them: read, start, finish, append to the log.
+    const OPS: [&'static str; 4];
+    fn from_row(row: Self::Row) -> Result<Self, StateError>;
+    fn state(&self) -> RunState;
+    fn not_found(id: i64) -> StateError;
+}
+
+impl Lifecycle for Run {
+    type Row = RunRow;
+    const WHAT: &'static str = "run";
+    const SELECT: &'static str = SELECT_RUN;
+    const START: &'static str = START_RUN;
+    const FINISH: &'static str = FINISH_RUN;
+    const APPEND_LOG: &'static str = APPEND_RUN_LOG;
+    const OPS: [&'static str; 4] = ["read run", "start run", "finish run", "append to run log"];
+    fn from_row(row: RunRow) -> Result<Run, StateError> {
+        row.into_run()
+    }
+    fn state(&self) -> RunState {
+        self.state
+    }
+    fn not_found(id: i64) -> StateError {
+        StateError::RunNotFound(RunId(id))
+    }
+}
+
+impl Lifecycle for TaskAttempt {
+    type Row = AttemptRow;
+    const WHAT: &'static str = "task attempt";
+    const SELECT: &'static str = SELECT_ATTEMPT;
+    const START: &'static str = START_ATTEMPT;
+    const FINISH: &'static str = FINISH_ATTEMPT;
+    const APPEND_LOG: &'static str = APPEND_ATTEMPT_LOG;
+    const OPS: [&'static str; 4] = [
+        "read task attempt",
+        "start task attempt",
+        "finish task attempt",
+        "append to task log",
+    ];
+    fn from_row(row: AttemptRow) -> Result<TaskAttempt, StateError> {
+        row.into_attempt()
+    }
+    fn state(&self) -> RunState {
+        self.state
+    }
+    fn not_found(id: i64) -> StateError {
+        StateError::AttemptNotFound(AttemptId(id))
+    }
+}
+
+/// A lifecycle step; a finish says how the run or attempt ended and, if it failed, why.
+#[derive(Clone, Copy)]
+enum Step<'a> {
+    Start,
+    Finish(Outcome, Option<&'a str>),
+}
+
 impl State {
     /// Creates a queued run. `scheduled_at` is the schedule slot, if any (the scheduler uses
     /// [`State::claim_slot`] instead, which also records the slot).
@@ -326,12 +395,7 @@ impl State {
     }
 
     pub async fn run(&self, id: RunId) -> Result<Option<Run>, StateError> {
-        let row: Option<RunRow> = on_pool!(self, |pool| sqlx::query_as(SELECT_RUN)
-            .bind(id.0)
-            .fetch_optional(pool)
-            .await)
-        .map_err(db("read run"))?;
-        row.map(RunRow::into_run).transpose()
+        self.read(id.0).await
     }
 
     /// The newest runs first, of one workflow or pipeline (`name`) or of all.
@@ -348,16 +412,7 @@ impl State {
     /// `queued → running`. Fails with [`StateError::WrongState`] for a run in any other state,
     /// so two workers cannot both start one run.
     pub async fn start_run(&self, id: RunId) -> Result<Run, StateError> {
-        let row: Option<RunRow> = on_pool!(self, |pool| sqlx::query_as(START_RUN)
-            .bind(id.0)
-            .bind(now())
-            .fetch_optional(pool)
-            .await)
-        .map_err(db("start run"))?;
-        match row {
-            Some(row) => row.into_run(),
-            None => Err(self.run_transition_error(id, "start it").await),
-        }
+        self.step(id.0, Step::Start).await
     }
 
     /// Ends a queued or running run; `error` says why it failed. Fails with
@@ -368,46 +423,12 @@ impl State {
         outcome: Outcome,
         error: Option<&str>,
     ) -> Result<Run, StateError> {
-        let row: Option<RunRow> = on_pool!(self, |pool| sqlx::query_as(FINISH_RUN)
-            .bind(id.0)
-            .bind(RunState::from(outcome).as_str())
-            .bind(now())
-            .bind(error)
-            .fetch_optional(pool)
-            .await)
-        .map_err(db("finish run"))?;
-        match row {
-            Some(row) => row.into_run(),
-            None => Err(self.run_transition_error(id, "finish it").await),
-        }
+        self.step(id.0, Step::Finish(outcome, error)).await
     }
 
     /// Appends `text` to the run's log (`lambda-ctl logs RUN_ID`).
     pub async fn append_run_log(&self, id: RunId, text: &str) -> Result<(), StateError> {
-        let changed = on_pool!(self, |pool| sqlx::query(APPEND_RUN_LOG)
-            .bind(id.0)
-            .bind(text)
-            .execute(pool)
-            .await
-            .map(|done| done.rows_affected()))
-        .map_err(db("append to run log"))?;
-        if changed == 0 {
-            return Err(StateError::RunNotFound(id));
-        }
-        Ok(())
-    }
-
-    async fn run_transition_error(&self, id: RunId, action: &'static str) -> StateError {
-        match self.run(id).await {
-            Ok(Some(run)) => StateError::WrongState {
-                what: "run",
-                id: id.0,
-                state: run.state,
-                action,
-            },
-            Ok(None) => StateError::RunNotFound(id),
-            Err(e) => e,
-        }
+        self.append_log::<Run>(id.0, text).await
     }
 
     /// Creates the next attempt (1, 2, …) of `task` in run `run_id`, queued until
@@ -437,16 +458,7 @@ impl State {
 
     /// `queued → running`, as for runs.
     pub async fn start_task_attempt(&self, id: AttemptId) -> Result<TaskAttempt, StateError> {
-        let row: Option<AttemptRow> = on_pool!(self, |pool| sqlx::query_as(START_ATTEMPT)
-            .bind(id.0)
-            .bind(now())
-            .fetch_optional(pool)
-            .await)
-        .map_err(db("start task attempt"))?;
-        match row {
-            Some(row) => row.into_attempt(),
-            None => Err(self.attempt_transition_error(id, "start it").await),
-        }
+        self.step(id.0, Step::Start).await
     }
 
     /// Ends a queued or running attempt, as for runs.
@@ -456,32 +468,11 @@ impl State {
         outcome: Outcome,
         error: Option<&str>,
     ) -> Result<TaskAttempt, StateError> {
-        let row: Option<AttemptRow> = on_pool!(self, |pool| sqlx::query_as(FINISH_ATTEMPT)
-            .bind(id.0)
-            .bind(RunState::from(outcome).as_str())
-            .bind(now())
-            .bind(error)
-            .fetch_optional(pool)
-            .await)
-        .map_err(db("finish task attempt"))?;
-        match row {
-            Some(row) => row.into_attempt(),
-            None => Err(self.attempt_transition_error(id, "finish it").await),
-        }
+        self.step(id.0, Step::Finish(outcome, error)).await
     }
 
     pub async fn append_task_log(&self, id: AttemptId, text: &str) -> Result<(), StateError> {
-        let changed = on_pool!(self, |pool| sqlx::query(APPEND_ATTEMPT_LOG)
-            .bind(id.0)
-            .bind(text)
-            .execute(pool)
-            .await
-            .map(|done| done.rows_affected()))
-        .map_err(db("append to task log"))?;
-        if changed == 0 {
-            return Err(StateError::AttemptNotFound(id));
-        }
-        Ok(())
+        self.append_log::<TaskAttempt>(id.0, text).await
     }
 
     /// Every attempt of every task of a run, oldest first.
@@ -494,23 +485,64 @@ impl State {
         rows.into_iter().map(AttemptRow::into_attempt).collect()
     }
 
-    async fn attempt_transition_error(&self, id: AttemptId, action: &'static str) -> StateError {
-        let row: Result<Option<AttemptRow>, sqlx::Error> =
-            on_pool!(self, |pool| sqlx::query_as(SELECT_ATTEMPT)
-                .bind(id.0)
-                .fetch_optional(pool)
-                .await);
-        match row.map_err(db("read task attempt")) {
-            Ok(Some(row)) => match row.into_attempt() {
-                Ok(attempt) => StateError::WrongState {
-                    what: "task attempt",
-                    id: id.0,
-                    state: attempt.state,
-                    action,
-                },
-                Err(e) => e,
+    async fn read<L: Lifecycle>(&self, id: i64) -> Result<Option<L>, StateError> {
+        let row: Option<L::Row> = on_pool!(self, |pool| sqlx::query_as(L::SELECT)
+            .bind(id)
+            .fetch_optional(pool)
+            .await)
+        .map_err(db(L::OPS[0]))?;
+        row.map(L::from_row).transpose()
+    }
+
+    /// One lifecycle step (`queued → running`, or `queued | running → outcome`), or
+    /// [`StateError::WrongState`] when the row is in no state to take it.
+    async fn step<L: Lifecycle>(&self, id: i64, step: Step<'_>) -> Result<L, StateError> {
+        let (sql, op, action) = match step {
+            Step::Start => (L::START, L::OPS[1], "start it"),
+            Step::Finish(..) => (L::FINISH, L::OPS[2], "finish it"),
+        };
+        let row: Option<L::Row> = on_pool!(self, |pool| {
+            let query = sqlx::query_as(sql).bind(id);
+            let query = match step {
+                Step::Start => query.bind(now()),
+                Step::Finish(outcome, error) => query
+                    .bind(RunState::from(outcome).as_str())
+                    .bind(now())
+                    .bind(error),
+            };
+            query.fetch_optional(pool).await
+        })
+        .map_err(db(op))?;
+        match row {
+            Some(row) => L::from_row(row),
+            None => Err(self.transition_error::<L>(id, action).await),
+        }
+    }
+
+    async fn append_log<L: Lifecycle>(&self, id: i64, text: &str) -> Result<(), StateError> {
+        let changed = on_pool!(self, |pool| sqlx::query(L::APPEND_LOG)
+            .bind(id)
+            .bind(text)
+            .execute(pool)
+            .await
+            .map(|done| done.rows_affected()))
+        .map_err(db(L::OPS[3]))?;
+        if changed == 0 {
+            return Err(L::not_found(id));
+        }
+        Ok(())
+    }
+
+    /// Why a lifecycle step changed nothing: the row is in another state, or missing.
+    async fn transition_error<L: Lifecycle>(&self, id: i64, action: &'static str) -> StateError {
+        match self.read::<L>(id).await {
+            Ok(Some(row)) => StateError::WrongState {
+                what: L::WHAT,
+                id,
+                state: row.state(),
+                action,
             },
-            Ok(None) => StateError::AttemptNotFound(id),
+            Ok(None) => L::not_found(id),
             Err(e) => e,
         }
     }

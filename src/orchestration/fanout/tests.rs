@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use super::{Groups, Help};
-use crate::batch::groups;
+use crate::batch::scaleout;
 use crate::batch::tests::{SPEC, seal, served};
 use crate::lake::Lake;
 use crate::plan::Plan;
@@ -80,7 +80,7 @@ async fn a_run_beside_a_batch_worker_leaves_its_jobs_to_it() {
             shutdown.clone(),
         );
         async move {
-            tokio::time::sleep(groups::HELP_AFTER * 2).await;
+            tokio::time::sleep(scaleout::HELP_AFTER * 2).await;
             let work = groups.work(project, state, lake, "permanent".into(), 1, shutdown);
             work.await.unwrap();
         }

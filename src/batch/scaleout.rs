@@ -26,10 +26,13 @@ use anyhow::Context;
 use futures::future::BoxFuture;
 use polars::prelude::*;
 use serde::{Deserialize, Serialize};
+use tracing::{info, warn};
 
-use super::{Mode, scan};
+use super::run::Prepared;
+use super::{Mode, Progress, ViewSummary, scan};
 use crate::lake::{self, Lake, LakeError};
 use crate::plan::Plan;
+use crate::spec::BatchSettings;
 use crate::state::{Cutoff, GroupEnd, PublicationId, RunId, Segment, State, StateError};
 
 /// One group of segments of one run, for one or more views.
@@ -153,6 +156,149 @@ pub trait Fanout: Send + Sync {
     fn finish<'a>(&'a self, job: &'a FinishJob) -> BoxFuture<'a, anyhow::Result<()>>;
 }
 
+/// How a run scales out: the thresholds of `batch:` and who computes the groups.
+#[derive(Clone, Copy)]
+pub struct ScaleOut<'a> {
+    pub settings: BatchSettings,
+    pub fanout: &'a dyn Fanout,
+    /// Notified when the run's jobs stall (see [`wait`]); `None`: never help.
+    pub help: Option<&'a tokio::sync::Notify>,
+}
+
+/// Waits for a scaled-out run's finish job, reporting groups as they end; the views' summaries.
+pub(super) async fn wait_for_finish(
+    state: &State,
+    scale: ScaleOut<'_>,
+    finish: &FinishJob,
+    jobs: &[GroupJob],
+    prepared: Vec<Prepared>,
+    progress: &mut (dyn FnMut(&Progress) + Send),
+) -> anyhow::Result<Vec<ViewSummary>> {
+    let mut done = vec![(0usize, 0u64); finish.views.len()];
+    let publications = wait(state, scale.fanout, finish, scale.help, |g| {
+        let Some(job) = jobs.get(g as usize) else {
+            return;
+        };
+        for (view, (segments, rows)) in finish.views.iter().zip(done.iter_mut()) {
+            if view.groups.contains(&g) {
+                *segments += job.segments.len();
+                *rows += job.rows();
+                progress(&Progress::Segments {
+                    view: view.name.clone(),
+                    done: *segments,
+                    total: view.segments,
+                    rows: *rows,
+                });
+            }
+        }
+    })
+    .await?;
+    let mut out = Vec::with_capacity(prepared.len());
+    for prep in prepared {
+        let publication = publications
+            .iter()
+            .find(|p| p.view == prep.name)
+            .cloned()
+            .with_context(|| format!("the run succeeded without publishing `{}`", prep.name))?;
+        let summary = ViewSummary {
+            view: prep.name,
+            mode: prep.mode,
+            segments: prep.todo.len(),
+            events: prep.todo.iter().map(|s| s.rows).sum(),
+            publication,
+        };
+        super::run::published(&mut *progress, &summary);
+        out.push(summary);
+    }
+    Ok(out)
+}
+
+/// When some view has at least `scale_out_segments` segments to scan: splits every view into
+/// group jobs (views scanning the same segments share them: each job computes all of them)
+/// and describes the run's finish job. `None`: the run stays in this process.
+pub(super) async fn fan_out(
+    plan: &Arc<Plan>,
+    state: &State,
+    lake: &Lake,
+    run_id: RunId,
+    cutoff: &Cutoff,
+    prepared: &[Prepared],
+    scale: ScaleOut<'_>,
+) -> anyhow::Result<Option<(FinishJob, Vec<GroupJob>)>> {
+    let threshold = scale.settings.scale_out_segments;
+    if threshold == 0 || prepared.iter().all(|p| p.todo.len() < threshold) {
+        return Ok(None);
+    }
+    collect_stale(state, lake, &plan.pipeline().name, run_id.0).await;
+    // Views with the same segments to scan, by their first member.
+    let mut buckets: Vec<Vec<usize>> = Vec::new();
+    for (i, p) in prepared.iter().enumerate() {
+        match buckets.iter_mut().find(|b| prepared[b[0]].todo == p.todo) {
+            Some(b) => b.push(i),
+            None => buckets.push(vec![i]),
+        }
+    }
+    let mut jobs = Vec::new();
+    let mut ranges = vec![0..0; prepared.len()];
+    let mut next_group = 0;
+    for members in buckets {
+        let views: Vec<usize> = members.iter().map(|&i| prepared[i].view).collect();
+        let todo = &prepared[members[0]].todo;
+        let first = next_group;
+        let bucket = split(
+            plan,
+            &views,
+            run_id.0,
+            todo,
+            scale.settings.group_segments,
+            &mut next_group,
+        );
+        super::log(
+            state,
+            run_id,
+            &format!(
+                "views {}: {} segment(s) split into {} group job(s)",
+                members
+                    .iter()
+                    .map(|&i| prepared[i].name.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                todo.len(),
+                bucket.len()
+            ),
+        )
+        .await;
+        for i in members {
+            ranges[i] = first..next_group;
+        }
+        jobs.extend(bucket);
+    }
+    for job in &mut jobs {
+        job.of = next_group;
+    }
+    let finish = FinishJob {
+        pipeline: plan.pipeline().name.clone(),
+        run_id: run_id.0,
+        cutoff: cutoff.clone(),
+        groups: next_group,
+        views: prepared
+            .iter()
+            .zip(ranges)
+            .map(|(p, groups)| FinishView {
+                name: p.name.clone(),
+                logic_hash: plan.logic_hash(p.view),
+                mode: p.mode,
+                groups,
+                base_run: p.base.as_ref().map(|b| b.run_id.0),
+                replaces: p.current.as_ref().map(|c| c.id.0),
+                segments: p.todo.len(),
+                events: p.todo.iter().map(|s| s.rows).sum(),
+            })
+            .collect(),
+    };
+    Ok(Some((finish, jobs)))
+}
+
 /// Splits `segments` (position order) into groups of `size` segments, one job each computing
 /// `views`; groups are numbered from `next_group` on. `of` is filled in by the caller once
 /// every view is split.
@@ -246,9 +392,44 @@ pub async fn compute(
     Ok((record(state, lake, job, &end).await?, result))
 }
 
+/// What a worker does with a group job, logging how it went: computes it with `plan` (see
+/// [`compute`]) or, when the worker has no plan for the job's pipeline, records why, for the
+/// run to fail with. Returns the finish job when this group completed the run's set (the
+/// caller queues it); an error means the outcome could not be recorded.
+pub async fn work_group(
+    plan: anyhow::Result<Arc<Plan>>,
+    state: &State,
+    lake: &Lake,
+    worker: &str,
+    job: &GroupJob,
+) -> anyhow::Result<Option<FinishJob>> {
+    let plan = match plan {
+        Ok(plan) => plan,
+        Err(e) => return refuse(state, lake, worker, job, &format!("{e:#}")).await,
+    };
+    info!(
+        %worker, run = job.run_id, group = job.group,
+        segments = job.segments.len(), "computing batch group"
+    );
+    let started = std::time::Instant::now();
+    let (finish, outcome) = compute(&plan, state, lake, worker, job).await?;
+    match outcome {
+        Ok(()) => info!(
+            %worker, run = job.run_id, group = job.group,
+            segments = job.segments.len(), ms = started.elapsed().as_millis() as u64,
+            "computed batch group"
+        ),
+        Err(e) => warn!(
+            %worker, run = job.run_id, group = job.group,
+            error = %format!("{e:#}"), "batch group failed"
+        ),
+    }
+    Ok(finish)
+}
+
 /// Records a group's error when it cannot even be started (its pipeline is unknown here), and
 /// returns the finish job if that completed the set.
-pub async fn refuse(
+async fn refuse(
     state: &State,
     lake: &Lake,
     worker: &str,
@@ -391,7 +572,7 @@ async fn publish_all(
         }
         let publication = async {
             let fresh = merge_groups(plan, lake, job, view, &name, spec.groups.clone()).await?;
-            super::publish_view(
+            super::publish::publish_view(
                 plan,
                 state,
                 lake,
@@ -406,7 +587,8 @@ async fn publish_all(
         }
         .await
         .with_context(|| format!("view `{name}`"))?;
-        let line = super::view_line(&name, spec.mode, spec.segments, spec.events, &publication);
+        let line =
+            super::run::view_line(&name, spec.mode, spec.segments, spec.events, &publication);
         super::log(state, run_id, &line).await;
     }
     Ok(())
@@ -560,7 +742,7 @@ pub async fn clean(lake: &Lake, pipeline: &str, run_id: i64) {
 /// them: finished runs (a run that failed mid-way leaves its groups' partials behind) and runs
 /// "running" for longer than [`super::GRACE`] (killed). Failures are logged, never fatal.
 pub async fn collect_stale(state: &crate::state::State, lake: &Lake, pipeline: &str, current: i64) {
-    let prefix = format!("runs/{pipeline}/");
+    let prefix = lake::runs_prefix(pipeline);
     let files = match lake.list(&prefix).await {
         Ok(f) => f,
         Err(e) => {
@@ -570,7 +752,7 @@ pub async fn collect_stale(state: &crate::state::State, lake: &Lake, pipeline: &
     };
     let mut verdicts: BTreeMap<i64, bool> = BTreeMap::new();
     for f in files {
-        let Some(run) = super::run_of(&f.path, &prefix) else {
+        let Some(run) = super::gc::run_of(&f.path, &prefix) else {
             continue;
         };
         if run == current {
@@ -579,7 +761,7 @@ pub async fn collect_stale(state: &crate::state::State, lake: &Lake, pipeline: &
         let stale = match verdicts.get(&run) {
             Some(v) => *v,
             None => {
-                let v = match super::still_going(state, run).await {
+                let v = match super::gc::still_going(state, run).await {
                     Ok(going) => !going,
                     Err(e) => {
                         tracing::warn!(run, error = %e, "cannot read run; keeping its scratch files");

@@ -1,0 +1,364 @@
+//! One batch run: its cutoff, the views it recomputes (full or incremental), and how it ends.
+//! Without scale-out (or below its threshold) every view is computed here, in this process.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+
+use super::scaleout::{self, ScaleOut};
+use super::{BatchError, Mode, Progress, RunSummary, ViewSummary, gc, publish, scan};
+use crate::lake::Lake;
+use crate::plan::Plan;
+use crate::state::{Cutoff, Outcome, Publication, RunId, RunKind, Segment, State, StateError};
+
+/// Recomputes `views` (all when `None`) of the plan's pipeline and publishes them; the run is
+/// recorded in `runs` (kind batch) with its log and outcome.
+pub async fn recompute(
+    plan: Arc<Plan>,
+    state: &State,
+    lake: &Lake,
+    views: Option<&[String]>,
+    progress: &mut (dyn FnMut(&Progress) + Send),
+) -> Result<RunSummary, BatchError> {
+    recompute_scaled(plan, state, lake, views, None, progress).await
+}
+
+/// [`recompute`]; when a view has at least `scale.settings.scale_out_segments` segments to scan,
+/// every view is split into group jobs handed to `scale.fanout`, and the run's finish job (in
+/// whichever process takes it) publishes and records the outcome: this process only waits.
+pub async fn recompute_scaled(
+    plan: Arc<Plan>,
+    state: &State,
+    lake: &Lake,
+    views: Option<&[String]>,
+    scale: Option<ScaleOut<'_>>,
+    progress: &mut (dyn FnMut(&Progress) + Send),
+) -> Result<RunSummary, BatchError> {
+    let pipeline = plan.pipeline().name.clone();
+    let selected = select_views(&plan, views)?;
+    let run = state.create_run(RunKind::Batch, &pipeline, None).await?;
+    let run_id = run.id;
+    state.start_run(run_id).await?;
+    let started = Instant::now();
+    // Set once the outcome is for a scaled-out run's finish job to record.
+    let mut handed_over = false;
+    let result = run_views(
+        &plan,
+        state,
+        lake,
+        run_id,
+        &selected,
+        scale,
+        started,
+        &mut handed_over,
+        progress,
+    )
+    .await;
+    match &result {
+        _ if handed_over => {}
+        Ok(summary) => {
+            let ended = Ok(summary.views.len());
+            end_run(state, run_id, ended, summary.elapsed).await?;
+        }
+        Err(e) => {
+            // The run's own error is the one to report; a state DB that also fails to record
+            // it leaves the run `running`, which garbage collection treats as killed.
+            let ended = Err(format!("{e:#}"));
+            if let Err(e) = end_run(state, run_id, ended, started.elapsed()).await {
+                tracing::warn!(run = run_id.0, error = %e, "cannot record the failed run");
+            }
+        }
+    }
+    result.map_err(BatchError::Other)
+}
+
+/// Logs how a run ended — `Ok(n)`: it published `n` views; `Err(why)` — and records it.
+pub(crate) async fn end_run(
+    state: &State,
+    run_id: RunId,
+    ended: Result<usize, String>,
+    took: Duration,
+) -> Result<(), StateError> {
+    let (outcome, error) = match ended {
+        Ok(views) => {
+            let line = format!("succeeded: {views} view(s) in {:.2}s", took.as_secs_f64());
+            log(state, run_id, &line).await;
+            (Outcome::Succeeded, None)
+        }
+        Err(why) => {
+            log(state, run_id, &format!("failed: {why}")).await;
+            (Outcome::Failed, Some(why))
+        }
+    };
+    state.finish_run(run_id, outcome, error.as_deref()).await?;
+    Ok(())
+}
+
+fn select_views(plan: &Plan, views: Option<&[String]>) -> Result<Vec<usize>, BatchError> {
+    let all = &plan.pipeline().views;
+    let Some(names) = views else {
+        return Ok((0..all.len()).collect());
+    };
+    let mut out = Vec::new();
+    for name in names {
+        match all.iter().position(|v| &v.name == name) {
+            Some(i) if !out.contains(&i) => out.push(i),
+            Some(_) => {}
+            None => {
+                return Err(BatchError::UnknownView {
+                    pipeline: plan.pipeline().name.clone(),
+                    view: name.clone(),
+                    known: all
+                        .iter()
+                        .map(|v| v.name.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", "),
+                });
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Appends a line to the run's log; a log that cannot be written does not fail the run.
+pub(crate) async fn log(state: &State, run_id: RunId, line: &str) {
+    tracing::info!(run = run_id.0, "{line}");
+    if let Err(e) = state.append_run_log(run_id, &format!("{line}\n")).await {
+        tracing::warn!(run = run_id.0, error = %e, "cannot append to the run log");
+    }
+}
+
+/// The cutoff (every partition's checkpoint) and the sealed segments below it.
+pub async fn sealed(state: &State, pipeline: &str) -> Result<(Cutoff, Vec<Segment>), StateError> {
+    // Checkpoints first: a segment sealed after this read is above the cutoff and ignored.
+    let cutoff = state.checkpoints(pipeline).await?;
+    let segments = state
+        .segments(pipeline)
+        .await?
+        .into_iter()
+        .filter(|s| cutoff.get(&s.partition).is_some_and(|c| s.hi <= *c))
+        .collect();
+    Ok((cutoff, segments))
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn run_views(
+    plan: &Arc<Plan>,
+    state: &State,
+    lake: &Lake,
+    run_id: RunId,
+    selected: &[usize],
+    scale: Option<ScaleOut<'_>>,
+    started: Instant,
+    handed_over: &mut bool,
+    progress: &mut (dyn FnMut(&Progress) + Send),
+) -> anyhow::Result<RunSummary> {
+    let pipeline = plan.pipeline().name.clone();
+    let (cutoff, segments) = sealed(state, &pipeline).await?;
+    let total_rows: u64 = segments.iter().map(|s| s.rows).sum();
+    progress(&Progress::Started {
+        run_id,
+        segments: segments.len(),
+        rows: total_rows,
+    });
+    log(
+        state,
+        run_id,
+        &format!(
+            "cutoff {} ({} segments, {total_rows} events)",
+            serde_json::to_string(&cutoff).unwrap_or_default(),
+            segments.len()
+        ),
+    )
+    .await;
+    let mut prepared = Vec::with_capacity(selected.len());
+    for &v in selected {
+        let name = &plan.pipeline().views[v].name;
+        prepared.push(
+            prepare_view(plan, state, lake, v, &cutoff, &segments)
+                .await
+                .with_context(|| format!("view `{name}`"))?,
+        );
+    }
+    if let Some(scale) = scale
+        && let Some((finish, jobs)) =
+            scaleout::fan_out(plan, state, lake, run_id, &cutoff, &prepared, scale).await?
+    {
+        scaleout::start(lake, scale.fanout, &finish, &jobs).await?;
+        *handed_over = true;
+        let line = format!(
+            "queued the run's batch jobs: {} group(s); the last one queues the finish job, which publishes",
+            jobs.len()
+        );
+        log(state, run_id, &line).await;
+        let views =
+            scaleout::wait_for_finish(state, scale, &finish, &jobs, prepared, progress).await?;
+        return Ok(RunSummary {
+            run_id,
+            cutoff,
+            views,
+            elapsed: started.elapsed(),
+        });
+    }
+    let mut out = Vec::new();
+    for prep in prepared {
+        let name = prep.name.clone();
+        let summary = recompute_view(plan, state, lake, run_id, &cutoff, prep, &mut *progress)
+            .await
+            .with_context(|| format!("view `{name}`"))?;
+        log(
+            state,
+            run_id,
+            &view_line(
+                &name,
+                summary.mode,
+                summary.segments,
+                summary.events,
+                &summary.publication,
+            ),
+        )
+        .await;
+        published(&mut *progress, &summary);
+        out.push(summary);
+    }
+    Ok(RunSummary {
+        run_id,
+        cutoff,
+        views: out,
+        elapsed: started.elapsed(),
+    })
+}
+
+/// The run log's line for a published view.
+pub(crate) fn view_line(
+    name: &str,
+    mode: Mode,
+    segments: usize,
+    events: u64,
+    publication: &Publication,
+) -> String {
+    format!(
+        "view {name}: {} over {segments} segment(s), {events} events → publication {} ({} partial rows)",
+        mode.as_str(),
+        publication.id,
+        publication.rows
+    )
+}
+
+pub(super) fn published(progress: &mut (dyn FnMut(&Progress) + Send), summary: &ViewSummary) {
+    progress(&Progress::Published {
+        view: summary.view.clone(),
+        mode: summary.mode,
+        segments: summary.segments,
+        rows: summary.events,
+        partial_rows: summary.publication.rows,
+    });
+}
+
+/// What a view's recompute starts from.
+pub(super) struct Prepared {
+    pub(super) view: usize,
+    pub(super) name: String,
+    pub(super) current: Option<Publication>,
+    /// The publication an incremental run builds on.
+    pub(super) base: Option<Publication>,
+    pub(super) mode: Mode,
+    /// The segments to scan.
+    pub(super) todo: Vec<Segment>,
+}
+
+async fn prepare_view(
+    plan: &Arc<Plan>,
+    state: &State,
+    lake: &Lake,
+    view: usize,
+    cutoff: &Cutoff,
+    segments: &[Segment],
+) -> anyhow::Result<Prepared> {
+    let pipeline = plan.pipeline().name.clone();
+    let name = plan.pipeline().views[view].name.clone();
+    let current = state.current_publication(&pipeline, &name).await?;
+    if let Some(cur) = &current {
+        gc::collect_garbage(state, lake, &pipeline, &name, cur).await;
+    }
+    let hash = plan.logic_hash(view);
+    // Incremental only on top of partials of the same logic, and never backwards (a cutoff
+    // that went down would mean the manifest was reset: recompute).
+    let base = current
+        .as_ref()
+        .filter(|c| {
+            c.logic_hash == hash
+                && c.cutoff
+                    .iter()
+                    .all(|(p, pos)| cutoff.get(p).is_some_and(|now| now >= pos))
+        })
+        .cloned();
+    let (mode, todo): (Mode, Vec<Segment>) = match &base {
+        Some(b) => (
+            Mode::Incremental,
+            segments
+                .iter()
+                .filter(|s| s.lo >= b.cutoff.get(&s.partition).copied().unwrap_or(0))
+                .cloned()
+                .collect(),
+        ),
+        None => (Mode::Full, segments.to_vec()),
+    };
+    Ok(Prepared {
+        view,
+        name,
+        current,
+        base,
+        mode,
+        todo,
+    })
+}
+
+async fn recompute_view(
+    plan: &Arc<Plan>,
+    state: &State,
+    lake: &Lake,
+    run_id: RunId,
+    cutoff: &Cutoff,
+    prep: Prepared,
+    progress: &mut (dyn FnMut(&Progress) + Send),
+) -> anyhow::Result<ViewSummary> {
+    let (view, name, todo) = (prep.view, prep.name, prep.todo);
+    let total = todo.len();
+    let (mut done, mut rows) = (0usize, 0u64);
+    let source = scan::open(lake, &todo, |s| {
+        done += 1;
+        rows += s.rows;
+        progress(&Progress::Segments {
+            view: name.clone(),
+            done,
+            total,
+            rows,
+        });
+    })
+    .await?;
+    let p = plan.clone();
+    let fresh = tokio::task::spawn_blocking(move || scan::view_partials(&p, view, &source))
+        .await
+        .context("batch computation panicked")??;
+    let publication = publish::publish_view(
+        plan,
+        state,
+        lake,
+        run_id,
+        cutoff,
+        view,
+        fresh,
+        prep.base.map(|b| b.run_id),
+        prep.current.map(|c| c.id),
+    )
+    .await?;
+    Ok(ViewSummary {
+        view: name,
+        mode: prep.mode,
+        segments: total,
+        events: todo.iter().map(|s| s.rows).sum(),
+        publication,
+    })
+}

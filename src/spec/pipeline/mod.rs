@@ -1,0 +1,254 @@
+//! `pipelines/NAME.yaml` → [`Pipeline`], reporting every problem with its location: the
+//! pipeline's own keys here; its `sources` (with `kafka`'s security and client settings),
+//! its `schema` (columns and JSON paths) and its `views` (windows and aggregates) beside.
+
+mod kafka;
+mod schema;
+mod sources;
+mod views;
+
+use std::path::Path;
+use std::time::Duration;
+
+use super::diag::{Diagnostics, did_you_mean};
+use super::expr;
+use super::model::*;
+use super::read::{self, Obj};
+use super::yaml::Node;
+
+pub use schema::parse_path;
+pub use sources::{DEFAULT_MESSAGE_ID, literal_secrets};
+pub use views::{AGGREGATES, aggregate};
+
+const KEYS: &[&str] = &[
+    "name",
+    "description",
+    "source",
+    "format",
+    "schema",
+    "event_time",
+    "event_id",
+    "dedupe_window",
+    "filter",
+    "columns",
+    "archive",
+    "views",
+];
+
+pub fn build(d: &mut Diagnostics, root: &Node, file: &Path) -> Option<Pipeline> {
+    let obj = Obj::new(d, root, "pipeline", KEYS)?;
+    let name = obj
+        .required(d, "name", "pipeline")
+        .and_then(|n| read::name(d, n, "pipeline name"));
+    let description = obj
+        .value("description")
+        .and_then(|n| read::string(d, n, "description"));
+    let source = obj
+        .required(d, "source", "pipeline")
+        .and_then(|n| sources::source(d, n, name.as_deref().unwrap_or("pipeline")));
+    let format = match obj.value("format") {
+        None => Some(Format::Json),
+        Some(n) => match read::string(d, n, "format").as_deref() {
+            Some("json" | "ndjson") => Some(Format::Json),
+            Some("csv") => Some(Format::Csv),
+            Some(other) => {
+                d.error(
+                    n.loc(),
+                    format!(
+                        "unknown format `{other}` (use `json` or `csv`){}",
+                        did_you_mean(other, ["json", "csv"])
+                    ),
+                );
+                None
+            }
+            None => None,
+        },
+    };
+    let mapped = obj
+        .required(d, "schema", "pipeline")
+        .and_then(|n| schema::schema(d, n, source.as_ref(), format));
+    let schema_ok = mapped.is_some();
+    let (mut schema, mut paths) = mapped.unwrap_or_default();
+    // AMQP 1.0 messages carry a message-id: without `event_id`, it is the one (a column
+    // `_message_id` of the events), so redeliveries are dropped at the door.
+    let mut default_event_id = None;
+    if schema_ok
+        && matches!(source, Some(Source::ServiceBus { .. }))
+        && obj.value("event_id").is_none()
+        && format == Some(Format::Json)
+    {
+        let message_id = JsonPath::meta("message_id");
+        let declared = paths
+            .iter()
+            .find(|(_, p)| **p == message_id)
+            .map(|(c, _)| c.clone());
+        default_event_id = Some(declared.unwrap_or_else(|| {
+            let col = DEFAULT_MESSAGE_ID.to_string();
+            if !schema.iter().any(|(c, _)| *c == col) {
+                schema.push((col.clone(), ColumnType::String));
+                paths.insert(col.clone(), message_id);
+            }
+            col
+        }));
+    }
+
+    let event_time = obj.required(d, "event_time", "pipeline").and_then(|n| {
+        let col = read::string(d, n, "event_time")?;
+        match schema.iter().find(|(c, _)| *c == col) {
+            Some((_, ColumnType::Timestamp)) => Some(col),
+            Some((_, t)) => {
+                d.error(n.loc(), format!("event_time column `{col}` is a {}, not a timestamp (declare it `{col}: timestamp`)", t.name()));
+                None
+            }
+            None if !schema_ok => None,
+            None => {
+                d.error(n.loc(), unknown_column("event_time", &col, &schema));
+                None
+            }
+        }
+    });
+    let event_id = obj
+        .value("event_id")
+        .and_then(|n| {
+            let col = read::string(d, n, "event_id")?;
+            if schema_ok && !schema.iter().any(|(c, _)| *c == col) {
+                d.error(n.loc(), unknown_column("event_id", &col, &schema));
+                return None;
+            }
+            Some(col)
+        })
+        .or(default_event_id);
+    let dedupe_window = optional(
+        d,
+        &obj,
+        "dedupe_window",
+        Duration::from_secs(86_400),
+        read::duration,
+    );
+    // (A servicebus pipeline's event id defaults to the message-id even when the schema has
+    // errors: no second, misleading error about the window.)
+    let defaulted = matches!(source, Some(Source::ServiceBus { .. }));
+    if obj.value("dedupe_window").is_some() && event_id.is_none() && !defaulted {
+        d.error(
+            obj.get("dedupe_window").map_or(obj.loc, Node::loc),
+            "`dedupe_window` has no effect without `event_id`",
+        );
+    }
+
+    // Filter sees the declared columns; derived columns see those plus earlier derived ones.
+    let filter = obj.value("filter").and_then(|n| {
+        let sql = read::string(d, n, "filter")?;
+        if schema_ok {
+            match expr::check(&sql, &schema) {
+                Ok(ColumnType::Bool) => {}
+                Ok(t) => d.error(
+                    n.loc(),
+                    format!(
+                        "filter `{sql}` must be a boolean expression, it is a {}",
+                        t.name()
+                    ),
+                ),
+                Err(e) => d.error(n.loc(), format!("filter `{sql}`: {e}")),
+            }
+        }
+        Some(sql)
+    });
+    let mut available = schema.clone();
+    let mut columns = Vec::new();
+    if let Some(n) = obj.value("columns")
+        && let Some(cols) = read::entries(d, n, "columns", "name: SQL expression")
+    {
+        for (key, value) in cols {
+            let Some(sql) = read::string(d, value, &key.name) else {
+                continue;
+            };
+            if !read::identifier(d, key, "column") {
+                continue;
+            }
+            if available.iter().any(|(c, _)| *c == key.name) {
+                d.error(
+                    key.loc,
+                    format!("derived column `{}` is already a column", key.name),
+                );
+                continue;
+            }
+            if schema_ok {
+                match expr::check(&sql, &available) {
+                    Ok(t) => available.push((key.name.clone(), t)),
+                    Err(e) => d.error(value.loc(), format!("column `{}` = `{sql}`: {e}", key.name)),
+                }
+            }
+            columns.push((key.name.clone(), sql));
+        }
+    }
+
+    let archive = match obj.value("archive") {
+        None => Some(Archive {
+            segment_rows: 500_000,
+            segment_age: Duration::from_secs(60),
+        }),
+        Some(n) => Obj::new(d, n, "archive", &["segment_rows", "segment_age"]).and_then(|a| {
+            let rows = optional(d, &a, "segment_rows", 500_000, read::integer);
+            if rows == Some(0) {
+                d.error(
+                    a.get("segment_rows").map_or(a.loc, Node::loc),
+                    "`segment_rows` must be at least 1",
+                );
+            }
+            let age = optional(
+                d,
+                &a,
+                "segment_age",
+                Duration::from_secs(60),
+                read::duration,
+            );
+            Some(Archive {
+                segment_rows: rows.filter(|r| *r > 0)?,
+                segment_age: age?,
+            })
+        }),
+    };
+
+    let views = obj
+        .required(d, "views", "pipeline")
+        .and_then(|n| views::views(d, n, &available, schema_ok));
+
+    Some(Pipeline {
+        name: name?,
+        description,
+        file: file.to_path_buf(),
+        source: source?,
+        format: format?,
+        schema,
+        paths,
+        event_time: event_time?,
+        event_id,
+        dedupe_window: dedupe_window?,
+        filter,
+        columns,
+        archive: archive?,
+        views: views?,
+    })
+    .filter(|_| schema_ok && d.is_empty())
+}
+
+/// Reads `key` with `f` when present, else `default`.
+pub(super) fn optional<T>(
+    d: &mut Diagnostics,
+    obj: &Obj,
+    key: &str,
+    default: T,
+    f: impl FnOnce(&mut Diagnostics, &Node, &str) -> Option<T>,
+) -> Option<T> {
+    match obj.value(key) {
+        None => Some(default),
+        Some(n) => f(d, n, key),
+    }
+}
+
+pub(super) fn unknown_column(what: &str, col: &str, columns: &[(String, ColumnType)]) -> String {
+    format!(
+        "{what} names unknown column `{col}`{}",
+        did_you_mean(col, columns.iter().map(|(c, _)| c.as_str()))
+    )
+}
