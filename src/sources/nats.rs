@@ -4,11 +4,14 @@
 //! configured.
 //!
 //! Position = stream sequence, tracked by the server as the consumer's ack floor. The consumer
-//! is created with `AckPolicy::All`: after a batch went through the door (durable in the
-//! write-ahead log), acknowledging its highest-sequence message acknowledges the whole batch
-//! in one message. An existing consumer with explicit acks gets one ack per message. A crash
-//! before the ack makes the server redeliver after `ack_wait`/reconnect; with `event_id` those
-//! copies are dropped at the door.
+//! is created with `AckPolicy::Explicit`: after a batch went through the door (durable in the
+//! write-ahead log), each of its messages is acknowledged. Not `AckPolicy::All`: after a crash
+//! the server redelivers the dead process's unacknowledged messages only after `ack_wait`,
+//! while newer ones arrive at once — acknowledging a newer sequence under `All` would
+//! acknowledge the older, never-archived ones with it (seen: a kill -9 lost a batch). An
+//! existing consumer with `AckPolicy::All` is used as configured, with a warning saying so.
+//! A crash before the ack makes the server redeliver after `ack_wait`/reconnect; with
+//! `event_id` those copies are dropped at the door.
 //!
 //! Lag: the consumer's `num_pending` (messages of the stream not yet delivered to it).
 //!
@@ -86,7 +89,7 @@ impl broker::Session for NatsSource {
                 pull::Config {
                     durable_name: Some(self.consumer.clone()),
                     filter_subject: self.subject.clone(),
-                    ack_policy: AckPolicy::All,
+                    ack_policy: AckPolicy::Explicit,
                     max_ack_pending: MAX_ACK_PENDING,
                     ..Default::default()
                 },
@@ -94,6 +97,9 @@ impl broker::Session for NatsSource {
             .await
             .with_context(|| format!("opening durable consumer `{}`", self.consumer))?;
         let ack_all = consumer.cached_info().config.ack_policy == AckPolicy::All;
+        if ack_all {
+            tracing::warn!(pipeline = %self.rt.pipeline.name, consumer = %self.consumer, "the JetStream consumer acknowledges with AckPolicy::All: after a crash, a newer message's ack can acknowledge older redeliveries before they are archived; delete the consumer so it is created with explicit acks");
+        }
         let mut messages = consumer
             .stream()
             .max_messages_per_batch(BATCH)
@@ -168,8 +174,8 @@ impl broker::Session for NatsSource {
     }
 }
 
-/// Acknowledges a durable batch: its highest stream sequence (covering every earlier one,
-/// redeliveries included) under `AckPolicy::All`, else each message.
+/// Acknowledges a durable batch: each message, or under an existing consumer's
+/// `AckPolicy::All` its highest stream sequence (which covers every earlier one).
 async fn acknowledge(ack_all: bool, received: &[jetstream::Message]) -> anyhow::Result<()> {
     if ack_all {
         let last = received
