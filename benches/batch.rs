@@ -128,7 +128,9 @@ fn batch(dir: &Path) -> anyhow::Result<u64> {
     rt.block_on(async {
         let state = State::open(&state_url(dir)).await?;
         let lake = Lake::open(&lake_url(dir), &BTreeMap::new())?;
-        let summary = lambda_ctl::batch::recompute(plan, &state, &lake, None, &mut |_| {}).await?;
+        let summary =
+            lambda_ctl::batch::recompute(plan, &state, &lake, Default::default(), &mut |_| {})
+                .await?;
         state.close().await;
         Ok(summary.views.iter().map(|v| v.publication.rows).sum())
     })

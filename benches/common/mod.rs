@@ -15,6 +15,8 @@ pub struct Serve {
     child: Child,
     /// `http://ADDR` it serves on.
     pub base: String,
+    /// `postgres://ADDR` of `serve.sql`, when `lambda.yaml` sets it.
+    pub sql: Option<String>,
     /// When it printed its address line.
     pub started: Instant,
     dir: tempfile::TempDir,
@@ -24,7 +26,20 @@ impl Serve {
     /// Writes `pipelines/{name}.yaml` into a fresh project and starts `serve` on it with
     /// `RUST_LOG=rust_log`; returns once it listens.
     pub fn start(name: &str, pipeline_yaml: &str, rust_log: &str) -> Serve {
+        Serve::start_with(name, pipeline_yaml, None, rust_log)
+    }
+
+    /// [`Serve::start`] with `lambda.yaml` (e.g. to turn `serve.sql` on).
+    pub fn start_with(
+        name: &str,
+        pipeline_yaml: &str,
+        lambda_yaml: Option<&str>,
+        rust_log: &str,
+    ) -> Serve {
         let dir = tempfile::tempdir().expect("tempdir");
+        if let Some(settings) = lambda_yaml {
+            std::fs::write(dir.path().join("lambda.yaml"), settings).unwrap();
+        }
         std::fs::create_dir_all(dir.path().join("pipelines")).unwrap();
         std::fs::write(
             dir.path().join(format!("pipelines/{name}.yaml")),
@@ -39,8 +54,12 @@ impl Serve {
             .spawn()
             .expect("start lambda-ctl serve");
         let mut lines = std::io::BufReader::new(child.stdout.take().unwrap()).lines();
+        let mut sql = None;
         let base = loop {
             let line = lines.next().expect("serve exited").unwrap();
+            if let Some(url) = line.strip_prefix("lambda-ctl SQL on ") {
+                sql = Some(url.trim().to_string());
+            }
             if let Some(url) = line.strip_prefix("lambda-ctl serving on ") {
                 break url.to_string();
             }
@@ -51,6 +70,7 @@ impl Serve {
         Serve {
             child,
             base,
+            sql,
             started,
             dir,
         }

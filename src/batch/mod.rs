@@ -34,7 +34,7 @@ use std::time::Duration;
 use crate::state::{Cutoff, Publication, RunId, StateError};
 
 pub use publish::load_partials;
-pub use run::{recompute, recompute_scaled, sealed};
+pub use run::{Select, recompute, recompute_scaled, sealed};
 pub use scaleout::ScaleOut;
 
 pub(crate) use publish::PARTIALS_FILE;

@@ -12,16 +12,26 @@ use crate::lake::Lake;
 use crate::plan::Plan;
 use crate::state::{Cutoff, Outcome, Publication, RunId, RunKind, Segment, State, StateError};
 
-/// Recomputes `views` (all when `None`) of the plan's pipeline and publishes them; the run is
+/// What a run recomputes: which views, and whether from every segment.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Select<'a> {
+    /// Only these views (every view when `None`).
+    pub views: Option<&'a [String]>,
+    /// From every sealed segment, even where the current publication was computed by the same
+    /// logic and the run could build on it (`lambda-ctl run --full`).
+    pub full: bool,
+}
+
+/// Recomputes the views `select` names of the plan's pipeline and publishes them; the run is
 /// recorded in `runs` (kind batch) with its log and outcome.
 pub async fn recompute(
     plan: Arc<Plan>,
     state: &State,
     lake: &Lake,
-    views: Option<&[String]>,
+    select: Select<'_>,
     progress: &mut (dyn FnMut(&Progress) + Send),
 ) -> Result<RunSummary, BatchError> {
-    recompute_scaled(plan, state, lake, views, None, progress).await
+    recompute_scaled(plan, state, lake, select, None, progress).await
 }
 
 /// [`recompute`]; when a view has at least `scale.settings.scale_out_segments` segments to scan,
@@ -31,12 +41,12 @@ pub async fn recompute_scaled(
     plan: Arc<Plan>,
     state: &State,
     lake: &Lake,
-    views: Option<&[String]>,
+    select: Select<'_>,
     scale: Option<ScaleOut<'_>>,
     progress: &mut (dyn FnMut(&Progress) + Send),
 ) -> Result<RunSummary, BatchError> {
     let pipeline = plan.pipeline().name.clone();
-    let selected = select_views(&plan, views)?;
+    let selected = select_views(&plan, select.views)?;
     let run = state.create_run(RunKind::Batch, &pipeline, None).await?;
     let run_id = run.id;
     state.start_run(run_id).await?;
@@ -48,7 +58,7 @@ pub async fn recompute_scaled(
         state,
         lake,
         run_id,
-        &selected,
+        (&selected, select.full),
         scale,
         started,
         &mut handed_over,
@@ -148,7 +158,7 @@ async fn run_views(
     state: &State,
     lake: &Lake,
     run_id: RunId,
-    selected: &[usize],
+    (selected, full): (&[usize], bool),
     scale: Option<ScaleOut<'_>>,
     started: Instant,
     handed_over: &mut bool,
@@ -176,7 +186,7 @@ async fn run_views(
     for &v in selected {
         let name = &plan.pipeline().views[v].name;
         prepared.push(
-            prepare_view(plan, state, lake, v, &cutoff, &segments)
+            prepare_view(plan, state, lake, v, (&cutoff, full), &segments)
                 .await
                 .with_context(|| format!("view `{name}`"))?,
         );
@@ -273,7 +283,7 @@ async fn prepare_view(
     state: &State,
     lake: &Lake,
     view: usize,
-    cutoff: &Cutoff,
+    (cutoff, full): (&Cutoff, bool),
     segments: &[Segment],
 ) -> anyhow::Result<Prepared> {
     let pipeline = plan.pipeline().name.clone();
@@ -284,11 +294,12 @@ async fn prepare_view(
     }
     let hash = plan.logic_hash(view);
     // Incremental only on top of partials of the same logic, and never backwards (a cutoff
-    // that went down would mean the manifest was reset: recompute).
+    // that went down would mean the manifest was reset: recompute); never when asked for full.
     let base = current
         .as_ref()
         .filter(|c| {
-            c.logic_hash == hash
+            !full
+                && c.logic_hash == hash
                 && c.cutoff
                     .iter()
                     .all(|(p, pos)| cutoff.get(p).is_some_and(|now| now >= pos))

@@ -106,9 +106,13 @@ pub(crate) async fn served(plan: &Plan, state: &State, lake: &Lake) -> Vec<(Stri
 
 async fn run(plan: &Arc<Plan>, state: &State, lake: &Lake) -> Result<RunSummary, BatchError> {
     let mut seen = Vec::new();
-    let r = recompute(plan.clone(), state, lake, None, &mut |p: &Progress| {
-        seen.push(p.clone())
-    })
+    let r = recompute(
+        plan.clone(),
+        state,
+        lake,
+        Select::default(),
+        &mut |p: &Progress| seen.push(p.clone()),
+    )
     .await;
     if r.is_ok() {
         assert!(matches!(seen.first(), Some(Progress::Started { .. })));
@@ -150,6 +154,19 @@ async fn full_then_incremental_then_full_on_new_logic_and_failures_publish_nothi
     assert_eq!(recorded.state, RunState::Succeeded);
     assert!(recorded.log.contains("incremental"), "{}", recorded.log);
 
+    // `--full`: the same logic, recomputed from every segment, to the same answer.
+    let before = served(&v1, &state, &lake).await;
+    let full = Select {
+        views: None,
+        full: true,
+    };
+    let r = recompute(v1.clone(), &state, &lake, full, &mut |_| {})
+        .await
+        .unwrap();
+    assert_eq!(r.views[0].mode, Mode::Full);
+    assert_eq!(r.views[0].segments, 2, "every sealed segment is scanned");
+    assert_eq!(served(&v1, &state, &lake).await, before);
+
     // A fixed filter is a new logic: everything is recomputed.
     let v2 = plan(&SPEC.replace("amount >= 0", "amount >= 2"));
     let r = run_ok(&v2, &state, &lake).await;
@@ -188,13 +205,16 @@ async fn full_then_incremental_then_full_on_new_logic_and_failures_publish_nothi
         v1.clone(),
         &state,
         &lake,
-        Some(&["nope".into()]),
+        Select {
+            views: Some(&["nope".into()]),
+            full: false,
+        },
         &mut |_| {},
     )
     .await
     .unwrap_err();
     assert!(matches!(err, BatchError::UnknownView { .. }), "{err}");
-    assert_eq!(state.runs(Some("orders"), 10).await.unwrap().len(), 4);
+    assert_eq!(state.runs(Some("orders"), 10).await.unwrap().len(), 5);
 }
 
 async fn run_ok(plan: &Arc<Plan>, state: &State, lake: &Lake) -> RunSummary {
@@ -406,7 +426,7 @@ async fn scaled_run(
         plan.clone(),
         state,
         lake,
-        None,
+        Select::default(),
         Some(scale(queue)),
         progress,
     );
@@ -483,7 +503,7 @@ async fn a_scaled_out_run_is_published_by_its_finish_job_even_when_its_process_d
             plan.clone(),
             &state,
             &lake,
-            None,
+            Select::default(),
             Some(scale(&queue)),
             &mut quiet,
         );

@@ -107,6 +107,10 @@ pub enum Command {
         /// Pipeline only: only these views (comma-separated).
         #[arg(long, value_delimiter = ',')]
         views: Vec<String>,
+        /// Pipeline only: recompute from every sealed segment, even views whose published
+        /// version has the same logic (a run otherwise builds on it, incrementally).
+        #[arg(long)]
+        full: bool,
         /// Internal: this process is the background half of `run PIPELINE` without --wait.
         #[arg(long, hide = true)]
         detached: bool,
@@ -252,8 +256,9 @@ fn run(cli: Cli) -> Result<(), CliError> {
             name,
             wait,
             views,
+            full,
             detached,
-        } => run_workflow::run(&cli.project, &name, wait, detached, &views),
+        } => run_workflow::run(&cli.project, &name, wait, detached, (&views, full)),
         Command::Verify { pipeline } => run::verify(&cli.project, &pipeline),
         Command::Runs { workflow, limit } => runs::run(&cli.project, workflow.as_deref(), limit),
         Command::Logs { run_id } => logs::run(&cli.project, run_id),

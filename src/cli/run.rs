@@ -1,4 +1,4 @@
-//! `lambda-ctl run PIPELINE [--wait] [--views a,b]`: recompute a pipeline's views now (a
+//! `lambda-ctl run PIPELINE [--wait] [--views a,b] [--full]`: recompute a pipeline's views now (a
 //! running server picks the publication up within a second), and `verify PIPELINE`.
 //!
 //! With `--wait` the run happens in this process, which shows its progress and exits with its
@@ -17,7 +17,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use super::CliError;
 use super::serve::redact;
 use super::worker::runtime;
-use crate::batch::{self, BatchError, Progress};
+use crate::batch::{self, BatchError, Progress, Select};
 use crate::lake::Lake;
 use crate::orchestration::fanout;
 use crate::plan::Plan;
@@ -31,16 +31,15 @@ pub fn pipeline(
     name: &str,
     wait: bool,
     detached: bool,
-    views: &[String],
+    select: Select<'_>,
 ) -> Result<(), CliError> {
     let plan = compile(&project, name)?;
     if !wait && !detached {
-        return detach(project_dir, name, views);
+        return detach(project_dir, name, select);
     }
     let rt = runtime()?;
     rt.block_on(async {
         let (db, lake) = open(&project).await?;
-        let views = (!views.is_empty()).then_some(views);
         let started = Instant::now();
         // Segments read, as a bar on a terminal only (indicatif draws nothing on a pipe); the
         // lines around it are printed either way.
@@ -88,7 +87,7 @@ pub fn pipeline(
             Arc::new(plan),
             &db,
             &lake,
-            views,
+            select,
             fanout::Help::AfterAMoment,
             &mut progress,
         )
@@ -114,7 +113,7 @@ pub fn pipeline(
 
 /// Runs the recompute in a background `lambda-ctl run --detached` and prints its run id;
 /// fails with the background process's message if it ends before the run exists.
-fn detach(project_dir: &Path, name: &str, views: &[String]) -> Result<(), CliError> {
+fn detach(project_dir: &Path, name: &str, select: Select<'_>) -> Result<(), CliError> {
     use std::io::{BufRead, Read, Seek};
     use std::os::unix::process::CommandExt;
     use std::process::{Command, Stdio};
@@ -138,8 +137,11 @@ fn detach(project_dir: &Path, name: &str, views: &[String]) -> Result<(), CliErr
     cmd.arg("--project")
         .arg(project_dir)
         .args(["run", name, "--detached"]);
-    if !views.is_empty() {
+    if let Some(views) = select.views {
         cmd.arg("--views").arg(views.join(","));
+    }
+    if select.full {
+        cmd.arg("--full");
     }
     let mut child = cmd
         .stdin(Stdio::null())

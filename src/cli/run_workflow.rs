@@ -19,15 +19,20 @@ pub fn run(
     name: &str,
     wait: bool,
     detached: bool,
-    views: &[String],
+    (views, full): (&[String], bool),
 ) -> Result<(), CliError> {
     let project = super::load_project(project_dir)?;
     if project.workflow(name).is_none() && project.pipeline(name).is_some() {
-        return super::run::pipeline(project_dir, project, name, wait, detached, views);
+        let select = crate::batch::Select {
+            views: (!views.is_empty()).then_some(views),
+            full,
+        };
+        return super::run::pipeline(project_dir, project, name, wait, detached, select);
     }
-    if !views.is_empty() && project.workflow(name).is_some() {
+    if (!views.is_empty() || full) && project.workflow(name).is_some() {
+        let flag = if full { "--full" } else { "--views" };
         return Err(CliError::User(format!(
-            "--views applies to a pipeline; `{name}` is a workflow (its `batch` tasks name their views)"
+            "{flag} applies to a pipeline; `{name}` is a workflow (its `batch` tasks name their views)"
         )));
     }
     runtime()?.block_on(async {

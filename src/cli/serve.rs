@@ -1,5 +1,6 @@
 //! `lambda-ctl serve`: the speed layer for every pipeline, its sources, the scheduler and
-//! workers of the workflows, and the HTTP API.
+//! workers of the workflows, the HTTP API, and SQL over the PostgreSQL wire protocol when
+//! `serve.sql` is set.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -103,6 +104,39 @@ async fn serve(project: spec::Project, listen: Option<SocketAddr>) -> Result<(),
     let local = listener
         .local_addr()
         .context("reading the listen address")?;
+    // The PostgreSQL wire protocol (`serve.sql`), off unless set.
+    if let Some(sql) = &settings.serve.sql {
+        let engine = Arc::new(crate::serving::sql::Engine::new(
+            pipelines.clone(),
+            sql.clone(),
+            settings.serve.token.clone(),
+        ));
+        let sql_listener = tokio::net::TcpListener::bind(&sql.listen)
+            .await
+            .map_err(|e| {
+                CliError::User(format!(
+                    "cannot listen on {} (serve.sql.listen): {e}",
+                    sql.listen
+                ))
+            })?;
+        let sql_local = sql_listener
+            .local_addr()
+            .context("reading the SQL listen address")?;
+        if settings.serve.token.is_none() && !sql_local.ip().is_loopback() {
+            tracing::warn!(
+                address = %sql_local,
+                "SQL listening beyond loopback without `serve.token`: anyone who can reach this address can read every view; set `serve.token` (then it is the password)"
+            );
+        }
+        tracing::info!(address = %sql_local, "serving SQL");
+        // Tests and scripts read the SQL address from this line (printed before the HTTP one).
+        println!("lambda-ctl SQL on postgres://{sql_local}");
+        tokio::spawn(crate::serving::sql::serve(
+            sql_listener,
+            engine,
+            shutdown.clone(),
+        ));
+    }
     let app = Arc::new(App {
         pipelines,
         token: settings.serve.token.clone(),

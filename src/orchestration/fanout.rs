@@ -185,13 +185,13 @@ pub async fn recompute(
     plan: Arc<Plan>,
     state: &State,
     lake: &Lake,
-    views: Option<&[String]>,
+    select: batch::Select<'_>,
     help: Help,
     progress: &mut (dyn FnMut(&Progress) + Send),
 ) -> Result<RunSummary, BatchError> {
     let settings = project.settings.batch;
     if settings.scale_out_segments == 0 {
-        return batch::recompute(plan, state, lake, views, progress).await;
+        return batch::recompute(plan, state, lake, select, progress).await;
     }
     let fanout = Groups::open(state)
         .await
@@ -227,7 +227,7 @@ pub async fn recompute(
         fanout: &fanout,
         help: (help == Help::AfterAMoment).then_some(&*stalled),
     };
-    let result = batch::recompute_scaled(plan, state, lake, views, Some(scale), progress).await;
+    let result = batch::recompute_scaled(plan, state, lake, select, Some(scale), progress).await;
     stop.cancel();
     if let Some(working) = working {
         let _ = working.await;

@@ -9,7 +9,7 @@ use futures::future::BoxFuture;
 
 use super::fanout::Help;
 use super::{TaskContext, TaskRunner};
-use crate::batch::{Progress, maintenance};
+use crate::batch::{self, Progress, maintenance};
 use crate::lake::Lake;
 use crate::plan::Plan;
 use crate::spec::Project;
@@ -72,7 +72,7 @@ impl TaskRunner for Layers {
                 Arc::new(plan),
                 &self.state,
                 &self.lake,
-                views,
+                batch::Select { views, full: false },
                 self.help,
                 &mut progress,
             )

@@ -1,6 +1,6 @@
 //! The serving layer (DESIGN.md §5): merge the published batch view with the speed partials
-//! of the segments it does not cover, finish, filter, and answer over HTTP and the CLI; follow
-//! new publications (pickup).
+//! of the segments it does not cover, finish, filter, and answer over HTTP, the CLI and SQL
+//! (the PostgreSQL wire protocol); follow new publications (pickup).
 
 pub mod app;
 pub mod dashboard;
@@ -13,6 +13,7 @@ pub mod metrics;
 pub mod pickup;
 pub mod query;
 pub mod server;
+pub mod sql;
 pub mod time;
 
 use std::sync::Arc;

@@ -118,6 +118,13 @@ impl Served {
     pub fn query(&self, view_idx: usize, q: &ViewQuery) -> Result<Answer, QueryError> {
         query(&self.runtime, &self.answers, view_idx, q)
     }
+
+    /// The rows of view `view_idx` that `q` selects, as a frame in the view's output schema,
+    /// with where they came from: what the SQL interface runs its statements over, under the
+    /// same snapshot and row index as [`Served::query`]. `q.origin` is not used.
+    pub fn frame(&self, view_idx: usize, q: &ViewQuery) -> Result<(DataFrame, AsOf), QueryError> {
+        frame(&self.runtime, &self.answers, view_idx, q)
+    }
 }
 
 fn query(
@@ -412,6 +419,34 @@ fn without_retired(df: DataFrame, horizon_ms: i64) -> PolarsResult<DataFrame> {
     df.lazy()
         .filter(end.clone().gt(lit(horizon_ms)).or(end.is_null()))
         .collect()
+}
+
+fn frame(
+    rt: &PipelineRuntime,
+    answers: &AnswerCache,
+    view_idx: usize,
+    q: &ViewQuery,
+) -> Result<(DataFrame, AsOf), QueryError> {
+    let view = &rt.pipeline.views[view_idx];
+    if let Some((c, _)) = q.filters.iter().find(|(c, _)| !view.group_by.contains(c)) {
+        return Err(QueryError::BadRequest(format!(
+            "`{c}` is not a group_by column of view `{}`",
+            view.name
+        )));
+    }
+    let finished = answers.get(rt, view_idx)?;
+    let all_time = view.window == Window::All;
+    let df = match &finished.frame {
+        None => DataFrame::empty_with_schema(&rt.plan.output_schema(view_idx)),
+        Some(df) if q.filters.is_empty() && q.from.is_none() && q.to.is_none() => df.clone(),
+        Some(df) if !finished.index.warm() => filter(df.clone(), q, all_time)?,
+        Some(df) => {
+            let rows = finished.index.select(df, q, all_time)?;
+            let rows: Vec<IdxSize> = rows.into_iter().map(|r| r as IdxSize).collect();
+            df.take(&IdxCa::from_vec("rows".into(), rows))?
+        }
+    };
+    Ok((df, finished.as_of.clone()))
 }
 
 /// The rows of `df` (a finished answer) that `q` asks for, by a scan.

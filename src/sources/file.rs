@@ -3,7 +3,11 @@
 //!
 //! Progress (bytes consumed per file) is saved durably in the project's state directory after
 //! each acknowledged chunk. A crash between the acknowledgement and the save re-reads that chunk
-//! on restart; with `event_id` those events are dropped as duplicates at the door.
+//! on restart, and the door drops those events as duplicates by `event_id` — for JSON by default
+//! each record's position (`meta.position`: file, generation, byte offset; see
+//! `spec::FILE_META`), so every record counts once without an id in the events. A file found
+//! shorter than its saved offset (truncated, or replaced by a shorter one) starts a new
+//! generation, read from its start.
 //!
 //! Each pass reads only what is new: from the saved offset to the end of the last whole record
 //! (a line; for CSV a record, whose quoted fields may span lines), never the part already
@@ -18,7 +22,10 @@ use std::time::Duration;
 
 use anyhow::Context;
 use bytes::Bytes;
+use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
+
+use super::broker::{self, Body};
 
 use crate::spec::Format;
 use crate::speed::runtime::PipelineRuntime;
@@ -37,11 +44,15 @@ const STALLED_PASSES: u32 = 10;
 
 pub struct FileSource {
     rt: Arc<PipelineRuntime>,
+    /// The project directory: `meta.file` is relative to it.
+    root: PathBuf,
     pattern: String,
     follow: bool,
+    /// The `meta.*` keys the schema reads (JSON only), in a fixed order.
+    meta: Vec<String>,
     progress_file: PathBuf,
-    /// file → bytes consumed (always at a record boundary).
-    progress: BTreeMap<PathBuf, u64>,
+    /// file → what of it is consumed.
+    progress: BTreeMap<PathBuf, Progress>,
     /// file → (its length, passes it has not grown while ending in an unfinished record).
     stalled: BTreeMap<PathBuf, (u64, u32)>,
 }
@@ -71,10 +82,17 @@ impl FileSource {
                 return Err(e).with_context(|| format!("reading {}", progress_file.display()));
             }
         };
+        let meta = if rt.pipeline.format == Format::Json {
+            broker::meta_keys(&rt)
+        } else {
+            Vec::new()
+        };
         Ok(FileSource {
             rt,
+            root: root.to_path_buf(),
             pattern,
             follow,
+            meta,
             progress_file,
             progress,
             stalled: BTreeMap::new(),
@@ -132,17 +150,25 @@ impl FileSource {
     /// chunk, saving the progress after each.
     async fn read_new(&mut self, file: &Path) -> anyhow::Result<()> {
         let csv = self.rt.pipeline.format == Format::Csv;
-        let done = self.progress.get(file).copied().unwrap_or(0);
         let len = tokio::fs::metadata(file)
             .await
             .with_context(|| format!("reading {}", file.display()))?
             .len();
-        if len < done {
-            tracing::warn!(file = %file.display(), "file shrank; reading it again from the start");
-            self.progress.insert(file.to_path_buf(), 0);
+        let saved = self.progress.get(file).copied().unwrap_or_default();
+        if len < saved.offset {
+            tracing::warn!(file = %file.display(), "file shrank; reading it again from the start, as a new generation");
+            let generation = saved.generation + 1;
+            self.progress.insert(
+                file.to_path_buf(),
+                Progress {
+                    offset: 0,
+                    generation,
+                },
+            );
             self.stalled.remove(file);
             return self.save().await;
         }
+        let done = saved.offset;
         if len == done {
             return Ok(());
         }
@@ -169,12 +195,30 @@ impl FileSource {
             let Some(Chunk { body, end }) = chunk else {
                 break;
             };
-            let report = self.rt.ingest(Bytes::from(body)).await?;
+            let body = if self.meta.is_empty() {
+                Bytes::from(body)
+            } else {
+                let file = path.strip_prefix(&self.root).unwrap_or(&path);
+                with_meta(
+                    &body,
+                    pos,
+                    &self.meta,
+                    &file.to_string_lossy(),
+                    saved.generation,
+                )
+            };
+            let report = self.rt.ingest(body).await?;
             if report.rejected > 0 {
                 tracing::warn!(file = %path.display(), rejected = report.rejected, "records rejected into the dead-letter area");
             }
             pos = end;
-            self.progress.insert(path.clone(), pos);
+            self.progress.insert(
+                path.clone(),
+                Progress {
+                    offset: pos,
+                    ..saved
+                },
+            );
             self.save().await?;
         }
         if pos < len {
@@ -192,6 +236,54 @@ impl FileSource {
             .await?
             .with_context(|| format!("saving {}", self.progress_file.display()))
     }
+}
+
+/// What of a file is consumed. Saved as JSON; a bare number (an earlier version's offset)
+/// reads as generation 0.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(from = "Saved")]
+struct Progress {
+    /// Bytes consumed, always at a record boundary.
+    offset: u64,
+    /// Times the file was found truncated: part of each record's position.
+    generation: u32,
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum Saved {
+    Offset(u64),
+    Progress { offset: u64, generation: u32 },
+}
+
+impl From<Saved> for Progress {
+    fn from(s: Saved) -> Progress {
+        match s {
+            Saved::Offset(offset) => Progress {
+                offset,
+                generation: 0,
+            },
+            Saved::Progress { offset, generation } => Progress { offset, generation },
+        }
+    }
+}
+
+/// `body` — JSON records read from byte `start` of `file` — with each record's `$meta`:
+/// `file`, `offset` and `position` (`FILE#GENERATION:OFFSET`) as `keys` ask.
+fn with_meta(body: &[u8], start: u64, keys: &[String], file: &str, generation: u32) -> Bytes {
+    let mut out = Body::new(Format::Json);
+    let mut at = start;
+    for line in body.split_inclusive(|c| *c == b'\n') {
+        let offset = at;
+        at += line.len() as u64;
+        out.push_meta(line, keys, |k| match k {
+            "file" => file.into(),
+            "offset" => offset.into(),
+            "position" => format!("{file}#{generation}:{offset}").into(),
+            _ => serde_json::Value::Null,
+        });
+    }
+    out.into_bytes()
 }
 
 /// A body for the door and the file offset it ends at.
@@ -373,6 +465,32 @@ mod tests {
         );
         // A header without its line break yet: nothing to send.
         assert!(chunks(b"ts,pa", true, Tail::All).is_empty());
+    }
+
+    #[test]
+    fn records_carry_their_position_and_progress_reads_old_offsets() {
+        let keys = vec!["offset".to_string(), "position".to_string()];
+        let body = with_meta(b"{\"a\": 1}\n{}\n", 26, &keys, "data/a.ndjson", 2);
+        assert_eq!(
+            std::str::from_utf8(&body).unwrap(),
+            "{\"a\": 1,\"$meta\":{\"offset\":26,\"position\":\"data/a.ndjson#2:26\"}}\n\
+             {\"$meta\":{\"offset\":35,\"position\":\"data/a.ndjson#2:35\"}}\n"
+        );
+        let saved: BTreeMap<PathBuf, Progress> =
+            serde_json::from_str(r#"{"/d/a": 7, "/d/b": {"offset": 9, "generation": 1}}"#).unwrap();
+        assert_eq!(
+            saved.values().copied().collect::<Vec<_>>(),
+            [
+                Progress {
+                    offset: 7,
+                    generation: 0
+                },
+                Progress {
+                    offset: 9,
+                    generation: 1
+                }
+            ]
+        );
     }
 
     #[test]

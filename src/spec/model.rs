@@ -61,6 +61,20 @@ pub struct ServeSettings {
     pub max_body_bytes: usize,
     /// `/metrics` also requires the bearer token (it is open by default, like `/healthz`).
     pub protect_metrics: bool,
+    /// `serve.sql`: the PostgreSQL wire protocol listener; off unless set.
+    pub sql: Option<SqlSettings>,
+}
+
+/// `serve.sql` of lambda.yaml: every view as a table `PIPELINE.VIEW` over the PostgreSQL
+/// wire protocol (password: `serve.token`, when set).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SqlSettings {
+    /// `HOST:PORT` with an IP address.
+    pub listen: String,
+    /// A statement running longer is cancelled with SQLSTATE 57014.
+    pub statement_timeout: Duration,
+    /// A result with more rows is refused with SQLSTATE 54000.
+    pub max_rows: usize,
 }
 
 impl fmt::Debug for ServeSettings {
@@ -70,6 +84,7 @@ impl fmt::Debug for ServeSettings {
             .field("token", &self.token.as_ref().map(|_| "<redacted>"))
             .field("max_body_bytes", &self.max_body_bytes)
             .field("protect_metrics", &self.protect_metrics)
+            .field("sql", &self.sql)
             .finish()
     }
 }
@@ -346,7 +361,8 @@ impl Source {
             Source::Redis { .. } => REDIS_META,
             Source::Nats { .. } => NATS_META,
             Source::Kafka { .. } => KAFKA_META,
-            Source::Http | Source::Generator { .. } | Source::File { .. } => &[],
+            Source::File { .. } => FILE_META,
+            Source::Http | Source::Generator { .. } => &[],
         }
     }
 }
@@ -402,6 +418,16 @@ pub const NATS_META: &[(&str, ColumnType)] = &[
     ("stream_sequence", ColumnType::Int),
     ("published", ColumnType::Timestamp),
     ("delivered", ColumnType::Int),
+];
+
+/// `meta.*` keys of the `file` source: where a record starts — the file (relative to the
+/// project when it is inside it), the byte offset, and `position`, both with the file's
+/// generation (`FILE#GENERATION:OFFSET`; a generation starts whenever the file is replaced or
+/// truncated), which identifies the record for good.
+pub const FILE_META: &[(&str, ColumnType)] = &[
+    ("file", ColumnType::String),
+    ("offset", ColumnType::Int),
+    ("position", ColumnType::String),
 ];
 
 /// `meta.*` keys of the `kafka` source.

@@ -4,7 +4,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use super::diag::Diagnostics;
-use super::model::{BatchSettings, ServeSettings, Settings};
+use super::model::{BatchSettings, ServeSettings, Settings, SqlSettings};
 use super::read::{self, Obj};
 use super::yaml::Node;
 
@@ -12,6 +12,10 @@ pub const DEFAULT_STATE: &str = "sqlite://.lambda/state.db";
 pub const DEFAULT_LAKE: &str = "file://.lambda/lake";
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
 pub const DEFAULT_MAX_BODY_BYTES: u64 = 64 * 1024 * 1024;
+/// `serve.sql.statement_timeout`.
+pub const DEFAULT_SQL_STATEMENT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+/// `serve.sql.max_rows`.
+pub const DEFAULT_SQL_MAX_ROWS: u64 = 1_000_000;
 /// `batch.scale_out_segments`: below this, a run stays in one process.
 pub const DEFAULT_SCALE_OUT_SEGMENTS: u64 = 64;
 /// `batch.group_segments`.
@@ -80,8 +84,8 @@ pub fn build(d: &mut Diagnostics, root: Option<&Node>, project: &Path) -> Option
         }
     };
     let serve = match obj.value("serve") {
-        None => Some(ServeSettings { listen: DEFAULT_LISTEN.into(), token: None, max_body_bytes: DEFAULT_MAX_BODY_BYTES as usize, protect_metrics: false }),
-        Some(n) => Obj::new(d, n, "serve", &["listen", "token", "max_body_bytes", "protect_metrics"]).and_then(|s| {
+        None => Some(ServeSettings { listen: DEFAULT_LISTEN.into(), token: None, max_body_bytes: DEFAULT_MAX_BODY_BYTES as usize, protect_metrics: false, sql: None }),
+        Some(n) => Obj::new(d, n, "serve", &["listen", "token", "max_body_bytes", "protect_metrics", "sql"]).and_then(|s| {
             let listen = s.value("listen").map_or(Some(DEFAULT_LISTEN.to_string()), |n| read::string(d, n, "listen"));
             if let (Some(l), Some(n)) = (&listen, s.value("listen"))
                 && l.parse::<std::net::SocketAddr>().is_err()
@@ -94,7 +98,11 @@ pub fn build(d: &mut Diagnostics, root: Option<&Node>, project: &Path) -> Option
             if let (Some(true), None, Some(n)) = (protect_metrics, &token, s.value("protect_metrics")) {
                 d.error(n.loc(), "`protect_metrics: true` needs a `token` to protect /metrics with".to_string());
             }
-            Some(ServeSettings { listen: listen?, token, max_body_bytes: usize::try_from(max?).ok()?, protect_metrics: protect_metrics? })
+            let sql = match s.value("sql") {
+                None => Some(None),
+                Some(n) => sql_settings(d, n).map(Some),
+            };
+            Some(ServeSettings { listen: listen?, token, max_body_bytes: usize::try_from(max?).ok()?, protect_metrics: protect_metrics?, sql: sql? })
         }),
     };
     let timezone = match obj.value("timezone") {
@@ -117,6 +125,43 @@ pub fn build(d: &mut Diagnostics, root: Option<&Node>, project: &Path) -> Option
         lake_options: lake_options?,
         serve: serve?,
         timezone: timezone?,
+    })
+}
+
+/// `serve.sql: {listen: HOST:PORT, statement_timeout: 30s, max_rows: 1000000}`.
+fn sql_settings(d: &mut Diagnostics, n: &Node) -> Option<SqlSettings> {
+    let s = Obj::new(d, n, "sql", &["listen", "statement_timeout", "max_rows"])?;
+    let listen = s
+        .required(d, "listen", "`serve.sql`")
+        .and_then(|n| read::string(d, n, "listen").map(|l| (l, n)))
+        .and_then(|(l, n)| {
+            if l.parse::<std::net::SocketAddr>().is_err() {
+                d.error(
+                    n.loc(),
+                    format!("`listen` must be HOST:PORT with an IP address, e.g. 127.0.0.1:5433, found `{l}`"),
+                );
+                return None;
+            }
+            Some(l)
+        });
+    let statement_timeout = match s.value("statement_timeout") {
+        None => Some(DEFAULT_SQL_STATEMENT_TIMEOUT),
+        Some(n) => read::duration(d, n, "statement_timeout"),
+    };
+    let max_rows = match s.value("max_rows") {
+        None => Some(DEFAULT_SQL_MAX_ROWS),
+        Some(n) => read::integer(d, n, "max_rows").and_then(|m| {
+            if m == 0 {
+                d.error(n.loc(), "`max_rows` must be at least 1".to_string());
+                return None;
+            }
+            Some(m)
+        }),
+    };
+    Some(SqlSettings {
+        listen: listen?,
+        statement_timeout: statement_timeout?,
+        max_rows: usize::try_from(max_rows?).ok()?,
     })
 }
 

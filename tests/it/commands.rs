@@ -379,7 +379,8 @@ async fn wait_for_by_k(client: &reqwest::Client, server: &Server, expected: &[Va
 
 /// The `file` source reads every file its glob matches (and no other), follows them for new
 /// lines and new files, and after a crash goes on from its saved offsets: no event is counted
-/// twice (the pipeline has no `event_id` that would hide a second read).
+/// twice (the pipeline has no `event_id`: a record read again after a crash between its
+/// chunk's log write and the saved offset is dropped by its position).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_file_source_reads_its_glob_follows_it_and_resumes_after_kill_9() {
     let dir = tempfile::tempdir().unwrap();
@@ -407,6 +408,12 @@ async fn the_file_source_reads_its_glob_follows_it_and_resumes_after_kill_9() {
     server.kill9();
     let server = Server::start(root);
     counted.extend(append_events(&data.join("d.ndjson"), 200, 5));
+    wait_for_by_k(&client, &server, &by_k(&counted)).await;
+
+    // A truncated file is a new generation: its records count, though their byte offsets
+    // were seen before.
+    std::fs::write(data.join("b.ndjson"), "").unwrap();
+    counted.extend(append_events(&data.join("b.ndjson"), 300, 3));
     wait_for_by_k(&client, &server, &by_k(&counted)).await;
 }
 

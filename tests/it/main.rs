@@ -16,5 +16,6 @@ mod readme;
 mod scaleout;
 mod spec_diagnostics;
 mod speed;
+mod sql;
 mod state;
 mod support;

@@ -73,6 +73,7 @@ cases!(
     alias_bomb,
     servicebus,
     json_paths,
+    serve_sql,
 );
 
 #[test]

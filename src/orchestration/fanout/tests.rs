@@ -38,9 +38,17 @@ async fn scaled_recompute(
     help: Help,
 ) -> String {
     let plan = Arc::new(Plan::compile(project.pipeline("orders").unwrap()).unwrap());
-    let summary = super::recompute(project, plan.clone(), state, lake, None, help, &mut |_| {})
-        .await
-        .unwrap();
+    let summary = super::recompute(
+        project,
+        plan.clone(),
+        state,
+        lake,
+        Default::default(),
+        help,
+        &mut |_| {},
+    )
+    .await
+    .unwrap();
     assert_eq!(
         served(&plan, state, lake).await,
         vec![("DE".to_string(), 2, 4.0), ("FR".to_string(), 1, 2.0)]

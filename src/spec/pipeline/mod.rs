@@ -17,7 +17,7 @@ use super::read::{self, Obj};
 use super::yaml::Node;
 
 pub use schema::parse_path;
-pub use sources::{DEFAULT_MESSAGE_ID, literal_secrets};
+pub use sources::{DEFAULT_FILE_POSITION, DEFAULT_MESSAGE_ID, literal_secrets};
 pub use views::{AGGREGATES, aggregate};
 
 const KEYS: &[&str] = &[
@@ -69,24 +69,30 @@ pub fn build(d: &mut Diagnostics, root: &Node, file: &Path) -> Option<Pipeline> 
         .and_then(|n| schema::schema(d, n, source.as_ref(), format));
     let schema_ok = mapped.is_some();
     let (mut schema, mut paths) = mapped.unwrap_or_default();
-    // AMQP 1.0 messages carry a message-id: without `event_id`, it is the one (a column
-    // `_message_id` of the events), so redeliveries are dropped at the door.
+    // AMQP 1.0 messages carry a message-id, and a file's records a position: without
+    // `event_id`, that is the one (a column `_message_id` / `_file_position` of the events), so
+    // redeliveries and records read again after a crash are dropped at the door.
+    let default_id = match source {
+        Some(Source::ServiceBus { .. }) => Some(("message_id", DEFAULT_MESSAGE_ID)),
+        Some(Source::File { .. }) => Some(("position", DEFAULT_FILE_POSITION)),
+        _ => None,
+    };
     let mut default_event_id = None;
-    if schema_ok
-        && matches!(source, Some(Source::ServiceBus { .. }))
+    if let Some((key, default_col)) = default_id
+        && schema_ok
         && obj.value("event_id").is_none()
         && format == Some(Format::Json)
     {
-        let message_id = JsonPath::meta("message_id");
+        let meta = JsonPath::meta(key);
         let declared = paths
             .iter()
-            .find(|(_, p)| **p == message_id)
+            .find(|(_, p)| **p == meta)
             .map(|(c, _)| c.clone());
         default_event_id = Some(declared.unwrap_or_else(|| {
-            let col = DEFAULT_MESSAGE_ID.to_string();
+            let col = default_col.to_string();
             if !schema.iter().any(|(c, _)| *c == col) {
                 schema.push((col.clone(), ColumnType::String));
-                paths.insert(col.clone(), message_id);
+                paths.insert(col.clone(), meta);
             }
             col
         }));

@@ -190,6 +190,9 @@ pub(super) fn source(d: &mut Diagnostics, node: &Node, pipeline: &str) -> Option
 
 /// The column holding the AMQP message-id when a `servicebus` pipeline names no `event_id`.
 pub const DEFAULT_MESSAGE_ID: &str = "_message_id";
+/// The column holding a record's `meta.position` when a JSON `file` pipeline names no
+/// `event_id`: a record read again after a crash is dropped at the door.
+pub const DEFAULT_FILE_POSITION: &str = "_file_position";
 
 /// A `servicebus` source: the URL's scheme, exactly one entity, SAS keys given together.
 fn servicebus(d: &mut Diagnostics, obj: &Obj) -> Option<Source> {
