@@ -93,11 +93,14 @@ async fn main() -> anyhow::Result<()> {
             .await?
             .accepted_or_else(|state| anyhow::anyhow!("not accepted: {state:?}"))?;
     }
-    // Every message was accepted above; the teardown is best effort (RabbitMQ 3.10 answers a
-    // closing detach in a way the client calls an illegal state).
-    let _ = sender.close().await;
-    let _ = session.end().await;
-    let _ = conn.close().await;
+    // Every message was accepted above; the teardown is best effort and bounded (RabbitMQ 3.10
+    // answers a closing detach in a way the client calls an illegal state, at times not at all).
+    let close = async {
+        let _ = sender.close().await;
+        let _ = session.end().await;
+        let _ = conn.close().await;
+    };
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(2), close).await;
     println!("sent {total} messages ({n} orders, corrections, one duplicate) to {queue}");
     Ok(())
 }

@@ -148,8 +148,12 @@ impl ServiceBusSource {
                 CbsToken::new(token, "servicebus.windows.net:sastoken", None),
             )
             .await;
-        let _ = cbs.close().await;
-        let _ = session.end().await;
+        // Best effort and bounded, like the receiver's teardown: a broker may never answer.
+        let close = async {
+            let _ = cbs.close().await;
+            let _ = session.end().await;
+        };
+        let _ = tokio::time::timeout(Duration::from_secs(5), close).await;
         result.context("putting the SAS token on `$cbs` (is the key valid for this entity?)")
     }
 }

@@ -395,34 +395,43 @@ async fn amqp_channel(url: &str, queue: &str) -> (lapin::Connection, lapin::Chan
 async fn amqp10_publish(url: &str, queue: &str, messages: Vec<(String, String)>) {
     use fe2o3_amqp::types::messaging::{Data, Message, Properties};
     use fe2o3_amqp::types::primitives::Binary;
-    let mut conn = fe2o3_amqp::Connection::open(unique("pub"), url)
+    let within = Duration::from_secs(30);
+    let mut conn = tokio::time::timeout(within, fe2o3_amqp::Connection::open(unique("pub"), url))
         .await
+        .expect("the AMQP 1.0 broker opens a connection within 30 s")
         .expect("AMQP 1.0 broker reachable (is rabbitmq_amqp1_0 enabled?)");
-    let mut session = fe2o3_amqp::Session::begin(&mut conn).await.unwrap();
-    let mut sender = fe2o3_amqp::Sender::attach(
+    let mut session = tokio::time::timeout(within, fe2o3_amqp::Session::begin(&mut conn))
+        .await
+        .expect("the AMQP 1.0 broker begins a session within 30 s")
+        .unwrap();
+    let attach = fe2o3_amqp::Sender::attach(
         &mut session,
         unique("sender"),
         format!("/amq/queue/{queue}"),
-    )
-    .await
-    .unwrap();
+    );
+    let mut sender = tokio::time::timeout(within, attach)
+        .await
+        .expect("the AMQP 1.0 broker attaches a sender within 30 s")
+        .unwrap();
     for (id, body) in messages {
         let message = Message::builder()
             .properties(Properties::builder().message_id(id).build())
             .data(Data(Binary::from(body.into_bytes())))
             .build();
-        sender
-            .send(message)
+        tokio::time::timeout(within, sender.send(message))
             .await
+            .expect("the AMQP 1.0 broker settles a message within 30 s")
             .unwrap()
             .accepted_or("not accepted")
             .unwrap();
     }
     // Every message is accepted above; RabbitMQ 3.10 answers a closing detach in a way the
-    // client calls an illegal state, so the teardown is best effort.
-    let _ = sender.close().await;
-    let _ = session.end().await;
-    let _ = conn.close().await;
+    // client calls an illegal state, and at times not at all (the client then waits forever
+    // on a connection the broker has closed), so the teardown is best effort and bounded.
+    let bounded = Duration::from_secs(2);
+    let _ = tokio::time::timeout(bounded, sender.close()).await;
+    let _ = tokio::time::timeout(bounded, session.end()).await;
+    let _ = tokio::time::timeout(bounded, conn.close()).await;
 }
 
 fn project(broker: &Broker) -> tempfile::TempDir {
