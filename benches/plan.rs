@@ -58,6 +58,7 @@ fn pipeline() -> Pipeline {
                     ("views", "count()"),
                     ("users", "approx_count_distinct(user_id)"),
                 ]),
+                sinks: Vec::new(),
             },
             View {
                 name: "latency".into(),
@@ -71,12 +72,14 @@ fn pipeline() -> Pipeline {
                     ("avg_latency", "avg(latency_ms)"),
                     ("max_latency", "max(latency_ms)"),
                 ]),
+                sinks: Vec::new(),
             },
             View {
                 name: "overall".into(),
                 group_by: vec!["country".into()],
                 window: Window::All,
                 metrics: metrics(&[("events", "count()"), ("latency_sd", "stddev(latency_ms)")]),
+                sinks: Vec::new(),
             },
         ],
     }

@@ -67,6 +67,7 @@ fn view(name: &str, window: Window, keyed: bool) -> View {
                 aggregate: aggregate(a, &[], false).expect("test aggregates parse"),
             })
             .collect(),
+        sinks: Vec::new(),
     }
 }
 

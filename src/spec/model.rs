@@ -502,6 +502,141 @@ pub struct View {
     pub window: Window,
     /// In file order; the order of the served columns.
     pub metrics: Vec<Metric>,
+    /// Where the view's served answer is delivered besides the API (DESIGN.md §8); in file
+    /// order. No part of the view's logic: the answer is the same with or without them.
+    pub sinks: Vec<Sink>,
+}
+
+/// One `sinks:` entry of a view: a destination kept equal to the view's served answer, one
+/// row per (window_start, group keys).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Sink {
+    pub target: SinkTarget,
+    pub emit: Emit,
+    /// Deliveries are at least this far apart (`every`, default 1s).
+    pub every: Duration,
+    /// `emit: final`: a window is final this long after its end (`allowed_lateness`, 0s).
+    pub allowed_lateness: Duration,
+}
+
+/// When a sink writes a row.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Emit {
+    /// Every change of the served answer (throttled by `every`).
+    Updates,
+    /// A window once `window_end + allowed_lateness` has passed in wall time; afterwards again
+    /// whenever later data or a batch publication changes it.
+    Final,
+}
+
+#[derive(Clone, PartialEq)]
+pub enum SinkTarget {
+    /// A PostgreSQL table, upserted by (window_start, group keys).
+    Postgres {
+        /// `postgres://…`; a password only through `${VAR}`.
+        url: String,
+        /// `table` or `schema.table`, lowercase.
+        table: String,
+    },
+    /// A Kafka topic as a changelog: the latest record of a key is the row, a tombstone
+    /// (null value) a row that no longer exists.
+    Kafka {
+        brokers: String,
+        topic: String,
+        security: KafkaSecurity,
+        properties: BTreeMap<String, String>,
+    },
+    /// The whole answer as one file, replaced atomically.
+    Files {
+        /// Lake-relative (`exports/revenue.parquet`) or a URL (`s3://…`, `az://…`, `gs://…`,
+        /// `file:///…`), ending in the format's extension.
+        path: String,
+        format: FileFormat,
+        /// Object-store settings for a URL `path` (as `lake_options`).
+        options: BTreeMap<String, String>,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FileFormat {
+    Parquet,
+    Csv,
+}
+
+impl FileFormat {
+    pub fn extension(self) -> &'static str {
+        match self {
+            FileFormat::Parquet => "parquet",
+            FileFormat::Csv => "csv",
+        }
+    }
+}
+
+impl SinkTarget {
+    pub fn kind(&self) -> &'static str {
+        match self {
+            SinkTarget::Postgres { .. } => "postgres",
+            SinkTarget::Kafka { .. } => "kafka",
+            SinkTarget::Files { .. } => "files",
+        }
+    }
+
+    /// How the sink is named in logs, metrics, `status` and its progress record:
+    /// `postgres:TABLE`, `kafka:TOPIC`, `files:PATH`. Unique within a view.
+    pub fn name(&self) -> String {
+        match self {
+            SinkTarget::Postgres { table, .. } => format!("postgres:{table}"),
+            SinkTarget::Kafka { topic, .. } => format!("kafka:{topic}"),
+            SinkTarget::Files { path, .. } => format!("files:{}", redact_url(path)),
+        }
+    }
+}
+
+/// `url` with its password (if any) replaced by `***`.
+fn redact_url(url: &str) -> String {
+    match url::Url::parse(url) {
+        Ok(mut parsed) if parsed.password().is_some() => {
+            // Only URLs that can have a password have one.
+            let _ = parsed.set_password(Some("***"));
+            parsed.to_string()
+        }
+        _ => url.to_string(),
+    }
+}
+
+// Hand-written so a logged or printed spec never shows a password.
+impl fmt::Debug for SinkTarget {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            SinkTarget::Postgres { url, table } => f
+                .debug_struct("Postgres")
+                .field("url", &redact_url(url))
+                .field("table", table)
+                .finish(),
+            SinkTarget::Kafka {
+                brokers,
+                topic,
+                security,
+                properties,
+            } => f
+                .debug_struct("Kafka")
+                .field("brokers", brokers)
+                .field("topic", topic)
+                .field("security", security)
+                .field("properties", &properties.keys().collect::<Vec<_>>())
+                .finish(),
+            SinkTarget::Files {
+                path,
+                format,
+                options,
+            } => f
+                .debug_struct("Files")
+                .field("path", &redact_url(path))
+                .field("format", format)
+                .field("options", &options.keys().collect::<Vec<_>>())
+                .finish(),
+        }
+    }
 }
 
 /// Event-time windows, aligned to the Unix epoch in UTC.

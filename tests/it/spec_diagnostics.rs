@@ -74,6 +74,7 @@ cases!(
     servicebus,
     json_paths,
     serve_sql,
+    sinks,
 );
 
 #[test]

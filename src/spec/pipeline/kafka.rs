@@ -1,5 +1,5 @@
-//! A kafka source's security (`security_protocol`, `sasl`, `ssl_ca_location`) and its client
-//! `properties`.
+//! A kafka source's or sink's security (`security_protocol`, `sasl`, `ssl_ca_location`) and
+//! its client `properties`.
 
 use std::collections::BTreeMap;
 
@@ -145,10 +145,57 @@ const KAFKA_MANAGED: &[(&str, &str)] = &[
     ("ssl.ca.location", "use `ssl_ca_location`"),
 ];
 
+/// Client settings a kafka sink sets itself (its producer, and the consumer that reads the
+/// topic back).
+const KAFKA_SINK_MANAGED: &[(&str, &str)] = &[
+    ("bootstrap.servers", "use `brokers`"),
+    (
+        "group.id",
+        "the sink reads its topic back without committing",
+    ),
+    (
+        "enable.auto.commit",
+        "the sink reads its topic back without committing",
+    ),
+    (
+        "enable.idempotence",
+        "the sink's producer is always idempotent",
+    ),
+    (
+        "acks",
+        "the sink's records are acknowledged by all in-sync replicas",
+    ),
+    ("security.protocol", "use `security_protocol`"),
+    ("sasl.mechanism", "use `sasl`"),
+    ("sasl.mechanisms", "use `sasl`"),
+    ("sasl.username", "use `sasl`"),
+    ("sasl.password", "use `sasl`"),
+    ("ssl.ca.location", "use `ssl_ca_location`"),
+];
+
+/// The `properties` of a kafka source.
 pub(super) fn kafka_properties(
     d: &mut Diagnostics,
     node: &Node,
     what: &str,
+) -> Option<BTreeMap<String, String>> {
+    properties(d, node, what, KAFKA_MANAGED)
+}
+
+/// The `properties` of a kafka sink.
+pub(super) fn kafka_sink_properties(
+    d: &mut Diagnostics,
+    node: &Node,
+    what: &str,
+) -> Option<BTreeMap<String, String>> {
+    properties(d, node, what, KAFKA_SINK_MANAGED)
+}
+
+fn properties(
+    d: &mut Diagnostics,
+    node: &Node,
+    what: &str,
+    managed: &[(&str, &str)],
 ) -> Option<BTreeMap<String, String>> {
     let Node::Map { entries, .. } = node else {
         d.error(
@@ -160,7 +207,7 @@ pub(super) fn kafka_properties(
     let mut out = BTreeMap::new();
     let mut ok = true;
     for (k, v) in entries {
-        if let Some((_, instead)) = KAFKA_MANAGED.iter().find(|(p, _)| *p == k.name) {
+        if let Some((_, instead)) = managed.iter().find(|(p, _)| *p == k.name) {
             d.error(
                 k.loc,
                 format!(

@@ -1,9 +1,11 @@
 //! `pipelines/NAME.yaml` → [`Pipeline`], reporting every problem with its location: the
 //! pipeline's own keys here; its `sources` (with `kafka`'s security and client settings),
-//! its `schema` (columns and JSON paths) and its `views` (windows and aggregates) beside.
+//! its `schema` (columns and JSON paths) and its `views` (windows and aggregates, and the
+//! `sinks` each view is delivered to) beside.
 
 mod kafka;
 mod schema;
+mod sinks;
 mod sources;
 mod views;
 
@@ -17,6 +19,7 @@ use super::read::{self, Obj};
 use super::yaml::Node;
 
 pub use schema::parse_path;
+pub use sinks::{AS_OF, PROGRESS_TABLE, SINK_TYPES};
 pub use sources::{DEFAULT_FILE_POSITION, DEFAULT_MESSAGE_ID, literal_secrets};
 pub use views::{AGGREGATES, aggregate};
 

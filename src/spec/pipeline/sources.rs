@@ -309,9 +309,10 @@ fn servicebus(d: &mut Diagnostics, obj: &Obj) -> Option<Source> {
 }
 
 /// Where a secret of a pipeline file is written as a literal rather than `${VAR}`: checked on
-/// the file as written, before interpolation. Only `source.sas_key` is such a secret.
+/// the file as written, before interpolation. Such secrets are `source.sas_key` and the
+/// password in a sink's `url`.
 pub fn literal_secrets(root: &Node) -> Vec<(Loc, String)> {
-    let mut out = Vec::new();
+    let mut out = super::sinks::literal_sink_secrets(root);
     if let Some(source) = root.get("source")
         && let Some(Node::Scalar { value, loc, .. }) = source.get("sas_key")
         && !value.trim().is_empty()

@@ -1,6 +1,7 @@
 //! A pipeline's `views:`: each view's grouping, window and metrics (aggregate calls checked
 //! against the columns).
 
+use super::sinks::{self, ViewShape};
 use super::unknown_column;
 use crate::spec::diag::{Diagnostics, did_you_mean};
 use crate::spec::model::*;
@@ -43,7 +44,14 @@ fn view(
         d,
         node,
         "view",
-        &["name", "description", "group_by", "window", "metrics"],
+        &[
+            "name",
+            "description",
+            "group_by",
+            "window",
+            "metrics",
+            "sinks",
+        ],
     )?;
     let name = obj
         .required(d, "name", "view")
@@ -84,11 +92,25 @@ fn view(
             }
         }
     }
+    let sinks = match obj.value("sinks") {
+        None => Some(Vec::new()),
+        Some(n) => {
+            let mut columns = vec!["window_start", "window_end"];
+            columns.extend(group_by.iter().flatten().map(String::as_str));
+            columns.extend(metrics.iter().flatten().map(|m| m.name.as_str()));
+            let shape = ViewShape {
+                window: window.as_ref(),
+                columns,
+            };
+            sinks::sinks(d, n, &shape)
+        }
+    };
     Some(View {
         name: name?,
         group_by: group_by?,
         window: window?,
         metrics: metrics?,
+        sinks: sinks?,
     })
 }
 
