@@ -33,7 +33,8 @@
 //!   kafka, servicebus; HTTP arrives through serving).
 //! - [`serving`]: batch view ⊕ speed partials under one snapshot, with the answer cache beside
 //!   the runtime it serves; pickup of new publications; the HTTP API behind one middleware
-//!   stack (`serving::app`).
+//!   stack (`serving::app`); the views' sinks (`serving::sink`: the served answer kept in
+//!   PostgreSQL tables, Kafka topics and files).
 //! - [`orchestration`]: workflows — cron slots in a time zone, DAGs of tasks with retries and
 //!   timeouts, catch-up, backfill and `max_active_runs` — on the apalis queue in the state DB;
 //!   the workflow routes of the HTTP API.

@@ -1,6 +1,6 @@
-//! `lambda-ctl serve`: the speed layer for every pipeline, its sources, the scheduler and
-//! workers of the workflows, the HTTP API, and SQL over the PostgreSQL wire protocol when
-//! `serve.sql` is set.
+//! `lambda-ctl serve`: the speed layer for every pipeline, its sources, the views' sinks, the
+//! scheduler and workers of the workflows, the HTTP API, and SQL over the PostgreSQL wire
+//! protocol when `serve.sql` is set.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -20,10 +20,13 @@ use crate::serving::app::App;
 use crate::serving::metrics::Ops;
 use crate::serving::pickup::Pickup;
 use crate::serving::query::Served;
-use crate::serving::{self, server};
+use crate::serving::{self, server, sink};
 use crate::speed::runtime::PipelineRuntime;
 use crate::state::State;
 use crate::{sources, spec};
+
+/// How long shutdown waits for a sink's delivery under way.
+const SINK_STOP: std::time::Duration = std::time::Duration::from_secs(10);
 
 pub fn run(project_dir: &Path, listen: Option<SocketAddr>) -> Result<(), CliError> {
     let project = super::load_project(project_dir)?;
@@ -66,6 +69,20 @@ async fn serve(project: spec::Project, listen: Option<SocketAddr>) -> Result<(),
         tokio::spawn(pickup.run(shutdown.clone()));
         pipelines.insert(p.name.clone(), Arc::new(Served::new(rt)));
     }
+    // Sinks: a destination that cannot take its view stops the start; one that is down is
+    // retried in the background.
+    let sink_ctx = sink::Context {
+        lake: lake.clone(),
+        lake_url: settings.lake.clone(),
+        lake_options: settings.lake_options.clone(),
+    };
+    let sinks = match sink::start_all(&pipelines, &sink_ctx, &shutdown).await {
+        Ok(s) => s,
+        Err(e) => {
+            shutdown.cancel();
+            return Err(CliError::User(e));
+        }
+    };
 
     // Scheduler (one active per state DB) and workers for the workflows.
     // Its batch tasks' jobs go to the batch job worker below (and any `lambda-ctl worker`).
@@ -141,7 +158,10 @@ async fn serve(project: spec::Project, listen: Option<SocketAddr>) -> Result<(),
         pipelines,
         token: settings.serve.token.clone(),
         max_body_bytes: settings.serve.max_body_bytes,
-        ops: ops(&project, &db),
+        ops: Ops {
+            sinks: sinks.statuses.clone(),
+            ..ops(&project, &db)
+        },
     });
     let router = serving::router(app.clone(), api::routes(orchestrator));
     tracing::info!(
@@ -170,6 +190,10 @@ async fn serve(project: spec::Project, listen: Option<SocketAddr>) -> Result<(),
     // Running task attempts see the shutdown and stop; the scheduler gives up its lock.
     running.join().await;
     let _ = batch_jobs.await;
+    // A sink finishes the delivery under way (bounded by its own timeouts).
+    for task in sinks.tasks {
+        let _ = tokio::time::timeout(SINK_STOP, task).await;
+    }
     db.close().await;
     Ok(())
 }

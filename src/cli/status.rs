@@ -1,5 +1,6 @@
 //! `lambda-ctl status`: a compact overview for an operator — pipelines (rate, lag, open
-//! segment, batch cutoff age), workflows (next fire, last run), recent runs; failing things
+//! segment, batch cutoff age, sink lag), the views' sinks (state, lag, rows, last error) when a
+//! server answers, workflows (next fire, last run), recent runs; failing things
 //! first. The state DB is always read (no server needed); when a server of the project answers
 //! (`serve.listen`, or `--server`), its live figures are added. `--json` for scripts.
 //!
@@ -220,6 +221,7 @@ fn render(r: &Value, recent: &[Run]) -> String {
         "REJECTED",
         "FILTERED",
         "BATCH CUTOFF AGE",
+        "SINK LAG",
     ]
     .map(String::from)
     .to_vec();
@@ -257,10 +259,38 @@ fn render(r: &Value, recent: &[Run]) -> String {
                     Some(a) if p["views"].as_array().is_some_and(|v| !v.is_empty()) => age(a),
                     _ => "never published".into(),
                 },
+                // The furthest behind of the pipeline's sinks.
+                items(&l["sinks"])
+                    .filter_map(|s| s["lag_s"].as_f64())
+                    .reduce(f64::max)
+                    .map_or("-".into(), age),
             ]
         })
         .collect();
     out.push_str(&aligned(&header, &rows));
+
+    let sinks: Vec<Vec<String>> = items(&r["pipelines"])
+        .flat_map(|p| {
+            items(&p["live"]["sinks"]).map(move |s| {
+                vec![
+                    if s["state"] == "ok" { "" } else { "!" }.to_string(),
+                    format!("{}.{}", text(&p["name"]), text(&s["view"])),
+                    text(&s["sink"]),
+                    text(&s["state"]),
+                    s["lag_s"].as_f64().map_or("-".into(), age),
+                    text(&s["rows"]),
+                    text(&s["error"]),
+                ]
+            })
+        })
+        .collect();
+    if !sinks.is_empty() {
+        out.push_str("\nSINKS\n");
+        let header = ["", "VIEW", "SINK", "STATE", "LAG", "ROWS", "ERROR"]
+            .map(String::from)
+            .to_vec();
+        out.push_str(&aligned(&header, &sinks));
+    }
 
     out.push_str("\nWORKFLOWS\n");
     let header = ["", "NAME", "SCHEDULE", "NEXT FIRE", "LAST RUN"]

@@ -11,6 +11,7 @@ use futures::future::BoxFuture;
 use parking_lot::Mutex;
 
 use super::query::Served;
+use super::sink::SinkStatus;
 use crate::clock::now_ms;
 use crate::speed::runtime::PipelineRuntime;
 use crate::telemetry::Exposition;
@@ -26,6 +27,8 @@ pub struct Ops {
     pub protect_metrics: bool,
     pub workflows: Option<WorkflowMetrics>,
     pub served: ServedRows,
+    /// Every sink `serve` runs (`sinks:` of the views), with its live figures.
+    pub sinks: Vec<Arc<SinkStatus>>,
 }
 
 impl Ops {
@@ -35,6 +38,7 @@ impl Ops {
             protect_metrics,
             workflows: None,
             served: ServedRows::default(),
+            sinks: Vec::new(),
         }
     }
 }
@@ -100,6 +104,7 @@ pub async fn render(pipelines_served: &BTreeMap<String, Arc<Served>>, ops: &Ops)
     let mut e = Exposition::new();
     pipelines(&mut e, &runtimes);
     views(&mut e, &runtimes, ops);
+    sinks(&mut e, &ops.sinks);
     if let Some(workflows) = &ops.workflows {
         // A state DB that cannot be read must not cost the pipeline figures: the failure is
         // logged and counted, the rest of the page still answers.
@@ -278,5 +283,61 @@ fn views(e: &mut Exposition, runtimes: &[(&str, &PipelineRuntime)], ops: &Ops) {
                 rows as f64,
             );
         }
+    }
+}
+
+fn sinks(e: &mut Exposition, sinks: &[Arc<SinkStatus>]) {
+    let labels = |s: &SinkStatus| {
+        [
+            ("pipeline", s.pipeline.clone()),
+            ("view", s.view.clone()),
+            ("sink", s.name.clone()),
+        ]
+    };
+    for s in sinks {
+        let l = labels(s);
+        let l: Vec<(&str, &str)> = l.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        e.gauge(
+            "lambda_sink_lag_seconds",
+            "How long the sink's destination has lagged behind the served answer (0: up to date).",
+            &l,
+            s.lag_seconds(),
+        );
+    }
+    for s in sinks {
+        let l = labels(s);
+        let l: Vec<(&str, &str)> = l.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        e.gauge(
+            "lambda_sink_up",
+            "1 when the sink's last delivery (or check) succeeded.",
+            &l,
+            if s.up() { 1.0 } else { 0.0 },
+        );
+    }
+    for s in sinks {
+        let base = labels(s);
+        for (op, n) in [
+            ("upsert", s.upserted.load(Ordering::Relaxed)),
+            ("delete", s.deleted.load(Ordering::Relaxed)),
+        ] {
+            let mut l: Vec<(&str, &str)> = base.iter().map(|(k, v)| (*k, v.as_str())).collect();
+            l.push(("op", op));
+            e.counter(
+                "lambda_sink_rows_total",
+                "Rows written to the sink's destination (upserted, or deleted/tombstoned).",
+                &l,
+                n as f64,
+            );
+        }
+    }
+    for s in sinks {
+        let l = labels(s);
+        let l: Vec<(&str, &str)> = l.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        e.counter(
+            "lambda_sink_failures_total",
+            "Deliveries (or opens) of the sink that failed and were retried.",
+            &l,
+            s.failures.load(Ordering::Relaxed) as f64,
+        );
     }
 }

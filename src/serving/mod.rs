@@ -1,6 +1,7 @@
 //! The serving layer (DESIGN.md §5): merge the published batch view with the speed partials
 //! of the segments it does not cover, finish, filter, and answer over HTTP, the CLI and SQL
-//! (the PostgreSQL wire protocol); follow new publications (pickup).
+//! (the PostgreSQL wire protocol); follow new publications (pickup); deliver views to their
+//! sinks (PostgreSQL tables, Kafka topics, files).
 
 pub mod app;
 pub mod dashboard;
@@ -13,6 +14,7 @@ pub mod metrics;
 pub mod pickup;
 pub mod query;
 pub mod server;
+pub mod sink;
 pub mod sql;
 pub mod time;
 

@@ -125,6 +125,18 @@ impl Served {
     pub fn frame(&self, view_idx: usize, q: &ViewQuery) -> Result<(DataFrame, AsOf), QueryError> {
         frame(&self.runtime, &self.answers, view_idx, q)
     }
+
+    /// The whole answer of view `view_idx` for a reader in the background (a sink): the
+    /// cached answer when it is current, else one computed without holding the cache, so a
+    /// query never waits for a sink's computation (it would add to ack → visible).
+    pub fn answer(&self, view_idx: usize) -> Result<(DataFrame, AsOf), QueryError> {
+        let finished = self.answers.get_background(&self.runtime, view_idx)?;
+        let df = match &finished.frame {
+            Some(df) => df.clone(),
+            None => DataFrame::empty_with_schema(&self.runtime.plan.output_schema(view_idx)),
+        };
+        Ok((df, finished.as_of.clone()))
+    }
 }
 
 fn query(
@@ -366,6 +378,27 @@ impl AnswerCache {
         }
         let finished = Arc::new(compute(rt, view_idx)?);
         *slot = Some(finished.clone());
+        Ok(finished)
+    }
+}
+
+impl AnswerCache {
+    /// Like [`AnswerCache::get`], but computing a missing answer outside the slot's lock; the
+    /// result is kept for queries unless a newer one arrived meanwhile.
+    fn get_background(&self, rt: &PipelineRuntime, view_idx: usize) -> PolarsResult<Arc<Finished>> {
+        {
+            let slot = self.views[view_idx].lock();
+            if let Some(f) = slot.as_ref()
+                && f.version == rt.version()
+            {
+                return Ok(f.clone());
+            }
+        }
+        let finished = Arc::new(compute(rt, view_idx)?);
+        let mut slot = self.views[view_idx].lock();
+        if slot.as_ref().is_none_or(|f| f.version < finished.version) {
+            *slot = Some(finished.clone());
+        }
         Ok(finished)
     }
 }

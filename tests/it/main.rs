@@ -14,6 +14,7 @@ mod orders;
 mod projects;
 mod readme;
 mod scaleout;
+mod sinks;
 mod spec_diagnostics;
 mod speed;
 mod sql;
