@@ -193,3 +193,64 @@ fn servicebus_example_reads_nested_orders() {
     assert_eq!(orders.paths["amount"].to_string(), "$.order.payment.amount");
     assert_eq!(orders.paths["customer"].to_string(), "$.order.customer.id");
 }
+
+/// The commented postgres sinks of the examples validate as written once uncommented: a copy
+/// of each example with its `# sinks:` block uncommented loads, with the URL (and its
+/// password) from the environment and redacted in Debug.
+#[test]
+fn the_examples_commented_postgres_sinks_validate_when_uncommented() {
+    for (example, var, view, table) in [
+        (
+            "clickstream-kafka",
+            "CLICKS_PG_URL",
+            "page_views",
+            "page_views",
+        ),
+        (
+            "orders-servicebus",
+            "ORDERS_PG_URL",
+            "revenue_per_minute",
+            "revenue_per_store",
+        ),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("pipelines")).unwrap();
+        let src = repo().join("examples").join(example).join("pipelines");
+        let mut uncommented = 0;
+        for entry in std::fs::read_dir(&src).unwrap() {
+            let path = entry.unwrap().path();
+            let text = std::fs::read_to_string(&path).unwrap();
+            let mut in_block = false;
+            let lines: Vec<String> = text
+                .lines()
+                .map(|l| {
+                    if l.trim_start() == "# sinks:" {
+                        in_block = true;
+                    } else if !l.trim_start().starts_with("#   ") {
+                        in_block = false;
+                    }
+                    if in_block {
+                        uncommented += 1;
+                        l.replacen("# ", "", 1)
+                    } else {
+                        l.to_string()
+                    }
+                })
+                .collect();
+            std::fs::write(
+                dir.path().join("pipelines").join(path.file_name().unwrap()),
+                lines.join("\n") + "\n",
+            )
+            .unwrap();
+        }
+        assert_eq!(uncommented, 4, "{example}: the sink block is 4 lines");
+        let url = "postgres://lambda:s3cret@127.0.0.1:5432/analytics";
+        let env = |n: &str| (n == var).then(|| url.to_string());
+        let p = spec::load_with_env(dir.path(), &env).unwrap_or_else(|e| panic!("{example}: {e}"));
+        let sinks = &p.pipelines[0].view(view).unwrap().sinks;
+        assert_eq!(sinks.len(), 1, "{example}");
+        assert_eq!(sinks[0].target.name(), format!("postgres:{table}"));
+        assert!(matches!(&sinks[0].target, spec::SinkTarget::Postgres { url: u, .. } if u == url));
+        assert!(!format!("{:?}", sinks[0]).contains("s3cret"), "redacted");
+    }
+}
