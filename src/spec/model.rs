@@ -592,6 +592,18 @@ impl SinkTarget {
     }
 }
 
+impl SinkTarget {
+    /// What the sink writes to, for finding two sinks that would write the same thing: the
+    /// table of a database, the topic of a cluster, the file.
+    pub fn destination(&self) -> String {
+        match self {
+            SinkTarget::Postgres { url, table } => format!("{} {table}", redact_url(url)),
+            SinkTarget::Kafka { brokers, topic, .. } => format!("{brokers} {topic}"),
+            SinkTarget::Files { path, .. } => path.clone(),
+        }
+    }
+}
+
 /// `url` with its password (if any) replaced by `***`.
 fn redact_url(url: &str) -> String {
     match url::Url::parse(url) {

@@ -31,7 +31,40 @@ pub(super) fn views(
     let views = read::named(d, node, "views", "view", |d, item| {
         view(d, item, columns, check_columns)
     })?;
+    if views.ok {
+        shared_destinations(d, node, &views.built);
+    }
     views.ok.then_some(views.built)
+}
+
+/// Two views delivering to one destination would overwrite each other's rows (and fight over
+/// one progress record): reported at the second sink. `built` are the views of the list
+/// `node`, all of them, in order.
+fn shared_destinations(d: &mut Diagnostics, node: &Node, built: &[View]) {
+    let Node::Seq { items, .. } = node else {
+        return;
+    };
+    let mut seen: Vec<(String, &str)> = Vec::new();
+    for (view, item) in built.iter().zip(items) {
+        let locs: Vec<_> = match item.get("sinks") {
+            Some(Node::Seq { items, .. }) => items.iter().map(Node::loc).collect(),
+            _ => Vec::new(),
+        };
+        for (sink, loc) in view.sinks.iter().zip(locs) {
+            let dest = sink.target.destination();
+            match seen.iter().find(|(d, _)| *d == dest) {
+                Some((_, other)) if *other != view.name => d.error(
+                    loc,
+                    format!(
+                        "sink `{}` is already the destination of view `{other}`: each table, topic or file takes one view",
+                        sink.target.name()
+                    ),
+                ),
+                Some(_) => {}
+                None => seen.push((dest, &view.name)),
+            }
+        }
+    }
 }
 
 fn view(
