@@ -751,3 +751,89 @@ async fn kafka_topics_equal_the_views_across_batch_runs_and_kill9() {
         kafka::delete_topic(&url, topic).await;
     }
 }
+
+// ---------------------------------------------------------------------------------------
+// emit: final
+
+/// `emit: final` on 1-second windows, into a CSV file: a window is written only once its end
+/// plus `allowed_lateness` has passed on the wall clock, and a written window is written
+/// again when a late event changes it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn final_emission_writes_a_window_once_it_has_ended_and_follows_late_changes() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(dir.path().join("pipelines")).unwrap();
+    std::fs::write(
+        dir.path().join("pipelines/taps.yaml"),
+        "name: taps\nsource: {type: http}\nschema: {id: string, ts: timestamp, k: string}\n\
+         event_time: ts\nevent_id: id\nviews:\n  - name: per_second\n    group_by: [k]\n    \
+         window: 1s\n    metrics: {n: count()}\n    sinks:\n      - {type: files, path: \
+         exports/final.csv, emit: final, allowed_lateness: 1s, every: 50ms}\n",
+    )
+    .unwrap();
+    let file = dir.path().join(".lambda/lake/exports/final.csv");
+    // (window_start ms, n) of the rows the file holds.
+    let read = || -> Vec<(i64, u64)> {
+        let text = std::fs::read_to_string(&file).unwrap_or_default();
+        csv_rows(&text)
+            .iter()
+            .map(|r| {
+                let start =
+                    chrono::DateTime::parse_from_rfc3339(r["window_start"].as_str().unwrap())
+                        .unwrap()
+                        .timestamp_millis();
+                (start, r["n"].as_f64().unwrap() as u64)
+            })
+            .collect()
+    };
+    let client = reqwest::Client::new();
+    let server = Server::start(dir.path());
+    let post = |lines: Vec<String>| {
+        let (client, url) = (client.clone(), server.url("/v1/pipelines/taps/events"));
+        async move {
+            crate::support::post_events(&client, url, orders::NDJSON, lines.join("\n") + "\n").await
+        }
+    };
+    let now = chrono::Utc::now().timestamp_millis();
+    let old = (now - 10_000).div_euclid(1000) * 1000;
+    let future = (now + 6_000).div_euclid(1000) * 1000;
+    post(vec![
+        format!(r#"{{"id":"a","ts":{},"k":"x"}}"#, old + 100),
+        format!(r#"{{"id":"b","ts":{},"k":"x"}}"#, old + 200),
+        format!(r#"{{"id":"c","ts":{},"k":"x"}}"#, future + 100),
+    ])
+    .await;
+    crate::support::eventually(
+        "the ended window in the file",
+        Duration::from_secs(5),
+        || async { (read() == vec![(old, 2)]).then_some(()) },
+    )
+    .await;
+    // A late event into a written window: written again, final or not.
+    post(vec![format!(r#"{{"id":"d","ts":{},"k":"x"}}"#, old + 300)]).await;
+    crate::support::eventually(
+        "the late change in the file",
+        Duration::from_secs(5),
+        || async { (read() == vec![(old, 3)]).then_some(()) },
+    )
+    .await;
+    // The future window appears only once it ended (future + 1 s) and the lateness passed.
+    crate::support::eventually(
+        "the future window in the file",
+        Duration::from_secs(10),
+        || async {
+            let rows = read();
+            if rows.len() < 2 {
+                return None;
+            }
+            let at = chrono::Utc::now().timestamp_millis();
+            assert!(
+                at >= future + 1_000 + 1_000,
+                "written at {at}, before {}",
+                future + 2_000
+            );
+            assert_eq!(rows, vec![(old, 3), (future, 1)]);
+            Some(())
+        },
+    )
+    .await;
+}
