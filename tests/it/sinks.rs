@@ -819,7 +819,7 @@ async fn final_emission_writes_a_window_once_it_has_ended_and_follows_late_chang
     // The future window appears only once it ended (future + 1 s) and the lateness passed.
     crate::support::eventually(
         "the future window in the file",
-        Duration::from_secs(10),
+        Duration::from_secs(15),
         || async {
             let rows = read();
             if rows.len() < 2 {
