@@ -65,6 +65,8 @@ pub fn load_with_env(
     // Names of every pipeline file, valid or not, so a workflow naming a broken pipeline is not
     // also reported as naming an unknown one.
     let mut declared: Vec<(String, Vec<String>)> = Vec::new();
+    // Sink destinations of the pipelines read so far: (destination, `pipeline.view`, file).
+    let mut claimed: Vec<(String, String, String)> = Vec::new();
     for path in yaml_files(&root.join("pipelines"), &mut all) {
         let mut d = Diagnostics::new(&shown(&path));
         let Some(node) = read_node(&mut d, &path, &env) else {
@@ -91,7 +93,11 @@ pub fn load_with_env(
         }
         declared.push((name, view_names));
         let rel = path.strip_prefix(root).unwrap_or(&path).to_path_buf();
-        if let Some(p) = pipeline::build(&mut d, &node, &rel)
+        let built = pipeline::build(&mut d, &node, &rel);
+        if let Some(p) = &built {
+            claim_destinations(&mut d, &node, p, &mut claimed);
+        }
+        if let Some(p) = built
             && d.is_empty()
         {
             pipelines.push(p);
@@ -135,6 +141,32 @@ pub fn load_with_env(
         all.sort();
         Err(SpecErrors(all))
     }
+}
+
+/// A sink destination written by a view of an earlier pipeline file is an error at this
+/// pipeline's sink: the two views would overwrite each other's rows. (Within one file the
+/// pipeline's own check reports it.)
+fn claim_destinations(
+    d: &mut Diagnostics,
+    node: &Node,
+    p: &Pipeline,
+    claimed: &mut Vec<(String, String, String)>,
+) {
+    let mut mine = Vec::new();
+    for (view, sink, loc) in pipeline::sinks_at(node, p) {
+        let dest = sink.target.destination();
+        match claimed.iter().find(|(c, _, _)| *c == dest) {
+            Some((_, other, file)) => d.error(
+                loc,
+                format!(
+                    "sink `{}` is already the destination of view `{other}` ({file}): each table, topic or file takes one view",
+                    sink.target.name()
+                ),
+            ),
+            None => mine.push((dest, format!("{}.{}", p.name, view.name), p.file.display().to_string())),
+        }
+    }
+    claimed.extend(mine);
 }
 
 fn check_refs(

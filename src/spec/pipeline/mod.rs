@@ -16,7 +16,7 @@ use super::diag::{Diagnostics, did_you_mean};
 use super::expr;
 use super::model::*;
 use super::read::{self, Obj};
-use super::yaml::Node;
+use super::yaml::{Loc, Node};
 
 pub use schema::parse_path;
 pub use sinks::{AS_OF, PROGRESS_TABLE, SINK_TYPES};
@@ -37,6 +37,13 @@ const KEYS: &[&str] = &[
     "archive",
     "views",
 ];
+
+/// Every sink of pipeline `p` (built from `root`), with its view and where it is written.
+pub fn sinks_at<'a>(root: &Node, p: &'a Pipeline) -> Vec<(&'a View, &'a Sink, Loc)> {
+    root.get("views")
+        .map(|n| views::sinks_at(n, &p.views))
+        .unwrap_or_default()
+}
 
 pub fn build(d: &mut Diagnostics, root: &Node, file: &Path) -> Option<Pipeline> {
     let obj = Obj::new(d, root, "pipeline", KEYS)?;

@@ -6,7 +6,7 @@ use super::unknown_column;
 use crate::spec::diag::{Diagnostics, did_you_mean};
 use crate::spec::model::*;
 use crate::spec::read::{self, Obj};
-use crate::spec::yaml::Node;
+use crate::spec::yaml::{Loc, Node};
 
 pub const AGGREGATES: &[&str] = &[
     "count",
@@ -41,30 +41,41 @@ pub(super) fn views(
 /// one progress record): reported at the second sink. `built` are the views of the list
 /// `node`, all of them, in order.
 fn shared_destinations(d: &mut Diagnostics, node: &Node, built: &[View]) {
-    let Node::Seq { items, .. } = node else {
-        return;
-    };
     let mut seen: Vec<(String, &str)> = Vec::new();
-    for (view, item) in built.iter().zip(items) {
-        let locs: Vec<_> = match item.get("sinks") {
-            Some(Node::Seq { items, .. }) => items.iter().map(Node::loc).collect(),
-            _ => Vec::new(),
-        };
-        for (sink, loc) in view.sinks.iter().zip(locs) {
-            let dest = sink.target.destination();
-            match seen.iter().find(|(d, _)| *d == dest) {
-                Some((_, other)) if *other != view.name => d.error(
-                    loc,
-                    format!(
-                        "sink `{}` is already the destination of view `{other}`: each table, topic or file takes one view",
-                        sink.target.name()
-                    ),
+    for (view, sink, loc) in sinks_at(node, built) {
+        let dest = sink.target.destination();
+        match seen.iter().find(|(d, _)| *d == dest) {
+            Some((_, other)) if *other != view.name => d.error(
+                loc,
+                format!(
+                    "sink `{}` is already the destination of view `{other}`: each table, topic or file takes one view",
+                    sink.target.name()
                 ),
-                Some(_) => {}
-                None => seen.push((dest, &view.name)),
-            }
+            ),
+            Some(_) => {}
+            None => seen.push((dest, &view.name)),
         }
     }
+}
+
+/// Every sink of the views `built` (those of the list `node`, all of them, in order), with
+/// the view and where the sink is written.
+pub(super) fn sinks_at<'a>(node: &Node, built: &'a [View]) -> Vec<(&'a View, &'a Sink, Loc)> {
+    let Node::Seq { items, .. } = node else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    for (view, item) in built.iter().zip(items) {
+        if let Some(Node::Seq { items, .. }) = item.get("sinks") {
+            out.extend(
+                view.sinks
+                    .iter()
+                    .zip(items)
+                    .map(|(s, n)| (view, s, n.loc())),
+            );
+        }
+    }
+    out
 }
 
 fn view(
