@@ -327,6 +327,65 @@ async fn sqlx_prepares_binds_and_reads_typed_values() {
         assert_eq!(got, expected, "{country}");
     }
 
+    // Point queries the row index answers alone (projection + key and window filters) give
+    // what polars SQL gives for the same statement made opaque to the index (`AND true`).
+    let until =
+        chrono::DateTime::from_timestamp_millis(crate::orders::BASE_MS + 1_800_000).unwrap();
+    for (statement, binds) in [
+        ("SELECT * FROM orders.by_country WHERE country = $1", 1),
+        (
+            "SELECT country, n AS orders, window_start FROM orders.by_country \
+             WHERE (country = $1) AND window_start >= $2 AND window_start < $3",
+            3,
+        ),
+        ("SELECT n, users FROM orders.overall", 0),
+        (
+            "SELECT * FROM orders.by_country WHERE country = 'nowhere'",
+            0,
+        ),
+    ] {
+        let run = |sql: String| {
+            let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
+            for i in 0..binds {
+                q = match i {
+                    0 => q.bind("US"),
+                    1 => q.bind(from),
+                    _ => q.bind(until),
+                };
+            }
+            q
+        };
+        let fast = run(statement.to_string())
+            .fetch_all(&mut conn)
+            .await
+            .unwrap();
+        let opaque = if statement.contains("WHERE") {
+            format!("{statement} AND true")
+        } else {
+            format!("{statement} WHERE true")
+        };
+        let slow = run(opaque).fetch_all(&mut conn).await.unwrap();
+        let text = |rows: &[sqlx::postgres::PgRow]| -> Vec<String> {
+            use sqlx::Column;
+            rows.iter()
+                .map(|r| {
+                    (0..r.len())
+                        .map(|i| {
+                            let c = &r.columns()[i];
+                            let v = r.try_get_raw(i).unwrap();
+                            format!("{}={:?}", c.name(), v.as_bytes().ok())
+                        })
+                        .collect::<Vec<_>>()
+                        .join(",")
+                })
+                .collect()
+        };
+        assert_eq!(text(&fast), text(&slow), "{statement}");
+        if !statement.contains("nowhere") {
+            assert!(!fast.is_empty(), "{statement} finds rows");
+        }
+    }
+
     // Time arithmetic and truncation.
     let n: i64 = sqlx::query_scalar(
         "SELECT count(*) FROM orders.by_country WHERE window_start > now() - interval '100000 hours'",

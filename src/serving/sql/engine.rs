@@ -9,8 +9,8 @@ use std::sync::Arc;
 use polars::prelude::*;
 use polars::sql::SQLContext;
 use sqlparser::ast::{
-    BinaryOperator, DataType as SqlType, Expr, SetExpr, Statement, TableFactor, TypedString, Value,
-    ValueWithSpan,
+    BinaryOperator, DataType as SqlType, Expr, GroupByExpr, Query, Select, SelectItem, SetExpr,
+    Statement, TableFactor, TypedString, Value, ValueWithSpan, WildcardAdditionalOptions,
 };
 
 use super::SqlError;
@@ -18,8 +18,7 @@ use super::catalog::{Catalog, Columns};
 use super::statement::{Source, TableRef, parse_naive};
 use super::types::pg_type;
 use crate::serving::query::{QueryError, Served, ViewQuery};
-use crate::spec::{ColumnType, SqlSettings, Window};
-use crate::speed::runtime::PipelineRuntime;
+use crate::spec::{ColumnType, SqlSettings, View, Window};
 
 pub struct Engine {
     pub served: BTreeMap<String, Arc<Served>>,
@@ -87,22 +86,16 @@ impl Engine {
                     let rt = &served.runtime;
                     if data {
                         let q = if tables.len() == 1 {
-                            narrowing(statement, rt, *view)
+                            narrowing(
+                                statement,
+                                &rt.pipeline.views[*view],
+                                &rt.plan.output_schema(*view),
+                            )
+                            .query
                         } else {
                             ViewQuery::default()
                         };
-                        match served.frame(*view, &q) {
-                            Ok((df, _as_of)) => df,
-                            Err(QueryError::BadRequest(m)) => {
-                                return Err(SqlError::new("XX000", m));
-                            }
-                            Err(QueryError::Internal(e)) => {
-                                return Err(SqlError::new(
-                                    "XX000",
-                                    format!("computing the view failed: {e}"),
-                                ));
-                            }
-                        }
+                        view_frame(served, *view, &q)?
                     } else {
                         DataFrame::empty_with_schema(&rt.plan.output_schema(*view))
                     }
@@ -124,16 +117,68 @@ impl Engine {
         tables: &[TableRef],
         sql: &str,
     ) -> Result<DataFrame, SqlError> {
+        if let Some(df) = self.point(statement, tables)? {
+            return self.within_max_rows(df);
+        }
         let mut ctx = self.context(statement, tables, true)?;
         let lf = ctx
             .execute(&statement.to_string())
             .map_err(|e| polars_error(e, sql))?;
-        let max = self.settings.max_rows;
-        let limit = IdxSize::try_from(max.saturating_add(1)).unwrap_or(IdxSize::MAX);
+        let limit =
+            IdxSize::try_from(self.settings.max_rows.saturating_add(1)).unwrap_or(IdxSize::MAX);
         let df = lf
             .limit(limit)
             .collect()
             .map_err(|e| polars_error(e, sql))?;
+        self.within_max_rows(df)
+    }
+
+    /// A point query answered by the row index alone: `SELECT columns FROM view WHERE …`
+    /// whose WHERE is wholly equality on group keys and bounds on `window_start` (what
+    /// dashboards and drivers send with a bound key). Polars SQL would plan the statement and
+    /// filter rows the index already picked, to the same result; this skips it. `None` for
+    /// any other statement.
+    fn point(
+        &self,
+        statement: &Statement,
+        tables: &[TableRef],
+    ) -> Result<Option<DataFrame>, SqlError> {
+        let [
+            TableRef {
+                source: Source::View { pipeline, view },
+                ..
+            },
+        ] = tables
+        else {
+            return Ok(None);
+        };
+        let served = self.served(pipeline)?;
+        let rt = &served.runtime;
+        let schema = rt.plan.output_schema(*view);
+        let narrowed = narrowing(statement, &rt.pipeline.views[*view], &schema);
+        if !narrowed.exact {
+            return Ok(None);
+        }
+        let Some(columns) = projection(statement, &schema) else {
+            return Ok(None);
+        };
+        let df = view_frame(served, *view, &narrowed.query)?;
+        let columns = columns
+            .into_iter()
+            .map(|(name, output)| {
+                df.column(&name)
+                    .map(|c| c.clone().with_name(output.into()))
+                    .map_err(|e| SqlError::new("XX000", e.to_string()))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        DataFrame::new(df.height(), columns)
+            .map(Some)
+            .map_err(|e| SqlError::new("XX000", e.to_string()))
+    }
+
+    /// `df`, unless it has more rows than `serve.sql.max_rows` allows.
+    fn within_max_rows(&self, df: DataFrame) -> Result<DataFrame, SqlError> {
+        let max = self.settings.max_rows;
         if df.height() > max {
             return Err(SqlError::new(
                 "54000",
@@ -157,6 +202,18 @@ impl Engine {
             .execute(&statement.to_string())
             .map_err(|e| polars_error(e, sql))?;
         lf.collect_schema().map_err(|e| polars_error(e, sql))
+    }
+}
+
+/// The rows of a view that `q` selects, under the snapshot and row index of the HTTP API.
+fn view_frame(served: &Served, view: usize, q: &ViewQuery) -> Result<DataFrame, SqlError> {
+    match served.frame(view, q) {
+        Ok((df, _as_of)) => Ok(df),
+        Err(QueryError::BadRequest(m)) => Err(SqlError::new("XX000", m)),
+        Err(QueryError::Internal(e)) => Err(SqlError::new(
+            "XX000",
+            format!("computing the view failed: {e}"),
+        )),
     }
 }
 
@@ -215,12 +272,23 @@ fn find_word(sql: &str, word: &str) -> Option<usize> {
 }
 
 /// What of a one-table statement's WHERE the row index can answer: equality on group keys
-/// and bounds on `window_start`, at the top level of an AND. The statement still applies its
-/// whole WHERE; this only narrows the rows it runs over.
-fn narrowing(statement: &Statement, rt: &PipelineRuntime, view: usize) -> ViewQuery {
-    let mut q = ViewQuery::default();
+/// and bounds on `window_start`, at the top level of an AND.
+struct Narrowing {
+    query: ViewQuery,
+    /// The statement is a plain `SELECT … FROM view [WHERE …]` (no grouping, ordering, limit
+    /// or distinct) whose whole WHERE is in `query`: the index's rows are its rows.
+    exact: bool,
+}
+
+/// The [`Narrowing`] of `statement` over view `v` (its output `schema`). Unless it is exact,
+/// the statement still applies its whole WHERE; the narrowing only cuts the rows it runs over.
+fn narrowing(statement: &Statement, v: &View, schema: &Schema) -> Narrowing {
+    let mut n = Narrowing {
+        query: ViewQuery::default(),
+        exact: false,
+    };
     let Statement::Query(query) = statement else {
-        return q;
+        return n;
     };
     // One table read once: a subquery reading the same view must see all of it.
     let mut reads = 0;
@@ -229,31 +297,35 @@ fn narrowing(statement: &Statement, rt: &PipelineRuntime, view: usize) -> ViewQu
         std::ops::ControlFlow::<()>::Continue(())
     });
     if reads != 1 || query.with.is_some() {
-        return q;
+        return n;
     }
     let SetExpr::Select(select) = query.body.as_ref() else {
-        return q;
+        return n;
     };
     if select.from.len() != 1
         || !select.from[0].joins.is_empty()
         || !matches!(select.from[0].relation, TableFactor::Table { .. })
     {
-        return q;
+        return n;
     }
+    let plain = plain(query, select);
     let Some(selection) = &select.selection else {
-        return q;
+        n.exact = plain;
+        return n;
     };
-    let v = &rt.pipeline.views[view];
     let key_type = |name: &str| -> Option<ColumnType> {
         if !v.group_by.iter().any(|g| g == name) {
             return None;
         }
-        crate::spec::expr::column_type(rt.plan.output_schema(view).get(name)?)
+        crate::spec::expr::column_type(schema.get(name)?)
     };
     let windows = v.window != Window::All;
+    let q = &mut n.query;
+    // Whether every conjunct went into `q`.
+    let mut whole = true;
     let mut conjuncts = vec![selection];
     while let Some(e) = conjuncts.pop() {
-        match e {
+        let taken = match e {
             Expr::BinaryOp {
                 left,
                 op: BinaryOperator::And,
@@ -261,25 +333,40 @@ fn narrowing(statement: &Statement, rt: &PipelineRuntime, view: usize) -> ViewQu
             } => {
                 conjuncts.push(left.as_ref());
                 conjuncts.push(right.as_ref());
+                true
             }
-            Expr::Nested(inner) => conjuncts.push(inner.as_ref()),
+            Expr::Nested(inner) => {
+                conjuncts.push(inner.as_ref());
+                true
+            }
             Expr::BinaryOp { left, op, right } => {
                 let (column, op, value) = match (column_name(left), column_name(right)) {
                     (Some(c), None) => (c, op.clone(), right.as_ref()),
                     (None, Some(c)) => (c, flipped(op), left.as_ref()),
-                    _ => continue,
+                    _ => {
+                        whole = false;
+                        continue;
+                    }
                 };
-                if column == "window_start"
+                // `t.page`: polars checks the qualifier; leave the statement to it.
+                let qualified = [left, right]
+                    .iter()
+                    .any(|e| matches!(e.as_ref(), Expr::CompoundIdentifier(_)));
+                let narrowed = if column == "window_start"
                     && windows
                     && let Some(us) = timestamp_value(value)
                 {
-                    bound(&mut q, &op, us);
+                    bound(q, &op, us)
                 } else if op == BinaryOperator::Eq
                     && let Some(t) = key_type(&column)
                     && let Some(text) = key_value(value, t)
                 {
                     q.filters.push((column, text));
-                }
+                    true
+                } else {
+                    false
+                };
+                narrowed && !qualified
             }
             Expr::Between {
                 expr,
@@ -287,15 +374,132 @@ fn narrowing(statement: &Statement, rt: &PipelineRuntime, view: usize) -> ViewQu
                 low,
                 high,
             } if windows && column_name(expr).as_deref() == Some("window_start") => {
-                if let (Some(lo), Some(hi)) = (timestamp_value(low), timestamp_value(high)) {
-                    bound(&mut q, &BinaryOperator::GtEq, lo);
-                    bound(&mut q, &BinaryOperator::LtEq, hi);
+                match (timestamp_value(low), timestamp_value(high)) {
+                    (Some(lo), Some(hi)) => {
+                        bound(q, &BinaryOperator::GtEq, lo)
+                            && bound(q, &BinaryOperator::LtEq, hi)
+                            && matches!(expr.as_ref(), Expr::Identifier(_))
+                    }
+                    _ => false,
                 }
             }
-            _ => {}
+            _ => false,
+        };
+        whole &= taken;
+    }
+    n.exact = plain && whole;
+    n
+}
+
+/// A query with nothing but a projection, one FROM and a WHERE: no DISTINCT, GROUP BY,
+/// HAVING, ORDER BY, LIMIT or anything else that changes which rows come out, or in what
+/// order. Written as a full destructuring so a new clause in sqlparser fails to compile here
+/// instead of being taken as absent.
+fn plain(query: &Query, select: &Select) -> bool {
+    let Query {
+        with: None,
+        body: _,
+        order_by: None,
+        limit_clause: None,
+        fetch: None,
+        locks,
+        for_clause: None,
+        settings: None,
+        format_clause: None,
+        pipe_operators,
+    } = query
+    else {
+        return false;
+    };
+    let Select {
+        select_token: _,
+        optimizer_hints: _,
+        distinct: None,
+        select_modifiers: None,
+        top: None,
+        top_before_distinct: _,
+        projection: _,
+        exclude: None,
+        into: None,
+        from: _,
+        lateral_views,
+        prewhere: None,
+        selection: _,
+        connect_by,
+        group_by: GroupByExpr::Expressions(group_by, group_by_modifiers),
+        cluster_by,
+        distribute_by,
+        sort_by,
+        having: None,
+        named_window,
+        qualify: None,
+        window_before_qualify: _,
+        value_table_mode: None,
+        flavor: _,
+    } = select
+    else {
+        return false;
+    };
+    locks.is_empty()
+        && pipe_operators.is_empty()
+        && lateral_views.is_empty()
+        && connect_by.is_empty()
+        && group_by.is_empty()
+        && group_by_modifiers.is_empty()
+        && cluster_by.is_empty()
+        && distribute_by.is_empty()
+        && sort_by.is_empty()
+        && named_window.is_empty()
+}
+
+/// The columns a plain query's projection takes from the view, each `(column, output
+/// name)`: `*`, or columns named as the view names them, optionally renamed by a lower-case
+/// alias (the name PostgreSQL and polars then agree on). `None` for anything else.
+fn projection(statement: &Statement, schema: &Schema) -> Option<Vec<(String, String)>> {
+    let Statement::Query(query) = statement else {
+        return None;
+    };
+    let SetExpr::Select(select) = query.body.as_ref() else {
+        return None;
+    };
+    let column = |e: &Expr| match e {
+        Expr::Identifier(i) if schema.contains(&i.value) => Some(i.value.clone()),
+        _ => None,
+    };
+    let mut out = Vec::new();
+    for item in &select.projection {
+        match item {
+            SelectItem::Wildcard(options) => {
+                let WildcardAdditionalOptions {
+                    wildcard_token: _,
+                    opt_ilike: None,
+                    opt_exclude: None,
+                    opt_except: None,
+                    opt_replace: None,
+                    opt_rename: None,
+                    opt_alias: None,
+                } = options
+                else {
+                    return None;
+                };
+                out.extend(schema.iter_names().map(|n| (n.to_string(), n.to_string())));
+            }
+            SelectItem::UnnamedExpr(e) => {
+                let c = column(e)?;
+                out.push((c.clone(), c));
+            }
+            SelectItem::ExprWithAlias { expr, alias }
+                if !alias.value.chars().any(char::is_uppercase) =>
+            {
+                out.push((column(expr)?, alias.value.clone()));
+            }
+            _ => return None,
         }
     }
-    q
+    let mut names: Vec<&String> = out.iter().map(|(_, o)| o).collect();
+    names.sort();
+    names.dedup();
+    (names.len() == out.len()).then_some(out)
 }
 
 fn column_name(e: &Expr) -> Option<String> {
@@ -334,8 +538,8 @@ fn timestamp_value(e: &Expr) -> Option<i64> {
 }
 
 /// Narrows `q`'s `[from, to)` (epoch ms, window starts being whole milliseconds) by
-/// `window_start OP us`.
-fn bound(q: &mut ViewQuery, op: &BinaryOperator, us: i64) {
+/// `window_start OP us`; whether `OP` is one it can.
+fn bound(q: &mut ViewQuery, op: &BinaryOperator, us: i64) -> bool {
     let floor = us.div_euclid(1000);
     let ceil = floor + i64::from(us.rem_euclid(1000) != 0);
     let (from, to) = match op {
@@ -344,7 +548,7 @@ fn bound(q: &mut ViewQuery, op: &BinaryOperator, us: i64) {
         BinaryOperator::Gt => (Some(floor + 1), None),
         BinaryOperator::Lt => (None, Some(ceil)),
         BinaryOperator::LtEq => (None, Some(floor + 1)),
-        _ => (None, None),
+        _ => return false,
     };
     if let Some(f) = from {
         q.from = Some(q.from.map_or(f, |x| x.max(f)));
@@ -352,6 +556,7 @@ fn bound(q: &mut ViewQuery, op: &BinaryOperator, us: i64) {
     if let Some(t) = to {
         q.to = Some(q.to.map_or(t, |x| x.min(t)));
     }
+    true
 }
 
 /// A literal compared with a group key, as the row index holds the key's values (the column
@@ -381,6 +586,79 @@ mod tests {
         assert_eq!(
             quoted_name("unable to find column \"nope\"; valid columns: [\"a\"]"),
             Some("nope".into())
+        );
+    }
+
+    /// A view keyed by `k` (text) over 1-minute windows, with a metric `n`.
+    fn keyed() -> (View, Schema) {
+        let view = View {
+            name: "v".into(),
+            group_by: vec!["k".into()],
+            window: Window::Tumbling {
+                size: std::time::Duration::from_secs(60),
+            },
+            metrics: Vec::new(),
+            sinks: Vec::new(),
+        };
+        let ts = DataType::Datetime(TimeUnit::Milliseconds, Some(TimeZone::UTC));
+        let schema = Schema::from_iter([
+            Field::new("window_start".into(), ts.clone()),
+            Field::new("window_end".into(), ts),
+            Field::new("k".into(), DataType::String),
+            Field::new("n".into(), DataType::Int64),
+        ]);
+        (view, schema)
+    }
+
+    fn parsed(sql: &str) -> Statement {
+        super::super::statement::parse(sql).unwrap().remove(0)
+    }
+
+    #[test]
+    fn only_plain_key_and_window_filters_are_point_queries() {
+        let (view, schema) = keyed();
+        let exact = |sql: &str| narrowing(&parsed(sql), &view, &schema).exact;
+        let t = "TIMESTAMP '2026-01-01 00:00:00'";
+        for sql in [
+            "SELECT * FROM v".to_string(),
+            "SELECT * FROM v WHERE k = 'a'".into(),
+            format!("SELECT k, n AS m FROM v WHERE ('a' = k) AND window_start >= {t}"),
+            format!("SELECT n FROM v WHERE k = 'a' AND window_start BETWEEN {t} AND {t}"),
+            format!("SELECT * FROM v WHERE window_start < {t} AND k = 'b' AND k = 'a'"),
+        ] {
+            assert!(exact(&sql), "{sql} is a point query");
+            assert!(projection(&parsed(&sql), &schema).is_some(), "{sql}");
+        }
+        for sql in [
+            "SELECT * FROM v WHERE k = 'a' AND true".to_string(),
+            "SELECT * FROM v WHERE k = 'a' OR k = 'b'".into(),
+            "SELECT * FROM v WHERE n = 1".into(),
+            "SELECT * FROM v WHERE k = 1".into(),
+            "SELECT * FROM v WHERE k <> 'a'".into(),
+            "SELECT * FROM v WHERE v.k = 'a'".into(),
+            "SELECT * FROM v WHERE k = 'a' ORDER BY n".into(),
+            "SELECT * FROM v WHERE k = 'a' LIMIT 1".into(),
+            "SELECT DISTINCT k FROM v WHERE k = 'a'".into(),
+            "SELECT k, count(*) FROM v WHERE k = 'a' GROUP BY k".into(),
+            format!("SELECT * FROM v WHERE window_start <> {t}"),
+            "SELECT * FROM v WHERE k = 'a' AND k IN (SELECT k FROM v)".into(),
+        ] {
+            assert!(!exact(&sql), "{sql} is left to polars");
+        }
+        // A projection the index's frame answers as polars would: view columns, lower-case
+        // aliases, no duplicates.
+        for sql in [
+            "SELECT K FROM v",
+            "SELECT k AS Key FROM v",
+            "SELECT k, k FROM v",
+            "SELECT n + 1 FROM v",
+            "SELECT v.* FROM v",
+        ] {
+            assert!(projection(&parsed(sql), &schema).is_none(), "{sql}");
+        }
+        assert_eq!(
+            projection(&parsed("SELECT n AS total, k FROM v"), &schema),
+            Some(vec![("n".into(), "total".into()), ("k".into(), "k".into())])
         );
     }
 
