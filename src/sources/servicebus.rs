@@ -4,7 +4,9 @@
 //!
 //! Peek-lock: deliveries arrive unsettled (link credit `prefetch`, replenished as they are
 //! settled) and a batch is accepted only after it went through the door, i.e. after its
-//! events are in the write-ahead log and its rejected lines in the dead-letter area. A crash
+//! events are in the write-ahead log and its rejected lines in the dead-letter area. Up to
+//! four batches go through the door at once (their appends share one group commit) while the
+//! next ones arrive; each is accepted once durable, in delivery order. A crash
 //! or a cut connection before the acceptance makes the broker deliver them again; the door
 //! drops those copies by `event_id` (by default the AMQP message-id, see `spec::pipeline`).
 //!
@@ -16,6 +18,7 @@
 //! Metadata (`from: meta.KEY` columns) is added to each JSON event as a `$meta` object before
 //! the door, so it is logged with the event and replays identically.
 
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -30,6 +33,7 @@ use fe2o3_amqp::{Connection, Delivery, Receiver, Session};
 use fe2o3_amqp_cbs::client::CbsClient;
 use fe2o3_amqp_cbs::token::CbsToken;
 use tokio::net::TcpStream;
+use tokio::task::JoinHandle;
 
 use super::broker::{self, Body as DoorBody};
 use crate::spec::{SasKey, Source};
@@ -196,13 +200,48 @@ impl broker::Session for ServiceBusSource {
         link.connected();
         tracing::info!(pipeline = %self.rt.pipeline.name, address = %self.address, prefetch = self.prefetch, "AMQP 1.0 connected");
 
-        let max = broker::MAX_BATCH.min(self.prefetch as usize);
+        // Half the credit per batch, so a second batch arrives while the first goes through
+        // the door.
+        let max = broker::MAX_BATCH.min((self.prefetch as usize / 2).max(1));
         let mut renew_at = tokio::time::Instant::now() + TOKEN_RENEW;
+        // Batches on their way through the door, oldest first, each with its deliveries:
+        // accepted once durable, in delivery order, while receiving goes on. Up to IN_FLIGHT
+        // at once, so their appends share the log's group commit.
+        let mut in_flight: VecDeque<InFlight> = VecDeque::new();
         let result = loop {
-            let first = tokio::select! {
-                d = receiver.recv::<Body<Value>>() => d,
-                _ = shutdown.cancelled() => break Ok(()),
-                _ = tokio::time::sleep_until(renew_at), if self.sas.is_some() => {
+            let next = {
+                let room = in_flight.len() < IN_FLIGHT;
+                let oldest = async {
+                    match in_flight.front_mut() {
+                        Some((ingest, _)) => ingest.await,
+                        None => std::future::pending().await,
+                    }
+                };
+                tokio::select! {
+                    durable = oldest => Next::Durable(durable),
+                    d = receiver.recv::<Body<Value>>(), if room => Next::Delivery(d),
+                    _ = shutdown.cancelled() => Next::Shutdown,
+                    _ = tokio::time::sleep_until(renew_at), if self.sas.is_some() => Next::Renew,
+                }
+            };
+            let first = match next {
+                Next::Durable(durable) => {
+                    let (_, batch) = in_flight
+                        .pop_front()
+                        .expect("the oldest batch is in flight");
+                    match durable {
+                        Ok(true) => {}
+                        Ok(false) => break Ok(()), // shutdown: the rest stays unaccepted
+                        Err(e) => break Err(e).context("a batch's ingest task failed"),
+                    }
+                    // Durable (or dead-lettered): now the broker may forget them.
+                    if let Err(e) = receiver.accept_all(&batch).await {
+                        break Err(e).context("accepting a batch");
+                    }
+                    continue;
+                }
+                Next::Shutdown => break Ok(()),
+                Next::Renew => {
                     if let Some(sas) = &self.sas
                         && let Err(e) = self.put_token(&mut conn, sas).await
                     {
@@ -211,13 +250,11 @@ impl broker::Session for ServiceBusSource {
                     renew_at = tokio::time::Instant::now() + TOKEN_RENEW;
                     continue;
                 }
+                Next::Delivery(Err(e)) => break Err(e).context("receiving from the AMQP broker"),
+                Next::Delivery(Ok(d)) => d,
             };
-            let mut batch: Vec<Delivery<Body<Value>>> = Vec::new();
+            let mut batch = vec![first];
             let mut failure = None;
-            match first {
-                Ok(d) => batch.push(d),
-                Err(e) => break Err(e).context("receiving from the AMQP broker"),
-            }
             let deadline = tokio::time::Instant::now() + broker::LINGER;
             while batch.len() < max {
                 match tokio::time::timeout_at(deadline, receiver.recv::<Body<Value>>()).await {
@@ -235,19 +272,23 @@ impl broker::Session for ServiceBusSource {
                     meta_value(d.message(), k)
                 });
             }
-            if !broker::ingest_durably(&self.rt, Self::KIND, body.into_bytes(), shutdown).await {
-                break Ok(());
-            }
-            // Durable (or dead-lettered): now the broker may forget them.
-            receiver
-                .accept_all(&batch)
-                .await
-                .context("accepting a batch")?;
+            let (rt, stop) = (self.rt.clone(), shutdown.clone());
+            let ingest = tokio::spawn(async move {
+                broker::ingest_durably(&rt, Self::KIND, body.into_bytes(), &stop).await
+            });
+            in_flight.push_back((ingest, batch));
             if let Some(e) = failure {
                 break Err(e).context("receiving from the AMQP broker");
             }
         };
         let close = async {
+            // What became durable is accepted while the link still stands (a cut link makes
+            // the broker deliver it again, and the door drops the copies).
+            while let Some((ingest, batch)) = in_flight.pop_front() {
+                if !matches!(ingest.await, Ok(true)) || receiver.accept_all(&batch).await.is_err() {
+                    break;
+                }
+            }
             let _ = receiver.close().await;
             let _ = session.end().await;
             let _ = conn.close().await;
@@ -255,6 +296,22 @@ impl broker::Session for ServiceBusSource {
         let _ = tokio::time::timeout(Duration::from_secs(5), close).await;
         result
     }
+}
+
+/// Batches between receiving and accepting (see the session loop).
+const IN_FLIGHT: usize = 4;
+
+/// A batch going through the door, and its deliveries to accept once it is durable.
+type InFlight = (JoinHandle<bool>, Vec<Delivery<Body<Value>>>);
+
+/// What woke the session loop.
+enum Next {
+    /// The oldest batch in flight went through the door (false: shutdown came first).
+    Durable(Result<bool, tokio::task::JoinError>),
+    Delivery(Result<Delivery<Body<Value>>, fe2o3_amqp::link::RecvError>),
+    Shutdown,
+    /// Time to renew the SAS token.
+    Renew,
 }
 
 /// The message's bytes for the door: data sections joined, or a string or binary value. Any
