@@ -10,7 +10,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 mod common;
-use common::Serve;
+use common::{Serve, ack_to_visible, quantile};
 
 const PIPELINE: &str = r#"
 name: clicks
@@ -95,38 +95,13 @@ fn main() {
         let secs = start.elapsed().as_secs_f64();
         println!("durable HTTP ingest: {total} events in {secs:.1} s = {:.0} events/s ({CLIENTS} clients × {BATCH}-event requests, fsync per group commit)", total as f64 / secs);
 
-        // Latency: a steady 10 requests/s of 100 events; after each 200, poll the view until the
-        // events show up.
-        let view = format!("{base}/v1/views/clicks/total");
-        let count = |http: reqwest::Client, view: String| async move {
-            let v: serde_json::Value = http.get(&view).send().await.unwrap().json().await.unwrap();
-            v["rows"][0]["n"].as_u64().unwrap_or(0)
-        };
-        // Let the backlog of the throughput phase drain first.
-        let mut seen = count(http.clone(), view.clone()).await;
-        while seen < total {
-            tokio::time::sleep(Duration::from_millis(50)).await;
-            seen = count(http.clone(), view.clone()).await;
-        }
-        let mut lat = Vec::new();
-        for i in 0..200 {
-            let b = body(99, 100_000 + i, 100, chrono::Utc::now().timestamp_millis());
-            let r = http.post(&url).header("content-type", "application/x-ndjson").body(b).send().await.unwrap();
-            let acked = Instant::now();
-            let accepted = r.json::<serde_json::Value>().await.unwrap()["accepted"].as_u64().unwrap();
-            let target = seen + accepted;
-            loop {
-                let n = count(http.clone(), view.clone()).await;
-                if n >= target {
-                    seen = n;
-                    break;
-                }
-            }
-            lat.push(acked.elapsed().as_secs_f64() * 1000.0);
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        lat.sort_by(f64::total_cmp);
-        let p = |q: f64| lat[((lat.len() - 1) as f64 * q) as usize];
+        // Latency: a steady 10 requests/s of 100 events, once the throughput phase's backlog
+        // is visible.
+        let lat = ack_to_visible(&server, total, |i| {
+            body(99, 100_000 + i, 100, chrono::Utc::now().timestamp_millis())
+        })
+        .await;
+        let p = |q: f64| quantile(&lat, q);
         println!("ack → visible latency at 1000 events/s: p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms ({} samples, includes one query round trip)", p(0.5), p(0.99), p(1.0), lat.len());
 
         // Serving: publish a batch view of everything sealed, then point queries.

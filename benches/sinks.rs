@@ -10,7 +10,7 @@
 //! `cargo bench --bench sinks`; figures from the dev profile are far below release ones.
 
 use std::collections::BTreeMap;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use lambda_ctl::lake::Lake;
 use lambda_ctl::serving::query::AsOf;
@@ -21,7 +21,7 @@ use lambda_ctl::serving::sink::{Context, Delivery, Target};
 use lambda_ctl::spec::FileFormat;
 
 mod common;
-use common::Serve;
+use common::{Serve, ack_to_visible, quantile};
 
 const ROWS: usize = 100_000;
 
@@ -124,50 +124,19 @@ views:
 
 /// p50 and p99 (ms) of ack → visible on the `total` view at 10 requests/s of 100 events.
 async fn latency(server: &Serve) -> (f64, f64) {
-    let http = reqwest::Client::new();
-    let url = format!("{}/v1/pipelines/clicks/events", server.base);
-    let view = format!("{}/v1/views/clicks/total", server.base);
-    let count = |http: reqwest::Client, view: String| async move {
-        let v: serde_json::Value = http.get(&view).send().await.unwrap().json().await.unwrap();
-        v["rows"][0]["n"].as_u64().unwrap_or(0)
-    };
-    let mut seen = count(http.clone(), view.clone()).await;
-    let mut lat = Vec::new();
-    for i in 0..200 {
+    let lat = ack_to_visible(server, 0, |i| {
         let now = chrono::Utc::now().timestamp_millis();
-        let body: String = (0..100)
+        (0..100)
             .map(|j| {
                 format!(
                     "{{\"event_id\":\"{i}-{j}\",\"ts\":{now},\"page\":\"/p/{}\",\"latency_ms\":{j}.5}}\n",
                     j % 50
                 )
             })
-            .collect();
-        let r = http
-            .post(&url)
-            .header("content-type", "application/x-ndjson")
-            .body(body)
-            .send()
-            .await
-            .unwrap();
-        let acked = Instant::now();
-        let accepted = r.json::<serde_json::Value>().await.unwrap()["accepted"]
-            .as_u64()
-            .unwrap();
-        let target = seen + accepted;
-        loop {
-            let n = count(http.clone(), view.clone()).await;
-            if n >= target {
-                seen = n;
-                break;
-            }
-        }
-        lat.push(acked.elapsed().as_secs_f64() * 1000.0);
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    lat.sort_by(f64::total_cmp);
-    let p = |q: f64| lat[((lat.len() - 1) as f64 * q) as usize];
-    (p(0.5), p(0.99))
+            .collect()
+    })
+    .await;
+    (quantile(&lat, 0.5), quantile(&lat, 0.99))
 }
 
 fn main() {

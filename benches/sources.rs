@@ -65,9 +65,18 @@ async fn until_counted(s: &Serve, n: usize, from: Instant) -> Duration {
     }
 }
 
-fn report(kind: &str, n: usize, took: Duration, note: &str) {
+/// Prints the throughput, and what `serve` spent per event (its CPU time since it started:
+/// the source's own cost, apart from the broker's and the publisher's).
+fn report(kind: &str, s: &Serve, n: usize, took: Duration, note: &str) {
+    let cpu = s.cpu_seconds().map_or(String::new(), |cpu| {
+        format!(
+            "; serve {:.1} µs CPU/event = {:.0} events/s per core",
+            cpu * 1e6 / n as f64,
+            n as f64 / cpu
+        )
+    });
     println!(
-        "{kind:<6} {n:>7} events in {:>7.2} s = {:>9.0} events/s{note}",
+        "{kind:<6} {n:>7} events in {:>7.2} s = {:>9.0} events/s{note}{cpu}",
         took.as_secs_f64(),
         n as f64 / took.as_secs_f64()
     );
@@ -107,7 +116,8 @@ async fn nats(url: String) {
     let s = serve(&format!(
         "  type: nats\n  url: {url}\n  stream: {stream}\n  subject: \"{stream}.>\"\n"
     ));
-    report("nats", N, until_counted(&s, N, s.started).await, "");
+    let took = until_counted(&s, N, s.started).await;
+    report("nats", &s, N, took, "");
     drop(s);
     js.delete_stream(&stream).await.unwrap();
 }
@@ -131,7 +141,8 @@ async fn redis(url: String) {
     let s = serve(&format!(
         "  type: redis\n  url: {url}\n  stream: {stream}\n  group: bench\n"
     ));
-    report("redis", N, until_counted(&s, N, s.started).await, "");
+    let took = until_counted(&s, N, s.started).await;
+    report("redis", &s, N, took, "");
     drop(s);
     let _: u64 = redis::cmd("DEL")
         .arg(&stream)
@@ -145,7 +156,8 @@ async fn amqp(url: String) {
     let s = serve(&format!(
         "  type: amqp\n  url: \"{url}\"\n  queue: {queue}\n  prefetch: 2000\n"
     ));
-    report("amqp", N, until_counted(&s, N, s.started).await, "");
+    let took = until_counted(&s, N, s.started).await;
+    report("amqp", &s, N, took, "");
     drop(s);
     amqp_delete(&url, &queue).await;
 }
@@ -158,12 +170,8 @@ async fn servicebus(url: String, classic: String) {
     let s = serve(&format!(
         "  type: servicebus\n  url: \"{url}\"\n  queue: /amq/queue/{queue}\n  prefetch: 2000\n"
     ));
-    report(
-        "servicebus",
-        N,
-        until_counted(&s, N, s.started).await,
-        " (AMQP 1.0)",
-    );
+    let took = until_counted(&s, N, s.started).await;
+    report("servicebus", &s, N, took, " (AMQP 1.0)");
     drop(s);
     amqp_delete(&classic, &queue).await;
 }
@@ -267,6 +275,7 @@ async fn mqtt(url: String) {
     poller.await.unwrap();
     report(
         "mqtt",
+        &s,
         MQTT_N,
         start.elapsed(),
         " (live, closed loop of 500: publishing included)",
@@ -319,7 +328,8 @@ async fn kafka(url: String) {
     let s = serve(&format!(
         "  type: kafka\n  brokers: \"{url}\"\n  topic: {topic}\n  group: {topic}\n"
     ));
-    report("kafka", N, until_counted(&s, N, s.started).await, "");
+    let took = until_counted(&s, N, s.started).await;
+    report("kafka", &s, N, took, "");
     drop(s);
     let _ = admin
         .delete_topics(&[topic.as_str()], &AdminOptions::new())

@@ -8,7 +8,7 @@ pub mod archive;
 use std::io::BufRead;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 /// `lambda-ctl serve` on 127.0.0.1:0, killed on drop (with its project directory).
 pub struct Serve {
@@ -77,6 +77,17 @@ impl Serve {
     }
 
     /// The project directory.
+    /// The CPU time (user + system, seconds) `serve` has used so far; from Linux's
+    /// `/proc/PID/stat` (None elsewhere).
+    pub fn cpu_seconds(&self) -> Option<f64> {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.child.id())).ok()?;
+        // After the parenthesised command: state is field 3, utime 14 and stime 15, in ticks
+        // of 1/100 s (USER_HZ).
+        let fields: Vec<&str> = stat[stat.rfind(')')? + 1..].split_whitespace().collect();
+        let ticks = |i: usize| fields.get(i - 3)?.parse::<f64>().ok();
+        Some((ticks(14)? + ticks(15)?) / 100.0)
+    }
+
     pub fn project(&self) -> &Path {
         self.dir.path()
     }
@@ -87,4 +98,59 @@ impl Drop for Serve {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// Ack → visible on the view `clicks.total` (`n: count()`) of `server`: 200 requests of
+/// `body(i)` at 10 per second; after each is acknowledged (200), the view is polled until its
+/// count includes the request's accepted events. First waits until the count reaches
+/// `backlog` (events sent before). The latencies in ms, sorted; each includes one query
+/// round trip.
+pub async fn ack_to_visible(
+    server: &Serve,
+    backlog: u64,
+    mut body: impl FnMut(usize) -> String,
+) -> Vec<f64> {
+    let http = reqwest::Client::new();
+    let url = format!("{}/v1/pipelines/clicks/events", server.base);
+    let view = format!("{}/v1/views/clicks/total", server.base);
+    let count = |http: reqwest::Client, view: String| async move {
+        let v: serde_json::Value = http.get(&view).send().await.unwrap().json().await.unwrap();
+        v["rows"][0]["n"].as_u64().unwrap_or(0)
+    };
+    let mut seen = count(http.clone(), view.clone()).await;
+    while seen < backlog {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        seen = count(http.clone(), view.clone()).await;
+    }
+    let mut lat = Vec::new();
+    for i in 0..200 {
+        let r = http
+            .post(&url)
+            .header("content-type", "application/x-ndjson")
+            .body(body(i))
+            .send()
+            .await
+            .unwrap();
+        let acked = Instant::now();
+        let accepted = r.json::<serde_json::Value>().await.unwrap()["accepted"]
+            .as_u64()
+            .unwrap();
+        let target = seen + accepted;
+        loop {
+            let n = count(http.clone(), view.clone()).await;
+            if n >= target {
+                seen = n;
+                break;
+            }
+        }
+        lat.push(acked.elapsed().as_secs_f64() * 1000.0);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    lat.sort_by(f64::total_cmp);
+    lat
+}
+
+/// The `q` quantile of `sorted` (nearest rank below).
+pub fn quantile(sorted: &[f64], q: f64) -> f64 {
+    sorted[((sorted.len() - 1) as f64 * q) as usize]
 }
