@@ -98,6 +98,7 @@ pub async fn archive(
                     dead_letters: 0,
                     min_event_ms: Some(BASE_MS),
                     max_event_ms: Some(BASE_MS + 86_400_000),
+                    lookups: None,
                 })
                 .await?;
         }

@@ -101,6 +101,8 @@ pub fn plan_compaction(
         let fits = group.last().is_some_and(|last| {
             last.partition == s.partition
                 && last.hi == s.lo
+                // One segment is enriched with one set of lookup versions.
+                && last.lookups == s.lookups
                 && group.iter().map(|g| g.rows).sum::<u64>() + s.rows <= target_rows
                 && group.iter().map(|g| g.bytes).sum::<u64>() + s.bytes <= MAX_MERGE_BYTES
         });
@@ -231,6 +233,8 @@ async fn merge_group(lake: &Lake, group: &[Segment]) -> anyhow::Result<Segment> 
         dead_letters: group.iter().map(|s| s.dead_letters).sum(),
         min_event_ms: group.iter().filter_map(|s| s.min_event_ms).min(),
         max_event_ms: group.iter().filter_map(|s| s.max_event_ms).max(),
+        // Every segment of a group recorded the same versions (`plan_compaction`).
+        lookups: first.lookups.clone(),
     })
 }
 
@@ -484,6 +488,7 @@ mod tests {
             dead_letters: 0,
             min_event_ms: Some(0),
             max_event_ms: Some(1),
+            lookups: None,
         }
     }
 

@@ -9,7 +9,8 @@ use anyhow::Context;
 use super::scaleout::{self, ScaleOut};
 use super::{BatchError, Mode, Progress, RunSummary, ViewSummary, gc, publish, scan};
 use crate::lake::Lake;
-use crate::plan::Plan;
+use crate::plan::{LookupSet, Plan};
+use crate::speed::lookups::Lookups;
 use crate::state::{Cutoff, Outcome, Publication, RunId, RunKind, Segment, State, StateError};
 
 /// What a run recomputes: which views, and whether from every segment.
@@ -20,6 +21,11 @@ pub struct Select<'a> {
     /// From every sealed segment, even where the current publication was computed by the same
     /// logic and the run could build on it (`lambda-ctl run --full`).
     pub full: bool,
+    /// `lambda-ctl run --refresh-lookups`: these versions (the lookups' current tables)
+    /// become the recorded versions of every segment of the cutoff, and every view is
+    /// recomputed from every segment with them — history restated with today's reference
+    /// data. Without it, each segment is recomputed with the versions it recorded.
+    pub lookups: Option<&'a LookupSet>,
 }
 
 /// Recomputes the views `select` names of the plan's pipeline and publishes them; the run is
@@ -58,7 +64,8 @@ pub async fn recompute_scaled(
         state,
         lake,
         run_id,
-        (&selected, select.full),
+        (&selected, select.full || select.lookups.is_some()),
+        select.lookups,
         scale,
         started,
         &mut handed_over,
@@ -159,13 +166,40 @@ async fn run_views(
     lake: &Lake,
     run_id: RunId,
     (selected, full): (&[usize], bool),
+    restate: Option<&LookupSet>,
     scale: Option<ScaleOut<'_>>,
     started: Instant,
     handed_over: &mut bool,
     progress: &mut (dyn FnMut(&Progress) + Send),
 ) -> anyhow::Result<RunSummary> {
     let pipeline = plan.pipeline().name.clone();
-    let (cutoff, segments) = sealed(state, &pipeline).await?;
+    let (cutoff, mut segments) = sealed(state, &pipeline).await?;
+    if let Some(set) = restate {
+        let record = set.record();
+        state.record_lookups(&segments, record.as_deref()).await?;
+        for s in &mut segments {
+            s.lookups = record.clone();
+        }
+        let versions: Vec<String> = set
+            .tables()
+            .iter()
+            .map(|t| format!("{}={} ({} rows)", t.name(), t.version(), t.rows()))
+            .collect();
+        log(
+            state,
+            run_id,
+            &format!(
+                "--refresh-lookups: {} segment(s) now recorded with the current lookup versions {}; recomputing every view from every segment",
+                segments.len(),
+                if versions.is_empty() {
+                    "(the pipeline has no lookups)".to_string()
+                } else {
+                    versions.join(", ")
+                }
+            ),
+        )
+        .await;
+    }
     let total_rows: u64 = segments.iter().map(|s| s.rows).sum();
     progress(&Progress::Started {
         run_id,
@@ -211,12 +245,23 @@ async fn run_views(
             elapsed: started.elapsed(),
         });
     }
+    // One reader for every view: each recorded version is indexed once per run.
+    let lookups = Lookups::reader(plan.pipeline(), lake);
     let mut out = Vec::new();
     for prep in prepared {
         let name = prep.name.clone();
-        let summary = recompute_view(plan, state, lake, run_id, &cutoff, prep, &mut *progress)
-            .await
-            .with_context(|| format!("view `{name}`"))?;
+        let summary = recompute_view(
+            plan,
+            state,
+            lake,
+            &lookups,
+            run_id,
+            &cutoff,
+            prep,
+            &mut *progress,
+        )
+        .await
+        .with_context(|| format!("view `{name}`"))?;
         log(
             state,
             run_id,
@@ -326,10 +371,12 @@ async fn prepare_view(
     })
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn recompute_view(
     plan: &Arc<Plan>,
     state: &State,
     lake: &Lake,
+    lookups: &Lookups,
     run_id: RunId,
     cutoff: &Cutoff,
     prep: Prepared,
@@ -338,7 +385,7 @@ async fn recompute_view(
     let (view, name, todo) = (prep.view, prep.name, prep.todo);
     let total = todo.len();
     let (mut done, mut rows) = (0usize, 0u64);
-    let source = scan::open(lake, &todo, |s| {
+    let source = scan::open_parts(lake, lookups, &todo, |s| {
         done += 1;
         rows += s.rows;
         progress(&Progress::Segments {

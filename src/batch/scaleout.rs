@@ -33,6 +33,7 @@ use super::{Mode, Progress, ViewSummary, scan};
 use crate::lake::{self, Lake, LakeError};
 use crate::plan::Plan;
 use crate::spec::BatchSettings;
+use crate::speed::lookups::Lookups;
 use crate::state::{Cutoff, GroupEnd, PublicationId, RunId, Segment, State, StateError};
 
 /// One group of segments of one run, for one or more views.
@@ -63,6 +64,9 @@ pub struct GroupSegment {
     pub hi: u64,
     pub path: String,
     pub rows: u64,
+    /// The lookup versions the segment recorded (absent from jobs queued before lookups).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lookups: Option<String>,
 }
 
 /// The last job of a scaled-out run: merge the groups' partials, publish every view, end the
@@ -125,6 +129,7 @@ impl GroupJob {
                 dead_letters: 0,
                 min_event_ms: None,
                 max_event_ms: None,
+                lookups: s.lookups.clone(),
             })
             .collect()
     }
@@ -336,6 +341,7 @@ pub fn split(
                     hi: s.hi,
                     path: s.path.clone(),
                     rows: s.rows,
+                    lookups: s.lookups.clone(),
                 })
                 .collect(),
         })
@@ -498,7 +504,8 @@ fn views_of<'a>(
 async fn compute_inner(plan: &Arc<Plan>, lake: &Lake, job: &GroupJob) -> anyhow::Result<()> {
     let views = views_of(plan, &job.pipeline, job.views.iter().map(|v| v.identity()))?;
     // Read once, computed for every view.
-    let source = Arc::new(scan::open(lake, &job.segments(), |_| {}).await?);
+    let lookups = Lookups::reader(plan.pipeline(), lake);
+    let source = Arc::new(scan::open_parts(lake, &lookups, &job.segments(), |_| {}).await?);
     for (view, name) in views {
         let (p, src) = (plan.clone(), source.clone());
         let mut partials = tokio::task::spawn_blocking(move || scan::view_partials(&p, view, &src))

@@ -1,5 +1,6 @@
 //! Reading archived segments for the batch layer: one lazy polars scan over exactly the
-//! segments of a cutoff, so projection and predicate pushdown reach the Parquet reader.
+//! segments of a cutoff, so projection and predicate pushdown reach the Parquet reader — one
+//! per set of lookup versions the segments recorded, each enriched with its own versions.
 
 use std::path::PathBuf;
 
@@ -7,8 +8,51 @@ use anyhow::Context;
 use polars::prelude::*;
 
 use crate::lake::Lake;
-use crate::plan::Plan;
+use crate::plan::{LookupSet, Plan};
+use crate::speed::lookups::Lookups;
 use crate::state::Segment;
+
+/// Segments read for a view, in groups that recorded the same lookup versions, each with
+/// those versions.
+pub struct Parts(pub Vec<(Source, LookupSet)>);
+
+impl Parts {
+    pub fn is_empty(&self) -> bool {
+        self.0.iter().all(|(s, _)| s.is_empty())
+    }
+}
+
+/// [`open`] for segments that may have recorded different lookup versions: one source per
+/// set of versions, with the versions loaded from the lake.
+pub async fn open_parts(
+    lake: &Lake,
+    lookups: &Lookups,
+    segments: &[Segment],
+    mut on_segment: impl FnMut(&Segment),
+) -> anyhow::Result<Parts> {
+    let mut groups: Vec<(Option<&str>, Vec<Segment>)> = Vec::new();
+    for s in segments {
+        // Without lookups every segment is in one group, whatever it recorded.
+        let key = if lookups.pipeline().lookups.is_empty() {
+            None
+        } else {
+            s.lookups.as_deref()
+        };
+        match groups.iter_mut().find(|(k, _)| *k == key) {
+            Some((_, g)) => g.push(s.clone()),
+            None => groups.push((key, vec![s.clone()])),
+        }
+    }
+    let mut parts = Vec::with_capacity(groups.len());
+    for (key, group) in groups {
+        let set = lookups
+            .recorded(key)
+            .await
+            .context("loading the lookup versions the segments recorded")?;
+        parts.push((open(lake, &group, &mut on_segment).await?, set));
+    }
+    Ok(Parts(parts))
+}
 
 /// Where the segments' bytes come from.
 pub enum Source {
@@ -105,38 +149,48 @@ impl Source {
     }
 }
 
-/// Canonical partials (one row per group) of view `view` over `source`: the SAME plan as the
-/// speed layer (`prepare` then `partials`), run by polars' streaming engine.
-pub fn view_partials(plan: &Plan, view: usize, source: &Source) -> PolarsResult<DataFrame> {
-    let Some(events) = source.lazy()? else {
-        return plan.merge(view, Vec::new());
-    };
-    let raw = plan
-        .partials(view, plan.prepare(events))
-        .with_streaming(true)
-        .collect()?;
-    plan.merge(view, vec![raw])
+/// Canonical partials (one row per group) of view `view` over `parts`: the SAME plan as the
+/// speed layer (`prepare` then `partials`, each part with its lookup versions), run by polars'
+/// streaming engine.
+pub fn view_partials(plan: &Plan, view: usize, parts: &Parts) -> PolarsResult<DataFrame> {
+    let mut raw = Vec::with_capacity(parts.0.len());
+    for (source, lookups) in &parts.0 {
+        let Some(events) = source.lazy()? else {
+            continue;
+        };
+        raw.push(
+            plan.partials(view, plan.prepare(events, lookups)?)
+                .with_streaming(true)
+                .collect()?,
+        );
+    }
+    plan.merge(view, raw)
 }
 
 /// The speed layer's way over the same segments: partials per segment, merged by the
 /// accumulator (what `verify` compares the scan with).
-pub fn speed_partials(plan: &Plan, view: usize, source: &Source) -> PolarsResult<DataFrame> {
-    let frames: Vec<DataFrame> = match source {
-        Source::Frames(frames) => frames.clone(),
-        Source::Files(files) => files
-            .iter()
-            .map(|p| {
-                let f = std::fs::File::open(p).map_err(|e| {
-                    PolarsError::ComputeError(format!("opening {}: {e}", p.display()).into())
-                })?;
-                ParquetReader::new(f).finish()
-            })
-            .collect::<PolarsResult<_>>()?,
-    };
+pub fn speed_partials(plan: &Plan, view: usize, parts: &Parts) -> PolarsResult<DataFrame> {
     let mut acc = plan.accumulator(view);
-    for events in frames {
-        let part = plan.partials(view, plan.prepare(events.lazy())).collect()?;
-        acc.absorb(&part)?;
+    for (source, lookups) in &parts.0 {
+        let frames: Vec<DataFrame> = match source {
+            Source::Frames(frames) => frames.clone(),
+            Source::Files(files) => files
+                .iter()
+                .map(|p| {
+                    let f = std::fs::File::open(p).map_err(|e| {
+                        PolarsError::ComputeError(format!("opening {}: {e}", p.display()).into())
+                    })?;
+                    ParquetReader::new(f).finish()
+                })
+                .collect::<PolarsResult<_>>()?,
+        };
+        for events in frames {
+            let part = plan
+                .partials_masked(events, lookups)?
+                .parts
+                .swap_remove(view);
+            acc.absorb(&part)?;
+        }
     }
     acc.to_partials()
 }

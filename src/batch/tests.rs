@@ -75,6 +75,7 @@ pub(crate) async fn seal(state: &State, lake: &Lake, lo: u64, rows: &[(&str, f64
             dead_letters: 0,
             min_event_ms: Some(1_700_000_000_000),
             max_event_ms: Some(1_700_000_000_000),
+            lookups: None,
         })
         .await
         .unwrap();
@@ -159,6 +160,7 @@ async fn full_then_incremental_then_full_on_new_logic_and_failures_publish_nothi
     let full = Select {
         views: None,
         full: true,
+        lookups: None,
     };
     let r = recompute(v1.clone(), &state, &lake, full, &mut |_| {})
         .await
@@ -208,6 +210,7 @@ async fn full_then_incremental_then_full_on_new_logic_and_failures_publish_nothi
         Select {
             views: Some(&["nope".into()]),
             full: false,
+            lookups: None,
         },
         &mut |_| {},
     )

@@ -9,6 +9,7 @@ use polars::prelude::*;
 use super::scan;
 use crate::lake::Lake;
 use crate::plan::Plan;
+use crate::speed::lookups::Lookups;
 use crate::state::State;
 
 /// Relative tolerance for floating-point results: the engines sum in different orders.
@@ -41,7 +42,8 @@ pub async fn verify(plan: Arc<Plan>, state: &State, lake: &Lake) -> anyhow::Resu
     let pipeline = plan.pipeline().name.clone();
     let (_, segments) = super::sealed(state, &pipeline).await?;
     let events = segments.iter().map(|s| s.rows).sum();
-    let source = scan::open(lake, &segments, |_| {}).await?;
+    let lookups = Lookups::reader(plan.pipeline(), lake);
+    let source = scan::open_parts(lake, &lookups, &segments, |_| {}).await?;
     let n = segments.len();
     let views = tokio::task::spawn_blocking(move || -> anyhow::Result<Vec<ViewCheck>> {
         let mut out = Vec::new();

@@ -111,6 +111,12 @@ pub enum Command {
         /// version has the same logic (a run otherwise builds on it, incrementally).
         #[arg(long)]
         full: bool,
+        /// Pipeline only: read every lookup table from its source now and recompute every
+        /// view from every segment with those versions, recording them as the segments'
+        /// versions (history restated with today's reference data; without it, each segment
+        /// is recomputed with the versions it was enriched with when it arrived).
+        #[arg(long)]
+        refresh_lookups: bool,
         /// Internal: this process is the background half of `run PIPELINE` without --wait.
         #[arg(long, hide = true)]
         detached: bool,
@@ -257,8 +263,15 @@ fn run(cli: Cli) -> Result<(), CliError> {
             wait,
             views,
             full,
+            refresh_lookups,
             detached,
-        } => run_workflow::run(&cli.project, &name, wait, detached, (&views, full)),
+        } => run_workflow::run(
+            &cli.project,
+            &name,
+            wait,
+            detached,
+            (&views, full, refresh_lookups),
+        ),
         Command::Verify { pipeline } => run::verify(&cli.project, &pipeline),
         Command::Runs { workflow, limit } => runs::run(&cli.project, workflow.as_deref(), limit),
         Command::Logs { run_id } => logs::run(&cli.project, run_id),

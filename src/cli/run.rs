@@ -1,5 +1,6 @@
-//! `lambda-ctl run PIPELINE [--wait] [--views a,b] [--full]`: recompute a pipeline's views now (a
-//! running server picks the publication up within a second), and `verify PIPELINE`.
+//! `lambda-ctl run PIPELINE [--wait] [--views a,b] [--full] [--refresh-lookups]`: recompute a
+//! pipeline's views now (a running server picks the publication up within a second), and
+//! `verify PIPELINE`.
 //!
 //! With `--wait` the run happens in this process, which shows its progress and exits with its
 //! outcome. Without, this process starts a background `lambda-ctl run --detached` (in its own
@@ -22,6 +23,7 @@ use crate::lake::Lake;
 use crate::orchestration::fanout;
 use crate::plan::Plan;
 use crate::spec::Project;
+use crate::speed::lookups::Lookups;
 use crate::state::State;
 
 /// `run PIPELINE` of the loaded `project` (in `project_dir`).
@@ -29,17 +31,39 @@ pub fn pipeline(
     project_dir: &Path,
     project: Project,
     name: &str,
-    wait: bool,
-    detached: bool,
+    (wait, detached): (bool, bool),
     select: Select<'_>,
+    refresh_lookups: bool,
 ) -> Result<(), CliError> {
     let plan = compile(&project, name)?;
     if !wait && !detached {
-        return detach(project_dir, name, select);
+        return detach(project_dir, name, select, refresh_lookups);
     }
     let rt = runtime()?;
     rt.block_on(async {
         let (db, lake) = open(&project).await?;
+        // `--refresh-lookups`: the tables as their sources hold them now, each a version in
+        // the lake before the run records it. A source that cannot be read fails the run:
+        // history is never restated with a table that is not the current one.
+        let current = if refresh_lookups {
+            let lookups = Lookups::new(
+                Arc::new(plan.pipeline().clone()),
+                lake.clone(),
+                project.settings.lake_options.clone(),
+            );
+            Some(
+                lookups
+                    .read_sources()
+                    .await
+                    .map_err(|e| CliError::User(format!("--refresh-lookups: {e:#}")))?,
+            )
+        } else {
+            None
+        };
+        let select = Select {
+            lookups: current.as_ref(),
+            ..select
+        };
         let started = Instant::now();
         // Segments read, as a bar on a terminal only (indicatif draws nothing on a pipe); the
         // lines around it are printed either way.
@@ -113,7 +137,12 @@ pub fn pipeline(
 
 /// Runs the recompute in a background `lambda-ctl run --detached` and prints its run id;
 /// fails with the background process's message if it ends before the run exists.
-fn detach(project_dir: &Path, name: &str, select: Select<'_>) -> Result<(), CliError> {
+fn detach(
+    project_dir: &Path,
+    name: &str,
+    select: Select<'_>,
+    refresh_lookups: bool,
+) -> Result<(), CliError> {
     use std::io::{BufRead, Read, Seek};
     use std::os::unix::process::CommandExt;
     use std::process::{Command, Stdio};
@@ -142,6 +171,9 @@ fn detach(project_dir: &Path, name: &str, select: Select<'_>) -> Result<(), CliE
     }
     if select.full {
         cmd.arg("--full");
+    }
+    if refresh_lookups {
+        cmd.arg("--refresh-lookups");
     }
     let mut child = cmd
         .stdin(Stdio::null())

@@ -19,18 +19,32 @@ pub fn run(
     name: &str,
     wait: bool,
     detached: bool,
-    (views, full): (&[String], bool),
+    (views, full, refresh_lookups): (&[String], bool, bool),
 ) -> Result<(), CliError> {
     let project = super::load_project(project_dir)?;
     if project.workflow(name).is_none() && project.pipeline(name).is_some() {
         let select = crate::batch::Select {
             views: (!views.is_empty()).then_some(views),
             full,
+            lookups: None,
         };
-        return super::run::pipeline(project_dir, project, name, wait, detached, select);
+        return super::run::pipeline(
+            project_dir,
+            project,
+            name,
+            (wait, detached),
+            select,
+            refresh_lookups,
+        );
     }
-    if (!views.is_empty() || full) && project.workflow(name).is_some() {
-        let flag = if full { "--full" } else { "--views" };
+    if (!views.is_empty() || full || refresh_lookups) && project.workflow(name).is_some() {
+        let flag = if full {
+            "--full"
+        } else if refresh_lookups {
+            "--refresh-lookups"
+        } else {
+            "--views"
+        };
         return Err(CliError::User(format!(
             "{flag} applies to a pipeline; `{name}` is a workflow (its `batch` tasks name their views)"
         )));

@@ -56,6 +56,7 @@ async fn serve(project: spec::Project, listen: Option<SocketAddr>) -> Result<(),
             Arc::new(plan),
             db.clone(),
             lake.clone(),
+            settings.lake_options.clone(),
             &state_dir.join("log"),
             shutdown.clone(),
         )

@@ -25,6 +25,12 @@ pub fn dead_letter_path(pipeline: &str, arrival_ms: i64, unique: &str) -> String
     format!("dead_letters/{pipeline}/{arrival_ms:020}-{unique}.ndjson")
 }
 
+/// `lookups/{pipeline}/{lookup}/{version}.parquet`: one version of a lookup table, named by
+/// the hash of its bytes, written before any event is enriched with it and never changed.
+pub fn lookup_path(pipeline: &str, lookup: &str, version: &str) -> String {
+    format!("lookups/{pipeline}/{lookup}/{version}.parquet")
+}
+
 /// `views/{pipeline}/{view}/`: every published version of a batch view.
 pub fn view_prefix(pipeline: &str, view: &str) -> String {
     format!("views/{pipeline}/{view}/")
@@ -71,6 +77,10 @@ mod tests {
             "views/clicks/page_views/run=42/"
         );
         assert_eq!(runs_prefix("clicks"), "runs/clicks/");
+        assert_eq!(
+            lookup_path("clicks", "pages", "00ff"),
+            "lookups/clicks/pages/00ff.parquet"
+        );
         assert!(run_scratch_prefix("clicks", 7).starts_with(&runs_prefix("clicks")));
         // Zero padding keeps lexicographic order = position order.
         assert!(archive_path("a", 0, 9, 10) < archive_path("a", 0, 10, 11));

@@ -72,7 +72,11 @@ impl TaskRunner for Layers {
                 Arc::new(plan),
                 &self.state,
                 &self.lake,
-                batch::Select { views, full: false },
+                batch::Select {
+                    views,
+                    full: false,
+                    lookups: None,
+                },
                 self.help,
                 &mut progress,
             )

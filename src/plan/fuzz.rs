@@ -82,7 +82,8 @@ fn check_decoded(plan: &Plan, input: &[u8], d: &Decoded) {
         last = r.line;
     }
     if d.events.height() > 0 {
-        plan.partials_all(d.events.clone()).unwrap();
+        plan.partials_all(d.events.clone(), &crate::plan::LookupSet::none())
+            .unwrap();
         plan.filter_mask(&d.events).unwrap();
     }
 }

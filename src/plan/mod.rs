@@ -71,6 +71,7 @@ mod aggregate;
 pub(crate) mod decode;
 mod hll;
 mod layout;
+pub mod lookup;
 mod parquet;
 mod quantile;
 mod value;
@@ -86,11 +87,12 @@ use polars::prelude::*;
 use xxhash_rust::xxh3::xxh3_128;
 
 use crate::spec::expr;
-use crate::spec::{ColumnType, Pipeline};
+use crate::spec::{ColumnType, OnMissing, Pipeline};
 
 pub use accumulator::Accumulator;
 pub(crate) use decode::csv_whole_records;
 pub use decode::{Decoded, Rejection};
+pub use lookup::{LookupSet, LookupTable, TableError};
 pub use parquet::{FORMAT_KEY, LOGIC_HASH_KEY, VIEW_KEY};
 
 use layout::ViewLayout;
@@ -135,6 +137,18 @@ pub enum PlanError {
     Polars(#[from] PolarsError),
 }
 
+/// One micro-batch through the plan ([`Plan::partials_masked`]).
+#[derive(Debug)]
+pub struct Masked {
+    /// Partials of every view, in view order.
+    pub parts: Vec<DataFrame>,
+    /// Per event, the filter's result (None without a filter); a null drops the event.
+    pub filter: Option<BooleanChunked>,
+    /// Per lookup with `on_missing: reject`: its name and, per event, whether it has no row
+    /// for the event (the event is dropped).
+    pub rejected: Vec<(String, BooleanChunked)>,
+}
+
 /// A pipeline compiled once: everything needed to turn its bytes into finished view rows.
 #[derive(Debug)]
 pub struct Plan {
@@ -145,6 +159,8 @@ pub struct Plan {
     filter: Option<Expr>,
     /// Derived columns, cast to their spec type, in declaration order.
     columns: Vec<Expr>,
+    /// The lookups that filter or derived columns read, or that reject events without a row.
+    joins: Vec<lookup::Join>,
     views: Vec<Arc<ViewLayout>>,
     hashes: Vec<String>,
 }
@@ -166,10 +182,20 @@ impl Plan {
             });
         }
         let mut available = pipeline.schema.clone();
+        // Every lookup's columns, `NAME.COLUMN`: what the filter and derived columns may read.
+        let joined: Vec<(String, ColumnType)> = pipeline
+            .lookups
+            .iter()
+            .flat_map(|l| l.schema.iter().map(|(c, t)| (l.column_name(c), *t)))
+            .collect();
+        let mut read = std::collections::BTreeSet::new();
+        let visible = |available: &[(String, ColumnType)]| -> Vec<(String, ColumnType)> {
+            available.iter().chain(&joined).cloned().collect()
+        };
         let filter = match &pipeline.filter {
             None => None,
             Some(sql) => {
-                match expr::check(sql, &available) {
+                match expr::check(sql, &visible(&available)) {
                     Ok(ColumnType::Bool) => {}
                     Ok(t) => {
                         return Err(expr_err(
@@ -180,16 +206,19 @@ impl Plan {
                     }
                     Err(e) => return Err(expr_err("filter".into(), sql, e)),
                 }
-                Some(expr::parse(sql).map_err(|e| expr_err("filter".into(), sql, e))?)
+                let e = expr::parse(sql).map_err(|e| expr_err("filter".into(), sql, e))?;
+                read.extend(e.clone().meta().root_names());
+                Some(e)
             }
         };
         let mut columns = Vec::new();
         for (name, sql) in &pipeline.columns {
             let what = format!("column `{name}`");
-            let t = expr::check(sql, &available).map_err(|e| expr_err(what.clone(), sql, e))?;
-            let mut e = expr::parse(sql)
-                .map_err(|e| expr_err(what, sql, e))?
-                .cast(expr::dtype(t));
+            let t = expr::check(sql, &visible(&available))
+                .map_err(|e| expr_err(what.clone(), sql, e))?;
+            let parsed = expr::parse(sql).map_err(|e| expr_err(what, sql, e))?;
+            read.extend(parsed.clone().meta().root_names());
+            let mut e = parsed.cast(expr::dtype(t));
             if t == ColumnType::Float {
                 // NaN has no place in SQL aggregates; treating it as null keeps min/max/sum
                 // well defined and equal in every layer.
@@ -198,6 +227,25 @@ impl Plan {
             columns.push(e.alias(name.as_str()));
             available.push((name.clone(), t));
         }
+        let joins = pipeline
+            .lookups
+            .iter()
+            .enumerate()
+            .map(|(i, l)| lookup::Join {
+                lookup: i,
+                on: l.on.clone(),
+                event_time: l.valid.as_ref().map(|_| pipeline.event_time.clone()),
+                columns: l
+                    .schema
+                    .iter()
+                    .filter(|(c, _)| read.iter().any(|r| r.as_str() == l.column_name(c)))
+                    .map(|(c, t)| (c.clone(), l.column_name(c), expr::dtype(*t)))
+                    .collect(),
+                reject: l.on_missing == OnMissing::Reject,
+                row_column: format!("__lookup_row.{}", l.name),
+            })
+            .filter(|j| j.reject || !j.columns.is_empty())
+            .collect();
         let views = pipeline
             .views
             .iter()
@@ -211,6 +259,7 @@ impl Plan {
             decoder,
             filter,
             columns,
+            joins,
             views,
             hashes,
         })
@@ -233,7 +282,8 @@ impl Plan {
     }
 
     /// Per event, whether the pipeline's `filter` keeps it (a null result drops it, as in
-    /// [`Plan::prepare`]); `None` without a filter.
+    /// [`Plan::prepare`]); `None` without a filter. `events` carry the lookups' columns when
+    /// the filter reads them ([`Plan::join`]).
     pub fn filter_mask(&self, events: &DataFrame) -> PolarsResult<Option<BooleanChunked>> {
         const KEEP: &str = "__lambda_filter_keeps";
         let Some(f) = &self.filter else {
@@ -249,12 +299,69 @@ impl Plan {
         Ok(Some(keep.column(KEEP)?.bool()?.clone()))
     }
 
-    /// Filter, then derived columns, lazily: the batch layer passes a `scan_parquet` frame.
-    pub fn prepare(&self, events: LazyFrame) -> LazyFrame {
-        match &self.filter {
+    /// Whether the pipeline has lookups the plan joins (read by the filter or a derived
+    /// column, or rejecting events without a row).
+    pub fn joins_lookups(&self) -> bool {
+        !self.joins.is_empty()
+    }
+
+    /// The lookups joined to the events with the versions in `lookups` (one table per lookup
+    /// of the pipeline, in order): the columns that filter and derived columns read, as
+    /// `NAME.COLUMN`; events a lookup with `on_missing: reject` has no row for are dropped.
+    pub fn join(&self, events: LazyFrame, lookups: &LookupSet) -> PolarsResult<LazyFrame> {
+        if self.joins.is_empty() {
+            return Ok(events);
+        }
+        let lf = self.enrich(events, lookups)?;
+        let mut lf = lf;
+        for j in self.joins.iter().filter(|j| j.reject) {
+            lf = lf.filter(col(j.row_column.as_str()).is_not_null());
+        }
+        Ok(self.drop_rows(lf))
+    }
+
+    /// The joins' row numbers and columns, nothing dropped.
+    fn enrich(&self, mut lf: LazyFrame, lookups: &LookupSet) -> PolarsResult<LazyFrame> {
+        let tables = lookups.tables();
+        let names: Vec<&str> = tables.iter().map(|t| t.name()).collect();
+        let expected: Vec<&str> = self
+            .pipeline
+            .lookups
+            .iter()
+            .map(|l| l.name.as_str())
+            .collect();
+        if names != expected {
+            return Err(PolarsError::ComputeError(
+                format!(
+                    "pipeline `{}` joins lookups {expected:?}, but versions of {names:?} were given",
+                    self.pipeline.name
+                )
+                .into(),
+            ));
+        }
+        for j in &self.joins {
+            let (rows, taken) = j.exprs(&tables[j.lookup]);
+            lf = lf.with_column(rows);
+            if !taken.is_empty() {
+                lf = lf.with_columns(taken);
+            }
+        }
+        Ok(lf)
+    }
+
+    fn drop_rows(&self, lf: LazyFrame) -> LazyFrame {
+        let rows: Vec<&str> = self.joins.iter().map(|j| j.row_column.as_str()).collect();
+        lf.drop(by_name(rows, true, false))
+    }
+
+    /// Lookups, filter, then derived columns, lazily: the batch layer passes a `scan_parquet`
+    /// frame of segments that share one set of lookup versions.
+    pub fn prepare(&self, events: LazyFrame, lookups: &LookupSet) -> PolarsResult<LazyFrame> {
+        let events = self.join(events, lookups)?;
+        Ok(match &self.filter {
             Some(f) => self.derive(events.filter(f.clone())),
             None => self.derive(events),
-        }
+        })
     }
 
     /// The derived columns, in order.
@@ -266,24 +373,51 @@ impl Plan {
         lf
     }
 
-    /// One micro-batch's partials for every view, in view order, and the filter's mask (None
-    /// without a filter): the speed layer counts what the filter dropped from the same mask
-    /// that dropped it, so the filter runs once. The same rows as `prepare` keeps: a null
-    /// result drops the event.
-    pub fn partials_masked(
-        &self,
-        events: DataFrame,
-    ) -> PolarsResult<(Vec<DataFrame>, Option<BooleanChunked>)> {
-        let mask = self.filter_mask(&events)?;
-        let kept = match &mask {
-            Some(m) => events.filter(m)?,
-            None => events,
+    /// One micro-batch's partials for every view, in view order, with what dropped events
+    /// from them — the same rows [`Plan::prepare`] keeps (a null filter result drops the
+    /// event): the speed layer counts what the filter dropped, and dead-letters what a lookup
+    /// rejected, from the masks that dropped them, so each runs once.
+    pub fn partials_masked(&self, events: DataFrame, lookups: &LookupSet) -> PolarsResult<Masked> {
+        let enriched = if self.joins.is_empty() {
+            events
+        } else {
+            self.enrich(events.lazy(), lookups)?.collect()?
+        };
+        let mut rejected = Vec::new();
+        for j in self.joins.iter().filter(|j| j.reject) {
+            let missing = enriched.column(&j.row_column)?.is_null();
+            rejected.push((self.pipeline.lookups[j.lookup].name.clone(), missing));
+        }
+        let filter = self.filter_mask(&enriched)?;
+        let mut keep = filter
+            .as_ref()
+            .map(|m| m.fill_null_with_values(false))
+            .transpose()?;
+        for (_, missing) in &rejected {
+            let ok = !missing;
+            keep = Some(match keep {
+                Some(k) => &k & &ok,
+                None => ok,
+            });
+        }
+        let kept = match &keep {
+            Some(k) => enriched.filter(k)?,
+            None => enriched,
+        };
+        let kept = if self.joins.is_empty() {
+            kept
+        } else {
+            self.drop_rows(kept.lazy()).collect()?
         };
         let prepared = self.derive(kept.lazy()).collect()?;
         let parts = (0..self.views.len())
             .map(|v| self.partials(v, prepared.clone().lazy()).collect())
             .collect::<PolarsResult<_>>()?;
-        Ok((parts, mask))
+        Ok(Masked {
+            parts,
+            filter,
+            rejected,
+        })
     }
 
     /// Partial aggregation of prepared events for view `view` (an index into
@@ -293,8 +427,12 @@ impl Plan {
     }
 
     /// Prepares one micro-batch once and computes every view's partials from it, in view order.
-    pub fn partials_all(&self, events: DataFrame) -> PolarsResult<Vec<DataFrame>> {
-        let prepared = self.prepare(events.lazy()).collect()?;
+    pub fn partials_all(
+        &self,
+        events: DataFrame,
+        lookups: &LookupSet,
+    ) -> PolarsResult<Vec<DataFrame>> {
+        let prepared = self.prepare(events.lazy(), lookups)?.collect()?;
         (0..self.views.len())
             .map(|v| self.partials(v, prepared.clone().lazy()).collect())
             .collect()
@@ -352,9 +490,11 @@ impl Plan {
             .collect()
     }
 
-    /// Changes whenever anything that decides the view's answer changes — schema, filter,
-    /// derived columns, window, group_by, metrics, partials format — and not for
-    /// descriptions, sources, archive or dedupe settings.
+    /// Changes whenever anything that decides the view's answer changes — schema, lookup
+    /// definitions (key, on, schema, on_missing, effective dating), filter, derived columns,
+    /// window, group_by, metrics, partials format — and not for descriptions, sources,
+    /// archive or dedupe settings, nor for where a lookup's rows come from or a refresh of
+    /// them (the versions a segment was computed with are recorded with it).
     pub fn logic_hash(&self, view: usize) -> String {
         self.hashes[view].clone()
     }
@@ -381,6 +521,18 @@ fn logic_hash(p: &Pipeline, view: &ViewLayout) -> String {
         // Only nested columns add a line: flat schemas keep their earlier hash.
         if let Some(path) = p.paths.get(name) {
             text.push_str(&format!("path: {name} {path}\n"));
+        }
+    }
+    // A lookup's definition decides the answer; where its rows come from (`from`, `refresh`)
+    // does not: the rows are a version, recorded per segment like the events themselves.
+    // Pipelines without lookups keep their earlier hash.
+    for l in &p.lookups {
+        text.push_str(&format!(
+            "lookup: {} key={} on={} on_missing={:?} valid={:?}\n",
+            l.name, l.key, l.on, l.on_missing, l.valid
+        ));
+        for (name, t) in &l.schema {
+            text.push_str(&format!("lookup column: {}.{name} {}\n", l.name, t.name()));
         }
     }
     if let Some(f) = &p.filter {

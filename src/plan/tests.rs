@@ -8,7 +8,7 @@ use std::time::Duration;
 use polars::prelude::*;
 use proptest::prelude::*;
 
-use super::{Plan, PlanError, quantile};
+use super::{LookupSet, Plan, PlanError, quantile};
 use crate::spec::pipeline::aggregate;
 use crate::spec::{Archive, ColumnType, Format, Metric, Pipeline, Source, View, Window};
 
@@ -89,6 +89,7 @@ pub(super) fn test_pipeline() -> Pipeline {
         dedupe_window: Duration::from_secs(86_400),
         filter: Some("n IS NULL OR n <> 7".into()),
         columns: vec![("y".into(), "x * 2".into())],
+        lookups: vec![],
         archive: Archive {
             segment_rows: 1000,
             segment_age: Duration::from_secs(60),
@@ -180,9 +181,13 @@ fn decode(plan: &Plan, events: &[Ev], omit: u64) -> DataFrame {
 }
 
 fn partial(plan: &Plan, view: usize, events: &DataFrame) -> DataFrame {
-    plan.partials(view, plan.prepare(events.clone().lazy()))
-        .collect()
-        .expect("partials compute")
+    plan.partials(
+        view,
+        plan.prepare(events.clone().lazy(), &LookupSet::none())
+            .unwrap(),
+    )
+    .collect()
+    .expect("partials compute")
 }
 
 /// One output cell, as both the plan and the model produce it.
@@ -714,7 +719,11 @@ fn output_columns_and_types() {
 fn the_filter_and_derived_columns_run_before_aggregation() {
     let plan = plan();
     let d = plan.decode(b"{\"ts\": 1, \"x\": 2.5, \"n\": 7}\n{\"ts\": 2, \"x\": 4, \"n\": 1}\n{\"ts\": 3, \"x\": 1}\n");
-    let prepared = plan.prepare(d.events.lazy()).collect().unwrap();
+    let prepared = plan
+        .prepare(d.events.lazy(), &LookupSet::none())
+        .unwrap()
+        .collect()
+        .unwrap();
     assert_eq!(prepared.height(), 2, "n = 7 is filtered out");
     let y: Vec<Option<f64>> = prepared
         .column("y")

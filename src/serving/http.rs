@@ -164,6 +164,7 @@ async fn pipelines(State(app): State<Arc<App>>) -> Response {
                     .map(|(i, v)| (v.name.clone(), metrics::batch_cutoff_age_seconds(rt, i)))
                     .collect::<BTreeMap<_, _>>(),
                 "lag": rt.source_status.lag_json(),
+                "lookups": rt.lookups.json(),
                 "sinks": app.ops.sinks.iter()
                     .filter(|s| s.pipeline == rt.pipeline.name)
                     .map(|s| s.json())

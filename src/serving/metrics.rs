@@ -211,6 +211,44 @@ fn pipelines(e: &mut Exposition, named: &[(&str, &PipelineRuntime)]) {
             rt.counters.sealed_segments.load(Ordering::Relaxed) as f64,
         );
     }
+    type LookupFigure = (
+        &'static str,
+        &'static str,
+        bool,
+        fn(&crate::speed::lookups::LookupStatus) -> u64,
+    );
+    let lookup_figures: [LookupFigure; 3] = [
+        (
+            "lambda_lookup_refresh_failures_total",
+            "Reads of a lookup's source that failed (the previous version stayed in use).",
+            true,
+            |s| s.failures.load(Ordering::Relaxed),
+        ),
+        (
+            "lambda_lookup_refreshes_total",
+            "Reads of a lookup's source that succeeded.",
+            true,
+            |s| s.refreshes.load(Ordering::Relaxed),
+        ),
+        (
+            "lambda_lookup_rows",
+            "Rows of the lookup's newest version read from its source.",
+            false,
+            |s| s.rows.load(Ordering::Relaxed),
+        ),
+    ];
+    for (name, help, counter, get) in lookup_figures {
+        for &(p, rt) in named {
+            for (l, status) in rt.pipeline.lookups.iter().zip(&rt.lookups.status) {
+                let labels = [("pipeline", p), ("lookup", l.name.as_str())];
+                if counter {
+                    e.counter(name, help, &labels, get(status) as f64);
+                } else {
+                    e.gauge(name, help, &labels, get(status) as f64);
+                }
+            }
+        }
+    }
     // One lock per pipeline for both speed-state figures.
     let speed: Vec<(&str, usize, usize)> = named
         .iter()

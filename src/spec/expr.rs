@@ -36,10 +36,72 @@ pub fn schema_of(columns: &[(String, ColumnType)]) -> Schema {
         .collect()
 }
 
-/// Parses `sql` as a polars SQL expression.
+/// Parses `sql` as a polars SQL expression. A qualified name `lookup.column` reads the column
+/// of that name (a lookup's column joined to the events: the plan names it so).
 pub fn parse(sql: &str) -> Result<Expr, String> {
-    polars::sql::sql_expr(sql)
+    polars::sql::sql_expr(qualify(sql))
         .map_err(|e| format!("not a valid SQL expression: {}", first_line(&e.to_string())))
+}
+
+/// `sql` with every unquoted qualified name `a.b` written as the quoted identifier `"a.b"`,
+/// the name of the column the plan joins in for lookup `a`'s column `b`. String literals,
+/// quoted identifiers, comments and numbers (`1.5`) are left as they are.
+pub fn qualify(sql: &str) -> String {
+    let b = sql.as_bytes();
+    let word = |c: u8| c.is_ascii_alphanumeric() || c == b'_';
+    let starts_word = |c: u8| c.is_ascii_alphabetic() || c == b'_';
+    let mut out = String::with_capacity(sql.len() + 4);
+    let mut i = 0;
+    while i < b.len() {
+        let c = b[i];
+        if c == b'\'' || c == b'"' {
+            // A literal or quoted identifier; a doubled quote inside it escapes the quote.
+            let mut j = i + 1;
+            while j < b.len() {
+                if b[j] == c {
+                    if b.get(j + 1) == Some(&c) {
+                        j += 2;
+                        continue;
+                    }
+                    break;
+                }
+                j += 1;
+            }
+            let end = (j + 1).min(b.len());
+            out.push_str(&sql[i..end]);
+            i = end;
+        } else if b[i..].starts_with(b"--") {
+            let end = b[i..]
+                .iter()
+                .position(|c| *c == b'\n')
+                .map_or(b.len(), |n| i + n);
+            out.push_str(&sql[i..end]);
+            i = end;
+        } else if starts_word(c) && (i == 0 || !(word(b[i - 1]) || b[i - 1] == b'.')) {
+            let end = i + b[i..].iter().take_while(|c| word(**c)).count();
+            let qualified =
+                b.get(end) == Some(&b'.') && b.get(end + 1).is_some_and(|c| starts_word(*c));
+            if qualified {
+                let end2 = end + 1 + b[end + 1..].iter().take_while(|c| word(**c)).count();
+                // `a.b.c` or `a.b(` is not a lookup column: leave it to the SQL parser.
+                if !matches!(b.get(end2), Some(b'.' | b'(')) {
+                    out.push('"');
+                    out.push_str(&sql[i..end2]);
+                    out.push('"');
+                    i = end2;
+                    continue;
+                }
+            }
+            out.push_str(&sql[i..end]);
+            i = end;
+        } else {
+            // Copy the whole UTF-8 character.
+            let len = sql[i..].chars().next().map_or(1, char::len_utf8);
+            out.push_str(&sql[i..i + len]);
+            i += len;
+        }
+    }
+    out
 }
 
 /// Checks that `sql` parses, names only `columns`, and type-checks; returns its result type.
@@ -92,6 +154,29 @@ mod tests {
         assert_eq!(
             check("latency_ms / 1000", &cols()).unwrap(),
             ColumnType::Float
+        );
+    }
+
+    #[test]
+    fn qualified_names_become_quoted_identifiers() {
+        assert_eq!(qualify("stores.region"), "\"stores.region\"");
+        assert_eq!(
+            qualify("upper(stores.region) || ' ' || 'a.b' || \"x.y\""),
+            "upper(\"stores.region\") || ' ' || 'a.b' || \"x.y\""
+        );
+        assert_eq!(qualify("n * 1.5 + s.v"), "n * 1.5 + \"s.v\"");
+        assert_eq!(qualify("'it''s a.b' = p.q"), "'it''s a.b' = \"p.q\"");
+        assert_eq!(qualify("a.b.c"), "a.b.c");
+        assert_eq!(qualify("été.x"), "été.x");
+        let mut cols = cols();
+        cols.push(("stores.region".into(), ColumnType::String));
+        assert_eq!(
+            check("concat(stores.region, '/', page)", &cols).unwrap(),
+            ColumnType::String
+        );
+        assert_eq!(
+            check("stores.regin = 'x'", &cols).unwrap_err(),
+            "unknown column `stores.regin` (did you mean `stores.region`?)"
         );
     }
 

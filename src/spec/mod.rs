@@ -97,9 +97,10 @@ pub fn load_with_env(
         if let Some(p) = &built {
             claim_destinations(&mut d, &node, p, &mut claimed);
         }
-        if let Some(p) = built
+        if let Some(mut p) = built
             && d.is_empty()
         {
+            pipeline::resolve_project_paths(&mut p, root);
             pipelines.push(p);
         }
         all.extend(d.into_vec());

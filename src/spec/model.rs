@@ -111,6 +111,9 @@ pub struct Pipeline {
     pub filter: Option<String>,
     /// Derived columns `(name, SQL expression)`, evaluated in order after the filter.
     pub columns: Vec<(String, String)>,
+    /// Reference tables joined to every event before the filter, in file order; their
+    /// columns are `NAME.COLUMN` in `filter` and `columns`.
+    pub lookups: Vec<Lookup>,
     pub archive: Archive,
     pub views: Vec<View>,
 }
@@ -123,6 +126,95 @@ impl Pipeline {
     pub fn column_type(&self, name: &str) -> Option<ColumnType> {
         self.schema.iter().find(|(n, _)| n == name).map(|(_, t)| *t)
     }
+}
+
+/// One `lookups:` entry: a reference table whose row with `key` = the event's `on` is joined
+/// to the event (DESIGN.md §8: versioned like logic).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Lookup {
+    /// `[a-z][a-z0-9_]*`; its columns are `NAME.COLUMN` in SQL.
+    pub name: String,
+    pub from: LookupSource,
+    /// The lookup's column matched against the event's `on` (same type: string or int).
+    pub key: String,
+    /// A column of the pipeline's schema.
+    pub on: String,
+    /// The lookup's columns and their types, as read from the source; other columns are
+    /// ignored.
+    pub schema: Vec<(String, ColumnType)>,
+    /// How often the speed layer reads the source again (`None`: once, at start).
+    pub refresh: Option<Duration>,
+    pub on_missing: OnMissing,
+    /// Effective dating: `(valid_from, valid_to)` timestamp columns; a row applies to events
+    /// with `valid_from <= event_time < valid_to` (a null bound is open).
+    pub valid: Option<(String, String)>,
+}
+
+impl Lookup {
+    /// The column the plan joins in for `column` of this lookup: `NAME.COLUMN`.
+    pub fn column_name(&self, column: &str) -> String {
+        format!("{}.{column}", self.name)
+    }
+
+    pub fn column_type(&self, name: &str) -> Option<ColumnType> {
+        self.schema.iter().find(|(n, _)| n == name).map(|(_, t)| *t)
+    }
+}
+
+/// Where a lookup's rows come from.
+#[derive(Clone, PartialEq)]
+pub enum LookupSource {
+    /// A CSV (with a header) or Parquet file: lake-relative, or a `file://`, `s3://`,
+    /// `az://`, `gs://` URL configured by `options` (as `lake_options`).
+    File {
+        path: String,
+        format: FileFormat,
+        options: BTreeMap<String, String>,
+    },
+    /// The rows of a query against PostgreSQL (a password in `url` only as `${VAR}`).
+    Postgres { url: String, query: String },
+}
+
+impl LookupSource {
+    /// What the source is, for logs: the path, or `postgres:HOST/DB` (no password).
+    pub fn describe(&self) -> String {
+        match self {
+            LookupSource::File { path, .. } => redact_url(path),
+            LookupSource::Postgres { url, .. } => format!("postgres {}", redact_url(url)),
+        }
+    }
+}
+
+// Hand-written so a logged or printed spec never shows a password.
+impl fmt::Debug for LookupSource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            LookupSource::File {
+                path,
+                format,
+                options,
+            } => f
+                .debug_struct("File")
+                .field("path", &redact_url(path))
+                .field("format", format)
+                .field("options", &options.keys().collect::<Vec<_>>())
+                .finish(),
+            LookupSource::Postgres { url, query } => f
+                .debug_struct("Postgres")
+                .field("url", &redact_url(url))
+                .field("query", query)
+                .finish(),
+        }
+    }
+}
+
+/// What happens to an event whose `on` value has no row in the lookup.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnMissing {
+    /// The lookup's columns are null.
+    Null,
+    /// The event is dropped from every view and kept in the dead-letter area with the reason.
+    Reject,
 }
 
 #[derive(Debug, Clone, PartialEq)]

@@ -19,10 +19,11 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use super::log;
-use super::record::{concat_frames, decode_records, with_positions};
+use super::record::{ARRIVAL_COLUMN, OFFSET_COLUMN, concat_frames, decode_records, with_positions};
 use super::runtime::{Batch, LOG_PARTITION, PipelineRuntime};
 use crate::clock::now_ms;
 use crate::lake;
+use crate::plan::LookupSet;
 use crate::state::Segment;
 
 /// Longest wait between attempts to rebuild the open segment after a failure.
@@ -45,11 +46,15 @@ pub(super) struct Aggregator {
     rebuild_at: Option<Instant>,
     /// Failed attempts in a row (for the back-off).
     failures: u32,
+    /// The lookup versions the open segment is enriched with: taken when it opens, recorded
+    /// with it when it is sealed, so every event of a segment is enriched alike.
+    lookups: LookupSet,
 }
 
 impl Aggregator {
     pub(super) fn new(rt: Arc<PipelineRuntime>, checkpoint: u64) -> Self {
         Aggregator {
+            lookups: rt.lookups.current(),
             rt,
             lo: checkpoint,
             next: checkpoint,
@@ -215,13 +220,30 @@ impl Aggregator {
         {
             anyhow::bail!("injected failure of the plan");
         }
+        if self.next == self.lo {
+            // A segment opens: it takes the newest lookup versions.
+            self.lookups = self.rt.lookups.current();
+        }
         let rt = self.rt.clone();
-        let (events, parts, filtered) =
+        let lookups = self.lookups.clone();
+        let (events, parts, filtered, rejected) =
             tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
                 let events = concat_frames(frames)?;
-                let (parts, keep) = rt.plan.partials_masked(events.clone())?;
+                let masked = rt.plan.partials_masked(events.clone(), &lookups)?;
+                // An event a lookup rejected is counted as rejected, not as filtered.
+                let keep = match (&masked.filter, masked.rejected.is_empty()) {
+                    (Some(f), false) => {
+                        let mut k = f.fill_null_with_values(false)?;
+                        for (_, missing) in &masked.rejected {
+                            k = &k | missing;
+                        }
+                        Some(k)
+                    }
+                    (f, _) => f.clone(),
+                };
                 let filtered = dropped_fresh(keep.as_ref(), &sizes)?;
-                Ok((events, parts, filtered))
+                let rejected = rejections(&rt, &events, &masked.rejected, &sizes)?;
+                Ok((events, masked.parts, filtered, rejected))
             })
             .await??;
         let rows = events.height() as u64;
@@ -253,6 +275,9 @@ impl Aggregator {
             .counters
             .filtered
             .fetch_add(filtered, Ordering::Relaxed);
+        if !rejected.is_empty() {
+            self.dead_letter(rejected).await;
+        }
         // Visible now. A request whose reply has not reached the door yet was visible before
         // it was acknowledged: zero latency.
         for ack in acks {
@@ -314,6 +339,7 @@ impl Aggregator {
             dead_letters: rt.counters.rejected_unsealed.load(Ordering::Relaxed),
             min_event_ms: min_ms,
             max_event_ms: max_ms,
+            lookups: self.lookups.record(),
         };
         rt.db
             .seal_segment(&segment)
@@ -335,7 +361,100 @@ impl Aggregator {
         self.events.clear();
         self.rows = 0;
         self.opened = None;
+        self.lookups = rt.lookups.current();
         Ok(())
+    }
+
+    /// Writes the fresh events a lookup rejected to the dead-letter area (each with its
+    /// position and the reason) and counts them. They stay in the archive — a recompute with
+    /// a table that has their key (`run --refresh-lookups`) counts them — so a dead letter
+    /// that cannot be written is logged, not retried: the micro-batch is absorbed.
+    async fn dead_letter(&self, rejected: Vec<String>) {
+        let n = rejected.len() as u64;
+        self.rt.counters.rejected.fetch_add(n, Ordering::Relaxed);
+        self.rt
+            .counters
+            .rejected_unsealed
+            .fetch_add(n, Ordering::Relaxed);
+        let at = now_ms();
+        let mut body = String::new();
+        for line in rejected {
+            body.push_str(&line);
+            body.push('\n');
+        }
+        let unique = format!("lookup-{}-{}", std::process::id(), self.next);
+        let path = lake::dead_letter_path(&self.rt.pipeline.name, at, &unique);
+        if let Err(e) = self.rt.lake.put(&path, Bytes::from(body)).await {
+            tracing::error!(pipeline = %self.rt.pipeline.name, error = %e, rejected = n, "cannot write the dead letters of events a lookup rejected");
+        }
+    }
+}
+
+/// The dead-letter lines (JSON) of the fresh events that a lookup with `on_missing: reject`
+/// has no row for: position, reason, the event's values and when it arrived.
+fn rejections(
+    rt: &PipelineRuntime,
+    events: &DataFrame,
+    rejected: &[(String, BooleanChunked)],
+    frames: &[(u64, bool)],
+) -> anyhow::Result<Vec<String>> {
+    let mut out = Vec::new();
+    if rejected.is_empty() {
+        return Ok(out);
+    }
+    let p = &rt.pipeline;
+    let offsets = events.column(OFFSET_COLUMN)?.cast(&DataType::Int64)?;
+    let offsets = offsets.i64()?;
+    let arrivals = events.column(ARRIVAL_COLUMN)?.cast(&DataType::Int64)?;
+    let arrivals = arrivals.i64()?;
+    let mut start = 0usize;
+    for &(n, fresh) in frames {
+        let n = usize::try_from(n)?;
+        for row in start..start + if fresh { n } else { 0 } {
+            let Some((name, _)) = rejected
+                .iter()
+                .find(|(_, missing)| missing.get(row) == Some(true))
+            else {
+                continue;
+            };
+            let lookup = p
+                .lookups
+                .iter()
+                .find(|l| &l.name == name)
+                .context("a rejecting lookup of the pipeline")?;
+            let mut event = serde_json::Map::new();
+            for (column, _) in &p.schema {
+                let v = events.column(column)?.get(row)?;
+                event.insert(column.clone(), json_value(&v));
+            }
+            let key = event.get(&lookup.on).cloned().unwrap_or_default();
+            let rec = serde_json::json!({
+                "position": offsets.get(row),
+                "reason": format!("no row of lookup `{name}` for `{}` = {key} (on_missing: reject)", lookup.on),
+                "event": event,
+                "received_at": arrivals.get(row).map(crate::clock::format_ms),
+            });
+            out.push(rec.to_string());
+        }
+        start += n;
+    }
+    Ok(out)
+}
+
+/// An event's value as JSON: times in RFC 3339.
+fn json_value(v: &AnyValue) -> serde_json::Value {
+    use serde_json::Value;
+    match v {
+        AnyValue::Null => Value::Null,
+        AnyValue::Boolean(b) => Value::Bool(*b),
+        AnyValue::String(s) => Value::String(s.to_string()),
+        AnyValue::StringOwned(s) => Value::String(s.to_string()),
+        AnyValue::Int64(i) => Value::from(*i),
+        AnyValue::Int32(i) => Value::from(*i),
+        AnyValue::UInt64(i) => Value::from(*i),
+        AnyValue::Float64(f) => serde_json::Number::from_f64(*f).map_or(Value::Null, Value::Number),
+        AnyValue::Datetime(ms, _, _) => Value::String(crate::clock::format_ms(*ms)),
+        other => Value::String(other.to_string()),
     }
 }
 

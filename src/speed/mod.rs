@@ -5,6 +5,7 @@ mod aggregator;
 pub mod dedupe;
 pub mod door;
 pub mod log;
+pub mod lookups;
 pub mod partials;
 pub mod record;
 mod recovery;

@@ -17,12 +17,13 @@ use tokio::sync::mpsc;
 use super::dedupe::Dedupe;
 use super::door::id_strings;
 use super::log;
+use super::lookups::Lookups;
 use super::partials::SpeedState;
 use super::record::{ARRIVAL_COLUMN, decode_records};
 use super::runtime::{Batch, Counters};
 use crate::clock::now_ms;
 use crate::lake::Lake;
-use crate::plan::Plan;
+use crate::plan::{LookupSet, Plan};
 use crate::spec::Pipeline;
 use crate::state::{self, State};
 
@@ -49,9 +50,11 @@ impl Recent<'_> {
 
 /// Sealed segments: rebuilds their partials (and recent ids) from the lake — except those
 /// every view's published batch (of the current logic) covers.
+#[allow(clippy::too_many_arguments)]
 pub(super) async fn sealed_segments(
     pipeline: &Pipeline,
     plan: &Plan,
+    lookups: &Lookups,
     db: &State,
     lake: &Lake,
     speed: &RwLock<SpeedState>,
@@ -71,6 +74,7 @@ pub(super) async fn sealed_segments(
         _ => Default::default(),
     };
     let mut skipped = 0usize;
+    let mut sets: Vec<(Option<String>, LookupSet)> = Vec::new();
     for seg in &segments {
         let is_covered = covered.as_ref().is_some_and(|c| state::is_covered(c, seg));
         // Ids that arrived within the dedupe window are in segments sealed after its start.
@@ -97,7 +101,20 @@ pub(super) async fn sealed_segments(
         if is_covered {
             continue;
         }
-        let parts = partials_of(plan, &events)?;
+        // Enriched with the versions the segment recorded: the partials it had when sealed.
+        // (Consecutive segments mostly recorded the same ones: each set is loaded once.)
+        let set = match sets.iter().find(|(r, _)| *r == seg.lookups) {
+            Some((_, set)) => set.clone(),
+            None => {
+                let set = lookups
+                    .recorded(seg.lookups.as_deref())
+                    .await
+                    .with_context(|| format!("lookup versions of segment {}", seg.path))?;
+                sets.push((seg.lookups.clone(), set.clone()));
+                set
+            }
+        };
+        let parts = partials_of(plan, &events, &set)?;
         let mut st = speed.write();
         st.absorb(
             plan,
@@ -151,10 +168,14 @@ pub(super) fn replay(
     Ok(())
 }
 
-/// Partials of every view for raw (decoded) events.
-fn partials_of(plan: &Plan, events: &DataFrame) -> anyhow::Result<Vec<DataFrame>> {
+/// Partials of every view for raw (decoded) events, enriched with `lookups`.
+fn partials_of(
+    plan: &Plan,
+    events: &DataFrame,
+    lookups: &LookupSet,
+) -> anyhow::Result<Vec<DataFrame>> {
     // Prepared once for every view, not once per view.
-    Ok(plan.partials_all(events.clone())?)
+    Ok(plan.partials_all(events.clone(), lookups)?)
 }
 
 fn read_parquet(bytes: Bytes) -> anyhow::Result<DataFrame> {

@@ -11,6 +11,7 @@
 //! [`AGGREGATOR_QUEUE`] micro-batches; when the aggregator falls behind, the log's writer and
 //! then the door wait.
 
+use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
@@ -24,6 +25,7 @@ use tokio_util::sync::CancellationToken;
 use super::aggregator::Aggregator;
 use super::dedupe::Dedupe;
 use super::log::Log;
+use super::lookups::Lookups;
 use super::partials::{BatchView, Snapshot, SpeedState};
 use super::recovery;
 use super::status::SourceStatus;
@@ -91,6 +93,9 @@ pub struct Batch {
 pub struct PipelineRuntime {
     pub pipeline: Arc<Pipeline>,
     pub plan: Arc<Plan>,
+    /// The pipeline's lookup tables: the current versions (what a segment opening now is
+    /// enriched with), the versions segments recorded, refresh figures.
+    pub lookups: Arc<Lookups>,
     /// Partials and published batch views; serving reads them through [`Self::snapshot`].
     pub(super) state: Arc<RwLock<SpeedState>>,
     pub counters: Arc<Counters>,
@@ -119,6 +124,7 @@ impl PipelineRuntime {
         plan: Arc<Plan>,
         db: State,
         lake: Lake,
+        lake_options: BTreeMap<String, String>,
         log_dir: &Path,
         shutdown: CancellationToken,
     ) -> anyhow::Result<Arc<PipelineRuntime>> {
@@ -130,6 +136,16 @@ impl PipelineRuntime {
             .event_id
             .as_ref()
             .map(|_| Arc::new(Mutex::new(Dedupe::new(pipeline.dedupe_window))));
+
+        // The lookups' current versions before any event is enriched: read from their sources,
+        // or (a source failing) the newest sealed segment's, so a restart while PostgreSQL is
+        // down goes on with what it had.
+        let lookups = Lookups::new(pipeline.clone(), lake.clone(), lake_options);
+        if !pipeline.lookups.is_empty() {
+            let newest = db.segments(&name).await?.pop().and_then(|s| s.lookups);
+            lookups.refresh_all(newest.as_deref()).await?;
+            lookups.spawn_refreshes(shutdown.clone());
+        }
 
         // Sealed segments first, then the open segment from the log (see `recovery`).
         let checkpoint = db.checkpoint(&name, LOG_PARTITION).await?.unwrap_or(0);
@@ -144,7 +160,10 @@ impl PipelineRuntime {
                     id_column,
                     horizon_ms,
                 });
-        recovery::sealed_segments(&pipeline, &plan, &db, &lake, &speed, &counters, recent).await?;
+        recovery::sealed_segments(
+            &pipeline, &plan, &lookups, &db, &lake, &speed, &counters, recent,
+        )
+        .await?;
 
         // The log, with its consumer: the aggregator.
         let log_dir = log_dir.join(&name).join(format!("p={LOG_PARTITION}"));
@@ -163,6 +182,7 @@ impl PipelineRuntime {
         let rt = Arc::new(PipelineRuntime {
             pipeline: pipeline.clone(),
             plan: plan.clone(),
+            lookups,
             state: speed,
             counters,
             source_status: Arc::new(SourceStatus::default()),

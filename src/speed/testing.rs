@@ -80,6 +80,7 @@ impl Project {
             self.plan.clone(),
             self.db.clone(),
             self.lake.clone(),
+            BTreeMap::new(),
             &self.dir.path().join("log"),
             self.shutdown.clone(),
         )

@@ -24,6 +24,9 @@ pub struct Segment {
     /// Event-time range of the rows (epoch ms); `None` when the segment has no rows.
     pub min_event_ms: Option<i64>,
     pub max_event_ms: Option<i64>,
+    /// The lookup versions its events were enriched with (`plan::LookupSet::record`, JSON
+    /// `{"LOOKUP": "VERSION"}`); `None` for a pipeline without lookups.
+    pub lookups: Option<String>,
 }
 
 #[derive(sqlx::FromRow)]
@@ -38,6 +41,7 @@ struct SegmentRow {
     dead_letters: i64,
     min_event_ms: Option<i64>,
     max_event_ms: Option<i64>,
+    lookups: Option<String>,
 }
 
 impl SegmentRow {
@@ -53,6 +57,7 @@ impl SegmentRow {
             dead_letters: from_db("dead-letter count", self.dead_letters)?,
             min_event_ms: self.min_event_ms,
             max_event_ms: self.max_event_ms,
+            lookups: self.lookups,
         })
     }
 }
@@ -68,8 +73,8 @@ const ADVANCE_CHECKPOINT: &str = "
 
 const INSERT_SEGMENT: &str = "
     INSERT INTO segments (pipeline, partition, lo, hi, path, row_count, bytes, dead_letters,
-                          min_event_ms, max_event_ms, created_at)
-    VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)";
+                          min_event_ms, max_event_ms, created_at, lookups)
+    VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)";
 
 const COUNT_DEAD_LETTERS: &str = "
     INSERT INTO dead_letters (pipeline, total, updated_at) VALUES ($1, $2, $3)
@@ -155,6 +160,7 @@ impl State {
                 .bind(s.min_event_ms)
                 .bind(s.max_event_ms)
                 .bind(at)
+                .bind(&s.lookups)
                 .execute(&mut *tx)
                 .await
                 .map_err(db("seal segment: insert manifest row"))?;
@@ -180,7 +186,7 @@ impl State {
     pub async fn segments(&self, pipeline: &str) -> Result<Vec<Segment>, StateError> {
         const SQL: &str = "
             SELECT pipeline, partition, lo, hi, path, row_count, bytes, dead_letters,
-                   min_event_ms, max_event_ms
+                   min_event_ms, max_event_ms, lookups
             FROM segments WHERE pipeline = $1 ORDER BY partition, lo";
         let rows: Vec<SegmentRow> = on_pool!(self, |pool| sqlx::query_as(SQL)
             .bind(pipeline)
@@ -188,6 +194,45 @@ impl State {
             .await)
         .map_err(db("list segments"))?;
         rows.into_iter().map(SegmentRow::into_segment).collect()
+    }
+
+    /// Records `lookups` (a `plan::LookupSet::record`) as the versions of every segment of
+    /// `segments` (`lambda-ctl run --refresh-lookups`: history recomputed with the current
+    /// tables, from then on by every run and by recovery), in ONE transaction. Fails with
+    /// [`StateError::ArchiveRaced`], changing nothing, when one of them is no longer in the
+    /// manifest (compacted or dropped meanwhile).
+    pub async fn record_lookups(
+        &self,
+        segments: &[Segment],
+        lookups: Option<&str>,
+    ) -> Result<(), StateError> {
+        const SQL: &str = "UPDATE segments SET lookups = $5
+            WHERE pipeline = $1 AND partition = $2 AND lo = $3 AND hi = $4";
+        on_pool!(self, |pool| {
+            let mut tx = pool.begin().await.map_err(db("record lookup versions"))?;
+            for s in segments {
+                let changed = sqlx::query(SQL)
+                    .bind(&s.pipeline)
+                    .bind(i64::from(s.partition))
+                    .bind(to_db("position", s.lo)?)
+                    .bind(to_db("position", s.hi)?)
+                    .bind(lookups)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(db("record lookup versions"))?
+                    .rows_affected();
+                if changed != 1 {
+                    return Err(StateError::ArchiveRaced {
+                        pipeline: s.pipeline.clone(),
+                        partition: s.partition,
+                        lo: s.lo,
+                    });
+                }
+            }
+            tx.commit()
+                .await
+                .map_err(db("record lookup versions: commit"))
+        })
     }
 
     /// The next position of `partition` not yet sealed; `None` before its first segment.
@@ -329,6 +374,7 @@ impl State {
                 .bind(new.min_event_ms)
                 .bind(new.max_event_ms)
                 .bind(at)
+                .bind(&new.lookups)
                 .execute(&mut *tx)
                 .await
                 .map_err(db("compact segments: insert merged segment"))?;

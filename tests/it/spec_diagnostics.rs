@@ -75,6 +75,7 @@ cases!(
     json_paths,
     serve_sql,
     sinks,
+    lookups,
 );
 
 #[test]

@@ -142,6 +142,7 @@ fn segment(partition: u32, lo: u64, hi: u64) -> Segment {
         dead_letters: 0,
         min_event_ms: Some(1_700_000_000_000 + lo as i64),
         max_event_ms: Some(1_700_000_000_000 + hi as i64),
+        lookups: None,
     }
 }
 
@@ -815,6 +816,7 @@ async fn compaction_swaps_segments_in_one_transaction(url: String) {
         bytes: 3100,
         min_event_ms: old[0].min_event_ms,
         max_event_ms: old[2].max_event_ms,
+        lookups: None,
         ..segment(0, 0, 40)
     };
 

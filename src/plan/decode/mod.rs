@@ -62,7 +62,8 @@ enum Slot {
 pub(crate) struct Decoder {
     format: Format,
     columns: Vec<(String, ColumnType)>,
-    event_time: usize,
+    /// The event-time column, which every event must have (None for a lookup table's rows).
+    event_time: Option<usize>,
     /// The `event_id` column: an event without a usable id (missing, null or `""`) cannot be
     /// de-duplicated, so it is rejected rather than counted unchecked or all deduplicated as one.
     event_id: Option<usize>,
@@ -75,16 +76,29 @@ impl Decoder {
         Decoder {
             format: p.format,
             columns: p.schema.clone(),
-            event_time: p
-                .schema
-                .iter()
-                .position(|(n, _)| *n == p.event_time)
-                .unwrap_or(0),
+            event_time: Some(
+                p.schema
+                    .iter()
+                    .position(|(n, _)| *n == p.event_time)
+                    .unwrap_or(0),
+            ),
             event_id: p
                 .event_id
                 .as_ref()
                 .and_then(|id| p.schema.iter().position(|(n, _)| n == id)),
             tree: path::Tree::build(&p.schema, &p.paths),
+        }
+    }
+
+    /// A decoder of rows of a table (a lookup's CSV file, or its PostgreSQL query's rows as
+    /// NDJSON): `columns` typed as for events, no column required.
+    pub fn table(format: Format, columns: &[(String, ColumnType)]) -> Decoder {
+        Decoder {
+            format,
+            columns: columns.to_vec(),
+            event_time: None,
+            event_id: None,
+            tree: None,
         }
     }
 
@@ -293,11 +307,13 @@ impl Decoder {
 
     /// The event time, and the event id when the pipeline declares one.
     fn check_required(&self, slots: &[Slot]) -> Result<(), String> {
-        let name = &self.columns[self.event_time].0;
-        match slots[self.event_time] {
-            Slot::Missing => return Err(format!("missing event time `{name}`")),
-            Slot::Null => return Err(format!("event time `{name}` is null")),
-            _ => {}
+        if let Some(et) = self.event_time {
+            let name = &self.columns[et].0;
+            match slots[et] {
+                Slot::Missing => return Err(format!("missing event time `{name}`")),
+                Slot::Null => return Err(format!("event time `{name}` is null")),
+                _ => {}
+            }
         }
         let Some(id) = self.event_id else {
             return Ok(());

@@ -29,6 +29,7 @@ fn pipeline(format: Format) -> Pipeline {
         dedupe_window: Duration::from_secs(60),
         filter: None,
         columns: vec![],
+        lookups: vec![],
         archive: Archive {
             segment_rows: 10,
             segment_age: Duration::from_secs(1),

@@ -1,9 +1,10 @@
 //! `pipelines/NAME.yaml` → [`Pipeline`], reporting every problem with its location: the
 //! pipeline's own keys here; its `sources` (with `kafka`'s security and client settings),
-//! its `schema` (columns and JSON paths) and its `views` (windows and aggregates, and the
+//! its `schema` (columns and JSON paths), its `lookups` (reference tables) and its `views` (windows and aggregates, and the
 //! `sinks` each view is delivered to) beside.
 
 mod kafka;
+mod lookups;
 mod schema;
 mod sinks;
 mod sources;
@@ -18,6 +19,7 @@ use super::model::*;
 use super::read::{self, Obj};
 use super::yaml::{Loc, Node};
 
+pub use lookups::{LOOKUPS_AREA, resolve_project_paths};
 pub use schema::parse_path;
 pub use sinks::{AS_OF, PROGRESS_TABLE, SINK_TYPES};
 pub use sources::{DEFAULT_FILE_POSITION, DEFAULT_MESSAGE_ID, literal_secrets};
@@ -32,6 +34,7 @@ const KEYS: &[&str] = &[
     "event_time",
     "event_id",
     "dedupe_window",
+    "lookups",
     "filter",
     "columns",
     "archive",
@@ -151,11 +154,21 @@ pub fn build(d: &mut Diagnostics, root: &Node, file: &Path) -> Option<Pipeline> 
         );
     }
 
+    let lookups = match obj.value("lookups") {
+        None => Some(Vec::new()),
+        Some(n) => lookups::lookups(d, n, &schema, schema_ok),
+    };
+    // `NAME.COLUMN` of every lookup, for the filter and derived columns (not for views: a view
+    // groups or aggregates a derived column that names it).
+    let joined = lookups.as_deref().map(lookups::columns).unwrap_or_default();
+    let lookups_ok = lookups.is_some();
+
     // Filter sees the declared columns; derived columns see those plus earlier derived ones.
     let filter = obj.value("filter").and_then(|n| {
         let sql = read::string(d, n, "filter")?;
-        if schema_ok {
-            match expr::check(&sql, &schema) {
+        if schema_ok && lookups_ok {
+            let visible: Vec<_> = schema.iter().chain(&joined).cloned().collect();
+            match expr::check(&sql, &visible) {
                 Ok(ColumnType::Bool) => {}
                 Ok(t) => d.error(
                     n.loc(),
@@ -188,8 +201,9 @@ pub fn build(d: &mut Diagnostics, root: &Node, file: &Path) -> Option<Pipeline> 
                 );
                 continue;
             }
-            if schema_ok {
-                match expr::check(&sql, &available) {
+            if schema_ok && lookups_ok {
+                let visible: Vec<_> = available.iter().chain(&joined).cloned().collect();
+                match expr::check(&sql, &visible) {
                     Ok(t) => available.push((key.name.clone(), t)),
                     Err(e) => d.error(value.loc(), format!("column `{}` = `{sql}`: {e}", key.name)),
                 }
@@ -227,7 +241,7 @@ pub fn build(d: &mut Diagnostics, root: &Node, file: &Path) -> Option<Pipeline> 
 
     let views = obj
         .required(d, "views", "pipeline")
-        .and_then(|n| views::views(d, n, &available, schema_ok));
+        .and_then(|n| views::views(d, n, &available, schema_ok && lookups_ok));
 
     Some(Pipeline {
         name: name?,
@@ -242,6 +256,7 @@ pub fn build(d: &mut Diagnostics, root: &Node, file: &Path) -> Option<Pipeline> 
         dedupe_window: dedupe_window?,
         filter,
         columns,
+        lookups: lookups?,
         archive: archive?,
         views: views?,
     })

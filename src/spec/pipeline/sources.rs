@@ -313,6 +313,7 @@ fn servicebus(d: &mut Diagnostics, obj: &Obj) -> Option<Source> {
 /// password in a sink's `url`.
 pub fn literal_secrets(root: &Node) -> Vec<(Loc, String)> {
     let mut out = super::sinks::literal_sink_secrets(root);
+    out.extend(super::lookups::literal_lookup_secrets(root));
     if let Some(source) = root.get("source")
         && let Some(Node::Scalar { value, loc, .. }) = source.get("sas_key")
         && !value.trim().is_empty()
