@@ -27,6 +27,10 @@ const FILES: &[(&str, &str)] = &[
         "workflows/nightly.yaml",
         include_str!("../../workflows/nightly.yaml"),
     ),
+    (
+        "reference/pages.csv",
+        include_str!("../../reference/pages.csv"),
+    ),
     (".gitignore", ".lambda/\n"),
 ];
 

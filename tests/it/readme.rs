@@ -64,7 +64,7 @@ fn as_run_here(command: &str, addr: &str) -> String {
 
 /// A copy of the repository's project (pipelines, workflows) listening on a free port.
 fn served_copy(dir: &Path) -> String {
-    for sub in ["pipelines", "workflows"] {
+    for sub in ["pipelines", "workflows", "reference"] {
         std::fs::create_dir_all(dir.join(sub)).unwrap();
         for f in std::fs::read_dir(repo().join(sub)).unwrap() {
             let f = f.unwrap().path();
