@@ -41,7 +41,8 @@ impl Rows {
 
 #[derive(Debug)]
 enum Index {
-    Str(PlHashMap<Box<str>, Rows>),
+    // Keys up to 24 bytes are stored inline: a probe compares them without another miss.
+    Str(PlHashMap<PlSmallStr, Rows>),
     Int(PlHashMap<i64, Rows>),
 }
 
@@ -245,12 +246,16 @@ impl LookupTable {
     }
 }
 
+/// Per row of an effective-dated table, its `valid_from` and `valid_to` (epoch ms; null:
+/// open).
+type Bounds = (Vec<Option<i64>>, Vec<Option<i64>>);
+
 /// Adds row `row` under key `k`; `Err` when the key already has a row it would clash with.
 fn insert<K: std::hash::Hash + Eq>(
     map: &mut PlHashMap<K, Rows>,
     k: K,
     row: IdxSize,
-    periods: Option<&(Vec<Option<i64>>, Vec<Option<i64>>)>,
+    periods: Option<&Bounds>,
 ) -> Result<(), ()> {
     match periods {
         None => {
