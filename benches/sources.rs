@@ -167,8 +167,9 @@ async fn amqp(url: String) {
 /// over 0-9-1 (the fastest way to pre-publish; the source's side is what is measured).
 async fn servicebus(url: String, classic: String) {
     let queue = amqp_fill(&classic).await;
+    let prefetch = std::env::var("SERVICEBUS_BENCH_PREFETCH").unwrap_or_else(|_| "2000".into());
     let s = serve(&format!(
-        "  type: servicebus\n  url: \"{url}\"\n  queue: /amq/queue/{queue}\n  prefetch: 2000\n"
+        "  type: servicebus\n  url: \"{url}\"\n  queue: /amq/queue/{queue}\n  prefetch: {prefetch}\n"
     ));
     let took = until_counted(&s, N, s.started).await;
     report("servicebus", &s, N, took, " (AMQP 1.0)");
