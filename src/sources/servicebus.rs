@@ -219,7 +219,7 @@ impl broker::Session for ServiceBusSource {
                 };
                 tokio::select! {
                     durable = oldest => Next::Durable(durable),
-                    d = receiver.recv::<Body<Value>>(), if room => Next::Delivery(d),
+                    d = receiver.recv::<Body<Value>>(), if room => Next::Delivery(Box::new(d)),
                     _ = shutdown.cancelled() => Next::Shutdown,
                     _ = tokio::time::sleep_until(renew_at), if self.sas.is_some() => Next::Renew,
                 }
@@ -250,8 +250,10 @@ impl broker::Session for ServiceBusSource {
                     renew_at = tokio::time::Instant::now() + TOKEN_RENEW;
                     continue;
                 }
-                Next::Delivery(Err(e)) => break Err(e).context("receiving from the AMQP broker"),
-                Next::Delivery(Ok(d)) => d,
+                Next::Delivery(d) => match *d {
+                    Ok(d) => d,
+                    Err(e) => break Err(e).context("receiving from the AMQP broker"),
+                },
             };
             let mut batch = vec![first];
             let mut failure = None;
@@ -308,7 +310,7 @@ type InFlight = (JoinHandle<bool>, Vec<Delivery<Body<Value>>>);
 enum Next {
     /// The oldest batch in flight went through the door (false: shutdown came first).
     Durable(Result<bool, tokio::task::JoinError>),
-    Delivery(Result<Delivery<Body<Value>>, fe2o3_amqp::link::RecvError>),
+    Delivery(Box<Result<Delivery<Body<Value>>, fe2o3_amqp::link::RecvError>>),
     Shutdown,
     /// Time to renew the SAS token.
     Renew,
