@@ -5,6 +5,7 @@
 
 use std::collections::BTreeMap;
 
+use super::objects;
 use crate::spec::diag::{Diagnostics, did_you_mean};
 use crate::spec::model::*;
 use crate::spec::read::{self, Obj};
@@ -21,12 +22,6 @@ const KEYS: &[&str] = &[
     "valid_to",
     "options",
 ];
-/// Object stores a lookup's `from` URL may name (those the lake supports, but `memory://`).
-const URL_SCHEMES: &[&str] = &["file", "s3", "s3a", "az", "azure", "abfs", "abfss", "gs"];
-/// Where lambda-ctl keeps each version of a lookup table in the lake.
-pub const LOOKUPS_AREA: &str = "lookups";
-/// Lake areas lambda-ctl writes itself: a lake-relative lookup is not read from them.
-const LAKE_AREAS: &[&str] = &["archive", "views", "dead_letters", "runs", LOOKUPS_AREA];
 
 /// `lookups:` — a mapping `NAME: {from, key, on, schema, …}`; `columns` are the pipeline's
 /// schema columns, which `on` must name.
@@ -338,11 +333,15 @@ fn source(d: &mut Diagnostics, obj: &Obj, node: &Node, name: &str) -> Option<Loo
     }
     let path = read::string(d, node, "from")?;
     let loc = node.loc();
-    let is_url = path.contains("://");
-    let path_ok = if is_url {
-        url_path(d, &path, loc, name)
-    } else {
-        lake_path(d, &path, loc, name)
+    let is_url = objects::is_url(&path);
+    let what = format!("lookup `{name}` `from`");
+    let named = objects::Named {
+        what: &what,
+        example: "reference/stores.csv",
+    };
+    let path_ok = match path.strip_prefix("./") {
+        Some(rest) => project_file(d, &path, rest, loc, &what),
+        None => objects::check(d, &path, loc, &named),
     };
     if !is_url && path_ok && obj.value("options").is_some() {
         d.error(
@@ -373,96 +372,19 @@ fn source(d: &mut Diagnostics, obj: &Obj, node: &Node, name: &str) -> Option<Loo
     })
 }
 
-/// A `file://`, `s3://`, `az://` or `gs://` URL naming an object (not a bucket).
-fn url_path(d: &mut Diagnostics, path: &str, loc: Loc, name: &str) -> bool {
-    let parsed = match url::Url::parse(path) {
-        Ok(u) => u,
-        Err(e) => {
-            d.error(
-                loc,
-                format!("lookup `{name}`: invalid `from` `{path}`: {e}"),
-            );
-            return false;
-        }
-    };
-    let scheme = parsed.scheme();
-    if !URL_SCHEMES.contains(&scheme) {
-        d.error(
-            loc,
-            format!(
-                "lookup `{name}`: `from` `{path}`: unsupported scheme `{scheme}://` (use a path relative to the lake, file:///ABSOLUTE/PATH, s3://, az:// or gs://)"
-            ),
-        );
-        return false;
-    }
-    if scheme != "file" && parsed.host_str().is_none_or(str::is_empty) {
-        d.error(
-            loc,
-            format!("lookup `{name}`: `from` `{path}` has no bucket or container"),
-        );
-        return false;
-    }
-    if scheme == "file" && parsed.host_str().is_some_and(|h| !h.is_empty()) {
-        d.error(
-            loc,
-            format!(
-                "lookup `{name}`: write a local file as file:///ABSOLUTE/PATH (three slashes), not `{path}`"
-            ),
-        );
-        return false;
-    }
-    true
-}
-
-/// A path inside the lake: relative, without `.`/`..` steps, outside lambda-ctl's own areas;
-/// or, starting with `./`, a file of the project directory.
-fn lake_path(d: &mut Diagnostics, path: &str, loc: Loc, name: &str) -> bool {
-    if let Some(rest) = path.strip_prefix("./") {
-        if rest.is_empty()
-            || rest.contains('\\')
-            || rest
-                .split('/')
-                .any(|s| s.is_empty() || s == "." || s == "..")
-        {
-            d.error(
-                loc,
-                format!(
-                    "lookup `{name}`: invalid `from` `{path}`: write a file of the project like ./reference/stores.csv (no empty, `.` or `..` steps)"
-                ),
-            );
-            return false;
-        }
-        return true;
-    }
-    if path.starts_with('/') {
-        d.error(
-            loc,
-            format!(
-                "lookup `{name}`: `from` `{path}` is absolute: write file://{path} for a local file, or a path relative to the lake"
-            ),
-        );
-        return false;
-    }
-    let steps: Vec<&str> = path.split('/').collect();
-    if path.contains('\\')
-        || steps
-            .iter()
-            .any(|s| s.is_empty() || *s == "." || *s == "..")
+/// `./REST`: a file of the project directory, by a relative path without empty, `.` or `..`
+/// steps.
+fn project_file(d: &mut Diagnostics, path: &str, rest: &str, loc: Loc, what: &str) -> bool {
+    if rest.is_empty()
+        || rest.contains('\\')
+        || rest
+            .split('/')
+            .any(|s| s.is_empty() || s == "." || s == "..")
     {
         d.error(
             loc,
             format!(
-                "lookup `{name}`: invalid `from` `{path}`: write a path relative to the lake like reference/stores.csv (no empty, `.` or `..` steps)"
-            ),
-        );
-        return false;
-    }
-    if steps.len() > 1 && LAKE_AREAS.contains(&steps[0]) {
-        d.error(
-            loc,
-            format!(
-                "lookup `{name}`: `from` `{path}` is inside the lake's `{}/` area, which lambda-ctl manages; keep reference data elsewhere, e.g. reference/…",
-                steps[0]
+                "{what} `{path}`: write a file of the project like ./reference/stores.csv (no empty, `.` or `..` steps)"
             ),
         );
         return false;

@@ -5,6 +5,7 @@
 
 mod kafka;
 mod lookups;
+mod objects;
 mod schema;
 mod sinks;
 mod sources;
@@ -19,7 +20,8 @@ use super::model::*;
 use super::read::{self, Obj};
 use super::yaml::{Loc, Node};
 
-pub use lookups::{LOOKUPS_AREA, resolve_project_paths};
+pub use lookups::resolve_project_paths;
+pub use objects::LOOKUPS_AREA;
 pub use schema::parse_path;
 pub use sinks::{AS_OF, PROGRESS_TABLE, SINK_TYPES};
 pub use sources::{DEFAULT_FILE_POSITION, DEFAULT_MESSAGE_ID, literal_secrets};

@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use super::kafka::{kafka_security, kafka_sink_properties};
-use super::optional;
+use super::{objects, optional};
 use crate::spec::diag::{Diagnostics, did_you_mean};
 use crate::spec::model::*;
 use crate::spec::read::{self, Obj};
@@ -18,10 +18,6 @@ const COMMON: &[&str] = &["type", "emit", "every", "allowed_lateness"];
 pub const PROGRESS_TABLE: &str = "lambda_sink_progress";
 /// Longest PostgreSQL identifier (longer ones are silently truncated by the server).
 const PG_MAX_IDENT: usize = 63;
-/// Lake areas lambda-ctl writes itself: a lake-relative file sink may not write into them.
-const LAKE_AREAS: &[&str] = &["archive", "views", "dead_letters", "runs"];
-/// Object stores a file sink URL may name (those the lake supports, but `memory://`).
-const FILE_SCHEMES: &[&str] = &["file", "s3", "s3a", "az", "azure", "abfs", "abfss", "gs"];
 
 /// The view whose `sinks:` are read: its window and its output columns.
 pub(super) struct ViewShape<'a> {
@@ -327,12 +323,12 @@ fn files(d: &mut Diagnostics, obj: &Obj) -> Option<SinkTarget> {
         Some(n) => string_map(d, n, "options"),
     };
     let (path, loc) = required(d, obj, "path", what)?;
-    let is_url = path.contains("://");
-    let path_ok = if is_url {
-        url_path(d, &path, loc)
-    } else {
-        lake_path(d, &path, loc)
+    let is_url = objects::is_url(&path);
+    let named = objects::Named {
+        what: "files sink `path`",
+        example: "exports/revenue.parquet",
     };
+    let path_ok = objects::check(d, &path, loc, &named) && (!is_url || names_file(d, &path, loc));
     if !is_url && obj.value("options").is_some_and(|_| path_ok) {
         d.error(
             obj.get("options").map_or(obj.loc, Node::loc),
@@ -373,77 +369,18 @@ fn files(d: &mut Diagnostics, obj: &Obj) -> Option<SinkTarget> {
     })
 }
 
-/// A `file://`, `s3://`, `az://` or `gs://` URL naming an object (not a bucket).
-fn url_path(d: &mut Diagnostics, path: &str, loc: Loc) -> bool {
-    let parsed = match url::Url::parse(path) {
-        Ok(u) => u,
-        Err(e) => {
-            d.error(loc, format!("invalid files sink `path` `{path}`: {e}"));
-            return false;
-        }
-    };
-    let scheme = parsed.scheme();
-    if !FILE_SCHEMES.contains(&scheme) {
-        d.error(
-            loc,
-            format!(
-                "files sink `path` `{path}`: unsupported scheme `{scheme}://` (use a path relative to the lake, file:///ABSOLUTE/PATH, s3://, az:// or gs://)"
-            ),
-        );
+/// A URL (already checked) that names an object, not a bucket or a folder.
+fn names_file(d: &mut Diagnostics, path: &str, loc: Loc) -> bool {
+    let Ok(parsed) = url::Url::parse(path) else {
         return false;
-    }
+    };
     let object = parsed.path().trim_start_matches('/');
     if object.is_empty() || object.ends_with('/') {
         d.error(
             loc,
-            format!("files sink `path` `{path}` names no file (write e.g. {scheme}://BUCKET/exports/revenue.parquet)"),
-        );
-        return false;
-    }
-    if scheme != "file" && parsed.host_str().is_none_or(str::is_empty) {
-        d.error(
-            loc,
-            format!("files sink `path` `{path}` has no bucket or container"),
-        );
-        return false;
-    }
-    if scheme == "file" && parsed.host_str().is_some_and(|h| !h.is_empty()) {
-        d.error(
-            loc,
-            format!("files sink `path` `{path}`: write a local file as file:///ABSOLUTE/PATH (three slashes)"),
-        );
-        return false;
-    }
-    true
-}
-
-/// A path inside the lake: relative, without `.`/`..` steps, outside lambda-ctl's own areas.
-fn lake_path(d: &mut Diagnostics, path: &str, loc: Loc) -> bool {
-    if path.starts_with('/') {
-        d.error(
-            loc,
-            format!("files sink `path` `{path}` is absolute: write file://{path} for a local file, or a path relative to the lake"),
-        );
-        return false;
-    }
-    let steps: Vec<&str> = path.split('/').collect();
-    if path.contains('\\')
-        || steps
-            .iter()
-            .any(|s| s.is_empty() || *s == "." || *s == "..")
-    {
-        d.error(
-            loc,
-            format!("invalid files sink `path` `{path}`: write a path relative to the lake like exports/revenue.parquet (no empty, `.` or `..` steps)"),
-        );
-        return false;
-    }
-    if steps.len() > 1 && LAKE_AREAS.contains(&steps[0]) {
-        d.error(
-            loc,
             format!(
-                "files sink `path` `{path}` is inside the lake's `{}/` area, which lambda-ctl manages; write elsewhere, e.g. exports/…",
-                steps[0]
+                "files sink `path` `{path}` names no file (write e.g. {}://BUCKET/exports/revenue.parquet)",
+                parsed.scheme()
             ),
         );
         return false;
