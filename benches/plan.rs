@@ -232,14 +232,7 @@ fn lookup_figure(lines: &[String]) {
     let index_ms = built.elapsed().as_millis();
     let set = LookupSet::new(vec![Arc::new(table)]);
     let none = LookupSet::none();
-    let bodies: Vec<Vec<u8>> = lines
-        .chunks(10_000)
-        .map(|c| {
-            let mut body = c.join("\n").into_bytes();
-            body.push(b'\n');
-            body
-        })
-        .collect();
+    let bodies = bodies(lines, 10_000);
     let per_event = |plan: &Plan, set: &LookupSet| {
         for body in bodies.iter().take(2) {
             plan.partials_all(plan.decode(body).events, set)
@@ -264,16 +257,21 @@ fn lookup_figure(lines: &[String]) {
     );
 }
 
-/// Decode CPU per event over 10k-event batches.
-fn decode_ns(plan: &Plan, lines: &[String]) -> f64 {
-    let bodies: Vec<Vec<u8>> = lines
-        .chunks(10_000)
+/// `lines` as NDJSON request bodies of `batch` events each.
+fn bodies(lines: &[String], batch: usize) -> Vec<Vec<u8>> {
+    lines
+        .chunks(batch)
         .map(|c| {
             let mut body = c.join("\n").into_bytes();
             body.push(b'\n');
             body
         })
-        .collect();
+        .collect()
+}
+
+/// Decode CPU per event over 10k-event batches.
+fn decode_ns(plan: &Plan, lines: &[String]) -> f64 {
+    let bodies = bodies(lines, 10_000);
     let _ = plan.decode(&bodies[0]);
     let m = measure(|| {
         for body in &bodies {
@@ -350,14 +348,7 @@ fn main() {
         "+absorb ns"
     );
     for batch in [1_000usize, 10_000, 100_000] {
-        let bodies: Vec<Vec<u8>> = lines
-            .chunks(batch)
-            .map(|c| {
-                let mut body = c.join("\n").into_bytes();
-                body.push(b'\n');
-                body
-            })
-            .collect();
+        let bodies = bodies(&lines, batch);
         // Warm-up: allocator, polars thread pool, lazy statics.
         for body in bodies.iter().take(2) {
             let d = plan.decode(body);

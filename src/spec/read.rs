@@ -1,6 +1,7 @@
 //! Typed reads from the located YAML tree; each failed read records a diagnostic and yields
 //! `None`, so validation continues and reports every problem.
 
+use std::collections::BTreeMap;
 use std::ops::RangeInclusive;
 use std::time::Duration;
 
@@ -310,4 +311,24 @@ fn describe(node: &Node) -> String {
         Node::Scalar { value, .. } if !node.is_null() => format!("`{value}`"),
         _ => node.kind().to_string(),
     }
+}
+
+/// A mapping of string settings (`options:` of an object store): each value a string.
+pub fn string_map(
+    d: &mut Diagnostics,
+    node: &Node,
+    what: &str,
+) -> Option<BTreeMap<String, String>> {
+    let entries = entries(d, node, what, "setting: value")?;
+    let mut out = BTreeMap::new();
+    let mut ok = true;
+    for (k, v) in entries {
+        match string(d, v, &k.name) {
+            Some(s) => {
+                out.insert(k.name.clone(), s);
+            }
+            None => ok = false,
+        }
+    }
+    ok.then_some(out)
 }

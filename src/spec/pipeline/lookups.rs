@@ -294,7 +294,7 @@ fn lookup_schema(
 fn source(d: &mut Diagnostics, obj: &Obj, node: &Node, name: &str) -> Option<LookupSource> {
     let options = match obj.value("options") {
         None => Some(BTreeMap::new()),
-        Some(n) => string_map(d, n),
+        Some(n) => read::string_map(d, n, "options"),
     };
     if let Node::Map { .. } = node {
         let o = Obj::new(d, node, &format!("lookup `{name}` `from`"), &["postgres"])?;
@@ -390,22 +390,6 @@ fn project_file(d: &mut Diagnostics, path: &str, rest: &str, loc: Loc, what: &st
         return false;
     }
     true
-}
-
-/// A mapping of string settings (`options:`).
-fn string_map(d: &mut Diagnostics, node: &Node) -> Option<BTreeMap<String, String>> {
-    let entries = read::entries(d, node, "options", "setting: value")?;
-    let mut out = BTreeMap::new();
-    let mut ok = true;
-    for (k, v) in entries {
-        match read::string(d, v, &k.name) {
-            Some(s) => {
-                out.insert(k.name.clone(), s);
-            }
-            None => ok = false,
-        }
-    }
-    ok.then_some(out)
 }
 
 /// Makes the project-relative `from` paths (`./reference/x.csv`) of `p`'s lookups

@@ -320,7 +320,7 @@ fn files(d: &mut Diagnostics, obj: &Obj) -> Option<SinkTarget> {
     };
     let options = match obj.value("options") {
         None => Some(BTreeMap::new()),
-        Some(n) => string_map(d, n, "options"),
+        Some(n) => read::string_map(d, n, "options"),
     };
     let (path, loc) = required(d, obj, "path", what)?;
     let is_url = objects::is_url(&path);
@@ -386,22 +386,6 @@ fn names_file(d: &mut Diagnostics, path: &str, loc: Loc) -> bool {
         return false;
     }
     true
-}
-
-/// A mapping of string settings (`options:`).
-fn string_map(d: &mut Diagnostics, node: &Node, what: &str) -> Option<BTreeMap<String, String>> {
-    let entries = read::entries(d, node, what, "setting: value")?;
-    let mut out = BTreeMap::new();
-    let mut ok = true;
-    for (k, v) in entries {
-        match read::string(d, v, &k.name) {
-            Some(s) => {
-                out.insert(k.name.clone(), s);
-            }
-            None => ok = false,
-        }
-    }
-    ok.then_some(out)
 }
 
 /// Where a postgres sink's `url` carries a password written into the file rather than as
