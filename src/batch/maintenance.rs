@@ -347,6 +347,7 @@ async fn retire_windows(
     let started = std::time::Instant::now();
     let mut run: Option<RunId> = None;
     let result = async {
+        let restated = state.restated_by(&pipeline.name).await?;
         for (v, view) in pipeline.views.iter().enumerate() {
             if view.window == Window::All {
                 continue;
@@ -363,6 +364,15 @@ async fn retire_windows(
                 if current.logic_hash != plan.logic_hash(v) {
                     log(format!(
                         "{}.{}: the current version was computed by other logic; its windows are retired by the next batch run",
+                        pipeline.name, view.name
+                    ));
+                    break;
+                }
+                // Republished under this run's id, partials computed before a restatement
+                // of the lookup versions would pass for restated ones (batch::run).
+                if restated.is_some_and(|r| current.run_id < r) {
+                    log(format!(
+                        "{}.{}: the current version predates the restatement of the lookup versions; its windows are retired by the next batch run, which recomputes it",
                         pipeline.name, view.name
                     ));
                     break;

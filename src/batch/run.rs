@@ -176,7 +176,9 @@ async fn run_views(
     let (cutoff, mut segments) = sealed(state, &pipeline).await?;
     if let Some(set) = restate {
         let record = set.record();
-        state.record_lookups(&segments, record.as_deref()).await?;
+        state
+            .record_lookups(&pipeline, run_id, &segments, record.as_deref())
+            .await?;
         for s in &mut segments {
             s.lookups = record.clone();
         }
@@ -216,14 +218,26 @@ async fn run_views(
         ),
     )
     .await;
+    // Read after this run's own restatement, if any: a view it does not publish (`--views`,
+    // or the run fails) is recomputed in full by the next run.
+    let restated = state.restated_by(&pipeline).await?;
     let mut prepared = Vec::with_capacity(selected.len());
     for &v in selected {
         let name = &plan.pipeline().views[v].name;
-        prepared.push(
-            prepare_view(plan, state, lake, v, (&cutoff, full), &segments)
-                .await
-                .with_context(|| format!("view `{name}`"))?,
-        );
+        let prep = prepare_view(plan, state, lake, v, (&cutoff, full, restated), &segments)
+            .await
+            .with_context(|| format!("view `{name}`"))?;
+        if let (Some(r), Some(cur)) = (restated, &prep.current)
+            && !full
+            && cur.run_id < r
+        {
+            let line = format!(
+                "view {name}: publication {} (run {}) predates run {}'s restatement of the lookup versions: recomputing from every segment",
+                cur.id, cur.run_id.0, r.0
+            );
+            log(state, run_id, &line).await;
+        }
+        prepared.push(prep);
     }
     if let Some(scale) = scale
         && let Some((finish, jobs)) =
@@ -328,7 +342,7 @@ async fn prepare_view(
     state: &State,
     lake: &Lake,
     view: usize,
-    (cutoff, full): (&Cutoff, bool),
+    (cutoff, full, restated): (&Cutoff, bool, Option<RunId>),
     segments: &[Segment],
 ) -> anyhow::Result<Prepared> {
     let pipeline = plan.pipeline().name.clone();
@@ -339,12 +353,14 @@ async fn prepare_view(
     }
     let hash = plan.logic_hash(view);
     // Incremental only on top of partials of the same logic, and never backwards (a cutoff
-    // that went down would mean the manifest was reset: recompute); never when asked for full.
+    // that went down would mean the manifest was reset: recompute); never when asked for full,
+    // nor on partials computed before the segments' lookup versions were restated.
     let base = current
         .as_ref()
         .filter(|c| {
             !full
                 && c.logic_hash == hash
+                && restated.is_none_or(|r| c.run_id >= r)
                 && c.cutoff
                     .iter()
                     .all(|(p, pos)| cutoff.get(p).is_some_and(|now| now >= pos))

@@ -220,6 +220,60 @@ async fn full_then_incremental_then_full_on_new_logic_and_failures_publish_nothi
     assert_eq!(state.runs(Some("orders"), 10).await.unwrap().len(), 5);
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restatement_that_published_nothing_is_recomputed_by_the_next_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}", dir.path().join("state.db").display());
+    let state = State::open(&url).await.unwrap();
+    let lake = Lake::open("memory://", &BTreeMap::new()).unwrap();
+    let v1 = plan(SPEC);
+    seal(&state, &lake, 0, &[("DE", 1.0), ("US", 2.0)]).await;
+    run_ok(&v1, &state, &lake).await;
+    seal(&state, &lake, 2, &[("DE", 5.0)]).await;
+    assert_eq!(state.restated_by("orders").await.unwrap(), None);
+
+    // `run --refresh-lookups` recorded new versions for every segment, then died before it
+    // published (killed, the lake down): the publication holds the old enrichment.
+    let (_, segments) = sealed(&state, "orders").await.unwrap();
+    let refresh = state
+        .create_run(RunKind::Batch, "orders", None)
+        .await
+        .unwrap();
+    state.start_run(refresh.id).await.unwrap();
+    state
+        .record_lookups("orders", refresh.id, &segments, Some(r#"{"stores":"v2"}"#))
+        .await
+        .unwrap();
+    state
+        .finish_run(refresh.id, Outcome::Failed, Some("killed"))
+        .await
+        .unwrap();
+    assert_eq!(state.restated_by("orders").await.unwrap(), Some(refresh.id));
+    let recorded = state.segments("orders").await.unwrap();
+    assert!(
+        recorded
+            .iter()
+            .all(|s| s.lookups.as_deref() == Some(r#"{"stores":"v2"}"#))
+    );
+
+    // The next run of any kind builds on nothing computed before the restatement: it
+    // recomputes every segment (with the versions they now record) and says why.
+    let r = run_ok(&v1, &state, &lake).await;
+    assert_eq!(r.views[0].mode, Mode::Full);
+    assert_eq!(r.views[0].segments, 2);
+    let log = state.run(r.run_id).await.unwrap().unwrap().log;
+    assert!(log.contains("restatement"), "{log}");
+    assert_eq!(
+        served(&v1, &state, &lake).await,
+        vec![("DE".into(), 2, 6.0), ("US".into(), 1, 2.0)]
+    );
+    // Published after the restatement, the view is a base again.
+    seal(&state, &lake, 3, &[("FR", 3.0)]).await;
+    let r = run_ok(&v1, &state, &lake).await;
+    assert_eq!(r.views[0].mode, Mode::Incremental);
+    assert_eq!(r.views[0].segments, 1);
+}
+
 async fn run_ok(plan: &Arc<Plan>, state: &State, lake: &Lake) -> RunSummary {
     run(plan, state, lake).await.unwrap()
 }

@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 
 use chrono::{DateTime, Utc};
 
-use super::{State, StateError, db, from_db, now, to_db};
+use super::{RunId, State, StateError, db, from_db, now, to_db};
 
 /// A sealed Parquet segment: positions `[lo, hi)` of one pipeline partition.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -197,19 +197,34 @@ impl State {
     }
 
     /// Records `lookups` (a `plan::LookupSet::record`) as the versions of every segment of
-    /// `segments` (`lambda-ctl run --refresh-lookups`: history recomputed with the current
-    /// tables, from then on by every run and by recovery), in ONE transaction. Fails with
-    /// [`StateError::ArchiveRaced`], changing nothing, when one of them is no longer in the
-    /// manifest (compacted or dropped meanwhile).
+    /// `segments` of `pipeline` (`lambda-ctl run --refresh-lookups`: history recomputed with
+    /// the current tables, from then on by every run and by recovery) and that run `run_id`
+    /// restated the pipeline's history (see [`State::restated_by`]), in ONE transaction. Fails
+    /// with [`StateError::ArchiveRaced`], changing nothing, when one of them is no longer in
+    /// the manifest (compacted or dropped meanwhile).
     pub async fn record_lookups(
         &self,
+        pipeline: &str,
+        run_id: RunId,
         segments: &[Segment],
         lookups: Option<&str>,
     ) -> Result<(), StateError> {
         const SQL: &str = "UPDATE segments SET lookups = $5
             WHERE pipeline = $1 AND partition = $2 AND lo = $3 AND hi = $4";
+        const RESTATED: &str = "INSERT INTO restatements
+            (pipeline, run_id, lookups, segments, created_at) VALUES ($1, $2, $3, $4, $5)";
+        let count = to_db("segment count", segments.len() as u64)?;
         on_pool!(self, |pool| {
             let mut tx = pool.begin().await.map_err(db("record lookup versions"))?;
+            sqlx::query(RESTATED)
+                .bind(pipeline)
+                .bind(run_id.0)
+                .bind(lookups)
+                .bind(count)
+                .bind(now())
+                .execute(&mut *tx)
+                .await
+                .map_err(db("record lookup versions: restatement"))?;
             for s in segments {
                 let changed = sqlx::query(SQL)
                     .bind(&s.pipeline)
@@ -233,6 +248,20 @@ impl State {
                 .await
                 .map_err(db("record lookup versions: commit"))
         })
+    }
+
+    /// The latest run that restated `pipeline`'s history ([`State::record_lookups`]); `None`
+    /// when none did. A view published by an earlier run was computed with lookup versions
+    /// its segments no longer record, so the batch layer recomputes it from every segment
+    /// instead of building on it.
+    pub async fn restated_by(&self, pipeline: &str) -> Result<Option<RunId>, StateError> {
+        const SQL: &str = "SELECT MAX(run_id) FROM restatements WHERE pipeline = $1";
+        let (id,): (Option<i64>,) = on_pool!(self, |pool| sqlx::query_as(SQL)
+            .bind(pipeline)
+            .fetch_one(pool)
+            .await)
+        .map_err(db("read restatements"))?;
+        Ok(id.map(RunId))
     }
 
     /// The next position of `partition` not yet sealed; `None` before its first segment.

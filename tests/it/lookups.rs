@@ -52,6 +52,10 @@ views:
     group_by: [region]
     window: all
     metrics: {{n: count(), total: sum(amount)}}
+  - name: regions
+    group_by: [region]
+    window: all
+    metrics: {{n: count(), total: sum(amount)}}
 "#
     )
 }
@@ -328,11 +332,29 @@ async fn refresh_keeps_batch_equal_to_speed(test_lake: &TestLake) {
     verify(dir.path(), "sales");
 
     // `--refresh-lookups` restates history with today's table, for good: the segments now
-    // record it, so a later full recompute and `verify` agree with it.
-    let id = run_batch(dir.path(), "sales", &["--refresh-lookups"]).await;
+    // record it, so a later full recompute and `verify` agree with it. Restricted to one
+    // view, the run leaves the other computed with the old versions…
+    let id = run_batch(
+        dir.path(),
+        "sales",
+        &["--refresh-lookups", "--views", "by_region"],
+    )
+    .await;
     wait_for_batch(&client, &server, "/v1/views/sales/by_region", &id).await;
     let restated = oracle(&[(&a, &v2), (&b, &v2)]);
     wait_for_rows(&client, &server, key, &restated).await;
+    let other = ("sales", "regions", "region", "total");
+    wait_for_rows(&client, &server, other, &mixed).await;
+    // …which the next run, of any kind, recomputes from every segment (as after a refresh
+    // that failed or was killed before it published).
+    let next = run_batch(dir.path(), "sales", &[]).await;
+    wait_for_batch(&client, &server, "/v1/views/sales/regions", &next).await;
+    wait_for_rows(&client, &server, other, &restated).await;
+    let log = lambda(dir.path(), &["logs", &next]).0;
+    assert!(
+        log.contains("view regions: full") && log.contains("view by_region: incremental"),
+        "only the view computed before the restatement is recomputed: {log}"
+    );
     for s in state.segments("sales").await.unwrap() {
         assert!(
             s.lookups.as_deref().is_some_and(|l| l.contains(&second)),
