@@ -13,6 +13,7 @@ use std::sync::Arc;
 
 use polars::prelude::*;
 
+use super::keyindex::{Key, KeyIndex};
 use crate::spec::expr;
 use crate::spec::{ColumnType, Lookup};
 
@@ -30,13 +31,11 @@ fn period_at(periods: &Periods, t: Option<i64>) -> Option<IdxSize> {
 }
 
 /// Key → slot: the key's row, or in an effective-dated table the index of its periods in
-/// [`LookupTable::periods`]. Slots are 4 bytes, so the map of a large table stays small
-/// (fewer cache and TLB misses per probe).
+/// [`LookupTable::periods`]; probed a group of events at a time ([`KeyIndex`]).
 #[derive(Debug)]
 enum Index {
-    // Keys up to 24 bytes are stored inline: a probe compares them without another miss.
-    Str(PlHashMap<PlSmallStr, u32>),
-    Int(PlHashMap<i64, u32>),
+    Str(KeyIndex<PlSmallStr>),
+    Int(KeyIndex<i64>),
 }
 
 /// One version of a lookup table: its declared columns, typed, and the index of its key.
@@ -128,7 +127,7 @@ impl LookupTable {
         let mut keyed = periods.as_ref().map(|bounds| (bounds, Vec::new()));
         let index = match lookup.column_type(&lookup.key) {
             Some(ColumnType::String) => {
-                let mut map = PlHashMap::with_capacity(frame.height());
+                let mut map = KeyIndex::with_capacity(frame.height());
                 for (row, k) in (0..).zip(key.str()?.iter()) {
                     if let Some(k) = k {
                         insert(&mut map, k.into(), row, keyed.as_mut()).map_err(|()| dup(&k))?;
@@ -137,7 +136,7 @@ impl LookupTable {
                 Index::Str(map)
             }
             Some(ColumnType::Int) => {
-                let mut map = PlHashMap::with_capacity(frame.height());
+                let mut map = KeyIndex::with_capacity(frame.height());
                 for (row, k) in (0..).zip(key.i64()?.iter()) {
                     if let Some(k) = k {
                         insert(&mut map, k, row, keyed.as_mut()).map_err(|()| dup(&k))?;
@@ -192,12 +191,12 @@ impl LookupTable {
 
     /// Sorts each key's periods and checks that none overlap; on overlap, the key.
     fn sort_periods(&mut self) -> Result<(), String> {
-        fn check<K: std::fmt::Display>(
-            map: &PlHashMap<K, u32>,
+        fn check<K: Key + std::fmt::Display>(
+            map: &KeyIndex<K>,
             periods: &mut [Periods],
         ) -> Result<(), String> {
-            for (k, slot) in map {
-                let p = &mut periods[*slot as usize];
+            for (k, slot) in map.iter() {
+                let p = &mut periods[slot as usize];
                 p.sort_unstable();
                 if p.windows(2).any(|w| w[1].0 < w[0].1) {
                     return Err(k.to_string());
@@ -234,25 +233,31 @@ impl LookupTable {
         Ok(match &self.index {
             Index::Str(map) => {
                 let on = on.cast(&DataType::String)?;
-                IdxCa::from_iter_options(
-                    name,
-                    on.str()?
-                        .iter()
-                        .enumerate()
-                        .map(|(i, k)| self.row_at(*map.get(k?)?, at(i))),
-                )
+                let keys: Vec<Option<&str>> = on.str()?.iter().collect();
+                self.rows_of(name, map.get_all(&keys), at)
             }
             Index::Int(map) => {
                 let on = on.cast(&DataType::Int64)?;
-                IdxCa::from_iter_options(
-                    name,
-                    on.i64()?
-                        .iter()
-                        .enumerate()
-                        .map(|(i, k)| self.row_at(*map.get(&k?)?, at(i))),
-                )
+                let keys: Vec<Option<i64>> = on.i64()?.iter().collect();
+                self.rows_of(name, map.get_all(&keys), at)
             }
         })
+    }
+
+    /// Each event's row from its key's slot (and its time).
+    fn rows_of(
+        &self,
+        name: PlSmallStr,
+        slots: Vec<Option<u32>>,
+        at: impl Fn(usize) -> Option<i64>,
+    ) -> IdxCa {
+        IdxCa::from_iter_options(
+            name,
+            slots
+                .into_iter()
+                .enumerate()
+                .map(|(i, slot)| self.row_at(slot?, at(i))),
+        )
     }
 }
 
@@ -263,15 +268,15 @@ type Bounds = (Vec<Option<i64>>, Vec<Option<i64>>);
 /// Adds row `row` under key `k`: as its slot, or with effective dating (the table's bounds
 /// and the periods so far) to the key's periods. `Err` when the key already has a row it
 /// would clash with.
-fn insert<K: std::hash::Hash + Eq>(
-    map: &mut PlHashMap<K, u32>,
+fn insert<K: Key>(
+    map: &mut KeyIndex<K>,
     k: K,
     row: IdxSize,
     dated: Option<&mut (&Bounds, Vec<Periods>)>,
 ) -> Result<(), ()> {
     match dated {
         None => {
-            if map.insert(k, row).is_some() {
+            if !map.get_or_insert(k, row).1 {
                 return Err(());
             }
         }
@@ -283,8 +288,8 @@ fn insert<K: std::hash::Hash + Eq>(
                 return Ok(());
             }
             let next = u32::try_from(periods.len()).map_err(|_| ())?;
-            let slot = *map.entry(k).or_insert(next);
-            if slot == next {
+            let (slot, new) = map.get_or_insert(k, next);
+            if new {
                 periods.push(Vec::new());
             }
             periods[slot as usize].push((from, to, row));

@@ -70,6 +70,7 @@ mod accumulator;
 mod aggregate;
 pub(crate) mod decode;
 mod hll;
+mod keyindex;
 mod layout;
 pub mod lookup;
 mod parquet;
