@@ -40,6 +40,16 @@ fn plan(spec: &str) -> Arc<Plan> {
     Arc::new(Plan::compile(project.pipeline("orders").unwrap()).unwrap())
 }
 
+/// A SQLite state DB in a temporary directory (kept while the guard lives) and a `memory://`
+/// lake.
+async fn open() -> (tempfile::TempDir, State, Lake) {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}", dir.path().join("state.db").display());
+    let state = State::open(&url).await.unwrap();
+    let lake = Lake::open("memory://", &BTreeMap::new()).unwrap();
+    (dir, state, lake)
+}
+
 /// Archives `[lo, lo + n)` as a segment, as the speed layer does.
 pub(crate) async fn seal(state: &State, lake: &Lake, lo: u64, rows: &[(&str, f64)]) {
     let hi = lo + rows.len() as u64;
@@ -124,10 +134,7 @@ async fn run(plan: &Arc<Plan>, state: &State, lake: &Lake) -> Result<RunSummary,
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn full_then_incremental_then_full_on_new_logic_and_failures_publish_nothing() {
-    let dir = tempfile::tempdir().unwrap();
-    let url = format!("sqlite://{}", dir.path().join("state.db").display());
-    let state = State::open(&url).await.unwrap();
-    let lake = Lake::open("memory://", &BTreeMap::new()).unwrap();
+    let (_dir, state, lake) = open().await;
     let v1 = plan(SPEC);
 
     seal(&state, &lake, 0, &[("DE", 1.0), ("US", 2.0), ("DE", -1.0)]).await;
@@ -222,10 +229,7 @@ async fn full_then_incremental_then_full_on_new_logic_and_failures_publish_nothi
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restatement_that_published_nothing_is_recomputed_by_the_next_run() {
-    let dir = tempfile::tempdir().unwrap();
-    let url = format!("sqlite://{}", dir.path().join("state.db").display());
-    let state = State::open(&url).await.unwrap();
-    let lake = Lake::open("memory://", &BTreeMap::new()).unwrap();
+    let (_dir, state, lake) = open().await;
     let v1 = plan(SPEC);
     seal(&state, &lake, 0, &[("DE", 1.0), ("US", 2.0)]).await;
     run_ok(&v1, &state, &lake).await;
@@ -280,10 +284,7 @@ async fn run_ok(plan: &Arc<Plan>, state: &State, lake: &Lake) -> RunSummary {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_run_against_a_store_that_stays_down_fails_cleanly_and_publishes_nothing() {
-    let dir = tempfile::tempdir().unwrap();
-    let url = format!("sqlite://{}", dir.path().join("state.db").display());
-    let state = State::open(&url).await.unwrap();
-    let up = Lake::open("memory://", &BTreeMap::new()).unwrap();
+    let (_dir, state, up) = open().await;
     let v1 = plan(SPEC);
     seal(&state, &up, 0, &[("DE", 1.0), ("US", 2.0)]).await;
     run_ok(&v1, &state, &up).await;
@@ -347,10 +348,7 @@ async fn a_run_against_a_store_that_stays_down_fails_cleanly_and_publishes_nothi
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stale_group_partials_of_failed_runs_are_collected_and_live_ones_kept() {
-    let dir = tempfile::tempdir().unwrap();
-    let url = format!("sqlite://{}", dir.path().join("state.db").display());
-    let state = State::open(&url).await.unwrap();
-    let lake = Lake::open("memory://", &BTreeMap::new()).unwrap();
+    let (_dir, state, lake) = open().await;
     let failed = state
         .create_run(RunKind::Batch, "orders", None)
         .await
@@ -493,10 +491,7 @@ async fn scaled_run(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_scaled_out_run_is_published_by_its_finish_job_even_when_its_process_dies() {
-    let dir = tempfile::tempdir().unwrap();
-    let url = format!("sqlite://{}", dir.path().join("state.db").display());
-    let state = State::open(&url).await.unwrap();
-    let lake = Lake::open("memory://", &BTreeMap::new()).unwrap();
+    let (_dir, state, lake) = open().await;
     let plan = plan(SPEC);
     let rows = [
         ("DE", 1.0),
