@@ -9,7 +9,7 @@ use std::time::Duration;
 use serde_json::Value;
 
 use crate::orders::{Ev, check_views, events, post, project, send, wait_for_count};
-use crate::support::{Rng, Server};
+use crate::support::{Rng, Server, eventually};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn serve_answers_exactly_and_survives_kill_9() {
@@ -316,8 +316,13 @@ async fn a_failed_file_pass_is_retried_not_skipped() {
     std::fs::create_dir_all(&lake).unwrap();
     std::fs::write(lake.join("dead_letters"), "in the way").unwrap();
     let client = reqwest::Client::new();
-    let server = Server::start(dir.path());
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let log = dir.path().join("serve.log");
+    let server = Server::start_logging(dir.path(), &log);
+    eventually("a failed pass logged", Duration::from_secs(10), || async {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        text.contains("file source pass failed").then_some(())
+    })
+    .await;
     assert_eq!(counted(&client, &server).await.0, 0, "the pass failed");
     std::fs::remove_file(lake.join("dead_letters")).unwrap();
     assert_eq!(wait_counted(&client, &server, 2, 15).await, (2, 3.0));
