@@ -1,8 +1,15 @@
-//! `cargo bench --bench batch`: a batch recompute of archived events (3 views) beside a plain
-//! polars streaming query of the same aggregations over the same Parquet files. Each side runs
-//! in a fresh child process so wall time, CPU seconds and peak RSS are its own.
+//! `cargo bench --bench batch`: a full batch recompute of archived click events — the views
+//! people write: a per-minute view with a distinct count, an all-time view with a standard
+//! deviation, an hourly view with a quantile — beside plain polars running the same
+//! aggregations with its streaming engine over the same Parquet files, then an incremental
+//! run with nothing new. Each side runs in a fresh child process, so wall time, CPU seconds
+//! and peak RSS are its own.
 //!
-//! `BATCH_BENCH_EVENTS` (default 10 000 000) sets the size; segments hold 500 000 events.
+//! `BATCH_BENCH_EVENTS` (default 10 000 000) sets the size; segments hold 500 000 events of
+//! one day, 100 pages (skewed), 100 000 users, 8 countries. With `BATCH_BENCH_PYTHON` naming a
+//! Python that has the `polars` and `duckdb` packages, Python polars (streaming engine,
+//! `approx_n_unique`) and DuckDB run the same queries over the same files too, printed beside
+//! (each figure from the query's start, after the imports).
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -18,18 +25,57 @@ use polars::prelude::*;
 const SEGMENT_ROWS: usize = 500_000;
 
 mod common;
-use common::archive::{SPEC, archive};
+use common::archive::archive;
+
+/// The pipeline: the views of issue #17 over the archive's click events.
+const SPEC: &str = r#"
+name: bench
+source:
+  type: http
+schema:
+  ts: timestamp
+  user: string
+  country: string
+  page: string
+  amount: float
+event_time: ts
+filter: "amount >= 0"
+views:
+  - name: per_page
+    group_by: [page]
+    window: 1m
+    metrics:
+      views: count()
+      users: approx_count_distinct(user)
+      avg_amount: avg(amount)
+      max_amount: max(amount)
+  - name: per_country
+    group_by: [country]
+    window: all
+    metrics:
+      n: count()
+      sd: stddev(amount)
+      lo: min(amount)
+  - name: hourly
+    group_by: [country]
+    window: 1h
+    metrics:
+      n: count()
+      p95: approx_quantile(amount, 0.95)
+"#;
+
+/// Child modes: the batch layer's full recompute, plain polars, a no-op incremental run.
+const MODES: [&str; 3] = ["polars", "batch", "noop"];
 
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().collect();
-    // Child modes: `batch DIR` and `polars DIR`.
-    if let Some(pos) = args.iter().position(|a| a == "batch" || a == "polars") {
+    if let Some(pos) = args.iter().position(|a| MODES.contains(&a.as_str())) {
         let dir = PathBuf::from(&args[pos + 1]);
         let start = Instant::now();
-        let groups = if args[pos] == "batch" {
-            batch(&dir)?
-        } else {
-            plain(&dir)?
+        let groups = match args[pos].as_str() {
+            "batch" => batch(&dir, true)?,
+            "noop" => batch(&dir, false)?,
+            _ => plain(&dir)?,
         };
         let wall = start.elapsed().as_secs_f64();
         let (cpu, rss) = usage();
@@ -53,7 +99,7 @@ fn main() -> anyhow::Result<()> {
     );
     let exe = std::env::current_exe()?;
     let mut figures = Vec::new();
-    for mode in ["polars", "batch"] {
+    for mode in MODES {
         let out = Command::new(&exe).arg(mode).arg(dir.path()).output()?;
         anyhow::ensure!(
             out.status.success(),
@@ -65,8 +111,13 @@ fn main() -> anyhow::Result<()> {
             .split_whitespace()
             .map(|x| x.parse().unwrap_or(f64::NAN))
             .collect();
+        let what = match mode {
+            "polars" => "plain polars, streaming",
+            "batch" => "batch, full recompute",
+            _ => "batch, incremental, nothing new",
+        };
         println!(
-            "{mode:>6}: {events} events, 3 views: wall {:.2}s, CPU {:.2}s, peak RSS {:.0} MB, {} groups",
+            "{what:>31}: {events} events, 3 views: wall {:.2}s, CPU {:.2}s, peak RSS {:.0} MB, {} groups",
             f[0],
             f[1],
             f[2] / 1e6,
@@ -74,18 +125,33 @@ fn main() -> anyhow::Result<()> {
         );
         figures.push(f);
     }
-    // Same groups on both sides, or the comparison is meaningless.
+    let python = match std::env::var("BATCH_BENCH_PYTHON") {
+        Ok(python) => peers(&python, dir.path(), figures[0][3])?,
+        Err(_) => None,
+    };
+    // Same groups on every side, or the comparison is meaningless.
     anyhow::ensure!(
-        figures[0][3] == figures[1][3],
-        "plain polars found {} groups, the batch layer {}",
+        figures.iter().all(|f| f[3] == figures[0][3]),
+        "plain polars found {} groups, the batch layer {} (full) and {} (incremental)",
         figures[0][3],
-        figures[1][3]
+        figures[1][3],
+        figures[2][3]
     );
     println!(
-        " ratio: wall {:.2}x, CPU {:.2}x (batch / plain polars)",
+        "ratio (full recompute / plain polars): wall {:.2}x, CPU {:.2}x, peak RSS {:.2}x (goals 1.2x, 1.2x, 1.5x); no-op incremental run {:.0} ms (goal 100 ms)",
         figures[1][0] / figures[0][0],
-        figures[1][1] / figures[0][1]
+        figures[1][1] / figures[0][1],
+        figures[1][2] / figures[0][2],
+        figures[2][0] * 1000.0
     );
+    if let Some(p) = python {
+        println!(
+            "ratio (full recompute / Python polars): wall {:.2}x, CPU {:.2}x, peak RSS {:.2}x",
+            figures[1][0] / p[0],
+            figures[1][1] / p[1],
+            figures[1][2] / p[2],
+        );
+    }
     Ok(())
 }
 
@@ -121,23 +187,28 @@ fn prepare(dir: &Path, events: usize) -> anyhow::Result<()> {
     })
 }
 
-/// The batch layer: `recompute` with its publish and Parquet output.
-fn batch(dir: &Path) -> anyhow::Result<u64> {
+/// The batch layer: `recompute` with its publish and Parquet output; `full` as `run --full`
+/// (otherwise incremental on the last publication). The partial rows published.
+fn batch(dir: &Path, full: bool) -> anyhow::Result<u64> {
     let plan = Arc::new(plan()?);
     let rt = tokio::runtime::Runtime::new()?;
     rt.block_on(async {
         let state = State::open(&state_url(dir)).await?;
         let lake = Lake::open(&lake_url(dir), &BTreeMap::new())?;
+        let select = lambda_ctl::batch::Select {
+            full,
+            ..Default::default()
+        };
         let summary =
-            lambda_ctl::batch::recompute(plan, &state, &lake, Default::default(), &mut |_| {})
-                .await?;
+            lambda_ctl::batch::recompute(plan, &state, &lake, select, &mut |_| {}).await?;
         state.close().await;
         Ok(summary.views.iter().map(|v| v.publication.rows).sum())
     })
 }
 
-/// Plain polars: the same filter and group-bys, streaming, over the same segments as the batch
-/// layer scans them (`batch::scan`).
+/// Plain polars: the same filter and aggregations (an exact distinct count, the nearest-rank
+/// quantile), each view one query on the streaming engine, over the same segments as the
+/// batch layer scans them (`batch::scan`).
 fn plain(dir: &Path) -> anyhow::Result<u64> {
     let rt = tokio::runtime::Runtime::new()?;
     let source = rt.block_on(async {
@@ -154,27 +225,116 @@ fn plain(dir: &Path) -> anyhow::Result<u64> {
             .ok_or_else(|| anyhow::anyhow!("no sealed segments"))?;
         Ok(events.filter(col("amount").gt_eq(lit(0.0))))
     };
-    let per_minute = scan()?
-        .group_by([
-            col("ts").dt().truncate(lit("1m")).alias("window_start"),
-            col("country"),
-        ])
-        .agg([len().alias("n"), col("amount").sum().alias("total")]);
+    let window = |every: &str| col("ts").dt().truncate(lit(every)).alias("window_start");
+    let per_page = scan()?
+        .group_by([window("1m"), col("page")])
+        .agg([
+            len().alias("views"),
+            col("user").n_unique().alias("users"),
+            col("amount").mean().alias("avg_amount"),
+            col("amount").max().alias("max_amount"),
+        ]);
     let per_country = scan()?.group_by([col("country")]).agg([
         len().alias("n"),
+        col("amount").std(1).alias("sd"),
         col("amount").min().alias("lo"),
-        col("amount").max().alias("hi"),
     ]);
-    let per_user = scan()?.group_by([col("user")]).agg([
+    let hourly = scan()?.group_by([window("1h"), col("country")]).agg([
         len().alias("n"),
-        col("amount").sum().alias("sum"),
-        col("amount").count().alias("count"),
+        col("amount")
+            .quantile(lit(0.95), QuantileMethod::Nearest)
+            .alias("p95"),
     ]);
     let mut groups = 0;
-    for lf in [per_minute, per_country, per_user] {
-        groups += lf.with_streaming(true).collect()?.height() as u64;
+    for lf in [per_page, per_country, hourly] {
+        groups += lf.collect_with_engine(Engine::Streaming)?.unwrap_single().height() as u64;
     }
     Ok(groups)
+}
+
+/// The same three queries in Python polars and DuckDB, for a second opinion.
+const PEERS: &str = r#"
+import resource, sys, time
+engine, files = sys.argv[1], sys.argv[2:]
+if engine == "polars":
+    import polars as pl
+    t = time.time()
+    ev = pl.scan_parquet(files).filter(pl.col("amount") >= 0)
+    w = lambda every: pl.col("ts").dt.truncate(every).alias("window_start")
+    queries = [
+        ev.group_by(w("1m"), "page").agg(pl.len(), pl.col("user").approx_n_unique().alias("u"),
+            pl.col("amount").mean().alias("avg"), pl.col("amount").max().alias("max")),
+        ev.group_by("country").agg(pl.len(), pl.col("amount").std().alias("sd"),
+            pl.col("amount").min().alias("lo")),
+        ev.group_by(w("1h"), "country").agg(pl.len(),
+            pl.col("amount").quantile(0.95, "nearest").alias("p95")),
+    ]
+    groups = sum(q.collect(engine="streaming").height for q in queries)
+else:
+    import duckdb
+    t = time.time()
+    con = duckdb.connect(config={"enable_progress_bar": False})
+    paths = ", ".join("'%s'" % f for f in files)
+    con.execute(f"create view ev as select * from read_parquet([{paths}]) where amount >= 0")
+    groups = 0
+    for q in [
+        "select time_bucket(interval 1 minute, ts), page, count(*), approx_count_distinct(\"user\"), avg(amount), max(amount) from ev group by all",
+        "select country, count(*), stddev_samp(amount), min(amount) from ev group by all",
+        "select time_bucket(interval 1 hour, ts), country, count(*), approx_quantile(amount, 0.95) from ev group by all",
+    ]:
+        groups += len(con.execute(q).fetchall())
+wall = time.time() - t
+ru = resource.getrusage(resource.RUSAGE_SELF)
+print(f"{wall:.3f} {ru.ru_utime + ru.ru_stime:.3f} {ru.ru_maxrss * 1024} {groups}")
+"#;
+
+/// Runs [`PEERS`] with `python` over the archive's files, once per engine, and prints them;
+/// Python polars' figures when it ran.
+fn peers(python: &str, dir: &Path, groups: f64) -> anyhow::Result<Option<Vec<f64>>> {
+    let rt = tokio::runtime::Runtime::new()?;
+    let files = rt.block_on(async {
+        let state = State::open(&state_url(dir)).await?;
+        let lake = Lake::open(&lake_url(dir), &BTreeMap::new())?;
+        let (_, segments) = lambda_ctl::batch::sealed(&state, "bench").await?;
+        let source = lambda_ctl::batch::scan::open(&lake, &segments, |_| {}).await?;
+        state.close().await;
+        match source {
+            lambda_ctl::batch::scan::Source::Files(files) => anyhow::Ok(files),
+            lambda_ctl::batch::scan::Source::Frames(_) => anyhow::bail!("not a file lake"),
+        }
+    })?;
+    let mut polars = None;
+    for engine in ["polars", "duckdb"] {
+        let out = Command::new(python)
+            .args(["-c", PEERS, engine])
+            .args(&files)
+            .output()?;
+        if !out.status.success() {
+            println!("{engine:>31}: failed: {}", String::from_utf8_lossy(&out.stderr));
+            continue;
+        }
+        // The figures are the last line (a library may have printed before).
+        let f: Vec<f64> = String::from_utf8(out.stdout)?
+            .lines()
+            .last()
+            .unwrap_or_default()
+            .split_whitespace()
+            .map(|x| x.parse().unwrap_or(f64::NAN))
+            .collect();
+        let what = format!("Python {engine}");
+        println!(
+            "{what:>31}: wall {:.2}s, CPU {:.2}s, peak RSS {:.0} MB, {} groups{}",
+            f[0],
+            f[1],
+            f[2] / 1e6,
+            f[3],
+            if f[3] == groups { "" } else { " (NOT the same groups)" }
+        );
+        if engine == "polars" && f[3] == groups {
+            polars = Some(f);
+        }
+    }
+    Ok(polars)
 }
 
 /// CPU seconds (user + system) and peak RSS (bytes) of this process, from /proc (Linux).

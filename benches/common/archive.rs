@@ -1,5 +1,7 @@
 //! Archived events for the batch benches, written as the speed layer seals them: Parquet
-//! segments in the lake and their rows in the state DB's segment manifest.
+//! segments in the lake and their rows in the state DB's segment manifest. Every event has
+//! `ts`, `user`, `country`, `page` and `amount`; a spec reads the columns it declares (the
+//! scans project the rest away).
 
 use lambda_ctl::lake::{self, Lake};
 use lambda_ctl::state::{Segment, State};
@@ -55,7 +57,8 @@ pub async fn archive(
     let (mut lo, mut segments) = (0usize, 0usize);
     while lo < events {
         let n = segment_rows.min(events - lo);
-        let (mut ts, mut user, mut country, mut amount) = (
+        let (mut ts, mut user, mut country, mut page, mut amount) = (
+            Vec::with_capacity(n),
             Vec::with_capacity(n),
             Vec::with_capacity(n),
             Vec::with_capacity(n),
@@ -68,11 +71,14 @@ pub async fn archive(
             ts.push(BASE_MS + (x % 86_400_000) as i64);
             user.push(format!("u{}", (x >> 20) % 100_000));
             country.push(countries[((x >> 40) % 8) as usize]);
+            // 100 pages, skewed as real traffic is: /p0 gets a tenth of the views, /p99 few.
+            let r = (x >> 44) % 1000;
+            page.push(format!("/p{}", r * r / 10_000));
             amount.push(((x >> 8) % 100_000) as f64 / 100.0 - 10.0);
         }
         let offsets: Vec<i64> = (lo as i64..(lo + n) as i64).collect();
         let mut df = df!("ts" => ts, "user" => user, "country" => country,
-            "amount" => amount, "_offset" => offsets)?;
+            "page" => page, "amount" => amount, "_offset" => offsets)?;
         let t = df
             .column("ts")?
             .cast(&DataType::Datetime(TimeUnit::Milliseconds, None))?;
