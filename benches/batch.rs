@@ -9,7 +9,10 @@
 //! one day, 100 pages (skewed), 100 000 users, 8 countries. With `BATCH_BENCH_PYTHON` naming a
 //! Python that has the `polars` and `duckdb` packages, Python polars (streaming engine,
 //! `approx_n_unique`) and DuckDB run the same queries over the same files too, printed beside
-//! (each figure from the query's start, after the imports).
+//! (each figure from the query's start, after the imports). `BATCH_BENCH_DIR` keeps the
+//! archive in that directory (and reuses it): `batch DIR`, `polars DIR` and `noop DIR` then run
+//! one side alone, e.g. under a profiler; `BATCH_BENCH_VIEWS=a,b` limits either side to
+//! those views.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -90,17 +93,23 @@ fn main() -> anyhow::Result<()> {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(10_000_000);
-    let dir = tempfile::tempdir()?;
-    let t = Instant::now();
-    prepare(dir.path(), events)?;
-    eprintln!(
-        "archived {events} events in {:.1}s",
-        t.elapsed().as_secs_f64()
-    );
+    // `BATCH_BENCH_DIR`: archive there once and keep it (to profile a child mode by hand).
+    let kept = std::env::var_os("BATCH_BENCH_DIR").map(PathBuf::from);
+    let temp = tempfile::tempdir()?;
+    let dir = kept.as_deref().unwrap_or(temp.path());
+    if !dir.join("state.db").exists() {
+        let t = Instant::now();
+        std::fs::create_dir_all(dir)?;
+        prepare(dir, events)?;
+        eprintln!(
+            "archived {events} events in {:.1}s",
+            t.elapsed().as_secs_f64()
+        );
+    }
     let exe = std::env::current_exe()?;
     let mut figures = Vec::new();
     for mode in MODES {
-        let out = Command::new(&exe).arg(mode).arg(dir.path()).output()?;
+        let out = Command::new(&exe).arg(mode).arg(dir).output()?;
         anyhow::ensure!(
             out.status.success(),
             "{mode}: {}",
@@ -126,7 +135,7 @@ fn main() -> anyhow::Result<()> {
         figures.push(f);
     }
     let python = match std::env::var("BATCH_BENCH_PYTHON") {
-        Ok(python) => peers(&python, dir.path(), figures[0][3])?,
+        Ok(python) => peers(&python, dir, figures[0][3])?,
         Err(_) => None,
     };
     // Same groups on every side, or the comparison is meaningless.
@@ -195,8 +204,13 @@ fn batch(dir: &Path, full: bool) -> anyhow::Result<u64> {
     rt.block_on(async {
         let state = State::open(&state_url(dir)).await?;
         let lake = Lake::open(&lake_url(dir), &BTreeMap::new())?;
+        // `BATCH_BENCH_VIEWS=a,b`: only those views (to profile one).
+        let only: Option<Vec<String>> = std::env::var("BATCH_BENCH_VIEWS")
+            .ok()
+            .map(|v| v.split(',').map(str::to_string).collect());
         let select = lambda_ctl::batch::Select {
             full,
+            views: only.as_deref(),
             ..Default::default()
         };
         let summary =
@@ -226,14 +240,12 @@ fn plain(dir: &Path) -> anyhow::Result<u64> {
         Ok(events.filter(col("amount").gt_eq(lit(0.0))))
     };
     let window = |every: &str| col("ts").dt().truncate(lit(every)).alias("window_start");
-    let per_page = scan()?
-        .group_by([window("1m"), col("page")])
-        .agg([
-            len().alias("views"),
-            col("user").n_unique().alias("users"),
-            col("amount").mean().alias("avg_amount"),
-            col("amount").max().alias("max_amount"),
-        ]);
+    let per_page = scan()?.group_by([window("1m"), col("page")]).agg([
+        len().alias("views"),
+        col("user").n_unique().alias("users"),
+        col("amount").mean().alias("avg_amount"),
+        col("amount").max().alias("max_amount"),
+    ]);
     let per_country = scan()?.group_by([col("country")]).agg([
         len().alias("n"),
         col("amount").std(1).alias("sd"),
@@ -245,9 +257,23 @@ fn plain(dir: &Path) -> anyhow::Result<u64> {
             .quantile(lit(0.95), QuantileMethod::Nearest)
             .alias("p95"),
     ]);
+    let only = std::env::var("BATCH_BENCH_VIEWS").ok();
     let mut groups = 0;
-    for lf in [per_page, per_country, hourly] {
-        groups += lf.collect_with_engine(Engine::Streaming)?.unwrap_single().height() as u64;
+    for (name, lf) in [
+        ("per_page", per_page),
+        ("per_country", per_country),
+        ("hourly", hourly),
+    ] {
+        if only
+            .as_ref()
+            .is_some_and(|o| !o.split(',').any(|v| v == name))
+        {
+            continue;
+        }
+        groups += lf
+            .collect_with_engine(Engine::Streaming)?
+            .unwrap_single()
+            .height() as u64;
     }
     Ok(groups)
 }
@@ -273,7 +299,8 @@ if engine == "polars":
 else:
     import duckdb
     t = time.time()
-    con = duckdb.connect(config={"enable_progress_bar": False})
+    con = duckdb.connect()
+    con.execute("set enable_progress_bar = false")
     paths = ", ".join("'%s'" % f for f in files)
     con.execute(f"create view ev as select * from read_parquet([{paths}]) where amount >= 0")
     groups = 0
@@ -310,7 +337,10 @@ fn peers(python: &str, dir: &Path, groups: f64) -> anyhow::Result<Option<Vec<f64
             .args(&files)
             .output()?;
         if !out.status.success() {
-            println!("{engine:>31}: failed: {}", String::from_utf8_lossy(&out.stderr));
+            println!(
+                "{engine:>31}: failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
             continue;
         }
         // The figures are the last line (a library may have printed before).
@@ -328,7 +358,11 @@ fn peers(python: &str, dir: &Path, groups: f64) -> anyhow::Result<Option<Vec<f64
             f[1],
             f[2] / 1e6,
             f[3],
-            if f[3] == groups { "" } else { " (NOT the same groups)" }
+            if f[3] == groups {
+                ""
+            } else {
+                " (NOT the same groups)"
+            }
         );
         if engine == "polars" && f[3] == groups {
             polars = Some(f);
