@@ -261,35 +261,44 @@ async fn run_views(
     }
     // One reader for every view: each recorded version is indexed once per run.
     let lookups = Lookups::reader(plan.pipeline(), lake);
-    let mut out = Vec::new();
+    // Views that scan the same segments (all of them, in a full run) share one scan.
+    let mut scans: Vec<Vec<Prepared>> = Vec::new();
     for prep in prepared {
-        let name = prep.name.clone();
-        let summary = recompute_view(
-            plan,
-            state,
-            lake,
-            &lookups,
-            run_id,
-            &cutoff,
-            prep,
-            &mut *progress,
-        )
-        .await
-        .with_context(|| format!("view `{name}`"))?;
-        log(
-            state,
-            run_id,
-            &view_line(
-                &name,
-                summary.mode,
-                summary.segments,
-                summary.events,
-                &summary.publication,
-            ),
-        )
-        .await;
-        published(&mut *progress, &summary);
-        out.push(summary);
+        match scans
+            .iter_mut()
+            .find(|g| same_segments(&g[0].todo, &prep.todo))
+        {
+            Some(g) => g.push(prep),
+            None => scans.push(vec![prep]),
+        }
+    }
+    let mut out = Vec::new();
+    for group in scans {
+        let names: Vec<&str> = group.iter().map(|p| p.name.as_str()).collect();
+        let context = format!("view `{}`", names.join("`, `"));
+        let fresh = scan_views(plan, lake, &lookups, &group, &mut *progress)
+            .await
+            .context(context)?;
+        for (prep, fresh) in group.into_iter().zip(fresh) {
+            let name = prep.name.clone();
+            let summary = publish_fresh(plan, state, lake, run_id, &cutoff, prep, fresh)
+                .await
+                .with_context(|| format!("view `{name}`"))?;
+            log(
+                state,
+                run_id,
+                &view_line(
+                    &name,
+                    summary.mode,
+                    summary.segments,
+                    summary.events,
+                    &summary.publication,
+                ),
+            )
+            .await;
+            published(&mut *progress, &summary);
+            out.push(summary);
+        }
     }
     Ok(RunSummary {
         run_id,
@@ -297,6 +306,13 @@ async fn run_views(
         views: out,
         elapsed: started.elapsed(),
     })
+}
+
+fn same_segments(a: &[Segment], b: &[Segment]) -> bool {
+    a.len() == b.len()
+        && a.iter()
+            .zip(b)
+            .all(|(x, y)| (x.partition, x.lo, x.hi) == (y.partition, y.lo, y.hi))
 }
 
 /// The run log's line for a published view.
@@ -387,52 +403,66 @@ async fn prepare_view(
     })
 }
 
-#[allow(clippy::too_many_arguments)]
-async fn recompute_view(
+/// Fresh partials of every view of `group` (views to scan the same segments), in one scan.
+async fn scan_views(
     plan: &Arc<Plan>,
-    state: &State,
     lake: &Lake,
     lookups: &Lookups,
-    run_id: RunId,
-    cutoff: &Cutoff,
-    prep: Prepared,
+    group: &[Prepared],
     progress: &mut (dyn FnMut(&Progress) + Send),
-) -> anyhow::Result<ViewSummary> {
-    let (view, name, todo) = (prep.view, prep.name, prep.todo);
+) -> anyhow::Result<Vec<polars::prelude::DataFrame>> {
+    let todo = &group[0].todo;
     let total = todo.len();
     let (mut done, mut rows) = (0usize, 0u64);
-    let source = scan::open_parts(lake, lookups, &todo, |s| {
+    let source = scan::open_parts(lake, lookups, todo, |s| {
         done += 1;
         rows += s.rows;
-        progress(&Progress::Segments {
-            view: name.clone(),
-            done,
-            total,
-            rows,
-        });
+        for prep in group {
+            progress(&Progress::Segments {
+                view: prep.name.clone(),
+                done,
+                total,
+                rows,
+            });
+        }
     })
     .await?;
     let p = plan.clone();
-    let fresh = tokio::task::spawn_blocking(move || scan::view_partials(&p, view, &source))
-        .await
-        .context("batch computation panicked")??;
+    let views: Vec<usize> = group.iter().map(|prep| prep.view).collect();
+    Ok(
+        tokio::task::spawn_blocking(move || scan::views_partials(&p, &views, &source))
+            .await
+            .context("batch computation panicked")??,
+    )
+}
+
+/// Publishes a view's fresh partials (merged onto its base in an incremental run).
+async fn publish_fresh(
+    plan: &Arc<Plan>,
+    state: &State,
+    lake: &Lake,
+    run_id: RunId,
+    cutoff: &Cutoff,
+    prep: Prepared,
+    fresh: polars::prelude::DataFrame,
+) -> anyhow::Result<ViewSummary> {
     let publication = publish::publish_view(
         plan,
         state,
         lake,
         run_id,
         cutoff,
-        view,
+        prep.view,
         fresh,
         prep.base.map(|b| b.run_id),
         prep.current.map(|c| c.id),
     )
     .await?;
     Ok(ViewSummary {
-        view: name,
+        view: prep.name,
         mode: prep.mode,
-        segments: total,
-        events: todo.iter().map(|s| s.rows).sum(),
+        segments: prep.todo.len(),
+        events: prep.todo.iter().map(|s| s.rows).sum(),
         publication,
     })
 }

@@ -153,18 +153,45 @@ impl Source {
 /// speed layer (`prepare` then `partials`, each part with its lookup versions), run by polars'
 /// streaming engine.
 pub fn view_partials(plan: &Plan, view: usize, parts: &Parts) -> PolarsResult<DataFrame> {
-    let mut raw = Vec::with_capacity(parts.0.len());
+    Ok(views_partials(plan, &[view], parts)?.remove(0))
+}
+
+/// [`view_partials`] of several views (indices into the pipeline's views), in their order, in
+/// one pass: each part's events are read and prepared once and every view's query is run on
+/// them by one streaming query, with the columns and filters of all the views pushed down.
+pub fn views_partials(plan: &Plan, views: &[usize], parts: &Parts) -> PolarsResult<Vec<DataFrame>> {
+    let mut raw: Vec<Vec<DataFrame>> = views.iter().map(|_| Vec::new()).collect();
     for (source, lookups) in &parts.0 {
         let Some(events) = source.lazy()? else {
             continue;
         };
-        raw.push(
-            plan.partials(view, plan.prepare(events, lookups)?)
-                .with_streaming(true)
-                .collect()?,
-        );
+        let prepared = plan.prepare(events, lookups)?;
+        let queries: Vec<LazyFrame> = views
+            .iter()
+            .map(|&v| plan.partials(v, prepared.clone()))
+            .collect();
+        let frames = match queries.as_slice() {
+            [] => Vec::new(),
+            [one] => vec![
+                one.clone()
+                    .collect_with_engine(Engine::Streaming)?
+                    .unwrap_single(),
+            ],
+            [first, ..] => {
+                let flags = first.get_current_optimizations();
+                let plans = queries.into_iter().map(|q| q.logical_plan).collect();
+                LazyFrame::collect_all_with_engine(plans, Engine::Streaming, flags)?
+            }
+        };
+        for (r, f) in raw.iter_mut().zip(frames) {
+            r.push(f);
+        }
     }
-    plan.merge(view, raw)
+    views
+        .iter()
+        .zip(raw)
+        .map(|(&v, r)| plan.merge_scanned(v, r))
+        .collect()
 }
 
 /// The speed layer's way over the same segments: partials per segment, merged by the

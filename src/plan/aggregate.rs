@@ -2,7 +2,9 @@
 //!
 //! Window assignment and every state are polars expressions in one group-by; the two sketches
 //! are a per-row code computed by a column function (stable xxh64 / log-bucket) that the
-//! group-by collects per group and a second column function reduces to the sketch.
+//! group-by collects per group and a second column function reduces to the sketch. Every
+//! aggregation but first/last and sessions is one polars' streaming engine runs as it reads
+//! (the batch layer's case); those two make it collect their view's events first.
 
 use std::collections::HashSet;
 
@@ -114,9 +116,12 @@ pub(crate) fn partials(layout: &ViewLayout, prepared: LazyFrame) -> LazyFrame {
                 )
                 .alias(m.state_name(s))
         };
+        // `implode(false)`: an unordered list of the group's codes (the reduction sorts
+        // them), which polars' streaming engine aggregates as it goes — an implicit list
+        // would make it fall back to collecting every event in memory first.
         match m.agg {
             Agg::Distinct => {
-                aggs.push(col(raw(i)));
+                aggs.push(col(raw(i)).implode(false));
                 reduce.push(list(
                     hll::reduce_lists,
                     DataType::List(Box::new(DataType::UInt32)),
@@ -124,7 +129,7 @@ pub(crate) fn partials(layout: &ViewLayout, prepared: LazyFrame) -> LazyFrame {
                 ));
             }
             Agg::Quantile(_) => {
-                aggs.push(col(raw(i)));
+                aggs.push(col(raw(i)).implode(false));
                 reduce.push(list(
                     |c| quantile::reduce_lists(c, false),
                     DataType::List(Box::new(DataType::Int32)),
@@ -177,12 +182,15 @@ fn metric_aggs(m: &MetricLayout) -> Vec<Expr> {
         Agg::Min => vec![v.min().alias(name(StateCol::Min))],
         Agg::Max => vec![v.max().alias(name(StateCol::Max))],
         Agg::Variance | Agg::Stddev => {
+            // Σ(x − mean)² as n · population variance: polars computes the variance in one
+            // stable pass (Welford) that its streaming engine can aggregate, where a sum over
+            // `x - mean()` needs every event of the group at once. 0 for a group of nulls.
             let f = v.clone().cast(DataType::Float64);
-            let d = f.clone() - f.clone().mean();
+            let m2 = f.clone().var(0) * f.clone().count().cast(DataType::Float64);
             vec![
                 n(),
                 f.mean().alias(name(StateCol::Mean)),
-                (d.clone() * d).sum().alias(name(StateCol::M2)),
+                m2.fill_null(lit(0.0)).alias(name(StateCol::M2)),
             ]
         }
         Agg::First | Agg::Last => {

@@ -455,6 +455,32 @@ impl Plan {
         acc.to_partials()
     }
 
+    /// [`Plan::merge`] for what ONE [`Plan::partials`] query computed over all of its events
+    /// at once (the batch layer's scan): one row per group already, so the part is only
+    /// sorted as the merge sorts (window, then keys, nulls last), not taken apart and rebuilt
+    /// group by group. Several parts, and sessions (whose rows a merge may join), are merged.
+    pub fn merge_scanned(&self, view: usize, mut parts: Vec<DataFrame>) -> PolarsResult<DataFrame> {
+        let layout = &self.views[view];
+        if parts.len() != 1 || matches!(layout.window, layout::WindowLayout::Session { .. }) {
+            return self.merge(view, parts);
+        }
+        let part = parts.remove(0);
+        if part.schema().as_ref() != &layout.partial_schema() {
+            // Not what `partials` writes: the merge checks it and says what is wrong.
+            return self.merge(view, vec![part]);
+        }
+        let by: Vec<&str> = layout
+            .window_columns()
+            .iter()
+            .copied()
+            .chain(layout.keys.iter().map(|(k, _)| k.as_str()))
+            .collect();
+        if by.is_empty() {
+            return Ok(part);
+        }
+        part.sort(by, SortMultipleOptions::default().with_nulls_last(true))
+    }
+
     /// Partials (merged or not) → user-facing rows: `window_start`, `window_end`, group_by
     /// columns, metrics in declared order; sorted by `window_start`, then keys.
     pub fn finish(&self, view: usize, partials: DataFrame) -> PolarsResult<DataFrame> {
