@@ -31,20 +31,44 @@ pub(crate) async fn publish_view(
 ) -> anyhow::Result<Publication> {
     let pipeline = plan.pipeline().name.clone();
     let name = plan.pipeline().views[view].name.clone();
-    let previous = match base_run {
-        Some(base) => Some(
-            load_run_partials(plan, lake, view, base)
-                .await
-                .with_context(|| format!("loading the publication of run {base}"))?,
-        ),
-        None => None,
-    };
     let horizon_ms = match replaces {
         Some(id) => state
             .current_publication(&pipeline, &name)
             .await?
             .filter(|c| c.id == id)
             .and_then(|c| c.horizon_ms),
+        None => None,
+    };
+    let path = format!(
+        "{}{PARTIALS_FILE}",
+        lake::view_run_prefix(&pipeline, &name, run_id.0)
+    );
+    let publication = |rows: u64| NewPublication {
+        pipeline: pipeline.clone(),
+        view: name.clone(),
+        run_id,
+        logic_hash: plan.logic_hash(view),
+        cutoff: cutoff.clone(),
+        rows,
+        replaces,
+        horizon_ms,
+    };
+    // Nothing new on top of an untrimmed base (an incremental run with no new events): the
+    // base's file is the answer, byte for byte; copied, not decoded, merged and re-encoded.
+    if fresh.height() == 0
+        && horizon_ms.is_none()
+        && let Some(base) = base_run
+        && let Some((bytes, rows)) = single_file(plan, lake, view, base).await?
+    {
+        lake.put(&path, bytes).await?;
+        return Ok(state.publish(&publication(rows)).await?);
+    }
+    let previous = match base_run {
+        Some(base) => Some(
+            load_run_partials(plan, lake, view, base)
+                .await
+                .with_context(|| format!("loading the publication of run {base}"))?,
+        ),
         None => None,
     };
     let p = plan.clone();
@@ -64,23 +88,35 @@ pub(crate) async fn publish_view(
     let partial_rows = partials.height() as u64;
     let mut bytes = Vec::new();
     plan.write_partials(view, &mut partials, &mut bytes)?;
-    let path = format!(
-        "{}{PARTIALS_FILE}",
-        lake::view_run_prefix(&pipeline, &name, run_id.0)
-    );
     lake.put(&path, bytes).await?;
-    Ok(state
-        .publish(&NewPublication {
-            pipeline,
-            view: name,
-            run_id,
-            logic_hash: plan.logic_hash(view),
-            cutoff: cutoff.clone(),
-            rows: partial_rows,
-            replaces,
-            horizon_ms,
-        })
-        .await?)
+    Ok(state.publish(&publication(partial_rows)).await?)
+}
+
+/// The bytes and row count of run `run_id`'s partials of `view` when they are one file (what
+/// a run writes), checked like [`Plan::read_partials`]; None otherwise.
+async fn single_file(
+    plan: &Plan,
+    lake: &Lake,
+    view: usize,
+    run_id: RunId,
+) -> anyhow::Result<Option<(bytes::Bytes, u64)>> {
+    let prefix = lake::view_run_prefix(
+        &plan.pipeline().name,
+        &plan.pipeline().views[view].name,
+        run_id.0,
+    );
+    let files = lake.list(&prefix).await?;
+    let [file] = files.as_slice() else {
+        return Ok(None);
+    };
+    if !file.path.ends_with(".parquet") {
+        return Ok(None);
+    }
+    let bytes = lake.get(&file.path).await?;
+    let rows = plan
+        .partials_rows(view, &bytes)
+        .with_context(|| format!("reading {}", file.path))?;
+    Ok(Some((bytes, rows)))
 }
 
 /// Reads a publication's partials (every Parquet file of its run directory), refusing files of
