@@ -667,15 +667,15 @@ views:
                 parts.push(m.parts.into_iter().next().unwrap());
             }
             let speed = plan.finish(0, plan.merge(0, parts).unwrap()).unwrap();
-            // The batch layer's way: one lazy, streaming query.
+            // The batch layer's way: one lazy query on polars' streaming engine.
             let batch_parts = plan
                 .partials(
                     0,
                     plan.prepare(decoded.events.clone().lazy(), &set).unwrap(),
                 )
-                .with_streaming(true)
-                .collect()
-                .unwrap();
+                .collect_with_engine(Engine::Streaming)
+                .unwrap()
+                .unwrap_single();
             let batch = plan.finish(0, batch_parts).unwrap();
             let want: Vec<(String, i64, i64)> = oracle
                 .iter()
