@@ -54,13 +54,14 @@ pub(crate) async fn publish_view(
         horizon_ms,
     };
     // Nothing new on top of an untrimmed base (an incremental run with no new events): the
-    // base's file is the answer, byte for byte; copied, not decoded, merged and re-encoded.
+    // base's file is the answer, byte for byte; copied (a hard link on a local lake, the
+    // store's own copy on others), not decoded, merged and re-encoded.
     if fresh.height() == 0
         && horizon_ms.is_none()
         && let Some(base) = base_run
-        && let Some((bytes, rows)) = single_file(plan, lake, view, base).await?
+        && let Some((file, rows)) = single_file(plan, lake, view, base).await?
     {
-        lake.put(&path, bytes).await?;
+        lake.copy(&file, &path).await?;
         return Ok(state.publish(&publication(rows)).await?);
     }
     let previous = match base_run {
@@ -92,14 +93,14 @@ pub(crate) async fn publish_view(
     Ok(state.publish(&publication(partial_rows)).await?)
 }
 
-/// The bytes and row count of run `run_id`'s partials of `view` when they are one file (what
+/// The path and row count of run `run_id`'s partials of `view` when they are one file (what
 /// a run writes), checked like [`Plan::read_partials`]; None otherwise.
 async fn single_file(
     plan: &Plan,
     lake: &Lake,
     view: usize,
     run_id: RunId,
-) -> anyhow::Result<Option<(bytes::Bytes, u64)>> {
+) -> anyhow::Result<Option<(String, u64)>> {
     let prefix = lake::view_run_prefix(
         &plan.pipeline().name,
         &plan.pipeline().views[view].name,
@@ -116,7 +117,7 @@ async fn single_file(
     let rows = plan
         .partials_rows(view, &bytes)
         .with_context(|| format!("reading {}", file.path))?;
-    Ok(Some((bytes, rows)))
+    Ok(Some((file.path.clone(), rows)))
 }
 
 /// Reads a publication's partials (every Parquet file of its run directory), refusing files of

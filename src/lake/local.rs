@@ -88,6 +88,41 @@ fn write_local(
     Ok(placed)
 }
 
+/// [`Lake::copy`] on a `file://` lake: a hard link to the same (never rewritten) file, named
+/// through a staging link renamed into place, then every directory up to the root synced.
+pub(super) async fn copy_local(
+    root: &Arc<std::path::PathBuf>,
+    from: &str,
+    to: &str,
+) -> Result<(), LakeError> {
+    let (source, dest) = (
+        local_file(root, &parse(from)?),
+        local_file(root, &parse(to)?),
+    );
+    let root = root.clone();
+    let err = |source| LakeError::Local {
+        op: "copy",
+        path: to.to_string(),
+        source,
+    };
+    tokio::task::spawn_blocking(move || -> io::Result<()> {
+        let parent = dest.parent().unwrap_or(&root);
+        std::fs::create_dir_all(parent)?;
+        let staging = std::path::PathBuf::from(format!("{}#link", dest.display()));
+        let _ = std::fs::remove_file(&staging);
+        std::fs::hard_link(&source, &staging)?;
+        let placed = std::fs::rename(&staging, &dest);
+        if placed.is_err() {
+            let _ = std::fs::remove_file(&staging);
+        }
+        placed?;
+        sync_dirs_up_to(&root, parent)
+    })
+    .await
+    .map_err(|e| err(io::Error::other(e)))?
+    .map_err(err)
+}
+
 /// Syncs `dir` and each directory above it up to `root` (the directories a write may have
 /// created, and the entries naming them).
 pub(super) fn sync_dirs_up_to(root: &std::path::Path, dir: &std::path::Path) -> io::Result<()> {
@@ -190,5 +225,41 @@ mod tests {
 
         let memory = Lake::open_with_env("memory://", &BTreeMap::new(), &[]).unwrap();
         assert_eq!(memory.local_files([seg.as_str()]).unwrap(), None);
+    }
+
+    #[tokio::test]
+    async fn a_copy_is_a_synced_second_name_that_outlives_the_first() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().canonicalize().unwrap().join("lake");
+        let file =
+            Lake::open_with_env(&format!("file://{}", root.display()), &BTreeMap::new(), &[])
+                .unwrap();
+        let memory = Lake::open_with_env("memory://", &BTreeMap::new(), &[]).unwrap();
+        let (from, to) = (
+            "views/clicks/v/run=1/partials.parquet",
+            "views/clicks/v/run=2/partials.parquet",
+        );
+        for lake in [&file, &memory] {
+            lake.put(from, b"partials".to_vec()).await.unwrap();
+            lake.put(to, b"older".to_vec()).await.unwrap();
+            lake.copy(from, to).await.unwrap();
+            // Garbage collection of the first run leaves the second one's name.
+            lake.delete(from).await.unwrap();
+            assert_eq!(lake.get(to).await.unwrap().as_ref(), b"partials");
+            let listed: Vec<String> = lake
+                .list("views")
+                .await
+                .unwrap()
+                .into_iter()
+                .map(|o| o.path)
+                .collect();
+            assert_eq!(listed, vec![to.to_string()]);
+            assert!(lake.copy("views/none", "views/x").await.is_err());
+        }
+        let synced = crate::fsync::synced_under(&root);
+        assert!(
+            synced.contains(&root.join("views/clicks/v/run=2")),
+            "{synced:?}"
+        );
     }
 }

@@ -59,7 +59,7 @@ pub use cloud::DEFAULT_MAX_RETRIES;
 pub use layout::*;
 
 use cloud::cloud;
-use local::{local_file, put_local, sync_dirs_up_to};
+use local::{copy_local, local_file, put_local, sync_dirs_up_to};
 
 /// Parts of a streamed upload in flight at once; bounds its memory to this many 5 MiB parts.
 const UPLOAD_PARTS_IN_FLIGHT: usize = 8;
@@ -303,6 +303,21 @@ impl Lake {
             Err(object_store::Error::AlreadyExists { .. }) => Ok(false),
             Err(e) => Err(store_err("put", path)(e)),
         }
+    }
+
+    /// Gives the object at `from` a second name `to` (replacing any object there), for objects
+    /// that are never rewritten in place: on a `file://` lake a hard link (no bytes copied; the
+    /// new entry synced with its directories, as by [`Lake::put`]), on other stores the
+    /// store's own copy (the bytes stay on the server). Durable when it returns.
+    pub async fn copy(&self, from: &str, to: &str) -> Result<(), LakeError> {
+        if let Some(root) = &self.local {
+            return copy_local(root, from, to).await;
+        }
+        let (source, dest) = (parse(from)?, parse(to)?);
+        self.store
+            .copy(&source, &dest)
+            .await
+            .map_err(store_err("copy", to))
     }
 
     /// Reads a whole object.

@@ -248,8 +248,17 @@ async fn round_trip(lake: &Lake) {
     assert_eq!(lake.list("").await.expect("list all").len(), 4);
     assert!(lake.list("nothing/here/").await.expect("list").is_empty());
 
+    // A copy is a second name for the bytes (a no-op batch run publishes its base's file so),
+    // and stays when the first name is deleted.
+    let copy = format!(
+        "{}partials.parquet",
+        lake::view_run_prefix("clicks", "v", 9)
+    );
+    lake.copy(&seg, &copy).await.expect("copy");
     lake.delete(&seg).await.expect("delete");
     assert!(!lake.exists(&seg).await.expect("head"));
+    assert_eq!(lake.get(&copy).await.expect("get the copy").len(), 6);
+    lake.delete(&copy).await.expect("delete the copy");
     lake.delete(&seg)
         .await
         .expect("deleting a missing object succeeds");
