@@ -145,13 +145,19 @@ mod tests {
 
     use super::super::*;
 
-    #[tokio::test]
-    async fn file_lake_objects_are_synced_with_every_directory_up_to_the_root() {
+    /// A `file://` lake in a temporary directory (kept while the guard lives), and its root.
+    fn file_lake() -> (tempfile::TempDir, std::path::PathBuf, Lake) {
         let dir = tempfile::tempdir().unwrap();
         let root = dir.path().canonicalize().unwrap().join("lake");
         let lake =
             Lake::open_with_env(&format!("file://{}", root.display()), &BTreeMap::new(), &[])
                 .unwrap();
+        (dir, root, lake)
+    }
+
+    #[tokio::test]
+    async fn file_lake_objects_are_synced_with_every_directory_up_to_the_root() {
+        let (_dir, root, lake) = file_lake();
         let staged = |f: &std::path::Path| std::path::PathBuf::from(format!("{}#1", f.display()));
         let big = vec![7u8; MULTIPART_THRESHOLD + 1];
         let seg = archive_path("clicks", 0, 0, 5);
@@ -211,11 +217,7 @@ mod tests {
 
     #[tokio::test]
     async fn local_files_name_the_objects_of_a_file_lake_only() {
-        let dir = tempfile::tempdir().unwrap();
-        let root = dir.path().canonicalize().unwrap().join("lake");
-        let lake =
-            Lake::open_with_env(&format!("file://{}", root.display()), &BTreeMap::new(), &[])
-                .unwrap();
+        let (_dir, root, lake) = file_lake();
         let seg = archive_path("clicks", 0, 0, 5);
         lake.put(&seg, b"12345".to_vec()).await.unwrap();
         let files = lake.local_files([seg.as_str()]).unwrap().unwrap();
@@ -229,11 +231,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_copy_is_a_synced_second_name_that_outlives_the_first() {
-        let dir = tempfile::tempdir().unwrap();
-        let root = dir.path().canonicalize().unwrap().join("lake");
-        let file =
-            Lake::open_with_env(&format!("file://{}", root.display()), &BTreeMap::new(), &[])
-                .unwrap();
+        let (_dir, root, file) = file_lake();
         let memory = Lake::open_with_env("memory://", &BTreeMap::new(), &[]).unwrap();
         let (from, to) = (
             "views/clicks/v/run=1/partials.parquet",
