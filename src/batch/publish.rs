@@ -31,14 +31,14 @@ pub(crate) async fn publish_view(
 ) -> anyhow::Result<Publication> {
     let pipeline = plan.pipeline().name.clone();
     let name = plan.pipeline().views[view].name.clone();
-    let horizon_ms = match replaces {
+    let current = match replaces {
         Some(id) => state
             .current_publication(&pipeline, &name)
             .await?
-            .filter(|c| c.id == id)
-            .and_then(|c| c.horizon_ms),
+            .filter(|c| c.id == id),
         None => None,
     };
+    let horizon_ms = current.as_ref().and_then(|c| c.horizon_ms);
     let path = format!(
         "{}{PARTIALS_FILE}",
         lake::view_run_prefix(&pipeline, &name, run_id.0)
@@ -56,13 +56,16 @@ pub(crate) async fn publish_view(
     // Nothing new on top of an untrimmed base (an incremental run with no new events): the
     // base's file is the answer, byte for byte; copied (a hard link on a local lake, the
     // store's own copy on others), not decoded, merged and re-encoded.
+    // The base is the current publication (its record gives the rows and the logic).
     if fresh.height() == 0
         && horizon_ms.is_none()
-        && let Some(base) = base_run
-        && let Some((file, rows)) = single_file(plan, lake, view, base).await?
+        && let Some(base) = current
+            .as_ref()
+            .filter(|c| Some(c.run_id) == base_run && c.logic_hash == plan.logic_hash(view))
+        && let Some(file) = single_file(plan, lake, view, base.run_id).await?
     {
         lake.copy(&file, &path).await?;
-        return Ok(state.publish(&publication(rows)).await?);
+        return Ok(state.publish(&publication(base.rows)).await?);
     }
     let previous = match base_run {
         Some(base) => Some(
@@ -93,31 +96,24 @@ pub(crate) async fn publish_view(
     Ok(state.publish(&publication(partial_rows)).await?)
 }
 
-/// The path and row count of run `run_id`'s partials of `view` when they are one file (what
-/// a run writes), checked like [`Plan::read_partials`]; None otherwise.
+/// The path of run `run_id`'s partials of `view` when they are one Parquet file (what a run
+/// writes); None otherwise.
 async fn single_file(
     plan: &Plan,
     lake: &Lake,
     view: usize,
     run_id: RunId,
-) -> anyhow::Result<Option<(String, u64)>> {
+) -> anyhow::Result<Option<String>> {
     let prefix = lake::view_run_prefix(
         &plan.pipeline().name,
         &plan.pipeline().views[view].name,
         run_id.0,
     );
     let files = lake.list(&prefix).await?;
-    let [file] = files.as_slice() else {
-        return Ok(None);
-    };
-    if !file.path.ends_with(".parquet") {
-        return Ok(None);
-    }
-    let bytes = lake.get(&file.path).await?;
-    let rows = plan
-        .partials_rows(view, &bytes)
-        .with_context(|| format!("reading {}", file.path))?;
-    Ok(Some((file.path.clone(), rows)))
+    Ok(match files.as_slice() {
+        [file] if file.path.ends_with(".parquet") => Some(file.path.clone()),
+        _ => None,
+    })
 }
 
 /// Reads a publication's partials (every Parquet file of its run directory), refusing files of

@@ -54,23 +54,6 @@ impl Plan {
     /// computed by other logic (the caller recomputes them).
     pub fn read_partials(&self, view: usize, bytes: &[u8]) -> Result<DataFrame, PlanError> {
         let mut reader = ParquetReader::new(Cursor::new(bytes));
-        self.check_partials(view, &mut reader)?;
-        Ok(reader.finish()?)
-    }
-
-    /// The number of rows of a partials file of view `view`, read from its footer alone, with
-    /// the checks of [`Plan::read_partials`].
-    pub fn partials_rows(&self, view: usize, bytes: &[u8]) -> Result<u64, PlanError> {
-        let mut reader = ParquetReader::new(Cursor::new(bytes));
-        self.check_partials(view, &mut reader)?;
-        Ok(reader.num_rows()? as u64)
-    }
-
-    fn check_partials(
-        &self,
-        view: usize,
-        reader: &mut ParquetReader<Cursor<&[u8]>>,
-    ) -> Result<(), PlanError> {
         let meta = reader.get_metadata()?;
         let get = |key: &str| {
             meta.key_value_metadata()
@@ -95,6 +78,6 @@ impl Plan {
                 expected: self.logic_hash(view),
             });
         }
-        Ok(())
+        Ok(reader.finish()?)
     }
 }
