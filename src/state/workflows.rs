@@ -9,7 +9,7 @@
 //! workflow at once, which is what makes `max_active_runs` and "start a task once" hold across
 //! processes.
 
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, SubsecRound, Utc};
 use sqlx::Connection;
 
 use super::runs::{AttemptRow, RunRow};
@@ -369,6 +369,9 @@ impl State {
 
     /// Records `baseline` as the last slot of a workflow that has none yet, without creating a
     /// run: slots after it are owed. Does nothing when the workflow already has a last slot.
+    /// Kept to the microsecond like every slot: [`State::claim_slot`] compares the last slot
+    /// at that precision, and a baseline with nanoseconds stored as is (SQLite's text) would
+    /// never compare equal — the schedule would never fire.
     pub async fn init_schedule(
         &self,
         workflow: &str,
@@ -376,7 +379,7 @@ impl State {
     ) -> Result<(), StateError> {
         on_pool!(self, |pool| sqlx::query(INIT_SCHEDULE)
             .bind(workflow)
-            .bind(baseline)
+            .bind(baseline.trunc_subsecs(6))
             .bind(now())
             .execute(pool)
             .await

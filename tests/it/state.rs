@@ -795,6 +795,19 @@ async fn schedule_slots_are_claimed_once(url: String) {
         }
     }
     assert_eq!(claimed, 1);
+
+    // A schedule seen for the first time starts from a baseline with nanoseconds (the wall
+    // clock's): its first slot is claimed from the baseline as read back.
+    let baseline = ts(1_790_000_000, 123_456_789);
+    state.init_schedule("weekly", baseline).await.unwrap();
+    let last = state.last_slot("weekly").await.unwrap();
+    assert_eq!(last, Some(ts(1_790_000_000, 123_456_000)));
+    let first = state
+        .claim_slot("weekly", last, ts(1_790_003_600, 0))
+        .await
+        .unwrap();
+    assert!(first.is_some(), "the first slot after the baseline is claimed");
+
     let runs = state.runs(Some("nightly"), 100).await.unwrap();
     assert_eq!(
         runs.iter().map(|r| r.scheduled_at).collect::<Vec<_>>(),
