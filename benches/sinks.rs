@@ -59,14 +59,11 @@ fn rows(n: usize, round: i64) -> Rows {
 
 fn as_of() -> AsOf {
     AsOf {
-        batch_run: None,
-        batch_cutoff: BTreeMap::new(),
-        batch_published_at: None,
-        batch_rows: 0,
         speed_rows: ROWS as u64,
         speed_segments: 1,
         speed_events: ROWS as u64,
         computed_at: "2026-12-01T00:00:00.000Z".into(),
+        ..AsOf::default()
     }
 }
 

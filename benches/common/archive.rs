@@ -105,6 +105,7 @@ pub async fn archive(
                     min_event_ms: Some(BASE_MS),
                     max_event_ms: Some(BASE_MS + 86_400_000),
                     lookups: None,
+                    crc32: Some(crc32fast::hash(&buf)),
                 })
                 .await?;
         }

@@ -182,11 +182,14 @@ async fn merge_group(lake: &Lake, group: &[Segment]) -> anyhow::Result<Segment> 
     let last = &group[group.len() - 1];
     let mut parts = Vec::with_capacity(group.len());
     for s in group {
-        parts.push(
-            lake.get(&s.path)
-                .await
-                .with_context(|| format!("reading segment {}", s.path))?,
-        );
+        let bytes = lake
+            .get(&s.path)
+            .await
+            .with_context(|| format!("reading segment {}", s.path))?;
+        // A damaged segment is not copied into a merged one (which would record a checksum of
+        // the damage): compaction stops, and `verify` names the segment.
+        s.check_bytes(&bytes).map_err(anyhow::Error::msg)?;
+        parts.push(bytes);
     }
     let expected: u64 = group.iter().map(|s| s.rows).sum();
     let bytes = tokio::task::spawn_blocking(move || -> anyhow::Result<Vec<u8>> {
@@ -219,6 +222,7 @@ async fn merge_group(lake: &Lake, group: &[Segment]) -> anyhow::Result<Segment> 
     .await??;
     let path = lake::archive_path(&first.pipeline, first.partition, first.lo, last.hi);
     let size = bytes.len() as u64;
+    let crc32 = crc32fast::hash(&bytes);
     lake.put(&path, Bytes::from(bytes))
         .await
         .with_context(|| format!("writing merged segment {path}"))?;
@@ -235,6 +239,7 @@ async fn merge_group(lake: &Lake, group: &[Segment]) -> anyhow::Result<Segment> 
         max_event_ms: group.iter().filter_map(|s| s.max_event_ms).max(),
         // Every segment of a group recorded the same versions (`plan_compaction`).
         lookups: first.lookups.clone(),
+        crc32: Some(crc32),
     })
 }
 
@@ -499,6 +504,7 @@ mod tests {
             min_event_ms: Some(0),
             max_event_ms: Some(1),
             lookups: None,
+            crc32: None,
         }
     }
 

@@ -1,19 +1,34 @@
-//! `verify`: the two engines over the same sealed segments must agree. The batch engine scans
-//! every segment at once; the speed engine computes partials per segment and merges them with
-//! the accumulator, as a server does. Any difference is a bug in one of them.
+//! `verify`: what the archive holds is what was sealed, and the two engines agree on it.
+//!
+//! - **The archive**: each checked segment's file has the size and CRC-32 its manifest row
+//!   recorded, decodes, holds exactly one event per position of `[lo, hi)` in order, and its
+//!   event times lie in the recorded range. A damaged or swapped file is named.
+//! - **The engines**: the batch engine scans the intact segments at once; the speed engine
+//!   computes partials per segment and merges them with the accumulator, as a server does. Any
+//!   difference is a bug in one of them.
+//!
+//! A check reads every sealed segment or a random [`Sample`] of them (a workflow's `verify`
+//! task on a large archive); its result is recorded in the state DB ([`record`]).
 
 use std::sync::Arc;
 
+use chrono::{DateTime, Utc};
+use futures::{StreamExt, TryStreamExt};
 use polars::prelude::*;
 
 use super::scan;
 use crate::lake::Lake;
 use crate::plan::Plan;
+use crate::spec::Sample;
 use crate::speed::lookups::Lookups;
-use crate::state::State;
+use crate::speed::record::OFFSET_COLUMN;
+use crate::state::{RunId, Segment, State, Verification};
 
 /// Relative tolerance for floating-point results: the engines sum in different orders.
 const REL_TOL: f64 = 1e-9;
+
+/// Segments read and checked at once.
+const READ_AHEAD: usize = 4;
 
 /// The outcome for one view.
 #[derive(Debug, Clone)]
@@ -26,25 +41,73 @@ pub struct ViewCheck {
 
 #[derive(Debug, Clone)]
 pub struct Report {
+    pub started_at: DateTime<Utc>,
+    /// Sealed segments checked (of `sealed`), and their events.
     pub segments: usize,
+    pub sealed: usize,
     pub events: u64,
+    /// Segments whose file is not what was sealed, one line each; the engines compared the
+    /// others.
+    pub damaged: Vec<String>,
     pub views: Vec<ViewCheck>,
 }
 
 impl Report {
     pub fn ok(&self) -> bool {
-        self.views.iter().all(|v| v.differences.is_empty())
+        self.damaged.is_empty() && self.views.iter().all(|v| v.differences.is_empty())
+    }
+
+    /// Every problem found, one line each: damaged segments, then the engines' differences.
+    pub fn problems(&self) -> Vec<String> {
+        let mut out = self.damaged.clone();
+        for v in &self.views {
+            out.extend(
+                v.differences
+                    .iter()
+                    .map(|d| format!("view {}: engines differ: {d}", v.view)),
+            );
+        }
+        out
     }
 }
 
-/// Recomputes every view of the plan's pipeline over its sealed segments in both engines.
-pub async fn verify(plan: Arc<Plan>, state: &State, lake: &Lake) -> anyhow::Result<Report> {
+/// Checks `sample` of the plan's pipeline's sealed segments: their files, then every view
+/// over the intact ones in both engines. Problems found are in the report; `Err` means the
+/// check itself could not run (state DB unreachable, the plan failed).
+pub async fn verify(
+    plan: Arc<Plan>,
+    state: &State,
+    lake: &Lake,
+    sample: Sample,
+) -> anyhow::Result<Report> {
+    let started_at = Utc::now();
     let pipeline = plan.pipeline().name.clone();
-    let (_, segments) = super::sealed(state, &pipeline).await?;
-    let events = segments.iter().map(|s| s.rows).sum();
+    let (_, sealed) = super::sealed(state, &pipeline).await?;
+    let chosen = pick(
+        &sealed,
+        sample,
+        started_at.timestamp_nanos_opt().unwrap_or(0) as u64,
+    );
+    let time = plan.pipeline().event_time.clone();
+    let checks: Vec<_> = chosen
+        .iter()
+        .map(|s| check_segment(lake, s, &time))
+        .collect();
+    let found: Vec<Option<String>> = futures::stream::iter(checks)
+        .buffered(READ_AHEAD)
+        .try_collect()
+        .await?;
+    let mut intact = Vec::with_capacity(chosen.len());
+    let mut damaged = Vec::new();
+    for (s, problem) in chosen.iter().zip(found) {
+        match problem {
+            Some(p) => damaged.push(p),
+            None => intact.push(s.clone()),
+        }
+    }
+    let events = chosen.iter().map(|s| s.rows).sum();
     let lookups = Lookups::reader(plan.pipeline(), lake);
-    let source = scan::open_parts(lake, &lookups, &segments, |_| {}).await?;
-    let n = segments.len();
+    let source = scan::open_parts(lake, &lookups, &intact, |_| {}).await?;
     let views = tokio::task::spawn_blocking(move || -> anyhow::Result<Vec<ViewCheck>> {
         let mut out = Vec::new();
         for v in 0..plan.pipeline().views.len() {
@@ -60,10 +123,114 @@ pub async fn verify(plan: Arc<Plan>, state: &State, lake: &Lake) -> anyhow::Resu
     })
     .await??;
     Ok(Report {
-        segments: n,
+        started_at,
+        segments: chosen.len(),
+        sealed: sealed.len(),
         events,
+        damaged,
         views,
     })
+}
+
+/// Records `report` as `pipeline`'s latest check (by workflow run `run_id`, if any).
+pub async fn record(
+    state: &State,
+    pipeline: &str,
+    run_id: Option<RunId>,
+    report: &Report,
+) -> anyhow::Result<Verification> {
+    Ok(state
+        .record_verification(
+            pipeline,
+            run_id,
+            report.segments as u64,
+            report.events,
+            &report.problems(),
+            report.started_at,
+        )
+        .await?)
+}
+
+/// `sample` of `sealed`, in manifest order; a random choice seeded by `seed`.
+fn pick(sealed: &[Segment], sample: Sample, seed: u64) -> Vec<Segment> {
+    let want = sample.of(sealed.len());
+    if want == sealed.len() {
+        return sealed.to_vec();
+    }
+    // A partial Fisher–Yates shuffle of the indices (splitmix64), then manifest order again.
+    let mut idx: Vec<usize> = (0..sealed.len()).collect();
+    let mut state = seed;
+    for i in 0..want {
+        state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = state;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^= z >> 31;
+        let j = i + (z % (sealed.len() - i) as u64) as usize;
+        idx.swap(i, j);
+    }
+    let mut chosen = idx[..want].to_vec();
+    chosen.sort_unstable();
+    chosen.into_iter().map(|i| sealed[i].clone()).collect()
+}
+
+/// What is wrong with segment `s`'s file, if anything: `Some(problem)` when it cannot be read,
+/// is not the bytes sealed, does not decode, or its events are not the positions and times
+/// its manifest row records. `Err` only when the check itself could not run.
+async fn check_segment(lake: &Lake, s: &Segment, time: &str) -> anyhow::Result<Option<String>> {
+    let bytes = match lake.get(&s.path).await {
+        Ok(b) => b,
+        Err(e) => return Ok(Some(format!("segment {} cannot be read: {e}", s.path))),
+    };
+    if let Err(p) = s.check_bytes(&bytes) {
+        return Ok(Some(p));
+    }
+    let (s, time) = (s.clone(), time.to_string());
+    Ok(tokio::task::spawn_blocking(move || check_events(&s, bytes, &time).err()).await?)
+}
+
+/// Whether the decoded file holds the events of `s`'s manifest row.
+pub(crate) fn check_events(s: &Segment, bytes: bytes::Bytes, time: &str) -> Result<(), String> {
+    let path = &s.path;
+    let df = ParquetReader::new(std::io::Cursor::new(bytes))
+        .finish()
+        .map_err(|e| format!("segment {path} does not decode: {e}"))?;
+    if df.height() as u64 != s.rows {
+        return Err(format!(
+            "segment {path} holds {} events, its manifest row {}",
+            df.height(),
+            s.rows
+        ));
+    }
+    let offsets = df
+        .column(OFFSET_COLUMN)
+        .and_then(|c| c.cast(&DataType::Int64))
+        .map_err(|e| format!("segment {path} has no positions: {e}"))?;
+    let offsets = offsets.i64().map_err(|e| format!("segment {path}: {e}"))?;
+    for (i, o) in offsets.iter().enumerate() {
+        let want = s.lo + i as u64;
+        if o != i64::try_from(want).ok() {
+            return Err(format!(
+                "segment {path} holds position {} where {want} belongs (positions {}..{})",
+                o.map_or("null".to_string(), |o| o.to_string()),
+                s.lo,
+                s.hi
+            ));
+        }
+    }
+    let times = df
+        .column(time)
+        .and_then(|c| c.cast(&DataType::Int64))
+        .map_err(|e| format!("segment {path} has no event times: {e}"))?;
+    let times = times.i64().map_err(|e| format!("segment {path}: {e}"))?;
+    let (min, max) = (times.min(), times.max());
+    if (min, max) != (s.min_event_ms, s.max_event_ms) {
+        return Err(format!(
+            "segment {path} holds event times {min:?}..{max:?} (ms), its manifest row {:?}..{:?}",
+            s.min_event_ms, s.max_event_ms
+        ));
+    }
+    Ok(())
 }
 
 /// Differences between two finished frames (batch, speed), at most a few per column.

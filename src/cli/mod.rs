@@ -121,11 +121,16 @@ pub enum Command {
         #[arg(long, hide = true)]
         detached: bool,
     },
-    /// Recompute every view over the sealed segments in both engines (batch scan and the
-    /// speed path) and report any difference; exit 1 if they disagree.
+    /// Check the archive (each sealed segment's file is the one sealed: size, checksum,
+    /// positions, event times) and recompute every view over it in both engines (batch scan
+    /// and the speed path); report what is wrong and exit 1 on anything. The result is
+    /// recorded (shown by `status`, `/metrics` and answers' `as_of`).
     Verify {
         /// The pipeline.
         pipeline: String,
+        /// Which sealed segments: `all`, a number picked at random (`20`), or a share (`5%`).
+        #[arg(long, default_value = "all", value_parser = parse_sample)]
+        sample: crate::spec::Sample,
     },
     /// Run history, newest first.
     Runs {
@@ -204,6 +209,10 @@ impl CliError {
     }
 }
 
+fn parse_sample(s: &str) -> Result<crate::spec::Sample, String> {
+    s.parse()
+}
+
 pub fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
@@ -272,7 +281,7 @@ fn run(cli: Cli) -> Result<(), CliError> {
             detached,
             (&views, full, refresh_lookups),
         ),
-        Command::Verify { pipeline } => run::verify(&cli.project, &pipeline),
+        Command::Verify { pipeline, sample } => run::verify(&cli.project, &pipeline, sample),
         Command::Runs { workflow, limit } => runs::run(&cli.project, workflow.as_deref(), limit),
         Command::Logs { run_id } => logs::run(&cli.project, run_id),
         Command::Backfill { workflow, from, to } => {

@@ -202,19 +202,32 @@ fn detach(
     }))
 }
 
-pub fn verify(project_dir: &Path, name: &str) -> Result<(), CliError> {
+pub fn verify(project_dir: &Path, name: &str, sample: crate::spec::Sample) -> Result<(), CliError> {
     let project = super::load_project(project_dir)?;
     let plan = compile(&project, name)?;
     let rt = runtime()?;
     rt.block_on(async {
         let (db, lake) = open(&project).await?;
-        let report = batch::verify::verify(Arc::new(plan), &db, &lake).await;
+        let report = batch::verify::verify(Arc::new(plan), &db, &lake, sample).await;
+        let recorded = match &report {
+            Ok(r) => Some(batch::verify::record(&db, name, None, r).await),
+            Err(_) => None,
+        };
         db.close().await;
         let report = report.context("verifying")?;
+        recorded.transpose().context("recording the result")?;
         println!(
-            "{} sealed segment(s), {} events",
-            report.segments, report.events
+            "{} of {} sealed segment(s), {} events",
+            report.segments, report.sealed, report.events
         );
+        if report.damaged.is_empty() {
+            println!("archive: ok");
+        } else {
+            println!("archive: {} DAMAGED segment(s)", report.damaged.len());
+            for d in &report.damaged {
+                println!("  {d}");
+            }
+        }
         for v in &report.views {
             if v.differences.is_empty() {
                 println!("{}: ok ({} rows agree)", v.view, v.rows);
@@ -227,10 +240,15 @@ pub fn verify(project_dir: &Path, name: &str) -> Result<(), CliError> {
         }
         if report.ok() {
             Ok(())
-        } else {
+        } else if report.damaged.is_empty() {
             Err(CliError::User(
                 "the batch and speed engines disagree".to_string(),
             ))
+        } else {
+            Err(CliError::User(format!(
+                "{} archived segment(s) are not what was sealed",
+                report.damaged.len()
+            )))
         }
     })
 }

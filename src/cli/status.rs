@@ -21,7 +21,7 @@ use super::serve::redact;
 use super::worker::runtime;
 use crate::orchestration::overview::{self, WorkflowOverview};
 use crate::spec::Project;
-use crate::state::{Run, RunKind, RunState, State};
+use crate::state::{Run, RunKind, RunState, State, VerifyStatus};
 
 /// Runs listed under "recent runs".
 const RECENT_RUNS: u32 = 10;
@@ -58,6 +58,10 @@ async fn collect(project: &Project, server: Option<&str>) -> Result<(Value, Vec<
     let workflows = overview::workflows(&project.workflows, &db, now)
         .await
         .context("reading workflows from the state DB")?;
+    let verified = db
+        .verify_statuses()
+        .await
+        .context("reading verify results")?;
     let mut pipelines = Vec::new();
     for p in &project.pipelines {
         let segments = db
@@ -95,9 +99,11 @@ async fn collect(project: &Project, server: Option<&str>) -> Result<(Value, Vec<
                 "batch_cutoff_age_s": age,
             }));
         }
+        let verified = verified.get(&p.name);
         let failing = last_batch
             .as_ref()
-            .is_some_and(|r| r.state == RunState::Failed);
+            .is_some_and(|r| r.state == RunState::Failed)
+            || verified.is_some_and(|v| !v.last.ok);
         pipelines.push(json!({
             "name": p.name,
             "source": p.source.kind(),
@@ -107,6 +113,7 @@ async fn collect(project: &Project, server: Option<&str>) -> Result<(Value, Vec<
             "dead_letters": dead_letters,
             "last_batch_run": last_batch.as_ref().map(run_json),
             "views": views,
+            "verified": verified.map(verify_json),
             "live": live.cloned(),
         }));
     }
@@ -165,6 +172,19 @@ async fn live_figures(project: &Project, server: Option<&str>) -> (BTreeMap<Stri
     }
 }
 
+/// The latest `verify` of a pipeline and its last success.
+fn verify_json(v: &VerifyStatus) -> Value {
+    json!({
+        "ok": v.last.ok,
+        "at": v.last.finished_at,
+        "run_id": v.last.run_id.map(|r| r.0),
+        "segments": v.last.segments,
+        "events": v.last.events,
+        "problems": v.last.problems,
+        "last_success": v.last_success,
+    })
+}
+
 fn run_json(r: &Run) -> Value {
     json!({
         "id": r.id.0,
@@ -196,6 +216,7 @@ fn failing_first(items: &mut [Value]) {
 }
 
 fn render(r: &Value, recent: &[Run]) -> String {
+    let now = Utc::now();
     let mut out = String::new();
     let server = &r["server"];
     let live = if server["reachable"].as_bool() == Some(true) {
@@ -222,6 +243,7 @@ fn render(r: &Value, recent: &[Run]) -> String {
         "FILTERED",
         "BATCH CUTOFF AGE",
         "SINK LAG",
+        "VERIFIED",
     ]
     .map(String::from)
     .to_vec();
@@ -264,10 +286,25 @@ fn render(r: &Value, recent: &[Run]) -> String {
                     .filter_map(|s| s["lag_s"].as_f64())
                     .reduce(f64::max)
                     .map_or("-".into(), age),
+                verified_cell(&p["verified"], now),
             ]
         })
         .collect();
     out.push_str(&aligned(&header, &rows));
+
+    let problems: Vec<String> = items(&r["pipelines"])
+        .flat_map(|p| {
+            items(&p["verified"]["problems"])
+                .take(MAX_PROBLEMS)
+                .map(move |x| format!("{}: {}", text(&p["name"]), text(x)))
+        })
+        .collect();
+    if !problems.is_empty() {
+        out.push_str("\nVERIFY PROBLEMS\n");
+        for line in problems {
+            out.push_str(&format!("! {line}\n"));
+        }
+    }
 
     let sinks: Vec<Vec<String>> = items(&r["pipelines"])
         .flat_map(|p| {
@@ -322,6 +359,29 @@ fn render(r: &Value, recent: &[Run]) -> String {
     out.push_str("\nRECENT RUNS\n");
     out.push_str(&table(recent));
     out
+}
+
+/// Problems of a failed `verify` listed per pipeline (the JSON has all of them).
+const MAX_PROBLEMS: usize = 5;
+
+/// `ok 3m ago`, `FAILED 10s ago (ok 2h ago)`, or `never`.
+fn verified_cell(v: &Value, now: DateTime<Utc>) -> String {
+    let ago = |t: &Value| {
+        t.as_str()
+            .and_then(|t| t.parse::<DateTime<Utc>>().ok())
+            .map_or("?".into(), |t| {
+                format!(
+                    "{} ago",
+                    age((now - t).num_milliseconds().max(0) as f64 / 1000.0)
+                )
+            })
+    };
+    match v["ok"].as_bool() {
+        None => "never".into(),
+        Some(true) => format!("ok {}", ago(&v["at"])),
+        Some(false) if v["last_success"].is_null() => format!("FAILED {}", ago(&v["at"])),
+        Some(false) => format!("FAILED {} (ok {})", ago(&v["at"]), ago(&v["last_success"])),
+    }
 }
 
 fn items(v: &Value) -> impl Iterator<Item = &Value> {

@@ -1,5 +1,6 @@
 //! The [`TaskRunner`] of a real project: `batch` tasks recompute views with the batch layer,
-//! `compact` and `retention` maintain the archive ([`crate::batch::maintenance`]).
+//! `compact` and `retention` maintain the archive ([`crate::batch::maintenance`]), `verify`
+//! checks it ([`crate::batch::verify`]).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -9,10 +10,10 @@ use futures::future::BoxFuture;
 
 use super::fanout::Help;
 use super::{TaskContext, TaskRunner};
-use crate::batch::{self, Progress, maintenance};
+use crate::batch::{self, Progress, maintenance, verify};
 use crate::lake::Lake;
 use crate::plan::Plan;
-use crate::spec::Project;
+use crate::spec::{Project, Sample};
 use crate::state::State;
 
 pub struct Layers {
@@ -132,6 +133,39 @@ impl TaskRunner for Layers {
                 done.segments_dropped, done.view_versions_dropped, done.dead_letter_files_dropped,
                 done.views_trimmed, done.partial_rows_retired
             ));
+            Ok(())
+        })
+    }
+
+    fn verify<'a>(
+        &'a self,
+        ctx: &'a TaskContext,
+        pipeline: &'a str,
+        sample: Sample,
+    ) -> BoxFuture<'a, anyhow::Result<()>> {
+        Box::pin(async move {
+            let spec = self.pipeline(pipeline)?;
+            let plan =
+                Plan::compile(spec).with_context(|| format!("compiling pipeline `{pipeline}`"))?;
+            let report = verify::verify(Arc::new(plan), &self.state, &self.lake, sample).await?;
+            verify::record(&self.state, pipeline, Some(ctx.run_id), &report).await?;
+            ctx.log.line(format!(
+                "verified {pipeline}: {} of {} sealed segment(s) ({sample}), {} events, {} view(s)",
+                report.segments,
+                report.sealed,
+                report.events,
+                report.views.len()
+            ));
+            let problems = report.problems();
+            for p in &problems {
+                ctx.log.line(p.clone());
+            }
+            anyhow::ensure!(
+                problems.is_empty(),
+                "verify of {pipeline} found {} problem(s): {}",
+                problems.len(),
+                problems.join("; ")
+            );
             Ok(())
         })
     }

@@ -1,5 +1,5 @@
-//! Executing one task attempt: the boundary to the layers that implement `batch`, `compact`
-//! and `retention` ([`TaskRunner`]), and `command` tasks, implemented here.
+//! Executing one task attempt: the boundary to the layers that implement `batch`, `compact`,
+//! `retention` and `verify` ([`TaskRunner`]), and `command` tasks, implemented here.
 
 use std::path::PathBuf;
 use std::process::Stdio;
@@ -14,7 +14,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::warn;
 
-use crate::spec::TaskKind;
+use crate::spec::{Sample, TaskKind};
 use crate::state::{AttemptId, RunId, State};
 
 /// The layers' side of the task boundary: the batch layer recomputes views, the lake/archive
@@ -41,6 +41,15 @@ pub trait TaskRunner: Send + Sync + 'static {
         ctx: &'a TaskContext,
         pipeline: &'a str,
         keep: Duration,
+    ) -> BoxFuture<'a, anyhow::Result<()>>;
+
+    /// Checks `sample` of the pipeline's archive and both engines over it, and records the
+    /// result; fails when anything is wrong.
+    fn verify<'a>(
+        &'a self,
+        ctx: &'a TaskContext,
+        pipeline: &'a str,
+        sample: Sample,
     ) -> BoxFuture<'a, anyhow::Result<()>>;
 }
 
@@ -86,6 +95,7 @@ pub async fn execute(
         TaskKind::Batch { pipeline, views } => runner.batch(ctx, pipeline, views.as_deref()).await,
         TaskKind::Compact { pipeline } => runner.compact(ctx, pipeline).await,
         TaskKind::Retention { pipeline, keep } => runner.retention(ctx, pipeline, *keep).await,
+        TaskKind::Verify { pipeline, sample } => runner.verify(ctx, pipeline, *sample).await,
         TaskKind::Command { argv } => command(ctx, argv).await,
     }
 }

@@ -14,6 +14,7 @@ use super::query::Served;
 use super::sink::SinkStatus;
 use crate::clock::now_ms;
 use crate::speed::runtime::PipelineRuntime;
+use crate::state::VerifyStatus;
 use crate::telemetry::Exposition;
 
 /// Adds the workflow families to a page (orchestration's figures, read from the state DB).
@@ -280,6 +281,50 @@ fn pipelines(e: &mut Exposition, named: &[(&str, &PipelineRuntime)]) {
             &[("pipeline", p)],
             &rt.counters.ack_to_visible.snapshot(),
         );
+    }
+    verified(e, named);
+}
+
+/// The latest `verify` of each pipeline that had one (`verify` tasks, `lambda-ctl verify`).
+fn verified(e: &mut Exposition, named: &[(&str, &PipelineRuntime)]) {
+    let latest: Vec<(&str, VerifyStatus)> = named
+        .iter()
+        .filter_map(|&(p, rt)| Some((p, rt.verified.read().clone()?)))
+        .collect();
+    let seconds = |t: chrono::DateTime<chrono::Utc>| t.timestamp_millis() as f64 / 1000.0;
+    for (p, v) in &latest {
+        e.gauge(
+            "lambda_verify_ok",
+            "1 when the pipeline's latest verify found nothing wrong, 0 when it found a problem.",
+            &[("pipeline", p)],
+            if v.last.ok { 1.0 } else { 0.0 },
+        );
+    }
+    for (p, v) in &latest {
+        e.gauge(
+            "lambda_verify_problems",
+            "Problems the pipeline's latest verify found (damaged segments, engine differences).",
+            &[("pipeline", p)],
+            v.last.problems.len() as f64,
+        );
+    }
+    for (p, v) in &latest {
+        e.gauge(
+            "lambda_verify_last_run_timestamp_seconds",
+            "When the pipeline's latest verify finished (Unix time).",
+            &[("pipeline", p)],
+            seconds(v.last.finished_at),
+        );
+    }
+    for (p, v) in &latest {
+        if let Some(t) = v.last_success {
+            e.gauge(
+                "lambda_verify_last_success_timestamp_seconds",
+                "When a verify of the pipeline last found nothing wrong (Unix time).",
+                &[("pipeline", p)],
+                seconds(t),
+            );
+        }
     }
 }
 

@@ -1,7 +1,7 @@
 //! Serving pickup: a running server installs every new publication of its pipelines' views,
 //! whichever process published it (an in-process run, `lambda-ctl run` next to it, a worker).
 //! The state DB is the only channel, so a poll every [`POLL`] is all it takes to serve a new
-//! publish within a second.
+//! publish within a second. The same poll reads the pipeline's latest `verify` result.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -25,7 +25,13 @@ pub struct Pickup {
     loaded: Vec<Option<PublicationId>>,
     /// Publications already reported as unusable (logged once, not every poll).
     refused: Vec<Option<PublicationId>>,
+    /// Polls since the latest `verify` result was read.
+    polls: u32,
 }
+
+/// The latest `verify` result is read every this many polls (it changes at most as often as
+/// a workflow's `verify` task runs).
+const VERIFY_EVERY: u32 = 4;
 
 impl Pickup {
     pub fn new(rt: Arc<PipelineRuntime>, db: State, lake: Lake) -> Pickup {
@@ -36,6 +42,7 @@ impl Pickup {
             lake,
             loaded: vec![None; n],
             refused: vec![None; n],
+            polls: 0,
         }
     }
 
@@ -43,6 +50,15 @@ impl Pickup {
     /// logged per view and retried at the next poll.
     pub async fn poll(&mut self) {
         let pipeline = self.rt.pipeline.name.clone();
+        if self.polls.is_multiple_of(VERIFY_EVERY) {
+            match self.db.verify_status(&pipeline).await {
+                Ok(v) => *self.rt.verified.write() = v,
+                Err(e) => {
+                    tracing::warn!(%pipeline, error = %e, "cannot read the latest verify result");
+                }
+            }
+        }
+        self.polls = self.polls.wrapping_add(1);
         for v in 0..self.loaded.len() {
             let name = self.rt.pipeline.views[v].name.clone();
             let current = match self.db.current_publication(&pipeline, &name).await {

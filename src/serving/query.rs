@@ -70,7 +70,7 @@ pub struct Answer {
 }
 
 /// Where the numbers came from.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Default, Serialize)]
 pub struct AsOf {
     pub batch_run: Option<String>,
     /// partition → first position not covered by the batch view.
@@ -83,6 +83,33 @@ pub struct AsOf {
     pub speed_segments: usize,
     pub speed_events: u64,
     pub computed_at: String,
+    /// The pipeline's latest `verify` (archive and engines checked); `None` if never run.
+    pub verified: Option<Verified>,
+}
+
+/// The latest `verify` of a pipeline, as an answer reports it.
+#[derive(Debug, Clone, Serialize)]
+pub struct Verified {
+    pub ok: bool,
+    /// When it finished.
+    pub at: String,
+    /// Sealed segments it checked.
+    pub segments: u64,
+    /// When a `verify` last found nothing wrong.
+    pub last_success: Option<String>,
+}
+
+/// `finished`'s provenance with the pipeline's latest `verify` as it is now (a result newer
+/// than the answer's computation is still the one to report).
+fn as_of(rt: &PipelineRuntime, finished: &Finished) -> AsOf {
+    let mut a = finished.as_of.clone();
+    a.verified = rt.verified.read().as_ref().map(|v| Verified {
+        ok: v.last.ok,
+        at: format_ms(v.last.finished_at.timestamp_millis()),
+        segments: v.last.segments,
+        last_success: v.last_success.map(|t| format_ms(t.timestamp_millis())),
+    });
+    a
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -135,7 +162,7 @@ impl Served {
             Some(df) => df.clone(),
             None => DataFrame::empty_with_schema(&self.runtime.plan.output_schema(view_idx)),
         };
-        Ok((df, finished.as_of.clone()))
+        Ok((df, as_of(&self.runtime, &finished)))
     }
 }
 
@@ -190,7 +217,7 @@ fn query(
     Ok(Answer {
         columns: cols,
         rows,
-        as_of: finished.as_of.clone(),
+        as_of: as_of(rt, &finished),
     })
 }
 
@@ -431,6 +458,7 @@ fn compute(rt: &PipelineRuntime, view_idx: usize) -> PolarsResult<Finished> {
         speed_segments: snap.speed_segments,
         speed_events: snap.speed_events,
         computed_at: format_ms(now_ms()),
+        verified: None,
     };
     Ok(Finished {
         version: snap.version,
@@ -479,7 +507,7 @@ fn frame(
             df.take(&IdxCa::from_vec("rows".into(), rows))?
         }
     };
-    Ok((df, finished.as_of.clone()))
+    Ok((df, as_of(rt, &finished)))
 }
 
 /// The rows of `df` (a finished answer) that `q` asks for, by a scan.

@@ -871,6 +871,12 @@ pub enum TaskKind {
         pipeline: String,
         keep: Duration,
     },
+    /// Check the archive and the two engines (`lambda-ctl verify`), on `sample` of the sealed
+    /// segments; the result is recorded for `status`, `/metrics` and answers' `as_of`.
+    Verify {
+        pipeline: String,
+        sample: Sample,
+    },
     /// argv; `${LAMBDA_RUN_ID}`, `${LAMBDA_WORKFLOW}`, `${LAMBDA_SCHEDULED_AT}` are expanded at run time.
     Command {
         argv: Vec<String>,
@@ -883,7 +889,65 @@ impl TaskKind {
             TaskKind::Batch { .. } => "batch",
             TaskKind::Compact { .. } => "compact",
             TaskKind::Retention { .. } => "retention",
+            TaskKind::Verify { .. } => "verify",
             TaskKind::Command { .. } => "command",
+        }
+    }
+}
+
+/// Which sealed segments a `verify` reads.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Sample {
+    All,
+    /// This many, picked at random (all when there are fewer).
+    Segments(u64),
+    /// This share, in percent (0 < p ≤ 100), picked at random; at least one.
+    Percent(f64),
+}
+
+impl Sample {
+    /// How many of `n` segments to check.
+    pub fn of(self, n: usize) -> usize {
+        match self {
+            Sample::All => n,
+            Sample::Segments(k) => usize::try_from(k).unwrap_or(usize::MAX).min(n),
+            Sample::Percent(p) => ((n as f64 * p / 100.0).ceil() as usize).clamp(n.min(1), n),
+        }
+    }
+}
+
+impl std::fmt::Display for Sample {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Sample::All => f.write_str("all"),
+            Sample::Segments(k) => write!(f, "{k}"),
+            Sample::Percent(p) => write!(f, "{p}%"),
+        }
+    }
+}
+
+impl std::str::FromStr for Sample {
+    type Err = String;
+
+    /// `all`, a number of segments (`20`), or a share (`5%`).
+    fn from_str(s: &str) -> Result<Sample, String> {
+        let s = s.trim();
+        if s == "all" {
+            return Ok(Sample::All);
+        }
+        if let Some(p) = s.strip_suffix('%') {
+            return match p.trim().parse::<f64>() {
+                Ok(p) if p > 0.0 && p <= 100.0 => Ok(Sample::Percent(p)),
+                _ => Err(format!(
+                    "`{s}` is not a share of segments: use a percentage in (0, 100], like `5%`"
+                )),
+            };
+        }
+        match s.parse::<u64>() {
+            Ok(k) if k > 0 => Ok(Sample::Segments(k)),
+            _ => Err(format!(
+                "`{s}` is not a sample: use `all`, a number of segments like `20`, or a share like `5%`"
+            )),
         }
     }
 }

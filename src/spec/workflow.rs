@@ -27,13 +27,14 @@ const TASK_KEYS: &[&str] = &[
     "views",
     "compact",
     "retention",
+    "verify",
     "command",
     "needs",
     "retries",
     "retry_delay",
     "timeout",
 ];
-const KINDS: &[&str] = &["batch", "compact", "retention", "command"];
+const KINDS: &[&str] = &["batch", "compact", "retention", "verify", "command"];
 
 /// A task's references, kept with their locations for the cross-file checks.
 pub struct TaskRefs {
@@ -274,6 +275,19 @@ fn task(
                         keep: keep?,
                     })
                 }),
+                "verify" => {
+                    // `verify: PIPELINE` (every sealed segment) or `{pipeline, sample}`.
+                    let (p, sample) = match n {
+                        Node::Map { .. } => verify_options(d, n),
+                        _ => (
+                            read::string(d, n, "verify").map(|p| (p, n.loc())),
+                            Some(Sample::All),
+                        ),
+                    };
+                    refs.pipeline = p.clone();
+                    p.zip(sample)
+                        .map(|((pipeline, _), sample)| TaskKind::Verify { pipeline, sample })
+                }
                 _ => read::string_list(d, n, "command").and_then(|argv| {
                     if argv.is_empty() {
                         d.error(
@@ -323,4 +337,47 @@ fn task(
         timeout: timeout?,
     };
     Some((task, need_locs))
+}
+
+/// `verify: {pipeline, sample}`: the pipeline (with its location) and the sample.
+fn verify_options(d: &mut Diagnostics, n: &Node) -> (Option<(String, Loc)>, Option<Sample>) {
+    let Some(v) = Obj::new(d, n, "verify", &["pipeline", "sample"]) else {
+        return (None, None);
+    };
+    let p = v.required(d, "pipeline", "verify").and_then(|pn| {
+        let p = read::string(d, pn, "pipeline")?;
+        Some((p, pn.loc()))
+    });
+    let sample = match v.value("sample") {
+        None => Some(Sample::All),
+        Some(sn) => read::string(d, sn, "sample").and_then(|t| match t.parse::<Sample>() {
+            Ok(s) => Some(s),
+            Err(e) => {
+                d.error(sn.loc(), e);
+                None
+            }
+        }),
+    };
+    (p, sample)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_verify_sample_is_all_a_count_or_a_share() {
+        assert_eq!("all".parse(), Ok(Sample::All));
+        assert_eq!("20".parse(), Ok(Sample::Segments(20)));
+        assert_eq!(" 5% ".parse(), Ok(Sample::Percent(5.0)));
+        for bad in ["0", "0%", "150%", "-3", "some", "%"] {
+            assert!(bad.parse::<Sample>().is_err(), "{bad}");
+        }
+        assert_eq!(Sample::All.of(7), 7);
+        assert_eq!(Sample::Segments(20).of(7), 7);
+        assert_eq!(Sample::Segments(2).of(7), 2);
+        assert_eq!(Sample::Percent(10.0).of(7), 1);
+        assert_eq!(Sample::Percent(50.0).of(7), 4);
+        assert_eq!(Sample::Percent(10.0).of(0), 0);
+    }
 }

@@ -324,6 +324,7 @@ impl Aggregator {
         );
         let path = lake::archive_path(&rt.pipeline.name, LOG_PARTITION, lo, hi);
         let size = bytes.len() as u64;
+        let crc32 = crc32fast::hash(&bytes);
         rt.lake
             .put(&path, Bytes::from(bytes))
             .await
@@ -340,6 +341,7 @@ impl Aggregator {
             min_event_ms: min_ms,
             max_event_ms: max_ms,
             lookups: self.lookups.record(),
+            crc32: Some(crc32),
         };
         rt.db
             .seal_segment(&segment)

@@ -33,7 +33,7 @@ use crate::clock::now_ms;
 use crate::lake::Lake;
 use crate::plan::Plan;
 use crate::spec::Pipeline;
-use crate::state::State;
+use crate::state::{State, VerifyStatus};
 use crate::telemetry::{Histogram, LATENCY_BUCKETS, RateMeter};
 
 /// The partition of the pipeline's own write-ahead log.
@@ -101,6 +101,9 @@ pub struct PipelineRuntime {
     pub counters: Arc<Counters>,
     /// What the pipeline's source reports (lag), for status and metrics.
     pub source_status: Arc<SourceStatus>,
+    /// The latest `verify` of the pipeline, as serving last read it from the state DB (its
+    /// pickup keeps it fresh), for `/metrics` and answers' `as_of`.
+    pub verified: RwLock<Option<VerifyStatus>>,
     pub(super) log: Log<Batch>,
     /// End (exclusive) of the write-ahead log: every position below it is durable.
     pub(super) logged_end: AtomicU64,
@@ -186,6 +189,7 @@ impl PipelineRuntime {
             state: speed,
             counters,
             source_status: Arc::new(SourceStatus::default()),
+            verified: RwLock::new(None),
             log,
             logged_end: AtomicU64::new(next),
             sealed_end: watch::Sender::new(checkpoint),

@@ -27,6 +27,32 @@ pub struct Segment {
     /// The lookup versions its events were enriched with (`plan::LookupSet::record`, JSON
     /// `{"LOOKUP": "VERSION"}`); `None` for a pipeline without lookups.
     pub lookups: Option<String>,
+    /// CRC-32 (IEEE, [`crc32fast`]) of the Parquet file's bytes as written; `None` for
+    /// segments sealed before it was recorded. Readers that check it: `verify`, compaction.
+    pub crc32: Option<u32>,
+}
+
+impl Segment {
+    /// Whether `bytes` are this segment's file as sealed: its size and, when recorded, its
+    /// CRC-32. `Err` says what differs.
+    pub fn check_bytes(&self, bytes: &[u8]) -> Result<(), String> {
+        if bytes.len() as u64 != self.bytes {
+            return Err(format!(
+                "segment {} has {} bytes in the lake, {} in the manifest",
+                self.path,
+                bytes.len(),
+                self.bytes
+            ));
+        }
+        match self.crc32 {
+            Some(want) if crc32fast::hash(bytes) != want => Err(format!(
+                "segment {} does not match its checksum (CRC-32 {:08x} in the lake, {want:08x} in the manifest)",
+                self.path,
+                crc32fast::hash(bytes)
+            )),
+            _ => Ok(()),
+        }
+    }
 }
 
 #[derive(sqlx::FromRow)]
@@ -42,6 +68,7 @@ struct SegmentRow {
     min_event_ms: Option<i64>,
     max_event_ms: Option<i64>,
     lookups: Option<String>,
+    crc32: Option<i64>,
 }
 
 impl SegmentRow {
@@ -58,6 +85,7 @@ impl SegmentRow {
             min_event_ms: self.min_event_ms,
             max_event_ms: self.max_event_ms,
             lookups: self.lookups,
+            crc32: self.crc32.map(|c| from_db("checksum", c)).transpose()?,
         })
     }
 }
@@ -73,8 +101,8 @@ const ADVANCE_CHECKPOINT: &str = "
 
 const INSERT_SEGMENT: &str = "
     INSERT INTO segments (pipeline, partition, lo, hi, path, row_count, bytes, dead_letters,
-                          min_event_ms, max_event_ms, created_at, lookups)
-    VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)";
+                          min_event_ms, max_event_ms, created_at, lookups, crc32)
+    VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)";
 
 const COUNT_DEAD_LETTERS: &str = "
     INSERT INTO dead_letters (pipeline, total, updated_at) VALUES ($1, $2, $3)
@@ -161,6 +189,7 @@ impl State {
                 .bind(s.max_event_ms)
                 .bind(at)
                 .bind(&s.lookups)
+                .bind(s.crc32.map(i64::from))
                 .execute(&mut *tx)
                 .await
                 .map_err(db("seal segment: insert manifest row"))?;
@@ -186,7 +215,7 @@ impl State {
     pub async fn segments(&self, pipeline: &str) -> Result<Vec<Segment>, StateError> {
         const SQL: &str = "
             SELECT pipeline, partition, lo, hi, path, row_count, bytes, dead_letters,
-                   min_event_ms, max_event_ms, lookups
+                   min_event_ms, max_event_ms, lookups, crc32
             FROM segments WHERE pipeline = $1 ORDER BY partition, lo";
         let rows: Vec<SegmentRow> = on_pool!(self, |pool| sqlx::query_as(SQL)
             .bind(pipeline)
@@ -404,6 +433,7 @@ impl State {
                 .bind(new.max_event_ms)
                 .bind(at)
                 .bind(&new.lookups)
+                .bind(new.crc32.map(i64::from))
                 .execute(&mut *tx)
                 .await
                 .map_err(db("compact segments: insert merged segment"))?;

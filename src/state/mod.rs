@@ -51,6 +51,7 @@ mod publications;
 mod runs;
 mod schedules;
 mod stats;
+mod verifications;
 mod workflows;
 
 pub use archive::{RetiredObject, Segment};
@@ -59,6 +60,7 @@ pub use groups::{GroupEnd, GroupProgress};
 pub use publications::{Cutoff, NewPublication, Publication, PublicationId};
 pub use runs::{AttemptId, Outcome, Run, RunId, RunKind, RunState, TaskAttempt};
 pub use stats::{AttemptFigure, RunCount};
+pub use verifications::{Verification, VerifyStatus};
 pub use workflows::{
     Advanced, SchedulerLock, WorkflowAttempt, WorkflowChange, WorkflowEvent, WorkflowSnapshot,
 };

@@ -18,7 +18,9 @@ use crate::orders::{
     BASE_MS, Ev, check_views, check_views_after, events, get_view, post, project, send,
     wait_for_count,
 };
-use crate::support::{Rng, Server, get_json, lambda_ctl, repo, stderr, stdout, wait_for_sealed};
+use crate::support::{
+    Rng, Server, eventually, get_json, lambda_ctl, repo, stderr, stdout, wait_for_sealed,
+};
 
 const MAINT: &str = "name: maint\ntasks:\n  - name: recompute\n    batch: orders\n  - name: compact\n    compact: orders\n    needs: [recompute]\n";
 const TRIM: &str =
@@ -320,7 +322,7 @@ fn the_repository_nightly_workflow_runs_to_success() {
         stderr(&out)
     );
     let err = stderr(&out);
-    for task in ["recompute", "compact", "retention"] {
+    for task in ["recompute", "compact", "retention", "verify"] {
         assert!(err.contains(task), "{err}");
     }
     assert!(err.contains("succeeded"), "{err}");
@@ -330,6 +332,120 @@ fn the_repository_nightly_workflow_runs_to_success() {
     let text = stdout(&logs);
     assert!(text.contains("compacted clicks"), "{text}");
     assert!(text.contains("retention of clicks"), "{text}");
+    assert!(text.contains("verified clicks"), "{text}");
+}
+
+/// A `verify` task on a schedule (every second) passes on an intact archive and reports a
+/// deliberately damaged segment, by path: in its failed run, `status`, `/metrics` and each
+/// answer's `as_of` — which is still served, from what the speed and batch layers hold.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_scheduled_verify_reports_a_damaged_segment() {
+    let dir = project();
+    std::fs::create_dir_all(dir.path().join("workflows")).unwrap();
+    std::fs::write(
+        dir.path().join("workflows/check.yaml"),
+        "name: check\nschedule: \"* * * * * *\"\ntasks:\n  - name: verify\n    verify: orders\n",
+    )
+    .unwrap();
+    let spec = lambda_ctl::spec::load(dir.path()).expect("valid project");
+    let client = reqwest::Client::new();
+    let mut rng = Rng(5);
+    let evs = events(&mut rng, 180, 0);
+    let server = Server::start(dir.path());
+    let acked = send_in_bursts(&client, &server, &mut rng, &evs).await;
+    wait_for_count(&client, &server, kept(&acked)).await;
+    let state = State::open(&spec.settings.state).await.unwrap();
+    let segments = state.segments("orders").await.unwrap();
+    assert!(segments.len() >= 2, "{segments:?}");
+    let n = segments.len() as u64;
+    let verified = |want_ok: bool| {
+        let (client, server) = (&client, &server);
+        async move {
+            eventually(
+                &format!("a verify with ok = {want_ok} over every segment"),
+                Duration::from_secs(30),
+                || async move {
+                    let v = get_view(client, server, "by_country").await;
+                    let seen = &v["as_of"]["verified"];
+                    (seen["ok"].as_bool() == Some(want_ok) && seen["segments"].as_u64() == Some(n))
+                        .then(|| seen.clone())
+                },
+            )
+            .await
+        }
+    };
+    let passed = verified(true).await;
+    assert_eq!(passed["last_success"], passed["at"], "{passed}");
+
+    // Damage the first segment's file in place: same size, 16 bytes inverted mid-file.
+    let lake = Lake::open(&spec.settings.lake, &spec.settings.lake_options).unwrap();
+    let damaged = &segments[0].path;
+    let file = lake
+        .local_files([damaged.as_str()])
+        .unwrap()
+        .expect("a file:// lake")[0]
+        .clone();
+    let mut bytes = std::fs::read(&file).unwrap();
+    let mid = bytes.len() / 2;
+    for b in &mut bytes[mid..mid + 16] {
+        *b = !*b;
+    }
+    std::fs::write(&file, &bytes).unwrap();
+
+    let failed = verified(false).await;
+    assert_eq!(failed["last_success"], passed["at"], "{failed}");
+    // Answers are unchanged by the check.
+    check_views(&client, &server, &acked).await;
+
+    // The failed run names the segment; so do `status` (text and JSON) and `/metrics`.
+    let runs = state.runs(Some("check"), 50).await.unwrap();
+    let run = runs
+        .iter()
+        .find(|r| r.state == RunState::Failed)
+        .unwrap_or_else(|| panic!("a failed verify run: {runs:?}"));
+    let attempts = state.task_attempts(run.id).await.unwrap();
+    let error = attempts[0].error.clone().unwrap_or_default();
+    assert!(
+        error.contains(damaged) && error.contains("checksum"),
+        "{attempts:?}"
+    );
+    let project = dir.path().to_str().unwrap();
+    let status = lambda_ctl(&["status", "--json", "--project", project]);
+    let status: Value = serde_json::from_slice(&status.stdout).unwrap();
+    let orders = &status["pipelines"][0];
+    assert_eq!(orders["failing"], true, "{orders:#}");
+    assert_eq!(orders["verified"]["ok"], false, "{orders:#}");
+    let problems = orders["verified"]["problems"].as_array().unwrap();
+    assert_eq!(problems.len(), 1, "{problems:?}");
+    assert!(
+        problems[0].as_str().unwrap().contains(damaged),
+        "{problems:?}"
+    );
+    let text = stdout(&lambda_ctl(&["status", "--project", project]));
+    assert!(
+        text.contains("FAILED") && text.contains("VERIFY PROBLEMS"),
+        "{text}"
+    );
+    assert!(text.contains(damaged), "{text}");
+    let metrics = client
+        .get(server.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for line in [
+        "lambda_verify_ok{pipeline=\"orders\"} 0",
+        "lambda_verify_problems{pipeline=\"orders\"} 1",
+    ] {
+        assert!(metrics.lines().any(|l| l == line), "{line} in\n{metrics}");
+    }
+    assert!(
+        metrics.contains("lambda_verify_last_success_timestamp_seconds{pipeline=\"orders\"}"),
+        "{metrics}"
+    );
+    state.close().await;
 }
 
 /// A restart rebuilds speed partials only for segments the published batch does not cover:

@@ -104,6 +104,15 @@ impl TaskRunner for FakeLayers {
     ) -> BoxFuture<'a, anyhow::Result<()>> {
         Box::pin(async { Ok(()) })
     }
+
+    fn verify<'a>(
+        &'a self,
+        _: &'a TaskContext,
+        _: &'a str,
+        _: lambda_ctl::spec::Sample,
+    ) -> BoxFuture<'a, anyhow::Result<()>> {
+        Box::pin(async { Ok(()) })
+    }
 }
 
 /// The harness's manual clock, which also knows who sleeps on it: every `sleep_until` asked

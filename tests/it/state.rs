@@ -143,6 +143,7 @@ fn segment(partition: u32, lo: u64, hi: u64) -> Segment {
         min_event_ms: Some(1_700_000_000_000 + lo as i64),
         max_event_ms: Some(1_700_000_000_000 + hi as i64),
         lookups: None,
+        crc32: None,
     }
 }
 
@@ -806,7 +807,10 @@ async fn schedule_slots_are_claimed_once(url: String) {
         .claim_slot("weekly", last, ts(1_790_003_600, 0))
         .await
         .unwrap();
-    assert!(first.is_some(), "the first slot after the baseline is claimed");
+    assert!(
+        first.is_some(),
+        "the first slot after the baseline is claimed"
+    );
 
     let runs = state.runs(Some("nightly"), 100).await.unwrap();
     assert_eq!(
@@ -830,6 +834,7 @@ async fn compaction_swaps_segments_in_one_transaction(url: String) {
         min_event_ms: old[0].min_event_ms,
         max_event_ms: old[2].max_event_ms,
         lookups: None,
+        crc32: Some(0xdead_beef),
         ..segment(0, 0, 40)
     };
 
@@ -850,6 +855,8 @@ async fn compaction_swaps_segments_in_one_transaction(url: String) {
         .map(|s| (s.lo, s.hi))
         .collect();
     assert_eq!(now, vec![(0, 40), (40, 50)]);
+    // The merged file's manifest row reads back as recorded, checksum included.
+    assert_eq!(state.segments("clicks").await.unwrap()[0], merged);
     // Positions never move: the checkpoint stays where sealing left it.
     assert_eq!(state.checkpoint("clicks", 0).await.unwrap(), Some(50));
 

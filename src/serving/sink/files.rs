@@ -268,13 +268,8 @@ mod tests {
         .unwrap();
         let as_of = crate::serving::query::AsOf {
             batch_run: Some("7".into()),
-            batch_cutoff: BTreeMap::new(),
-            batch_published_at: None,
-            batch_rows: 0,
-            speed_rows: 0,
-            speed_segments: 0,
-            speed_events: 0,
             computed_at: "2026-12-01T00:00:00.000Z".into(),
+            ..Default::default()
         };
         let diff = super::super::rows::diff(&Rows::new(), &rows);
         t.apply(&Delivery {
