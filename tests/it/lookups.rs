@@ -520,14 +520,7 @@ async fn effective_dated_rejecting_lookup_and_a_failed_refresh() {
     let want: BTreeMap<String, (u64, i64)> =
         [("a".to_string(), (5, 25)), ("b".to_string(), (1, 20))].into();
     wait_for_rows(&client, &server, key, &want).await;
-    let metrics = client
-        .get(server.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = server.metrics(&client).await;
     let counted = metrics
         .lines()
         .find(|l| {

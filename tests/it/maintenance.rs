@@ -427,14 +427,7 @@ async fn a_scheduled_verify_reports_a_damaged_segment() {
         "{text}"
     );
     assert!(text.contains(damaged), "{text}");
-    let metrics = client
-        .get(server.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = server.metrics(&client).await;
     for line in [
         "lambda_verify_ok{pipeline=\"orders\"} 0",
         "lambda_verify_problems{pipeline=\"orders\"} 1",

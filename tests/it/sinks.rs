@@ -265,14 +265,7 @@ async fn postgres_tables_equal_the_views_across_batch_runs_and_kill9() {
     assert!(statuses.iter().all(|s| s["state"] == "ok"), "{statuses:?}");
     let sessions = statuses.iter().find(|s| s["view"] == "sessions").unwrap();
     assert!(sessions["deleted"].as_u64().unwrap() > 0, "{sessions}");
-    let metrics = client
-        .get(server.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = server.metrics(&client).await;
     assert!(
         metrics.contains(&format!(
             "lambda_sink_lag_seconds{{pipeline=\"orders\",view=\"by_country\",sink=\"postgres:{}\"}}",
@@ -396,14 +389,7 @@ async fn a_sink_that_is_down_blocks_neither_ingest_nor_queries() {
     assert_eq!(statuses[0]["sink"], "postgres:totals");
     assert_ne!(statuses[0]["state"], "ok", "{statuses:?}");
     assert!(statuses[0]["lag_s"].as_f64().unwrap() > 0.0);
-    let metrics = client
-        .get(server.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = server.metrics(&client).await;
     assert!(
         metrics.contains(
             "lambda_sink_up{pipeline=\"orders\",view=\"overall\",sink=\"postgres:totals\"} 0"

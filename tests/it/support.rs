@@ -151,6 +151,19 @@ impl Server {
         format!("{}{path}", self.base)
     }
 
+    /// `GET /metrics`, the exposition text.
+    pub async fn metrics(&self, client: &reqwest::Client) -> String {
+        let url = self.url("/metrics");
+        client
+            .get(&url)
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("GET {url}: {e}"))
+            .text()
+            .await
+            .unwrap_or_else(|e| panic!("GET {url}: {e}"))
+    }
+
     /// SIGKILL: no shutdown path runs, as in a crash.
     pub fn kill9(mut self) {
         let _ = self.child.kill();
