@@ -28,7 +28,14 @@ fn repository_example_validates() {
             .any(|m| matches!(m.aggregate, Aggregate::ApproxQuantile(_, q) if q == 0.95))
     );
     let nightly = p.workflow("nightly").expect("nightly workflow");
-    assert_eq!(nightly.tasks.len(), 3);
+    assert_eq!(nightly.tasks.len(), 4);
+    assert_eq!(
+        nightly.task("verify").map(|t| &t.kind),
+        Some(&lambda_ctl::spec::TaskKind::Verify {
+            pipeline: "clicks".into(),
+            sample: lambda_ctl::spec::Sample::Percent(10.0),
+        })
+    );
     assert_eq!(nightly.schedule.as_ref().unwrap().expr, "0 2 * * *");
 }
 
