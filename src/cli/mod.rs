@@ -297,6 +297,20 @@ fn run(cli: Cli) -> Result<(), CliError> {
 
 /// Loads the project or fails with every problem, as `validate` prints them.
 fn load_project(dir: &std::path::Path) -> Result<crate::spec::Project, CliError> {
+    // A mistyped --project must not become an empty project with a new state DB in it.
+    let marks = ["lambda.yaml", "pipelines", "workflows"];
+    if !marks.iter().any(|m| dir.join(m).exists()) {
+        let what = if dir.is_dir() {
+            "has no lambda.yaml, pipelines/ or workflows/"
+        } else {
+            "does not exist"
+        };
+        return Err(CliError::User(format!(
+            "{} {what}: not a lambda-ctl project (give its directory with --project DIR or LAMBDA_PROJECT, or create one with `lambda-ctl init {}`)",
+            dir.display(),
+            dir.display()
+        )));
+    }
     crate::spec::load(dir).map_err(|e| {
         let n = e.0.len();
         CliError::User(format!(

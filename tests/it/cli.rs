@@ -41,6 +41,21 @@ fn bad_arguments_exit_one() {
     assert_eq!(out.status.code(), Some(1));
     let out = lambda_ctl(&["validate", "--no-such-flag"]);
     assert_eq!(out.status.code(), Some(1));
+
+    // A --project that is not a project: a message saying so, nothing created there.
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("typo");
+    for project in [dir.path(), missing.as_path()] {
+        let out = lambda_ctl(&["runs", "--project", project.to_str().unwrap()]);
+        assert_eq!(out.status.code(), Some(1), "{}", stdout(&out));
+        assert!(
+            stderr(&out).contains("not a lambda-ctl project"),
+            "{}",
+            stderr(&out)
+        );
+        assert!(stderr(&out).contains("lambda-ctl init"), "{}", stderr(&out));
+    }
+    assert!(!missing.exists() && !dir.path().join(".lambda").exists());
 }
 
 /// Times may start with `-` (relative): clap must not take `-10m` for a flag.
