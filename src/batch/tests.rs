@@ -673,9 +673,26 @@ async fn verify_names_damaged_segments_checks_samples_and_records_results() {
     // The engines compared the two intact segments, and agree on them.
     assert!(found.views.iter().all(|v| v.differences.is_empty()));
     assert_eq!(found.problems(), found.damaged);
+    assert!(
+        found.verdict().unwrap().contains("restore those files"),
+        "{:?}",
+        found.verdict()
+    );
+    assert_eq!(all.verdict(), None);
     let failed = verify::record(&state, "orders", Some(RunId(7)), &found)
         .await
         .unwrap();
+
+    // A file gone from the lake is named as missing.
+    lake.delete(&segments[2].path).await.unwrap();
+    let missing = verify::verify(plan.clone(), &state, &lake, Sample::All)
+        .await
+        .unwrap();
+    assert!(
+        missing.damaged[1].contains(&segments[2].path) && missing.damaged[1].contains("missing"),
+        "{:?}",
+        missing.damaged
+    );
 
     // Without a recorded checksum (a segment sealed before it was kept), the positions tell a
     // swapped file.

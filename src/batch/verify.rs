@@ -17,11 +17,11 @@ use futures::{StreamExt, TryStreamExt};
 use polars::prelude::*;
 
 use super::scan;
-use crate::lake::Lake;
+use crate::lake::{Lake, LakeError};
 use crate::plan::Plan;
 use crate::spec::Sample;
 use crate::speed::lookups::Lookups;
-use crate::speed::record::OFFSET_COLUMN;
+use crate::speed::record::{OFFSET_COLUMN, time_range};
 use crate::state::{RunId, Segment, State, Verification};
 
 /// Relative tolerance for floating-point results: the engines sum in different orders.
@@ -55,6 +55,24 @@ pub struct Report {
 impl Report {
     pub fn ok(&self) -> bool {
         self.damaged.is_empty() && self.views.iter().all(|v| v.differences.is_empty())
+    }
+
+    /// What the problems mean and what to do about them; `None` when there are none.
+    pub fn verdict(&self) -> Option<String> {
+        let mut out = Vec::new();
+        if !self.damaged.is_empty() {
+            out.push(format!(
+                "{} archived segment(s) are not what was sealed: restore those files from a copy of the lake, then verify again (a batch run that reads them would compute from damaged events)",
+                self.damaged.len()
+            ));
+        }
+        if self.views.iter().any(|v| !v.differences.is_empty()) {
+            out.push(
+                "the batch and speed engines disagree: a bug in lambda-ctl; please report it with this output"
+                    .to_string(),
+            );
+        }
+        (!out.is_empty()).then(|| out.join("; "))
     }
 
     /// Every problem found, one line each: damaged segments, then the engines' differences.
@@ -180,7 +198,12 @@ fn pick(sealed: &[Segment], sample: Sample, seed: u64) -> Vec<Segment> {
 async fn check_segment(lake: &Lake, s: &Segment, time: &str) -> anyhow::Result<Option<String>> {
     let bytes = match lake.get(&s.path).await {
         Ok(b) => b,
-        Err(e) => return Ok(Some(format!("segment {} cannot be read: {e}", s.path))),
+        Err(LakeError::NotFound { .. }) => {
+            return Ok(Some(format!("segment {} is missing from the lake", s.path)));
+        }
+        // A store that does not answer says nothing about the segment: the check fails (a
+        // task retries it) instead of recording a damage that may not be there.
+        Err(e) => return Err(anyhow::Error::new(e).context(format!("reading segment {}", s.path))),
     };
     if let Err(p) = s.check_bytes(&bytes) {
         return Ok(Some(p));
@@ -218,12 +241,8 @@ pub(crate) fn check_events(s: &Segment, bytes: bytes::Bytes, time: &str) -> Resu
             ));
         }
     }
-    let times = df
-        .column(time)
-        .and_then(|c| c.cast(&DataType::Int64))
-        .map_err(|e| format!("segment {path} has no event times: {e}"))?;
-    let times = times.i64().map_err(|e| format!("segment {path}: {e}"))?;
-    let (min, max) = (times.min(), times.max());
+    let (min, max) =
+        time_range(&df, time).map_err(|e| format!("segment {path} has no event times: {e}"))?;
     if (min, max) != (s.min_event_ms, s.max_event_ms) {
         return Err(format!(
             "segment {path} holds event times {min:?}..{max:?} (ms), its manifest row {:?}..{:?}",

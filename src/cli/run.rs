@@ -238,17 +238,9 @@ pub fn verify(project_dir: &Path, name: &str, sample: crate::spec::Sample) -> Re
                 }
             }
         }
-        if report.ok() {
-            Ok(())
-        } else if report.damaged.is_empty() {
-            Err(CliError::User(
-                "the batch and speed engines disagree".to_string(),
-            ))
-        } else {
-            Err(CliError::User(format!(
-                "{} archived segment(s) are not what was sealed",
-                report.damaged.len()
-            )))
+        match report.verdict() {
+            None => Ok(()),
+            Some(verdict) => Err(CliError::User(verdict)),
         }
     })
 }

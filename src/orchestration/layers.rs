@@ -160,13 +160,14 @@ impl TaskRunner for Layers {
             for p in &problems {
                 ctx.log.line(p.clone());
             }
-            anyhow::ensure!(
-                problems.is_empty(),
-                "verify of {pipeline} found {} problem(s): {}",
-                problems.len(),
-                problems.join("; ")
-            );
-            Ok(())
+            match report.verdict() {
+                None => Ok(()),
+                Some(verdict) => Err(anyhow::anyhow!(
+                    "verify of {pipeline} found {} problem(s): {} — {verdict}",
+                    problems.len(),
+                    problems.join("; ")
+                )),
+            }
         })
     }
 }

@@ -19,7 +19,9 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use super::log;
-use super::record::{ARRIVAL_COLUMN, OFFSET_COLUMN, concat_frames, decode_records, with_positions};
+use super::record::{
+    ARRIVAL_COLUMN, OFFSET_COLUMN, concat_frames, decode_records, time_range, with_positions,
+};
 use super::runtime::{Batch, LOG_PARTITION, PipelineRuntime};
 use crate::clock::now_ms;
 use crate::lake;
@@ -477,12 +479,6 @@ fn dropped_fresh(keep: Option<&BooleanChunked>, frames: &[(u64, bool)]) -> anyho
         offset += n;
     }
     Ok(dropped)
-}
-
-fn time_range(df: &DataFrame, col: &str) -> anyhow::Result<(Option<i64>, Option<i64>)> {
-    let c = df.column(col)?.cast(&DataType::Int64)?;
-    let ca = c.i64()?;
-    Ok((ca.min(), ca.max()))
 }
 
 #[cfg(test)]

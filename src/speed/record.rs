@@ -13,6 +13,14 @@ use crate::plan::Plan;
 pub const OFFSET_COLUMN: &str = "_offset";
 pub const ARRIVAL_COLUMN: &str = "_arrival";
 
+/// The event-time range (epoch ms, as the column casts to integers) of a segment's events in
+/// `col`, as its manifest row records it: `None`s when there is no non-null time.
+pub fn time_range(df: &DataFrame, col: &str) -> PolarsResult<(Option<i64>, Option<i64>)> {
+    let c = df.column(col)?.cast(&DataType::Int64)?;
+    let ca = c.i64()?;
+    Ok((ca.min(), ca.max()))
+}
+
 /// Log record (version 2): `!arrival_ms` as i64 LE — negative, which tells it from a version 1
 /// record, whose arrival time comes first as is —, a flags byte ([`HAS_HEADER`]), then for CSV
 /// the length (u32 LE) and bytes of the request's header, then the event's record as the door
