@@ -78,6 +78,10 @@ async fn collect(project: &Project, server: Option<&str>) -> Result<(Value, Vec<
             .context("reading runs")?
             .into_iter()
             .find(|r| r.kind == RunKind::Batch);
+        let restated = db
+            .ledger_totals(&p.name, None, None)
+            .await
+            .context("reading the restatement ledger")?;
         let live = live.get(&p.name);
         let mut views = Vec::new();
         for v in &p.views {
@@ -97,6 +101,11 @@ async fn collect(project: &Project, server: Option<&str>) -> Result<(Value, Vec<
                 "name": v.name,
                 "batch_run": published.as_ref().map(|pb| pb.run_id.0),
                 "batch_cutoff_age_s": age,
+                "restated": restated.get(&v.name).map(|t| json!({
+                    "late_events": t.late_events,
+                    "restated_windows": t.restated_windows,
+                    "max_lateness_ms": t.max_lateness_ms,
+                })),
             }));
         }
         let verified = verified.get(&p.name);
@@ -304,6 +313,39 @@ fn render(r: &Value, recent: &[Run]) -> String {
         for line in problems {
             out.push_str(&format!("! {line}\n"));
         }
+    }
+
+    let late: Vec<Vec<String>> = items(&r["pipelines"])
+        .flat_map(|p| {
+            items(&p["views"])
+                .filter(|v| !v["restated"].is_null())
+                .map(move |v| {
+                    let t = &v["restated"];
+                    vec![
+                        format!("{}.{}", text(&p["name"]), text(&v["name"])),
+                        text(&t["late_events"]),
+                        text(&t["restated_windows"]),
+                        match t["max_lateness_ms"].as_f64() {
+                            Some(ms) if ms > 0.0 => {
+                                format!("{} after its window's end", age(ms / 1000.0))
+                            }
+                            _ => "-".into(),
+                        },
+                    ]
+                })
+        })
+        .collect();
+    if !late.is_empty() {
+        out.push_str("\nRESTATED WINDOWS (GET /v1/views/PIPELINE/VIEW/restatements lists them)\n");
+        let header = [
+            "VIEW",
+            "LATE EVENTS",
+            "RESTATED WINDOWS",
+            "LATEST LATE EVENT",
+        ]
+        .map(String::from)
+        .to_vec();
+        out.push_str(&aligned(&header, &late));
     }
 
     let sinks: Vec<Vec<String>> = items(&r["pipelines"])

@@ -71,6 +71,7 @@ mod aggregate;
 pub(crate) mod decode;
 mod hll;
 mod keyindex;
+mod late;
 mod layout;
 pub mod lookup;
 mod parquet;
@@ -93,6 +94,7 @@ use crate::spec::{ColumnType, OnMissing, Pipeline};
 pub use accumulator::Accumulator;
 pub(crate) use decode::csv_whole_records;
 pub use decode::{Decoded, Rejection};
+pub use late::{Restated, Restating, json};
 pub use lookup::{LookupSet, LookupTable, TableError};
 pub use parquet::{FORMAT_KEY, LOGIC_HASH_KEY, VIEW_KEY};
 

@@ -19,8 +19,11 @@ use super::format;
 use super::guard;
 use super::metrics;
 use super::query::{QueryError, Served, ViewQuery};
-use crate::clock::now_ms;
+use super::time::parse_time;
+use crate::clock::{format_ms, now_ms};
 use crate::spec::Source;
+use crate::speed::runtime::PipelineRuntime;
+use crate::state::Cause;
 use crate::telemetry::CONTENT_TYPE;
 
 /// The pipeline routes.
@@ -29,6 +32,10 @@ pub fn routes() -> Router<Arc<App>> {
         .route("/v1/pipelines", get(pipelines))
         .route("/v1/pipelines/{pipeline}/events", post(ingest))
         .route("/v1/views/{pipeline}/{view}", get(view))
+        .route(
+            "/v1/views/{pipeline}/{view}/restatements",
+            get(restatements),
+        )
         .route(METRICS, get(metrics_page))
 }
 
@@ -90,6 +97,128 @@ async fn ingest(State(app): State<Arc<App>>, Path(name): Path<String>, req: Requ
     }
 }
 
+/// The index of view `view` of a served pipeline, or a 404 naming the views it has.
+fn view_index(rt: &PipelineRuntime, view: &str) -> Result<usize, Box<Response>> {
+    rt.pipeline
+        .views
+        .iter()
+        .position(|v| v.name == view)
+        .ok_or_else(|| {
+            let known: Vec<&str> = rt.pipeline.views.iter().map(|v| v.name.as_str()).collect();
+            Box::new(error(
+                StatusCode::NOT_FOUND,
+                format!(
+                    "pipeline `{}` has no view `{view}` (views: {})",
+                    rt.pipeline.name,
+                    known.join(", ")
+                ),
+            ))
+        })
+}
+
+/// Entries a ledger answer holds unless `limit` says otherwise, and at most.
+const LEDGER_LIMIT: u64 = 1_000;
+const LEDGER_MAX_LIMIT: u64 = 100_000;
+
+/// `GET /v1/views/{pipeline}/{view}/restatements?from&to&limit`: the view's restatement
+/// ledger — every window and group late events changed after it was served, recorded in
+/// `[from, to)` — oldest first, with the totals of that range.
+async fn restatements(
+    State(app): State<Arc<App>>,
+    Path((pipeline, view)): Path<(String, String)>,
+    Query(params): Query<Vec<(String, String)>>,
+) -> Response {
+    let served = match served(&app, &pipeline) {
+        Ok(s) => s,
+        Err(e) => return *e,
+    };
+    let rt = &served.runtime;
+    if let Err(e) = view_index(rt, &view) {
+        return *e;
+    }
+    let (mut from, mut to, mut limit) = (None, None, LEDGER_LIMIT);
+    let now = now_ms();
+    for (k, v) in &params {
+        let parsed = match k.as_str() {
+            "from" => parse_time(v, now).map(|t| from = Some(t)),
+            "to" => parse_time(v, now).map(|t| to = Some(t)),
+            "limit" => match v.parse::<u64>() {
+                Ok(n) if (1..=LEDGER_MAX_LIMIT).contains(&n) => {
+                    limit = n;
+                    Ok(())
+                }
+                _ => Err(format!(
+                    "invalid limit `{v}` (a whole number from 1 to {LEDGER_MAX_LIMIT})"
+                )),
+            },
+            other => Err(format!(
+                "unknown parameter `{other}` (restatements take from, to and limit)"
+            )),
+        };
+        if let Err(m) = parsed {
+            return error(StatusCode::BAD_REQUEST, m);
+        }
+    }
+    let db = rt.db();
+    // One more than asked tells whether the range holds more.
+    let entries = db.ledger(&pipeline, &view, from, to, limit + 1).await;
+    let totals = db.ledger_totals(&pipeline, from, to).await;
+    let (mut entries, totals) = match (entries, totals) {
+        (Ok(e), Ok(t)) => (e, t.get(&view).copied().unwrap_or_default()),
+        (Err(e), _) | (_, Err(e)) => {
+            return error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("cannot read the restatement ledger: {e}"),
+            );
+        }
+    };
+    let truncated = entries.len() as u64 > limit;
+    entries.truncate(usize::try_from(limit).unwrap_or(usize::MAX));
+    let time = |ms: Option<i64>| ms.map(format_ms);
+    let list: Vec<_> = entries
+        .into_iter()
+        .map(|e| {
+            let mut entry = json!({
+                "recorded_at": format_ms(e.recorded_at_ms),
+                "cause": e.cause.as_str(),
+                "window_start": e.window_start_ms.map(format_ms),
+                "window_end": e.window_end_ms.map(format_ms),
+                "key": e.key,
+                "late_events": e.late_events,
+                "max_lateness_ms": e.max_lateness_ms,
+                "metrics": e.metrics,
+            });
+            entry[match e.cause {
+                Cause::Late { .. } => "segment",
+                Cause::Publication { .. } => "publication",
+            }] = match e.cause {
+                Cause::Late { partition, lo, hi } => {
+                    json!({"partition": partition, "lo": lo, "hi": hi})
+                }
+                Cause::Publication {
+                    run_id,
+                    publication,
+                } => json!({"run_id": run_id.0, "id": publication.0}),
+            };
+            entry
+        })
+        .collect();
+    axum::Json(json!({
+        "pipeline": pipeline,
+        "view": view,
+        "from": time(from),
+        "to": time(to),
+        "totals": {
+            "late_events": totals.late_events,
+            "restated_windows": totals.restated_windows,
+            "max_lateness_ms": totals.max_lateness_ms,
+        },
+        "restatements": list,
+        "truncated": truncated,
+    }))
+    .into_response()
+}
+
 async fn view(
     State(app): State<Arc<App>>,
     Path((pipeline, view)): Path<(String, String)>,
@@ -100,16 +229,9 @@ async fn view(
         Ok(s) => s,
         Err(e) => return *e,
     };
-    let rt = &served.runtime;
-    let Some(idx) = rt.pipeline.views.iter().position(|v| v.name == view) else {
-        let known: Vec<&str> = rt.pipeline.views.iter().map(|v| v.name.as_str()).collect();
-        return error(
-            StatusCode::NOT_FOUND,
-            format!(
-                "pipeline `{pipeline}` has no view `{view}` (views: {})",
-                known.join(", ")
-            ),
-        );
+    let idx = match view_index(&served.runtime, &view) {
+        Ok(i) => i,
+        Err(e) => return *e,
     };
     let accept = headers.get(header::ACCEPT).and_then(|a| a.to_str().ok());
     let (q, wants_csv) = match ViewQuery::from_params(params, now_ms(), accept) {

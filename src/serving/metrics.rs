@@ -348,6 +348,33 @@ fn views(e: &mut Exposition, runtimes: &[(&str, &PipelineRuntime)], ops: &Ops) {
             );
         }
     }
+    // The restatement ledger (late events only in views whose windows end).
+    let ledger =
+        |rt: &PipelineRuntime, v: &str| rt.restated.read().get(v).copied().unwrap_or_default();
+    for (p, _, v, rt) in all() {
+        e.counter(
+            "lambda_late_events_total",
+            "Events archived after the end of a window they fall in (restating it).",
+            &[("pipeline", p), ("view", v)],
+            ledger(rt, v).late_events as f64,
+        );
+    }
+    for (p, _, v, rt) in all() {
+        e.counter(
+            "lambda_restated_windows_total",
+            "Restatement ledger entries: a window and group whose served value changed (late events, a restating publication).",
+            &[("pipeline", p), ("view", v)],
+            ledger(rt, v).restated_windows as f64,
+        );
+    }
+    for (p, _, v, rt) in all() {
+        e.gauge(
+            "lambda_late_max_lateness_seconds",
+            "The latest any event arrived after the end of its window (0 when none was late).",
+            &[("pipeline", p), ("view", v)],
+            ledger(rt, v).max_lateness_ms as f64 / 1000.0,
+        );
+    }
     for (p, _, v, _) in all() {
         e.counter(
             "lambda_view_queries_total",

@@ -1,7 +1,8 @@
 //! Serving pickup: a running server installs every new publication of its pipelines' views,
 //! whichever process published it (an in-process run, `lambda-ctl run` next to it, a worker).
 //! The state DB is the only channel, so a poll every [`POLL`] is all it takes to serve a new
-//! publish within a second. The same poll reads the pipeline's latest `verify` result.
+//! publish within a second. The same poll reads the pipeline's latest `verify` result and its
+//! restatement ledger's totals.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -9,10 +10,11 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
 use crate::batch::load_partials;
+use crate::clock::now_ms;
 use crate::lake::Lake;
-use crate::speed::partials::BatchView;
+use crate::speed::partials::{BatchView, Snapshot};
 use crate::speed::runtime::PipelineRuntime;
-use crate::state::{PublicationId, State};
+use crate::state::{Cause, LedgerEntry, Publication, PublicationId, RunId, State};
 
 /// How often the current publications are read.
 pub const POLL: Duration = Duration::from_millis(250);
@@ -25,12 +27,17 @@ pub struct Pickup {
     loaded: Vec<Option<PublicationId>>,
     /// Publications already reported as unusable (logged once, not every poll).
     refused: Vec<Option<PublicationId>>,
+    /// The batch run of each installed publication.
+    runs: Vec<Option<RunId>>,
+    /// Restatement ledger entries of installed publications not recorded yet (retried every
+    /// poll until the state DB takes them).
+    unrecorded: Vec<LedgerEntry>,
     /// Polls since the latest `verify` result was read.
     polls: u32,
 }
 
-/// The latest `verify` result is read every this many polls (it changes at most as often as
-/// a workflow's `verify` task runs).
+/// The latest `verify` result and the ledger's totals are read every this many polls (they
+/// change at most as often as a workflow's `verify` task runs and a segment is sealed).
 const VERIFY_EVERY: u32 = 4;
 
 impl Pickup {
@@ -42,6 +49,8 @@ impl Pickup {
             lake,
             loaded: vec![None; n],
             refused: vec![None; n],
+            runs: vec![None; n],
+            unrecorded: Vec::new(),
             polls: 0,
         }
     }
@@ -57,8 +66,25 @@ impl Pickup {
                     tracing::warn!(%pipeline, error = %e, "cannot read the latest verify result");
                 }
             }
+            match self.db.ledger_totals(&pipeline, None, None).await {
+                Ok(t) => *self.rt.restated.write() = t,
+                Err(e) => {
+                    tracing::warn!(%pipeline, error = %e, "cannot sum the restatement ledger");
+                }
+            }
         }
         self.polls = self.polls.wrapping_add(1);
+        let restated_by = if self.runs.iter().any(Option::is_some) {
+            match self.db.restated_by(&pipeline).await {
+                Ok(r) => r,
+                Err(e) => {
+                    tracing::warn!(%pipeline, error = %e, "cannot read the pipeline's restatements");
+                    return;
+                }
+            }
+        } else {
+            None
+        };
         for v in 0..self.loaded.len() {
             let name = self.rt.pipeline.views[v].name.clone();
             let current = match self.db.current_publication(&pipeline, &name).await {
@@ -97,10 +123,73 @@ impl Pickup {
                 published_at_ms: current.published_at.timestamp_millis(),
                 horizon_ms: current.horizon_ms,
             };
-            self.rt.publish(v, batch);
+            // A publication of a run that restated history (refreshed lookups) replacing one
+            // from before it changes rows already served: what it changed goes to the ledger.
+            let restating = match (self.runs[v], restated_by) {
+                (Some(old), Some(r)) => old < r && r <= current.run_id,
+                _ => false,
+            };
+            if restating {
+                let (before, after) = self.rt.publish_between(v, batch);
+                match self.changed(v, &current, before, after).await {
+                    Ok(entries) => self.unrecorded.extend(entries),
+                    Err(e) => {
+                        tracing::error!(%pipeline, view = %name, publication = current.id.0, error = %format!("{e:#}"), "cannot tell which rows the publication restated; they are not in the ledger");
+                    }
+                }
+            } else {
+                self.rt.publish(v, batch);
+            }
             self.loaded[v] = Some(current.id);
+            self.runs[v] = Some(current.run_id);
             tracing::info!(%pipeline, view = %name, publication = current.id.0, run = current.run_id.0, "serving batch view");
         }
+        if !self.unrecorded.is_empty() {
+            match self.db.record_restated(&self.unrecorded).await {
+                Ok(()) => self.unrecorded.clear(),
+                Err(e) => {
+                    tracing::warn!(%pipeline, error = %e, entries = self.unrecorded.len(), "cannot record restated rows in the ledger; retrying");
+                }
+            }
+        }
+    }
+
+    /// The ledger entries of the rows publication `current` of view `v` changed, from the
+    /// answers just before and after it was installed.
+    async fn changed(
+        &self,
+        v: usize,
+        current: &Publication,
+        before: Snapshot,
+        after: Snapshot,
+    ) -> anyhow::Result<Vec<LedgerEntry>> {
+        let horizon = |s: &Snapshot| s.batch.as_ref().and_then(|b| b.horizon_ms);
+        let (hb, ha) = (horizon(&before), horizon(&after));
+        let plan = self.rt.plan.clone();
+        let rows = tokio::task::spawn_blocking(move || {
+            plan.changed(v, (&before.frames(), hb), (&after.frames(), ha))
+        })
+        .await??;
+        let at = now_ms();
+        let cause = Cause::Publication {
+            run_id: current.run_id,
+            publication: current.id,
+        };
+        Ok(rows
+            .into_iter()
+            .map(|r| LedgerEntry {
+                pipeline: current.pipeline.clone(),
+                view: current.view.clone(),
+                cause,
+                window_start_ms: r.window_start_ms,
+                window_end_ms: r.window_end_ms,
+                key: r.key,
+                late_events: 0,
+                max_lateness_ms: 0,
+                metrics: r.metrics,
+                recorded_at_ms: at,
+            })
+            .collect())
     }
 
     /// Polls until `shutdown`.

@@ -25,8 +25,8 @@ use super::record::{
 use super::runtime::{Batch, LOG_PARTITION, PipelineRuntime};
 use crate::clock::now_ms;
 use crate::lake;
-use crate::plan::LookupSet;
-use crate::state::Segment;
+use crate::plan::{LookupSet, Restating, json};
+use crate::state::{Cause, LedgerEntry, Segment};
 
 /// Longest wait between attempts to rebuild the open segment after a failure.
 const MAX_REBUILD_BACKOFF: Duration = Duration::from_secs(30);
@@ -308,18 +308,21 @@ impl Aggregator {
             self.rows
         );
         let frames = self.events.clone();
-        let event_time = rt.pipeline.event_time.clone();
-        let (bytes, rows, min_ms, max_ms) =
+        let lookups = self.lookups.clone();
+        let (bytes, rows, min_ms, max_ms, restated) = {
+            let rt = rt.clone();
             tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
                 let mut df = concat_frames(frames)?;
-                let (min_ms, max_ms) = time_range(&df, &event_time)?;
+                let (min_ms, max_ms) = time_range(&df, &rt.pipeline.event_time)?;
+                let restated = restated(&rt, lo, hi, &df, &lookups)?;
                 let mut buf = Vec::new();
                 ParquetWriter::new(&mut buf)
                     .with_compression(ParquetCompression::Zstd(None))
                     .finish(&mut df)?;
-                Ok((buf, df.height() as u64, min_ms, max_ms))
+                Ok((buf, df.height() as u64, min_ms, max_ms, restated))
             })
-            .await??;
+            .await??
+        };
         anyhow::ensure!(
             rows == hi - lo,
             "segment {lo}..{hi} would hold {rows} events"
@@ -346,7 +349,7 @@ impl Aggregator {
             crc32: Some(crc32),
         };
         rt.db
-            .seal_segment(&segment)
+            .seal_segment_restating(&segment, &restated)
             .await
             .with_context(|| format!("recording segment {path}"))?;
         rt.counters
@@ -394,6 +397,53 @@ impl Aggregator {
     }
 }
 
+/// The restatement ledger's entries for segment `[lo, hi)` of `events`: per view whose windows
+/// end, the windows and groups its late events changed, compared with what the view serves now
+/// (the segment's partials absorbed, nothing newer: the aggregator seals before it absorbs).
+fn restated(
+    rt: &PipelineRuntime,
+    lo: u64,
+    hi: u64,
+    events: &DataFrame,
+    lookups: &LookupSet,
+) -> anyhow::Result<Vec<LedgerEntry>> {
+    let mut out = Vec::new();
+    let at = now_ms();
+    for (v, view) in rt.pipeline.views.iter().enumerate() {
+        if !rt.plan.has_window_ends(v) {
+            continue;
+        }
+        let (others, own, horizon_ms) = rt.state.read().around(v, LOG_PARTITION, lo);
+        let served = Restating {
+            others: &others,
+            own: &own,
+            horizon_ms,
+        };
+        let rows = anyhow::Context::with_context(
+            rt.plan
+                .restated(v, events, ARRIVAL_COLUMN, lookups, &served),
+            || format!("finding what late events restated in view `{}`", view.name),
+        )?;
+        out.extend(rows.into_iter().map(|r| LedgerEntry {
+            pipeline: rt.pipeline.name.clone(),
+            view: view.name.clone(),
+            cause: Cause::Late {
+                partition: LOG_PARTITION,
+                lo,
+                hi,
+            },
+            window_start_ms: r.window_start_ms,
+            window_end_ms: r.window_end_ms,
+            key: r.key,
+            late_events: r.late_events,
+            max_lateness_ms: r.max_lateness_ms,
+            metrics: r.metrics,
+            recorded_at_ms: at,
+        }));
+    }
+    Ok(out)
+}
+
 /// The dead-letter lines (JSON) of the fresh events that a lookup with `on_missing: reject`
 /// has no row for: position, reason, the event's values and when it arrived.
 fn rejections(
@@ -429,7 +479,7 @@ fn rejections(
             let mut event = serde_json::Map::new();
             for (column, _) in &p.schema {
                 let v = events.column(column)?.get(row)?;
-                event.insert(column.clone(), json_value(&v));
+                event.insert(column.clone(), json(&v));
             }
             let key = event.get(&lookup.on).cloned().unwrap_or_default();
             let rec = serde_json::json!({
@@ -443,23 +493,6 @@ fn rejections(
         start += n;
     }
     Ok(out)
-}
-
-/// An event's value as JSON: times in RFC 3339.
-fn json_value(v: &AnyValue) -> serde_json::Value {
-    use serde_json::Value;
-    match v {
-        AnyValue::Null => Value::Null,
-        AnyValue::Boolean(b) => Value::Bool(*b),
-        AnyValue::String(s) => Value::String(s.to_string()),
-        AnyValue::StringOwned(s) => Value::String(s.to_string()),
-        AnyValue::Int64(i) => Value::from(*i),
-        AnyValue::Int32(i) => Value::from(*i),
-        AnyValue::UInt64(i) => Value::from(*i),
-        AnyValue::Float64(f) => serde_json::Number::from_f64(*f).map_or(Value::Null, Value::Number),
-        AnyValue::Datetime(ms, _, _) => Value::String(crate::clock::format_ms(*ms)),
-        other => Value::String(other.to_string()),
-    }
 }
 
 /// How many fresh events the pipeline's filter dropped, from its mask over a micro-batch

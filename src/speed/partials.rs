@@ -67,6 +67,15 @@ pub struct Snapshot {
     pub speed_events: u64,
 }
 
+impl Snapshot {
+    /// Every partial frame of the answer: the batch view's, then the speed layer's.
+    pub fn frames(self) -> Vec<DataFrame> {
+        let mut frames: Vec<DataFrame> = self.batch.map(|b| b.partials).into_iter().collect();
+        frames.extend(self.speed);
+        frames
+    }
+}
+
 impl SpeedState {
     pub fn new(views: usize) -> Self {
         SpeedState {
@@ -171,6 +180,33 @@ impl SpeedState {
             speed_segments,
             speed_events,
         }
+    }
+
+    /// What view `view` serves around segment `(partition, lo)`: every other partial frame
+    /// (the batch view's and the other uncovered segments'), the segment's own frames, and the
+    /// retention horizon — a late-event restatement compares the answer with and without the
+    /// segment's late events.
+    pub fn around(
+        &self,
+        view: usize,
+        partition: u32,
+        lo: u64,
+    ) -> (Vec<DataFrame>, Vec<DataFrame>, Option<i64>) {
+        let batch = self.batch.get(view).and_then(Option::as_ref);
+        let mut others: Vec<DataFrame> = batch.map(|b| b.partials.clone()).into_iter().collect();
+        let mut own = Vec::new();
+        for (&(p, l), seg) in &self.segments {
+            if batch.is_some_and(|b| b.covers(p, seg.hi)) {
+                continue;
+            }
+            let frames = seg.views[view].iter().cloned();
+            if (p, l) == (partition, lo) {
+                own.extend(frames);
+            } else {
+                others.extend(frames);
+            }
+        }
+        (others, own, batch.and_then(|b| b.horizon_ms))
     }
 
     /// Changes with every absorb, seal and publish.

@@ -33,7 +33,7 @@ use crate::clock::now_ms;
 use crate::lake::Lake;
 use crate::plan::Plan;
 use crate::spec::Pipeline;
-use crate::state::{State, VerifyStatus};
+use crate::state::{LedgerTotals, State, VerifyStatus};
 use crate::telemetry::{Histogram, LATENCY_BUCKETS, RateMeter};
 
 /// The partition of the pipeline's own write-ahead log.
@@ -104,6 +104,9 @@ pub struct PipelineRuntime {
     /// The latest `verify` of the pipeline, as serving last read it from the state DB (its
     /// pickup keeps it fresh), for `/metrics` and answers' `as_of`.
     pub verified: RwLock<Option<VerifyStatus>>,
+    /// The restatement ledger summed per view, as serving last read it from the state DB,
+    /// for `/metrics`.
+    pub restated: RwLock<BTreeMap<String, LedgerTotals>>,
     pub(super) log: Log<Batch>,
     /// End (exclusive) of the write-ahead log: every position below it is durable.
     pub(super) logged_end: AtomicU64,
@@ -190,6 +193,7 @@ impl PipelineRuntime {
             counters,
             source_status: Arc::new(SourceStatus::default()),
             verified: RwLock::new(None),
+            restated: RwLock::new(BTreeMap::new()),
             log,
             logged_end: AtomicU64::new(next),
             sealed_end: watch::Sender::new(checkpoint),
@@ -202,6 +206,11 @@ impl PipelineRuntime {
         let aggregator = Aggregator::new(rt.clone(), checkpoint);
         tokio::spawn(aggregator.run(rx, shutdown));
         Ok(rt)
+    }
+
+    /// The state DB the pipeline records its archive (and restatement ledger) in.
+    pub fn db(&self) -> &State {
+        &self.db
     }
 
     /// What a query of view `view` merges — the published batch view and the speed partials
@@ -220,6 +229,16 @@ impl PipelineRuntime {
     /// view's batch now covers are freed.
     pub fn publish(&self, view: usize, batch: BatchView) {
         self.state.write().publish(view, batch);
+    }
+
+    /// [`Self::publish`], returning what view `view` served just before and just after the
+    /// switch (taken under the same lock as the switch), to record what the publication
+    /// changed.
+    pub fn publish_between(&self, view: usize, batch: BatchView) -> (Snapshot, Snapshot) {
+        let mut st = self.state.write();
+        let before = st.snapshot(view);
+        st.publish(view, batch);
+        (before, st.snapshot(view))
     }
 
     /// When view `view`'s batch view was published (epoch ms); `None` before its first one.

@@ -5,7 +5,8 @@ use std::collections::BTreeMap;
 
 use chrono::{DateTime, Utc};
 
-use super::{RunId, State, StateError, db, from_db, now, to_db};
+use super::ledger::{EntryParams, INSERT_ENTRY, bind_entry};
+use super::{LedgerEntry, RunId, State, StateError, db, from_db, now, to_db};
 
 /// A sealed Parquet segment: positions `[lo, hi)` of one pipeline partition.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -125,7 +126,22 @@ impl State {
     /// holds exactly one row per position: every position is an event in the segment (events
     /// rejected or dropped as duplicates never get one).
     pub async fn seal_segment(&self, segment: &Segment) -> Result<(), StateError> {
+        self.seal_segment_restating(segment, &[]).await
+    }
+
+    /// [`State::seal_segment`], recording in the same transaction the ledger entries of the
+    /// windows the segment's late events restated: a segment's restatements are recorded
+    /// exactly when the segment is.
+    pub async fn seal_segment_restating(
+        &self,
+        segment: &Segment,
+        restated: &[LedgerEntry],
+    ) -> Result<(), StateError> {
         let s = segment;
+        let entries = restated
+            .iter()
+            .map(EntryParams::of)
+            .collect::<Result<Vec<_>, _>>()?;
         if s.lo >= s.hi {
             return Err(StateError::EmptySegment {
                 pipeline: s.pipeline.clone(),
@@ -193,6 +209,12 @@ impl State {
                 .execute(&mut *tx)
                 .await
                 .map_err(db("seal segment: insert manifest row"))?;
+            for e in &entries {
+                bind_entry!(sqlx::query(INSERT_ENTRY), e)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(db("seal segment: record restated windows"))?;
+            }
             if dead > 0 {
                 sqlx::query(COUNT_DEAD_LETTERS)
                     .bind(&s.pipeline)

@@ -47,6 +47,7 @@ macro_rules! on_pool {
 mod archive;
 mod covered;
 mod groups;
+mod ledger;
 mod publications;
 mod runs;
 mod schedules;
@@ -57,6 +58,7 @@ mod workflows;
 pub use archive::{RetiredObject, Segment};
 pub use covered::is_covered;
 pub use groups::{GroupEnd, GroupProgress};
+pub use ledger::{Cause, LedgerEntry, LedgerTotals};
 pub use publications::{Cutoff, NewPublication, Publication, PublicationId};
 pub use runs::{AttemptId, Outcome, Run, RunId, RunKind, RunState, TaskAttempt};
 pub use stats::{AttemptFigure, RunCount};

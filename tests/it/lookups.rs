@@ -234,6 +234,59 @@ async fn wait_for_batch(client: &reqwest::Client, server: &Server, path: &str, i
     .await
 }
 
+/// The restatement ledger of `sales.view` records what run `run`'s publication changed: every
+/// region whose (n, total) differs between `before` and `after`, with both values (null for a
+/// row that did not exist), and nothing else.
+async fn assert_ledger(
+    client: &reqwest::Client,
+    server: &Server,
+    view: &str,
+    run: &str,
+    before: &BTreeMap<String, (u64, i64)>,
+    after: &BTreeMap<String, (u64, i64)>,
+) {
+    let path = format!("/v1/views/sales/{view}/restatements");
+    let entries = eventually(
+        "the publication's restated rows in the ledger",
+        Duration::from_secs(5),
+        || async {
+            let ledger = get_json(client, server.url(&path)).await;
+            let entries: Vec<Value> = ledger["restatements"]
+                .as_array()?
+                .iter()
+                .filter(|e| e["publication"]["run_id"].as_i64() == run.parse().ok())
+                .cloned()
+                .collect();
+            (!entries.is_empty()).then_some(entries)
+        },
+    )
+    .await;
+    let value = |row: Option<&(u64, i64)>| match row {
+        Some((n, total)) => (Value::from(*n), Value::from(*total)),
+        None => (Value::Null, Value::Null),
+    };
+    let mut recorded = BTreeMap::new();
+    for e in &entries {
+        assert_eq!(e["cause"], "publication", "{e}");
+        assert!(e["window_start"].is_null(), "an all-time row: {e}");
+        let m = &e["metrics"];
+        recorded.insert(
+            e["key"]["region"].as_str().unwrap().to_string(),
+            (
+                (m["n"]["before"].clone(), m["total"]["before"].clone()),
+                (m["n"]["after"].clone(), m["total"]["after"].clone()),
+            ),
+        );
+    }
+    let expected: BTreeMap<String, _> = before
+        .keys()
+        .chain(after.keys())
+        .filter(|r| before.get(*r) != after.get(*r))
+        .map(|r| (r.clone(), (value(before.get(r)), value(after.get(r)))))
+        .collect();
+    assert_eq!(recorded, expected, "{view}: {entries:#?}");
+}
+
 fn verify(project: &Path, pipeline: &str) {
     let (stdout, _) = lambda(project, &["verify", pipeline]);
     assert!(!stdout.contains("DIFFERS"), "{stdout}");
@@ -343,6 +396,7 @@ async fn refresh_keeps_batch_equal_to_speed(test_lake: &TestLake) {
     wait_for_batch(&client, &server, "/v1/views/sales/by_region", &id).await;
     let restated = oracle(&[(&a, &v2), (&b, &v2)]);
     wait_for_rows(&client, &server, key, &restated).await;
+    assert_ledger(&client, &server, "by_region", &id, &mixed, &restated).await;
     let other = ("sales", "regions", "region", "total");
     wait_for_rows(&client, &server, other, &mixed).await;
     // …which the next run, of any kind, recomputes from every segment (as after a refresh
@@ -350,6 +404,7 @@ async fn refresh_keeps_batch_equal_to_speed(test_lake: &TestLake) {
     let next = run_batch(dir.path(), "sales", &[]).await;
     wait_for_batch(&client, &server, "/v1/views/sales/regions", &next).await;
     wait_for_rows(&client, &server, other, &restated).await;
+    assert_ledger(&client, &server, "regions", &next, &mixed, &restated).await;
     let log = lambda(dir.path(), &["logs", &next]).0;
     assert!(
         log.contains("view regions: full") && log.contains("view by_region: incremental"),

@@ -7,6 +7,7 @@ mod commands;
 mod hostile;
 mod lakes;
 mod lambda;
+mod ledger;
 mod lookups;
 mod maintenance;
 mod ops;

@@ -10,8 +10,8 @@ use std::time::Duration;
 
 use chrono::{DateTime, TimeZone, Utc};
 use lambda_ctl::state::{
-    GroupEnd, NewPublication, Outcome, PublicationId, RunId, RunKind, RunState, Segment, State,
-    StateError,
+    Cause, GroupEnd, LedgerEntry, LedgerTotals, NewPublication, Outcome, PublicationId, RunId,
+    RunKind, RunState, Segment, State, StateError,
 };
 use sqlx::Connection;
 
@@ -46,6 +46,7 @@ on_both_backends!(
     compaction_swaps_segments_in_one_transaction,
     retention_drops_segments_and_old_view_versions,
     operator_figures_count_runs_and_time_attempts,
+    the_ledger_records_with_its_segment_and_each_publication_row_once,
 );
 
 async fn on_sqlite<F, Fut>(behaviour: F)
@@ -1024,4 +1025,120 @@ async fn operator_figures_count_runs_and_time_attempts(url: String) {
         (retry.attempt, RunState::Queued)
     );
     assert_eq!(figures[1].duration_seconds(), None);
+}
+
+fn entry(view: &str, cause: Cause, start: Option<i64>, late: u64, at: i64) -> LedgerEntry {
+    let object = |v: serde_json::Value| v.as_object().unwrap().clone();
+    LedgerEntry {
+        pipeline: "clicks".into(),
+        view: view.into(),
+        cause,
+        window_start_ms: start,
+        window_end_ms: start.map(|s| s + 60_000),
+        key: object(serde_json::json!({"page": "/a"})),
+        late_events: late,
+        max_lateness_ms: 1_000 * late as i64,
+        metrics: object(
+            serde_json::json!({"n": {"before": 1, "after": 1 + late, "delta": late as f64}}),
+        ),
+        recorded_at_ms: at,
+    }
+}
+
+async fn the_ledger_records_with_its_segment_and_each_publication_row_once(url: String) {
+    let state = open(&url).await;
+    let late = |lo, hi| Cause::Late {
+        partition: 0,
+        lo,
+        hi,
+    };
+    let first = [
+        entry("by_page", late(0, 10), Some(0), 2, 1_000),
+        entry("by_page", late(0, 10), Some(60_000), 1, 1_000),
+    ];
+    state
+        .seal_segment_restating(&segment(0, 0, 10), &first)
+        .await
+        .unwrap();
+    // A seal that is refused records none of its entries.
+    let refused = [entry("by_page", late(5, 20), Some(0), 9, 1_500)];
+    assert!(
+        state
+            .seal_segment_restating(&segment(0, 5, 20), &refused)
+            .await
+            .is_err()
+    );
+    let second = [entry("other", late(10, 20), Some(0), 3, 2_000)];
+    state
+        .seal_segment_restating(&segment(0, 10, 20), &second)
+        .await
+        .unwrap();
+    // A publication's rows: recorded once however often (two servers switching to it).
+    let publication = Cause::Publication {
+        run_id: RunId(7),
+        publication: PublicationId(3),
+    };
+    let rows = [
+        entry("by_page", publication, Some(0), 0, 3_000),
+        entry("by_page", publication, None, 0, 3_000),
+    ];
+    state.record_restated(&rows).await.unwrap();
+    state.record_restated(&rows).await.unwrap();
+
+    let all = state
+        .ledger("clicks", "by_page", None, None, 100)
+        .await
+        .unwrap();
+    let mut want = first.to_vec();
+    want.extend(rows.iter().cloned());
+    assert_eq!(all, want);
+    assert_eq!(
+        state
+            .ledger("clicks", "by_page", Some(1_000), Some(3_000), 100)
+            .await
+            .unwrap(),
+        first.to_vec(),
+        "[from, to)"
+    );
+    assert_eq!(
+        state
+            .ledger("clicks", "by_page", None, None, 1)
+            .await
+            .unwrap(),
+        first[..1].to_vec()
+    );
+    let totals = state.ledger_totals("clicks", None, None).await.unwrap();
+    assert_eq!(
+        totals,
+        BTreeMap::from([
+            (
+                "by_page".to_string(),
+                LedgerTotals {
+                    late_events: 3,
+                    restated_windows: 4,
+                    max_lateness_ms: 2_000
+                }
+            ),
+            (
+                "other".to_string(),
+                LedgerTotals {
+                    late_events: 3,
+                    restated_windows: 1,
+                    max_lateness_ms: 3_000
+                }
+            ),
+        ])
+    );
+    let since = state
+        .ledger_totals("clicks", Some(2_000), None)
+        .await
+        .unwrap();
+    assert_eq!(since["by_page"].restated_windows, 2);
+    assert!(
+        state
+            .ledger_totals("orders", None, None)
+            .await
+            .unwrap()
+            .is_empty()
+    );
 }

@@ -1,0 +1,578 @@
+//! Late events and what they restate (the restatement ledger): which events of a segment
+//! arrived at or after the end of a window they fall in, and how they changed that window's
+//! finished row.
+//!
+//! Lateness is measured against the window end: an event is late for a tumbling window when
+//! its arrival is at or after `window_start + size`, for a hopping window likewise with each of
+//! the `size / every` windows it is in (it can be late for some and on time for others).
+//! Session windows have no fixed end and the all-time window none at all: they have no late
+//! events. An entry's delta is `after − before`, where `before` is the row without the
+//! segment's late events and `after` the row with them; since a window that has ended only
+//! ever gets late events, the deltas of successive segments telescope to the difference
+//! between two answers taken between seals.
+//!
+//! "Without the segment's late events" leaves out each event late for at least one of its
+//! windows. For tumbling windows that is exactly the events late for the row's window; for a
+//! hopping window, an event of the same segment late for an earlier window but on time for this
+//! one is left out too, so its contribution is in the delta (not in `late_events`) — the sum
+//! of the deltas still equals the change of the answer.
+
+use std::collections::HashMap;
+
+use polars::prelude::*;
+use serde_json::{Map, Value};
+
+use crate::spec::ColumnType;
+use crate::spec::expr::dtype;
+
+use super::layout::{PANE_START, ViewLayout, WINDOW_END, WINDOW_START, WindowLayout};
+use super::{LookupSet, Plan};
+
+/// Event time in epoch ms, the window a late row counts for, and its lateness.
+const T: &str = "__t";
+const WS: &str = "__window_start";
+const LATENESS: &str = "__lateness";
+const LATE_EVENTS: &str = "__late_events";
+const MAX_LATENESS: &str = "__max_lateness";
+
+/// Past this many distinct windows, the rows feeding them are selected by one time range
+/// (a superset: the rows of other windows in between are finished and then not used).
+const MAX_EXACT_WINDOWS: usize = 64;
+
+/// One window and group whose value changed.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Restated {
+    /// `None` for the all-time window.
+    pub window_start_ms: Option<i64>,
+    pub window_end_ms: Option<i64>,
+    /// group_by column → value (JSON, times in RFC 3339).
+    pub key: Map<String, Value>,
+    /// The segment's events that arrived at or after the window end (0 for a publication).
+    pub late_events: u64,
+    /// The latest of them: arrival − window end.
+    pub max_lateness_ms: i64,
+    /// metric → `{"before": …, "after": …, "delta": …}`; `delta` is `after − before` for
+    /// numbers (a missing row or null value counts as 0), null for other values.
+    pub metrics: Map<String, Value>,
+}
+
+/// The frames of one view a segment's restatement is computed from, as served at its seal.
+#[derive(Clone, Copy)]
+pub struct Restating<'a> {
+    /// Every partial frame served besides the segment's own: the batch view's and the other
+    /// uncovered segments'.
+    pub others: &'a [DataFrame],
+    /// The segment's partial frames.
+    pub own: &'a [DataFrame],
+    /// Windows ending at or before this instant are retired: not served, so not restated.
+    pub horizon_ms: Option<i64>,
+}
+
+/// How a view's windows sit on event time: `(size, every)` — every window is `size` long and
+/// they start every `every` (tumbling: `every = size`); `None` for windows without an end.
+fn grid(layout: &ViewLayout) -> Option<(i64, i64)> {
+    match layout.window {
+        WindowLayout::Tumbling { size } => Some((size, size)),
+        WindowLayout::Hopping { size, every } => Some((size, every)),
+        WindowLayout::Session { .. } | WindowLayout::All => None,
+    }
+}
+
+impl Plan {
+    /// Whether view `view` can have late events (its windows end).
+    pub fn has_window_ends(&self, view: usize) -> bool {
+        grid(&self.views[view]).is_some()
+    }
+
+    /// What the late events among `events` — a segment's events, with their arrival time (epoch
+    /// ms or a timestamp) in column `arrival`, not yet prepared — changed in view `view`'s
+    /// finished rows as `served` serves them. Empty when none is late. `lookups` are the
+    /// segment's lookup versions.
+    pub fn restated(
+        &self,
+        view: usize,
+        events: &DataFrame,
+        arrival: &str,
+        lookups: &LookupSet,
+        served: &Restating<'_>,
+    ) -> PolarsResult<Vec<Restated>> {
+        let layout = &self.views[view];
+        let Some((size, every)) = grid(layout) else {
+            return Ok(Vec::new());
+        };
+        // The event time is usually a column of the events; when it is derived, prepare first.
+        let raw = events.column(&layout.event_time).is_ok();
+        let events = if raw {
+            events.clone()
+        } else {
+            self.prepare(events.clone().lazy(), lookups)?.collect()?
+        };
+        let prepare = |df: DataFrame| -> PolarsResult<DataFrame> {
+            if raw {
+                self.prepare(df.lazy(), lookups)?.collect()
+            } else {
+                Ok(df)
+            }
+        };
+        let t = col(layout.event_time.as_str())
+            .cast(dtype(ColumnType::Timestamp))
+            .cast(DataType::Int64);
+        let pane = |t: Expr| t.floor_div(lit(every)) * lit(every);
+        // Late for at least one window: its first window (the one ending soonest) has ended.
+        let late = events
+            .clone()
+            .lazy()
+            .select([col(arrival)
+                .cast(DataType::Int64)
+                .gt_eq(pane(t.clone()) + lit(every))
+                .fill_null(lit(false))
+                .alias("__late")])
+            .collect()?;
+        let late = late.column("__late")?.bool()?.clone();
+        if late.num_trues() == 0 {
+            return Ok(Vec::new());
+        }
+
+        // One row per window and group that got late events.
+        let prepared = prepare(events.filter(&late)?)?;
+        let keys: Vec<Expr> = layout
+            .keys
+            .iter()
+            .map(|(k, ty)| col(k.as_str()).cast(dtype(*ty)))
+            .collect();
+        let per_window = (0..size / every)
+            .map(|k| {
+                let ws = pane(col(T)) - lit(k * every);
+                let mut select = vec![ws.clone().alias(WS)];
+                select.extend(keys.iter().cloned());
+                select
+                    .push((col(arrival).cast(DataType::Int64) - (ws + lit(size))).alias(LATENESS));
+                prepared
+                    .clone()
+                    .lazy()
+                    .with_column(t.clone().alias(T))
+                    .select(select)
+                    .filter(col(LATENESS).gt_eq(lit(0i64)))
+            })
+            .collect::<Vec<_>>();
+        let mut by = vec![col(WS)];
+        by.extend(layout.keys.iter().map(|(k, _)| col(k.as_str())));
+        let mut rows = concat(per_window, UnionArgs::default())?.group_by(by).agg([
+            len().cast(DataType::UInt64).alias(LATE_EVENTS),
+            col(LATENESS).max().alias(MAX_LATENESS),
+        ]);
+        if let Some(h) = served.horizon_ms {
+            rows = rows.filter((col(WS) + lit(size)).gt(lit(h)));
+        }
+        let rows = rows.collect()?;
+        if rows.height() == 0 {
+            return Ok(Vec::new());
+        }
+
+        // The rows of those windows before and after the late events: every served frame,
+        // cut to the windows (or panes) that feed them; `before` has the segment's other
+        // events in place of its own frames.
+        let mut windows: Vec<i64> = rows.column(WS)?.i64()?.into_no_null_iter().collect();
+        windows.sort_unstable();
+        windows.dedup();
+        let feeds = |start: Expr| -> Expr {
+            let within =
+                |lo: i64, hi: i64| start.clone().gt_eq(lit(lo)).and(start.clone().lt(lit(hi)));
+            let (first, last) = (windows[0], windows[windows.len() - 1]);
+            if windows.len() > MAX_EXACT_WINDOWS {
+                return within(first, last + size);
+            }
+            windows
+                .iter()
+                .map(|ws| within(*ws, ws + size))
+                .reduce(Expr::or)
+                .unwrap_or(lit(false))
+        };
+        let partial_start = match layout.window {
+            WindowLayout::Hopping { .. } => PANE_START,
+            _ => WINDOW_START,
+        };
+        let cut = |frames: &[DataFrame]| -> PolarsResult<Vec<DataFrame>> {
+            frames
+                .iter()
+                .map(|f| {
+                    f.clone()
+                        .lazy()
+                        .filter(feeds(col(partial_start).cast(DataType::Int64)))
+                        .collect()
+                })
+                .collect()
+        };
+        let others = cut(served.others)?;
+        // The segment's other events in those windows.
+        let fed = events
+            .clone()
+            .lazy()
+            .select([feeds(pane(t.clone())).fill_null(lit(false)).alias("__fed")])
+            .collect()?;
+        let rest = events.filter(&(fed.column("__fed")?.bool()? & &!&late))?;
+        let rest = self.partials(view, prepare(rest)?.lazy()).collect()?;
+        let finish = |frames: &[DataFrame], own: &[DataFrame]| -> PolarsResult<DataFrame> {
+            let mut acc = self.accumulator(view);
+            for f in frames.iter().chain(own) {
+                acc.absorb(f)?;
+            }
+            acc.finish()
+        };
+        let before = Finished::new(layout, finish(&others, &[rest])?)?;
+        let after = Finished::new(layout, finish(&others, &cut(served.own)?)?)?;
+
+        let starts = rows.column(WS)?.i64()?;
+        let counts = rows.column(LATE_EVENTS)?.u64()?;
+        let lateness = rows.column(MAX_LATENESS)?.i64()?;
+        let key_cols = layout
+            .keys
+            .iter()
+            .map(|(k, _)| rows.column(k))
+            .collect::<PolarsResult<Vec<_>>>()?;
+        let mut out = Vec::with_capacity(rows.height());
+        for r in 0..rows.height() {
+            let ws = starts.get(r).unwrap_or_default();
+            let mut key = Map::new();
+            for ((name, _), c) in layout.keys.iter().zip(&key_cols) {
+                key.insert(name.clone(), json(&c.get(r)?));
+            }
+            let id = (Some(ws), Value::Object(key.clone()).to_string());
+            let (metrics, _) = compare(layout, &before, &after, &id)?;
+            out.push(Restated {
+                window_start_ms: Some(ws),
+                window_end_ms: Some(ws + size),
+                key,
+                late_events: counts.get(r).unwrap_or_default(),
+                max_lateness_ms: lateness.get(r).unwrap_or_default(),
+                metrics,
+            });
+        }
+        Ok(out)
+    }
+}
+
+impl Plan {
+    /// The windows and groups whose finished rows differ between two answers of view `view`,
+    /// each given as every partial frame it merges and its retention horizon (rows of windows
+    /// ending at or before it are not served): a row that appears, disappears or has another
+    /// value in any metric. Rows of windows the newer answer retired are left out (retention
+    /// is not a restatement).
+    pub fn changed(
+        &self,
+        view: usize,
+        before: (&[DataFrame], Option<i64>),
+        after: (&[DataFrame], Option<i64>),
+    ) -> PolarsResult<Vec<Restated>> {
+        let layout = &self.views[view];
+        let finish = |frames: &[DataFrame]| -> PolarsResult<DataFrame> {
+            let mut acc = self.accumulator(view);
+            for f in frames {
+                acc.absorb(f)?;
+            }
+            acc.finish()
+        };
+        let old = Finished::new(layout, finish(before.0)?)?;
+        let new = Finished::new(layout, finish(after.0)?)?;
+        let served = |end: Option<i64>, horizon: Option<i64>| match (end, horizon) {
+            (Some(end), Some(h)) => end > h,
+            _ => true,
+        };
+        let mut ids: Vec<&(Option<i64>, String)> =
+            old.index.keys().chain(new.index.keys()).collect();
+        ids.sort_unstable();
+        ids.dedup();
+        let mut out = Vec::new();
+        for id in ids {
+            let end = new.end(id).or(old.end(id));
+            if !served(end, after.1) {
+                continue;
+            }
+            let (metrics, same) = compare(layout, &old, &new, id)?;
+            let shown = |f: &Finished, horizon| f.row(id).is_some() && served(end, horizon);
+            if same && shown(&old, before.1) == shown(&new, after.1) {
+                continue;
+            }
+            let key = match serde_json::from_str(&id.1) {
+                Ok(Value::Object(m)) => m,
+                _ => Map::new(),
+            };
+            out.push(Restated {
+                window_start_ms: id.0,
+                window_end_ms: end,
+                key,
+                late_events: 0,
+                max_lateness_ms: 0,
+                metrics,
+            });
+        }
+        Ok(out)
+    }
+}
+
+/// Each metric of row `id` before and after (`{"before", "after", "delta"}`), and whether
+/// every value is the same.
+fn compare(
+    layout: &ViewLayout,
+    before: &Finished,
+    after: &Finished,
+    id: &(Option<i64>, String),
+) -> PolarsResult<(Map<String, Value>, bool)> {
+    let (b, a) = (before.row(id), after.row(id));
+    let mut metrics = Map::new();
+    let mut same = b.is_some() == a.is_some();
+    for m in &layout.metrics {
+        let b = b.map_or(Ok(Value::Null), |i| before.value(&m.name, i))?;
+        let a = a.map_or(Ok(Value::Null), |i| after.value(&m.name, i))?;
+        same &= a == b;
+        let delta = match (number(&a), number(&b)) {
+            (Some(x), Some(y)) => serde_json::Number::from_f64(x - y).map(Value::Number),
+            _ => None,
+        };
+        let mut cell = Map::new();
+        cell.insert("before".into(), b);
+        cell.insert("after".into(), a);
+        cell.insert("delta".into(), delta.unwrap_or(Value::Null));
+        metrics.insert(m.name.clone(), Value::Object(cell));
+    }
+    Ok((metrics, same))
+}
+
+/// A view's finished rows, found by window start (`None`: the all-time window) and group key.
+struct Finished {
+    frame: DataFrame,
+    ends: Vec<Option<i64>>,
+    index: HashMap<(Option<i64>, String), usize>,
+}
+
+impl Finished {
+    fn new(layout: &ViewLayout, frame: DataFrame) -> PolarsResult<Finished> {
+        let starts = frame.column(WINDOW_START)?.cast(&DataType::Int64)?;
+        let starts = starts.i64()?;
+        let ends = frame.column(WINDOW_END)?.cast(&DataType::Int64)?;
+        let ends: Vec<Option<i64>> = ends.i64()?.iter().collect();
+        let keys = layout
+            .keys
+            .iter()
+            .map(|(k, _)| frame.column(k))
+            .collect::<PolarsResult<Vec<_>>>()?;
+        let mut index = HashMap::with_capacity(frame.height());
+        for r in 0..frame.height() {
+            let mut key = Map::new();
+            for ((name, _), c) in layout.keys.iter().zip(&keys) {
+                key.insert(name.clone(), json(&c.get(r)?));
+            }
+            index.insert((starts.get(r), Value::Object(key).to_string()), r);
+        }
+        Ok(Finished { frame, ends, index })
+    }
+
+    fn row(&self, id: &(Option<i64>, String)) -> Option<usize> {
+        self.index.get(id).copied()
+    }
+
+    fn end(&self, id: &(Option<i64>, String)) -> Option<i64> {
+        self.ends[self.row(id)?]
+    }
+
+    fn value(&self, metric: &str, row: usize) -> PolarsResult<Value> {
+        Ok(json(&self.frame.column(metric)?.get(row)?))
+    }
+}
+
+/// A number's value; null counts as 0 (no row yet, or nothing to aggregate).
+fn number(v: &Value) -> Option<f64> {
+    match v {
+        Value::Null => Some(0.0),
+        Value::Number(n) => n.as_f64(),
+        _ => None,
+    }
+}
+
+/// A cell as JSON: times in RFC 3339, non-finite floats null.
+pub fn json(v: &AnyValue) -> Value {
+    match v {
+        AnyValue::Null => Value::Null,
+        AnyValue::Boolean(b) => Value::Bool(*b),
+        AnyValue::String(s) => Value::String(s.to_string()),
+        AnyValue::StringOwned(s) => Value::String(s.to_string()),
+        AnyValue::Int64(i) => Value::from(*i),
+        AnyValue::Int32(i) => Value::from(*i),
+        AnyValue::UInt64(i) => Value::from(*i),
+        AnyValue::UInt32(i) => Value::from(*i),
+        AnyValue::Float64(f) => serde_json::Number::from_f64(*f).map_or(Value::Null, Value::Number),
+        AnyValue::Float32(f) => {
+            serde_json::Number::from_f64(f64::from(*f)).map_or(Value::Null, Value::Number)
+        }
+        AnyValue::Datetime(t, unit, _) => Value::String(crate::clock::format_ms(match unit {
+            TimeUnit::Milliseconds => *t,
+            TimeUnit::Microseconds => t.div_euclid(1_000),
+            TimeUnit::Nanoseconds => t.div_euclid(1_000_000),
+        })),
+        other => Value::String(other.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use polars::prelude::*;
+    use serde_json::json;
+
+    use super::Restating;
+    use crate::plan::{LookupSet, Plan};
+
+    const PIPELINE: &str = r#"
+name: p
+source: {type: http}
+schema:
+  ts: timestamp
+  k: string
+  x: float
+event_time: ts
+filter: "x >= 0"
+views:
+  - name: tumbling
+    group_by: [k]
+    window: 100ms
+    metrics:
+      n: count()
+      total: sum(x)
+      top: max(x)
+      label: first(k)
+  - name: hop
+    window: {hopping: {size: 300ms, every: 100ms}}
+    metrics:
+      n: count()
+  - name: sessions
+    window: {session: {gap: 50ms}}
+    metrics:
+      n: count()
+"#;
+
+    fn plan() -> Plan {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("pipelines")).unwrap();
+        std::fs::write(dir.path().join("pipelines/p.yaml"), PIPELINE).unwrap();
+        let project = crate::spec::load(dir.path()).unwrap_or_else(|e| panic!("{e}"));
+        Plan::compile(&project.pipelines[0]).unwrap()
+    }
+
+    /// Events `(ts, k, x, arrival)`, as the speed layer holds them (arrival in `_arrival`).
+    fn events(rows: &[(i64, &str, f64, i64)]) -> DataFrame {
+        let ts = Int64Chunked::from_iter_values("ts".into(), rows.iter().map(|r| r.0))
+            .into_datetime(TimeUnit::Milliseconds, None);
+        df!(
+            "ts" => ts.into_series(),
+            "k" => rows.iter().map(|r| r.1).collect::<Vec<_>>(),
+            "x" => rows.iter().map(|r| r.2).collect::<Vec<_>>(),
+            "_arrival" => rows.iter().map(|r| r.3).collect::<Vec<_>>(),
+        )
+        .unwrap()
+    }
+
+    fn partials(plan: &Plan, view: usize, df: &DataFrame) -> DataFrame {
+        plan.partials_all(df.clone(), &LookupSet::default())
+            .unwrap()[view]
+            .clone()
+    }
+
+    #[test]
+    fn late_events_restate_their_windows_and_on_time_ones_do_not() {
+        let plan = plan();
+        // Served before the segment: window [0, 100) of `a` has 2 events (the batch's).
+        let earlier = events(&[(10, "a", 1.0, 20), (20, "a", 5.0, 30)]);
+        // The segment: one more on-time event of [0, 100) `a` (arrived at 90), then after the
+        // window ended: two late ones of `a` (one filtered out), one of `b` (a new row), and
+        // one on time in [100, 200).
+        let segment = events(&[
+            (30, "a", 2.0, 90),
+            (40, "a", 7.0, 150),
+            (50, "a", -1.0, 160),
+            (60, "b", 3.0, 170),
+            (150, "a", 4.0, 180),
+        ]);
+        let others = vec![partials(&plan, 0, &earlier)];
+        let own = vec![partials(&plan, 0, &segment)];
+        let served = Restating {
+            others: &others,
+            own: &own,
+            horizon_ms: None,
+        };
+        let rows = plan
+            .restated(0, &segment, "_arrival", &LookupSet::default(), &served)
+            .unwrap();
+        assert_eq!(rows.len(), 2, "{rows:#?}");
+        let a = &rows.iter().find(|r| r.key["k"] == "a").unwrap();
+        assert_eq!((a.window_start_ms, a.window_end_ms), (Some(0), Some(100)));
+        assert_eq!((a.late_events, a.max_lateness_ms), (1, 50));
+        // Before: the batch's two and the on-time one; after: plus the late 7.
+        assert_eq!(
+            a.metrics["n"],
+            json!({"before": 3, "after": 4, "delta": 1.0})
+        );
+        assert_eq!(
+            a.metrics["total"],
+            json!({"before": 8.0, "after": 15.0, "delta": 7.0})
+        );
+        assert_eq!(
+            a.metrics["top"],
+            json!({"before": 5.0, "after": 7.0, "delta": 2.0})
+        );
+        // Not a number: before and after only.
+        assert_eq!(
+            a.metrics["label"],
+            json!({"before": "a", "after": "a", "delta": null})
+        );
+        let b = &rows.iter().find(|r| r.key["k"] == "b").unwrap();
+        assert_eq!((b.late_events, b.max_lateness_ms), (1, 70));
+        assert_eq!(
+            b.metrics["n"],
+            json!({"before": null, "after": 1, "delta": 1.0})
+        );
+
+        // Retired windows are not served, so not restated.
+        let retired = Restating {
+            horizon_ms: Some(100),
+            ..served
+        };
+        let none = plan.restated(0, &segment, "_arrival", &LookupSet::default(), &retired);
+        assert!(none.unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_hopping_event_is_late_only_for_the_windows_that_ended() {
+        let plan = plan();
+        // At t = 250, arriving at 320: its windows are [0, 300) (ended), [100, 400) and
+        // [200, 500) (open).
+        let segment = events(&[(250, "a", 1.0, 320)]);
+        let own = vec![partials(&plan, 1, &segment)];
+        let served = Restating {
+            others: &[],
+            own: &own,
+            horizon_ms: None,
+        };
+        let rows = plan
+            .restated(1, &segment, "_arrival", &LookupSet::default(), &served)
+            .unwrap();
+        assert_eq!(rows.len(), 1, "{rows:#?}");
+        assert_eq!(
+            (rows[0].window_start_ms, rows[0].window_end_ms),
+            (Some(0), Some(300))
+        );
+        assert_eq!((rows[0].late_events, rows[0].max_lateness_ms), (1, 20));
+        assert_eq!(
+            rows[0].metrics["n"],
+            json!({"before": null, "after": 1, "delta": 1.0})
+        );
+        // Sessions have no fixed end: never late.
+        let own = vec![partials(&plan, 2, &segment)];
+        let served = Restating {
+            others: &[],
+            own: &own,
+            horizon_ms: None,
+        };
+        assert!(!plan.has_window_ends(2));
+        let rows = plan.restated(2, &segment, "_arrival", &LookupSet::default(), &served);
+        assert!(rows.unwrap().is_empty());
+    }
+}
