@@ -8,6 +8,7 @@ mod ingest;
 mod init;
 mod logs;
 mod query;
+mod restatements;
 mod run;
 mod run_workflow;
 mod runs;
@@ -90,6 +91,27 @@ pub enum Command {
         to: Option<String>,
         #[arg(long, value_enum, default_value_t = query::OutputFormat::Table)]
         format: query::OutputFormat,
+        /// Server address (default: `serve.listen` of lambda.yaml).
+        #[arg(long)]
+        server: Option<String>,
+    },
+    /// Show a view's restatement ledger: the windows late events, or a publication that
+    /// restated history, changed after they were served — each with the row before and after.
+    Restatements {
+        /// PIPELINE.VIEW
+        view: String,
+        /// Entries recorded at or after T (RFC 3339, date, or relative like -1h).
+        #[arg(long, allow_hyphen_values = true)]
+        from: Option<String>,
+        /// Entries recorded before T.
+        #[arg(long, allow_hyphen_values = true)]
+        to: Option<String>,
+        /// At most N entries, oldest first (default 1000).
+        #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..=100_000))]
+        limit: Option<u64>,
+        /// The server's JSON answer instead of a table.
+        #[arg(long)]
+        json: bool,
         /// Server address (default: `serve.listen` of lambda.yaml).
         #[arg(long)]
         server: Option<String>,
@@ -264,6 +286,24 @@ fn run(cli: Cli) -> Result<(), CliError> {
                 from: from.as_deref(),
                 to: to.as_deref(),
                 format,
+                server: server.as_deref(),
+            },
+        ),
+        Command::Restatements {
+            view,
+            from,
+            to,
+            limit,
+            json,
+            server,
+        } => restatements::run(
+            &cli.project,
+            restatements::Args {
+                target: &view,
+                from: from.as_deref(),
+                to: to.as_deref(),
+                limit,
+                json,
                 server: server.as_deref(),
             },
         ),

@@ -8,6 +8,7 @@ use super::CliError;
 use super::client::Client;
 use crate::clock;
 use crate::serving::{format, query, time};
+use crate::spec::{Project, View};
 
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
 pub enum OutputFormat {
@@ -25,24 +26,43 @@ pub struct Args<'a> {
     pub server: Option<&'a str>,
 }
 
-pub fn run(project_dir: &Path, a: Args) -> Result<(), CliError> {
-    let project = super::load_project(project_dir)?;
-    let Some((pipeline, view)) = a.target.split_once('.') else {
-        return Err(CliError::User(format!(
-            "`{}` is not PIPELINE.VIEW",
-            a.target
-        )));
+/// The view `target` (PIPELINE.VIEW) names in `project`, or a user error saying what is wrong.
+pub(super) fn resolve<'p>(project: &'p Project, target: &str) -> Result<&'p View, CliError> {
+    let Some((pipeline, view)) = target.split_once('.') else {
+        return Err(CliError::User(format!("`{target}` is not PIPELINE.VIEW")));
     };
     let p = project
         .pipeline(pipeline)
         .ok_or_else(|| CliError::User(format!("unknown pipeline `{pipeline}`")))?;
-    let v = p.view(view).ok_or_else(|| {
+    p.view(view).ok_or_else(|| {
         let views: Vec<&str> = p.views.iter().map(|v| v.name.as_str()).collect();
         CliError::User(format!(
             "pipeline `{pipeline}` has no view `{view}` (views: {})",
             views.join(", ")
         ))
-    })?;
+    })
+}
+
+/// `?from=&to=` for `--from/--to`, resolved here so the server and the user agree on "now".
+pub(super) fn time_params(
+    from: Option<&str>,
+    to: Option<&str>,
+) -> Result<Vec<(String, String)>, CliError> {
+    let now = clock::now_ms();
+    let mut params = Vec::new();
+    for (k, t) in [("from", from), ("to", to)] {
+        if let Some(t) = t {
+            let ms = time::parse_time(t, now).map_err(CliError::User)?;
+            params.push((k.to_string(), clock::format_ms(ms)));
+        }
+    }
+    Ok(params)
+}
+
+pub fn run(project_dir: &Path, a: Args) -> Result<(), CliError> {
+    let project = super::load_project(project_dir)?;
+    let v = resolve(&project, a.target)?;
+    let (pipeline, view) = a.target.split_once('.').unwrap_or_default();
     let mut params: Vec<(String, String)> = Vec::new();
     for f in a.filters {
         let (c, val) = f
@@ -50,14 +70,7 @@ pub fn run(project_dir: &Path, a: Args) -> Result<(), CliError> {
             .ok_or_else(|| CliError::User(format!("--where `{f}` is not COL=VALUE")))?;
         params.push((c.to_string(), val.to_string()));
     }
-    // Resolve relative times here so the server and the user agree on "now".
-    let now = clock::now_ms();
-    for (k, t) in [("from", a.from), ("to", a.to)] {
-        if let Some(t) = t {
-            let ms = time::parse_time(t, now).map_err(CliError::User)?;
-            params.push((k.to_string(), clock::format_ms(ms)));
-        }
-    }
+    params.extend(time_params(a.from, a.to)?);
     params.push(("format".into(), "json".into()));
     let client = Client::new(&project, a.server)?;
     let rt = tokio::runtime::Builder::new_current_thread()

@@ -233,6 +233,46 @@ async fn the_ledger_accounts_for_every_change_late_events_made() {
     assert!(text.contains("RESTATED WINDOWS"), "{text}");
     assert!(text.contains("orders.by_country"), "{text}");
 
+    // The CLI shows the same ledger: a table with each metric before → after, or the JSON.
+    let cli = |args: &[&str]| {
+        let mut all = vec!["restatements"];
+        all.extend_from_slice(args);
+        all.extend_from_slice(&["--server", &server.base, "--project", project]);
+        lambda_ctl(&all)
+    };
+    let out = cli(&["orders.by_country", "--from", &t1, "--json"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let json: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(json["restatements"], entries["restatements"]);
+    let out = cli(&["orders.hop", "--from", &t1, "--limit", "1"]);
+    let table = String::from_utf8_lossy(&out.stdout);
+    let first = &hop["restatements"][0];
+    let n = &first["metrics"]["n"];
+    let shown = |v: &Value| {
+        if v.is_null() {
+            "-".to_string()
+        } else {
+            v.to_string()
+        }
+    };
+    assert!(
+        table.contains(&format!("{} → {}", shown(&n["before"]), shown(&n["after"])))
+            && table.contains("only the first 1 shown")
+            && table.contains(&format!("{} late event(s)", kept(&later) * 2)),
+        "{table}"
+    );
+    for bad in [
+        &["orders"][..],
+        &["orders.nope"],
+        &["orders.hop", "--limit", "0"],
+    ] {
+        assert_eq!(cli(bad).status.code(), Some(1), "{bad:?}");
+    }
+
     // Mistakes get a 4xx naming them.
     for (path, status) in [
         (
