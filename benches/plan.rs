@@ -2,21 +2,22 @@
 //! three views (tumbling + HyperLogLog, hopping, all-time + stddev) — on NDJSON events cut into
 //! micro-batches of 1k, 10k and 100k, as the speed layer runs it; then the same at 10k with a
 //! lookup join of a 1M-row table (each event's user → a tier, read by a derived column)
-//! against the same pipeline without it. Prints figures; asserts nothing. `PLAN_BENCH_EVENTS`
+//! against the same pipeline without it, and what finding a segment's late events costs at its
+//! seal (the restatement ledger). Prints figures; asserts nothing. `PLAN_BENCH_EVENTS`
 //! overrides the 1M events (e.g. for a quick debug run with `cargo test --bench plan`).
 
 use std::time::{Duration, Instant};
 
 use std::sync::Arc;
 
-use lambda_ctl::plan::{LookupSet, LookupTable, Plan};
+use lambda_ctl::plan::{LookupSet, LookupTable, Plan, Restating};
 use lambda_ctl::spec::pipeline::aggregate;
 use lambda_ctl::spec::pipeline::parse_path;
 use lambda_ctl::spec::{
     Archive, ColumnType, FileFormat, Format, Lookup, LookupSource, Metric, OnMissing, Pipeline,
     Source, View, Window,
 };
-use polars::prelude::{Column, DataFrame};
+use polars::prelude::{Column, DataFrame, DataType};
 
 fn pipeline() -> Pipeline {
     let columns: Vec<(String, ColumnType)> = [
@@ -257,6 +258,88 @@ fn lookup_figure(lines: &[String]) {
     );
 }
 
+/// What finding a segment's late events costs at its seal (the restatement ledger), on a
+/// 100k-event segment over every view, with the other 900k events served as one merged frame
+/// per view: when none is late (the common case: one comparison per event and view), and when
+/// 1 % arrived a day after their windows ended (before/after rows of the windows they touched).
+fn late_figure(plan: &Plan, lines: &[String]) {
+    let n = lines.len();
+    let split = n - n / 10;
+    let decoded = |part: &[String]| {
+        let bodies = bodies(part, 10_000);
+        let frames: Vec<DataFrame> = bodies.iter().map(|b| plan.decode(b).events).collect();
+        let mut df = frames[0].clone();
+        for f in &frames[1..] {
+            df.vstack_mut(f).expect("same schema");
+        }
+        df
+    };
+    let none = LookupSet::none();
+    let views = plan.pipeline().views.len();
+    let others: Vec<Vec<DataFrame>> = {
+        let parts = plan
+            .partials_all(decoded(&lines[..split]), &none)
+            .expect("partials");
+        (0..views)
+            .map(|v| vec![plan.merge(v, vec![parts[v].clone()]).expect("merge")])
+            .collect()
+    };
+    let segment = decoded(&lines[split..]);
+    let ts = segment
+        .column("ts")
+        .expect("ts")
+        .cast(&DataType::Int64)
+        .expect("ms");
+    let ts = ts.i64().expect("i64");
+    let arrivals = |late_every: Option<usize>| {
+        let arrival: Vec<i64> = ts
+            .into_no_null_iter()
+            .enumerate()
+            .map(|(i, t)| match late_every {
+                Some(k) if i % k == 0 => t + 86_400_000,
+                _ => t,
+            })
+            .collect();
+        let mut df = segment.clone();
+        df.with_column(Column::new("_arrival".into(), arrival))
+            .expect("arrival column");
+        df
+    };
+    let own: Vec<DataFrame> = plan.partials_all(segment.clone(), &none).expect("partials");
+    let rows = segment.height();
+    let cost = |events: &DataFrame| {
+        let mut entries = 0;
+        let m = measure(|| {
+            for v in 0..views {
+                let served = Restating {
+                    others: &others[v],
+                    own: std::slice::from_ref(&own[v]),
+                    horizon_ms: None,
+                };
+                entries += plan
+                    .restated(v, events, "_arrival", &none, &served)
+                    .expect("restated")
+                    .len();
+            }
+        });
+        (m.cpu.as_nanos() as f64 / rows as f64, m.wall, entries)
+    };
+    let on_time = arrivals(None);
+    let late = arrivals(Some(100));
+    let one = arrivals(Some(rows));
+    let _ = cost(&on_time);
+    let (quiet, quiet_wall, _) = cost(&on_time);
+    let (single, single_wall, _) = cost(&one);
+    let (busy, busy_wall, entries) = cost(&late);
+    println!(
+        "late events at seal, {rows}-event segment: none late {quiet:.0} ns/event ({} ms); one late \
+         {single:.0} ns/event ({} ms); 1 % a day late {busy:.0} ns/event ({} ms, {entries} entries)",
+        quiet_wall.as_millis(),
+        single_wall.as_millis(),
+        busy_wall.as_millis()
+    );
+}
+
 /// `lines` as NDJSON request bodies of `batch` events each.
 fn bodies(lines: &[String], batch: usize) -> Vec<Vec<u8>> {
     lines
@@ -393,6 +476,7 @@ fn main() {
         );
     }
     lookup_figure(&lines);
+    late_figure(&plan, &lines);
     let nested_plan = Plan::compile(&nested_pipeline()).expect("nested pipeline compiles");
     let nested = nested_events(n);
     let nested_bytes: usize = nested.iter().map(|l| l.len() + 1).sum();
