@@ -7,15 +7,9 @@
 //! the `size / every` windows it is in (it can be late for some and on time for others).
 //! Session windows have no fixed end and the all-time window none at all: they have no late
 //! events. An entry's delta is `after − before`, where `before` is the row without the
-//! segment's late events and `after` the row with them; since a window that has ended only
-//! ever gets late events, the deltas of successive segments telescope to the difference
-//! between two answers taken between seals.
-//!
-//! "Without the segment's late events" leaves out each event late for at least one of its
-//! windows. For tumbling windows that is exactly the events late for the row's window; for a
-//! hopping window, an event of the same segment late for an earlier window but on time for this
-//! one is left out too, so its contribution is in the delta (not in `late_events`) — the sum
-//! of the deltas still equals the change of the answer.
+//! segment's events late for that window and `after` the row with them; since a window that
+//! has ended only ever gets late events, the deltas of successive segments telescope to the
+//! difference between two answers taken between seals.
 
 use std::collections::HashMap;
 
@@ -204,14 +198,6 @@ impl Plan {
                 .collect()
         };
         let others = cut(served.others)?;
-        // The segment's other events in those windows.
-        let fed = events
-            .clone()
-            .lazy()
-            .select([feeds(pane(t.clone())).fill_null(lit(false)).alias("__fed")])
-            .collect()?;
-        let rest = events.filter(&(fed.column("__fed")?.bool()? & &!&late))?;
-        let rest = self.partials(view, prepare(rest)?.lazy()).collect()?;
         let finish = |frames: &[DataFrame], own: &[DataFrame]| -> PolarsResult<DataFrame> {
             let mut acc = self.accumulator(view);
             for f in frames.iter().chain(own) {
@@ -219,8 +205,65 @@ impl Plan {
             }
             acc.finish()
         };
-        let before = Finished::new(layout, finish(&others, &[rest])?)?;
         let after = Finished::new(layout, finish(&others, &cut(served.own)?)?)?;
+        // Before: the cut frames and the segment's events in those windows that were on time
+        // for them (`arrival < the window's end`).
+        let fed = events
+            .clone()
+            .lazy()
+            .select([feeds(pane(t.clone())).fill_null(lit(false)).alias("__fed")])
+            .collect()?;
+        let fed = events.filter(fed.column("__fed")?.bool()?)?;
+        let arrival_ms = col(arrival).cast(DataType::Int64);
+        let before_of = |lo: i64, hi: i64, on_time: Expr| -> PolarsResult<Finished> {
+            let within = |start: Expr| start.clone().gt_eq(lit(lo)).and(start.lt(lit(hi)));
+            let frames = others
+                .iter()
+                .map(|f| {
+                    f.clone()
+                        .lazy()
+                        .filter(within(col(partial_start).cast(DataType::Int64)))
+                        .collect()
+                })
+                .collect::<PolarsResult<Vec<_>>>()?;
+            let rest = fed
+                .clone()
+                .lazy()
+                .filter(within(pane(t.clone())).and(on_time))
+                .collect()?;
+            let rest = self.partials(view, prepare(rest)?.lazy()).collect()?;
+            Finished::new(layout, finish(&frames, &[rest])?)
+        };
+        // Leaving out every event late for at least one of its windows is exact for a window
+        // unless one of them was on time for it (a hopping event late only for its earlier
+        // windows): those "mixed" windows are finished on their own.
+        let on_time_all = arrival_ms.clone().lt(pane(t.clone()) + lit(every));
+        let single = before_of(i64::MIN, i64::MAX, on_time_all)?;
+        let late_events = events.filter(&late)?;
+        let mut mixed = Vec::new();
+        for k in 1..size / every {
+            let ws = pane(t.clone()) - lit(k * every);
+            let found = late_events
+                .clone()
+                .lazy()
+                .filter(arrival_ms.clone().lt(ws.clone() + lit(size)))
+                .select([ws.alias(WS)])
+                .collect()?;
+            mixed.extend(found.column(WS)?.i64()?.into_no_null_iter());
+        }
+        mixed.sort_unstable();
+        mixed.dedup();
+        mixed.retain(|ws| windows.binary_search(ws).is_ok());
+        let own_before = mixed
+            .iter()
+            .map(|ws| before_of(*ws, ws + size, arrival_ms.clone().lt(lit(ws + size))))
+            .collect::<PolarsResult<Vec<_>>>()?;
+        let before_at = |ws: i64| -> &Finished {
+            match mixed.binary_search(&ws) {
+                Ok(i) => &own_before[i],
+                Err(_) => &single,
+            }
+        };
 
         let starts = rows.column(WS)?.i64()?;
         let counts = rows.column(LATE_EVENTS)?.u64()?;
@@ -238,7 +281,7 @@ impl Plan {
                 key.insert(name.clone(), json(&c.get(r)?));
             }
             let id = (Some(ws), Value::Object(key.clone()).to_string());
-            let (metrics, _) = compare(layout, &before, &after, &id)?;
+            let (metrics, _) = compare(layout, before_at(ws), &after, &id)?;
             out.push(Restated {
                 window_start_ms: Some(ws),
                 window_end_ms: Some(ws + size),
@@ -248,6 +291,8 @@ impl Plan {
                 metrics,
             });
         }
+        // In window, then group order (the group-by's is arbitrary).
+        out.sort_by_cached_key(|r| (r.window_start_ms, Value::Object(r.key.clone()).to_string()));
         Ok(out)
     }
 }
@@ -564,6 +609,41 @@ views:
             rows[0].metrics["n"],
             json!({"before": null, "after": 1, "delta": 1.0})
         );
+        // One segment: the same event, and one at t = 150 arriving at 410, late for all three of
+        // its windows ([-100, 200), [0, 300), [100, 400)). [100, 400) counts only that one as
+        // late: the first was on time for it, so it is in the row before as well.
+        let segment = events(&[(250, "a", 1.0, 320), (150, "a", 1.0, 410)]);
+        let own = vec![partials(&plan, 1, &segment)];
+        let served = Restating {
+            others: &[],
+            own: &own,
+            horizon_ms: None,
+        };
+        let rows = plan
+            .restated(1, &segment, "_arrival", &LookupSet::default(), &served)
+            .unwrap();
+        let got: Vec<_> = rows
+            .iter()
+            .map(|r| (r.window_start_ms, r.late_events, r.metrics["n"].clone()))
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                (
+                    Some(-100),
+                    1,
+                    json!({"before": null, "after": 1, "delta": 1.0})
+                ),
+                (
+                    Some(0),
+                    2,
+                    json!({"before": null, "after": 2, "delta": 2.0})
+                ),
+                (Some(100), 1, json!({"before": 1, "after": 2, "delta": 1.0})),
+            ],
+            "{rows:#?}"
+        );
+
         // Sessions have no fixed end: never late.
         let own = vec![partials(&plan, 2, &segment)];
         let served = Restating {
