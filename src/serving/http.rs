@@ -287,6 +287,17 @@ async fn pipelines(State(app): State<Arc<App>>) -> Response {
                     .collect::<BTreeMap<_, _>>(),
                 "lag": rt.source_status.lag_json(),
                 "lookups": rt.lookups.json(),
+                "verified": rt.verified.read().as_ref().map(|v| json!({
+                    "ok": v.last.ok,
+                    "at": format_ms(v.last.finished_at.timestamp_millis()),
+                    "problems": v.last.problems.len(),
+                    "last_success": v.last_success.map(|t| format_ms(t.timestamp_millis())),
+                })),
+                "restated": rt.restated.read().iter().map(|(view, t)| (view.clone(), json!({
+                    "late_events": t.late_events,
+                    "restated_windows": t.restated_windows,
+                    "max_lateness_ms": t.max_lateness_ms,
+                }))).collect::<BTreeMap<_, _>>(),
                 "sinks": app.ops.sinks.iter()
                     .filter(|s| s.pipeline == rt.pipeline.name)
                     .map(|s| s.json())

@@ -11,8 +11,9 @@ use std::collections::BTreeMap;
 use serde_json::Value;
 
 use crate::lambda::{kept, run_batch, wait_for_batch};
+use crate::ops::dump_dom;
 use crate::orders::{Ev, close, events, get_view, ms, project, send, wait_for_count};
-use crate::support::{Rng, Server, eventually, get_json, lambda_ctl, wait_for_sealed};
+use crate::support::{Rng, Server, eventually, get_json, lambda_ctl, service, wait_for_sealed};
 
 /// A row of a windowed view: (window start, group key as JSON) → metric → value.
 type Rows = BTreeMap<(i64, String), BTreeMap<String, Value>>;
@@ -216,6 +217,16 @@ async fn the_ledger_accounts_for_every_change_late_events_made() {
                 "lambda_late_events_total{{pipeline=\"orders\",view=\"{view}\"}} 0\n"
             )),
             "{view} has no window ends, so no late events: {metrics}"
+        );
+    }
+    // The dashboard's pipeline row sums the late events of every view.
+    if let Some(chromium) = service("LAMBDA_TEST_CHROMIUM") {
+        let dom = dump_dom(&chromium, &server.url("/"), &["--dump-dom"]);
+        let late = 3 * kept(&acked);
+        assert!(
+            dom.contains(&format!("data-late=\"{late}\""))
+                && dom.contains("data-verified=\"never\""),
+            "{dom}"
         );
     }
     let project = dir.path().to_str().unwrap();

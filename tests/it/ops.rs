@@ -700,7 +700,7 @@ async fn status_reads_the_state_db_and_adds_live_figures_from_a_server() {
 }
 
 /// Runs headless Chromium on `url` and returns the DOM after `budget_ms` of virtual time.
-fn dump_dom(chromium: &str, url: &str, extra: &[&str]) -> String {
+pub fn dump_dom(chromium: &str, url: &str, extra: &[&str]) -> String {
     let profile = tempfile::tempdir().unwrap();
     let out = std::process::Command::new(chromium)
         .args([

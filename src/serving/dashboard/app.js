@@ -50,6 +50,33 @@ function age(ms) {
   return s < 60 ? s + "s" : Math.floor(s / 60) + "m" + String(s % 60).padStart(2, "0") + "s";
 }
 
+// Late events over the pipeline's views (the restatement ledger), each view in the tooltip.
+function lateCell(restated) {
+  const views = Object.entries(restated);
+  const late = views.reduce((n, [, t]) => n + t.late_events, 0);
+  const worst = views.reduce((m, [, t]) => Math.max(m, t.max_lateness_ms), 0);
+  const title = views.map(([v, t]) => v + ": " + fmt(t.late_events) + " late, " +
+    fmt(t.restated_windows) + " restated windows").join("\n");
+  return el("td", { class: "num", "data-late": late, title },
+    views.length ? fmt(late) + (worst > 0 ? " (≤ " + lateness(worst) + ")" : "") : "–");
+}
+
+function lateness(ms) {
+  const s = Math.round(ms / 1000);
+  if (s >= 86400) return Math.floor(s / 86400) + "d" + String(Math.floor(s % 86400 / 3600)).padStart(2, "0") + "h";
+  if (s >= 3600) return Math.floor(s / 3600) + "h" + String(Math.floor(s % 3600 / 60)).padStart(2, "0") + "m";
+  return age(ms);
+}
+
+// The latest `verify`: ok or FAILED, and when.
+function verifiedCell(v) {
+  if (!v) return el("td", { "data-verified": "never" }, "never");
+  const ago = at => at ? age(Date.now() - Date.parse(at)) + " ago" : "never";
+  return el("td", { "data-verified": v.ok ? "ok" : "failed", class: v.ok ? "" : "error",
+    title: v.ok ? "" : v.problems + " problem(s); last ok " + ago(v.last_success) },
+    (v.ok ? "ok " : "FAILED ") + ago(v.at));
+}
+
 function drawPipelines(list) {
   const body = document.querySelector("#pipelines tbody");
   body.replaceChildren(...list.map(p => el("tr", { "data-pipeline": p.name },
@@ -58,7 +85,8 @@ function drawPipelines(list) {
     el("td", { class: "num" }, fmt(p.duplicates)), el("td", { class: "num" }, fmt(p.ingest_rate, 1)),
     el("td", {}, p.open_segment_rows ? fmt(p.open_segment_rows) + " rows, " + age(p.open_segment_age_ms) : "empty"),
     el("td", { class: "num" }, fmt(p.sealed_segments)),
-    el("td", { class: "num" }, p.ack_to_visible_p99_s == null ? "–" : "≤ " + fmt(p.ack_to_visible_p99_s * 1000, 1) + " ms"))));
+    el("td", { class: "num" }, p.ack_to_visible_p99_s == null ? "–" : "≤ " + fmt(p.ack_to_visible_p99_s * 1000, 1) + " ms"),
+    lateCell(p.restated || {}), verifiedCell(p.verified))));
   const select = document.getElementById("view-select");
   const options = list.flatMap(p => p.views.map(v => p.name + "." + v));
   if (select.options.length !== options.length) {
