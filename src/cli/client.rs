@@ -1,4 +1,4 @@
-//! Talking to a running `lambda-ctl serve` (for `ingest` and `query`).
+//! Talking to a running `lambda-ctl serve` (for `ingest`, `query` and `restatements`).
 
 use anyhow::Context;
 
@@ -42,6 +42,21 @@ impl Client {
             r = r.bearer_auth(t);
         }
         r
+    }
+
+    /// `GET path?params` from a one-shot command (its own runtime): the answer as JSON.
+    pub fn get_json(
+        &self,
+        path: &str,
+        params: &[(String, String)],
+    ) -> Result<serde_json::Value, CliError> {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .context("starting the async runtime")?;
+        let req = self.request(reqwest::Method::GET, path).query(params);
+        let body = rt.block_on(self.send(req))?;
+        Ok(serde_json::from_slice(&body).context("decoding the server's answer")?)
     }
 
     /// Sends and returns the body; non-2xx answers become user errors with the server's message.

@@ -72,23 +72,8 @@ pub fn run(project_dir: &Path, a: Args) -> Result<(), CliError> {
     }
     params.extend(time_params(a.from, a.to)?);
     params.push(("format".into(), "json".into()));
-    let client = Client::new(&project, a.server)?;
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .context("starting the async runtime")?;
-    let body = rt.block_on(
-        client.send(
-            client
-                .request(
-                    reqwest::Method::GET,
-                    &format!("/v1/views/{pipeline}/{view}"),
-                )
-                .query(&params),
-        ),
-    )?;
-    let answer: serde_json::Value =
-        serde_json::from_slice(&body).context("decoding the server's answer")?;
+    let answer = Client::new(&project, a.server)?
+        .get_json(&format!("/v1/views/{pipeline}/{view}"), &params)?;
     let rows = answer["rows"].as_array().cloned().unwrap_or_default();
     let columns = query::columns(v);
     match a.format {

@@ -9,6 +9,7 @@ use serde_json::{Value, json};
 use super::CliError;
 use super::client::Client;
 use super::query::{resolve, time_params};
+use super::status::age;
 use crate::serving::format;
 
 pub struct Args<'a> {
@@ -28,22 +29,10 @@ pub fn run(project_dir: &Path, a: Args) -> Result<(), CliError> {
     if let Some(n) = a.limit {
         params.push(("limit".into(), n.to_string()));
     }
-    let client = Client::new(&project, a.server)?;
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .context("starting the async runtime")?;
-    let body = rt.block_on(
-        client.send(
-            client
-                .request(
-                    reqwest::Method::GET,
-                    &format!("/v1/views/{pipeline}/{name}/restatements"),
-                )
-                .query(&params),
-        ),
+    let answer = Client::new(&project, a.server)?.get_json(
+        &format!("/v1/views/{pipeline}/{name}/restatements"),
+        &params,
     )?;
-    let answer: Value = serde_json::from_slice(&body).context("decoding the server's answer")?;
     if a.json {
         println!(
             "{}",
@@ -116,26 +105,7 @@ fn text(v: &Value) -> String {
     }
 }
 
-/// Milliseconds as the largest two units: `3d04h`, `2h10m`, `4m05s`, `1.250s`.
+/// Milliseconds as `status` shows ages: `4m12s`, `3h05m`, `2d03h`.
 fn lateness(ms: i64) -> String {
-    let s = ms / 1000;
-    match s {
-        s if s >= 86_400 => format!("{}d{:02}h", s / 86_400, s % 86_400 / 3600),
-        s if s >= 3600 => format!("{}h{:02}m", s / 3600, s % 3600 / 60),
-        s if s >= 60 => format!("{}m{:02}s", s / 60, s % 60),
-        _ => format!("{}.{:03}s", s, ms % 1000),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::lateness;
-
-    #[test]
-    fn lateness_is_compact() {
-        assert_eq!(lateness(1_250), "1.250s");
-        assert_eq!(lateness(245_000), "4m05s");
-        assert_eq!(lateness(7_800_000), "2h10m");
-        assert_eq!(lateness(3 * 86_400_000 + 4 * 3_600_000), "3d04h");
-    }
+    age(ms as f64 / 1000.0)
 }

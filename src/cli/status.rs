@@ -447,7 +447,7 @@ fn text(v: &Value) -> String {
 }
 
 /// `42s`, `4m12s`, `3h05m`, `2d03h`.
-fn age(secs: f64) -> String {
+pub(super) fn age(secs: f64) -> String {
     let s = secs.max(0.0) as u64;
     match s {
         0..60 => format!("{s}s"),

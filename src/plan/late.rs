@@ -268,18 +268,11 @@ impl Plan {
         let starts = rows.column(WS)?.i64()?;
         let counts = rows.column(LATE_EVENTS)?.u64()?;
         let lateness = rows.column(MAX_LATENESS)?.i64()?;
-        let key_cols = layout
-            .keys
-            .iter()
-            .map(|(k, _)| rows.column(k))
-            .collect::<PolarsResult<Vec<_>>>()?;
+        let keys = Keys::of(layout, &rows)?;
         let mut out = Vec::with_capacity(rows.height());
         for r in 0..rows.height() {
             let ws = starts.get(r).unwrap_or_default();
-            let mut key = Map::new();
-            for ((name, _), c) in layout.keys.iter().zip(&key_cols) {
-                key.insert(name.clone(), json(&c.get(r)?));
-            }
+            let key = keys.at(r)?;
             let id = (Some(ws), Value::Object(key.clone()).to_string());
             let (metrics, _) = compare(layout, before_at(ws), &after, &id)?;
             out.push(Restated {
@@ -383,6 +376,31 @@ fn compare(
     Ok((metrics, same))
 }
 
+/// A frame's group_by columns, read row by row as a JSON object.
+struct Keys<'a> {
+    names: Vec<&'a str>,
+    columns: Vec<&'a Column>,
+}
+
+impl<'a> Keys<'a> {
+    fn of(layout: &'a ViewLayout, frame: &'a DataFrame) -> PolarsResult<Keys<'a>> {
+        let names: Vec<&str> = layout.keys.iter().map(|(k, _)| k.as_str()).collect();
+        let columns = names
+            .iter()
+            .map(|k| frame.column(k))
+            .collect::<PolarsResult<_>>()?;
+        Ok(Keys { names, columns })
+    }
+
+    fn at(&self, row: usize) -> PolarsResult<Map<String, Value>> {
+        let mut key = Map::new();
+        for (name, c) in self.names.iter().zip(&self.columns) {
+            key.insert((*name).to_string(), json(&c.get(row)?));
+        }
+        Ok(key)
+    }
+}
+
 /// A view's finished rows, found by window start (`None`: the all-time window) and group key.
 struct Finished {
     frame: DataFrame,
@@ -396,18 +414,10 @@ impl Finished {
         let starts = starts.i64()?;
         let ends = frame.column(WINDOW_END)?.cast(&DataType::Int64)?;
         let ends: Vec<Option<i64>> = ends.i64()?.iter().collect();
-        let keys = layout
-            .keys
-            .iter()
-            .map(|(k, _)| frame.column(k))
-            .collect::<PolarsResult<Vec<_>>>()?;
+        let keys = Keys::of(layout, &frame)?;
         let mut index = HashMap::with_capacity(frame.height());
         for r in 0..frame.height() {
-            let mut key = Map::new();
-            for ((name, _), c) in layout.keys.iter().zip(&keys) {
-                key.insert(name.clone(), json(&c.get(r)?));
-            }
-            index.insert((starts.get(r), Value::Object(key).to_string()), r);
+            index.insert((starts.get(r), Value::Object(keys.at(r)?).to_string()), r);
         }
         Ok(Finished { frame, ends, index })
     }
@@ -521,6 +531,18 @@ views:
             .clone()
     }
 
+    /// What `segment` restates in `view` when nothing else is served.
+    fn alone(plan: &Plan, view: usize, segment: &DataFrame) -> Vec<super::Restated> {
+        let own = vec![partials(plan, view, segment)];
+        let served = Restating {
+            others: &[],
+            own: &own,
+            horizon_ms: None,
+        };
+        plan.restated(view, segment, "_arrival", &LookupSet::default(), &served)
+            .unwrap()
+    }
+
     #[test]
     fn late_events_restate_their_windows_and_on_time_ones_do_not() {
         let plan = plan();
@@ -590,15 +612,7 @@ views:
         // At t = 250, arriving at 320: its windows are [0, 300) (ended), [100, 400) and
         // [200, 500) (open).
         let segment = events(&[(250, "a", 1.0, 320)]);
-        let own = vec![partials(&plan, 1, &segment)];
-        let served = Restating {
-            others: &[],
-            own: &own,
-            horizon_ms: None,
-        };
-        let rows = plan
-            .restated(1, &segment, "_arrival", &LookupSet::default(), &served)
-            .unwrap();
+        let rows = alone(&plan, 1, &segment);
         assert_eq!(rows.len(), 1, "{rows:#?}");
         assert_eq!(
             (rows[0].window_start_ms, rows[0].window_end_ms),
@@ -613,15 +627,7 @@ views:
         // its windows ([-100, 200), [0, 300), [100, 400)). [100, 400) counts only that one as
         // late: the first was on time for it, so it is in the row before as well.
         let segment = events(&[(250, "a", 1.0, 320), (150, "a", 1.0, 410)]);
-        let own = vec![partials(&plan, 1, &segment)];
-        let served = Restating {
-            others: &[],
-            own: &own,
-            horizon_ms: None,
-        };
-        let rows = plan
-            .restated(1, &segment, "_arrival", &LookupSet::default(), &served)
-            .unwrap();
+        let rows = alone(&plan, 1, &segment);
         let got: Vec<_> = rows
             .iter()
             .map(|r| (r.window_start_ms, r.late_events, r.metrics["n"].clone()))
@@ -645,14 +651,7 @@ views:
         );
 
         // Sessions have no fixed end: never late.
-        let own = vec![partials(&plan, 2, &segment)];
-        let served = Restating {
-            others: &[],
-            own: &own,
-            horizon_ms: None,
-        };
         assert!(!plan.has_window_ends(2));
-        let rows = plan.restated(2, &segment, "_arrival", &LookupSet::default(), &served);
-        assert!(rows.unwrap().is_empty());
+        assert!(alone(&plan, 2, &segment).is_empty());
     }
 }
