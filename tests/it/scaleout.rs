@@ -218,7 +218,9 @@ async fn scale_out(state_url: Option<String>, lake: TestLake) {
     let mut rng = Rng(7);
     let evs = events(&mut rng, n, 0);
     let (first, second) = (n * 3 / 4, n * 7 / 8);
-    let server = Server::start(root);
+    // The server computes groups too (it runs workers): its log tells whether it took one.
+    let serve_log = root.join("serve.log");
+    let server = Server::start_logging(root, &serve_log);
     let mut acked = send(&client, &server, &mut rng, &evs[..first]).await;
     mirror(&client, &server, &mut rng, &acked).await;
     let kept = |acked: &[Ev]| acked.iter().filter(|e| e.amount >= 0.0).count() as u64;
@@ -256,13 +258,18 @@ async fn scale_out(state_url: Option<String>, lake: TestLake) {
         scaled_took.as_secs_f64()
     );
     assert!(log.contains("sealed segment(s)"), "{log}");
+    let serve_busy = std::fs::read_to_string(&serve_log)
+        .unwrap_or_default()
+        .contains("computed batch group");
     let busy = workers
         .iter()
         .filter(|w| w.logged("computed batch group"))
-        .count();
+        .count()
+        + usize::from(serve_busy);
     assert!(
         busy >= 2,
-        "the groups were spread over the workers ({busy} busy):\n{}",
+        "the groups were spread over the processes ({busy} busy, the server {}):\n{}",
+        if serve_busy { "among them" } else { "not" },
         workers
             .iter()
             .map(|w| w.stderr_lines().join("\n"))
