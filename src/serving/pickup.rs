@@ -134,7 +134,7 @@ impl Pickup {
                 match self.changed(v, &current, before, after).await {
                     Ok(entries) => self.unrecorded.extend(entries),
                     Err(e) => {
-                        tracing::error!(%pipeline, view = %name, publication = current.id.0, error = %format!("{e:#}"), "cannot tell which rows the publication restated; they are not in the ledger");
+                        tracing::error!(%pipeline, view = %name, publication = current.id.0, error = %format!("{e:#}"), "cannot tell which rows the publication restated: it is served, but its rows are missing from the restatement ledger (a bug: report it with this error; the answers are unaffected)");
                     }
                 }
             } else {
