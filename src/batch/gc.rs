@@ -1,5 +1,6 @@
 //! Garbage collection of view versions: the files of a version replaced at least [`GRACE`]
-//! ago, unless a run still going may publish them.
+//! ago, unless a run still going may publish them or an `as_of` answer may read them (a
+//! server recorded installing it, within `serve.history`).
 
 use super::GRACE;
 use crate::lake::{self, Lake};
@@ -14,12 +15,24 @@ pub(super) async fn collect_garbage(
     pipeline: &str,
     view: &str,
     current: &Publication,
+    history: std::time::Duration,
 ) {
     let age = chrono::Utc::now() - current.published_at;
     if age.to_std().is_ok_and(|a| a < GRACE) || age < chrono::TimeDelta::zero() {
         return;
     }
     let prefix = lake::view_prefix(pipeline, view);
+    // Versions served within `serve.history`: `as_of` answers read them.
+    let since =
+        chrono::Utc::now() - chrono::TimeDelta::from_std(history).unwrap_or(chrono::TimeDelta::MAX);
+    let since_ns = since.timestamp_nanos_opt().unwrap_or(i64::MIN);
+    let served = match state.served_runs(pipeline, view, since_ns).await {
+        Ok(runs) => runs,
+        Err(e) => {
+            tracing::warn!(%pipeline, %view, error = %e, "cannot read which view versions were served; keeping them all");
+            return;
+        }
+    };
     let files = match lake.list(&prefix).await {
         Ok(f) => f,
         Err(e) => {
@@ -31,7 +44,7 @@ pub(super) async fn collect_garbage(
         let Some(run) = run_of(&f.path, &prefix) else {
             continue;
         };
-        if run == current.run_id.0 {
+        if run == current.run_id.0 || served.contains(&run) {
             continue;
         }
         // A run still going may publish these files.

@@ -14,7 +14,7 @@ use crate::speed::lookups::Lookups;
 use crate::state::{Cutoff, Outcome, Publication, RunId, RunKind, Segment, State, StateError};
 
 /// What a run recomputes: which views, and whether from every segment.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Copy)]
 pub struct Select<'a> {
     /// Only these views (every view when `None`).
     pub views: Option<&'a [String]>,
@@ -26,6 +26,20 @@ pub struct Select<'a> {
     /// recomputed from every segment with them — history restated with today's reference
     /// data. Without it, each segment is recomputed with the versions it recorded.
     pub lookups: Option<&'a LookupSet>,
+    /// `serve.history`: view versions served within it stay (for `as_of` answers) when GC
+    /// collects replaced ones.
+    pub history: Duration,
+}
+
+impl Default for Select<'_> {
+    fn default() -> Self {
+        Select {
+            views: None,
+            full: false,
+            lookups: None,
+            history: crate::spec::settings::DEFAULT_HISTORY,
+        }
+    }
 }
 
 /// Recomputes the views `select` names of the plan's pipeline and publishes them; the run is
@@ -65,7 +79,7 @@ pub async fn recompute_scaled(
         lake,
         run_id,
         (&selected, select.full || select.lookups.is_some()),
-        select.lookups,
+        (select.lookups, select.history),
         scale,
         started,
         &mut handed_over,
@@ -166,7 +180,7 @@ async fn run_views(
     lake: &Lake,
     run_id: RunId,
     (selected, full): (&[usize], bool),
-    restate: Option<&LookupSet>,
+    (restate, history): (Option<&LookupSet>, Duration),
     scale: Option<ScaleOut<'_>>,
     started: Instant,
     handed_over: &mut bool,
@@ -224,9 +238,16 @@ async fn run_views(
     let mut prepared = Vec::with_capacity(selected.len());
     for &v in selected {
         let name = &plan.pipeline().views[v].name;
-        let prep = prepare_view(plan, state, lake, v, (&cutoff, full, restated), &segments)
-            .await
-            .with_context(|| format!("view `{name}`"))?;
+        let prep = prepare_view(
+            plan,
+            state,
+            lake,
+            v,
+            (&cutoff, full, restated, history),
+            &segments,
+        )
+        .await
+        .with_context(|| format!("view `{name}`"))?;
         if let (Some(r), Some(cur)) = (restated, &prep.current)
             && !full
             && cur.run_id < r
@@ -358,14 +379,14 @@ async fn prepare_view(
     state: &State,
     lake: &Lake,
     view: usize,
-    (cutoff, full, restated): (&Cutoff, bool, Option<RunId>),
+    (cutoff, full, restated, history): (&Cutoff, bool, Option<RunId>, Duration),
     segments: &[Segment],
 ) -> anyhow::Result<Prepared> {
     let pipeline = plan.pipeline().name.clone();
     let name = plan.pipeline().views[view].name.clone();
     let current = state.current_publication(&pipeline, &name).await?;
     if let Some(cur) = &current {
-        gc::collect_garbage(state, lake, &pipeline, &name, cur).await;
+        gc::collect_garbage(state, lake, &pipeline, &name, cur, history).await;
     }
     let hash = plan.logic_hash(view);
     // Incremental only on top of partials of the same logic, and never backwards (a cutoff

@@ -167,9 +167,8 @@ async fn full_then_incremental_then_full_on_new_logic_and_failures_publish_nothi
     // `--full`: the same logic, recomputed from every segment, to the same answer.
     let before = served(&v1, &state, &lake).await;
     let full = Select {
-        views: None,
         full: true,
-        lookups: None,
+        ..Select::default()
     };
     let r = recompute(v1.clone(), &state, &lake, full, &mut |_| {})
         .await
@@ -218,8 +217,7 @@ async fn full_then_incremental_then_full_on_new_logic_and_failures_publish_nothi
         &lake,
         Select {
             views: Some(&["nope".into()]),
-            full: false,
-            lookups: None,
+            ..Select::default()
         },
         &mut |_| {},
     )

@@ -89,6 +89,10 @@ pub enum Command {
         /// Windows starting before T.
         #[arg(long, allow_hyphen_values = true)]
         to: Option<String>,
+        /// The answer served at instant T (RFC 3339 to the nanosecond as an answer's `as_of.at`
+        /// gives it, date, or relative like -1h), within `serve.history`.
+        #[arg(long, allow_hyphen_values = true, value_name = "T")]
+        as_of: Option<String>,
         #[arg(long, value_enum, default_value_t = query::OutputFormat::Table)]
         format: query::OutputFormat,
         /// Server address (default: `serve.listen` of lambda.yaml).
@@ -276,6 +280,7 @@ fn run(cli: Cli) -> Result<(), CliError> {
             filters,
             from,
             to,
+            as_of,
             format,
             server,
         } => query::run(
@@ -285,6 +290,7 @@ fn run(cli: Cli) -> Result<(), CliError> {
                 filters: &filters,
                 from: from.as_deref(),
                 to: to.as_deref(),
+                as_of: as_of.as_deref(),
                 format,
                 server: server.as_deref(),
             },

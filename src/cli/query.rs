@@ -22,6 +22,7 @@ pub struct Args<'a> {
     pub filters: &'a [String],
     pub from: Option<&'a str>,
     pub to: Option<&'a str>,
+    pub as_of: Option<&'a str>,
     pub format: OutputFormat,
     pub server: Option<&'a str>,
 }
@@ -71,6 +72,11 @@ pub fn run(project_dir: &Path, a: Args) -> Result<(), CliError> {
         params.push((c.to_string(), val.to_string()));
     }
     params.extend(time_params(a.from, a.to)?);
+    if let Some(t) = a.as_of {
+        // Resolved here, like --from/--to; nanoseconds kept (an answer's `as_of.at`).
+        let at = time::parse_instant(t, clock::now_ms()).map_err(CliError::User)?;
+        params.push(("as_of".into(), clock::format_ns(at.ns())));
+    }
     params.push(("format".into(), "json".into()));
     let answer = Client::new(&project, a.server)?
         .get_json(&format!("/v1/views/{pipeline}/{view}"), &params)?;
@@ -86,12 +92,13 @@ pub fn run(project_dir: &Path, a: Args) -> Result<(), CliError> {
             print!("{}", format::table(&columns, &rows));
             let as_of = &answer["as_of"];
             println!(
-                "{} rows · batch run {} ({} partial rows) · speed {} partial rows from {} segments",
+                "{} rows · batch run {} ({} partial rows) · speed {} partial rows from {} segments · as of {}",
                 rows.len(),
                 as_of["batch_run"].as_str().unwrap_or("none"),
                 as_of["batch_rows"],
                 as_of["speed_rows"],
-                as_of["speed_segments"]
+                as_of["speed_segments"],
+                as_of["at"].as_str().unwrap_or("?")
             );
         }
     }

@@ -27,6 +27,7 @@ pub fn run(
             views: (!views.is_empty()).then_some(views),
             full,
             lookups: None,
+            history: project.settings.serve.history,
         };
         return super::run::pipeline(
             project_dir,

@@ -65,10 +65,14 @@ async fn serve(project: spec::Project, listen: Option<SocketAddr>) -> Result<(),
         sources::spawn(rt.clone(), &project.root, &state_dir, shutdown.clone())
             .map_err(|e| CliError::User(format!("{e:#}")))?;
         // Serve the published batch views from the start, then follow new publications.
-        let mut pickup = Pickup::new(rt.clone(), db.clone(), lake.clone());
+        let mut pickup =
+            Pickup::new(rt.clone(), db.clone(), lake.clone()).with_history(settings.serve.history);
         pickup.poll().await;
         tokio::spawn(pickup.run(shutdown.clone()));
-        pipelines.insert(p.name.clone(), Arc::new(Served::new(rt)));
+        pipelines.insert(
+            p.name.clone(),
+            Arc::new(Served::new(rt).with_history(settings.serve.history)),
+        );
     }
     // Sinks: a destination that cannot take its view stops the start; one that is down is
     // retried in the background.

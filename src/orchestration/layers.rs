@@ -77,6 +77,7 @@ impl TaskRunner for Layers {
                     views,
                     full: false,
                     lookups: None,
+                    history: self.project.settings.serve.history,
                 },
                 self.help,
                 &mut progress,

@@ -20,6 +20,7 @@ use super::guard;
 use super::metrics;
 use super::query::{QueryError, Served, ViewQuery};
 use super::time::parse_time;
+use super::travel;
 use crate::clock::{format_ms, now_ms};
 use crate::spec::Source;
 use crate::speed::runtime::PipelineRuntime;
@@ -238,13 +239,19 @@ async fn view(
         Ok(parsed) => parsed,
         Err(e) => return error(StatusCode::BAD_REQUEST, e),
     };
-    let answer = match tokio::task::spawn_blocking(move || served.query(idx, &q)).await {
+    let answered = match q.as_of {
+        // An earlier instant's answer, computed again from what is kept.
+        Some(at) => Ok(travel::answer_as_of(served, idx, &q, at).await),
+        None => tokio::task::spawn_blocking(move || served.query(idx, &q)).await,
+    };
+    let answer = match answered {
         Ok(Ok(a)) => {
             let served = &app.ops.served;
             served.record(&pipeline, &view, a.as_of.batch_rows, a.as_of.speed_rows);
             a
         }
         Ok(Err(QueryError::BadRequest(m))) => return error(StatusCode::BAD_REQUEST, m),
+        Ok(Err(QueryError::Gone(m))) => return error(StatusCode::GONE, m),
         Ok(Err(e)) => return error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
         Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
     };

@@ -17,6 +17,7 @@ pub mod server;
 pub mod sink;
 pub mod sql;
 pub mod time;
+pub mod travel;
 
 use std::sync::Arc;
 

@@ -3,6 +3,10 @@
 //! The state DB is the only channel, so a poll every [`POLL`] is all it takes to serve a new
 //! publish within a second. The same poll reads the pipeline's latest `verify` result and its
 //! restatement ledger's totals.
+//!
+//! Every install is recorded with the instant the server placed it ([`Install`]): what `as_of`
+//! answers read to serve what was served then. The first poll records each view's start too —
+//! with its publication, or with none (the speed layer alone) — and the logic it runs.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -14,7 +18,7 @@ use crate::clock::now_ms;
 use crate::lake::Lake;
 use crate::speed::partials::{BatchView, Snapshot};
 use crate::speed::runtime::PipelineRuntime;
-use crate::state::{Cause, LedgerEntry, Publication, PublicationId, RunId, State};
+use crate::state::{Cause, Install, LedgerEntry, Publication, PublicationId, RunId, State};
 
 /// How often the current publications are read.
 pub const POLL: Duration = Duration::from_millis(250);
@@ -32,13 +36,19 @@ pub struct Pickup {
     /// Restatement ledger entries of installed publications not recorded yet (retried every
     /// poll until the state DB takes them).
     unrecorded: Vec<LedgerEntry>,
+    /// Installs not recorded yet (retried every poll until the state DB takes them).
+    installs: Vec<Install>,
     /// Polls since the latest `verify` result was read.
     polls: u32,
+    /// `serve.history` in milliseconds.
+    history_ms: i64,
 }
 
 /// The latest `verify` result and the ledger's totals are read every this many polls (they
 /// change at most as often as a workflow's `verify` task runs and a segment is sealed).
 const VERIFY_EVERY: u32 = 4;
+/// Installs older than `serve.history` are forgotten every this many polls (a minute).
+const FORGET_EVERY: u32 = 240;
 
 impl Pickup {
     pub fn new(rt: Arc<PipelineRuntime>, db: State, lake: Lake) -> Pickup {
@@ -51,14 +61,24 @@ impl Pickup {
             refused: vec![None; n],
             runs: vec![None; n],
             unrecorded: Vec::new(),
+            installs: Vec::new(),
             polls: 0,
+            history_ms: i64::try_from(crate::spec::settings::DEFAULT_HISTORY.as_millis())
+                .unwrap_or(i64::MAX),
         }
+    }
+
+    /// With `serve.history` of `history`: installs older than it are forgotten.
+    pub fn with_history(mut self, history: Duration) -> Pickup {
+        self.history_ms = i64::try_from(history.as_millis()).unwrap_or(i64::MAX);
+        self
     }
 
     /// Installs every view's current publication that is not installed yet. Errors are
     /// logged per view and retried at the next poll.
     pub async fn poll(&mut self) {
         let pipeline = self.rt.pipeline.name.clone();
+        let first = self.polls == 0;
         if self.polls.is_multiple_of(VERIFY_EVERY) {
             match self.db.verify_status(&pipeline).await {
                 Ok(v) => *self.rt.verified.write() = v,
@@ -71,6 +91,16 @@ impl Pickup {
                 Err(e) => {
                     tracing::warn!(%pipeline, error = %e, "cannot sum the restatement ledger");
                 }
+            }
+        }
+        if self.polls.is_multiple_of(FORGET_EVERY) {
+            // Installs older than `serve.history` (but the one current then): no `as_of`
+            // answer reads them, and GC may collect what they served.
+            let before = now_ms()
+                .saturating_sub(self.history_ms)
+                .saturating_mul(1_000_000);
+            if let Err(e) = self.db.forget_served_before(&pipeline, before).await {
+                tracing::warn!(%pipeline, error = %e, "cannot forget installs older than serve.history");
             }
         }
         self.polls = self.polls.wrapping_add(1);
@@ -129,20 +159,51 @@ impl Pickup {
                 (Some(old), Some(r)) => old < r && r <= current.run_id,
                 _ => false,
             };
-            if restating {
+            let at = if restating {
                 let (before, after) = self.rt.publish_between(v, batch);
+                let at = after.tick;
                 match self.changed(v, &current, before, after).await {
                     Ok(entries) => self.unrecorded.extend(entries),
                     Err(e) => {
                         tracing::error!(%pipeline, view = %name, publication = current.id.0, error = %format!("{e:#}"), "cannot tell which rows the publication restated: it is served, but its rows are missing from the restatement ledger (a bug: report it with this error; the answers are unaffected)");
                     }
                 }
+                at
             } else {
-                self.rt.publish(v, batch);
-            }
+                self.rt.publish(v, batch)
+            };
+            self.installs.push(Install {
+                pipeline: pipeline.clone(),
+                view: name.clone(),
+                at_ns: at.ns(),
+                publication: Some(current.id),
+                logic_hash: current.logic_hash.clone(),
+            });
             self.loaded[v] = Some(current.id);
             self.runs[v] = Some(current.run_id);
             tracing::info!(%pipeline, view = %name, publication = current.id.0, run = current.run_id.0, "serving batch view");
+        }
+        if first {
+            // What a view without a publication serves from the start: the speed layer alone,
+            // by this server's logic.
+            for v in (0..self.loaded.len()).filter(|v| self.loaded[*v].is_none()) {
+                let at = self.rt.mark_served();
+                self.installs.push(Install {
+                    pipeline: pipeline.clone(),
+                    view: self.rt.pipeline.views[v].name.clone(),
+                    at_ns: at.ns(),
+                    publication: None,
+                    logic_hash: self.rt.plan.logic_hash(v),
+                });
+            }
+        }
+        if !self.installs.is_empty() {
+            match self.db.record_served(&self.installs).await {
+                Ok(()) => self.installs.clear(),
+                Err(e) => {
+                    tracing::warn!(%pipeline, error = %e, installs = self.installs.len(), "cannot record what the views serve (for `as_of` answers); retrying");
+                }
+            }
         }
         if !self.unrecorded.is_empty() {
             match self.db.record_restated(&self.unrecorded).await {

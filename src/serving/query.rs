@@ -12,8 +12,8 @@ use serde::Serialize;
 use serde_json::Value;
 
 use super::format::{rows_json, rows_json_at};
-use super::time::parse_time;
-use crate::clock::{format_ms, now_ms};
+use super::time::{parse_instant, parse_time};
+use crate::clock::{Tick, format_ms, format_ns, now_ms};
 use crate::spec::{View, Window};
 use crate::speed::runtime::PipelineRuntime;
 
@@ -27,6 +27,8 @@ pub struct ViewQuery {
     /// Tag every row with `_origin`: `batch`, `speed` or `both` (which layer's partials it
     /// merges). Costs two extra merges; the dashboard asks for it.
     pub origin: bool,
+    /// `as_of`: the answer served at this instant ([`super::travel`]) instead of now's.
+    pub as_of: Option<Tick>,
 }
 
 impl ViewQuery {
@@ -48,6 +50,7 @@ impl ViewQuery {
                 "to" => q.to = Some(parse_time(&v, now_ms)?),
                 "format" => fmt = Some(v),
                 "origin" => q.origin = matches!(v.as_str(), "" | "1" | "true"),
+                "as_of" => q.as_of = Some(parse_instant(&v, now_ms)?),
                 _ => q.filters.push((k, v)),
             }
         }
@@ -72,6 +75,9 @@ pub struct Answer {
 /// Where the numbers came from.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct AsOf {
+    /// The instant the answer stands for (RFC 3339, nanoseconds): what was logged and
+    /// installed by it. `as_of=` this instant answers the same again.
+    pub at: String,
     pub batch_run: Option<String>,
     /// partition → first position not covered by the batch view.
     pub batch_cutoff: BTreeMap<u32, u64>,
@@ -103,21 +109,31 @@ pub struct Verified {
 /// than the answer's computation is still the one to report).
 fn as_of(rt: &PipelineRuntime, finished: &Finished) -> AsOf {
     let mut a = finished.as_of.clone();
-    a.verified = rt.verified.read().as_ref().map(|v| Verified {
+    a.verified = verified(rt);
+    a
+}
+
+fn verified(rt: &PipelineRuntime) -> Option<Verified> {
+    rt.verified.read().as_ref().map(|v| Verified {
         ok: v.last.ok,
         at: format_ms(v.last.finished_at.timestamp_millis()),
         segments: v.last.segments,
         last_success: v.last_success.map(|t| format_ms(t.timestamp_millis())),
-    });
-    a
+    })
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum QueryError {
     #[error("{0}")]
     BadRequest(String),
+    /// What an `as_of` answer needs is no longer kept (older than `serve.history`, or across
+    /// a change of the view's definition): HTTP 410.
+    #[error("{0}")]
+    Gone(String),
     #[error("query failed: {0}")]
     Internal(#[from] PolarsError),
+    #[error("query failed: {0}")]
+    Other(String),
 }
 
 /// The user-facing columns of a view, in order.
@@ -133,12 +149,29 @@ pub fn columns(view: &View) -> Vec<String> {
 pub struct Served {
     pub runtime: Arc<PipelineRuntime>,
     answers: AnswerCache,
+    /// `serve.history`: how far back `as_of` answers go.
+    pub history: std::time::Duration,
 }
 
 impl Served {
     pub fn new(runtime: Arc<PipelineRuntime>) -> Served {
         let answers = AnswerCache::new(runtime.pipeline.views.len());
-        Served { runtime, answers }
+        Served {
+            runtime,
+            answers,
+            history: crate::spec::settings::DEFAULT_HISTORY,
+        }
+    }
+
+    /// With `serve.history` of `history`.
+    pub fn with_history(mut self, history: std::time::Duration) -> Served {
+        self.history = history;
+        self
+    }
+
+    /// Sets `as_of.verified` to the pipeline's latest `verify` as it is now.
+    pub fn with_verified(&self, as_of: &mut AsOf) {
+        as_of.verified = verified(&self.runtime);
     }
 
     /// Answers `q` on view `view_idx`.
@@ -173,19 +206,7 @@ fn query(
     q: &ViewQuery,
 ) -> Result<Answer, QueryError> {
     let view = &rt.pipeline.views[view_idx];
-    for (col, _) in &q.filters {
-        if !view.group_by.contains(col) {
-            return Err(QueryError::BadRequest(format!(
-                "cannot filter view `{}` on `{col}`: filters apply to its group_by columns ({})",
-                view.name,
-                if view.group_by.is_empty() {
-                    "none".to_string()
-                } else {
-                    view.group_by.join(", ")
-                }
-            )));
-        }
-    }
+    check_filters(view, q)?;
     let finished = answers.get(rt, view_idx)?;
     let cols = columns(view);
     // The all-time window has no start; it spans every range.
@@ -219,6 +240,22 @@ fn query(
         rows,
         as_of: as_of(rt, &finished),
     })
+}
+
+/// Whether `q`'s filters are on `view`'s group_by columns (the only ones it filters on).
+pub(super) fn check_filters(view: &View, q: &ViewQuery) -> Result<(), QueryError> {
+    match q.filters.iter().find(|(c, _)| !view.group_by.contains(c)) {
+        None => Ok(()),
+        Some((col, _)) => Err(QueryError::BadRequest(format!(
+            "cannot filter view `{}` on `{col}`: filters apply to its group_by columns ({})",
+            view.name,
+            if view.group_by.is_empty() {
+                "none".to_string()
+            } else {
+                view.group_by.join(", ")
+            }
+        ))),
+    }
 }
 
 /// A view's merged and finished answer before filtering, and where it came from.
@@ -441,11 +478,9 @@ fn compute(rt: &PipelineRuntime, view_idx: usize) -> PolarsResult<Finished> {
     let mut frames = snap.speed.clone();
     frames.extend(batch.iter().cloned());
     let horizon = snap.batch.as_ref().and_then(|b| b.horizon_ms);
-    let frame = match (finish_all(rt, view_idx, frames)?, horizon) {
-        (Some(df), Some(h)) => Some(without_retired(df, h)?),
-        (frame, _) => frame,
-    };
+    let frame = finish(rt, view_idx, frames, horizon)?;
     let as_of = AsOf {
+        at: format_ns(snap.tick.ns()),
         batch_run: snap.batch.as_ref().map(|b| b.run_id.clone()),
         batch_cutoff: snap
             .batch
@@ -469,6 +504,20 @@ fn compute(rt: &PipelineRuntime, view_idx: usize) -> PolarsResult<Finished> {
         speed: snap.speed,
         origins: OnceLock::new(),
         index: RowIndex::new(&rt.pipeline.views[view_idx].group_by),
+    })
+}
+
+/// Partial frames merged and finished, without the windows retired at `horizon`; `None` when
+/// there are none.
+pub(super) fn finish(
+    rt: &PipelineRuntime,
+    view_idx: usize,
+    frames: Vec<DataFrame>,
+    horizon: Option<i64>,
+) -> PolarsResult<Option<DataFrame>> {
+    Ok(match (finish_all(rt, view_idx, frames)?, horizon) {
+        (Some(df), Some(h)) => Some(without_retired(df, h)?),
+        (frame, _) => frame,
     })
 }
 
@@ -511,7 +560,7 @@ fn frame(
 }
 
 /// The rows of `df` (a finished answer) that `q` asks for, by a scan.
-fn filter(df: DataFrame, q: &ViewQuery, all_time: bool) -> PolarsResult<DataFrame> {
+pub(super) fn filter(df: DataFrame, q: &ViewQuery, all_time: bool) -> PolarsResult<DataFrame> {
     let mut pred: Option<Expr> = None;
     let mut and = |e: Expr| {
         pred = Some(match pred.take() {
@@ -590,7 +639,7 @@ mod tests {
                     .collect(),
                 from: from.map(|m| m * 60_000),
                 to: to.map(|m| m * 60_000),
-                origin: false,
+                ..ViewQuery::default()
             })
     }
 

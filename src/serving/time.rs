@@ -4,6 +4,20 @@
 
 use chrono::{DateTime, NaiveDate, Utc};
 
+/// Parses `text` as an instant for `as_of`: any form [`parse_time`] takes, RFC 3339 to the
+/// nanosecond (an answer's `as_of.at`, which names the place within its millisecond too).
+pub fn parse_instant(text: &str, now_ms: i64) -> Result<crate::clock::Tick, String> {
+    if let Ok(dt) = DateTime::parse_from_rfc3339(text.trim())
+        && let Some(ns) = dt.timestamp_nanos_opt()
+    {
+        return Ok(crate::clock::Tick::from_ns(ns));
+    }
+    Ok(crate::clock::Tick {
+        ms: parse_time(text, now_ms)?,
+        n: 0,
+    })
+}
+
 /// Parses `text` into epoch milliseconds (UTC), relative forms counted from `now_ms`.
 pub fn parse_time(text: &str, now_ms: i64) -> Result<i64, String> {
     let ms = parse_unchecked(text, now_ms)?;

@@ -63,6 +63,9 @@ pub struct ServeSettings {
     pub protect_metrics: bool,
     /// `serve.sql`: the PostgreSQL wire protocol listener; off unless set.
     pub sql: Option<SqlSettings>,
+    /// `serve.history`: how far back `as_of` answers go (publications and installs are kept
+    /// that long).
+    pub history: Duration,
 }
 
 /// `serve.sql` of lambda.yaml: every view as a table `PIPELINE.VIEW` over the PostgreSQL
@@ -85,6 +88,7 @@ impl fmt::Debug for ServeSettings {
             .field("max_body_bytes", &self.max_body_bytes)
             .field("protect_metrics", &self.protect_metrics)
             .field("sql", &self.sql)
+            .field("history", &self.history)
             .finish()
     }
 }

@@ -12,6 +12,8 @@ pub const DEFAULT_STATE: &str = "sqlite://.lambda/state.db";
 pub const DEFAULT_LAKE: &str = "file://.lambda/lake";
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
 pub const DEFAULT_MAX_BODY_BYTES: u64 = 64 * 1024 * 1024;
+/// `serve.history`: 30 days of `as_of` answers.
+pub const DEFAULT_HISTORY: std::time::Duration = std::time::Duration::from_secs(30 * 24 * 3600);
 /// `serve.sql.statement_timeout`.
 pub const DEFAULT_SQL_STATEMENT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 /// `serve.sql.max_rows`.
@@ -84,8 +86,8 @@ pub fn build(d: &mut Diagnostics, root: Option<&Node>, project: &Path) -> Option
         }
     };
     let serve = match obj.value("serve") {
-        None => Some(ServeSettings { listen: DEFAULT_LISTEN.into(), token: None, max_body_bytes: DEFAULT_MAX_BODY_BYTES as usize, protect_metrics: false, sql: None }),
-        Some(n) => Obj::new(d, n, "serve", &["listen", "token", "max_body_bytes", "protect_metrics", "sql"]).and_then(|s| {
+        None => Some(ServeSettings { listen: DEFAULT_LISTEN.into(), token: None, max_body_bytes: DEFAULT_MAX_BODY_BYTES as usize, protect_metrics: false, sql: None, history: DEFAULT_HISTORY }),
+        Some(n) => Obj::new(d, n, "serve", &["listen", "token", "max_body_bytes", "protect_metrics", "sql", "history"]).and_then(|s| {
             let listen = s.value("listen").map_or(Some(DEFAULT_LISTEN.to_string()), |n| read::string(d, n, "listen"));
             if let (Some(l), Some(n)) = (&listen, s.value("listen"))
                 && l.parse::<std::net::SocketAddr>().is_err()
@@ -102,7 +104,8 @@ pub fn build(d: &mut Diagnostics, root: Option<&Node>, project: &Path) -> Option
                 None => Some(None),
                 Some(n) => sql_settings(d, n).map(Some),
             };
-            Some(ServeSettings { listen: listen?, token, max_body_bytes: usize::try_from(max?).ok()?, protect_metrics: protect_metrics?, sql: sql? })
+            let history = s.value("history").map_or(Some(DEFAULT_HISTORY), |n| read::duration(d, n, "history"));
+            Some(ServeSettings { listen: listen?, token, max_body_bytes: usize::try_from(max?).ok()?, protect_metrics: protect_metrics?, sql: sql?, history: history? })
         }),
     };
     let timezone = match obj.value("timezone") {

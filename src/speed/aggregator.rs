@@ -152,7 +152,11 @@ impl Aggregator {
     /// its start. Micro-batches still on their way for those records are skipped by `apply`.
     async fn rebuild(&mut self) -> anyhow::Result<()> {
         let rt = self.rt.clone();
-        rt.state.write().discard_open(LOG_PARTITION, self.lo);
+        {
+            let mut st = rt.state.write();
+            st.discard_open(LOG_PARTITION, self.lo);
+            st.absorbed = self.lo;
+        }
         self.next = self.lo;
         self.events.clear();
         self.rows = 0;
@@ -179,13 +183,24 @@ impl Aggregator {
         .await??;
         self.apply(vec![(
             lo..end,
+            0,
             Batch {
                 events,
-                arrival_ms: now_ms(),
                 acked: None,
             },
         )])
         .await
+    }
+
+    /// Absorbs the open segment replayed from the log at start (before the task runs); when
+    /// that fails, the task rebuilds it from the log as after any failed micro-batch.
+    pub(super) async fn absorb_replayed(&mut self, replayed: log::Durable<Batch>) {
+        if let Err(e) = self.apply(vec![replayed]).await {
+            self.fail(
+                e,
+                "speed layer failed to absorb the replayed write-ahead log",
+            );
+        }
     }
 
     /// Absorbs durable requests into the open segment — all of them, or (on error) none.
@@ -195,7 +210,7 @@ impl Aggregator {
         // (events, fresh) per frame: replayed events were counted by the process that took them.
         let mut sizes = Vec::with_capacity(batch.len());
         let mut next = self.next;
-        for (range, b) in batch {
+        for (range, arrival_ms, b) in batch {
             if range.end <= next {
                 // Absorbed already, by a rebuild from the log.
                 continue;
@@ -208,7 +223,7 @@ impl Aggregator {
             next = range.end;
             sizes.push((range.end - range.start, b.acked.is_some()));
             acks.extend(b.acked);
-            frames.push(with_positions(b.events, range, b.arrival_ms)?);
+            frames.push(with_positions(b.events, range, arrival_ms)?);
         }
         if frames.is_empty() {
             return Ok(());
@@ -225,12 +240,14 @@ impl Aggregator {
         if self.next == self.lo {
             // A segment opens: it takes the newest lookup versions.
             self.lookups = self.rt.lookups.current();
+            *self.rt.open_lookups.write() = self.lookups.clone();
         }
         let rt = self.rt.clone();
         let lookups = self.lookups.clone();
-        let (events, parts, filtered, rejected) =
+        let (events, parts, filtered, rejected, arrivals) =
             tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
                 let events = concat_frames(frames)?;
+                let arrivals = arrival_runs(&events)?;
                 let masked = rt.plan.partials_masked(events.clone(), &lookups)?;
                 // An event a lookup rejected is counted as rejected, not as filtered.
                 let keep = match (&masked.filter, masked.rejected.is_empty()) {
@@ -245,7 +262,7 @@ impl Aggregator {
                 };
                 let filtered = dropped_fresh(keep.as_ref(), &sizes)?;
                 let rejected = rejections(&rt, &events, &masked.rejected, &sizes)?;
-                Ok((events, masked.parts, filtered, rejected))
+                Ok((events, masked.parts, filtered, rejected, arrivals))
             })
             .await??;
         let rows = events.height() as u64;
@@ -254,10 +271,15 @@ impl Aggregator {
             "{rows} events for positions {}..{next}",
             self.next
         );
-        self.rt
-            .state
-            .write()
-            .absorb(&self.rt.plan, LOG_PARTITION, self.lo, next, rows, parts)?;
+        {
+            let mut st = self.rt.state.write();
+            st.absorb(&self.rt.plan, LOG_PARTITION, self.lo, next, rows, parts)?;
+            // The instant the state stands for moves past these events, in the same step.
+            st.tick = arrivals
+                .iter()
+                .fold(st.tick, |t, &(ms, n)| t.after_events(ms, n));
+            st.absorbed = next;
+        }
         // Absorbed: only now does the open segment take the positions.
         self.next = next;
         if self.opened.is_none() {
@@ -512,6 +534,20 @@ fn dropped_fresh(keep: Option<&BooleanChunked>, frames: &[(u64, bool)]) -> anyho
         offset += n;
     }
     Ok(dropped)
+}
+
+/// The events' arrival times (epoch ms) in position order, as runs of (time, events).
+fn arrival_runs(events: &DataFrame) -> anyhow::Result<Vec<(i64, i64)>> {
+    let arrivals = events.column(ARRIVAL_COLUMN)?.cast(&DataType::Int64)?;
+    let mut runs: Vec<(i64, i64)> = Vec::new();
+    for ms in arrivals.i64()?.iter() {
+        let ms = ms.context("an event without an arrival time")?;
+        match runs.last_mut() {
+            Some((last, n)) if *last == ms => *n += 1,
+            _ => runs.push((ms, 1)),
+        }
+    }
+    Ok(runs)
 }
 
 #[cfg(test)]

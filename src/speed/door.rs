@@ -119,7 +119,6 @@ impl PipelineRuntime {
                 records,
                 Batch {
                     events,
-                    arrival_ms: arrival,
                     acked: Some(acked.clone()),
                 },
             )

@@ -7,8 +7,12 @@
 //! fsync, not N.
 //!
 //! Each append may carry an attachment (the decoded events); after the sync the writer hands
-//! `(offsets, attachment)` to the log's consumer *in offset order*, so the aggregator sees a
-//! gap-free position stream no matter how callers race.
+//! `(offsets, stamp, attachment)` to the log's consumer *in offset order*, so the aggregator
+//! sees a gap-free position stream no matter how callers race.
+//!
+//! With a [`Stamper`], the writer stamps each request with its arrival time as it writes it,
+//! from the pipeline's [`Stamps`] clock — into its records, as durable as the events — so
+//! arrival times never decrease along positions (time travel reads them from the archive).
 //!
 //! Bounded under load: at most [`QUEUE`] appends wait for the writer and as many are written
 //! in one group commit, and the consumer's channel is bounded too (its capacity is the
@@ -28,6 +32,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::thread;
 
 use tokio::sync::{mpsc, oneshot};
+
+use crate::clock::Stamps;
 
 /// Start a new file beyond this size, so truncation can drop whole files.
 const FILE_BYTES: u64 = 64 * 1024 * 1024;
@@ -51,8 +57,16 @@ struct Request<T> {
     reply: oneshot::Sender<Result<Range<u64>, LogError>>,
 }
 
-/// Durable records handed to the consumer, in offset order.
-pub type Durable<T> = (Range<u64>, T);
+/// Durable records handed to the consumer, in offset order: their offsets, their arrival time
+/// (epoch ms; 0 without a [`Stamper`]) and the append's attachment.
+pub type Durable<T> = (Range<u64>, i64, T);
+
+/// How the writer stamps requests: the clock, and how an arrival time goes into a record.
+#[derive(Clone)]
+pub struct Stamper {
+    pub stamps: Arc<Stamps>,
+    pub write: fn(&mut [u8], i64),
+}
 
 /// Handle to the log's writer thread; cheap to clone.
 pub struct Log<T = ()> {
@@ -79,6 +93,15 @@ impl<T: Send + 'static> Log<T> {
         dir: &Path,
         consumer: Option<mpsc::Sender<Durable<T>>>,
     ) -> Result<(Log<T>, u64), LogError> {
+        Self::open_stamped(dir, consumer, None)
+    }
+
+    /// [`Log::open`], stamping every request with `stamper` as it is written.
+    pub fn open_stamped(
+        dir: &Path,
+        consumer: Option<mpsc::Sender<Durable<T>>>,
+        stamper: Option<Stamper>,
+    ) -> Result<(Log<T>, u64), LogError> {
         let err = |source| LogError::Io {
             dir: dir.to_path_buf(),
             source,
@@ -104,6 +127,7 @@ impl<T: Send + 'static> Log<T> {
             next,
             durable_end: durable_end.clone(),
             consumer,
+            stamper,
         };
         thread::Builder::new()
             .name(format!("wal:{}", dir.display()))
@@ -198,6 +222,7 @@ struct Writer<T> {
     next: u64,
     durable_end: Arc<AtomicU64>,
     consumer: Option<mpsc::Sender<Durable<T>>>,
+    stamper: Option<Stamper>,
 }
 
 impl<T> Writer<T> {
@@ -211,15 +236,15 @@ impl<T> Writer<T> {
             {
                 batch.push(more);
             }
-            match self.write(&batch) {
+            match self.write(&mut batch) {
                 Ok(ranges) => {
                     self.durable_end.store(self.next, Ordering::Release);
-                    for (req, range) in batch.into_iter().zip(ranges) {
+                    for (req, (range, stamp)) in batch.into_iter().zip(ranges) {
                         if let Some(c) = &self.consumer {
                             // Forward before replying: once acknowledged, the events are on
                             // their way to the aggregator. A full channel blocks here (the
                             // consumer is behind), and so the appends queued behind this one.
-                            let _ = c.blocking_send((range.clone(), req.attachment));
+                            let _ = c.blocking_send((range.clone(), stamp, req.attachment));
                         }
                         let _ = req.reply.send(Ok(range));
                     }
@@ -227,6 +252,9 @@ impl<T> Writer<T> {
                 Err(e) => {
                     tracing::error!(dir = %self.dir.display(), error = %e, "write-ahead log append failed");
                     // Nothing of this batch is acknowledged; reopen so a partial write is cut off.
+                    if let Some(s) = &self.stamper {
+                        s.stamps.unstamp_to(self.next);
+                    }
                     for req in batch {
                         let _ = req.reply.send(Err(LogError::Io {
                             dir: self.dir.clone(),
@@ -239,7 +267,8 @@ impl<T> Writer<T> {
         }
     }
 
-    fn write(&mut self, batch: &[Request<T>]) -> io::Result<Vec<Range<u64>>> {
+    /// Writes and syncs the requests; their offsets and stamps.
+    fn write(&mut self, batch: &mut [Request<T>]) -> io::Result<Vec<(Range<u64>, i64)>> {
         if self.file.as_ref().is_none_or(|(_, len)| *len >= FILE_BYTES) {
             let path = self.dir.join(format!("{:020}.wal", self.next));
             let f = OpenOptions::new().create(true).append(true).open(&path)?;
@@ -251,8 +280,16 @@ impl<T> Writer<T> {
         let mut ranges = Vec::with_capacity(batch.len());
         let mut next = self.next;
         let mut written = 0u64;
-        for req in batch {
+        for req in batch.iter_mut() {
             let start = next;
+            let stamp = match &self.stamper {
+                Some(s) => {
+                    let stamp = s.stamps.stamp(req.records.len() as u64);
+                    req.records.iter_mut().for_each(|r| (s.write)(r, stamp));
+                    stamp
+                }
+                None => 0,
+            };
             for rec in &req.records {
                 let n = u32::try_from(rec.len())
                     .ok()
@@ -269,7 +306,7 @@ impl<T> Writer<T> {
                 written += (HEADER + rec.len()) as u64;
                 next += 1;
             }
-            ranges.push(start..next);
+            ranges.push((start..next, stamp));
         }
         w.flush()?;
         drop(w);
@@ -396,27 +433,37 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn the_consumer_sees_appends_in_offset_order() {
+    async fn the_consumer_sees_appends_in_offset_order_with_increasing_stamps() {
         let dir = tempfile::tempdir().unwrap();
         let (tx, mut rx) = tokio::sync::mpsc::channel(64);
-        let (log, _) = Log::<usize>::open(dir.path(), Some(tx)).unwrap();
+        let stamper = Stamper {
+            stamps: Arc::new(Stamps::default()),
+            write: |rec, stamp| rec[..8].copy_from_slice(&stamp.to_le_bytes()),
+        };
+        let (log, _) = Log::<usize>::open_stamped(dir.path(), Some(tx), Some(stamper)).unwrap();
         let tasks: Vec<_> = (0..32)
             .map(|i| {
                 let log = log.clone();
                 tokio::spawn(
-                    async move { log.append(vec![vec![0u8; 3]; i % 4 + 1], i).await.unwrap() },
+                    async move { log.append(vec![vec![0u8; 8]; i % 4 + 1], i).await.unwrap() },
                 )
             })
             .collect();
         for t in tasks {
             t.await.unwrap();
         }
-        let mut next = 0;
+        let (mut next, mut last) = (0, 0);
+        let logged = read_from(dir.path(), 0).unwrap();
         for _ in 0..32 {
-            let (range, i) = rx.recv().await.unwrap();
+            let (range, stamp, i) = rx.recv().await.unwrap();
             assert_eq!(range.start, next);
             assert_eq!(range.end - range.start, (i % 4 + 1) as u64);
-            next = range.end;
+            assert!(stamp >= last, "{last} then {stamp}");
+            // Every record of the request carries its stamp on disk.
+            for (_, rec) in &logged[range.start as usize..range.end as usize] {
+                assert_eq!(rec[..8], stamp.to_le_bytes());
+            }
+            (next, last) = (range.end, stamp);
         }
     }
 
@@ -450,7 +497,7 @@ mod tests {
         assert_eq!(log.durable_end(), written as u64);
         // The consumer catches up: everything goes through, in order.
         for next in 0..n as u64 {
-            let (range, _) = rx.recv().await.unwrap();
+            let (range, _, _) = rx.recv().await.unwrap();
             assert_eq!(range, next..next + 1);
         }
         for t in tasks {

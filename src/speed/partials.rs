@@ -10,6 +10,7 @@ use std::collections::BTreeMap;
 
 use polars::prelude::*;
 
+use crate::clock::Tick;
 use crate::plan::Plan;
 
 /// Merge a segment's pending partial frames of a view once there are this many.
@@ -54,6 +55,11 @@ pub struct SpeedState {
     /// Bumped by every change (absorb, seal, publish): an answer computed from a snapshot of
     /// version `v` is still the answer while the version is `v`.
     version: u64,
+    /// The instant this state stands for: the events logged and the publications installed up
+    /// to it are in it, and nothing else (`as_of` recomputes it from the archive).
+    pub tick: Tick,
+    /// End (exclusive) of the log positions absorbed.
+    pub absorbed: u64,
 }
 
 /// The frames a query of one view merges, taken under the lock; merging happens outside it.
@@ -65,6 +71,8 @@ pub struct Snapshot {
     /// Uncovered segments contributing, and their rows.
     pub speed_segments: usize,
     pub speed_events: u64,
+    /// [`SpeedState::tick`] the snapshot was taken at.
+    pub tick: Tick,
 }
 
 impl Snapshot {
@@ -82,6 +90,8 @@ impl SpeedState {
             segments: BTreeMap::new(),
             batch: vec![None; views],
             version: 0,
+            tick: Tick::default(),
+            absorbed: 0,
         }
     }
 
@@ -179,6 +189,7 @@ impl SpeedState {
             speed,
             speed_segments,
             speed_events,
+            tick: self.tick,
         }
     }
 

@@ -46,6 +46,12 @@ pub(super) fn encode_record(arrival_ms: i64, header: Option<&[u8]>, record: &[u8
 /// Flag of a version 2 log record: a CSV header precedes the record.
 const HAS_HEADER: u8 = 1;
 
+/// Sets a version 2 record's arrival time: the log's writer stamps each request as it writes
+/// it ([`super::log::Stamper`]), so arrival times follow positions.
+pub(super) fn stamp_record(record: &mut [u8], arrival_ms: i64) {
+    record[..8].copy_from_slice(&(!arrival_ms).to_le_bytes());
+}
+
 /// A log record, parsed.
 #[derive(PartialEq)]
 enum LogRecord<'a> {

@@ -12,7 +12,6 @@ use anyhow::Context;
 use bytes::Bytes;
 use parking_lot::{Mutex, RwLock};
 use polars::prelude::*;
-use tokio::sync::mpsc;
 
 use super::dedupe::Dedupe;
 use super::door::id_strings;
@@ -21,7 +20,6 @@ use super::lookups::Lookups;
 use super::partials::SpeedState;
 use super::record::{ARRIVAL_COLUMN, decode_records};
 use super::runtime::{Batch, Counters};
-use crate::clock::now_ms;
 use crate::lake::Lake;
 use crate::plan::{LookupSet, Plan};
 use crate::spec::Pipeline;
@@ -136,36 +134,34 @@ pub(super) async fn sealed_segments(
     Ok(())
 }
 
-/// Hands the open segment — the log records at or after `checkpoint` — to the aggregator,
-/// before anything is appended.
+/// The open segment — the log records at or after `checkpoint` — for the aggregator to absorb
+/// before anything is appended; `None` when the log holds none.
 pub(super) fn replay(
     plan: &Plan,
     log_dir: &Path,
     checkpoint: u64,
     recent: Option<Recent<'_>>,
-    tx: &mpsc::Sender<log::Durable<Batch>>,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<Option<log::Durable<Batch>>> {
     let replay = log::read_from(log_dir, checkpoint)?;
-    if !replay.is_empty() {
-        let first = replay[0].0;
-        let last = replay[replay.len() - 1].0 + 1;
-        let events = decode_records(plan, &replay)?;
-        if let Some(r) = recent {
-            r.admit(&events)?;
-        }
-        tracing::info!(pipeline = %plan.pipeline().name, from = first, to = last, "replaying write-ahead log");
-        // The channel is empty: nothing was appended yet.
-        tx.try_send((
-            first..last,
-            Batch {
-                events,
-                arrival_ms: now_ms(),
-                acked: None,
-            },
-        ))
-        .map_err(|_| anyhow::anyhow!("cannot hand the replayed log to the aggregator"))?;
+    if replay.is_empty() {
+        return Ok(None);
     }
-    Ok(())
+    let first = replay[0].0;
+    let last = replay[replay.len() - 1].0 + 1;
+    let events = decode_records(plan, &replay)?;
+    if let Some(r) = recent {
+        r.admit(&events)?;
+    }
+    tracing::info!(pipeline = %plan.pipeline().name, from = first, to = last, "replaying write-ahead log");
+    // Replayed events keep the arrival times they were logged with (their `_arrival`).
+    Ok(Some((
+        first..last,
+        0,
+        Batch {
+            events,
+            acked: None,
+        },
+    )))
 }
 
 /// Partials of every view for raw (decoded) events, enriched with `lookups`.

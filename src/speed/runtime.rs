@@ -24,12 +24,12 @@ use tokio_util::sync::CancellationToken;
 
 use super::aggregator::Aggregator;
 use super::dedupe::Dedupe;
-use super::log::Log;
+use super::log::{Log, Stamper};
 use super::lookups::Lookups;
 use super::partials::{BatchView, Snapshot, SpeedState};
 use super::recovery;
 use super::status::SourceStatus;
-use crate::clock::now_ms;
+use crate::clock::{Stamps, Tick, now_ms};
 use crate::lake::Lake;
 use crate::plan::Plan;
 use crate::spec::Pipeline;
@@ -82,10 +82,10 @@ impl Default for Counters {
     }
 }
 
-/// Decoded events travelling with their log records to the aggregator.
+/// Decoded events travelling with their log records to the aggregator (their arrival time is
+/// the one the log stamped them with, or for replayed events their `_arrival` column).
 pub struct Batch {
     pub(super) events: DataFrame,
-    pub(super) arrival_ms: i64,
     /// Set by the door once the append is acknowledged; `None` for replayed events.
     pub(super) acked: Option<Arc<OnceLock<Instant>>>,
 }
@@ -108,6 +108,11 @@ pub struct PipelineRuntime {
     /// for `/metrics`.
     pub restated: RwLock<BTreeMap<String, LedgerTotals>>,
     pub(super) log: Log<Batch>,
+    /// The clock the log stamps requests with and serving places installs by.
+    pub(super) stamps: Arc<Stamps>,
+    /// The lookup versions the open segment is enriched with (kept by the aggregator), for
+    /// `as_of` answers that recompute it.
+    pub(super) open_lookups: RwLock<crate::plan::LookupSet>,
     /// End (exclusive) of the write-ahead log: every position below it is durable.
     pub(super) logged_end: AtomicU64,
     /// End (exclusive) of the sealed segments: every position below it is in the archive
@@ -170,31 +175,38 @@ impl PipelineRuntime {
             &pipeline, &plan, &lookups, &db, &lake, &speed, &counters, recent,
         )
         .await?;
+        speed.write().absorbed = checkpoint;
 
         // The log, with its consumer: the aggregator.
         let log_dir = log_dir.join(&name).join(format!("p={LOG_PARTITION}"));
         recovery::ensure_log_starts_at(&log_dir, checkpoint)?;
         let (tx, rx) = mpsc::channel(AGGREGATOR_QUEUE);
-        let (log, next) = Log::open(&log_dir, Some(tx.clone()))?;
+        let stamps = Arc::new(Stamps::default());
+        let stamper = Stamper {
+            stamps: stamps.clone(),
+            write: super::record::stamp_record,
+        };
+        let (log, next) = Log::open_stamped(&log_dir, Some(tx), Some(stamper))?;
         anyhow::ensure!(
             next >= checkpoint,
             "write-ahead log {} ends at {next} but the archive is sealed up to {checkpoint}; the log directory was replaced",
             log_dir.display()
         );
 
-        recovery::replay(&plan, &log_dir, checkpoint, recent, &tx)?;
-        drop(tx);
+        let replayed = recovery::replay(&plan, &log_dir, checkpoint, recent)?;
 
         let rt = Arc::new(PipelineRuntime {
             pipeline: pipeline.clone(),
             plan: plan.clone(),
-            lookups,
+            lookups: lookups.clone(),
             state: speed,
             counters,
             source_status: Arc::new(SourceStatus::default()),
             verified: RwLock::new(None),
             restated: RwLock::new(BTreeMap::new()),
+            open_lookups: RwLock::new(lookups.current()),
             log,
+            stamps,
             logged_end: AtomicU64::new(next),
             sealed_end: watch::Sender::new(checkpoint),
             dedupe,
@@ -203,7 +215,22 @@ impl PipelineRuntime {
             #[cfg(test)]
             fail_applies: Default::default(),
         });
-        let aggregator = Aggregator::new(rt.clone(), checkpoint);
+        // The open segment is absorbed before anything new is logged (nothing is: sources
+        // and the door start after this returns), so the first answer already has it.
+        let mut aggregator = Aggregator::new(rt.clone(), checkpoint);
+        if let Some(replayed) = replayed {
+            aggregator.absorb_replayed(replayed).await;
+        }
+        // Everything logged so far is absorbed (or, if that failed, on its way through a
+        // rebuild); what is logged from now on arrives at this instant or later.
+        {
+            let mut st = rt.state.write();
+            let start = now_ms().max(st.tick.ms + 1);
+            rt.stamps.restart(start, next);
+            if st.absorbed == next {
+                st.tick = Tick { ms: start, n: 0 };
+            }
+        }
         tokio::spawn(aggregator.run(rx, shutdown));
         Ok(rt)
     }
@@ -211,6 +238,45 @@ impl PipelineRuntime {
     /// The state DB the pipeline records its archive (and restatement ledger) in.
     pub fn db(&self) -> &State {
         &self.db
+    }
+
+    /// The lake the pipeline archives its segments in.
+    pub fn lake(&self) -> &Lake {
+        &self.lake
+    }
+
+    /// The instant the served state stands for now.
+    pub fn tick(&self) -> Tick {
+        self.state.read().tick
+    }
+
+    /// The lookup versions the open segment is enriched with.
+    pub fn open_lookups(&self) -> crate::plan::LookupSet {
+        self.open_lookups.read().clone()
+    }
+
+    /// The events the write-ahead log holds durably from position `from` on (the open
+    /// segment, when `from` is where the sealed ones end), with their positions and arrival
+    /// times as the archive has them; `None` when it holds none. Blocking (reads files). Fails
+    /// when the log no longer starts at `from` (sealed and truncated meanwhile).
+    pub fn logged(&self, from: u64) -> anyhow::Result<Option<DataFrame>> {
+        let end = self.log.durable_end();
+        let mut records = super::log::read_from(self.log.dir(), from)?;
+        records.retain(|(offset, _)| *offset < end);
+        let Some(&(first, _)) = records.first() else {
+            anyhow::ensure!(
+                end <= from,
+                "the write-ahead log no longer holds position {from}"
+            );
+            return Ok(None);
+        };
+        anyhow::ensure!(
+            first == from && records.len() as u64 == end - from,
+            "the write-ahead log holds {} of the positions {from}..{end}",
+            records.len()
+        );
+        let events = super::record::decode_records(&self.plan, &records)?;
+        Ok(Some(super::record::with_positions(events, from..end, 0)?))
     }
 
     /// What a query of view `view` merges — the published batch view and the speed partials
@@ -226,9 +292,14 @@ impl PipelineRuntime {
     }
 
     /// Installs a published batch view of view `view` (serving's pickup); the segments every
-    /// view's batch now covers are freed.
-    pub fn publish(&self, view: usize, batch: BatchView) {
-        self.state.write().publish(view, batch);
+    /// view's batch now covers are freed. Returns the instant of the install, for the record
+    /// of what was served when ([`crate::state::State::record_served`]).
+    pub fn publish(&self, view: usize, batch: BatchView) -> Tick {
+        let mut st = self.state.write();
+        let tick = self.stamps.install(st.absorbed, st.tick);
+        st.tick = tick;
+        st.publish(view, batch);
+        tick
     }
 
     /// [`Self::publish`], returning what view `view` served just before and just after the
@@ -237,8 +308,17 @@ impl PipelineRuntime {
     pub fn publish_between(&self, view: usize, batch: BatchView) -> (Snapshot, Snapshot) {
         let mut st = self.state.write();
         let before = st.snapshot(view);
+        st.tick = self.stamps.install(st.absorbed, st.tick);
         st.publish(view, batch);
         (before, st.snapshot(view))
+    }
+
+    /// The instant from which serving answers with what it holds now — the first thing a
+    /// server records for a view without a publication to install (which logic it runs).
+    pub fn mark_served(&self) -> Tick {
+        let mut st = self.state.write();
+        st.tick = self.stamps.install(st.absorbed, st.tick);
+        st.tick
     }
 
     /// When view `view`'s batch view was published (epoch ms); `None` before its first one.

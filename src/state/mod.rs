@@ -51,6 +51,7 @@ mod ledger;
 mod publications;
 mod runs;
 mod schedules;
+mod served;
 mod stats;
 mod verifications;
 mod workflows;
@@ -61,6 +62,7 @@ pub use groups::{GroupEnd, GroupProgress};
 pub use ledger::{Cause, LedgerEntry, LedgerTotals};
 pub use publications::{Cutoff, NewPublication, Publication, PublicationId};
 pub use runs::{AttemptId, Outcome, Run, RunId, RunKind, RunState, TaskAttempt};
+pub use served::Install;
 pub use stats::{AttemptFigure, RunCount};
 pub use verifications::{Verification, VerifyStatus};
 pub use workflows::{

@@ -53,7 +53,7 @@ pub struct Publication {
 }
 
 #[derive(sqlx::FromRow)]
-struct PublicationRow {
+pub(super) struct PublicationRow {
     id: i64,
     pipeline: String,
     view: String,
@@ -66,7 +66,7 @@ struct PublicationRow {
 }
 
 impl PublicationRow {
-    fn into_publication(self) -> Result<Publication, StateError> {
+    pub(super) fn into_publication(self) -> Result<Publication, StateError> {
         let cutoff = serde_json::from_str(&self.cutoff).map_err(|_| StateError::Corrupt {
             what: "publication cutoff",
             value: self.cutoff.clone(),

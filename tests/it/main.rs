@@ -22,3 +22,4 @@ mod speed;
 mod sql;
 mod state;
 mod support;
+mod travel;

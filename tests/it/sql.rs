@@ -659,3 +659,82 @@ async fn psycopg_reads_every_view_exactly_as_the_http_api() {
     }
     panic!("psycopg never read what the HTTP API answered: {last}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn set_lambda_as_of_reads_the_views_as_they_were_served() {
+    let (_dir, server, sql, client) = loaded(SQL_ONLY, None).await;
+    let then = get_view(&client, &server, "by_country").await;
+    let at = then["as_of"]["at"].as_str().unwrap().to_string();
+    let mut rng = Rng(21);
+    let evs = events(&mut rng, 200, 10_000);
+    let more = send(&client, &server, &mut rng, &evs).await;
+    assert!(!more.is_empty());
+    // Over SQL as over HTTP: the same computation of the answer served then (the HTTP one is
+    // checked against the answers saved live in tests/it/travel.rs).
+    let url = server.url(&format!(
+        "/v1/views/orders/by_country?as_of={}",
+        at.replace(':', "%3A").replace('+', "%2B")
+    ));
+    let then = crate::support::get_json(&client, url).await;
+    assert_eq!(then["as_of"]["at"], at.as_str());
+    let set = format!("SET lambda.as_of = '{at}'");
+    let out = ok(&psql(
+        &sql,
+        None,
+        &["-c", &set, "-c", "SELECT * FROM orders.by_country"],
+    ));
+    matches(&table(&out), then["rows"].as_array().unwrap()).unwrap();
+    // A point query (the row index's path) and SHOW, in the same session.
+    let out = ok(&psql(
+        &sql,
+        None,
+        &[
+            "-c",
+            &set,
+            "-c",
+            "SELECT * FROM orders.by_country WHERE country = 'DE'",
+            "-c",
+            "SHOW lambda.as_of",
+        ],
+    ));
+    let de: Vec<Value> = then["rows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| r["country"] == "DE")
+        .cloned()
+        .collect();
+    assert!(!de.is_empty());
+    let (rows, shown) = out.trim_end().rsplit_once('\n').unwrap();
+    let shown = shown.to_string();
+    let rows = rows.rsplit_once("\nlambda.as_of").map_or(rows, |r| r.0);
+    matches(&table(rows), &de).unwrap();
+    assert_eq!(shown, at);
+    // Back to now with '', and a malformed instant is refused.
+    let mut agreed = false;
+    for _ in 0..20 {
+        let before = get_view(&client, &server, "overall").await["rows"][0]["n"].clone();
+        let out = ok(&psql(
+            &sql,
+            None,
+            &[
+                "-c",
+                "SET lambda.as_of = ''",
+                "-c",
+                "SELECT n FROM orders.overall",
+            ],
+        ));
+        let after = get_view(&client, &server, "overall").await["rows"][0]["n"].clone();
+        if before == after {
+            assert_eq!(table(&out)[0]["n"], after.to_string());
+            agreed = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(agreed, "the live answer kept changing");
+    let bad = psql(&sql, None, &["-c", "SET lambda.as_of = 'soonish'"]);
+    assert!(!bad.status.success());
+    let err = String::from_utf8_lossy(&bad.stderr);
+    assert!(err.contains("lambda.as_of"), "{err}");
+}

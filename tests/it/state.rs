@@ -10,8 +10,8 @@ use std::time::Duration;
 
 use chrono::{DateTime, TimeZone, Utc};
 use lambda_ctl::state::{
-    Cause, GroupEnd, LedgerEntry, LedgerTotals, NewPublication, Outcome, PublicationId, RunId,
-    RunKind, RunState, Segment, State, StateError,
+    Cause, GroupEnd, Install, LedgerEntry, LedgerTotals, NewPublication, Outcome, PublicationId,
+    RunId, RunKind, RunState, Segment, State, StateError,
 };
 use sqlx::Connection;
 
@@ -47,6 +47,7 @@ on_both_backends!(
     retention_drops_segments_and_old_view_versions,
     operator_figures_count_runs_and_time_attempts,
     the_ledger_records_with_its_segment_and_each_publication_row_once,
+    installs_say_what_a_view_served_when,
 );
 
 async fn on_sqlite<F, Fut>(behaviour: F)
@@ -1141,4 +1142,95 @@ async fn the_ledger_records_with_its_segment_and_each_publication_row_once(url: 
             .unwrap()
             .is_empty()
     );
+}
+
+async fn installs_say_what_a_view_served_when(url: String) {
+    let state = open(&url).await;
+    let run = state
+        .create_run(RunKind::Batch, "clicks", None)
+        .await
+        .unwrap();
+    let publication = state
+        .publish(&NewPublication {
+            pipeline: "clicks".into(),
+            view: "by_page".into(),
+            run_id: run.id,
+            logic_hash: "h1".into(),
+            cutoff: BTreeMap::from([(0, 40)]),
+            rows: 5,
+            replaces: None,
+            horizon_ms: None,
+        })
+        .await
+        .unwrap();
+    let install = |view: &str, at_ns, publication| Install {
+        pipeline: "clicks".into(),
+        view: view.into(),
+        at_ns,
+        publication,
+        logic_hash: "h1".into(),
+    };
+    let ms = 1_764_000_000_000_i64 * 1_000_000;
+    let rows = [
+        install("by_page", ms + 1, None),
+        install("other", ms + 2, None),
+        install("by_page", ms + 7, Some(publication.id)),
+        install("by_page", ms + 3_000_000_001, None),
+    ];
+    state.record_served(&rows).await.unwrap();
+    // Recorded again (a retry after a lost reply): nothing changes.
+    state.record_served(&rows[2..3]).await.unwrap();
+
+    assert_eq!(
+        state.served_at("clicks", "by_page", ms).await.unwrap(),
+        None
+    );
+    let (at, found) = state
+        .served_at("clicks", "by_page", ms + 6)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!((at, found), (rows[0].clone(), None));
+    let (at, found) = state
+        .served_at("clicks", "by_page", ms + 7)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(at, rows[2]);
+    assert_eq!(found, Some(publication.clone()));
+    // Installs of every view take places in their millisecond.
+    assert_eq!(
+        state.installs_between("clicks", ms, ms + 7).await.unwrap(),
+        3
+    );
+    assert_eq!(
+        state.installs_between("clicks", ms, ms + 2).await.unwrap(),
+        2
+    );
+    // What GC keeps: versions served since an instant, the one current then included.
+    let runs = |since| state.served_runs("clicks", "by_page", since);
+    assert_eq!(runs(ms).await.unwrap(), [run.id.0]);
+    assert_eq!(runs(ms + 10).await.unwrap(), [run.id.0]);
+    assert_eq!(runs(ms + 3_000_000_002).await.unwrap(), Vec::<i64>::new());
+
+    // Forgetting before an instant keeps each view's install current then.
+    let forgotten = state
+        .forget_served_before("clicks", ms + 1_000_000_000)
+        .await
+        .unwrap();
+    assert_eq!(forgotten, 1, "the first by_page install");
+    let (at, _) = state
+        .served_at("clicks", "by_page", ms + 8)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(at, rows[2]);
+    assert!(
+        state
+            .served_at("clicks", "other", ms + 8)
+            .await
+            .unwrap()
+            .is_some()
+    );
+    assert_eq!(runs(ms).await.unwrap(), [run.id.0]);
 }

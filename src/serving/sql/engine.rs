@@ -17,6 +17,7 @@ use super::SqlError;
 use super::catalog::{Catalog, Columns};
 use super::statement::{Source, TableRef, parse_naive};
 use super::types::pg_type;
+use crate::clock::Tick;
 use crate::serving::query::{QueryError, Served, ViewQuery};
 use crate::spec::{ColumnType, SqlSettings, View, Window};
 
@@ -76,7 +77,7 @@ impl Engine {
         &self,
         statement: &Statement,
         tables: &[TableRef],
-        data: bool,
+        data: Option<Option<Tick>>,
     ) -> Result<SQLContext, SqlError> {
         let ctx = SQLContext::new();
         for t in tables {
@@ -84,7 +85,7 @@ impl Engine {
                 Source::View { pipeline, view } => {
                     let served = self.served(pipeline)?;
                     let rt = &served.runtime;
-                    if data {
+                    if let Some(as_of) = data {
                         let q = if tables.len() == 1 {
                             narrowing(
                                 statement,
@@ -95,7 +96,7 @@ impl Engine {
                         } else {
                             ViewQuery::default()
                         };
-                        view_frame(served, *view, &q)?
+                        view_frame(served, *view, &q, as_of)?
                     } else {
                         DataFrame::empty_with_schema(&rt.plan.output_schema(*view))
                     }
@@ -111,16 +112,18 @@ impl Engine {
 
     /// Runs `statement` (rewritten, parameters bound). `sql` is the client's text, for the
     /// positions of errors.
+    /// `as_of`: the views as they were served at that instant (`SET lambda.as_of`).
     pub fn run(
         &self,
         statement: &Statement,
         tables: &[TableRef],
         sql: &str,
+        as_of: Option<Tick>,
     ) -> Result<DataFrame, SqlError> {
-        if let Some(df) = self.point(statement, tables)? {
+        if let Some(df) = self.point(statement, tables, as_of)? {
             return self.within_max_rows(df);
         }
-        let mut ctx = self.context(statement, tables, true)?;
+        let mut ctx = self.context(statement, tables, Some(as_of))?;
         let lf = ctx
             .execute(&statement.to_string())
             .map_err(|e| polars_error(e, sql))?;
@@ -142,6 +145,7 @@ impl Engine {
         &self,
         statement: &Statement,
         tables: &[TableRef],
+        as_of: Option<Tick>,
     ) -> Result<Option<DataFrame>, SqlError> {
         let [
             TableRef {
@@ -162,7 +166,7 @@ impl Engine {
         let Some(columns) = projection(statement, &schema) else {
             return Ok(None);
         };
-        let df = view_frame(served, *view, &narrowed.query)?;
+        let df = view_frame(served, *view, &narrowed.query, as_of)?;
         let columns = columns
             .into_iter()
             .map(|(name, output)| {
@@ -197,7 +201,7 @@ impl Engine {
         tables: &[TableRef],
         sql: &str,
     ) -> Result<SchemaRef, SqlError> {
-        let mut ctx = self.context(statement, tables, false)?;
+        let mut ctx = self.context(statement, tables, None)?;
         let mut lf = ctx
             .execute(&statement.to_string())
             .map_err(|e| polars_error(e, sql))?;
@@ -205,12 +209,22 @@ impl Engine {
     }
 }
 
-/// The rows of a view that `q` selects, under the snapshot and row index of the HTTP API.
-fn view_frame(served: &Served, view: usize, q: &ViewQuery) -> Result<DataFrame, SqlError> {
-    match served.frame(view, q) {
+/// The rows of a view that `q` selects, under the snapshot and row index of the HTTP API; as
+/// served at instant `as_of` when given.
+fn view_frame(
+    served: &Arc<Served>,
+    view: usize,
+    q: &ViewQuery,
+    as_of: Option<Tick>,
+) -> Result<DataFrame, SqlError> {
+    let framed = match as_of {
+        Some(at) => crate::serving::travel::frame_as_of(served, view, q, at),
+        None => served.frame(view, q),
+    };
+    match framed {
         Ok((df, _as_of)) => Ok(df),
-        Err(QueryError::BadRequest(m)) => Err(SqlError::new("XX000", m)),
-        Err(QueryError::Internal(e)) => Err(SqlError::new(
+        Err(QueryError::BadRequest(m) | QueryError::Gone(m)) => Err(SqlError::new("XX000", m)),
+        Err(e @ (QueryError::Internal(_) | QueryError::Other(_))) => Err(SqlError::new(
             "XX000",
             format!("computing the view failed: {e}"),
         )),

@@ -35,11 +35,15 @@ use tokio::sync::Semaphore;
 use super::statement::{self, Kind, Session};
 use super::types::{Rows, fields};
 use super::{Engine, MAX_RUNNING, SqlError};
+use crate::clock::Tick;
+use crate::serving::time::parse_instant;
 
 /// SCRAM iterations (PostgreSQL's default).
 const SCRAM_ITERATIONS: usize = 4096;
 /// Where the session keeps its `SET statement_timeout`.
 const TIMEOUT_KEY: &str = "lambda.statement_timeout";
+/// Where the session keeps its `SET lambda.as_of`: the instant views are answered as of.
+const AS_OF_KEY: &str = "lambda.as_of";
 /// Microseconds from the Unix epoch to PostgreSQL's (2000-01-01).
 const PG_EPOCH_US: i64 = 946_684_800_000_000;
 
@@ -204,6 +208,17 @@ impl Queries {
             .map_or(limit, |t| t.min(limit))
     }
 
+    /// The session's `SET lambda.as_of`, resolved now (relative forms count from the
+    /// statement); `None` when unset or `''`.
+    fn as_of<C: ClientInfo + Send + Sync>(&self, client: &C) -> Result<Option<Tick>, SqlError> {
+        match client.metadata().get(AS_OF_KEY) {
+            Some(t) if !t.trim().is_empty() => parse_instant(t, crate::clock::now_ms())
+                .map(Some)
+                .map_err(|e| SqlError::new("22023", format!("lambda.as_of: {e}"))),
+            _ => Ok(None),
+        }
+    }
+
     /// A catalog answer for `sql` (psql's and Grafana's catalog queries), if it is one.
     fn recognized(&self, sql: &str) -> Option<DataFrame> {
         self.engine.catalog.recognize(sql)
@@ -221,9 +236,10 @@ impl Queries {
             Kind::Select {
                 statement, tables, ..
             } => {
+                let as_of = self.as_of(client)?;
                 let df = self
                     .blocking(client, sql, move |engine, sql| {
-                        engine.run(&statement, &tables, sql)
+                        engine.run(&statement, &tables, sql, as_of)
                     })
                     .await?;
                 Ok(rows(&df, format)?)
@@ -239,7 +255,18 @@ impl Queries {
                     stream::empty(),
                 )))
             }
-            Kind::Set { timeout } => {
+            Kind::Set { timeout, as_of } => {
+                if let Some(t) = as_of {
+                    if !t.trim().is_empty() {
+                        parse_instant(&t, crate::clock::now_ms()).map_err(|e| {
+                            SqlError::new(
+                                "22023",
+                                format!("invalid value for parameter \"lambda.as_of\": {e}"),
+                            )
+                        })?;
+                    }
+                    client.metadata_mut().insert(AS_OF_KEY.to_string(), t);
+                }
                 if let Some(t) = timeout {
                     if parse_timeout(&t).is_none() {
                         return Err(SqlError::new(
@@ -252,8 +279,22 @@ impl Queries {
                 Ok(Response::Execution(Tag::new("SET")))
             }
             Kind::Show(name) => {
+                // `SHOW lambda.as_of` names the setting as it is set.
+                let name = if name == "lambda as_of" {
+                    AS_OF_KEY.to_string()
+                } else {
+                    name
+                };
                 let value = if name == "statement_timeout" {
                     Some(format!("{}ms", self.timeout(client).as_millis()))
+                } else if name == AS_OF_KEY {
+                    Some(
+                        client
+                            .metadata()
+                            .get(AS_OF_KEY)
+                            .cloned()
+                            .unwrap_or_default(),
+                    )
                 } else {
                     super::setting(&name)
                 };

@@ -78,9 +78,11 @@ pub enum Kind {
     /// A query over catalog tables lambda-ctl does not have (`pg_policy`, …): no rows, these
     /// columns (all text).
     Empty(Vec<String>),
-    /// `SET …`: accepted, no effect (`SET statement_timeout` is kept by the session).
+    /// `SET …`: accepted, no effect, but for what the session keeps: `SET statement_timeout`
+    /// and `SET lambda.as_of` (the instant the views are answered as of; `''` for now).
     Set {
         timeout: Option<String>,
+        as_of: Option<String>,
     },
     /// `SHOW name`.
     Show(String),
@@ -149,7 +151,8 @@ pub fn classify(
     match statement {
         Statement::Query(_) => rewrite(statement, sql, names, session),
         Statement::Set(set) => Ok(Kind::Set {
-            timeout: statement_timeout(&set),
+            timeout: assigned(&set, "statement_timeout"),
+            as_of: assigned(&set, "lambda.as_of"),
         }),
         Statement::ShowVariable { variable } => Ok(Kind::Show(
             variable
@@ -218,14 +221,12 @@ fn read_only(statement: &Statement) -> SqlError {
     )
 }
 
-/// The value of `SET statement_timeout = …`, if that is what `set` sets.
-fn statement_timeout(set: &Set) -> Option<String> {
+/// The value of `SET name = …`, if that is what `set` sets.
+fn assigned(set: &Set, name: &str) -> Option<String> {
     if let Set::SingleAssignment {
         variable, values, ..
     } = set
-        && variable
-            .to_string()
-            .eq_ignore_ascii_case("statement_timeout")
+        && variable.to_string().eq_ignore_ascii_case(name)
         && let [value] = values.as_slice()
     {
         return Some(match value {
@@ -905,11 +906,18 @@ mod tests {
         }
         assert!(matches!(
             one("SET extra_float_digits = 3").unwrap(),
-            Kind::Set { timeout: None }
+            Kind::Set {
+                timeout: None,
+                as_of: None
+            }
         ));
         assert!(matches!(
             one("SET statement_timeout = '5s'").unwrap(),
-            Kind::Set { timeout: Some(t) } if t == "5s"
+            Kind::Set { timeout: Some(t), .. } if t == "5s"
+        ));
+        assert!(matches!(
+            one("SET lambda.as_of = '2026-12-03T09:00:00Z'").unwrap(),
+            Kind::Set { as_of: Some(t), .. } if t == "2026-12-03T09:00:00Z"
         ));
         assert!(matches!(one("SHOW TimeZone").unwrap(), Kind::Show(s) if s == "timezone"));
         assert!(matches!(one("BEGIN").unwrap(), Kind::Begin));

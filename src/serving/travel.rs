@@ -1,0 +1,348 @@
+//! Time travel: the answer a view served at an earlier instant, computed again from what is
+//! kept — the publication installed then (the record of installs, [`Install`]) ⊕ the events
+//! logged by then that it does not cover, read from the archive and the write-ahead log.
+//!
+//! Exact for the instant an answer reports (`as_of.at`): the log stamps requests with arrival
+//! times that never decrease along positions, and every install takes its place among them
+//! ([`crate::clock::Stamps`]), so "logged or installed by instant T" is what the served state
+//! held when it stood at T. An instant between two answers gets what was logged or installed by
+//! it; events are visible within milliseconds of being logged, so that is what a query at that
+//! instant saw, up to those milliseconds.
+//!
+//! [`Install`]: crate::state::Install
+
+use std::collections::BTreeMap;
+use std::io::Cursor;
+use std::sync::Arc;
+
+use polars::prelude::*;
+
+use super::format::rows_json;
+use super::query::{Answer, AsOf, QueryError, Served, ViewQuery, check_filters, filter, finish};
+use crate::batch::load_partials;
+use crate::clock::{Tick, format_ms, format_ns, now_ms};
+use crate::plan::LookupSet;
+use crate::spec::Window;
+use crate::speed::record::{ARRIVAL_COLUMN, OFFSET_COLUMN};
+use crate::speed::runtime::PipelineRuntime;
+use crate::state::Segment;
+
+/// How often the archive is read again when a segment was sealed while it was being read.
+const ATTEMPTS: usize = 5;
+
+/// View `view_idx`'s answer to `q` as it was served at instant `at`. The live answer when `at`
+/// is not before it; [`QueryError::Gone`] when what `at` needs is no longer kept.
+pub async fn answer_as_of(
+    served: Arc<Served>,
+    view_idx: usize,
+    q: &ViewQuery,
+    at: Tick,
+) -> Result<Answer, QueryError> {
+    let Some((df, as_of)) = travel(&served, view_idx, q, at).await? else {
+        let q = q.clone();
+        return tokio::task::spawn_blocking(move || served.query(view_idx, &q))
+            .await
+            .map_err(|e| QueryError::Other(e.to_string()))?;
+    };
+    Ok(Answer {
+        columns: super::query::columns(&served.runtime.pipeline.views[view_idx]),
+        rows: rows_json(&df),
+        as_of,
+    })
+}
+
+/// [`answer_as_of`] as the rows `q` selects in the view's output schema (what the SQL
+/// interface runs its statements over). Blocking: for a thread the runtime lent (SQL
+/// statements run on one).
+pub fn frame_as_of(
+    served: &Arc<Served>,
+    view_idx: usize,
+    q: &ViewQuery,
+    at: Tick,
+) -> Result<(DataFrame, AsOf), QueryError> {
+    match tokio::runtime::Handle::current().block_on(travel(served, view_idx, q, at))? {
+        Some(found) => Ok(found),
+        None => served.frame(view_idx, q),
+    }
+}
+
+/// The rows `q` selects of the answer view `view_idx` served at `at`, and where they came
+/// from; `None` when `at` is not before the live answer (which is the one to give).
+async fn travel(
+    served: &Served,
+    view_idx: usize,
+    q: &ViewQuery,
+    at: Tick,
+) -> Result<Option<(DataFrame, AsOf)>, QueryError> {
+    let rt = served.runtime.clone();
+    let view = &rt.pipeline.views[view_idx];
+    check_filters(view, q)?;
+    if at >= rt.tick() {
+        return Ok(None);
+    }
+    let history = i64::try_from(served.history.as_millis()).unwrap_or(i64::MAX);
+    let oldest = now_ms().saturating_sub(history);
+    if at.ms < oldest {
+        return Err(QueryError::Gone(format!(
+            "as_of {} is older than serve.history allows (answers reach back to {})",
+            format_ns(at.ns()),
+            format_ms(oldest)
+        )));
+    }
+    let internal = |e: anyhow::Error| QueryError::Other(format!("{e:#}"));
+    let pipeline = rt.pipeline.name.clone();
+    let db = rt.db().clone();
+    let (publication, logic) = match db
+        .served_at(&pipeline, &view.name, at.ns())
+        .await
+        .map_err(|e| internal(e.into()))?
+    {
+        None => (None, None),
+        Some((install, found)) => {
+            if let (Some(id), None) = (install.publication, &found) {
+                return Err(QueryError::Gone(format!(
+                    "the batch view served at {} (publication {id}) is no longer kept",
+                    format_ns(at.ns())
+                )));
+            }
+            (found, Some(install.logic_hash))
+        }
+    };
+    if logic.is_some_and(|l| l != rt.plan.logic_hash(view_idx)) {
+        return Err(QueryError::Gone(format!(
+            "view `{}` was computed by another definition at {}; answers reach back to when its definition last changed",
+            view.name,
+            format_ns(at.ns())
+        )));
+    }
+    let batch = match &publication {
+        Some(p) => Some(
+            load_partials(&rt.plan, rt.lake(), view_idx, p)
+                .await
+                .map_err(|e| {
+                    QueryError::Gone(format!(
+                        "the batch view served at {} (publication {}) is no longer in the lake: {e:#}",
+                        format_ns(at.ns()),
+                        p.id
+                    ))
+                })?,
+        ),
+        None => None,
+    };
+    let cutoff = publication
+        .as_ref()
+        .map_or(0, |p| p.cutoff.values().copied().next().unwrap_or(0));
+    // Of the things that happened in `at`'s millisecond up to it, the installs are recorded:
+    // the rest are events.
+    let installs = db
+        .installs_between(&pipeline, at.ms.saturating_mul(1_000_000), at.ns())
+        .await
+        .map_err(|e| internal(e.into()))?;
+    let events_in_ms = u64::try_from(at.n).unwrap_or(0).saturating_sub(installs);
+    let read = read_since(&rt, cutoff, at.ms).await.map_err(internal)?;
+
+    let plan = rt.plan.clone();
+    let rt2 = rt.clone();
+    let q = q.clone();
+    let horizon = publication.as_ref().and_then(|p| p.horizon_ms);
+    let computed = tokio::task::spawn_blocking(move || -> PolarsResult<_> {
+        let mut partials: Vec<DataFrame> = batch.iter().cloned().collect();
+        let batch_rows = batch.as_ref().map_or(0, |b| b.height() as u64);
+        let mut rank = read.earlier_in_ms;
+        let (mut speed_rows, mut speed_events, mut speed_segments) = (0u64, 0u64, 0usize);
+        for (events, lookups) in &read.frames {
+            let keep = logged_by(events, cutoff, at.ms, events_in_ms, &mut rank)?;
+            let kept = events.filter(&keep)?;
+            if kept.height() == 0 {
+                continue;
+            }
+            speed_segments += 1;
+            speed_events += kept.height() as u64;
+            let part = plan
+                .partials_masked(kept, lookups)?
+                .parts
+                .swap_remove(view_idx);
+            speed_rows += part.height() as u64;
+            partials.push(part);
+        }
+        let frame = finish(&rt2, view_idx, partials, horizon)?;
+        let all_time = rt2.pipeline.views[view_idx].window == Window::All;
+        let df = match frame {
+            Some(df) => filter(df, &q, all_time)?,
+            None => DataFrame::empty_with_schema(&plan.output_schema(view_idx)),
+        };
+        Ok((df, batch_rows, speed_rows, speed_events, speed_segments))
+    })
+    .await
+    .map_err(|e| QueryError::Other(e.to_string()))??;
+    let (df, batch_rows, speed_rows, speed_events, speed_segments) = computed;
+    let mut as_of = AsOf {
+        at: format_ns(at.ns()),
+        batch_run: publication.as_ref().map(|p| p.run_id.to_string()),
+        batch_cutoff: publication
+            .as_ref()
+            .map(|p| p.cutoff.clone())
+            .unwrap_or_default(),
+        batch_published_at: publication
+            .as_ref()
+            .map(|p| format_ms(p.published_at.timestamp_millis())),
+        batch_rows,
+        speed_rows,
+        speed_segments,
+        speed_events,
+        computed_at: format_ms(now_ms()),
+        verified: None,
+    };
+    served.with_verified(&mut as_of);
+    Ok(Some((df, as_of)))
+}
+
+/// The events at positions from `cutoff` on, in position order, each part with the lookup
+/// versions it was enriched with; and how many events logged in millisecond `ms` lie before
+/// the first of them.
+struct Read {
+    frames: Vec<(DataFrame, LookupSet)>,
+    earlier_in_ms: u64,
+}
+
+/// Reads the sealed segments holding positions from `cutoff` on and the open segment from the
+/// log — again when a segment is sealed meanwhile (its events leave the log).
+async fn read_since(rt: &PipelineRuntime, cutoff: u64, ms: i64) -> anyhow::Result<Read> {
+    let mut last_err = None;
+    for _ in 0..ATTEMPTS {
+        let segments = rt.db().segments(&rt.pipeline.name).await?;
+        let sealed_end = segments.iter().map(|s| s.hi).max().unwrap_or(0);
+        let open = {
+            let rt_log = rt.logged(sealed_end);
+            match rt_log {
+                Ok(open) => open,
+                Err(e) => {
+                    last_err = Some(e);
+                    continue;
+                }
+            }
+        };
+        let mut frames = Vec::new();
+        let mut sets: BTreeMap<Option<String>, LookupSet> = BTreeMap::new();
+        let after: Vec<&Segment> = segments.iter().filter(|s| s.hi > cutoff).collect();
+        for s in &after {
+            frames.push((
+                read_segment(rt, s).await?,
+                lookups_of(rt, &mut sets, s).await?,
+            ));
+        }
+        if let Some(open) = open {
+            frames.push((open, rt.open_lookups()));
+        }
+        // Events of `ms` before the first one read count among its events too.
+        let first = after.first().map_or(sealed_end, |s| s.lo);
+        let mut earlier_in_ms = 0;
+        if frames
+            .first()
+            .is_some_and(|(f, _)| first_arrival(f) == Some(ms))
+        {
+            let mut before: Vec<&Segment> = segments.iter().filter(|s| s.hi <= first).collect();
+            before.sort_by_key(|s| std::cmp::Reverse(s.lo));
+            for s in before {
+                let df = read_segment(rt, s).await?;
+                let arrivals = arrivals(&df)?;
+                earlier_in_ms += arrivals.iter().filter(|a| **a == Some(ms)).count() as u64;
+                if arrivals.iter().any(|a| a.is_some_and(|a| a < ms)) {
+                    break;
+                }
+            }
+        }
+        return Ok(Read {
+            frames,
+            earlier_in_ms,
+        });
+    }
+    Err(last_err
+        .unwrap_or_else(|| anyhow::anyhow!("the archive kept changing"))
+        .context("reading the events logged since the batch view's cutoff"))
+}
+
+async fn read_segment(rt: &PipelineRuntime, s: &Segment) -> anyhow::Result<DataFrame> {
+    let bytes = rt.lake().get(&s.path).await?;
+    let path = s.path.clone();
+    tokio::task::spawn_blocking(move || {
+        ParquetReader::new(Cursor::new(bytes))
+            .finish()
+            .map_err(|e| anyhow::anyhow!("decoding segment {path}: {e}"))
+    })
+    .await?
+}
+
+async fn lookups_of(
+    rt: &PipelineRuntime,
+    sets: &mut BTreeMap<Option<String>, LookupSet>,
+    s: &Segment,
+) -> anyhow::Result<LookupSet> {
+    if let Some(set) = sets.get(&s.lookups) {
+        return Ok(set.clone());
+    }
+    let set = rt.lookups.recorded(s.lookups.as_deref()).await?;
+    sets.insert(s.lookups.clone(), set.clone());
+    Ok(set)
+}
+
+fn arrivals(df: &DataFrame) -> PolarsResult<Vec<Option<i64>>> {
+    let c = df.column(ARRIVAL_COLUMN)?.cast(&DataType::Int64)?;
+    Ok(c.i64()?.iter().collect())
+}
+
+fn first_arrival(df: &DataFrame) -> Option<i64> {
+    arrivals(df).ok()?.first().copied().flatten()
+}
+
+/// Which of `events` (in position order) were logged by the instant of the `events_in_ms`-th
+/// event of millisecond `ms` and are not covered (position `cutoff` and after); `rank` counts
+/// the events of `ms` seen so far, across calls.
+fn logged_by(
+    events: &DataFrame,
+    cutoff: u64,
+    ms: i64,
+    events_in_ms: u64,
+    rank: &mut u64,
+) -> PolarsResult<BooleanChunked> {
+    let offsets = events.column(OFFSET_COLUMN)?.cast(&DataType::Int64)?;
+    let mut keep = Vec::with_capacity(events.height());
+    for (arrival, offset) in arrivals(events)?.into_iter().zip(offsets.i64()?.iter()) {
+        let by_then = match arrival {
+            Some(a) if a < ms => true,
+            Some(a) if a == ms => {
+                *rank += 1;
+                *rank <= events_in_ms
+            }
+            _ => false,
+        };
+        let uncovered = offset.is_some_and(|o| o >= cutoff as i64);
+        keep.push(by_then && uncovered);
+    }
+    Ok(BooleanChunked::from_slice("keep".into(), &keep))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn events_count_by_their_place_in_their_millisecond() {
+        let df = df!(
+            ARRIVAL_COLUMN => [5i64, 6, 6, 6, 7],
+            OFFSET_COLUMN => [10i64, 11, 12, 13, 14],
+        )
+        .unwrap();
+        // Two of millisecond 6's events were logged by then; one more came before this frame.
+        let mut rank = 1;
+        let keep = logged_by(&df, 0, 6, 3, &mut rank).unwrap();
+        let keep: Vec<bool> = keep.iter().map(|k| k == Some(true)).collect();
+        assert_eq!(keep, [true, true, true, false, false]);
+        assert_eq!(rank, 4);
+        // Covered positions are the batch view's.
+        let mut rank = 0;
+        let keep = logged_by(&df, 12, 7, 0, &mut rank).unwrap();
+        let keep: Vec<bool> = keep.iter().map(|k| k == Some(true)).collect();
+        assert_eq!(keep, [false, false, true, true, false]);
+    }
+}
