@@ -39,6 +39,9 @@ pub(super) struct Aggregator {
     /// Next position expected (= end of the open segment so far): every position in
     /// `[lo, next)` is absorbed, and nothing else.
     next: u64,
+    /// End of the positions ever absorbed: a rebuild absorbs those below it again, which
+    /// does not move the instant the state stands for ([`crate::clock::Tick`]) again.
+    high: u64,
     /// Raw events of the open segment, for its Parquet file.
     events: Vec<DataFrame>,
     rows: u64,
@@ -60,6 +63,7 @@ impl Aggregator {
             rt,
             lo: checkpoint,
             next: checkpoint,
+            high: checkpoint,
             events: Vec::new(),
             rows: 0,
             opened: None,
@@ -244,10 +248,11 @@ impl Aggregator {
         }
         let rt = self.rt.clone();
         let lookups = self.lookups.clone();
+        let again = usize::try_from(self.high.saturating_sub(self.next)).unwrap_or(usize::MAX);
         let (events, parts, filtered, rejected, arrivals) =
             tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
                 let events = concat_frames(frames)?;
-                let arrivals = arrival_runs(&events)?;
+                let arrivals = arrival_runs(&events, again)?;
                 let masked = rt.plan.partials_masked(events.clone(), &lookups)?;
                 // An event a lookup rejected is counted as rejected, not as filtered.
                 let keep = match (&masked.filter, masked.rejected.is_empty()) {
@@ -280,6 +285,7 @@ impl Aggregator {
                 .fold(st.tick, |t, &(ms, n)| t.after_events(ms, n));
             st.absorbed = next;
         }
+        self.high = self.high.max(next);
         // Absorbed: only now does the open segment take the positions.
         self.next = next;
         if self.opened.is_none() {
@@ -536,11 +542,12 @@ fn dropped_fresh(keep: Option<&BooleanChunked>, frames: &[(u64, bool)]) -> anyho
     Ok(dropped)
 }
 
-/// The events' arrival times (epoch ms) in position order, as runs of (time, events).
-fn arrival_runs(events: &DataFrame) -> anyhow::Result<Vec<(i64, i64)>> {
+/// The events' arrival times (epoch ms) in position order, as runs of (time, events), but for
+/// the first `skip` events (absorbed before: a rebuild).
+fn arrival_runs(events: &DataFrame, skip: usize) -> anyhow::Result<Vec<(i64, i64)>> {
     let arrivals = events.column(ARRIVAL_COLUMN)?.cast(&DataType::Int64)?;
     let mut runs: Vec<(i64, i64)> = Vec::new();
-    for ms in arrivals.i64()?.iter() {
+    for ms in arrivals.i64()?.iter().skip(skip) {
         let ms = ms.context("an event without an arrival time")?;
         match runs.last_mut() {
             Some((last, n)) if *last == ms => *n += 1,
@@ -584,6 +591,24 @@ mod tests {
         // The same after a restart, from the archive.
         let rt = p.start().await;
         assert_eq!(served(&rt), (5, 36.0));
+        p.shutdown.cancel();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_rebuild_does_not_count_events_absorbed_before_again() {
+        let mut p = Project::new(&spec("json", "1h")).await;
+        let rt = p.start().await;
+        // Both requests are stamped in one millisecond (the clock is a minute ahead).
+        let ms = crate::clock::now_ms() + 60_000;
+        rt.stamps.restart(ms, rt.logged_end());
+        rt.ingest(ndjson(&[1.0, 2.0, 3.0])).await.unwrap();
+        wait_for("absorbed", async || served(&rt).0 == 3).await;
+        assert_eq!(rt.tick(), crate::clock::Tick { ms, n: 3 });
+        // The next micro-batch fails: the open segment is rebuilt, the first three again.
+        rt.fail_applies.store(1, Ordering::SeqCst);
+        rt.ingest(ndjson(&[10.0, 20.0])).await.unwrap();
+        wait_for("rebuilt", async || served(&rt).0 == 5).await;
+        assert_eq!(rt.tick(), crate::clock::Tick { ms, n: 5 });
         p.shutdown.cancel();
     }
 
