@@ -1,6 +1,6 @@
 //! Garbage collection of view versions: the files of a version replaced at least [`GRACE`]
-//! ago, unless a run still going may publish them or an `as_of` answer may read them (a
-//! server recorded installing it, within `serve.history`).
+//! ago, unless a run still going may publish them, an `as_of` answer may read them (a
+//! server recorded installing it, within `serve.history`), or it is the view's candidate.
 
 use super::GRACE;
 use crate::lake::{self, Lake};
@@ -27,7 +27,17 @@ pub(super) async fn collect_garbage(
         chrono::Utc::now() - chrono::TimeDelta::from_std(history).unwrap_or(chrono::TimeDelta::MAX);
     let since_ns = since.timestamp_nanos_opt().unwrap_or(i64::MIN);
     let served = match state.served_runs(pipeline, view, since_ns).await {
-        Ok(runs) => runs,
+        Ok(mut runs) => {
+            // And the view's candidate version (blue/green), until promoted or discarded.
+            match state.candidate(pipeline, view).await {
+                Ok(c) => runs.extend(c.map(|c| c.publication.run_id.0)),
+                Err(e) => {
+                    tracing::warn!(%pipeline, %view, error = %e, "cannot read the view's candidate; keeping every version");
+                    return;
+                }
+            }
+            runs
+        }
         Err(e) => {
             tracing::warn!(%pipeline, %view, error = %e, "cannot read which view versions were served; keeping them all");
             return;

@@ -27,7 +27,7 @@ pub(crate) async fn publish_view(
     view: usize,
     fresh: DataFrame,
     base_run: Option<RunId>,
-    replaces: Option<PublicationId>,
+    (replaces, candidate): (Option<PublicationId>, bool),
 ) -> anyhow::Result<Publication> {
     let pipeline = plan.pipeline().name.clone();
     let name = plan.pipeline().views[view].name.clone();
@@ -65,7 +65,7 @@ pub(crate) async fn publish_view(
         && let Some(file) = single_file(plan, lake, view, base.run_id).await?
     {
         lake.copy(&file, &path).await?;
-        return Ok(state.publish(&publication(base.rows)).await?);
+        return record(state, &publication(base.rows), candidate).await;
     }
     let previous = match base_run {
         Some(base) => Some(
@@ -93,7 +93,21 @@ pub(crate) async fn publish_view(
     let mut bytes = Vec::new();
     plan.write_partials(view, &mut partials, &mut bytes)?;
     lake.put(&path, bytes).await?;
-    Ok(state.publish(&publication(partial_rows)).await?)
+    record(state, &publication(partial_rows), candidate).await
+}
+
+/// Makes `new` current (compare-and-set from `new.replaces`), or with `candidate` records it
+/// as its view's candidate beside the live version.
+async fn record(
+    state: &State,
+    new: &NewPublication,
+    candidate: bool,
+) -> anyhow::Result<Publication> {
+    Ok(if candidate {
+        state.publish_candidate(new).await?
+    } else {
+        state.publish(new).await?
+    })
 }
 
 /// The path of run `run_id`'s partials of `view` when they are one Parquet file (what a run

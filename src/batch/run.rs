@@ -29,6 +29,9 @@ pub struct Select<'a> {
     /// `serve.history`: view versions served within it stay (for `as_of` answers) when GC
     /// collects replaced ones.
     pub history: Duration,
+    /// `run --candidate`: each view is recomputed from every segment and recorded as its
+    /// candidate version beside the live one, which stays current (blue/green).
+    pub candidate: bool,
 }
 
 impl Default for Select<'_> {
@@ -38,6 +41,7 @@ impl Default for Select<'_> {
             full: false,
             lookups: None,
             history: crate::spec::settings::DEFAULT_HISTORY,
+            candidate: false,
         }
     }
 }
@@ -78,9 +82,13 @@ pub async fn recompute_scaled(
         state,
         lake,
         run_id,
-        (&selected, select.full || select.lookups.is_some()),
-        (select.lookups, select.history),
-        scale,
+        (
+            &selected,
+            select.full || select.lookups.is_some() || select.candidate,
+        ),
+        (select.lookups, select.history, select.candidate),
+        // A candidate run is one process's: its finish job would make the views current.
+        scale.filter(|_| !select.candidate),
         started,
         &mut handed_over,
         progress,
@@ -180,7 +188,7 @@ async fn run_views(
     lake: &Lake,
     run_id: RunId,
     (selected, full): (&[usize], bool),
-    (restate, history): (Option<&LookupSet>, Duration),
+    (restate, history, candidate): (Option<&LookupSet>, Duration, bool),
     scale: Option<ScaleOut<'_>>,
     started: Instant,
     handed_over: &mut bool,
@@ -302,7 +310,7 @@ async fn run_views(
             .context(context)?;
         for (prep, fresh) in group.into_iter().zip(fresh) {
             let name = prep.name.clone();
-            let summary = publish_fresh(plan, state, lake, run_id, &cutoff, prep, fresh)
+            let summary = publish_fresh(plan, state, lake, run_id, &cutoff, prep, fresh, candidate)
                 .await
                 .with_context(|| format!("view `{name}`"))?;
             log(
@@ -457,7 +465,9 @@ async fn scan_views(
     )
 }
 
-/// Publishes a view's fresh partials (merged onto its base in an incremental run).
+/// Publishes a view's fresh partials (merged onto its base in an incremental run), or records
+/// them as its `candidate`.
+#[allow(clippy::too_many_arguments)]
 async fn publish_fresh(
     plan: &Arc<Plan>,
     state: &State,
@@ -466,6 +476,7 @@ async fn publish_fresh(
     cutoff: &Cutoff,
     prep: Prepared,
     fresh: polars::prelude::DataFrame,
+    candidate: bool,
 ) -> anyhow::Result<ViewSummary> {
     let publication = publish::publish_view(
         plan,
@@ -476,7 +487,7 @@ async fn publish_fresh(
         prep.view,
         fresh,
         prep.base.map(|b| b.run_id),
-        prep.current.map(|c| c.id),
+        (prep.current.map(|c| c.id), candidate),
     )
     .await?;
     Ok(ViewSummary {

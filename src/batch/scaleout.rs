@@ -590,7 +590,7 @@ async fn publish_all(
                 view,
                 fresh,
                 spec.base_run.map(RunId),
-                spec.replaces.map(PublicationId),
+                (spec.replaces.map(PublicationId), false),
             )
             .await
         }

@@ -4,6 +4,7 @@
 
 mod backfill;
 mod client;
+mod diff;
 mod ingest;
 mod init;
 mod logs;
@@ -99,6 +100,26 @@ pub enum Command {
         #[arg(long)]
         server: Option<String>,
     },
+    /// Compare a view's candidate version (`run PIPELINE --candidate`) with what it serves:
+    /// rows added, removed and changed, with counts and a sample.
+    Diff {
+        /// PIPELINE.VIEW
+        view: String,
+        /// Rows shown of each kind.
+        #[arg(long, default_value_t = 5)]
+        sample: usize,
+        /// The counts and the sample as JSON.
+        #[arg(long)]
+        json: bool,
+        /// Server address (default: `serve.listen` of lambda.yaml).
+        #[arg(long)]
+        server: Option<String>,
+    },
+    /// Forget a pipeline's candidate versions (`run PIPELINE --candidate`).
+    Discard {
+        /// The pipeline.
+        pipeline: String,
+    },
     /// Show a view's restatement ledger: the windows late events, or a publication that
     /// restated history, changed after they were served — each with the row before and after.
     Restatements {
@@ -143,6 +164,11 @@ pub enum Command {
         /// is recomputed with the versions it was enriched with when it arrived).
         #[arg(long)]
         refresh_lookups: bool,
+        /// Pipeline only: recompute the views whose definition in the YAML differs from the
+        /// version served (or `--views`) from every segment, as candidate versions beside the
+        /// live ones — which stay current — for `lambda-ctl diff` and `?version=candidate`.
+        #[arg(long, conflicts_with = "refresh_lookups")]
+        candidate: bool,
         /// Internal: this process is the background half of `run PIPELINE` without --wait.
         #[arg(long, hide = true)]
         detached: bool,
@@ -295,6 +321,21 @@ fn run(cli: Cli) -> Result<(), CliError> {
                 server: server.as_deref(),
             },
         ),
+        Command::Diff {
+            view,
+            sample,
+            json,
+            server,
+        } => diff::run(
+            &cli.project,
+            diff::Args {
+                target: &view,
+                sample,
+                json,
+                server: server.as_deref(),
+            },
+        ),
+        Command::Discard { pipeline } => diff::discard(&cli.project, &pipeline),
         Command::Restatements {
             view,
             from,
@@ -319,13 +360,14 @@ fn run(cli: Cli) -> Result<(), CliError> {
             views,
             full,
             refresh_lookups,
+            candidate,
             detached,
         } => run_workflow::run(
             &cli.project,
             &name,
             wait,
             detached,
-            (&views, full, refresh_lookups),
+            (&views, full, refresh_lookups, candidate),
         ),
         Command::Verify { pipeline, sample } => run::verify(&cli.project, &pipeline, sample),
         Command::Runs { workflow, limit } => runs::run(&cli.project, workflow.as_deref(), limit),

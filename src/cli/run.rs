@@ -60,8 +60,14 @@ pub fn pipeline(
         } else {
             None
         };
+        // `--candidate`: the views whose definition differs from the version served.
+        let changed = match (select.candidate, select.views) {
+            (true, None) => Some(changed_views(&plan, &db, name).await?),
+            _ => None,
+        };
         let select = Select {
             lookups: current.as_ref(),
+            views: changed.as_deref().or(select.views),
             ..select
         };
         let started = Instant::now();
@@ -135,6 +141,27 @@ pub fn pipeline(
     })
 }
 
+/// The views of `plan` whose definition differs from their current publication's (or that
+/// have none): what `run --candidate` computes. A user error when there are none.
+async fn changed_views(plan: &Plan, db: &State, pipeline: &str) -> Result<Vec<String>, CliError> {
+    let mut changed = Vec::new();
+    for (i, v) in plan.pipeline().views.iter().enumerate() {
+        let current = db
+            .current_publication(pipeline, &v.name)
+            .await
+            .context("reading the current publications")?;
+        if current.is_none_or(|c| c.logic_hash != plan.logic_hash(i)) {
+            changed.push(v.name.clone());
+        }
+    }
+    if changed.is_empty() {
+        return Err(CliError::User(format!(
+            "every view of `{pipeline}` is served as pipelines/ defines it: no candidate to compute (edit a view, or name views with --views)"
+        )));
+    }
+    Ok(changed)
+}
+
 /// Runs the recompute in a background `lambda-ctl run --detached` and prints its run id;
 /// fails with the background process's message if it ends before the run exists.
 fn detach(
@@ -174,6 +201,9 @@ fn detach(
     }
     if refresh_lookups {
         cmd.arg("--refresh-lookups");
+    }
+    if select.candidate {
+        cmd.arg("--candidate");
     }
     let mut child = cmd
         .stdin(Stdio::null())

@@ -19,7 +19,7 @@ pub fn run(
     name: &str,
     wait: bool,
     detached: bool,
-    (views, full, refresh_lookups): (&[String], bool, bool),
+    (views, full, refresh_lookups, candidate): (&[String], bool, bool, bool),
 ) -> Result<(), CliError> {
     let project = super::load_project(project_dir)?;
     if project.workflow(name).is_none() && project.pipeline(name).is_some() {
@@ -28,6 +28,7 @@ pub fn run(
             full,
             lookups: None,
             history: project.settings.serve.history,
+            candidate,
         };
         return super::run::pipeline(
             project_dir,
@@ -38,11 +39,15 @@ pub fn run(
             refresh_lookups,
         );
     }
-    if (!views.is_empty() || full || refresh_lookups) && project.workflow(name).is_some() {
+    if (!views.is_empty() || full || refresh_lookups || candidate)
+        && project.workflow(name).is_some()
+    {
         let flag = if full {
             "--full"
         } else if refresh_lookups {
             "--refresh-lookups"
+        } else if candidate {
+            "--candidate"
         } else {
             "--views"
         };

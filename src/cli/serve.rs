@@ -71,7 +71,11 @@ async fn serve(project: spec::Project, listen: Option<SocketAddr>) -> Result<(),
         tokio::spawn(pickup.run(shutdown.clone()));
         pipelines.insert(
             p.name.clone(),
-            Arc::new(Served::new(rt).with_history(settings.serve.history)),
+            Arc::new(
+                Served::new(rt)
+                    .with_history(settings.serve.history)
+                    .with_root(project.root.clone()),
+            ),
         );
     }
     // Sinks: a destination that cannot take its view stops the start; one that is down is

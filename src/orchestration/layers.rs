@@ -78,6 +78,7 @@ impl TaskRunner for Layers {
                     full: false,
                     lookups: None,
                     history: self.project.settings.serve.history,
+                    candidate: false,
                 },
                 self.help,
                 &mut progress,

@@ -20,7 +20,7 @@ use super::guard;
 use super::metrics;
 use super::query::{QueryError, Served, ViewQuery};
 use super::time::parse_time;
-use super::travel;
+use super::{candidate, travel};
 use crate::clock::{format_ms, now_ms};
 use crate::spec::Source;
 use crate::speed::runtime::PipelineRuntime;
@@ -230,19 +230,29 @@ async fn view(
         Ok(s) => s,
         Err(e) => return *e,
     };
-    let idx = match view_index(&served.runtime, &view) {
-        Ok(i) => i,
-        Err(e) => return *e,
-    };
     let accept = headers.get(header::ACCEPT).and_then(|a| a.to_str().ok());
     let (q, wants_csv) = match ViewQuery::from_params(params, now_ms(), accept) {
         Ok(parsed) => parsed,
         Err(e) => return error(StatusCode::BAD_REQUEST, e),
     };
-    let answered = match q.as_of {
-        // An earlier instant's answer, computed again from what is kept.
-        Some(at) => Ok(travel::answer_as_of(served, idx, &q, at).await),
-        None => tokio::task::spawn_blocking(move || served.query(idx, &q)).await,
+    let answered = if q.candidate {
+        // The candidate version (blue/green): by name, it may define a view the live one
+        // does not have.
+        if q.as_of.is_some() {
+            let m = "as_of answers what was served; a candidate version was never served";
+            return error(StatusCode::BAD_REQUEST, m);
+        }
+        Ok(candidate::answer(served, &view, &q).await)
+    } else {
+        let idx = match view_index(&served.runtime, &view) {
+            Ok(i) => i,
+            Err(e) => return *e,
+        };
+        match q.as_of {
+            // An earlier instant's answer, computed again from what is kept.
+            Some(at) => Ok(travel::answer_as_of(served, idx, &q, at).await),
+            None => tokio::task::spawn_blocking(move || served.query(idx, &q)).await,
+        }
     };
     let answer = match answered {
         Ok(Ok(a)) => {
@@ -252,6 +262,8 @@ async fn view(
         }
         Ok(Err(QueryError::BadRequest(m))) => return error(StatusCode::BAD_REQUEST, m),
         Ok(Err(QueryError::Gone(m))) => return error(StatusCode::GONE, m),
+        Ok(Err(QueryError::NotFound(m))) => return error(StatusCode::NOT_FOUND, m),
+        Ok(Err(QueryError::Conflict(m))) => return error(StatusCode::CONFLICT, m),
         Ok(Err(e)) => return error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
         Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
     };

@@ -4,6 +4,7 @@
 //! sinks (PostgreSQL tables, Kafka topics, files).
 
 pub mod app;
+pub mod candidate;
 pub mod dashboard;
 pub mod format;
 #[cfg(test)]

@@ -29,6 +29,9 @@ pub struct ViewQuery {
     pub origin: bool,
     /// `as_of`: the answer served at this instant ([`super::travel`]) instead of now's.
     pub as_of: Option<Tick>,
+    /// `version=candidate`: the view's candidate version ([`super::candidate`]) instead of
+    /// the live one.
+    pub candidate: bool,
 }
 
 impl ViewQuery {
@@ -51,6 +54,15 @@ impl ViewQuery {
                 "format" => fmt = Some(v),
                 "origin" => q.origin = matches!(v.as_str(), "" | "1" | "true"),
                 "as_of" => q.as_of = Some(parse_instant(&v, now_ms)?),
+                "version" => {
+                    q.candidate = match v.as_str() {
+                        "live" => false,
+                        "candidate" => true,
+                        other => {
+                            return Err(format!("unknown version `{other}` (live or candidate)"));
+                        }
+                    }
+                }
                 _ => q.filters.push((k, v)),
             }
         }
@@ -126,6 +138,13 @@ fn verified(rt: &PipelineRuntime) -> Option<Verified> {
 pub enum QueryError {
     #[error("{0}")]
     BadRequest(String),
+    /// No such thing to answer from (a view without a candidate version): HTTP 404.
+    #[error("{0}")]
+    NotFound(String),
+    /// What was asked for no longer matches the project (a candidate computed by an earlier
+    /// edit of the YAML): HTTP 409.
+    #[error("{0}")]
+    Conflict(String),
     /// What an `as_of` answer needs is no longer kept (older than `serve.history`, or across
     /// a change of the view's definition): HTTP 410.
     #[error("{0}")]
@@ -151,6 +170,8 @@ pub struct Served {
     answers: AnswerCache,
     /// `serve.history`: how far back `as_of` answers go.
     pub history: std::time::Duration,
+    /// The project directory: where `version=candidate` reads the edited definitions.
+    pub root: Option<std::path::PathBuf>,
 }
 
 impl Served {
@@ -160,7 +181,14 @@ impl Served {
             runtime,
             answers,
             history: crate::spec::settings::DEFAULT_HISTORY,
+            root: None,
         }
+    }
+
+    /// Reading candidate definitions from the project in `root`.
+    pub fn with_root(mut self, root: std::path::PathBuf) -> Served {
+        self.root = Some(root);
+        self
     }
 
     /// With `serve.history` of `history`.
@@ -478,7 +506,7 @@ fn compute(rt: &PipelineRuntime, view_idx: usize) -> PolarsResult<Finished> {
     let mut frames = snap.speed.clone();
     frames.extend(batch.iter().cloned());
     let horizon = snap.batch.as_ref().and_then(|b| b.horizon_ms);
-    let frame = finish(rt, view_idx, frames, horizon)?;
+    let frame = finish(&rt.plan, view_idx, frames, horizon)?;
     let as_of = AsOf {
         at: format_ns(snap.tick.ns()),
         batch_run: snap.batch.as_ref().map(|b| b.run_id.clone()),
@@ -510,15 +538,20 @@ fn compute(rt: &PipelineRuntime, view_idx: usize) -> PolarsResult<Finished> {
 /// Partial frames merged and finished, without the windows retired at `horizon`; `None` when
 /// there are none.
 pub(super) fn finish(
-    rt: &PipelineRuntime,
+    plan: &crate::plan::Plan,
     view_idx: usize,
     frames: Vec<DataFrame>,
     horizon: Option<i64>,
 ) -> PolarsResult<Option<DataFrame>> {
-    Ok(match (finish_all(rt, view_idx, frames)?, horizon) {
-        (Some(df), Some(h)) => Some(without_retired(df, h)?),
-        (frame, _) => frame,
-    })
+    if frames.is_empty() {
+        return Ok(None);
+    }
+    let merged = plan.merge(view_idx, frames)?;
+    let df = plan.finish(view_idx, merged)?;
+    Ok(Some(match horizon {
+        Some(h) => without_retired(df, h)?,
+        None => df,
+    }))
 }
 
 /// A finished answer without the windows `retention` retired: those that ended at or before

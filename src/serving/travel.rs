@@ -23,6 +23,7 @@ use crate::batch::load_partials;
 use crate::clock::{Tick, format_ms, format_ns, now_ms};
 use crate::plan::LookupSet;
 use crate::spec::Window;
+use crate::speed::lookups::Lookups;
 use crate::speed::record::{ARRIVAL_COLUMN, OFFSET_COLUMN};
 use crate::speed::runtime::PipelineRuntime;
 use crate::state::Segment;
@@ -139,7 +140,9 @@ async fn travel(
         .await
         .map_err(|e| internal(e.into()))?;
     let events_in_ms = u64::try_from(at.n).unwrap_or(0).saturating_sub(installs);
-    let read = read_since(&rt, cutoff, at.ms).await.map_err(internal)?;
+    let read = read_since(&rt, cutoff, at.ms, &rt.lookups, rt.open_lookups())
+        .await
+        .map_err(internal)?;
 
     let plan = rt.plan.clone();
     let rt2 = rt.clone();
@@ -150,22 +153,25 @@ async fn travel(
         let batch_rows = batch.as_ref().map_or(0, |b| b.height() as u64);
         let mut rank = read.earlier_in_ms;
         let (mut speed_rows, mut speed_events, mut speed_segments) = (0u64, 0u64, 0usize);
+        let mut kept = Vec::new();
         for (events, lookups) in &read.frames {
             let keep = logged_by(events, cutoff, at.ms, events_in_ms, &mut rank)?;
-            let kept = events.filter(&keep)?;
-            if kept.height() == 0 {
-                continue;
+            let k = events.filter(&keep)?;
+            if k.height() > 0 {
+                speed_segments += 1;
+                speed_events += k.height() as u64;
+                kept.push((k, lookups.clone()));
             }
-            speed_segments += 1;
-            speed_events += kept.height() as u64;
+        }
+        for (events, lookups) in runs_alike(kept) {
             let part = plan
-                .partials_masked(kept, lookups)?
+                .partials_masked(events, &lookups)?
                 .parts
                 .swap_remove(view_idx);
             speed_rows += part.height() as u64;
             partials.push(part);
         }
-        let frame = finish(&rt2, view_idx, partials, horizon)?;
+        let frame = finish(&rt2.plan, view_idx, partials, horizon)?;
         let all_time = rt2.pipeline.views[view_idx].window == Window::All;
         let df = match frame {
             Some(df) => filter(df, &q, all_time)?,
@@ -200,26 +206,30 @@ async fn travel(
 /// The events at positions from `cutoff` on, in position order, each part with the lookup
 /// versions it was enriched with; and how many events logged in millisecond `ms` lie before
 /// the first of them.
-struct Read {
-    frames: Vec<(DataFrame, LookupSet)>,
-    earlier_in_ms: u64,
+pub(super) struct Read {
+    pub frames: Vec<(DataFrame, LookupSet)>,
+    pub earlier_in_ms: u64,
 }
 
 /// Reads the sealed segments holding positions from `cutoff` on and the open segment from the
-/// log — again when a segment is sealed meanwhile (its events leave the log).
-async fn read_since(rt: &PipelineRuntime, cutoff: u64, ms: i64) -> anyhow::Result<Read> {
+/// log — again when a segment is sealed meanwhile (its events leave the log) — each with the
+/// lookup versions it recorded, loaded by `lookups` (the open segment's are `open`).
+pub(super) async fn read_since(
+    rt: &PipelineRuntime,
+    cutoff: u64,
+    ms: i64,
+    lookups: &Lookups,
+    open: LookupSet,
+) -> anyhow::Result<Read> {
     let mut last_err = None;
     for _ in 0..ATTEMPTS {
         let segments = rt.db().segments(&rt.pipeline.name).await?;
         let sealed_end = segments.iter().map(|s| s.hi).max().unwrap_or(0);
-        let open = {
-            let rt_log = rt.logged(sealed_end);
-            match rt_log {
-                Ok(open) => open,
-                Err(e) => {
-                    last_err = Some(e);
-                    continue;
-                }
+        let open_events = match rt.logged(sealed_end) {
+            Ok(events) => events,
+            Err(e) => {
+                last_err = Some(e);
+                continue;
             }
         };
         let mut frames = Vec::new();
@@ -228,11 +238,11 @@ async fn read_since(rt: &PipelineRuntime, cutoff: u64, ms: i64) -> anyhow::Resul
         for s in &after {
             frames.push((
                 read_segment(rt, s).await?,
-                lookups_of(rt, &mut sets, s).await?,
+                lookups_of(lookups, &mut sets, s).await?,
             ));
         }
-        if let Some(open) = open {
-            frames.push((open, rt.open_lookups()));
+        if let Some(events) = open_events {
+            frames.push((events, open.clone()));
         }
         // Events of `ms` before the first one read count among its events too.
         let first = after.first().map_or(sealed_end, |s| s.lo);
@@ -262,6 +272,38 @@ async fn read_since(rt: &PipelineRuntime, cutoff: u64, ms: i64) -> anyhow::Resul
         .context("reading the events logged since the batch view's cutoff"))
 }
 
+/// Consecutive frames enriched alike, stacked: the partials of the same events come out the
+/// same however sealing split them into segments (float sums added in one order), so asking
+/// for one instant twice gives the same answer to the last digit.
+pub(super) fn runs_alike(frames: Vec<(DataFrame, LookupSet)>) -> Vec<(DataFrame, LookupSet)> {
+    let mut out: Vec<(DataFrame, LookupSet)> = Vec::new();
+    for (df, set) in frames {
+        if let Some((last, last_set)) = out.last_mut()
+            && last_set.record() == set.record()
+            && let Some(df) = like(last, &df)
+            && last.vstack_mut(&df).is_ok()
+        {
+            continue;
+        }
+        out.push((df, set));
+    }
+    out
+}
+
+/// `df` with the columns of `like` in their types (a segment read back from Parquet and the
+/// log's events decoded may differ in a type's details); `None` when its columns differ.
+fn like(like: &DataFrame, df: &DataFrame) -> Option<DataFrame> {
+    if like.get_column_names() != df.get_column_names() {
+        return None;
+    }
+    let columns = like
+        .columns()
+        .iter()
+        .map(|c| df.column(c.name()).ok()?.cast(c.dtype()).ok())
+        .collect::<Option<Vec<Column>>>()?;
+    DataFrame::new(df.height(), columns).ok()
+}
+
 async fn read_segment(rt: &PipelineRuntime, s: &Segment) -> anyhow::Result<DataFrame> {
     let bytes = rt.lake().get(&s.path).await?;
     let path = s.path.clone();
@@ -274,14 +316,14 @@ async fn read_segment(rt: &PipelineRuntime, s: &Segment) -> anyhow::Result<DataF
 }
 
 async fn lookups_of(
-    rt: &PipelineRuntime,
+    lookups: &Lookups,
     sets: &mut BTreeMap<Option<String>, LookupSet>,
     s: &Segment,
 ) -> anyhow::Result<LookupSet> {
     if let Some(set) = sets.get(&s.lookups) {
         return Ok(set.clone());
     }
-    let set = rt.lookups.recorded(s.lookups.as_deref()).await?;
+    let set = lookups.recorded(s.lookups.as_deref()).await?;
     sets.insert(s.lookups.clone(), set.clone());
     Ok(set)
 }
@@ -298,7 +340,7 @@ fn first_arrival(df: &DataFrame) -> Option<i64> {
 /// Which of `events` (in position order) were logged by the instant of the `events_in_ms`-th
 /// event of millisecond `ms` and are not covered (position `cutoff` and after); `rank` counts
 /// the events of `ms` seen so far, across calls.
-fn logged_by(
+pub(super) fn logged_by(
     events: &DataFrame,
     cutoff: u64,
     ms: i64,

@@ -45,6 +45,7 @@ macro_rules! on_pool {
 }
 
 mod archive;
+mod candidates;
 mod covered;
 mod groups;
 mod ledger;
@@ -57,6 +58,7 @@ mod verifications;
 mod workflows;
 
 pub use archive::{RetiredObject, Segment};
+pub use candidates::Candidate;
 pub use covered::is_covered;
 pub use groups::{GroupEnd, GroupProgress};
 pub use ledger::{Cause, LedgerEntry, LedgerTotals};

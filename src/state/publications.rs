@@ -85,7 +85,7 @@ impl PublicationRow {
     }
 }
 
-const INSERT: &str = "
+pub(super) const INSERT: &str = "
     INSERT INTO publications
         (pipeline, view, run_id, logic_hash, cutoff, row_count, published_at, horizon_ms)
     VALUES ($1, $2, $3, $4, $5, $6, $7, $8)

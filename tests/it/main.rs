@@ -1,6 +1,7 @@
 //! The one integration-test binary (polars links once). Each module drives one part of the
 //! system as a user would.
 
+mod bluegreen;
 mod brokers;
 mod cli;
 mod commands;

@@ -223,7 +223,12 @@ fn view_frame(
     };
     match framed {
         Ok((df, _as_of)) => Ok(df),
-        Err(QueryError::BadRequest(m) | QueryError::Gone(m)) => Err(SqlError::new("XX000", m)),
+        Err(
+            QueryError::BadRequest(m)
+            | QueryError::Gone(m)
+            | QueryError::NotFound(m)
+            | QueryError::Conflict(m),
+        ) => Err(SqlError::new("XX000", m)),
         Err(e @ (QueryError::Internal(_) | QueryError::Other(_))) => Err(SqlError::new(
             "XX000",
             format!("computing the view failed: {e}"),

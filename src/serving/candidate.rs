@@ -1,0 +1,138 @@
+//! Blue/green answers: a view's candidate version (`lambda-ctl run PIPELINE --candidate`, the
+//! edited YAML's definition computed beside the live one) ⊕ the events after its cutoff,
+//! computed by the same edited definition — what the view will answer once that definition
+//! serves. The server keeps answering with the live version; `?version=candidate` asks for
+//! this one, `lambda-ctl diff` compares the two.
+
+use std::sync::Arc;
+
+use polars::prelude::*;
+
+use super::format::rows_json;
+use super::query::{Answer, AsOf, QueryError, Served, ViewQuery, check_filters, filter, finish};
+use super::travel::{logged_by, read_since, runs_alike};
+use crate::batch::load_partials;
+use crate::clock::{format_ms, format_ns, now_ms};
+use crate::plan::Plan;
+use crate::spec::Window;
+use crate::speed::lookups::Lookups;
+
+/// The candidate version of view `view` (by name: a candidate may define a view the live
+/// pipeline does not have) answering `q`.
+pub async fn answer(served: Arc<Served>, view: &str, q: &ViewQuery) -> Result<Answer, QueryError> {
+    let rt = served.runtime.clone();
+    let pipeline = rt.pipeline.name.clone();
+    let other = |e: anyhow::Error| QueryError::Other(format!("{e:#}"));
+    let at = rt.tick();
+    let candidate = rt
+        .db()
+        .candidate(&pipeline, view)
+        .await
+        .map_err(|e| other(e.into()))?
+        .ok_or_else(|| {
+            QueryError::NotFound(format!(
+                "view `{pipeline}.{view}` has no candidate version (`lambda-ctl run {pipeline} --candidate` computes one)"
+            ))
+        })?;
+    let root = served
+        .root
+        .clone()
+        .ok_or_else(|| QueryError::Other("the server has no project directory".into()))?;
+    let name = pipeline.clone();
+    let plan = tokio::task::spawn_blocking(move || -> Result<Plan, QueryError> {
+        let project = crate::spec::load(&root).map_err(|e| {
+            QueryError::Conflict(format!(
+                "the project no longer loads, so the candidate's definition cannot be read: {e}"
+            ))
+        })?;
+        let p = project.pipeline(&name).ok_or_else(|| {
+            QueryError::Conflict(format!("pipeline `{name}` is no longer in pipelines/"))
+        })?;
+        Plan::compile(p).map_err(|e| QueryError::Conflict(format!("{e:#}")))
+    })
+    .await
+    .map_err(|e| QueryError::Other(e.to_string()))??;
+    let plan = Arc::new(plan);
+    let idx = plan
+        .pipeline()
+        .views
+        .iter()
+        .position(|v| v.name == view)
+        .filter(|i| plan.logic_hash(*i) == candidate.publication.logic_hash)
+        .ok_or_else(|| {
+            QueryError::Conflict(format!(
+                "view `{pipeline}.{view}` is no longer defined as when its candidate was computed (run {}); `lambda-ctl run {pipeline} --candidate` computes it again",
+                candidate.publication.run_id
+            ))
+        })?;
+    let v = plan.pipeline().views[idx].clone();
+    check_filters(&v, q)?;
+
+    let lake = rt.lake().clone();
+    let publication = candidate.publication;
+    let partials = load_partials(&plan, &lake, idx, &publication)
+        .await
+        .map_err(other)?;
+    let cutoff = publication.cutoff.values().copied().next().unwrap_or(0);
+    // Each segment with the lookup versions it recorded, read as the candidate defines them.
+    let lookups = Lookups::reader(plan.pipeline(), &lake);
+    let open = lookups
+        .recorded(rt.open_lookups().record().as_deref())
+        .await
+        .map_err(other)?;
+    let read = read_since(&rt, cutoff, i64::MAX, &lookups, open)
+        .await
+        .map_err(other)?;
+
+    let q = q.clone();
+    let horizon = publication.horizon_ms;
+    let p = plan.clone();
+    let (df, batch_rows, speed_rows, speed_events, speed_segments) =
+        tokio::task::spawn_blocking(move || -> PolarsResult<_> {
+            let batch_rows = partials.height() as u64;
+            let mut frames = vec![partials];
+            let (mut speed_rows, mut speed_events, mut speed_segments) = (0u64, 0u64, 0usize);
+            let mut kept = Vec::new();
+            for (events, lookups) in &read.frames {
+                // Every event from the cutoff on (all were logged before `i64::MAX`).
+                let keep = logged_by(events, cutoff, i64::MAX, 0, &mut 0)?;
+                let k = events.filter(&keep)?;
+                if k.height() > 0 {
+                    speed_segments += 1;
+                    speed_events += k.height() as u64;
+                    kept.push((k, lookups.clone()));
+                }
+            }
+            for (events, lookups) in runs_alike(kept) {
+                let part = p.partials_masked(events, &lookups)?.parts.swap_remove(idx);
+                speed_rows += part.height() as u64;
+                frames.push(part);
+            }
+            let all_time = p.pipeline().views[idx].window == Window::All;
+            let df = match finish(&p, idx, frames, horizon)? {
+                Some(df) => filter(df, &q, all_time)?,
+                None => DataFrame::empty_with_schema(&p.output_schema(idx)),
+            };
+            Ok((df, batch_rows, speed_rows, speed_events, speed_segments))
+        })
+        .await
+        .map_err(|e| QueryError::Other(e.to_string()))??;
+    let mut as_of = AsOf {
+        at: format_ns(at.ns()),
+        batch_run: Some(publication.run_id.to_string()),
+        batch_cutoff: publication.cutoff.clone(),
+        batch_published_at: Some(format_ms(publication.published_at.timestamp_millis())),
+        batch_rows,
+        speed_rows,
+        speed_segments,
+        speed_events,
+        computed_at: format_ms(now_ms()),
+        verified: None,
+    };
+    served.with_verified(&mut as_of);
+    Ok(Answer {
+        columns: super::query::columns(&v),
+        rows: rows_json(&df),
+        as_of,
+    })
+}
