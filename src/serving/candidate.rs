@@ -6,15 +6,11 @@
 
 use std::sync::Arc;
 
-use polars::prelude::*;
-
 use super::format::rows_json;
-use super::query::{Answer, AsOf, QueryError, Served, ViewQuery, check_filters, filter, finish};
-use super::travel::{logged_by, read_since, runs_alike};
+use super::query::{Answer, QueryError, Served, ViewQuery, check_filters};
+use super::travel::{logged_by, read_since, recompute};
 use crate::batch::load_partials;
-use crate::clock::{format_ms, format_ns, now_ms};
 use crate::plan::Plan;
-use crate::spec::Window;
 use crate::speed::lookups::Lookups;
 
 /// The candidate version of view `view` (by name: a candidate may define a view the live
@@ -87,48 +83,21 @@ pub async fn answer(served: Arc<Served>, view: &str, q: &ViewQuery) -> Result<An
     let q = q.clone();
     let horizon = publication.horizon_ms;
     let p = plan.clone();
-    let (df, batch_rows, speed_rows, speed_events, speed_segments) =
-        tokio::task::spawn_blocking(move || -> PolarsResult<_> {
-            let batch_rows = partials.height() as u64;
-            let mut frames = vec![partials];
-            let (mut speed_rows, mut speed_events, mut speed_segments) = (0u64, 0u64, 0usize);
-            let mut kept = Vec::new();
-            for (events, lookups) in &read.frames {
-                // Every event from the cutoff on (all were logged before `i64::MAX`).
-                let keep = logged_by(events, cutoff, i64::MAX, 0, &mut 0)?;
-                let k = events.filter(&keep)?;
-                if k.height() > 0 {
-                    speed_segments += 1;
-                    speed_events += k.height() as u64;
-                    kept.push((k, lookups.clone()));
-                }
-            }
-            for (events, lookups) in runs_alike(kept) {
-                let part = p.partials_masked(events, &lookups)?.parts.swap_remove(idx);
-                speed_rows += part.height() as u64;
-                frames.push(part);
-            }
-            let all_time = p.pipeline().views[idx].window == Window::All;
-            let df = match finish(&p, idx, frames, horizon)? {
-                Some(df) => filter(df, &q, all_time)?,
-                None => DataFrame::empty_with_schema(&p.output_schema(idx)),
-            };
-            Ok((df, batch_rows, speed_rows, speed_events, speed_segments))
-        })
-        .await
-        .map_err(|e| QueryError::Other(e.to_string()))??;
-    let mut as_of = AsOf {
-        at: format_ns(at.ns()),
-        batch_run: Some(publication.run_id.to_string()),
-        batch_cutoff: publication.cutoff.clone(),
-        batch_published_at: Some(format_ms(publication.published_at.timestamp_millis())),
-        batch_rows,
-        speed_rows,
-        speed_segments,
-        speed_events,
-        computed_at: format_ms(now_ms()),
-        verified: None,
-    };
+    let (df, mut as_of) = tokio::task::spawn_blocking(move || {
+        // Every event from the cutoff on (all were logged before `i64::MAX`).
+        recompute(
+            &p,
+            idx,
+            Some(partials),
+            horizon,
+            &read.frames,
+            &q,
+            |events| logged_by(events, cutoff, i64::MAX, 0, &mut 0),
+        )
+    })
+    .await
+    .map_err(|e| QueryError::Other(e.to_string()))??;
+    as_of.describe(at, Some(&publication));
     served.with_verified(&mut as_of);
     Ok(Answer {
         columns: super::query::columns(&v),

@@ -21,12 +21,12 @@ use super::format::rows_json;
 use super::query::{Answer, AsOf, QueryError, Served, ViewQuery, check_filters, filter, finish};
 use crate::batch::load_partials;
 use crate::clock::{Tick, format_ms, format_ns, now_ms};
-use crate::plan::LookupSet;
+use crate::plan::{LookupSet, Plan};
 use crate::spec::Window;
 use crate::speed::lookups::Lookups;
 use crate::speed::record::{ARRIVAL_COLUMN, OFFSET_COLUMN};
 use crate::speed::runtime::PipelineRuntime;
-use crate::state::Segment;
+use crate::state::{Publication, Segment};
 
 /// How often the archive is read again when a segment was sealed while it was being read.
 const ATTEMPTS: usize = 5;
@@ -145,60 +145,23 @@ async fn travel(
         .map_err(internal)?;
 
     let plan = rt.plan.clone();
-    let rt2 = rt.clone();
     let q = q.clone();
     let horizon = publication.as_ref().and_then(|p| p.horizon_ms);
-    let computed = tokio::task::spawn_blocking(move || -> PolarsResult<_> {
-        let mut partials: Vec<DataFrame> = batch.iter().cloned().collect();
-        let batch_rows = batch.as_ref().map_or(0, |b| b.height() as u64);
+    let (df, mut as_of) = tokio::task::spawn_blocking(move || {
         let mut rank = read.earlier_in_ms;
-        let (mut speed_rows, mut speed_events, mut speed_segments) = (0u64, 0u64, 0usize);
-        let mut kept = Vec::new();
-        for (events, lookups) in &read.frames {
-            let keep = logged_by(events, cutoff, at.ms, events_in_ms, &mut rank)?;
-            let k = events.filter(&keep)?;
-            if k.height() > 0 {
-                speed_segments += 1;
-                speed_events += k.height() as u64;
-                kept.push((k, lookups.clone()));
-            }
-        }
-        for (events, lookups) in runs_alike(kept) {
-            let part = plan
-                .partials_masked(events, &lookups)?
-                .parts
-                .swap_remove(view_idx);
-            speed_rows += part.height() as u64;
-            partials.push(part);
-        }
-        let frame = finish(&rt2.plan, view_idx, partials, horizon)?;
-        let all_time = rt2.pipeline.views[view_idx].window == Window::All;
-        let df = match frame {
-            Some(df) => filter(df, &q, all_time)?,
-            None => DataFrame::empty_with_schema(&plan.output_schema(view_idx)),
-        };
-        Ok((df, batch_rows, speed_rows, speed_events, speed_segments))
+        recompute(
+            &plan,
+            view_idx,
+            batch,
+            horizon,
+            &read.frames,
+            &q,
+            |events| logged_by(events, cutoff, at.ms, events_in_ms, &mut rank),
+        )
     })
     .await
     .map_err(|e| QueryError::Other(e.to_string()))??;
-    let (df, batch_rows, speed_rows, speed_events, speed_segments) = computed;
-    let mut as_of = AsOf {
-        at: format_ns(at.ns()),
-        batch_run: publication.as_ref().map(|p| p.run_id.to_string()),
-        batch_cutoff: publication
-            .as_ref()
-            .map(|p| p.cutoff.clone())
-            .unwrap_or_default(),
-        batch_published_at: publication
-            .as_ref()
-            .map(|p| format_ms(p.published_at.timestamp_millis())),
-        batch_rows,
-        speed_rows,
-        speed_segments,
-        speed_events,
-        computed_at: format_ms(now_ms()),
-        verified: None,
-    };
+    as_of.describe(at, publication.as_ref());
     served.with_verified(&mut as_of);
     Ok(Some((df, as_of)))
 }
@@ -270,6 +233,61 @@ pub(super) async fn read_since(
     Err(last_err
         .unwrap_or_else(|| anyhow::anyhow!("the archive kept changing"))
         .context("reading the events logged since the batch view's cutoff"))
+}
+
+/// `batch` ⊕ the partials of the events of `frames` that `keep` selects (frame by frame, in
+/// position order), merged and finished by `plan` without the windows retired at `horizon`:
+/// the rows `q` selects, and the figures of where they came from (the rest of `as_of` is the
+/// caller's).
+pub(super) fn recompute(
+    plan: &Plan,
+    view_idx: usize,
+    batch: Option<DataFrame>,
+    horizon: Option<i64>,
+    frames: &[(DataFrame, LookupSet)],
+    q: &ViewQuery,
+    mut keep: impl FnMut(&DataFrame) -> PolarsResult<BooleanChunked>,
+) -> PolarsResult<(DataFrame, AsOf)> {
+    let mut as_of = AsOf {
+        batch_rows: batch.as_ref().map_or(0, |b| b.height() as u64),
+        ..AsOf::default()
+    };
+    let mut partials: Vec<DataFrame> = batch.into_iter().collect();
+    let mut kept = Vec::new();
+    for (events, lookups) in frames {
+        let k = events.filter(&keep(events)?)?;
+        if k.height() > 0 {
+            as_of.speed_segments += 1;
+            as_of.speed_events += k.height() as u64;
+            kept.push((k, lookups.clone()));
+        }
+    }
+    for (events, lookups) in runs_alike(kept) {
+        let part = plan
+            .partials_masked(events, &lookups)?
+            .parts
+            .swap_remove(view_idx);
+        as_of.speed_rows += part.height() as u64;
+        partials.push(part);
+    }
+    let all_time = plan.pipeline().views[view_idx].window == Window::All;
+    let df = match finish(plan, view_idx, partials, horizon)? {
+        Some(df) => filter(df, q, all_time)?,
+        None => DataFrame::empty_with_schema(&plan.output_schema(view_idx)),
+    };
+    Ok((df, as_of))
+}
+
+impl AsOf {
+    /// Says the answer stands for instant `at` and came from `publication` (with the speed
+    /// figures already in), computed now.
+    pub(super) fn describe(&mut self, at: Tick, publication: Option<&Publication>) {
+        self.at = format_ns(at.ns());
+        self.batch_run = publication.map(|p| p.run_id.to_string());
+        self.batch_cutoff = publication.map(|p| p.cutoff.clone()).unwrap_or_default();
+        self.batch_published_at = publication.map(|p| format_ms(p.published_at.timestamp_millis()));
+        self.computed_at = format_ms(now_ms());
+    }
 }
 
 /// Consecutive frames enriched alike, stacked: the partials of the same events come out the

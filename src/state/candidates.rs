@@ -1,7 +1,7 @@
 //! Candidate view versions (blue/green): computed by an edited definition beside the live
 //! version, recorded as publications that are not current.
 
-use super::publications::{INSERT, PublicationRow};
+use super::publications::{INSERT, PublicationRow, bind_version};
 use super::{NewPublication, Publication, PublicationId, State, StateError, db, now, to_db};
 
 /// A view's candidate version and the live one it was computed beside.
@@ -55,15 +55,7 @@ impl State {
         let at = now();
         let id = on_pool!(self, |pool| {
             let mut tx = pool.begin().await.map_err(db("record a candidate"))?;
-            let (id,): (i64,) = sqlx::query_as(INSERT)
-                .bind(&new.pipeline)
-                .bind(&new.view)
-                .bind(new.run_id.0)
-                .bind(&new.logic_hash)
-                .bind(&cutoff)
-                .bind(rows)
-                .bind(at)
-                .bind(new.horizon_ms)
+            let (id,): (i64,) = bind_version!(sqlx::query_as(INSERT), new, cutoff, rows, at)
                 .fetch_one(&mut *tx)
                 .await
                 .map_err(db("record a candidate: insert version"))?;
@@ -85,17 +77,7 @@ impl State {
             pipeline = %new.pipeline, view = %new.view, run = new.run_id.0, publication = id,
             rows = new.rows, "recorded candidate view version"
         );
-        Ok(Publication {
-            id: PublicationId(id),
-            pipeline: new.pipeline.clone(),
-            view: new.view.clone(),
-            run_id: new.run_id,
-            logic_hash: new.logic_hash.clone(),
-            cutoff: new.cutoff.clone(),
-            rows: new.rows,
-            published_at: at,
-            horizon_ms: new.horizon_ms,
-        })
+        Ok(new.recorded(PublicationId(id), at))
     }
 
     /// The candidate version of `pipeline.view`, if there is one.

@@ -38,6 +38,23 @@ pub struct NewPublication {
     pub horizon_ms: Option<i64>,
 }
 
+impl NewPublication {
+    /// The version as recorded with `id` at `at`.
+    pub(super) fn recorded(&self, id: PublicationId, at: DateTime<Utc>) -> Publication {
+        Publication {
+            id,
+            pipeline: self.pipeline.clone(),
+            view: self.view.clone(),
+            run_id: self.run_id,
+            logic_hash: self.logic_hash.clone(),
+            cutoff: self.cutoff.clone(),
+            rows: self.rows,
+            published_at: at,
+            horizon_ms: self.horizon_ms,
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Publication {
     pub id: PublicationId,
@@ -85,6 +102,23 @@ impl PublicationRow {
     }
 }
 
+/// Binds [`INSERT`]'s parameters from a [`NewPublication`] (its cutoff as JSON, its rows as
+/// the database's integer, the instant).
+macro_rules! bind_version {
+    ($query:expr, $new:expr, $cutoff:expr, $rows:expr, $at:expr) => {
+        $query
+            .bind(&$new.pipeline)
+            .bind(&$new.view)
+            .bind($new.run_id.0)
+            .bind(&$new.logic_hash)
+            .bind(&$cutoff)
+            .bind($rows)
+            .bind($at)
+            .bind($new.horizon_ms)
+    };
+}
+pub(super) use bind_version;
+
 pub(super) const INSERT: &str = "
     INSERT INTO publications
         (pipeline, view, run_id, logic_hash, cutoff, row_count, published_at, horizon_ms)
@@ -117,15 +151,7 @@ impl State {
         let at = now();
         let id = on_pool!(self, |pool| {
             let mut tx = pool.begin().await.map_err(db("publish"))?;
-            let (id,): (i64,) = sqlx::query_as(INSERT)
-                .bind(&new.pipeline)
-                .bind(&new.view)
-                .bind(new.run_id.0)
-                .bind(&new.logic_hash)
-                .bind(&cutoff)
-                .bind(rows)
-                .bind(at)
-                .bind(new.horizon_ms)
+            let (id,): (i64,) = bind_version!(sqlx::query_as(INSERT), new, cutoff, rows, at)
                 .fetch_one(&mut *tx)
                 .await
                 .map_err(db("publish: insert version"))?;
@@ -172,17 +198,7 @@ impl State {
             pipeline = %new.pipeline, view = %new.view, run = new.run_id.0, publication = id,
             rows = new.rows, "published view"
         );
-        Ok(Publication {
-            id: PublicationId(id),
-            pipeline: new.pipeline.clone(),
-            view: new.view.clone(),
-            run_id: new.run_id,
-            logic_hash: new.logic_hash.clone(),
-            cutoff: new.cutoff.clone(),
-            rows: new.rows,
-            published_at: at,
-            horizon_ms: new.horizon_ms,
-        })
+        Ok(new.recorded(PublicationId(id), at))
     }
 
     /// The version of `pipeline.view` serving reads; `None` before its first publish.
