@@ -100,6 +100,8 @@ pub enum Progress {
         segments: usize,
         rows: u64,
         partial_rows: u64,
+        /// Recorded as the view's candidate version, not made current.
+        candidate: bool,
     },
 }
 
@@ -113,12 +115,18 @@ impl Progress {
             segments,
             rows,
             partial_rows,
+            candidate,
         } = self
         else {
             return None;
         };
         Some(format!(
-            "{view}: published ({}, {segments} segment(s), {rows} events, {partial_rows} groups)",
+            "{view}: {} ({}, {segments} segment(s), {rows} events, {partial_rows} groups)",
+            if *candidate {
+                "recorded as the candidate"
+            } else {
+                "published"
+            },
             mode.as_str()
         ))
     }
@@ -132,6 +140,8 @@ pub struct ViewSummary {
     pub segments: usize,
     pub events: u64,
     pub publication: Publication,
+    /// Recorded as the view's candidate version (`run --candidate`), not made current.
+    pub candidate: bool,
 }
 
 #[derive(Debug, Clone)]

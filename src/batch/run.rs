@@ -313,18 +313,17 @@ async fn run_views(
             let summary = publish_fresh(plan, state, lake, run_id, &cutoff, prep, fresh, candidate)
                 .await
                 .with_context(|| format!("view `{name}`"))?;
-            log(
-                state,
-                run_id,
-                &view_line(
-                    &name,
-                    summary.mode,
-                    summary.segments,
-                    summary.events,
-                    &summary.publication,
-                ),
-            )
-            .await;
+            let mut line = view_line(
+                &name,
+                summary.mode,
+                summary.segments,
+                summary.events,
+                &summary.publication,
+            );
+            if candidate {
+                line.push_str(", the view's candidate (the live version stays current)");
+            }
+            log(state, run_id, &line).await;
             published(&mut *progress, &summary);
             out.push(summary);
         }
@@ -367,6 +366,7 @@ pub(super) fn published(progress: &mut (dyn FnMut(&Progress) + Send), summary: &
         segments: summary.segments,
         rows: summary.events,
         partial_rows: summary.publication.rows,
+        candidate: summary.candidate,
     });
 }
 
@@ -496,5 +496,6 @@ async fn publish_fresh(
         segments: prep.todo.len(),
         events: prep.todo.iter().map(|s| s.rows).sum(),
         publication,
+        candidate,
     })
 }

@@ -213,6 +213,7 @@ pub(super) async fn wait_for_finish(
             segments: prep.todo.len(),
             events: prep.todo.iter().map(|s| s.rows).sum(),
             publication,
+            candidate: false,
         };
         super::run::published(&mut *progress, &summary);
         out.push(summary);

@@ -290,9 +290,9 @@ impl AsOf {
     }
 }
 
-/// Consecutive frames enriched alike, stacked: the partials of the same events come out the
-/// same however sealing split them into segments (float sums added in one order), so asking
-/// for one instant twice gives the same answer to the last digit.
+/// Consecutive frames enriched alike, stacked into one chunk: the partials of the same events
+/// are computed alike however sealing split them into segments (float sums added in one
+/// order), so asking for one instant again does not depend on what was sealed meanwhile.
 pub(super) fn runs_alike(frames: Vec<(DataFrame, LookupSet)>) -> Vec<(DataFrame, LookupSet)> {
     let mut out: Vec<(DataFrame, LookupSet)> = Vec::new();
     for (df, set) in frames {
@@ -304,6 +304,10 @@ pub(super) fn runs_alike(frames: Vec<(DataFrame, LookupSet)>) -> Vec<(DataFrame,
             continue;
         }
         out.push((df, set));
+    }
+    // One chunk each: polars sums chunk by chunk, so the chunks must not depend on sealing.
+    for (df, _) in &mut out {
+        df.rechunk_mut();
     }
     out
 }

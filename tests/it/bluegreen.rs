@@ -64,7 +64,11 @@ async fn a_candidate_is_computed_beside_the_live_view_compared_and_discarded() {
     windows_of(&get_view(&client, &server, "by_country").await, 1);
     let out = candidate_run.await.unwrap();
     assert!(out.status.success(), "{}", stderr(&out));
-    assert!(stderr(&out).contains("by_country"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("by_country: recorded as the candidate"),
+        "{}",
+        stderr(&out)
+    );
     assert!(
         !stderr(&out).contains("overall"),
         "only the edited view: {}",

@@ -660,6 +660,21 @@ async fn psycopg_reads_every_view_exactly_as_the_http_api() {
     panic!("psycopg never read what the HTTP API answered: {last}");
 }
 
+/// The SQL rows are the HTTP rows, in order, floats within rounding.
+fn near(sql: &[BTreeMap<String, String>], http: &[Value]) {
+    assert_eq!(sql.len(), http.len(), "{sql:?}\n{http:?}");
+    for (s, h) in sql.iter().zip(http) {
+        for (k, v) in h.as_object().unwrap() {
+            let cell = &s[k];
+            let alike = match (v.as_f64(), cell.parse::<f64>()) {
+                (Some(x), Ok(y)) if !v.is_u64() => crate::orders::close(x, y),
+                _ => same(cell, v),
+            };
+            assert!(alike, "{k}: SQL {cell}, HTTP {v}");
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn set_lambda_as_of_reads_the_views_as_they_were_served() {
     let (_dir, server, sql, client) = loaded(SQL_ONLY, None).await;
@@ -670,7 +685,8 @@ async fn set_lambda_as_of_reads_the_views_as_they_were_served() {
     let more = send(&client, &server, &mut rng, &evs).await;
     assert!(!more.is_empty());
     // Over SQL as over HTTP: the same computation of the answer served then (the HTTP one is
-    // checked against the answers saved live in tests/it/travel.rs).
+    // checked against the answers saved live in tests/it/travel.rs). Rows alike but for
+    // float rounding: a segment may be sealed between the two reads.
     let url = server.url(&format!(
         "/v1/views/orders/by_country?as_of={}",
         at.replace(':', "%3A").replace('+', "%2B")
@@ -683,7 +699,7 @@ async fn set_lambda_as_of_reads_the_views_as_they_were_served() {
         None,
         &["-c", &set, "-c", "SELECT * FROM orders.by_country"],
     ));
-    matches(&table(&out), then["rows"].as_array().unwrap()).unwrap();
+    near(&table(&out), then["rows"].as_array().unwrap());
     // A point query (the row index's path) and SHOW, in the same session.
     let out = ok(&psql(
         &sql,
@@ -708,7 +724,7 @@ async fn set_lambda_as_of_reads_the_views_as_they_were_served() {
     let (rows, shown) = out.trim_end().rsplit_once('\n').unwrap();
     let shown = shown.to_string();
     let rows = rows.rsplit_once("\nlambda.as_of").map_or(rows, |r| r.0);
-    matches(&table(rows), &de).unwrap();
+    near(&table(rows), &de);
     assert_eq!(shown, at);
     // Back to now with '', and a malformed instant is refused.
     let mut agreed = false;
