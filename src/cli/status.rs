@@ -82,9 +82,22 @@ async fn collect(project: &Project, server: Option<&str>) -> Result<(Value, Vec<
             .ledger_totals(&p.name, None, None)
             .await
             .context("reading the restatement ledger")?;
+        let candidates = db
+            .candidates(&p.name)
+            .await
+            .context("reading the candidate versions")?;
         let live = live.get(&p.name);
         let mut views = Vec::new();
         for v in &p.views {
+            let candidate = candidates
+                .iter()
+                .find(|c| c.publication.view == v.name)
+                .map(|c| {
+                    json!({
+                        "run": c.publication.run_id.0,
+                        "age_s": (now.timestamp_millis() - c.created_at_ms).max(0) as f64 / 1000.0,
+                    })
+                });
             let published = db
                 .current_publication(&p.name, &v.name)
                 .await
@@ -106,6 +119,7 @@ async fn collect(project: &Project, server: Option<&str>) -> Result<(Value, Vec<
                     "restated_windows": t.restated_windows,
                     "max_lateness_ms": t.max_lateness_ms,
                 })),
+                "candidate": candidate,
             }));
         }
         let verified = verified.get(&p.name);
@@ -335,6 +349,27 @@ fn render(r: &Value, recent: &[Run]) -> String {
                 })
         })
         .collect();
+    let candidates: Vec<Vec<String>> = items(&r["pipelines"])
+        .flat_map(|p| {
+            items(&p["views"])
+                .filter(|v| !v["candidate"].is_null())
+                .map(move |v| {
+                    let c = &v["candidate"];
+                    vec![
+                        format!("{}.{}", text(&p["name"]), text(&v["name"])),
+                        text(&c["run"]),
+                        format!("{} ago", age(c["age_s"].as_f64().unwrap_or(0.0))),
+                    ]
+                })
+        })
+        .collect();
+    if !candidates.is_empty() {
+        out.push_str(
+            "\nCANDIDATES (lambda-ctl diff PIPELINE.VIEW compares one with the live view)\n",
+        );
+        let header = ["VIEW", "RUN", "COMPUTED"].map(String::from).to_vec();
+        out.push_str(&aligned(&header, &candidates));
+    }
     if !late.is_empty() {
         out.push_str("\nRESTATED WINDOWS (GET /v1/views/PIPELINE/VIEW/restatements lists them)\n");
         let header = [

@@ -154,6 +154,24 @@ async fn a_candidate_is_computed_beside_the_live_view_compared_and_discarded() {
         stdout(&out)
     );
 
+    // status lists it, as JSON and in its table.
+    let out = ctl(dir.path(), &["status", "--json", "--server", &server.base]);
+    let status: Value = serde_json::from_str(&stdout(&out)).unwrap();
+    let views = status["pipelines"][0]["views"].as_array().unwrap();
+    let pending: Vec<&str> = views
+        .iter()
+        .filter(|v| !v["candidate"].is_null())
+        .map(|v| v["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(pending, ["by_country"], "{status}");
+    let by_country = views.iter().find(|v| v["name"] == "by_country").unwrap();
+    assert_eq!(
+        by_country["candidate"]["run"].to_string(),
+        candidate["as_of"]["batch_run"].as_str().unwrap()
+    );
+    let out = ctl(dir.path(), &["status", "--server", &server.base]);
+    assert!(stdout(&out).contains("CANDIDATES"), "{}", stdout(&out));
+
     // A view without a candidate, and after discard.
     let resp = client
         .get(server.url("/v1/views/orders/hop?version=candidate"))
@@ -175,4 +193,6 @@ async fn a_candidate_is_computed_beside_the_live_view_compared_and_discarded() {
         .unwrap();
     assert_eq!(resp.status().as_u16(), 404);
     windows_of(&get_view(&client, &server, "by_country").await, 1);
+    let out = ctl(dir.path(), &["status", "--server", &server.base]);
+    assert!(!stdout(&out).contains("CANDIDATES"), "{}", stdout(&out));
 }
