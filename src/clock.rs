@@ -83,16 +83,6 @@ struct Stamped {
 }
 
 impl Stamps {
-    /// A clock whose stamps are `at_least_ms` or later, for a log whose next position is `end`.
-    pub fn new(at_least_ms: i64, end: u64) -> Stamps {
-        Stamps {
-            inner: Mutex::new(Stamped {
-                last_ms: at_least_ms,
-                end,
-            }),
-        }
-    }
-
     /// Starts over for a log whose next position is `end` (a restart): stamps are
     /// `at_least_ms` or later.
     pub fn restart(&self, at_least_ms: i64, end: u64) {
@@ -143,7 +133,8 @@ mod tests {
     #[test]
     fn stamps_follow_positions_and_installs_go_between_absorbed_and_not() {
         let ahead = now_ms() + 60_000;
-        let s = Stamps::new(ahead, 10);
+        let s = Stamps::default();
+        s.restart(ahead, 10);
         // The wall clock is behind the last stamp: requests keep its millisecond.
         assert_eq!(s.stamp(3), ahead);
         assert_eq!(s.stamp(2), ahead);
@@ -153,7 +144,7 @@ mod tests {
         // All absorbed: the install takes the next instant of the clock.
         let all = Tick { ms: ahead, n: 5 };
         assert_eq!(s.install(15, all), Tick { ms: ahead, n: 6 });
-        let s = Stamps::new(0, 0);
+        let s = Stamps::default();
         let t = s.install(0, Tick::default());
         assert!(t.ms >= now_ms() - 1000 && t.n == 1, "{t:?}");
         assert!(s.stamp(1) >= t.ms);

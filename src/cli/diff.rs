@@ -75,8 +75,7 @@ pub struct Args<'a> {
 
 pub fn run(project_dir: &Path, a: Args) -> Result<(), CliError> {
     let project = super::load_project(project_dir)?;
-    let view = resolve(&project, a.target)?;
-    let (pipeline, name) = a.target.split_once('.').unwrap_or_default();
+    let (view, pipeline, name) = resolve(&project, a.target)?;
     let client = Client::new(&project, a.server)?;
     let path = format!("/v1/views/{pipeline}/{name}");
     let candidate = client.get_json(&path, &[("version".into(), "candidate".into())])?;

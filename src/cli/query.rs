@@ -27,21 +27,26 @@ pub struct Args<'a> {
     pub server: Option<&'a str>,
 }
 
-/// The view `target` (PIPELINE.VIEW) names in `project`, or a user error saying what is wrong.
-pub(super) fn resolve<'p>(project: &'p Project, target: &str) -> Result<&'p View, CliError> {
+/// The view `target` (PIPELINE.VIEW) names in `project`, with the pipeline's and the view's
+/// names, or a user error saying what is wrong.
+pub(super) fn resolve<'p, 't>(
+    project: &'p Project,
+    target: &'t str,
+) -> Result<(&'p View, &'t str, &'t str), CliError> {
     let Some((pipeline, view)) = target.split_once('.') else {
         return Err(CliError::User(format!("`{target}` is not PIPELINE.VIEW")));
     };
     let p = project
         .pipeline(pipeline)
         .ok_or_else(|| CliError::User(format!("unknown pipeline `{pipeline}`")))?;
-    p.view(view).ok_or_else(|| {
+    let found = p.view(view).ok_or_else(|| {
         let views: Vec<&str> = p.views.iter().map(|v| v.name.as_str()).collect();
         CliError::User(format!(
             "pipeline `{pipeline}` has no view `{view}` (views: {})",
             views.join(", ")
         ))
-    })
+    })?;
+    Ok((found, pipeline, view))
 }
 
 /// `?from=&to=` for `--from/--to`, resolved here so the server and the user agree on "now".
@@ -62,8 +67,7 @@ pub(super) fn time_params(
 
 pub fn run(project_dir: &Path, a: Args) -> Result<(), CliError> {
     let project = super::load_project(project_dir)?;
-    let v = resolve(&project, a.target)?;
-    let (pipeline, view) = a.target.split_once('.').unwrap_or_default();
+    let (v, pipeline, view) = resolve(&project, a.target)?;
     let mut params: Vec<(String, String)> = Vec::new();
     for f in a.filters {
         let (c, val) = f

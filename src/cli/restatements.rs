@@ -23,8 +23,7 @@ pub struct Args<'a> {
 
 pub fn run(project_dir: &Path, a: Args) -> Result<(), CliError> {
     let project = super::load_project(project_dir)?;
-    let view = resolve(&project, a.target)?;
-    let (pipeline, name) = a.target.split_once('.').unwrap_or_default();
+    let (view, pipeline, name) = resolve(&project, a.target)?;
     let mut params = time_params(a.from, a.to)?;
     if let Some(n) = a.limit {
         params.push(("limit".into(), n.to_string()));

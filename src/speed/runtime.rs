@@ -296,10 +296,15 @@ impl PipelineRuntime {
     /// of what was served when ([`crate::state::State::record_served`]).
     pub fn publish(&self, view: usize, batch: BatchView) -> Tick {
         let mut st = self.state.write();
-        let tick = self.stamps.install(st.absorbed, st.tick);
-        st.tick = tick;
+        let tick = self.place_install(&mut st);
         st.publish(view, batch);
         tick
+    }
+
+    /// Moves the served state (whose lock the caller holds) to the instant of an install.
+    fn place_install(&self, st: &mut SpeedState) -> Tick {
+        st.tick = self.stamps.install(st.absorbed, st.tick);
+        st.tick
     }
 
     /// [`Self::publish`], returning what view `view` served just before and just after the
@@ -308,7 +313,7 @@ impl PipelineRuntime {
     pub fn publish_between(&self, view: usize, batch: BatchView) -> (Snapshot, Snapshot) {
         let mut st = self.state.write();
         let before = st.snapshot(view);
-        st.tick = self.stamps.install(st.absorbed, st.tick);
+        self.place_install(&mut st);
         st.publish(view, batch);
         (before, st.snapshot(view))
     }
@@ -316,9 +321,7 @@ impl PipelineRuntime {
     /// The instant from which serving answers with what it holds now — the first thing a
     /// server records for a view without a publication to install (which logic it runs).
     pub fn mark_served(&self) -> Tick {
-        let mut st = self.state.write();
-        st.tick = self.stamps.install(st.absorbed, st.tick);
-        st.tick
+        self.place_install(&mut self.state.write())
     }
 
     /// When view `view`'s batch view was published (epoch ms); `None` before its first one.

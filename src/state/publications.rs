@@ -221,6 +221,20 @@ impl State {
         row.map(PublicationRow::into_publication).transpose()
     }
 
+    /// Version `id`; `None` when retention forgot it.
+    pub async fn publication(&self, id: PublicationId) -> Result<Option<Publication>, StateError> {
+        const SQL: &str = "
+            SELECT id, pipeline, view, run_id, logic_hash, cutoff, row_count, published_at,
+                   horizon_ms
+            FROM publications WHERE id = $1";
+        let row: Option<PublicationRow> = on_pool!(self, |pool| sqlx::query_as(SQL)
+            .bind(id.0)
+            .fetch_optional(pool)
+            .await)
+        .map_err(db("read a publication"))?;
+        row.map(PublicationRow::into_publication).transpose()
+    }
+
     /// The views run `run_id` published, in the order it published them.
     pub async fn run_publications(&self, run_id: RunId) -> Result<Vec<Publication>, StateError> {
         const SQL: &str = "

@@ -3,7 +3,6 @@
 //! server placed it. `as_of` answers read the row current at their instant; GC keeps what the
 //! rows of `serve.history` refer to.
 
-use super::publications::PublicationRow;
 use super::{Publication, PublicationId, State, StateError, db};
 
 /// From instant `at_ns`, view `view` served `publication` (`None`: none — the speed layer
@@ -56,10 +55,6 @@ impl State {
             SELECT at_ns, publication_id, logic_hash FROM served
             WHERE pipeline = $1 AND view = $2 AND at_ns <= $3
             ORDER BY at_ns DESC LIMIT 1";
-        const PUBLICATION: &str = "
-            SELECT id, pipeline, view, run_id, logic_hash, cutoff, row_count, published_at,
-                   horizon_ms
-            FROM publications WHERE id = $1";
         let row: Option<(i64, Option<i64>, String)> = on_pool!(self, |pool| sqlx::query_as(SQL)
             .bind(pipeline)
             .bind(view)
@@ -70,17 +65,10 @@ impl State {
         let Some((at_ns, publication, logic_hash)) = row else {
             return Ok(None);
         };
+        // Forgotten by retention of view history: the caller says it is gone.
         let found = match publication {
             None => None,
-            Some(id) => {
-                let p: Option<PublicationRow> = on_pool!(self, |pool| sqlx::query_as(PUBLICATION)
-                    .bind(id)
-                    .fetch_optional(pool)
-                    .await)
-                .map_err(db("read a served publication"))?;
-                // Forgotten by retention of view history: the caller says it is gone.
-                p.map(PublicationRow::into_publication).transpose()?
-            }
+            Some(id) => self.publication(PublicationId(id)).await?,
         };
         let install = Install {
             pipeline: pipeline.to_string(),
