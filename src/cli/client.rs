@@ -67,6 +67,11 @@ impl Client {
                 self.base
             ))
         })?;
+        self.answer(resp).await
+    }
+
+    /// The body of a response; non-2xx answers become user errors with the server's message.
+    pub async fn answer(&self, resp: reqwest::Response) -> Result<bytes::Bytes, CliError> {
         let status = resp.status();
         let body = resp.bytes().await.context("reading the server's answer")?;
         if !status.is_success() {

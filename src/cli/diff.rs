@@ -1,6 +1,7 @@
 //! `lambda-ctl diff PIPELINE.VIEW`: what a view's candidate version (`run --candidate`) would
 //! answer against what it answers now, row by row — rows added, removed and changed, with
-//! counts and a sample; and `lambda-ctl discard PIPELINE`: forget the candidates.
+//! counts and a sample; `lambda-ctl promote PIPELINE`: serve them (and the definition in
+//! pipelines/); and `lambda-ctl discard PIPELINE`: forget them.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -12,6 +13,7 @@ use super::CliError;
 use super::client::Client;
 use super::query::resolve;
 use crate::serving::format;
+use crate::serving::promote::{self, Promoted};
 
 /// What changed between two answers of a view.
 #[derive(Debug, Default, PartialEq)]
@@ -175,6 +177,61 @@ pub fn discard(project_dir: &Path, pipeline: &str) -> Result<(), CliError> {
         db.close().await;
         Ok(())
     })
+}
+
+/// `promote PIPELINE`: by the running server when one answers (it switches in place), else
+/// in the state DB alone (the next `serve` runs the new definition).
+pub fn promote(project_dir: &Path, pipeline: &str, server: Option<&str>) -> Result<(), CliError> {
+    let project = super::load_project(project_dir)?;
+    let Some(spec) = project.pipeline(pipeline) else {
+        return Err(CliError::User(format!("unknown pipeline `{pipeline}`")));
+    };
+    let client = Client::new(&project, server)?;
+    let rt = super::worker::runtime()?;
+    let path = format!("/v1/pipelines/{pipeline}/promote");
+    let sent = rt.block_on(client.request(reqwest::Method::POST, &path).send());
+    let promoted: Promoted = match sent {
+        Err(e) if e.is_connect() && server.is_none() => {
+            // No server: the state alone.
+            let plan =
+                crate::plan::Plan::compile(spec).map_err(|e| CliError::User(format!("{e:#}")))?;
+            let promoted = rt.block_on(async {
+                let db = crate::state::State::open(&project.settings.state)
+                    .await
+                    .context("opening the state DB")?;
+                let promoted = promote::promote_stored(&db, &plan).await;
+                db.close().await;
+                Ok::<_, CliError>(promoted)
+            })?;
+            let promoted = promoted.map_err(|e| CliError::User(e.to_string()))?;
+            println!(
+                "no server answers at {}: promoted in the state DB; the next `lambda-ctl serve` runs the definition in pipelines/",
+                client.base()
+            );
+            promoted
+        }
+        sent => {
+            let body = rt.block_on(async {
+                let resp = sent.map_err(|e| {
+                    CliError::User(format!("cannot reach lambda-ctl at {}: {e}", client.base()))
+                })?;
+                client.answer(resp).await
+            })?;
+            serde_json::from_slice(&body).context("decoding the server's answer")?
+        }
+    };
+    for v in &promoted.views {
+        let from = match (v.from, &v.run) {
+            (promote::Origin::Candidate, Some(run)) => format!("its candidate (run {run})"),
+            (promote::Origin::Current, Some(run)) => format!("the version run {run} published"),
+            _ => "the speed layer, from the archive".to_string(),
+        };
+        println!("{pipeline}.{}: promoted {from}", v.view);
+    }
+    if let Some(at) = &promoted.at {
+        println!("{pipeline}: the server runs the definition in pipelines/ from {at}");
+    }
+    Ok(())
 }
 
 #[cfg(test)]

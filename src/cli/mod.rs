@@ -120,6 +120,16 @@ pub enum Command {
         /// The pipeline.
         pipeline: String,
     },
+    /// Serve the definition of a pipeline's views in pipelines/: each changed view switches to
+    /// its candidate (`run PIPELINE --candidate`) atomically, and a running server runs the
+    /// new definition from that instant (without a server, the next `serve` does).
+    Promote {
+        /// The pipeline.
+        pipeline: String,
+        /// Server address (default: `serve.listen` of lambda.yaml).
+        #[arg(long)]
+        server: Option<String>,
+    },
     /// Show a view's restatement ledger: the windows late events, or a publication that
     /// restated history, changed after they were served — each with the row before and after.
     Restatements {
@@ -336,6 +346,9 @@ fn run(cli: Cli) -> Result<(), CliError> {
             },
         ),
         Command::Discard { pipeline } => diff::discard(&cli.project, &pipeline),
+        Command::Promote { pipeline, server } => {
+            diff::promote(&cli.project, &pipeline, server.as_deref())
+        }
         Command::Restatements {
             view,
             from,

@@ -95,7 +95,15 @@ async fn serve(project: spec::Project, listen: Option<SocketAddr>) -> Result<(),
 
     // Scheduler (one active per state DB) and workers for the workflows.
     // Its batch tasks' jobs go to the batch job worker below (and any `lambda-ctl worker`).
-    let layers = Arc::new(Layers::new(project.clone(), db.clone(), lake.clone()).helping(Help::No));
+    let running = pipelines
+        .iter()
+        .map(|(name, s)| (name.clone(), s.runtime.clone()))
+        .collect();
+    let layers = Arc::new(
+        Layers::new(project.clone(), db.clone(), lake.clone())
+            .helping(Help::No)
+            .serving(running),
+    );
     let (orchestrator, running) =
         Orchestrator::start_all(project.clone(), db.clone(), layers, shutdown.clone())
             .await

@@ -2,6 +2,7 @@
 //! `compact` and `retention` maintain the archive ([`crate::batch::maintenance`]), `verify`
 //! checks it ([`crate::batch::verify`]).
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -14,6 +15,7 @@ use crate::batch::{self, Progress, maintenance, verify};
 use crate::lake::Lake;
 use crate::plan::Plan;
 use crate::spec::{Project, Sample};
+use crate::speed::runtime::PipelineRuntime;
 use crate::state::State;
 
 pub struct Layers {
@@ -22,6 +24,9 @@ pub struct Layers {
     lake: Lake,
     /// Whether a scaled-out `batch` task's process works on its jobs (see [`Help`]).
     help: Help,
+    /// The pipelines this process serves: its tasks compute the definitions they run (a
+    /// promote may have switched one), never one they no longer serve.
+    serving: BTreeMap<String, Arc<PipelineRuntime>>,
 }
 
 impl Layers {
@@ -32,7 +37,14 @@ impl Layers {
             state,
             lake,
             help: Help::AfterAMoment,
+            serving: BTreeMap::new(),
         }
+    }
+
+    /// Layers of a server: tasks of the pipelines in `serving` compute the definitions those
+    /// run, and hold them while they do (a promote waits for a batch run, and the other way).
+    pub fn serving(self, serving: BTreeMap<String, Arc<PipelineRuntime>>) -> Layers {
+        Layers { serving, ..self }
     }
 
     /// Layers whose scaled-out batch runs' process helps with their jobs as `help` says
@@ -50,9 +62,7 @@ impl TaskRunner for Layers {
         views: Option<&'a [String]>,
     ) -> BoxFuture<'a, anyhow::Result<()>> {
         Box::pin(async move {
-            let spec = self.pipeline(pipeline)?;
-            let plan =
-                Plan::compile(spec).with_context(|| format!("compiling pipeline `{pipeline}`"))?;
+            let (_switching, plan) = self.definition(pipeline).await?;
             let log = ctx.log.clone();
             let mut progress = move |p: &Progress| {
                 if let Progress::Started {
@@ -70,7 +80,7 @@ impl TaskRunner for Layers {
             };
             let summary = super::fanout::recompute(
                 &self.project,
-                Arc::new(plan),
+                plan,
                 &self.state,
                 &self.lake,
                 batch::Select {
@@ -119,12 +129,12 @@ impl TaskRunner for Layers {
         keep: Duration,
     ) -> BoxFuture<'a, anyhow::Result<()>> {
         Box::pin(async move {
-            let spec = self.pipeline(pipeline)?;
+            let (_switching, plan) = self.definition(pipeline).await?;
             let log = ctx.log.clone();
             let done = maintenance::retention(
                 &self.state,
                 &self.lake,
-                spec,
+                plan.pipeline(),
                 keep,
                 chrono::Utc::now(),
                 &move |l| log.line(l),
@@ -146,10 +156,8 @@ impl TaskRunner for Layers {
         sample: Sample,
     ) -> BoxFuture<'a, anyhow::Result<()>> {
         Box::pin(async move {
-            let spec = self.pipeline(pipeline)?;
-            let plan =
-                Plan::compile(spec).with_context(|| format!("compiling pipeline `{pipeline}`"))?;
-            let report = verify::verify(Arc::new(plan), &self.state, &self.lake, sample).await?;
+            let (_switching, plan) = self.definition(pipeline).await?;
+            let report = verify::verify(plan, &self.state, &self.lake, sample).await?;
             verify::record(&self.state, pipeline, Some(ctx.run_id), &report).await?;
             ctx.log.line(format!(
                 "verified {pipeline}: {} of {} sealed segment(s) ({sample}), {} events, {} view(s)",
@@ -175,6 +183,21 @@ impl TaskRunner for Layers {
 }
 
 impl Layers {
+    /// The definition of pipeline `name` a task computes: the one this process serves (held
+    /// against a promote until the guard drops), else the project's.
+    async fn definition(
+        &self,
+        name: &str,
+    ) -> anyhow::Result<(Option<tokio::sync::OwnedMutexGuard<()>>, Arc<Plan>)> {
+        if let Some(rt) = self.serving.get(name) {
+            let guard = rt.switching().lock_owned().await;
+            return Ok((Some(guard), rt.plan()));
+        }
+        let spec = self.pipeline(name)?;
+        let plan = Plan::compile(spec).with_context(|| format!("compiling pipeline `{name}`"))?;
+        Ok((None, Arc::new(plan)))
+    }
+
     fn pipeline(&self, name: &str) -> anyhow::Result<&crate::spec::Pipeline> {
         self.project
             .pipeline(name)

@@ -269,12 +269,13 @@ impl Plan {
         let counts = rows.column(LATE_EVENTS)?.u64()?;
         let lateness = rows.column(MAX_LATENESS)?.i64()?;
         let keys = Keys::of(layout, &rows)?;
+        let names: Vec<&str> = layout.metrics.iter().map(|m| m.name.as_str()).collect();
         let mut out = Vec::with_capacity(rows.height());
         for r in 0..rows.height() {
             let ws = starts.get(r).unwrap_or_default();
             let key = keys.at(r)?;
             let id = (Some(ws), Value::Object(key.clone()).to_string());
-            let (metrics, _) = compare(layout, before_at(ws), &after, &id)?;
+            let (metrics, _) = compare(&names, before_at(ws), &after, &id)?;
             out.push(Restated {
                 window_start_ms: Some(ws),
                 window_end_ms: Some(ws + size),
@@ -302,16 +303,36 @@ impl Plan {
         before: (&[DataFrame], Option<i64>),
         after: (&[DataFrame], Option<i64>),
     ) -> PolarsResult<Vec<Restated>> {
+        self.changed_from(view, (self, before.0, before.1), after)
+    }
+
+    /// [`Plan::changed`] between an answer of view `view` by the definition `before.0` (a
+    /// promote's old one) and one by this plan: rows are matched by window and group, and
+    /// each metric of either definition is compared (a metric one of them lacks is null there).
+    pub fn changed_from(
+        &self,
+        view: usize,
+        before: (&Plan, &[DataFrame], Option<i64>),
+        after: (&[DataFrame], Option<i64>),
+    ) -> PolarsResult<Vec<Restated>> {
+        let (old_plan, before_frames, before_horizon) = before;
         let layout = &self.views[view];
-        let finish = |frames: &[DataFrame]| -> PolarsResult<DataFrame> {
-            let mut acc = self.accumulator(view);
+        let old_layout = &old_plan.views[view];
+        let finish = |plan: &Plan, frames: &[DataFrame]| -> PolarsResult<DataFrame> {
+            let mut acc = plan.accumulator(view);
             for f in frames {
                 acc.absorb(f)?;
             }
             acc.finish()
         };
-        let old = Finished::new(layout, finish(before.0)?)?;
-        let new = Finished::new(layout, finish(after.0)?)?;
+        let old = Finished::new(old_layout, finish(old_plan, before_frames)?)?;
+        let new = Finished::new(layout, finish(self, after.0)?)?;
+        let mut metrics: Vec<&str> = layout.metrics.iter().map(|m| m.name.as_str()).collect();
+        for m in &old_layout.metrics {
+            if !metrics.contains(&m.name.as_str()) {
+                metrics.push(&m.name);
+            }
+        }
         let served = |end: Option<i64>, horizon: Option<i64>| match (end, horizon) {
             (Some(end), Some(h)) => end > h,
             _ => true,
@@ -326,9 +347,9 @@ impl Plan {
             if !served(end, after.1) {
                 continue;
             }
-            let (metrics, same) = compare(layout, &old, &new, id)?;
+            let (values, same) = compare(&metrics, &old, &new, id)?;
             let shown = |f: &Finished, horizon| f.row(id).is_some() && served(end, horizon);
-            if same && shown(&old, before.1) == shown(&new, after.1) {
+            if same && shown(&old, before_horizon) == shown(&new, after.1) {
                 continue;
             }
             let key = match serde_json::from_str(&id.1) {
@@ -341,7 +362,7 @@ impl Plan {
                 key,
                 late_events: 0,
                 max_lateness_ms: 0,
-                metrics,
+                metrics: values,
             });
         }
         Ok(out)
@@ -351,7 +372,7 @@ impl Plan {
 /// Each metric of row `id` before and after (`{"before", "after", "delta"}`), and whether
 /// every value is the same.
 fn compare(
-    layout: &ViewLayout,
+    names: &[&str],
     before: &Finished,
     after: &Finished,
     id: &(Option<i64>, String),
@@ -359,9 +380,9 @@ fn compare(
     let (b, a) = (before.row(id), after.row(id));
     let mut metrics = Map::new();
     let mut same = b.is_some() == a.is_some();
-    for m in &layout.metrics {
-        let b = b.map_or(Ok(Value::Null), |i| before.value(&m.name, i))?;
-        let a = a.map_or(Ok(Value::Null), |i| after.value(&m.name, i))?;
+    for &name in names {
+        let b = b.map_or(Ok(Value::Null), |i| before.value(name, i))?;
+        let a = a.map_or(Ok(Value::Null), |i| after.value(name, i))?;
         same &= a == b;
         let delta = match (number(&a), number(&b)) {
             (Some(x), Some(y)) => serde_json::Number::from_f64(x - y).map(Value::Number),
@@ -371,7 +392,7 @@ fn compare(
         cell.insert("before".into(), b);
         cell.insert("after".into(), a);
         cell.insert("delta".into(), delta.unwrap_or(Value::Null));
-        metrics.insert(m.name.clone(), Value::Object(cell));
+        metrics.insert(name.to_string(), Value::Object(cell));
     }
     Ok((metrics, same))
 }
@@ -430,8 +451,12 @@ impl Finished {
         self.ends[self.row(id)?]
     }
 
+    /// Metric `metric` of row `row`; null when the definition has no such metric.
     fn value(&self, metric: &str, row: usize) -> PolarsResult<Value> {
-        Ok(json(&self.frame.column(metric)?.get(row)?))
+        match self.frame.column(metric) {
+            Ok(c) => Ok(json(&c.get(row)?)),
+            Err(_) => Ok(Value::Null),
+        }
     }
 }
 

@@ -18,6 +18,7 @@ use super::app::{App, METRICS, error};
 use super::format;
 use super::guard;
 use super::metrics;
+use super::promote::PromoteError;
 use super::query::{QueryError, Served, ViewQuery};
 use super::time::parse_time;
 use super::{candidate, travel};
@@ -32,6 +33,7 @@ pub fn routes() -> Router<Arc<App>> {
     Router::new()
         .route("/v1/pipelines", get(pipelines))
         .route("/v1/pipelines/{pipeline}/events", post(ingest))
+        .route("/v1/pipelines/{pipeline}/promote", post(promote))
         .route("/v1/views/{pipeline}/{view}", get(view))
         .route(
             "/v1/views/{pipeline}/{view}/restatements",
@@ -95,6 +97,29 @@ async fn ingest(State(app): State<Arc<App>>, Path(name): Path<String>, req: Requ
             StatusCode::INTERNAL_SERVER_ERROR,
             format!("ingest task failed: {e}"),
         ),
+    }
+}
+
+/// `POST /v1/pipelines/{pipeline}/promote`: the definition of the pipeline's views in
+/// pipelines/ becomes the one served ([`super::promote`]); 409 when there is nothing to
+/// promote, a view lacks its candidate, or the change takes a restart.
+async fn promote(
+    State(app): State<Arc<App>>,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    if let Err(message) = guard::trigger_content_type(&headers, body.is_empty()) {
+        return error(StatusCode::UNSUPPORTED_MEDIA_TYPE, message);
+    }
+    let served = match served(&app, &name) {
+        Ok(s) => s,
+        Err(r) => return *r,
+    };
+    match super::promote::promote(&served).await {
+        Ok(promoted) => axum::Json(promoted).into_response(),
+        Err(e @ PromoteError::Conflict(_)) => error(StatusCode::CONFLICT, e.to_string()),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
     }
 }
 

@@ -13,6 +13,7 @@ pub mod guard;
 pub mod http;
 pub mod metrics;
 pub mod pickup;
+pub mod promote;
 pub mod query;
 pub mod server;
 pub mod sink;

@@ -16,9 +16,28 @@ use tokio_util::sync::CancellationToken;
 use crate::batch::load_partials;
 use crate::clock::now_ms;
 use crate::lake::Lake;
+use crate::plan::Plan;
 use crate::speed::partials::{BatchView, Snapshot};
 use crate::speed::runtime::PipelineRuntime;
 use crate::state::{Cause, Install, LedgerEntry, Publication, PublicationId, RunId, State};
+
+/// Publication `p` of view `v` as serving installs it: its partials, loaded from the lake.
+pub async fn batch_view(
+    plan: &Plan,
+    lake: &Lake,
+    v: usize,
+    p: &Publication,
+) -> anyhow::Result<BatchView> {
+    Ok(BatchView {
+        publication: p.id,
+        logic_hash: p.logic_hash.clone(),
+        run_id: p.run_id.to_string(),
+        cutoff: p.cutoff.clone(),
+        partials: load_partials(plan, lake, v, p).await?,
+        published_at_ms: p.published_at.timestamp_millis(),
+        horizon_ms: p.horizon_ms,
+    })
+}
 
 /// How often the current publications are read.
 pub const POLL: Duration = Duration::from_millis(250);
@@ -116,7 +135,8 @@ impl Pickup {
             None
         };
         for v in 0..self.loaded.len() {
-            let name = self.rt.pipeline.views[v].name.clone();
+            let plan = self.rt.plan();
+            let name = plan.pipeline().views[v].name.clone();
             let current = match self.db.current_publication(&pipeline, &name).await {
                 Ok(Some(p)) => p,
                 Ok(None) => continue,
@@ -125,33 +145,31 @@ impl Pickup {
                     continue;
                 }
             };
+            if self.loaded[v] != Some(current.id) && self.rt.installed(v) == Some(current.id) {
+                // Installed by a promote.
+                self.loaded[v] = Some(current.id);
+                self.runs[v] = Some(current.run_id);
+            }
             if self.loaded[v] == Some(current.id) || self.refused[v] == Some(current.id) {
                 continue;
             }
-            if current.logic_hash != self.rt.plan.logic_hash(v) {
+            if current.logic_hash != plan.logic_hash(v) {
                 // Computed by a different definition of the view than this server runs (the
                 // spec changed): serving it would mix two logics. The speed layer keeps
                 // answering until a run with this logic publishes.
                 tracing::warn!(
                     %pipeline, view = %name, publication = current.id.0,
-                    "published batch view was computed by other logic; not serving it (run `lambda-ctl run {pipeline}`)"
+                    "published batch view was computed by another definition than this server runs; not serving it (`lambda-ctl promote {pipeline}` switches the server to the definition in pipelines/)"
                 );
                 self.refused[v] = Some(current.id);
                 continue;
             }
-            let partials = match load_partials(&self.rt.plan, &self.lake, v, &current).await {
-                Ok(df) => df,
+            let batch = match batch_view(&plan, &self.lake, v, &current).await {
+                Ok(b) => b,
                 Err(e) => {
                     tracing::warn!(%pipeline, view = %name, publication = current.id.0, error = %format!("{e:#}"), "cannot load the published batch view");
                     continue;
                 }
-            };
-            let batch = BatchView {
-                run_id: current.run_id.to_string(),
-                cutoff: current.cutoff.clone(),
-                partials,
-                published_at_ms: current.published_at.timestamp_millis(),
-                horizon_ms: current.horizon_ms,
             };
             // A publication of a run that restated history (refreshed lookups) replacing one
             // from before it changes rows already served: what it changed goes to the ledger.
@@ -159,19 +177,26 @@ impl Pickup {
                 (Some(old), Some(r)) => old < r && r <= current.run_id,
                 _ => false,
             };
-            let at = if restating {
-                let (before, after) = self.rt.publish_between(v, batch);
-                let at = after.tick;
+            let installed = if restating {
+                self.rt.publish_between(v, batch).map(|(before, after)| {
+                    let at = after.tick;
+                    (at, Some((before, after)))
+                })
+            } else {
+                self.rt.publish(v, batch).map(|at| (at, None))
+            };
+            let Some((at, restated)) = installed else {
+                // A promote switched the definition since it was read: the next poll sees.
+                continue;
+            };
+            if let Some((before, after)) = restated {
                 match self.changed(v, &current, before, after).await {
                     Ok(entries) => self.unrecorded.extend(entries),
                     Err(e) => {
                         tracing::error!(%pipeline, view = %name, publication = current.id.0, error = %format!("{e:#}"), "cannot tell which rows the publication restated: it is served, but its rows are missing from the restatement ledger (a bug: report it with this error; the answers are unaffected)");
                     }
                 }
-                at
-            } else {
-                self.rt.publish(v, batch)
-            };
+            }
             self.installs.push(Install {
                 pipeline: pipeline.clone(),
                 view: name.clone(),
@@ -186,14 +211,15 @@ impl Pickup {
         if first {
             // What a view without a publication serves from the start: the speed layer alone,
             // by this server's logic.
+            let plan = self.rt.plan();
             for v in (0..self.loaded.len()).filter(|v| self.loaded[*v].is_none()) {
                 let at = self.rt.mark_served();
                 self.installs.push(Install {
                     pipeline: pipeline.clone(),
-                    view: self.rt.pipeline.views[v].name.clone(),
+                    view: plan.pipeline().views[v].name.clone(),
                     at_ns: at.ns(),
                     publication: None,
-                    logic_hash: self.rt.plan.logic_hash(v),
+                    logic_hash: plan.logic_hash(v),
                 });
             }
         }
@@ -226,7 +252,8 @@ impl Pickup {
     ) -> anyhow::Result<Vec<LedgerEntry>> {
         let horizon = |s: &Snapshot| s.batch.as_ref().and_then(|b| b.horizon_ms);
         let (hb, ha) = (horizon(&before), horizon(&after));
-        let plan = self.rt.plan.clone();
+        // The plan the snapshots were taken with.
+        let plan = after.plan.clone();
         let rows = tokio::task::spawn_blocking(move || {
             plan.changed(v, (&before.frames(), hb), (&after.frames(), ha))
         })

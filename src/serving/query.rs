@@ -14,6 +14,7 @@ use serde_json::Value;
 use super::format::{rows_json, rows_json_at};
 use super::time::{parse_instant, parse_time};
 use crate::clock::{Tick, format_ms, format_ns, now_ms};
+use crate::plan::Plan;
 use crate::spec::{View, Window};
 use crate::speed::runtime::PipelineRuntime;
 
@@ -221,7 +222,7 @@ impl Served {
         let finished = self.answers.get_background(&self.runtime, view_idx)?;
         let df = match &finished.frame {
             Some(df) => df.clone(),
-            None => DataFrame::empty_with_schema(&self.runtime.plan.output_schema(view_idx)),
+            None => DataFrame::empty_with_schema(&finished.plan.output_schema(view_idx)),
         };
         Ok((df, as_of(&self.runtime, &finished)))
     }
@@ -233,9 +234,10 @@ fn query(
     view_idx: usize,
     q: &ViewQuery,
 ) -> Result<Answer, QueryError> {
-    let view = &rt.pipeline.views[view_idx];
-    check_filters(view, q)?;
     let finished = answers.get(rt, view_idx)?;
+    // The definition the answer was computed by (a promote may have switched it since).
+    let view = &finished.plan.pipeline().views[view_idx];
+    check_filters(view, q)?;
     let cols = columns(view);
     // The all-time window has no start; it spans every range.
     let all_time = view.window == Window::All;
@@ -250,7 +252,7 @@ fn query(
         }
     };
     if q.origin {
-        let (from_batch, from_speed) = finished.origins(rt, view_idx)?;
+        let (from_batch, from_speed) = finished.origins(view_idx)?;
         for row in &mut rows {
             let k = group_key(view, row);
             let origin = match (from_batch.contains(&k), from_speed.contains(&k)) {
@@ -290,6 +292,8 @@ pub(super) fn check_filters(view: &View, q: &ViewQuery) -> Result<(), QueryError
 struct Finished {
     /// [`PipelineRuntime::version`] it was computed at.
     version: u64,
+    /// The definition it was computed by.
+    plan: Arc<Plan>,
     /// `None` when neither layer has partials.
     frame: Option<DataFrame>,
     as_of: AsOf,
@@ -315,32 +319,28 @@ fn group_key(view: &View, row: &Value) -> String {
 
 /// Merges and finishes partial frames; `None` when there are none.
 fn finish_all(
-    rt: &PipelineRuntime,
+    plan: &Plan,
     view_idx: usize,
     frames: Vec<DataFrame>,
 ) -> PolarsResult<Option<DataFrame>> {
     if frames.is_empty() {
         return Ok(None);
     }
-    let merged = rt.plan.merge(view_idx, frames)?;
-    Ok(Some(rt.plan.finish(view_idx, merged)?))
+    let merged = plan.merge(view_idx, frames)?;
+    Ok(Some(plan.finish(view_idx, merged)?))
 }
 
 impl Finished {
     /// The group keys of the batch layer's answer and of the speed layer's answer (each
     /// finished alone), to tag rows with the layer they come from. Costs two extra merges,
     /// once per version; the dashboard asks for it.
-    fn origins(
-        &self,
-        rt: &PipelineRuntime,
-        view_idx: usize,
-    ) -> PolarsResult<&(HashSet<String>, HashSet<String>)> {
+    fn origins(&self, view_idx: usize) -> PolarsResult<&(HashSet<String>, HashSet<String>)> {
         if let Some(o) = self.origins.get() {
             return Ok(o);
         }
-        let view = &rt.pipeline.views[view_idx];
+        let view = &self.plan.pipeline().views[view_idx];
         let keys = |frames: &[DataFrame]| -> PolarsResult<HashSet<String>> {
-            Ok(finish_all(rt, view_idx, frames.to_vec())?
+            Ok(finish_all(&self.plan, view_idx, frames.to_vec())?
                 .map(|df| rows_json(&df).iter().map(|r| group_key(view, r)).collect())
                 .unwrap_or_default())
         };
@@ -506,7 +506,7 @@ fn compute(rt: &PipelineRuntime, view_idx: usize) -> PolarsResult<Finished> {
     let mut frames = snap.speed.clone();
     frames.extend(batch.iter().cloned());
     let horizon = snap.batch.as_ref().and_then(|b| b.horizon_ms);
-    let frame = finish(&rt.plan, view_idx, frames, horizon)?;
+    let frame = finish(&snap.plan, view_idx, frames, horizon)?;
     let as_of = AsOf {
         at: format_ns(snap.tick.ns()),
         batch_run: snap.batch.as_ref().map(|b| b.run_id.clone()),
@@ -525,13 +525,14 @@ fn compute(rt: &PipelineRuntime, view_idx: usize) -> PolarsResult<Finished> {
     };
     Ok(Finished {
         version: snap.version,
+        index: RowIndex::new(&snap.plan.pipeline().views[view_idx].group_by),
+        plan: snap.plan,
         frame,
         as_of,
         rows: OnceLock::new(),
         batch,
         speed: snap.speed,
         origins: OnceLock::new(),
-        index: RowIndex::new(&rt.pipeline.views[view_idx].group_by),
     })
 }
 
@@ -570,17 +571,17 @@ fn frame(
     view_idx: usize,
     q: &ViewQuery,
 ) -> Result<(DataFrame, AsOf), QueryError> {
-    let view = &rt.pipeline.views[view_idx];
+    let finished = answers.get(rt, view_idx)?;
+    let view = &finished.plan.pipeline().views[view_idx];
     if let Some((c, _)) = q.filters.iter().find(|(c, _)| !view.group_by.contains(c)) {
         return Err(QueryError::BadRequest(format!(
             "`{c}` is not a group_by column of view `{}`",
             view.name
         )));
     }
-    let finished = answers.get(rt, view_idx)?;
     let all_time = view.window == Window::All;
     let df = match &finished.frame {
-        None => DataFrame::empty_with_schema(&rt.plan.output_schema(view_idx)),
+        None => DataFrame::empty_with_schema(&finished.plan.output_schema(view_idx)),
         Some(df) if q.filters.is_empty() && q.from.is_none() && q.to.is_none() => df.clone(),
         Some(df) if !finished.index.warm() => filter(df.clone(), q, all_time)?,
         Some(df) => {

@@ -46,7 +46,7 @@ pub async fn answer_as_of(
             .map_err(|e| QueryError::Other(e.to_string()))?;
     };
     Ok(Answer {
-        columns: super::query::columns(&served.runtime.pipeline.views[view_idx]),
+        columns: super::query::columns(&served.runtime.plan().pipeline().views[view_idx]),
         rows: rows_json(&df),
         as_of,
     })
@@ -76,7 +76,8 @@ async fn travel(
     at: Tick,
 ) -> Result<Option<(DataFrame, AsOf)>, QueryError> {
     let rt = served.runtime.clone();
-    let view = &rt.pipeline.views[view_idx];
+    let plan = rt.plan();
+    let view = &plan.pipeline().views[view_idx];
     check_filters(view, q)?;
     if at >= rt.tick() {
         return Ok(None);
@@ -109,7 +110,7 @@ async fn travel(
             (found, Some(install.logic_hash))
         }
     };
-    if logic.is_some_and(|l| l != rt.plan.logic_hash(view_idx)) {
+    if logic.is_some_and(|l| l != plan.logic_hash(view_idx)) {
         return Err(QueryError::Gone(format!(
             "view `{}` was computed by another definition at {}; answers reach back to when its definition last changed",
             view.name,
@@ -118,7 +119,7 @@ async fn travel(
     }
     let batch = match &publication {
         Some(p) => Some(
-            load_partials(&rt.plan, rt.lake(), view_idx, p)
+            load_partials(&plan, rt.lake(), view_idx, p)
                 .await
                 .map_err(|e| {
                     QueryError::Gone(format!(
@@ -144,7 +145,6 @@ async fn travel(
         .await
         .map_err(internal)?;
 
-    let plan = rt.plan.clone();
     let q = q.clone();
     let horizon = publication.as_ref().and_then(|p| p.horizon_ms);
     let (df, mut as_of) = tokio::task::spawn_blocking(move || {

@@ -14,18 +14,21 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use bytes::Bytes;
+use futures::future::BoxFuture;
 use polars::prelude::*;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use super::log;
+use super::partials::{Snapshot, SpeedState};
 use super::record::{
     ARRIVAL_COLUMN, OFFSET_COLUMN, concat_frames, decode_records, time_range, with_positions,
 };
-use super::runtime::{Batch, LOG_PARTITION, PipelineRuntime};
+use super::recovery;
+use super::runtime::{Batch, LOG_PARTITION, PipelineRuntime, Serve, Switch, Switched};
 use crate::clock::now_ms;
 use crate::lake;
-use crate::plan::{LookupSet, Restating, json};
+use crate::plan::{LookupSet, Plan, Restating, json};
 use crate::state::{Cause, LedgerEntry, Segment};
 
 /// Longest wait between attempts to rebuild the open segment after a failure.
@@ -75,6 +78,7 @@ impl Aggregator {
     pub(super) async fn run(
         mut self,
         mut rx: mpsc::Receiver<log::Durable<Batch>>,
+        mut switches: mpsc::Receiver<Switch>,
         shutdown: CancellationToken,
     ) {
         let age = self.rt.pipeline.archive.segment_age;
@@ -94,6 +98,13 @@ impl Aggregator {
                     {
                         self.fail(e, "speed layer failed to apply a micro-batch");
                     }
+                }
+                Some(switch) = switches.recv() => {
+                    let result = self.switch(switch.plan, switch.serve, switch.commit).await;
+                    if let Err(e) = &result {
+                        tracing::warn!(pipeline = %self.rt.pipeline.name, error = %format!("{e:#}"), "switching the definition failed; the pipeline runs the one it ran");
+                    }
+                    let _ = switch.done.send(result);
                 }
                 _ = tick.tick() => {}
                 _ = shutdown.cancelled() => break,
@@ -172,7 +183,7 @@ impl Aggregator {
             return Ok(());
         }
         let dir = rt.log.dir().to_path_buf();
-        let plan = rt.plan.clone();
+        let plan = rt.plan();
         let events = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
             let mut records = log::read_from(&dir, lo)?;
             records.retain(|(offset, _)| *offset < end);
@@ -194,6 +205,74 @@ impl Aggregator {
             },
         )])
         .await
+    }
+
+    /// A switch of the definition ([`PipelineRuntime::switch`]): the speed layer's partials by
+    /// `plan` beside the ones served, `commit`, then both installed under one lock.
+    async fn switch(
+        &mut self,
+        plan: Arc<Plan>,
+        serve: Vec<Serve>,
+        commit: BoxFuture<'static, anyhow::Result<()>>,
+    ) -> anyhow::Result<Switched> {
+        anyhow::ensure!(
+            self.rebuild_at.is_none(),
+            "the speed layer is rebuilding its open segment after a failure (see the server's log); promote again once it has"
+        );
+        anyhow::ensure!(
+            serve.len() == plan.pipeline().views.len(),
+            "{} views to serve for {} views",
+            serve.len(),
+            plan.pipeline().views.len()
+        );
+        let rt = self.rt.clone();
+        let mut next = SpeedState::new(serve.len());
+        {
+            let st = rt.state.read();
+            for (v, s) in serve.iter().enumerate() {
+                next.batch[v] = match s {
+                    Serve::Keep => st.batch.get(v).cloned().flatten(),
+                    Serve::Batch(b) => b.clone(),
+                };
+            }
+        }
+        // Sealed segments from the lake; the open one from the events it holds. Nothing is
+        // sealed or absorbed meanwhile: this task does both.
+        recovery::uncovered_segments(&plan, &rt.lookups, &rt.db, &rt.lake, &mut next).await?;
+        if self.rows > 0 {
+            let (frames, lookups, p) = (self.events.clone(), self.lookups.clone(), plan.clone());
+            let parts = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
+                Ok(p.partials_all(concat_frames(frames)?, &lookups)?)
+            })
+            .await??;
+            next.absorb(&plan, LOG_PARTITION, self.lo, self.next, self.rows, parts)?;
+        }
+        commit.await?;
+        let mut st = rt.state.write();
+        // A kept view serves the batch view installed last (pickup may have installed a newer
+        // one meanwhile: it covers more, and the segments it covers are skipped by answers).
+        for (v, s) in serve.iter().enumerate() {
+            if let Serve::Keep = s {
+                next.batch[v] = st.batch.get(v).cloned().flatten();
+            }
+        }
+        let old = rt.plan();
+        let changed: Vec<usize> = (0..serve.len())
+            .filter(|v| matches!(serve[*v], Serve::Batch(_)))
+            .collect();
+        let before: Vec<Snapshot> = changed
+            .iter()
+            .map(|v| st.snapshot(*v, old.clone()))
+            .collect();
+        st.switch_to(next);
+        *rt.definition.write() = plan.clone();
+        let at = rt.place_install(&mut st);
+        let changed = changed
+            .into_iter()
+            .zip(before)
+            .map(|(v, before)| (v, before, st.snapshot(v, plan.clone())))
+            .collect();
+        Ok(Switched { at, old, changed })
     }
 
     /// Absorbs the open segment replayed from the log at start (before the task runs); when
@@ -253,7 +332,7 @@ impl Aggregator {
             tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
                 let events = concat_frames(frames)?;
                 let arrivals = arrival_runs(&events, again)?;
-                let masked = rt.plan.partials_masked(events.clone(), &lookups)?;
+                let masked = rt.plan().partials_masked(events.clone(), &lookups)?;
                 // An event a lookup rejected is counted as rejected, not as filtered.
                 let keep = match (&masked.filter, masked.rejected.is_empty()) {
                     (Some(f), false) => {
@@ -278,7 +357,7 @@ impl Aggregator {
         );
         {
             let mut st = self.rt.state.write();
-            st.absorb(&self.rt.plan, LOG_PARTITION, self.lo, next, rows, parts)?;
+            st.absorb(&self.rt.plan(), LOG_PARTITION, self.lo, next, rows, parts)?;
             // The instant the state stands for moves past these events, in the same step.
             st.tick = arrivals
                 .iter()
@@ -437,8 +516,9 @@ fn restated(
 ) -> anyhow::Result<Vec<LedgerEntry>> {
     let mut out = Vec::new();
     let at = now_ms();
-    for (v, view) in rt.pipeline.views.iter().enumerate() {
-        if !rt.plan.has_window_ends(v) {
+    let plan = rt.plan();
+    for (v, view) in plan.pipeline().views.iter().enumerate() {
+        if !plan.has_window_ends(v) {
             continue;
         }
         let (others, own, horizon_ms) = rt.state.read().around(v, LOG_PARTITION, lo);
@@ -448,8 +528,7 @@ fn restated(
             horizon_ms,
         };
         let rows = anyhow::Context::with_context(
-            rt.plan
-                .restated(v, events, ARRIVAL_COLUMN, lookups, &served),
+            plan.restated(v, events, ARRIVAL_COLUMN, lookups, &served),
             || format!("finding what late events restated in view `{}`", view.name),
         )?;
         out.extend(rows.into_iter().map(|r| LedgerEntry {

@@ -36,7 +36,7 @@ pub struct LineError {
 impl PipelineRuntime {
     /// The door: NDJSON/CSV bytes in; returns after every accepted event is durable.
     pub async fn ingest(&self, body: Bytes) -> anyhow::Result<IngestReport> {
-        let plan = self.plan.clone();
+        let plan = self.plan();
         let decoded = if body.len() > 64 * 1024 {
             let b = body.clone();
             tokio::task::spawn_blocking(move || plan.decode(&b)).await?

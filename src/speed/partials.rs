@@ -7,11 +7,13 @@
 //! and a segment's partials are freed once every view's published batch covers it.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use polars::prelude::*;
 
 use crate::clock::Tick;
 use crate::plan::Plan;
+use crate::state::PublicationId;
 
 /// Merge a segment's pending partial frames of a view once there are this many.
 const MAX_PENDING: usize = 8;
@@ -29,6 +31,10 @@ pub struct SegmentPartials {
 /// A published batch view as served: the partials and the positions they cover.
 #[derive(Clone)]
 pub struct BatchView {
+    /// The publication it is.
+    pub publication: PublicationId,
+    /// The definition of the view that computed it.
+    pub logic_hash: String,
     pub run_id: String,
     /// partition → first position NOT covered.
     pub cutoff: BTreeMap<u32, u64>,
@@ -73,6 +79,8 @@ pub struct Snapshot {
     pub speed_events: u64,
     /// [`SpeedState::tick`] the snapshot was taken at.
     pub tick: Tick,
+    /// The definition the partials were computed by, to merge and finish them with.
+    pub plan: Arc<Plan>,
 }
 
 impl Snapshot {
@@ -171,7 +179,20 @@ impl SpeedState {
         });
     }
 
-    pub fn snapshot(&self, view: usize) -> Snapshot {
+    /// Takes `next`'s partials and batch views — a switch of the definition — keeping the
+    /// instant it stands for and the positions absorbed.
+    pub fn switch_to(&mut self, next: SpeedState) {
+        self.version += 1;
+        self.segments = next.segments;
+        self.batch = next.batch;
+    }
+
+    /// The publication view `view` serves, if any.
+    pub fn installed(&self, view: usize) -> Option<PublicationId> {
+        Some(self.batch.get(view)?.as_ref()?.publication)
+    }
+
+    pub fn snapshot(&self, view: usize, plan: Arc<Plan>) -> Snapshot {
         let batch = self.batch.get(view).cloned().flatten();
         let mut speed = Vec::new();
         let (mut speed_segments, mut speed_events) = (0, 0);
@@ -190,6 +211,7 @@ impl SpeedState {
             speed_segments,
             speed_events,
             tick: self.tick,
+            plan,
         }
     }
 

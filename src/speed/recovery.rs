@@ -72,7 +72,7 @@ pub(super) async fn sealed_segments(
         _ => Default::default(),
     };
     let mut skipped = 0usize;
-    let mut sets: Vec<(Option<String>, LookupSet)> = Vec::new();
+    let mut sets = RecordedSets::default();
     for seg in &segments {
         let is_covered = covered.as_ref().is_some_and(|c| state::is_covered(c, seg));
         // Ids that arrived within the dedupe window are in segments sealed after its start.
@@ -85,12 +85,7 @@ pub(super) async fn sealed_segments(
             skipped += 1;
             continue;
         }
-        let bytes = lake
-            .get(&seg.path)
-            .await
-            .with_context(|| format!("reading segment {}", seg.path))?;
-        let events =
-            read_parquet(bytes).with_context(|| format!("decoding segment {}", seg.path))?;
+        let events = read_segment(lake, seg).await?;
         if let Some(r) = recent
             && seg.max_event_ms.is_some()
         {
@@ -99,30 +94,8 @@ pub(super) async fn sealed_segments(
         if is_covered {
             continue;
         }
-        // Enriched with the versions the segment recorded: the partials it had when sealed.
-        // (Consecutive segments mostly recorded the same ones: each set is loaded once.)
-        let set = match sets.iter().find(|(r, _)| *r == seg.lookups) {
-            Some((_, set)) => set.clone(),
-            None => {
-                let set = lookups
-                    .recorded(seg.lookups.as_deref())
-                    .await
-                    .with_context(|| format!("lookup versions of segment {}", seg.path))?;
-                sets.push((seg.lookups.clone(), set.clone()));
-                set
-            }
-        };
-        let parts = partials_of(plan, &events, &set)?;
-        let mut st = speed.write();
-        st.absorb(
-            plan,
-            seg.partition,
-            seg.lo,
-            seg.hi,
-            events.height() as u64,
-            parts,
-        )?;
-        st.seal(seg.partition, seg.lo, seg.hi);
+        let set = sets.of(lookups, seg).await?;
+        absorb_sealed(plan, &mut speed.write(), seg, &events, &set)?;
     }
     if skipped > 0 {
         tracing::info!(
@@ -131,6 +104,82 @@ pub(super) async fn sealed_segments(
             "sealed segments covered by the published batch views are served from them, not read"
         );
     }
+    Ok(())
+}
+
+/// The partials, by `plan`, of every sealed segment of the pipeline that the batch views in
+/// `speed` (installed beforehand) do not all cover — what a switch of the definition serves
+/// beside them. Segments are read from the lake as [`sealed_segments`] reads them.
+pub(super) async fn uncovered_segments(
+    plan: &Plan,
+    lookups: &Lookups,
+    db: &State,
+    lake: &Lake,
+    speed: &mut SpeedState,
+) -> anyhow::Result<()> {
+    let mut sets = RecordedSets::default();
+    for seg in db.segments(&plan.pipeline().name).await? {
+        let covered = speed
+            .batch
+            .iter()
+            .all(|b| b.as_ref().is_some_and(|b| b.covers(seg.partition, seg.hi)));
+        if covered {
+            continue;
+        }
+        let events = read_segment(lake, &seg).await?;
+        let set = sets.of(lookups, &seg).await?;
+        absorb_sealed(plan, speed, &seg, &events, &set)?;
+    }
+    Ok(())
+}
+
+/// The lookup versions segments recorded, each set loaded once (consecutive segments mostly
+/// recorded the same ones).
+#[derive(Default)]
+struct RecordedSets(Vec<(Option<String>, LookupSet)>);
+
+impl RecordedSets {
+    /// The versions segment `seg` was enriched with: the partials it had when sealed.
+    async fn of(&mut self, lookups: &Lookups, seg: &state::Segment) -> anyhow::Result<LookupSet> {
+        if let Some((_, set)) = self.0.iter().find(|(r, _)| *r == seg.lookups) {
+            return Ok(set.clone());
+        }
+        let set = lookups
+            .recorded(seg.lookups.as_deref())
+            .await
+            .with_context(|| format!("lookup versions of segment {}", seg.path))?;
+        self.0.push((seg.lookups.clone(), set.clone()));
+        Ok(set)
+    }
+}
+
+/// A sealed segment's events, from the lake.
+async fn read_segment(lake: &Lake, seg: &state::Segment) -> anyhow::Result<DataFrame> {
+    let bytes = lake
+        .get(&seg.path)
+        .await
+        .with_context(|| format!("reading segment {}", seg.path))?;
+    read_parquet(bytes).with_context(|| format!("decoding segment {}", seg.path))
+}
+
+/// Absorbs sealed segment `seg`'s `events`, enriched with `set`, into `speed` by `plan`.
+fn absorb_sealed(
+    plan: &Plan,
+    speed: &mut SpeedState,
+    seg: &state::Segment,
+    events: &DataFrame,
+    set: &LookupSet,
+) -> anyhow::Result<()> {
+    let parts = partials_of(plan, events, set)?;
+    speed.absorb(
+        plan,
+        seg.partition,
+        seg.lo,
+        seg.hi,
+        events.height() as u64,
+        parts,
+    )?;
+    speed.seal(seg.partition, seg.lo, seg.hi);
     Ok(())
 }
 

@@ -17,9 +17,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
+use futures::future::BoxFuture;
 use parking_lot::{Mutex, RwLock};
 use polars::prelude::*;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 
 use super::aggregator::Aggregator;
@@ -82,6 +83,33 @@ impl Default for Counters {
     }
 }
 
+/// What a view serves after a switch of the definition ([`PipelineRuntime::switch`]).
+pub enum Serve {
+    /// The batch view it serves at the switch (its definition did not change).
+    Keep,
+    /// This batch view (or none: the speed layer alone), computed by the new definition.
+    Batch(Option<BatchView>),
+}
+
+/// A switch of the definition, for the aggregator (see [`PipelineRuntime::switch`]).
+pub(super) struct Switch {
+    pub plan: Arc<Plan>,
+    pub serve: Vec<Serve>,
+    pub commit: BoxFuture<'static, anyhow::Result<()>>,
+    pub done: oneshot::Sender<anyhow::Result<Switched>>,
+}
+
+/// A switch of the definition, done.
+pub struct Switched {
+    /// The instant of the switch.
+    pub at: Tick,
+    /// The definition before it.
+    pub old: Arc<Plan>,
+    /// Per view given a batch view: what it served just before and just after the switch
+    /// (taken under the lock of the switch), to record what the new definition changed.
+    pub changed: Vec<(usize, Snapshot, Snapshot)>,
+}
+
 /// Decoded events travelling with their log records to the aggregator (their arrival time is
 /// the one the log stamped them with, or for replayed events their `_arrival` column).
 pub struct Batch {
@@ -91,8 +119,18 @@ pub struct Batch {
 }
 
 pub struct PipelineRuntime {
+    /// The pipeline as it started: its name, source, schema, lookups, archive and dedupe
+    /// settings, which a promote never changes. Its views as they run now — a promote may have
+    /// changed them — are [`Self::plan`]'s (`plan().pipeline().views`).
     pub pipeline: Arc<Pipeline>,
-    pub plan: Arc<Plan>,
+    /// The definition the speed layer runs and serving finishes with: swapped, under the state
+    /// lock, by a promote ([`Self::switch`]); a [`Snapshot`] carries the one it was taken with.
+    pub(super) definition: RwLock<Arc<Plan>>,
+    /// Held while the definition is being switched, and by batch runs of the server's own
+    /// workflows: a run never publishes a definition the server no longer runs.
+    switching: Arc<tokio::sync::Mutex<()>>,
+    /// To the aggregator, which switches the definition between micro-batches.
+    switches: mpsc::Sender<Switch>,
     /// The pipeline's lookup tables: the current versions (what a segment opening now is
     /// enriched with), the versions segments recorded, refresh figures.
     pub lookups: Arc<Lookups>,
@@ -181,6 +219,7 @@ impl PipelineRuntime {
         let log_dir = log_dir.join(&name).join(format!("p={LOG_PARTITION}"));
         recovery::ensure_log_starts_at(&log_dir, checkpoint)?;
         let (tx, rx) = mpsc::channel(AGGREGATOR_QUEUE);
+        let (switch_tx, switch_rx) = mpsc::channel(1);
         let stamps = Arc::new(Stamps::default());
         let stamper = Stamper {
             stamps: stamps.clone(),
@@ -197,7 +236,9 @@ impl PipelineRuntime {
 
         let rt = Arc::new(PipelineRuntime {
             pipeline: pipeline.clone(),
-            plan: plan.clone(),
+            definition: RwLock::new(plan.clone()),
+            switching: Arc::new(tokio::sync::Mutex::new(())),
+            switches: switch_tx,
             lookups: lookups.clone(),
             state: speed,
             counters,
@@ -231,8 +272,19 @@ impl PipelineRuntime {
                 st.tick = Tick { ms: start, n: 0 };
             }
         }
-        tokio::spawn(aggregator.run(rx, shutdown));
+        tokio::spawn(aggregator.run(rx, switch_rx, shutdown));
         Ok(rt)
+    }
+
+    /// The definition the pipeline runs now (its views as [`Plan::pipeline`]).
+    pub fn plan(&self) -> Arc<Plan> {
+        self.definition.read().clone()
+    }
+
+    /// Held while a promote switches the definition; a batch run of the server's workflows
+    /// holds it too, and computes [`Self::plan`] taken under it.
+    pub fn switching(&self) -> Arc<tokio::sync::Mutex<()>> {
+        self.switching.clone()
     }
 
     /// The state DB the pipeline records its archive (and restatement ledger) in.
@@ -275,14 +327,17 @@ impl PipelineRuntime {
             "the write-ahead log holds {} of the positions {from}..{end}",
             records.len()
         );
-        let events = super::record::decode_records(&self.plan, &records)?;
+        let events = super::record::decode_records(&self.plan(), &records)?;
         Ok(Some(super::record::with_positions(events, from..end, 0)?))
     }
 
     /// What a query of view `view` merges — the published batch view and the speed partials
     /// of the segments it does not cover — taken under one lock.
     pub fn snapshot(&self, view: usize) -> Snapshot {
-        self.state.read().snapshot(view)
+        let st = self.state.read();
+        // Under the state lock: a switch changes both under it.
+        let plan = self.plan();
+        st.snapshot(view, plan)
     }
 
     /// Changes with every absorb, seal and publish: an answer computed from a snapshot of this
@@ -293,16 +348,21 @@ impl PipelineRuntime {
 
     /// Installs a published batch view of view `view` (serving's pickup); the segments every
     /// view's batch now covers are freed. Returns the instant of the install, for the record
-    /// of what was served when ([`crate::state::State::record_served`]).
-    pub fn publish(&self, view: usize, batch: BatchView) -> Tick {
+    /// of what was served when ([`crate::state::State::record_served`]); `None`, installing
+    /// nothing, when the batch view was computed by another definition than the one running
+    /// (a promote switched it meanwhile).
+    pub fn publish(&self, view: usize, batch: BatchView) -> Option<Tick> {
         let mut st = self.state.write();
+        if batch.logic_hash != self.plan().logic_hash(view) {
+            return None;
+        }
         let tick = self.place_install(&mut st);
         st.publish(view, batch);
-        tick
+        Some(tick)
     }
 
     /// Moves the served state (whose lock the caller holds) to the instant of an install.
-    fn place_install(&self, st: &mut SpeedState) -> Tick {
+    pub(super) fn place_install(&self, st: &mut SpeedState) -> Tick {
         st.tick = self.stamps.install(st.absorbed, st.tick);
         st.tick
     }
@@ -310,12 +370,47 @@ impl PipelineRuntime {
     /// [`Self::publish`], returning what view `view` served just before and just after the
     /// switch (taken under the same lock as the switch), to record what the publication
     /// changed.
-    pub fn publish_between(&self, view: usize, batch: BatchView) -> (Snapshot, Snapshot) {
+    pub fn publish_between(&self, view: usize, batch: BatchView) -> Option<(Snapshot, Snapshot)> {
         let mut st = self.state.write();
-        let before = st.snapshot(view);
+        let plan = self.plan();
+        if batch.logic_hash != plan.logic_hash(view) {
+            return None;
+        }
+        let before = st.snapshot(view, plan.clone());
         self.place_install(&mut st);
         st.publish(view, batch);
-        (before, st.snapshot(view))
+        Some((before, st.snapshot(view, plan)))
+    }
+
+    /// Switches the definition the pipeline runs to `plan` (a promote; the caller holds
+    /// [`Self::switching`]). The aggregator, between micro-batches, computes the partials by
+    /// `plan` of every sealed segment the batch views of `serve` do not all cover and of the
+    /// open segment, beside the state served now; then runs `commit` (the state DB's switch of
+    /// the publications), and installs the new partials, batch views and definition under one
+    /// lock. An answer is the old definition's or the new one's, never a mix. Ingest waits
+    /// meanwhile (what arrives is in the log); when anything fails before the install, nothing
+    /// changed.
+    pub async fn switch(
+        &self,
+        plan: Arc<Plan>,
+        serve: Vec<Serve>,
+        commit: BoxFuture<'static, anyhow::Result<()>>,
+    ) -> anyhow::Result<Switched> {
+        let (done, result) = oneshot::channel();
+        let switch = Switch {
+            plan,
+            serve,
+            commit,
+            done,
+        };
+        let stopped = || anyhow::anyhow!("the pipeline's speed layer has stopped");
+        self.switches.send(switch).await.map_err(|_| stopped())?;
+        result.await.map_err(|_| stopped())?
+    }
+
+    /// The publication view `view` serves now, if any.
+    pub fn installed(&self, view: usize) -> Option<crate::state::PublicationId> {
+        self.state.read().installed(view)
     }
 
     /// The instant from which serving answers with what it holds now — the first thing a

@@ -96,8 +96,8 @@ pub(super) fn served(rt: &PipelineRuntime) -> (u64, f64) {
     if snap.speed.is_empty() {
         return (0, 0.0);
     }
-    let merged = rt.plan.merge(0, snap.speed).unwrap();
-    let answer = rt.plan.finish(0, merged).unwrap();
+    let merged = snap.plan.merge(0, snap.speed.clone()).unwrap();
+    let answer = snap.plan.finish(0, merged).unwrap();
     let n = answer.column("n").unwrap().cast(&DataType::UInt64).unwrap();
     let total = answer
         .column("total")

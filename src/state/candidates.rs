@@ -1,7 +1,9 @@
 //! Candidate view versions (blue/green): computed by an edited definition beside the live
 //! version, recorded as publications that are not current.
 
-use super::publications::{INSERT, PublicationRow, bind_version};
+use super::publications::{
+    INSERT, MAKE_FIRST_CURRENT, PublicationRow, REPLACE_CURRENT, SELECT_CURRENT_ID, bind_version,
+};
 use super::{NewPublication, Publication, PublicationId, State, StateError, db, now, to_db};
 
 /// A view's candidate version and the live one it was computed beside.
@@ -105,6 +107,72 @@ impl State {
             .await)
         .map_err(db("read candidates"))?;
         rows.into_iter().map(CandidateRow::into_candidate).collect()
+    }
+
+    /// Promotes: makes each `(view, expected, new)` of `pipeline` current — `new` replacing
+    /// `expected` (`None`: the view had none) — and forgets the pipeline's candidates, in one
+    /// transaction, so a reader sees every view switched or none. Fails with
+    /// [`StateError::PublicationRaced`], changing nothing, when a view's current version is no
+    /// longer `expected` (a batch run published meanwhile).
+    pub async fn promote(
+        &self,
+        pipeline: &str,
+        switches: &[(String, Option<PublicationId>, PublicationId)],
+    ) -> Result<(), StateError> {
+        const DELETE: &str = "DELETE FROM candidates WHERE pipeline = $1";
+        on_pool!(self, |pool| {
+            let mut tx = pool.begin().await.map_err(db("promote"))?;
+            for (view, expected, new) in switches {
+                if *expected == Some(*new) {
+                    continue;
+                }
+                let switched = match expected {
+                    None => {
+                        sqlx::query(MAKE_FIRST_CURRENT)
+                            .bind(pipeline)
+                            .bind(view)
+                            .bind(new.0)
+                            .execute(&mut *tx)
+                            .await
+                    }
+                    Some(old) => {
+                        sqlx::query(REPLACE_CURRENT)
+                            .bind(pipeline)
+                            .bind(view)
+                            .bind(new.0)
+                            .bind(old.0)
+                            .execute(&mut *tx)
+                            .await
+                    }
+                }
+                .map_err(db("promote: switch current version"))?
+                .rows_affected();
+                if switched == 0 {
+                    let found: Option<(i64,)> = sqlx::query_as(SELECT_CURRENT_ID)
+                        .bind(pipeline)
+                        .bind(view)
+                        .fetch_optional(&mut *tx)
+                        .await
+                        .map_err(db("promote: read current version"))?;
+                    let show =
+                        |id: Option<i64>| id.map_or_else(|| "none".into(), |i| i.to_string());
+                    return Err(StateError::PublicationRaced {
+                        pipeline: pipeline.to_string(),
+                        view: view.clone(),
+                        expected: show(expected.map(|p| p.0)),
+                        found: show(found.map(|(i,)| i)),
+                    });
+                }
+            }
+            sqlx::query(DELETE)
+                .bind(pipeline)
+                .execute(&mut *tx)
+                .await
+                .map_err(db("promote: forget the candidates"))?;
+            tx.commit().await.map_err(db("promote: commit"))?;
+        });
+        tracing::info!(%pipeline, views = switches.len(), "promoted view versions");
+        Ok(())
     }
 
     /// Forgets `pipeline`'s candidates; returns them (their files are GC's once a run

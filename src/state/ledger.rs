@@ -16,7 +16,8 @@ use super::{PublicationId, RunId, State, StateError, db, from_db, to_db};
 pub enum Cause {
     /// Late events of the sealed segment `[lo, hi)` of `partition`.
     Late { partition: u32, lo: u64, hi: u64 },
-    /// A batch publication that restated history (a run with refreshed lookups).
+    /// A batch publication that restated history: a run with refreshed lookups, or a promote
+    /// that switched the view to a version of another definition.
     Publication {
         run_id: RunId,
         publication: PublicationId,

@@ -126,16 +126,16 @@ pub(super) const INSERT: &str = "
     RETURNING id";
 
 /// First publication of a view: only if no other run made one current meanwhile.
-const MAKE_FIRST_CURRENT: &str = "
+pub(super) const MAKE_FIRST_CURRENT: &str = "
     INSERT INTO current_publications (pipeline, view, publication_id) VALUES ($1, $2, $3)
     ON CONFLICT (pipeline, view) DO NOTHING";
 
 /// Compare-and-set from the version the run started from (`$4`) to the new one.
-const REPLACE_CURRENT: &str = "
+pub(super) const REPLACE_CURRENT: &str = "
     UPDATE current_publications SET publication_id = $3
     WHERE pipeline = $1 AND view = $2 AND publication_id = $4";
 
-const SELECT_CURRENT_ID: &str =
+pub(super) const SELECT_CURRENT_ID: &str =
     "SELECT publication_id FROM current_publications WHERE pipeline = $1 AND view = $2";
 
 impl State {

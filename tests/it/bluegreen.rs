@@ -30,6 +30,44 @@ fn windows_of(answer: &Value, minutes: i64) {
     }
 }
 
+/// The minutes of `answer`'s windows (`by_country`): every row's alike, or it is a mixed
+/// answer; `None` without rows.
+fn window_minutes(answer: &Value) -> Option<i64> {
+    let rows = answer["rows"].as_array().unwrap();
+    let minutes =
+        |r: &Value| (ms(&r["window_end"]).unwrap() - ms(&r["window_start"]).unwrap()) / 60_000;
+    let first = minutes(rows.first()?);
+    for r in rows {
+        assert_eq!(minutes(r), first, "a mixed answer: {r}");
+    }
+    Some(first)
+}
+
+/// `by_country` in windows of `minutes` equals a from-scratch computation over `acked`.
+fn equals_oracle(answer: &Value, acked: &[Ev], minutes: i64) {
+    let size = minutes * 60_000;
+    let mut oracle: BTreeMap<(i64, String), (u64, f64)> = BTreeMap::new();
+    for e in acked.iter().filter(|e| e.amount >= 0.0) {
+        let w = oracle
+            .entry((e.ts.div_euclid(size) * size, e.country.clone()))
+            .or_default();
+        w.0 += 1;
+        w.1 += e.amount;
+    }
+    let rows = answer["rows"].as_array().unwrap();
+    assert_eq!(rows.len(), oracle.len(), "windows of {minutes} minutes");
+    for r in rows {
+        let key = (
+            ms(&r["window_start"]).unwrap(),
+            r["country"].as_str().unwrap().to_string(),
+        );
+        assert_eq!(ms(&r["window_end"]).unwrap() - key.0, size, "{r}");
+        let (n, total) = oracle[&key];
+        assert_eq!(r["n"].as_u64(), Some(n), "{key:?}");
+        assert!(close(r["total"].as_f64().unwrap(), total), "{key:?}");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_candidate_is_computed_beside_the_live_view_compared_and_discarded() {
     let dir = project();
@@ -87,25 +125,8 @@ async fn a_candidate_is_computed_beside_the_live_view_compared_and_discarded() {
     let url = server.url("/v1/views/orders/by_country?version=candidate");
     let candidate = get_json(&client, url).await;
     windows_of(&candidate, 2);
-    let mut oracle: BTreeMap<(i64, String), (u64, f64)> = BTreeMap::new();
-    for e in acked.iter().filter(|e: &&Ev| e.amount >= 0.0) {
-        let w = oracle
-            .entry((e.ts.div_euclid(120_000) * 120_000, e.country.clone()))
-            .or_default();
-        w.0 += 1;
-        w.1 += e.amount;
-    }
+    equals_oracle(&candidate, &acked, 2);
     let rows = candidate["rows"].as_array().unwrap();
-    assert_eq!(rows.len(), oracle.len(), "candidate windows");
-    for r in rows {
-        let key = (
-            ms(&r["window_start"]).unwrap(),
-            r["country"].as_str().unwrap().to_string(),
-        );
-        let (n, total) = oracle[&key];
-        assert_eq!(r["n"].as_u64(), Some(n), "{key:?}");
-        assert!(close(r["total"].as_f64().unwrap(), total), "{key:?}");
-    }
     assert_ne!(candidate["as_of"]["batch_run"], live["as_of"]["batch_run"]);
     // Filters apply as on the live version.
     let url = server.url("/v1/views/orders/by_country?version=candidate&country=DE");
@@ -195,4 +216,152 @@ async fn a_candidate_is_computed_beside_the_live_view_compared_and_discarded() {
     windows_of(&get_view(&client, &server, "by_country").await, 1);
     let out = ctl(dir.path(), &["status", "--server", &server.base]);
     assert!(!stdout(&out).contains("CANDIDATES"), "{}", stdout(&out));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn promote_switches_the_served_definition_under_ingest_without_a_mixed_answer() {
+    let dir = project();
+    let client = reqwest::Client::new();
+    let mut rng = Rng(53);
+    let evs = events(&mut rng, 1200, 0);
+    let server = Server::start(dir.path());
+    let mut acked = send(&client, &server, &mut rng, &evs[..300]).await;
+    wait_for_count(&client, &server, kept(&acked)).await;
+    let run = run_batch(dir.path()).await;
+    wait_for_batch(&client, &server, &run).await;
+    let promote = |dir: &Path, base: &str| ctl(dir, &["promote", "orders", "--server", base]);
+
+    // Nothing edited: nothing to promote.
+    let out = promote(dir.path(), &server.base);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("nothing to promote"),
+        "{}",
+        stderr(&out)
+    );
+
+    // Edited, without a candidate of the edit: refused, naming the view and what to run.
+    let edited = PIPELINE.replacen("window: 1m", "window: 2m", 1);
+    std::fs::write(dir.path().join("pipelines/orders.yaml"), &edited).unwrap();
+    let out = promote(dir.path(), &server.base);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("by_country") && stderr(&out).contains("--candidate"),
+        "{}",
+        stderr(&out)
+    );
+    // A change the server cannot make in place (another view) is refused too.
+    let renamed = edited.replacen("name: hop", "name: hopping", 1);
+    std::fs::write(dir.path().join("pipelines/orders.yaml"), &renamed).unwrap();
+    let out = promote(dir.path(), &server.base);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("restart") || stderr(&out).contains("start it again"),
+        "{}",
+        stderr(&out)
+    );
+    std::fs::write(dir.path().join("pipelines/orders.yaml"), &edited).unwrap();
+
+    let out = ctl(dir.path(), &["run", "orders", "--candidate", "--wait"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    acked.extend(send(&client, &server, &mut rng, &evs[300..600]).await);
+
+    // The promote runs in its own process while events stream in and the view is queried:
+    // every answer is of one definition, and once the new one answers the old never does.
+    let promoting = {
+        let (dir, base) = (dir.path().to_path_buf(), server.base.clone());
+        tokio::task::spawn_blocking(move || promote(&dir, &base))
+    };
+    let mut seen = Vec::new();
+    let mut next = 600;
+    while !promoting.is_finished() || next < 900 {
+        if next < evs.len() {
+            let end = (next + 25).min(evs.len());
+            acked.extend(send(&client, &server, &mut rng, &evs[next..end]).await);
+            next = end;
+        }
+        if let Some(m) = window_minutes(&get_view(&client, &server, "by_country").await) {
+            seen.push(m);
+        }
+        if next >= evs.len() {
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+    }
+    let out = promoting.await.unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        stdout(&out).contains("orders.by_country: promoted its candidate (run"),
+        "{}",
+        stdout(&out)
+    );
+    assert!(
+        stdout(&out).contains("the server runs the definition in pipelines/ from"),
+        "{}",
+        stdout(&out)
+    );
+    assert!(
+        !stdout(&out).contains("orders.hop"),
+        "only the edited view: {}",
+        stdout(&out)
+    );
+    let first_new = seen.iter().position(|m| *m == 2).unwrap_or(seen.len());
+    assert!(seen[..first_new].iter().all(|m| *m == 1), "{seen:?}");
+    assert!(
+        seen[first_new..].iter().all(|m| *m == 2),
+        "the old definition after the new: {seen:?}"
+    );
+    assert_eq!(seen.last(), Some(&2), "{seen:?}");
+
+    // The ledger has the rows the switch changed, as a publication's: each window and group
+    // before (1-minute) and after (2-minute); both answers counted the same events.
+    let url = server.url("/v1/views/orders/by_country/restatements?limit=100000");
+    let ledger = get_json(&client, url).await;
+    let switched: Vec<&Value> = ledger["restatements"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["cause"] == "publication")
+        .collect();
+    assert!(!switched.is_empty(), "{ledger}");
+    let delta: f64 = switched
+        .iter()
+        .map(|e| e["metrics"]["n"]["delta"].as_f64().unwrap())
+        .sum();
+    assert_eq!(delta, 0.0, "{ledger}");
+
+    // The new definition over every acknowledged event, the other views as they were.
+    wait_for_count(&client, &server, kept(&acked)).await;
+    equals_oracle(&get_view(&client, &server, "by_country").await, &acked, 2);
+    check_others(&client, &server, &acked).await;
+    let out = ctl(dir.path(), &["status", "--server", &server.base]);
+    assert!(!stdout(&out).contains("CANDIDATES"), "{}", stdout(&out));
+    let out = promote(dir.path(), &server.base);
+    assert!(
+        stderr(&out).contains("nothing to promote"),
+        "{}",
+        stderr(&out)
+    );
+
+    // The next batch run builds on the promoted version, by the new definition.
+    let run = run_batch(dir.path()).await;
+    wait_for_batch(&client, &server, &run).await;
+    equals_oracle(&get_view(&client, &server, "by_country").await, &acked, 2);
+
+    // A restart runs it too.
+    drop(server);
+    let server = Server::start(dir.path());
+    acked.extend(send(&client, &server, &mut rng, &evs[next..]).await);
+    wait_for_count(&client, &server, kept(&acked)).await;
+    equals_oracle(&get_view(&client, &server, "by_country").await, &acked, 2);
+    check_others(&client, &server, &acked).await;
+}
+
+/// `overall` counts every kept event (the views the promote left alone still answer).
+async fn check_others(client: &reqwest::Client, server: &Server, acked: &[Ev]) {
+    let overall = get_view(client, server, "overall").await;
+    assert_eq!(
+        overall["rows"][0]["n"].as_u64(),
+        Some(kept(acked)),
+        "{overall}"
+    );
 }

@@ -357,7 +357,7 @@ impl Runner {
     ) -> Result<Runner, SinkError> {
         let rt = &served.runtime;
         let view = &rt.pipeline.views[view_idx];
-        let shape = Shape::new(view, &rt.plan.output_schema(view_idx));
+        let shape = Shape::new(view, &rt.plan().output_schema(view_idx));
         let target = target(sink, &shape, &rt.pipeline.name, &view.name, ctx)?;
         let status = Arc::new(SinkStatus::new(&rt.pipeline.name, &view.name, sink));
         Ok(Runner {

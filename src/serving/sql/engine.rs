@@ -6,6 +6,7 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
+use parking_lot::RwLock;
 use polars::prelude::*;
 use polars::sql::SQLContext;
 use sqlparser::ast::{
@@ -18,12 +19,14 @@ use super::catalog::{Catalog, Columns};
 use super::statement::{Source, TableRef, parse_naive};
 use super::types::pg_type;
 use crate::clock::Tick;
+use crate::plan::Plan;
 use crate::serving::query::{QueryError, Served, ViewQuery};
 use crate::spec::{ColumnType, SqlSettings, View, Window};
 
 pub struct Engine {
     pub served: BTreeMap<String, Arc<Served>>,
-    pub catalog: Catalog,
+    /// The catalog of the definitions it was made from (a promote switches a pipeline's).
+    catalog: RwLock<(Vec<Arc<Plan>>, Arc<Catalog>)>,
     pub settings: SqlSettings,
     /// `serve.token`: the password every user must give, when set.
     pub token: Option<String>,
@@ -35,33 +38,28 @@ impl Engine {
         settings: SqlSettings,
         token: Option<String>,
     ) -> Engine {
-        let views = served
-            .iter()
-            .map(|(name, s)| {
-                let rt = &s.runtime;
-                let list: Vec<(String, Columns)> = rt
-                    .pipeline
-                    .views
-                    .iter()
-                    .enumerate()
-                    .map(|(i, v)| {
-                        let schema = rt.plan.output_schema(i);
-                        let columns = schema
-                            .iter()
-                            .map(|(c, dt)| (c.to_string(), pg_type(dt)))
-                            .collect::<Columns>();
-                        (v.name.clone(), columns)
-                    })
-                    .collect();
-                (name.clone(), list)
-            })
-            .collect();
+        let plans = plans(&served);
+        let catalog = RwLock::new((plans.clone(), Arc::new(catalog(&plans))));
         Engine {
             served,
-            catalog: Catalog::new(views, "lambda"),
+            catalog,
             settings,
             token,
         }
+    }
+
+    /// The catalog of the views as the pipelines define them now.
+    pub fn catalog(&self) -> Arc<Catalog> {
+        let now = plans(&self.served);
+        {
+            let (made, catalog) = &*self.catalog.read();
+            if made.len() == now.len() && made.iter().zip(&now).all(|(a, b)| Arc::ptr_eq(a, b)) {
+                return catalog.clone();
+            }
+        }
+        let catalog = Arc::new(self::catalog(&now));
+        *self.catalog.write() = (now, catalog.clone());
+        catalog
     }
 
     fn served(&self, pipeline: &str) -> Result<&Arc<Served>, SqlError> {
@@ -84,13 +82,13 @@ impl Engine {
             let frame = match &t.source {
                 Source::View { pipeline, view } => {
                     let served = self.served(pipeline)?;
-                    let rt = &served.runtime;
+                    let plan = served.runtime.plan();
                     if let Some(as_of) = data {
                         let q = if tables.len() == 1 {
                             narrowing(
                                 statement,
-                                &rt.pipeline.views[*view],
-                                &rt.plan.output_schema(*view),
+                                &plan.pipeline().views[*view],
+                                &plan.output_schema(*view),
                             )
                             .query
                         } else {
@@ -98,10 +96,10 @@ impl Engine {
                         };
                         view_frame(served, *view, &q, as_of)?
                     } else {
-                        DataFrame::empty_with_schema(&rt.plan.output_schema(*view))
+                        DataFrame::empty_with_schema(&plan.output_schema(*view))
                     }
                 }
-                Source::Catalog(name) => self.catalog.frame(name).ok_or_else(|| {
+                Source::Catalog(name) => self.catalog().frame(name).ok_or_else(|| {
                     SqlError::new("42P01", format!("relation \"{name}\" does not exist"))
                 })?,
             };
@@ -157,9 +155,9 @@ impl Engine {
             return Ok(None);
         };
         let served = self.served(pipeline)?;
-        let rt = &served.runtime;
-        let schema = rt.plan.output_schema(*view);
-        let narrowed = narrowing(statement, &rt.pipeline.views[*view], &schema);
+        let plan = served.runtime.plan();
+        let schema = plan.output_schema(*view);
+        let narrowed = narrowing(statement, &plan.pipeline().views[*view], &schema);
         if !narrowed.exact {
             return Ok(None);
         }
@@ -207,6 +205,36 @@ impl Engine {
             .map_err(|e| polars_error(e, sql))?;
         lf.collect_schema().map_err(|e| polars_error(e, sql))
     }
+}
+
+/// The definitions the pipelines run now, in name order.
+fn plans(served: &BTreeMap<String, Arc<Served>>) -> Vec<Arc<Plan>> {
+    served.values().map(|s| s.runtime.plan()).collect()
+}
+
+/// The catalog of `plans`' views: a schema per pipeline, a table per view.
+fn catalog(plans: &[Arc<Plan>]) -> Catalog {
+    let views = plans
+        .iter()
+        .map(|plan| {
+            let list: Vec<(String, Columns)> = plan
+                .pipeline()
+                .views
+                .iter()
+                .enumerate()
+                .map(|(i, v)| {
+                    let columns = plan
+                        .output_schema(i)
+                        .iter()
+                        .map(|(c, dt)| (c.to_string(), pg_type(dt)))
+                        .collect::<Columns>();
+                    (v.name.clone(), columns)
+                })
+                .collect();
+            (plan.pipeline().name.clone(), list)
+        })
+        .collect();
+    Catalog::new(views, "lambda")
 }
 
 /// The rows of a view that `q` selects, under the snapshot and row index of the HTTP API; as

@@ -221,7 +221,7 @@ impl Queries {
 
     /// A catalog answer for `sql` (psql's and Grafana's catalog queries), if it is one.
     fn recognized(&self, sql: &str) -> Option<DataFrame> {
-        self.engine.catalog.recognize(sql)
+        self.engine.catalog().recognize(sql)
     }
 
     /// Runs one classified statement.
@@ -367,7 +367,7 @@ impl Queries {
         let Some(st) = prepared.statement.clone() else {
             return Ok(Vec::new());
         };
-        match statement::classify(st, &prepared.sql, &self.engine.catalog, &session)? {
+        match statement::classify(st, &prepared.sql, &*self.engine.catalog(), &session)? {
             Kind::Select {
                 mut statement,
                 tables,
@@ -600,7 +600,7 @@ impl SimpleQueryHandler for Queries {
         let mut responses = Vec::with_capacity(statements.len());
         for st in statements {
             let session = self.session(client);
-            let result = match statement::classify(st, query, &self.engine.catalog, &session) {
+            let result = match statement::classify(st, query, &*self.engine.catalog(), &session) {
                 Ok(Kind::Select { params, .. }) if params > 0 => Err(SqlError::new(
                     "08P01",
                     format!(
@@ -651,7 +651,7 @@ impl ExtendedQueryHandler for Queries {
                 match statement::classify(
                     st.clone(),
                     &target.statement.sql,
-                    &self.engine.catalog,
+                    &*self.engine.catalog(),
                     &session,
                 )? {
                     Kind::Select { params, .. } => params,
@@ -714,7 +714,8 @@ impl ExtendedQueryHandler for Queries {
             return Ok(Response::EmptyQuery);
         };
         let session = self.session(client);
-        let kind = match statement::classify(st, &prepared.sql, &self.engine.catalog, &session)? {
+        let kind = match statement::classify(st, &prepared.sql, &*self.engine.catalog(), &session)?
+        {
             Kind::Select {
                 mut statement,
                 tables,
