@@ -62,6 +62,8 @@ async fn serve(project: spec::Project, listen: Option<SocketAddr>) -> Result<(),
         )
         .await
         .with_context(|| format!("starting pipeline `{}`", p.name))?;
+        // What its views are, for `as_of` answers after a change of definition.
+        crate::serving::travel::record_definitions(&db, &project.root, &rt.plan()).await;
         sources::spawn(rt.clone(), &project.root, &state_dir, shutdown.clone())
             .map_err(|e| CliError::User(format!("{e:#}")))?;
         // Serve the published batch views from the start, then follow new publications.
@@ -95,14 +97,15 @@ async fn serve(project: spec::Project, listen: Option<SocketAddr>) -> Result<(),
 
     // Scheduler (one active per state DB) and workers for the workflows.
     // Its batch tasks' jobs go to the batch job worker below (and any `lambda-ctl worker`).
-    let running = pipelines
+    // Its tasks, and the batch jobs it works, compute the definitions the pipelines run.
+    let runtimes: BTreeMap<_, _> = pipelines
         .iter()
         .map(|(name, s)| (name.clone(), s.runtime.clone()))
         .collect();
     let layers = Arc::new(
         Layers::new(project.clone(), db.clone(), lake.clone())
             .helping(Help::No)
-            .serving(running),
+            .serving(runtimes.clone()),
     );
     let (orchestrator, running) =
         Orchestrator::start_all(project.clone(), db.clone(), layers, shutdown.clone())
@@ -113,6 +116,7 @@ async fn serve(project: spec::Project, listen: Option<SocketAddr>) -> Result<(),
     let batch_jobs = Groups::open(&db)
         .await
         .context("opening the batch job queue")?
+        .serving(runtimes)
         .work(
             project.clone(),
             db.clone(),

@@ -4,7 +4,7 @@
 //! them. apalis re-delivers the job of a worker that stops sending heartbeats, so a killed
 //! worker's group — or finish — is done elsewhere.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -21,6 +21,7 @@ use crate::batch::{self, BatchError, Progress, RunSummary, ScaleOut};
 use crate::lake::Lake;
 use crate::plan::Plan;
 use crate::spec::Project;
+use crate::speed::runtime::PipelineRuntime;
 use crate::state::State;
 
 /// A job of a scaled-out batch run.
@@ -46,9 +47,12 @@ impl Job for BatchJob {
 }
 
 /// The queue of batch jobs in the state DB.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct Groups {
     queue: Queue<BatchJob>,
+    /// The pipelines the working process serves: their jobs are computed by the definitions
+    /// those run (a promote may have switched one since the start).
+    serving: Arc<BTreeMap<String, Arc<PipelineRuntime>>>,
 }
 
 /// What a process working the queue needs.
@@ -66,7 +70,17 @@ impl Groups {
     pub async fn open(state: &State) -> anyhow::Result<Groups> {
         Ok(Groups {
             queue: Queue::open(state).await?,
+            serving: Arc::default(),
         })
+    }
+
+    /// Groups whose jobs of the pipelines in `serving` are computed by the definitions those
+    /// run (a server's own job worker).
+    pub fn serving(self, serving: BTreeMap<String, Arc<PipelineRuntime>>) -> Groups {
+        Groups {
+            serving: Arc::new(serving),
+            ..self
+        }
     }
 
     /// Does the batch jobs of `project`'s pipelines, `concurrency` at a time, until
@@ -117,7 +131,10 @@ impl BatchWorker {
             BatchJob::Group(g) => (&g.pipeline, g.run_id),
             BatchJob::Finish(f) => (&f.pipeline, f.run_id),
         };
-        let plan = plan(&self.project, &self.plans, pipeline);
+        let plan = match self.queue.serving.get(pipeline.as_str()) {
+            Some(rt) => Ok(rt.plan()),
+            None => plan(&self.project, &self.plans, pipeline),
+        };
         let worker = &self.worker;
         match job {
             BatchJob::Group(job) => {

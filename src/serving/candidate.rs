@@ -10,7 +10,6 @@ use super::format::rows_json;
 use super::query::{Answer, QueryError, Served, ViewQuery, check_filters};
 use super::travel::{logged_by, read_since, recompute};
 use crate::batch::load_partials;
-use crate::plan::Plan;
 use crate::speed::lookups::Lookups;
 
 /// The candidate version of view `view` (by name: a candidate may define a view the live
@@ -34,20 +33,10 @@ pub async fn answer(served: Arc<Served>, view: &str, q: &ViewQuery) -> Result<An
         .root
         .clone()
         .ok_or_else(|| QueryError::Other("the server has no project directory".into()))?;
-    let name = pipeline.clone();
-    let plan = tokio::task::spawn_blocking(move || -> Result<Plan, QueryError> {
-        let project = crate::spec::load(&root).map_err(|e| {
-            QueryError::Conflict(format!(
-                "the project no longer loads, so the candidate's definition cannot be read: {e}"
-            ))
-        })?;
-        let p = project.pipeline(&name).ok_or_else(|| {
-            QueryError::Conflict(format!("pipeline `{name}` is no longer in pipelines/"))
-        })?;
-        Plan::compile(p).map_err(|e| QueryError::Conflict(format!("{e:#}")))
-    })
-    .await
-    .map_err(|e| QueryError::Other(e.to_string()))??;
+    let plan = super::promote::edited(root, pipeline.clone())
+        .await
+        .map_err(|e| QueryError::Other(e.to_string()))?
+        .map_err(QueryError::Conflict)?;
     let plan = Arc::new(plan);
     let idx = plan
         .pipeline()

@@ -263,20 +263,10 @@ impl Pickup {
             run_id: current.run_id,
             publication: current.id,
         };
+        let names = (current.pipeline.as_str(), current.view.as_str());
         Ok(rows
             .into_iter()
-            .map(|r| LedgerEntry {
-                pipeline: current.pipeline.clone(),
-                view: current.view.clone(),
-                cause,
-                window_start_ms: r.window_start_ms,
-                window_end_ms: r.window_end_ms,
-                key: r.key,
-                late_events: 0,
-                max_lateness_ms: 0,
-                metrics: r.metrics,
-                recorded_at_ms: at,
-            })
+            .map(|r| LedgerEntry::of(names, cause, r, at))
             .collect())
     }
 

@@ -189,7 +189,11 @@ pub async fn promote(served: &Served) -> Result<Promoted, PromoteError> {
     let switching = rt.switching();
     let _switching = switching.lock().await;
     let running = rt.plan();
-    let plan = Arc::new(edited(root, rt.pipeline.name.clone()).await?);
+    let plan = edited(root.clone(), rt.pipeline.name.clone())
+        .await
+        .map_err(other)?
+        .map_err(PromoteError::Conflict)?;
+    let plan = Arc::new(plan);
     compatible(&running, &plan).map_err(|why| {
         PromoteError::Conflict(format!(
             "cannot switch `{}` in place: {why}. Stop the server, run `lambda-ctl promote {}` and start it again",
@@ -236,6 +240,7 @@ pub async fn promote(served: &Served) -> Result<Promoted, PromoteError> {
             logic_hash: plan.logic_hash(s.index),
         })
         .collect();
+    super::travel::record_definitions(rt.db(), &root, &plan).await;
     if let Err(e) = rt.db().record_served(&installs).await {
         tracing::error!(%pipeline, error = %e, "promoted, but cannot record what the views serve from now on: `as_of` answers between now and the next install say the definition changed");
     }
@@ -296,39 +301,29 @@ async fn restated(steps: &[Step], switched: Switched) -> anyhow::Result<Vec<Ledg
             let horizon = |s: &Snapshot| s.batch.as_ref().and_then(|b| b.horizon_ms);
             let (hb, ha) = (horizon(&before), horizon(&after));
             let rows = plan.changed_from(v, (&old, &before.frames(), hb), (&after.frames(), ha))?;
-            out.extend(rows.into_iter().map(|r| LedgerEntry {
-                pipeline: pipeline.clone(),
-                view: view.clone(),
-                cause,
-                window_start_ms: r.window_start_ms,
-                window_end_ms: r.window_end_ms,
-                key: r.key,
-                late_events: 0,
-                max_lateness_ms: 0,
-                metrics: r.metrics,
-                recorded_at_ms: at,
-            }));
+            let names = (pipeline.as_str(), view.as_str());
+            out.extend(
+                rows.into_iter()
+                    .map(|r| LedgerEntry::of(names, cause, r, at)),
+            );
         }
         Ok(out)
     })
     .await?
 }
 
-/// The pipeline `name` as pipelines/ in `root` defines it now, compiled.
-async fn edited(root: PathBuf, name: String) -> Result<Plan, PromoteError> {
-    tokio::task::spawn_blocking(move || {
-        let project = crate::spec::load(&root).map_err(|e| {
-            PromoteError::Conflict(format!(
-                "the project does not load, so there is nothing to promote: {e}"
-            ))
-        })?;
-        let p = project.pipeline(&name).ok_or_else(|| {
-            PromoteError::Conflict(format!("pipeline `{name}` is no longer in pipelines/"))
-        })?;
-        Plan::compile(p).map_err(|e| PromoteError::Conflict(format!("{e:#}")))
+/// The pipeline `name` as pipelines/ in `root` defines it now, compiled; why not, if it does
+/// not (the project no longer loads, or has no such pipeline).
+pub(super) async fn edited(root: PathBuf, name: String) -> anyhow::Result<Result<Plan, String>> {
+    Ok(tokio::task::spawn_blocking(move || {
+        let project = crate::spec::load(&root)
+            .map_err(|e| format!("the project in pipelines/ no longer loads: {e}"))?;
+        let p = project
+            .pipeline(&name)
+            .ok_or_else(|| format!("pipeline `{name}` is no longer in pipelines/"))?;
+        Plan::compile(p).map_err(|e| format!("{e:#}"))
     })
-    .await
-    .map_err(other)?
+    .await?)
 }
 
 /// Whether a server running `running` can switch to `new` in place; why not, if not.

@@ -39,14 +39,14 @@ pub async fn answer_as_of(
     q: &ViewQuery,
     at: Tick,
 ) -> Result<Answer, QueryError> {
-    let Some((df, as_of)) = travel(&served, view_idx, q, at).await? else {
+    let Some((df, as_of, columns)) = travel(&served, view_idx, q, at).await? else {
         let q = q.clone();
         return tokio::task::spawn_blocking(move || served.query(view_idx, &q))
             .await
             .map_err(|e| QueryError::Other(e.to_string()))?;
     };
     Ok(Answer {
-        columns: super::query::columns(&served.runtime.plan().pipeline().views[view_idx]),
+        columns,
         rows: rows_json(&df),
         as_of,
     })
@@ -62,24 +62,25 @@ pub fn frame_as_of(
     at: Tick,
 ) -> Result<(DataFrame, AsOf), QueryError> {
     match tokio::runtime::Handle::current().block_on(travel(served, view_idx, q, at))? {
-        Some(found) => Ok(found),
+        Some((df, as_of, _)) => Ok((df, as_of)),
         None => served.frame(view_idx, q),
     }
 }
 
-/// The rows `q` selects of the answer view `view_idx` served at `at`, and where they came
-/// from; `None` when `at` is not before the live answer (which is the one to give).
+/// The rows `q` selects of the answer view `view_idx` served at `at`, the view's columns then,
+/// and where they came from; `None` when `at` is not before the live answer (which is the one
+/// to give).
 async fn travel(
     served: &Served,
     view_idx: usize,
     q: &ViewQuery,
     at: Tick,
-) -> Result<Option<(DataFrame, AsOf)>, QueryError> {
+) -> Result<Option<(DataFrame, AsOf, Vec<String>)>, QueryError> {
     let rt = served.runtime.clone();
-    let plan = rt.plan();
-    let view = &plan.pipeline().views[view_idx];
-    check_filters(view, q)?;
+    let running = rt.plan();
+    let name = running.pipeline().views[view_idx].name.clone();
     if at >= rt.tick() {
+        check_filters(&running.pipeline().views[view_idx], q)?;
         return Ok(None);
     }
     let history = i64::try_from(served.history.as_millis()).unwrap_or(i64::MAX);
@@ -95,7 +96,7 @@ async fn travel(
     let pipeline = rt.pipeline.name.clone();
     let db = rt.db().clone();
     let (publication, logic) = match db
-        .served_at(&pipeline, &view.name, at.ns())
+        .served_at(&pipeline, &name, at.ns())
         .await
         .map_err(|e| internal(e.into()))?
     {
@@ -110,13 +111,22 @@ async fn travel(
             (found, Some(install.logic_hash))
         }
     };
-    if logic.is_some_and(|l| l != plan.logic_hash(view_idx)) {
-        return Err(QueryError::Gone(format!(
-            "view `{}` was computed by another definition at {}; answers reach back to when its definition last changed",
-            view.name,
-            format_ns(at.ns())
-        )));
-    }
+    // The definition the view had then: the one running, or the one a server recorded.
+    let (plan, view_idx, lookups) = match logic {
+        Some(l) if l != running.logic_hash(view_idx) => {
+            let Some((plan, idx)) = recorded(served, &name, &l).await.map_err(internal)? else {
+                return Err(QueryError::Gone(format!(
+                    "view `{name}` was computed by another definition at {} that no server recorded; answers reach back to when its definition last changed",
+                    format_ns(at.ns())
+                )));
+            };
+            let lookups = Lookups::reader(plan.pipeline(), rt.lake());
+            (plan, idx, Some(lookups))
+        }
+        _ => (running, view_idx, None),
+    };
+    let view = plan.pipeline().views[view_idx].clone();
+    check_filters(&view, q)?;
     let batch = match &publication {
         Some(p) => Some(
             load_partials(&plan, rt.lake(), view_idx, p)
@@ -141,9 +151,18 @@ async fn travel(
         .await
         .map_err(|e| internal(e.into()))?;
     let events_in_ms = u64::try_from(at.n).unwrap_or(0).saturating_sub(installs);
-    let read = read_since(&rt, cutoff, at.ms, &rt.lookups, rt.open_lookups())
-        .await
-        .map_err(internal)?;
+    let read = match &lookups {
+        // Each segment with the versions it recorded, read as that definition defines them.
+        Some(lookups) => {
+            let open = lookups
+                .recorded(rt.open_lookups().record().as_deref())
+                .await
+                .map_err(internal)?;
+            read_since(&rt, cutoff, at.ms, lookups, open).await
+        }
+        None => read_since(&rt, cutoff, at.ms, &rt.lookups, rt.open_lookups()).await,
+    }
+    .map_err(internal)?;
 
     let q = q.clone();
     let horizon = publication.as_ref().and_then(|p| p.horizon_ms);
@@ -163,7 +182,71 @@ async fn travel(
     .map_err(|e| QueryError::Other(e.to_string()))??;
     as_of.describe(at, publication.as_ref());
     served.with_verified(&mut as_of);
-    Ok(Some((df, as_of)))
+    Ok(Some((df, as_of, super::query::columns(&view))))
+}
+
+/// The definition of view `view` with logic `logic`, compiled from the pipeline file a server
+/// recorded when it ran it, and the view's index there; `None` when none was recorded or it
+/// no longer reads the archive as this pipeline writes it (another schema).
+async fn recorded(
+    served: &Served,
+    view: &str,
+    logic: &str,
+) -> anyhow::Result<Option<(Arc<Plan>, usize)>> {
+    let rt = &served.runtime;
+    let Some(text) = rt.db().definition(&rt.pipeline.name, view, logic).await? else {
+        return Ok(None);
+    };
+    let root = served.root.clone().unwrap_or_default();
+    let p = match crate::spec::pipeline_from_text(&root, &rt.pipeline.file, &text) {
+        Ok(p) => p,
+        Err(e) => {
+            tracing::warn!(pipeline = %rt.pipeline.name, %view, error = %e, "a recorded definition no longer reads");
+            return Ok(None);
+        }
+    };
+    if p.schema != rt.pipeline.schema || p.paths != rt.pipeline.paths {
+        return Ok(None);
+    }
+    let plan = Plan::compile(&p)?;
+    let Some(idx) = p.views.iter().position(|v| v.name == view) else {
+        return Ok(None);
+    };
+    Ok((plan.logic_hash(idx) == logic).then(|| (Arc::new(plan), idx)))
+}
+
+/// Records the definition of every view of `plan` — the text of its pipeline file in the
+/// project in `root`, when it still defines them so — for `as_of` answers after the
+/// definition changes. A failure is logged: those answers say the definition changed instead.
+pub async fn record_definitions(db: &crate::state::State, root: &std::path::Path, plan: &Plan) {
+    let p = plan.pipeline();
+    let text = match std::fs::read_to_string(root.join(&p.file)) {
+        Ok(t) => t,
+        Err(e) => {
+            tracing::warn!(pipeline = %p.name, error = %e, "cannot read the pipeline's file to record its definition");
+            return;
+        }
+    };
+    // Edited since it was loaded: what it says now is not what runs.
+    let same = crate::spec::pipeline_from_text(root, &p.file, &text)
+        .ok()
+        .and_then(|read| Plan::compile(&read).ok())
+        .is_some_and(|read| {
+            read.pipeline().views.len() == p.views.len()
+                && (0..p.views.len()).all(|v| read.logic_hash(v) == plan.logic_hash(v))
+        });
+    if !same {
+        tracing::warn!(pipeline = %p.name, "the pipeline's file changed since it was loaded: its definition is not recorded, and `as_of` answers from before its next change will say the definition changed");
+        return;
+    }
+    for (v, view) in p.views.iter().enumerate() {
+        if let Err(e) = db
+            .record_definition(&p.name, &view.name, &plan.logic_hash(v), &text)
+            .await
+        {
+            tracing::warn!(pipeline = %p.name, view = %view.name, error = %e, "cannot record the view's definition: `as_of` answers from before its next change will say the definition changed");
+        }
+    }
 }
 
 /// The events at positions from `cutoff` on, in position order, each part with the lookup

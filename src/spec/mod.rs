@@ -235,6 +235,39 @@ fn read_node(
     ok.then_some(node)
 }
 
+/// A pipeline from the text of its file (`file`, relative to the project in `root`) as a
+/// server recorded it, to recompute answers by a definition no longer in pipelines/. A
+/// variable the environment no longer sets reads as empty text: what one set is a source or
+/// a credential, never part of a view's logic.
+pub fn pipeline_from_text(root: &Path, file: &Path, text: &str) -> Result<Pipeline, String> {
+    let mut d = Diagnostics::new(file);
+    let mut node = yaml::parse(text).map_err(|e| {
+        format!(
+            "{}:{}:{}: {}",
+            file.display(),
+            e.loc.line,
+            e.loc.col,
+            e.message
+        )
+    })?;
+    let env = |name: &str| Some(std::env::var(name).unwrap_or_default());
+    for (loc, message) in node.interpolate(&env) {
+        d.error(loc, message);
+    }
+    match pipeline::build(&mut d, &node, file) {
+        Some(mut p) if d.is_empty() => {
+            pipeline::resolve_project_paths(&mut p, root);
+            Ok(p)
+        }
+        _ => Err(d
+            .into_vec()
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join("; ")),
+    }
+}
+
 /// `*.yaml` / `*.yml` in `dir`, sorted; a missing directory is an empty project part.
 fn yaml_files(dir: &Path, all: &mut Vec<Diagnostic>) -> Vec<PathBuf> {
     let mut files: Vec<PathBuf> = match std::fs::read_dir(dir) {

@@ -531,22 +531,16 @@ fn restated(
             plan.restated(v, events, ARRIVAL_COLUMN, lookups, &served),
             || format!("finding what late events restated in view `{}`", view.name),
         )?;
-        out.extend(rows.into_iter().map(|r| LedgerEntry {
-            pipeline: rt.pipeline.name.clone(),
-            view: view.name.clone(),
-            cause: Cause::Late {
-                partition: LOG_PARTITION,
-                lo,
-                hi,
-            },
-            window_start_ms: r.window_start_ms,
-            window_end_ms: r.window_end_ms,
-            key: r.key,
-            late_events: r.late_events,
-            max_lateness_ms: r.max_lateness_ms,
-            metrics: r.metrics,
-            recorded_at_ms: at,
-        }));
+        let cause = Cause::Late {
+            partition: LOG_PARTITION,
+            lo,
+            hi,
+        };
+        let names = (rt.pipeline.name.as_str(), view.name.as_str());
+        out.extend(
+            rows.into_iter()
+                .map(|r| LedgerEntry::of(names, cause, r, at)),
+        );
     }
     Ok(out)
 }

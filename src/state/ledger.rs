@@ -53,6 +53,30 @@ pub struct LedgerEntry {
     pub recorded_at_ms: i64,
 }
 
+impl LedgerEntry {
+    /// The entry of `row`, a window and group of `pipeline.view` that `cause` restated,
+    /// recorded at `recorded_at_ms`.
+    pub fn of(
+        (pipeline, view): (&str, &str),
+        cause: Cause,
+        row: crate::plan::Restated,
+        recorded_at_ms: i64,
+    ) -> LedgerEntry {
+        LedgerEntry {
+            pipeline: pipeline.to_string(),
+            view: view.to_string(),
+            cause,
+            window_start_ms: row.window_start_ms,
+            window_end_ms: row.window_end_ms,
+            key: row.key,
+            late_events: row.late_events,
+            max_lateness_ms: row.max_lateness_ms,
+            metrics: row.metrics,
+            recorded_at_ms,
+        }
+    }
+}
+
 /// A view's ledger, summed.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct LedgerTotals {

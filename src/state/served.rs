@@ -3,7 +3,7 @@
 //! server placed it. `as_of` answers read the row current at their instant; GC keeps what the
 //! rows of `serve.history` refer to.
 
-use super::{Publication, PublicationId, State, StateError, db};
+use super::{Publication, PublicationId, State, StateError, db, now};
 
 /// From instant `at_ns`, view `view` served `publication` (`None`: none — the speed layer
 /// alone) computed by logic `logic_hash`.
@@ -147,5 +147,50 @@ impl State {
             .map(|r| r.rows_affected()))
         .map_err(db("forget old installs"))?;
         Ok(done)
+    }
+
+    /// Records that view `view` of `pipeline` with logic `logic_hash` was defined by `spec` (its
+    /// pipeline file's text); a definition already recorded is left as it is.
+    pub async fn record_definition(
+        &self,
+        pipeline: &str,
+        view: &str,
+        logic_hash: &str,
+        spec: &str,
+    ) -> Result<(), StateError> {
+        const SQL: &str = "
+            INSERT INTO definitions (pipeline, view, logic_hash, spec, recorded_at_ms)
+            VALUES ($1, $2, $3, $4, $5)
+            ON CONFLICT (pipeline, view, logic_hash) DO NOTHING";
+        on_pool!(self, |pool| sqlx::query(SQL)
+            .bind(pipeline)
+            .bind(view)
+            .bind(logic_hash)
+            .bind(spec)
+            .bind(now().timestamp_millis())
+            .execute(pool)
+            .await
+            .map(|_| ()))
+        .map_err(db("record a view's definition"))
+    }
+
+    /// The pipeline file's text that defined view `view` of `pipeline` with logic
+    /// `logic_hash`, if a server recorded it.
+    pub async fn definition(
+        &self,
+        pipeline: &str,
+        view: &str,
+        logic_hash: &str,
+    ) -> Result<Option<String>, StateError> {
+        const SQL: &str = "
+            SELECT spec FROM definitions WHERE pipeline = $1 AND view = $2 AND logic_hash = $3";
+        let row: Option<(String,)> = on_pool!(self, |pool| sqlx::query_as(SQL)
+            .bind(pipeline)
+            .bind(view)
+            .bind(logic_hash)
+            .fetch_optional(pool)
+            .await)
+        .map_err(db("read a view's definition"))?;
+        Ok(row.map(|(s,)| s))
     }
 }

@@ -10,8 +10,10 @@ use std::path::Path;
 use serde_json::Value;
 
 use crate::lambda::{kept, run_batch, wait_for_batch};
+use crate::maintenance::{assert_succeeded, run_workflow};
 use crate::orders::{Ev, PIPELINE, close, events, get_view, ms, project, send, wait_for_count};
 use crate::support::{Rng, Server, get_json, lambda_ctl, stderr, stdout};
+use crate::travel::{as_of, same_rows};
 
 fn ctl(dir: &Path, args: &[&str]) -> std::process::Output {
     let mut all = args.to_vec();
@@ -221,6 +223,12 @@ async fn a_candidate_is_computed_beside_the_live_view_compared_and_discarded() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn promote_switches_the_served_definition_under_ingest_without_a_mixed_answer() {
     let dir = project();
+    std::fs::create_dir_all(dir.path().join("workflows")).unwrap();
+    std::fs::write(
+        dir.path().join("workflows/recompute.yaml"),
+        "name: recompute\ntasks:\n  - name: recompute\n    batch: orders\n",
+    )
+    .unwrap();
     let client = reqwest::Client::new();
     let mut rng = Rng(53);
     let evs = events(&mut rng, 1200, 0);
@@ -265,6 +273,8 @@ async fn promote_switches_the_served_definition_under_ingest_without_a_mixed_ans
     let out = ctl(dir.path(), &["run", "orders", "--candidate", "--wait"]);
     assert!(out.status.success(), "{}", stderr(&out));
     acked.extend(send(&client, &server, &mut rng, &evs[300..600]).await);
+    wait_for_count(&client, &server, kept(&acked)).await;
+    let saved = get_view(&client, &server, "by_country").await;
 
     // The promote runs in its own process while events stream in and the view is queried:
     // every answer is of one definition, and once the new one answers the old never does.
@@ -275,15 +285,15 @@ async fn promote_switches_the_served_definition_under_ingest_without_a_mixed_ans
     let mut seen = Vec::new();
     let mut next = 600;
     while !promoting.is_finished() || next < 900 {
-        if next < evs.len() {
-            let end = (next + 25).min(evs.len());
+        if next < 900 {
+            let end = next + 25;
             acked.extend(send(&client, &server, &mut rng, &evs[next..end]).await);
             next = end;
         }
         if let Some(m) = window_minutes(&get_view(&client, &server, "by_country").await) {
             seen.push(m);
         }
-        if next >= evs.len() {
+        if next >= 900 {
             tokio::time::sleep(std::time::Duration::from_millis(10)).await;
         }
     }
@@ -329,6 +339,19 @@ async fn promote_switches_the_served_definition_under_ingest_without_a_mixed_ans
         .sum();
     assert_eq!(delta, 0.0, "{ledger}");
 
+    // What the old definition served is answered again as of its instant: the server
+    // recorded the definition it ran.
+    let at = saved["as_of"]["at"].as_str().unwrap();
+    let (status, again) = as_of(&client, &server, "by_country", at).await;
+    assert_eq!(status, 200, "{again}");
+    assert_eq!(window_minutes(&again), Some(1), "{}", again["as_of"]);
+    same_rows(
+        "by_country",
+        at,
+        saved["rows"].as_array().unwrap(),
+        again["rows"].as_array().unwrap(),
+    );
+
     // The new definition over every acknowledged event, the other views as they were.
     wait_for_count(&client, &server, kept(&acked)).await;
     equals_oracle(&get_view(&client, &server, "by_country").await, &acked, 2);
@@ -342,7 +365,28 @@ async fn promote_switches_the_served_definition_under_ingest_without_a_mixed_ans
         stderr(&out)
     );
 
-    // The next batch run builds on the promoted version, by the new definition.
+    // The server's own workflow runs compute the definition it runs now, building on the
+    // promoted version: the view is served from their publication.
+    let promoted = get_view(&client, &server, "by_country").await["as_of"]["batch_run"].clone();
+    acked.extend(send(&client, &server, &mut rng, &evs[next..next + 100]).await);
+    next += 100;
+    wait_for_count(&client, &server, kept(&acked)).await;
+    assert_succeeded(&run_workflow(&client, &server, "recompute").await);
+    let start = std::time::Instant::now();
+    let answer = loop {
+        let answer = get_view(&client, &server, "by_country").await;
+        if answer["as_of"]["batch_run"] != promoted {
+            break answer;
+        }
+        assert!(
+            start.elapsed().as_secs() < 5,
+            "the workflow's publication is not served: {}",
+            answer["as_of"]
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+    };
+    equals_oracle(&answer, &acked, 2);
+    // And so does a run in another process, from pipelines/.
     let run = run_batch(dir.path()).await;
     wait_for_batch(&client, &server, &run).await;
     equals_oracle(&get_view(&client, &server, "by_country").await, &acked, 2);

@@ -27,7 +27,7 @@ const TRIM: &str =
     "name: trim\ntasks:\n  - name: trim\n    retention: {pipeline: orders, keep: 3650d}\n";
 
 /// `POST /v1/workflows/{w}/runs`, then `GET /v1/runs/{id}` until the run finished.
-async fn run_workflow(client: &reqwest::Client, server: &Server, workflow: &str) -> Value {
+pub async fn run_workflow(client: &reqwest::Client, server: &Server, workflow: &str) -> Value {
     let resp = client
         .post(server.url(&format!("/v1/workflows/{workflow}/runs")))
         .send()
@@ -52,7 +52,7 @@ async fn run_workflow(client: &reqwest::Client, server: &Server, workflow: &str)
     }
 }
 
-fn assert_succeeded(run: &Value) {
+pub fn assert_succeeded(run: &Value) {
     assert_eq!(run["state"], "succeeded", "{run:#}");
     for t in run["tasks"].as_array().unwrap() {
         assert_eq!(t["state"], "succeeded", "{run:#}");

@@ -28,7 +28,7 @@ fn urlencode(s: &str) -> String {
 
 /// The same rows: equal keys and values, numbers within float rounding (an `as_of` answer
 /// merges the same events' partials in another grouping).
-fn same_rows(view: &str, at: &str, saved: &[Value], again: &[Value]) {
+pub fn same_rows(view: &str, at: &str, saved: &[Value], again: &[Value]) {
     assert_eq!(
         saved.len(),
         again.len(),
@@ -92,7 +92,12 @@ async fn send_while_saving(
     acked
 }
 
-async fn as_of(client: &reqwest::Client, server: &Server, view: &str, at: &str) -> (u16, Value) {
+pub async fn as_of(
+    client: &reqwest::Client,
+    server: &Server,
+    view: &str,
+    at: &str,
+) -> (u16, Value) {
     let url = server.url(&format!("/v1/views/orders/{view}?as_of={}", urlencode(at)));
     let resp = client.get(url).send().await.unwrap();
     (resp.status().as_u16(), resp.json().await.unwrap())
