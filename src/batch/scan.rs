@@ -30,28 +30,59 @@ pub async fn open_parts(
     segments: &[Segment],
     mut on_segment: impl FnMut(&Segment),
 ) -> anyhow::Result<Parts> {
-    let mut groups: Vec<(Option<&str>, Vec<Segment>)> = Vec::new();
-    for s in segments {
-        // Without lookups every segment is in one group, whatever it recorded.
+    let mut parts = Vec::new();
+    for (key, group) in by_lookups(lookups, segments.iter().map(|s| (s, ()))) {
+        let set = lookups
+            .recorded(key)
+            .await
+            .context("loading the lookup versions the segments recorded")?;
+        let group: Vec<Segment> = group.into_iter().map(|(s, ())| s.clone()).collect();
+        parts.push((open(lake, &group, &mut on_segment).await?, set));
+    }
+    Ok(Parts(parts))
+}
+
+/// [`open_parts`] of segments decoded already (by a check of their bytes: the engines then
+/// compute exactly what was checked).
+pub async fn decoded_parts(
+    lookups: &Lookups,
+    decoded: Vec<(Segment, DataFrame)>,
+) -> anyhow::Result<Parts> {
+    let mut parts = Vec::new();
+    for (key, group) in by_lookups(lookups, decoded.iter().map(|(s, df)| (s, df))) {
+        let set = lookups
+            .recorded(key)
+            .await
+            .context("loading the lookup versions the segments recorded")?;
+        let frames = group.into_iter().map(|(_, df)| df.clone()).collect();
+        parts.push((Source::Frames(frames), set));
+    }
+    Ok(Parts(parts))
+}
+
+/// Items of segments that recorded the same lookup versions (`None`: none, or the pipeline
+/// has no lookups).
+type Group<'a, T> = (Option<&'a str>, Vec<(&'a Segment, T)>);
+
+/// Items of segments grouped by the lookup versions their segments recorded, in order of
+/// first appearance (one group when the pipeline has no lookups, whatever they recorded).
+fn by_lookups<'a, T>(
+    lookups: &Lookups,
+    items: impl Iterator<Item = (&'a Segment, T)>,
+) -> Vec<Group<'a, T>> {
+    let mut groups: Vec<Group<'a, T>> = Vec::new();
+    for (s, item) in items {
         let key = if lookups.pipeline().lookups.is_empty() {
             None
         } else {
             s.lookups.as_deref()
         };
         match groups.iter_mut().find(|(k, _)| *k == key) {
-            Some((_, g)) => g.push(s.clone()),
-            None => groups.push((key, vec![s.clone()])),
+            Some((_, g)) => g.push((s, item)),
+            None => groups.push((key, vec![(s, item)])),
         }
     }
-    let mut parts = Vec::with_capacity(groups.len());
-    for (key, group) in groups {
-        let set = lookups
-            .recorded(key)
-            .await
-            .context("loading the lookup versions the segments recorded")?;
-        parts.push((open(lake, &group, &mut on_segment).await?, set));
-    }
-    Ok(Parts(parts))
+    groups
 }
 
 /// Where the segments' bytes come from.

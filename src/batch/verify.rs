@@ -5,7 +5,8 @@
 //!   event times lie in the recorded range. A damaged or swapped file is named.
 //! - **The engines**: the batch engine scans the intact segments at once; the speed engine
 //!   computes partials per segment and merges them with the accumulator, as a server does. Any
-//!   difference is a bug in one of them.
+//!   difference is a bug in one of them. Both compute the events the checks decoded (held in
+//!   memory meanwhile), never the files again: one damaged after its check is not read.
 //!
 //! A check reads every sealed segment or a random [`Sample`] of them (a workflow's `verify`
 //! task on a large archive); its result is recorded in the state DB ([`record`]).
@@ -111,21 +112,23 @@ pub async fn verify(
         .iter()
         .map(|s| check_segment(lake, s, &time))
         .collect();
-    let found: Vec<Option<String>> = futures::stream::iter(checks)
+    let found: Vec<Result<DataFrame, String>> = futures::stream::iter(checks)
         .buffered(READ_AHEAD)
         .try_collect()
         .await?;
     let mut intact = Vec::with_capacity(chosen.len());
     let mut damaged = Vec::new();
-    for (s, problem) in chosen.iter().zip(found) {
-        match problem {
-            Some(p) => damaged.push(p),
-            None => intact.push(s.clone()),
+    for (s, checked) in chosen.iter().zip(found) {
+        match checked {
+            Err(p) => damaged.push(p),
+            Ok(events) => intact.push((s.clone(), events)),
         }
     }
     let events = chosen.iter().map(|s| s.rows).sum();
     let lookups = Lookups::reader(plan.pipeline(), lake);
-    let source = scan::open_parts(lake, &lookups, &intact, |_| {}).await?;
+    // The engines compute the events the checks decoded: a file damaged since it was read is
+    // never handed to a reader that trusts it.
+    let source = scan::decoded_parts(&lookups, intact).await?;
     let views = tokio::task::spawn_blocking(move || -> anyhow::Result<Vec<ViewCheck>> {
         let mut out = Vec::new();
         for v in 0..plan.pipeline().views.len() {
@@ -195,25 +198,33 @@ fn pick(sealed: &[Segment], sample: Sample, seed: u64) -> Vec<Segment> {
 /// What is wrong with segment `s`'s file, if anything: `Some(problem)` when it cannot be read,
 /// is not the bytes sealed, does not decode, or its events are not the positions and times
 /// its manifest row records. `Err` only when the check itself could not run.
-async fn check_segment(lake: &Lake, s: &Segment, time: &str) -> anyhow::Result<Option<String>> {
+async fn check_segment(
+    lake: &Lake,
+    s: &Segment,
+    time: &str,
+) -> anyhow::Result<Result<DataFrame, String>> {
     let bytes = match lake.get(&s.path).await {
         Ok(b) => b,
         Err(LakeError::NotFound { .. }) => {
-            return Ok(Some(format!("segment {} is missing from the lake", s.path)));
+            return Ok(Err(format!("segment {} is missing from the lake", s.path)));
         }
         // A store that does not answer says nothing about the segment: the check fails (a
         // task retries it) instead of recording a damage that may not be there.
         Err(e) => return Err(anyhow::Error::new(e).context(format!("reading segment {}", s.path))),
     };
     if let Err(p) = s.check_bytes(&bytes) {
-        return Ok(Some(p));
+        return Ok(Err(p));
     }
     let (s, time) = (s.clone(), time.to_string());
-    Ok(tokio::task::spawn_blocking(move || check_events(&s, bytes, &time).err()).await?)
+    Ok(tokio::task::spawn_blocking(move || check_events(&s, bytes, &time)).await?)
 }
 
-/// Whether the decoded file holds the events of `s`'s manifest row.
-pub(crate) fn check_events(s: &Segment, bytes: bytes::Bytes, time: &str) -> Result<(), String> {
+/// The decoded file, if it holds the events of `s`'s manifest row; what is wrong, if not.
+pub(crate) fn check_events(
+    s: &Segment,
+    bytes: bytes::Bytes,
+    time: &str,
+) -> Result<DataFrame, String> {
     let path = &s.path;
     let df = ParquetReader::new(std::io::Cursor::new(bytes))
         .finish()
@@ -249,7 +260,7 @@ pub(crate) fn check_events(s: &Segment, bytes: bytes::Bytes, time: &str) -> Resu
             s.min_event_ms, s.max_event_ms
         ));
     }
-    Ok(())
+    Ok(df)
 }
 
 /// Differences between two finished frames (batch, speed), at most a few per column.

@@ -125,21 +125,20 @@ async fn promote(
 
 /// The index of view `view` of a served pipeline, or a 404 naming the views it has.
 fn view_index(rt: &PipelineRuntime, view: &str) -> Result<usize, Box<Response>> {
-    rt.pipeline
-        .views
-        .iter()
-        .position(|v| v.name == view)
-        .ok_or_else(|| {
-            let known: Vec<&str> = rt.pipeline.views.iter().map(|v| v.name.as_str()).collect();
-            Box::new(error(
-                StatusCode::NOT_FOUND,
-                format!(
-                    "pipeline `{}` has no view `{view}` (views: {})",
-                    rt.pipeline.name,
-                    known.join(", ")
-                ),
-            ))
-        })
+    // The views it runs now (a promote may have added some).
+    let plan = rt.plan();
+    let views = &plan.pipeline().views;
+    views.iter().position(|v| v.name == view).ok_or_else(|| {
+        let known: Vec<&str> = views.iter().map(|v| v.name.as_str()).collect();
+        Box::new(error(
+            StatusCode::NOT_FOUND,
+            format!(
+                "pipeline `{}` has no view `{view}` (views: {})",
+                rt.pipeline.name,
+                known.join(", ")
+            ),
+        ))
+    })
 }
 
 /// Entries a ledger answer holds unless `limit` says otherwise, and at most.
@@ -309,12 +308,13 @@ async fn pipelines(State(app): State<Arc<App>>) -> Response {
         .values()
         .map(|s| {
             let rt = &s.runtime;
+            let plan = rt.plan();
             let c = &rt.counters;
             let open_since = c.open_since_ms.load(Ordering::Relaxed);
             json!({
                 "name": rt.pipeline.name,
                 "source": rt.pipeline.source.kind(),
-                "views": rt.pipeline.views.iter().map(|v| v.name.clone()).collect::<Vec<_>>(),
+                "views": plan.pipeline().views.iter().map(|v| v.name.clone()).collect::<Vec<_>>(),
                 "accepted": c.accepted.load(Ordering::Relaxed),
                 "rejected": c.rejected.load(Ordering::Relaxed),
                 "duplicates": c.duplicates.load(Ordering::Relaxed),
@@ -326,7 +326,7 @@ async fn pipelines(State(app): State<Arc<App>>) -> Response {
                 "ingest_rate": c.ingest_rate.lock().per_second(),
                 "ack_to_visible_p99_s": c.ack_to_visible.snapshot().quantile_bound(0.99),
                 "source_lag": rt.source_status.lag().map(|l| l.total()),
-                "batch_cutoff_age_s": rt.pipeline.views.iter().enumerate()
+                "batch_cutoff_age_s": plan.pipeline().views.iter().enumerate()
                     .map(|(i, v)| (v.name.clone(), metrics::batch_cutoff_age_seconds(rt, i)))
                     .collect::<BTreeMap<_, _>>(),
                 "lag": rt.source_status.lag_json(),

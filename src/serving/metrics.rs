@@ -331,14 +331,21 @@ fn verified(e: &mut Exposition, named: &[(&str, &PipelineRuntime)]) {
 fn views(e: &mut Exposition, runtimes: &[(&str, &PipelineRuntime)], ops: &Ops) {
     let all = || {
         runtimes.iter().flat_map(|&(p, rt)| {
-            rt.pipeline
+            let plan = rt.plan();
+            let names: Vec<String> = plan
+                .pipeline()
                 .views
                 .iter()
+                .map(|v| v.name.clone())
+                .collect();
+            names
+                .into_iter()
                 .enumerate()
-                .map(move |(i, v)| (p, i, v.name.as_str(), rt))
+                .map(move |(i, v)| (p, i, v, rt))
         })
     };
     for (p, i, v, rt) in all() {
+        let v = v.as_str();
         if let Some(age) = batch_cutoff_age_seconds(rt, i) {
             e.gauge(
                 "lambda_view_batch_cutoff_age_seconds",
@@ -352,6 +359,7 @@ fn views(e: &mut Exposition, runtimes: &[(&str, &PipelineRuntime)], ops: &Ops) {
     let ledger =
         |rt: &PipelineRuntime, v: &str| rt.restated.read().get(v).copied().unwrap_or_default();
     for (p, _, v, rt) in all() {
+        let v = v.as_str();
         e.counter(
             "lambda_late_events_total",
             "Events archived after the end of a window they fall in (restating it).",
@@ -360,6 +368,7 @@ fn views(e: &mut Exposition, runtimes: &[(&str, &PipelineRuntime)], ops: &Ops) {
         );
     }
     for (p, _, v, rt) in all() {
+        let v = v.as_str();
         e.counter(
             "lambda_restated_windows_total",
             "Restatement ledger entries: a window and group whose served value changed (late events, a restating publication).",
@@ -368,6 +377,7 @@ fn views(e: &mut Exposition, runtimes: &[(&str, &PipelineRuntime)], ops: &Ops) {
         );
     }
     for (p, _, v, rt) in all() {
+        let v = v.as_str();
         e.gauge(
             "lambda_late_max_lateness_seconds",
             "The latest any event arrived after the end of its window (0 when none was late).",
@@ -376,6 +386,7 @@ fn views(e: &mut Exposition, runtimes: &[(&str, &PipelineRuntime)], ops: &Ops) {
         );
     }
     for (p, _, v, _) in all() {
+        let v = v.as_str();
         e.counter(
             "lambda_view_queries_total",
             "View answers served.",
@@ -384,6 +395,7 @@ fn views(e: &mut Exposition, runtimes: &[(&str, &PipelineRuntime)], ops: &Ops) {
         );
     }
     for (p, _, v, _) in all() {
+        let v = v.as_str();
         let (_, batch, speed) = ops.served.get(p, v);
         for (layer, rows) in [("batch", batch), ("speed", speed)] {
             e.counter(

@@ -134,6 +134,11 @@ impl Pickup {
         } else {
             None
         };
+        // A promote may have added views (they run after the others).
+        let views = self.rt.plan().pipeline().views.len();
+        self.loaded.resize(views, None);
+        self.refused.resize(views, None);
+        self.runs.resize(views, None);
         for v in 0..self.loaded.len() {
             let plan = self.rt.plan();
             let name = plan.pipeline().views[v].name.clone();

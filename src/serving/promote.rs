@@ -9,9 +9,10 @@
 //! installs them, the new versions and the definition under one lock
 //! ([`PipelineRuntime::switch`]); ingest waits in the log meanwhile, answers are the old
 //! definition's until then and the new one's after, never a mix, and its workflows' batch
-//! runs compute the new definition from then on. In place means the same views (by name, in
-//! order), source, schema, lookups, archive and dedupe settings, and for views with sinks the
-//! same sinks and served columns; anything else takes a restart (promote without a server
+//! runs compute the new definition from then on. In place means the same source, schema,
+//! lookups, archive and dedupe settings, no view removed, and for views with sinks the same
+//! sinks and served columns (an added view has none); views may change and be added (they run
+//! after the others: [`in_place`]). Anything else takes a restart (promote without a server
 //! running, [`promote_stored`], then `serve`).
 
 use std::path::PathBuf;
@@ -111,7 +112,13 @@ pub async fn steps(
             .map_err(other)?;
         let candidate = db.candidate(pipeline, &view.name).await.map_err(other)?;
         let changed = match (running, &current) {
-            (Some(r), _) => r.logic_hash(index) != new,
+            // By name: a view new to the server has changed.
+            (Some(r), _) => r
+                .pipeline()
+                .views
+                .iter()
+                .position(|v| v.name == view.name)
+                .is_none_or(|i| r.logic_hash(i) != new),
             (None, Some(c)) => c.logic_hash != new,
             (None, None) => candidate.is_some(),
         };
@@ -193,14 +200,14 @@ pub async fn promote(served: &Served) -> Result<Promoted, PromoteError> {
         .await
         .map_err(other)?
         .map_err(PromoteError::Conflict)?;
-    let plan = Arc::new(plan);
-    compatible(&running, &plan).map_err(|why| {
+    let plan = in_place(&running, &plan).map_err(|why| {
         PromoteError::Conflict(format!(
             "cannot switch `{}` in place: {why}. Stop the server, run `lambda-ctl promote {}` and start it again",
             plan.pipeline().name,
             plan.pipeline().name
         ))
     })?;
+    let plan = Arc::new(plan);
     let steps = steps(rt.db(), &plan, Some(&running)).await?;
     let mut serve: Vec<Serve> = plan.pipeline().views.iter().map(|_| Serve::Keep).collect();
     for s in &steps {
@@ -326,17 +333,11 @@ pub(super) async fn edited(root: PathBuf, name: String) -> anyhow::Result<Result
     .await?)
 }
 
-/// Whether a server running `running` can switch to `new` in place; why not, if not.
-pub fn compatible(running: &Plan, new: &Plan) -> Result<(), String> {
+/// The definition a server running `running` switches to for `new` (the edited one): its
+/// views are the running ones in their order — a view's index never changes while a server
+/// runs — then the added ones in file order. Why it cannot switch in place, if it cannot.
+pub fn in_place(running: &Plan, new: &Plan) -> Result<Plan, String> {
     let (a, b) = (running.pipeline(), new.pipeline());
-    let names = |p: &Pipeline| p.views.iter().map(|v| v.name.clone()).collect::<Vec<_>>();
-    if names(a) != names(b) {
-        return Err(format!(
-            "its views are {} in pipelines/ and {} on the server (views added, removed or reordered)",
-            names(b).join(", "),
-            names(a).join(", ")
-        ));
-    }
     let differs: Vec<&str> = [
         ("source", a.source != b.source || a.format != b.format),
         ("schema", a.schema != b.schema || a.paths != b.paths),
@@ -354,18 +355,32 @@ pub fn compatible(running: &Plan, new: &Plan) -> Result<(), String> {
     if !differs.is_empty() {
         return Err(format!("its {} changed", differs.join(", ")));
     }
-    for (i, (va, vb)) in a.views.iter().zip(&b.views).enumerate() {
+    let index = |p: &Pipeline, name: &str| p.views.iter().position(|v| v.name == name);
+    let mut views = Vec::with_capacity(b.views.len());
+    for (i, va) in a.views.iter().enumerate() {
+        let Some(j) = index(b, &va.name) else {
+            return Err(format!("view `{}` was removed", va.name));
+        };
+        let vb = &b.views[j];
         if va.sinks != vb.sinks {
             return Err(format!("the sinks of view `{}` changed", va.name));
         }
-        if !va.sinks.is_empty() && running.output_schema(i) != new.output_schema(i) {
+        if !va.sinks.is_empty() && running.output_schema(i) != new.output_schema(j) {
             return Err(format!(
                 "view `{}` has sinks and its columns changed",
                 va.name
             ));
         }
+        views.push(vb.clone());
     }
-    Ok(())
+    for vb in b.views.iter().filter(|v| index(a, &v.name).is_none()) {
+        if !vb.sinks.is_empty() {
+            return Err(format!("the added view `{}` has sinks", vb.name));
+        }
+        views.push(vb.clone());
+    }
+    let arranged = Pipeline { views, ..b.clone() };
+    Plan::compile(&arranged).map_err(|e| format!("{e:#}"))
 }
 
 #[cfg(test)]
@@ -406,7 +421,14 @@ views:
     #[test]
     fn a_server_switches_view_definitions_in_place_and_nothing_else() {
         let running = plan(BASE);
-        // A window, a metric, a filter: in place.
+        let names = |p: &Plan| {
+            p.pipeline()
+                .views
+                .iter()
+                .map(|v| v.name.clone())
+                .collect::<Vec<_>>()
+        };
+        // A window, a metric, a filter: in place, each view where it was.
         for edit in [
             BASE.replace("window: 1m", "window: 2m"),
             BASE.replace(
@@ -415,23 +437,34 @@ views:
             ),
             BASE.replace("event_time: ts", "event_time: ts\nfilter: amount > 0"),
         ] {
-            assert_eq!(compatible(&running, &plan(&edit)), Ok(()), "{edit}");
+            let switched = in_place(&running, &plan(&edit)).unwrap();
+            assert_eq!(names(&switched), ["by_country", "overall"], "{edit}");
         }
-        // Views added, removed or reordered; the schema; the format: a restart.
-        let why = compatible(&running, &plan(&BASE.replace("name: overall", "name: all")));
-        assert!(
-            why.unwrap_err()
-                .contains("views added, removed or reordered")
+        // An added view runs after the running ones, wherever the file has it; a running
+        // view's index never changes.
+        let added = BASE.replace(
+            "views:\n",
+            "views:\n  - name: first\n    window: 5m\n    metrics:\n      n: count()\n",
         );
-        let why = compatible(
+        let switched = in_place(&running, &plan(&added)).unwrap();
+        assert_eq!(names(&switched), ["by_country", "overall", "first"]);
+        assert_eq!(
+            switched.logic_hash(0),
+            running.logic_hash(0),
+            "the same view, the same logic"
+        );
+        // A view removed; the schema; the format: a restart.
+        let why = in_place(&running, &plan(&BASE.replace("name: overall", "name: all")));
+        assert_eq!(why.err().as_deref(), Some("view `overall` was removed"));
+        let why = in_place(
             &running,
             &plan(&BASE.replace("amount: float", "amount: float\n  page: string")),
         );
-        assert_eq!(why, Err("its schema changed".into()));
-        let why = compatible(
+        assert_eq!(why.err().as_deref(), Some("its schema changed"));
+        let why = in_place(
             &running,
             &plan(&BASE.replace("format: json", "format: csv")),
         );
-        assert_eq!(why, Err("its source changed".into()));
+        assert_eq!(why.err().as_deref(), Some("its source changed"));
     }
 }

@@ -5,7 +5,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, OnceLock};
 
-use parking_lot::Mutex;
+use parking_lot::{Mutex, RwLock};
 
 use polars::prelude::*;
 use serde::Serialize;
@@ -449,19 +449,36 @@ fn column_index(df: &DataFrame, c: &str) -> PolarsResult<HashMap<String, Vec<usi
 /// publishes) every query of a view shares one computation, and concurrent queries after a
 /// change wait for the one computing instead of each merging the same partials.
 struct AnswerCache {
-    views: Vec<Mutex<Option<Arc<Finished>>>>,
+    /// Per view index; grows when a promote adds views (they run after the others).
+    views: RwLock<Vec<Slot>>,
 }
+
+/// Where one view's last answer is kept.
+type Slot = Arc<Mutex<Option<Arc<Finished>>>>;
 
 impl AnswerCache {
     fn new(views: usize) -> AnswerCache {
         AnswerCache {
-            views: (0..views).map(|_| Mutex::new(None)).collect(),
+            views: RwLock::new((0..views).map(|_| Arc::default()).collect()),
         }
+    }
+
+    /// The slot of view `view_idx`'s answer.
+    fn slot(&self, view_idx: usize) -> Slot {
+        if let Some(slot) = self.views.read().get(view_idx) {
+            return slot.clone();
+        }
+        let mut views = self.views.write();
+        while views.len() <= view_idx {
+            views.push(Arc::default());
+        }
+        views[view_idx].clone()
     }
 
     /// The current answer of view `view_idx`, computed if the state changed since the last.
     fn get(&self, rt: &PipelineRuntime, view_idx: usize) -> PolarsResult<Arc<Finished>> {
-        let mut slot = self.views[view_idx].lock();
+        let slot = self.slot(view_idx);
+        let mut slot = slot.lock();
         let version = rt.version();
         if let Some(f) = slot.as_ref()
             && f.version == version
@@ -472,14 +489,13 @@ impl AnswerCache {
         *slot = Some(finished.clone());
         Ok(finished)
     }
-}
 
-impl AnswerCache {
     /// Like [`AnswerCache::get`], but computing a missing answer outside the slot's lock; the
     /// result is kept for queries unless a newer one arrived meanwhile.
     fn get_background(&self, rt: &PipelineRuntime, view_idx: usize) -> PolarsResult<Arc<Finished>> {
+        let slot = self.slot(view_idx);
         {
-            let slot = self.views[view_idx].lock();
+            let slot = slot.lock();
             if let Some(f) = slot.as_ref()
                 && f.version == rt.version()
             {
@@ -487,7 +503,7 @@ impl AnswerCache {
             }
         }
         let finished = Arc::new(compute(rt, view_idx)?);
-        let mut slot = self.views[view_idx].lock();
+        let mut slot = slot.lock();
         if slot.as_ref().is_none_or(|f| f.version < finished.version) {
             *slot = Some(finished.clone());
         }

@@ -232,8 +232,15 @@ pub async fn record_definitions(db: &crate::state::State, root: &std::path::Path
         .ok()
         .and_then(|read| Plan::compile(&read).ok())
         .is_some_and(|read| {
+            // By name: a promote that added views runs them after the others.
             read.pipeline().views.len() == p.views.len()
-                && (0..p.views.len()).all(|v| read.logic_hash(v) == plan.logic_hash(v))
+                && p.views.iter().enumerate().all(|(v, view)| {
+                    read.pipeline()
+                        .views
+                        .iter()
+                        .position(|w| w.name == view.name)
+                        .is_some_and(|w| read.logic_hash(w) == plan.logic_hash(v))
+                })
         });
     if !same {
         tracing::warn!(pipeline = %p.name, "the pipeline's file changed since it was loaded: its definition is not recorded, and `as_of` answers from before its next change will say the definition changed");

@@ -257,7 +257,9 @@ impl Aggregator {
             }
         }
         let old = rt.plan();
-        let changed: Vec<usize> = (0..serve.len())
+        // Views the old definition had too (a promote adds views after the others).
+        let had = old.pipeline().views.len();
+        let changed: Vec<usize> = (0..serve.len().min(had))
             .filter(|v| matches!(serve[*v], Serve::Batch(_)))
             .collect();
         let before: Vec<Snapshot> = changed

@@ -105,8 +105,9 @@ pub struct Switched {
     pub at: Tick,
     /// The definition before it.
     pub old: Arc<Plan>,
-    /// Per view given a batch view: what it served just before and just after the switch
-    /// (taken under the lock of the switch), to record what the new definition changed.
+    /// Per view of the old definition given a batch view: what it served just before and just
+    /// after the switch (taken under the lock of the switch), to record what the new
+    /// definition changed. (Views the switch added changed nothing served.)
     pub changed: Vec<(usize, Snapshot, Snapshot)>,
 }
 
@@ -383,7 +384,8 @@ impl PipelineRuntime {
     }
 
     /// Switches the definition the pipeline runs to `plan` (a promote; the caller holds
-    /// [`Self::switching`]). The aggregator, between micro-batches, computes the partials by
+    /// [`Self::switching`]), whose views are the running ones, in their order, then any new
+    /// ones (indexes of running views stay). The aggregator, between micro-batches, computes the partials by
     /// `plan` of every sealed segment the batch views of `serve` do not all cover and of the
     /// open segment, beside the state served now; then runs `commit` (the state DB's switch of
     /// the publications), and installs the new partials, batch views and definition under one

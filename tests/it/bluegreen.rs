@@ -248,8 +248,13 @@ async fn promote_switches_the_served_definition_under_ingest_without_a_mixed_ans
         stderr(&out)
     );
 
-    // Edited, without a candidate of the edit: refused, naming the view and what to run.
-    let edited = PIPELINE.replacen("window: 1m", "window: 2m", 1);
+    // Edited — by_country in 2-minute windows, and a view added first in the file — without a
+    // candidate of the edit: refused, naming the view and what to run.
+    let edited = PIPELINE.replacen("window: 1m", "window: 2m", 1).replacen(
+        "views:\n",
+        "views:\n  - name: per_user\n    group_by: [user]\n    window: all\n    metrics:\n      n: count()\n",
+        1,
+    );
     std::fs::write(dir.path().join("pipelines/orders.yaml"), &edited).unwrap();
     let out = promote(dir.path(), &server.base);
     assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
@@ -258,7 +263,7 @@ async fn promote_switches_the_served_definition_under_ingest_without_a_mixed_ans
         "{}",
         stderr(&out)
     );
-    // A change the server cannot make in place (another view) is refused too.
+    // A change the server cannot make in place (a view removed) is refused too.
     let renamed = edited.replacen("name: hop", "name: hopping", 1);
     std::fs::write(dir.path().join("pipelines/orders.yaml"), &renamed).unwrap();
     let out = promote(dir.path(), &server.base);
@@ -310,8 +315,13 @@ async fn promote_switches_the_served_definition_under_ingest_without_a_mixed_ans
         stdout(&out)
     );
     assert!(
+        stdout(&out).contains("orders.per_user: promoted its candidate (run"),
+        "{}",
+        stdout(&out)
+    );
+    assert!(
         !stdout(&out).contains("orders.hop"),
-        "only the edited view: {}",
+        "only the edited views: {}",
         stdout(&out)
     );
     let first_new = seen.iter().position(|m| *m == 2).unwrap_or(seen.len());
@@ -356,6 +366,7 @@ async fn promote_switches_the_served_definition_under_ingest_without_a_mixed_ans
     wait_for_count(&client, &server, kept(&acked)).await;
     equals_oracle(&get_view(&client, &server, "by_country").await, &acked, 2);
     check_others(&client, &server, &acked).await;
+    per_user(&client, &server, &acked).await;
     let out = ctl(dir.path(), &["status", "--server", &server.base]);
     assert!(!stdout(&out).contains("CANDIDATES"), "{}", stdout(&out));
     let out = promote(dir.path(), &server.base);
@@ -398,6 +409,28 @@ async fn promote_switches_the_served_definition_under_ingest_without_a_mixed_ans
     wait_for_count(&client, &server, kept(&acked)).await;
     equals_oracle(&get_view(&client, &server, "by_country").await, &acked, 2);
     check_others(&client, &server, &acked).await;
+    per_user(&client, &server, &acked).await;
+}
+
+/// The view the promote added counts each user's kept events.
+async fn per_user(client: &reqwest::Client, server: &Server, acked: &[Ev]) {
+    let mut oracle: BTreeMap<String, u64> = BTreeMap::new();
+    for e in acked.iter().filter(|e| e.amount >= 0.0) {
+        *oracle.entry(e.user.clone()).or_default() += 1;
+    }
+    let answer = get_view(client, server, "per_user").await;
+    let got: BTreeMap<String, u64> = answer["rows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            (
+                r["user"].as_str().unwrap().to_string(),
+                r["n"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(got, oracle, "{}", answer["as_of"]);
 }
 
 /// `overall` counts every kept event (the views the promote left alone still answer).
