@@ -67,6 +67,12 @@ pub struct GroupSegment {
     /// The lookup versions the segment recorded (absent from jobs queued before lookups).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lookups: Option<String>,
+    /// The file's size and CRC-32 as the manifest recorded them, checked before the file is
+    /// decoded (absent from jobs queued before they were carried: not checked).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bytes: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub crc32: Option<u32>,
 }
 
 /// The last job of a scaled-out run: merge the groups' partials, publish every view, end the
@@ -125,13 +131,12 @@ impl GroupJob {
                 hi: s.hi,
                 path: s.path.clone(),
                 rows: s.rows,
-                bytes: 0,
+                bytes: s.bytes.unwrap_or(0),
                 dead_letters: 0,
                 min_event_ms: None,
                 max_event_ms: None,
                 lookups: s.lookups.clone(),
-                // A job reads what the manifest lists; checking its bytes is `verify`'s.
-                crc32: None,
+                crc32: s.crc32,
             })
             .collect()
     }
@@ -345,6 +350,8 @@ pub fn split(
                     path: s.path.clone(),
                     rows: s.rows,
                     lookups: s.lookups.clone(),
+                    bytes: Some(s.bytes),
+                    crc32: s.crc32,
                 })
                 .collect(),
         })

@@ -111,6 +111,11 @@ pub async fn open(
                 s.path,
                 path.display()
             );
+            // Polars scans the file itself: its bytes are checked first.
+            let (checked, file) = (s.clone(), path.clone());
+            tokio::task::spawn_blocking(move || checked.check_file(&file))
+                .await
+                .context("checking a segment panicked")??;
             on_segment(s);
         }
         return Ok(Source::Files(files));
@@ -123,10 +128,7 @@ pub async fn open(
     let fetches: Vec<_> = segments
         .iter()
         .map(|s| async move {
-            let bytes = lake
-                .get(&s.path)
-                .await
-                .with_context(|| format!("reading segment {}", s.path))?;
+            let bytes = s.read(lake).await?;
             let df = tokio::task::spawn_blocking(move || {
                 ParquetReader::new(std::io::Cursor::new(bytes)).finish()
             })

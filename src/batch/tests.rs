@@ -706,3 +706,59 @@ async fn verify_names_damaged_segments_checks_samples_and_records_results() {
     assert_eq!(state.verify_statuses().await.unwrap().len(), 1);
     assert!(state.verify_status("other").await.unwrap().is_none());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_damaged_segment_fails_the_run_by_name_and_is_never_decoded() {
+    // In memory (the bytes are decoded by lambda-ctl) and in a directory (polars scans the
+    // files itself).
+    let (dir, state, memory) = open().await;
+    damaged_segment_fails_the_run(&state, &memory).await;
+    let url = format!("sqlite://{}", dir.path().join("files.db").display());
+    let state = State::open(&url).await.unwrap();
+    let files = format!("file://{}", dir.path().join("lake").display());
+    let files = Lake::open(&files, &BTreeMap::new()).unwrap();
+    damaged_segment_fails_the_run(&state, &files).await;
+}
+
+async fn damaged_segment_fails_the_run(state: &State, lake: &Lake) {
+    let plan = plan(SPEC);
+    for lo in [0, 3] {
+        seal(state, lake, lo, &[("DE", 1.0), ("US", 2.0), ("FR", -1.0)]).await;
+    }
+    // A bit flipped mid-file, the size unchanged: a parquet reader would trust it.
+    let segments = state.segments("orders").await.unwrap();
+    let mut bytes = lake.get(&segments[1].path).await.unwrap().to_vec();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0x55;
+    lake.put(&segments[1].path, bytes).await.unwrap();
+    let e = run(&plan, state, lake).await.unwrap_err();
+    let message = format!("{e:#}");
+    assert!(
+        message.contains(&segments[1].path) && message.contains("checksum"),
+        "{message}"
+    );
+    assert!(
+        message.contains("restore the file from a copy of the lake"),
+        "{message}"
+    );
+    assert!(
+        state
+            .current_publication("orders", "by_country")
+            .await
+            .unwrap()
+            .is_none(),
+        "nothing published"
+    );
+    let err = segments[1].read(lake).await.unwrap_err();
+    assert!(format!("{err:#}").contains("checksum"), "{err:#}");
+    // Scaled out: the group job carries the size and checksum, and fails the run by name.
+    let queue = Recorded::default();
+    let e = scaled_run(&plan, state, lake, &queue, &mut |_| {})
+        .await
+        .unwrap_err();
+    let message = format!("{e:#}");
+    assert!(
+        message.contains(&segments[1].path) && message.contains("checksum"),
+        "{message}"
+    );
+}

@@ -417,7 +417,7 @@ fn like(like: &DataFrame, df: &DataFrame) -> Option<DataFrame> {
 }
 
 async fn read_segment(rt: &PipelineRuntime, s: &Segment) -> anyhow::Result<DataFrame> {
-    let bytes = rt.lake().get(&s.path).await?;
+    let bytes = s.read(rt.lake()).await?;
     let path = s.path.clone();
     tokio::task::spawn_blocking(move || {
         ParquetReader::new(Cursor::new(bytes))

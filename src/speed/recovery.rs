@@ -153,12 +153,9 @@ impl RecordedSets {
     }
 }
 
-/// A sealed segment's events, from the lake.
+/// A sealed segment's events, from the lake (checked against its manifest row).
 async fn read_segment(lake: &Lake, seg: &state::Segment) -> anyhow::Result<DataFrame> {
-    let bytes = lake
-        .get(&seg.path)
-        .await
-        .with_context(|| format!("reading segment {}", seg.path))?;
+    let bytes = seg.read(lake).await?;
     read_parquet(bytes).with_context(|| format!("decoding segment {}", seg.path))
 }
 
