@@ -1,9 +1,7 @@
 //! Candidate view versions (blue/green): computed by an edited definition beside the live
 //! version, recorded as publications that are not current.
 
-use super::publications::{
-    INSERT, MAKE_FIRST_CURRENT, PublicationRow, REPLACE_CURRENT, SELECT_CURRENT_ID, bind_version,
-};
+use super::publications::{INSERT, PublicationRow, bind_version, switch_current};
 use super::{NewPublication, Publication, PublicationId, State, StateError, db, now, to_db};
 
 /// A view's candidate version and the live one it was computed beside.
@@ -126,43 +124,7 @@ impl State {
                 if *expected == Some(*new) {
                     continue;
                 }
-                let switched = match expected {
-                    None => {
-                        sqlx::query(MAKE_FIRST_CURRENT)
-                            .bind(pipeline)
-                            .bind(view)
-                            .bind(new.0)
-                            .execute(&mut *tx)
-                            .await
-                    }
-                    Some(old) => {
-                        sqlx::query(REPLACE_CURRENT)
-                            .bind(pipeline)
-                            .bind(view)
-                            .bind(new.0)
-                            .bind(old.0)
-                            .execute(&mut *tx)
-                            .await
-                    }
-                }
-                .map_err(db("promote: switch current version"))?
-                .rows_affected();
-                if switched == 0 {
-                    let found: Option<(i64,)> = sqlx::query_as(SELECT_CURRENT_ID)
-                        .bind(pipeline)
-                        .bind(view)
-                        .fetch_optional(&mut *tx)
-                        .await
-                        .map_err(db("promote: read current version"))?;
-                    let show =
-                        |id: Option<i64>| id.map_or_else(|| "none".into(), |i| i.to_string());
-                    return Err(StateError::PublicationRaced {
-                        pipeline: pipeline.to_string(),
-                        view: view.clone(),
-                        expected: show(expected.map(|p| p.0)),
-                        found: show(found.map(|(i,)| i)),
-                    });
-                }
+                switch_current!(tx, pipeline, view.as_str(), new.0, *expected, "promote");
             }
             sqlx::query(DELETE)
                 .bind(pipeline)

@@ -138,6 +138,53 @@ pub(super) const REPLACE_CURRENT: &str = "
 pub(super) const SELECT_CURRENT_ID: &str =
     "SELECT publication_id FROM current_publications WHERE pipeline = $1 AND view = $2";
 
+/// In transaction `$tx`: makes publication `$new` (an id) current for `$pipeline.$view` if
+/// `$expected` (`Option<PublicationId>`; `None`: none is) is still current, else returns
+/// [`StateError::PublicationRaced`] from the enclosing block, recording nothing. `$what` names
+/// the operation in errors. The compare-and-set of publish and promote.
+macro_rules! switch_current {
+    ($tx:expr, $pipeline:expr, $view:expr, $new:expr, $expected:expr, $what:literal) => {{
+        let switched = match $expected {
+            None => {
+                sqlx::query($crate::state::publications::MAKE_FIRST_CURRENT)
+                    .bind($pipeline)
+                    .bind($view)
+                    .bind($new)
+                    .execute(&mut *$tx)
+                    .await
+            }
+            Some(old) => {
+                sqlx::query($crate::state::publications::REPLACE_CURRENT)
+                    .bind($pipeline)
+                    .bind($view)
+                    .bind($new)
+                    .bind(old.0)
+                    .execute(&mut *$tx)
+                    .await
+            }
+        }
+        .map_err(db(concat!($what, ": switch current version")))?
+        .rows_affected();
+        if switched == 0 {
+            let found: Option<(i64,)> =
+                sqlx::query_as($crate::state::publications::SELECT_CURRENT_ID)
+                    .bind($pipeline)
+                    .bind($view)
+                    .fetch_optional(&mut *$tx)
+                    .await
+                    .map_err(db(concat!($what, ": read current version")))?;
+            let show = |id: Option<i64>| id.map_or_else(|| "none".into(), |i| i.to_string());
+            return Err(StateError::PublicationRaced {
+                pipeline: $pipeline.to_string(),
+                view: $view.to_string(),
+                expected: show($expected.map(|p: PublicationId| p.0)),
+                found: show(found.map(|(i,)| i)),
+            });
+        }
+    }};
+}
+pub(super) use switch_current;
+
 impl State {
     /// Records a view version and makes it current, in one transaction: serving switches
     /// atomically, and a run that fails before this publishes nothing.
@@ -155,42 +202,7 @@ impl State {
                 .fetch_one(&mut *tx)
                 .await
                 .map_err(db("publish: insert version"))?;
-            let switched = match new.replaces {
-                None => {
-                    sqlx::query(MAKE_FIRST_CURRENT)
-                        .bind(&new.pipeline)
-                        .bind(&new.view)
-                        .bind(id)
-                        .execute(&mut *tx)
-                        .await
-                }
-                Some(old) => {
-                    sqlx::query(REPLACE_CURRENT)
-                        .bind(&new.pipeline)
-                        .bind(&new.view)
-                        .bind(id)
-                        .bind(old.0)
-                        .execute(&mut *tx)
-                        .await
-                }
-            }
-            .map_err(db("publish: switch current version"))?
-            .rows_affected();
-            if switched == 0 {
-                let found: Option<(i64,)> = sqlx::query_as(SELECT_CURRENT_ID)
-                    .bind(&new.pipeline)
-                    .bind(&new.view)
-                    .fetch_optional(&mut *tx)
-                    .await
-                    .map_err(db("publish: read current version"))?;
-                let show = |id: Option<i64>| id.map_or_else(|| "none".into(), |i| i.to_string());
-                return Err(StateError::PublicationRaced {
-                    pipeline: new.pipeline.clone(),
-                    view: new.view.clone(),
-                    expected: show(new.replaces.map(|p| p.0)),
-                    found: show(found.map(|(i,)| i)),
-                });
-            }
+            switch_current!(tx, &new.pipeline, &new.view, id, new.replaces, "publish");
             tx.commit().await.map_err(db("publish: commit"))?;
             id
         });
