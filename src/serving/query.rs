@@ -234,8 +234,10 @@ fn query(
     view_idx: usize,
     q: &ViewQuery,
 ) -> Result<Answer, QueryError> {
+    // A bad filter is refused before anything is merged; then against the definition the
+    // answer was computed by (a promote may have switched it in between).
+    check_filters(&rt.plan().pipeline().views[view_idx], q)?;
     let finished = answers.get(rt, view_idx)?;
-    // The definition the answer was computed by (a promote may have switched it since).
     let view = &finished.plan.pipeline().views[view_idx];
     check_filters(view, q)?;
     let cols = columns(view);
@@ -587,14 +589,10 @@ fn frame(
     view_idx: usize,
     q: &ViewQuery,
 ) -> Result<(DataFrame, AsOf), QueryError> {
+    check_filters(&rt.plan().pipeline().views[view_idx], q)?;
     let finished = answers.get(rt, view_idx)?;
     let view = &finished.plan.pipeline().views[view_idx];
-    if let Some((c, _)) = q.filters.iter().find(|(c, _)| !view.group_by.contains(c)) {
-        return Err(QueryError::BadRequest(format!(
-            "`{c}` is not a group_by column of view `{}`",
-            view.name
-        )));
-    }
+    check_filters(view, q)?;
     let all_time = view.window == Window::All;
     let df = match &finished.frame {
         None => DataFrame::empty_with_schema(&finished.plan.output_schema(view_idx)),
