@@ -51,6 +51,8 @@ fn pipeline() -> Pipeline {
         event_time: "ts".into(),
         event_id: Some("event_id".into()),
         dedupe_window: Duration::from_secs(86_400),
+        partitions: 1,
+        partition_key: None,
         filter: Some("latency_ms >= 0".into()),
         columns: vec![("section".into(), "split_part(page, '/', 2)".into())],
         lookups: vec![],

@@ -64,11 +64,14 @@ impl Tick {
     }
 }
 
-/// A pipeline's clock for what it serves. The write-ahead log stamps each request with it as
-/// it writes it — never earlier than the request before, so arrival times follow positions —
-/// and serving places each publication it installs between the requests absorbed and those
-/// not absorbed yet ([`Stamps::install`]). An answer is then exactly "the publications
-/// installed and the events logged up to its [`Tick`]", which `as_of` computes again later.
+/// A pipeline's clock for what it serves. The write-ahead log of each of its partitions
+/// stamps each request with it as it writes it — never earlier than the request before, in
+/// any partition, so arrival times follow positions — and serving places each publication it
+/// installs between the requests absorbed and those not absorbed yet ([`Stamps::install`]).
+/// An answer is then exactly "the publications installed and the events logged up to its
+/// [`Tick`]", which `as_of` computes again later. (With several partitions, each absorbs on
+/// its own: an answer may hold one partition's events of a millisecond before another's of
+/// an earlier one, so an instant is exact up to the events of those milliseconds.)
 #[derive(Debug, Default)]
 pub struct Stamps {
     inner: Mutex<Stamped>,
@@ -78,41 +81,55 @@ pub struct Stamps {
 struct Stamped {
     /// The latest millisecond given.
     last_ms: i64,
-    /// End (exclusive) of the log positions stamped.
-    end: u64,
+    /// Per log (a partition's, by its index): end (exclusive) of the positions stamped.
+    ends: Vec<u64>,
+}
+
+impl Stamped {
+    fn end(&mut self, log: usize) -> &mut u64 {
+        if self.ends.len() <= log {
+            self.ends.resize(log + 1, 0);
+        }
+        &mut self.ends[log]
+    }
 }
 
 impl Stamps {
-    /// Starts over for a log whose next position is `end` (a restart): stamps are
+    /// Starts over for logs whose next positions are `ends` (a restart): stamps are
     /// `at_least_ms` or later.
-    pub fn restart(&self, at_least_ms: i64, end: u64) {
+    pub fn restart(&self, at_least_ms: i64, ends: &[u64]) {
         let mut s = self.inner.lock();
         s.last_ms = s.last_ms.max(at_least_ms);
-        s.end = end;
+        s.ends = ends.to_vec();
     }
 
-    /// The arrival time of the next request the log writes (`events` positions): now, or the
+    /// The arrival time of the next request log `log` writes (`events` positions): now, or the
     /// previous request's when the wall clock is behind it.
-    pub fn stamp(&self, events: u64) -> i64 {
+    pub fn stamp(&self, log: usize, events: u64) -> i64 {
         let mut s = self.inner.lock();
         s.last_ms = now_ms().max(s.last_ms);
-        s.end += events;
+        *s.end(log) += events;
         s.last_ms
     }
 
-    /// The log could not write what was stamped beyond `end`: those positions are not taken.
-    pub fn unstamp_to(&self, end: u64) {
-        self.inner.lock().end = end;
+    /// Log `log` could not write what was stamped beyond `end`: those positions are not taken.
+    pub fn unstamp_to(&self, log: usize, end: u64) {
+        *self.inner.lock().end(log) = end;
     }
 
     /// Where a publication installed now goes, the served state being at `served` with the
-    /// log positions below `absorbed` in it: when every stamped request is absorbed, now (and
-    /// the next request is stamped no earlier); otherwise right after `served`, before the
-    /// requests still on their way (stamped at `served.ms` or later, they come after it). The
-    /// caller holds the served state's lock: nothing is absorbed meanwhile.
-    pub fn install(&self, absorbed: u64, served: Tick) -> Tick {
+    /// positions below `absorbed[log]` of each log in it: when every stamped request is
+    /// absorbed, now (and the next request is stamped no earlier); otherwise right after
+    /// `served`, before the requests still on their way (stamped at `served.ms` or later, they
+    /// come after it). The caller holds the served state's lock: nothing is absorbed meanwhile.
+    pub fn install(&self, absorbed: &[u64], served: Tick) -> Tick {
         let mut s = self.inner.lock();
-        if s.end <= absorbed {
+        let all = s
+            .ends
+            .iter()
+            .enumerate()
+            .all(|(log, end)| *end <= absorbed.get(log).copied().unwrap_or(0));
+        if all {
             let ms = now_ms().max(s.last_ms).max(served.ms);
             s.last_ms = ms;
             if ms > served.ms {
@@ -134,22 +151,27 @@ mod tests {
     fn stamps_follow_positions_and_installs_go_between_absorbed_and_not() {
         let ahead = now_ms() + 60_000;
         let s = Stamps::default();
-        s.restart(ahead, 10);
+        s.restart(ahead, &[10]);
         // The wall clock is behind the last stamp: requests keep its millisecond.
-        assert_eq!(s.stamp(3), ahead);
-        assert_eq!(s.stamp(2), ahead);
+        assert_eq!(s.stamp(0, 3), ahead);
+        assert_eq!(s.stamp(0, 2), ahead);
         let served = Tick { ms: ahead, n: 3 };
         // Positions 13..15 are stamped but not absorbed: the install goes right after 3 events.
-        assert_eq!(s.install(13, served), Tick { ms: ahead, n: 4 });
+        assert_eq!(s.install(&[13], served), Tick { ms: ahead, n: 4 });
         // All absorbed: the install takes the next instant of the clock.
         let all = Tick { ms: ahead, n: 5 };
-        assert_eq!(s.install(15, all), Tick { ms: ahead, n: 6 });
+        assert_eq!(s.install(&[15], all), Tick { ms: ahead, n: 6 });
+        // A second partition's log: its stamps follow the first's, and an install waits for
+        // both to be absorbed before it takes the clock's next instant.
+        assert_eq!(s.stamp(1, 4), ahead);
+        assert_eq!(s.install(&[15, 0], all), Tick { ms: ahead, n: 6 });
+        assert_eq!(s.install(&[15, 4], all), Tick { ms: ahead, n: 6 });
         let s = Stamps::default();
-        let t = s.install(0, Tick::default());
+        let t = s.install(&[], Tick::default());
         assert!(t.ms >= now_ms() - 1000 && t.n == 1, "{t:?}");
-        assert!(s.stamp(1) >= t.ms);
-        s.unstamp_to(0);
-        assert!(s.install(0, t) > t);
+        assert!(s.stamp(0, 1) >= t.ms);
+        s.unstamp_to(0, 0);
+        assert!(s.install(&[0], t) > t);
         // As one number and back.
         let t = Tick {
             ms: 1_763_719_200_000,

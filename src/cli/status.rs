@@ -291,7 +291,14 @@ fn render(r: &Value, recent: &[Run]) -> String {
                     l["open_segment_age_ms"].as_u64(),
                 ) {
                     (Some(0), _) => "empty".into(),
-                    (Some(rows), Some(ms)) => format!("{rows} rows, {}", age(ms as f64 / 1000.0)),
+                    (Some(rows), Some(ms)) => {
+                        // Partitioned: the open segments of all, and the oldest one's age.
+                        let across = match l["partitions"].as_array().map_or(1, Vec::len) {
+                            1 => String::new(),
+                            n => format!(" in {n} partitions"),
+                        };
+                        format!("{rows} rows{across}, {}", age(ms as f64 / 1000.0))
+                    }
                     _ => "-".into(),
                 },
                 text(&p["sealed_segments"]),

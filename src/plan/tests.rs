@@ -87,6 +87,8 @@ pub(super) fn test_pipeline() -> Pipeline {
         event_time: "ts".into(),
         event_id: None,
         dedupe_window: Duration::from_secs(86_400),
+        partitions: 1,
+        partition_key: None,
         filter: Some("n IS NULL OR n <> 7".into()),
         columns: vec![("y".into(), "x * 2".into())],
         lookups: vec![],

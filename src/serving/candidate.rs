@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use super::format::rows_json;
 use super::query::{Answer, QueryError, Served, ViewQuery, check_filters};
-use super::travel::{logged_by, read_since, recompute};
+use super::travel::{cut, logged_by, read_since, recompute};
 use crate::batch::load_partials;
 use crate::speed::lookups::Lookups;
 
@@ -58,14 +58,14 @@ pub async fn answer(served: Arc<Served>, view: &str, q: &ViewQuery) -> Result<An
     let partials = load_partials(&plan, &lake, idx, &publication)
         .await
         .map_err(other)?;
-    let cutoff = publication.cutoff.values().copied().next().unwrap_or(0);
+    let cutoff = publication.cutoff.clone();
     // Each segment with the lookup versions it recorded, read as the candidate defines them.
     let lookups = Lookups::reader(plan.pipeline(), &lake);
     let open = lookups
         .recorded(rt.open_lookups().record().as_deref())
         .await
         .map_err(other)?;
-    let read = read_since(&rt, cutoff, i64::MAX, &lookups, open)
+    let read = read_since(&rt, &cutoff, i64::MAX, &lookups, open)
         .await
         .map_err(other)?;
 
@@ -81,7 +81,7 @@ pub async fn answer(served: Arc<Served>, view: &str, q: &ViewQuery) -> Result<An
             horizon,
             &read.frames,
             &q,
-            |events| logged_by(events, cutoff, i64::MAX, 0, &mut 0),
+            |p, events| logged_by(events, cut(&cutoff, p), i64::MAX, 0, &mut 0),
         )
     })
     .await

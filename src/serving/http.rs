@@ -302,6 +302,26 @@ async fn view(
     }
 }
 
+/// Each partition the server runs: its log's durable end, what is absorbed, sealed and open.
+fn partitions_json(rt: &PipelineRuntime) -> Vec<serde_json::Value> {
+    let absorbed = rt.absorbed();
+    let sealed = rt.sealed_end().borrow().clone();
+    rt.lanes()
+        .iter()
+        .zip(sealed)
+        .map(|(lane, sealed)| {
+            json!({
+                "partition": lane.partition,
+                "logged_end": lane.logged_end(),
+                "absorbed_end": absorbed.get(&lane.partition),
+                "sealed_end": sealed,
+                "open_segment_rows": lane.open_rows(),
+                "routed": lane.partition < rt.pipeline.partitions,
+            })
+        })
+        .collect()
+}
+
 async fn pipelines(State(app): State<Arc<App>>) -> Response {
     let list: Vec<_> = app
         .pipelines
@@ -310,7 +330,7 @@ async fn pipelines(State(app): State<Arc<App>>) -> Response {
             let rt = &s.runtime;
             let plan = rt.plan();
             let c = &rt.counters;
-            let open_since = c.open_since_ms.load(Ordering::Relaxed);
+            let open_since = rt.open_since_ms();
             json!({
                 "name": rt.pipeline.name,
                 "source": rt.pipeline.source.kind(),
@@ -319,8 +339,9 @@ async fn pipelines(State(app): State<Arc<App>>) -> Response {
                 "rejected": c.rejected.load(Ordering::Relaxed),
                 "duplicates": c.duplicates.load(Ordering::Relaxed),
                 "filtered": c.filtered.load(Ordering::Relaxed),
-                "open_segment_rows": c.open_rows.load(Ordering::Relaxed),
-                "open_segment_age_ms": if open_since == 0 { 0 } else { (now_ms() as u64).saturating_sub(open_since) },
+                "open_segment_rows": rt.open_rows(),
+                "open_segment_age_ms": open_since.map_or(0, |since| (now_ms() as u64).saturating_sub(since)),
+                "partitions": partitions_json(rt),
                 "sealed_segments": c.sealed_segments.load(Ordering::Relaxed),
                 "speed_groups": rt.held().0,
                 "ingest_rate": c.ingest_rate.lock().per_second(),

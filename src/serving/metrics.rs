@@ -88,11 +88,11 @@ pub fn batch_cutoff_age_seconds(rt: &PipelineRuntime, view: usize) -> Option<f64
     Some((now_ms() - published).max(0) as f64 / 1000.0)
 }
 
-/// Seconds since the open segment's first event; 0 when it is empty.
+/// Seconds since the oldest open segment's first event; 0 when every one is empty.
 pub fn open_segment_age_seconds(rt: &PipelineRuntime) -> f64 {
-    match rt.counters.open_since_ms.load(Ordering::Relaxed) {
-        0 => 0.0,
-        since => (now_ms() as u64).saturating_sub(since) as f64 / 1000.0,
+    match rt.open_since_ms() {
+        None => 0.0,
+        Some(since) => (now_ms() as u64).saturating_sub(since) as f64 / 1000.0,
     }
 }
 
@@ -191,9 +191,9 @@ fn pipelines(e: &mut Exposition, named: &[(&str, &PipelineRuntime)]) {
     for &(p, rt) in named {
         e.gauge(
             "lambda_open_segment_rows",
-            "Events in the open (not yet sealed) segment.",
+            "Events in the open (not yet sealed) segments, all partitions together.",
             &[("pipeline", p)],
-            rt.counters.open_rows.load(Ordering::Relaxed) as f64,
+            rt.open_rows() as f64,
         );
     }
     for &(p, rt) in named {

@@ -348,6 +348,10 @@ pub fn in_place(running: &Plan, new: &Plan) -> Result<Plan, String> {
         ),
         ("lookups", a.lookups != b.lookups),
         ("archive", a.archive != b.archive),
+        (
+            "partitions",
+            a.partitions != b.partitions || a.partition_key != b.partition_key,
+        ),
     ]
     .into_iter()
     .filter_map(|(what, differs)| differs.then_some(what))

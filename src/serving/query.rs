@@ -173,7 +173,13 @@ pub struct Served {
     pub history: std::time::Duration,
     /// The project directory: where `version=candidate` reads the edited definitions.
     pub root: Option<std::path::PathBuf>,
+    /// Definitions a server recorded, compiled for `as_of` answers from before a change:
+    /// (view, logic hash) → the plan and the view's index in it. Compiled once each.
+    pub(super) recorded: Mutex<RecordedPlans>,
 }
+
+/// See [`Served::recorded`].
+pub(super) type RecordedPlans = HashMap<(String, String), (Arc<Plan>, usize)>;
 
 impl Served {
     pub fn new(runtime: Arc<PipelineRuntime>) -> Served {
@@ -183,6 +189,7 @@ impl Served {
             answers,
             history: crate::spec::settings::DEFAULT_HISTORY,
             root: None,
+            recorded: Default::default(),
         }
     }
 

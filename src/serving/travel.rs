@@ -12,7 +12,6 @@
 //! [`Install`]: crate::state::Install
 
 use std::collections::BTreeMap;
-use std::io::Cursor;
 use std::sync::Arc;
 
 use polars::prelude::*;
@@ -25,6 +24,7 @@ use crate::plan::{LookupSet, Plan};
 use crate::spec::Window;
 use crate::speed::lookups::Lookups;
 use crate::speed::record::{ARRIVAL_COLUMN, OFFSET_COLUMN};
+use crate::speed::recovery::read_segment;
 use crate::speed::runtime::PipelineRuntime;
 use crate::state::{Publication, Segment};
 
@@ -141,9 +141,10 @@ async fn travel(
         ),
         None => None,
     };
-    let cutoff = publication
+    let cutoff: BTreeMap<u32, u64> = publication
         .as_ref()
-        .map_or(0, |p| p.cutoff.values().copied().next().unwrap_or(0));
+        .map(|p| p.cutoff.clone())
+        .unwrap_or_default();
     // Of the things that happened in `at`'s millisecond up to it, the installs are recorded:
     // the rest are events.
     let installs = db
@@ -158,16 +159,20 @@ async fn travel(
                 .recorded(rt.open_lookups().record().as_deref())
                 .await
                 .map_err(internal)?;
-            read_since(&rt, cutoff, at.ms, lookups, open).await
+            read_since(&rt, &cutoff, at.ms, lookups, open).await
         }
-        None => read_since(&rt, cutoff, at.ms, &rt.lookups, rt.open_lookups()).await,
+        None => read_since(&rt, &cutoff, at.ms, &rt.lookups, rt.open_lookups()).await,
     }
     .map_err(internal)?;
 
     let q = q.clone();
     let horizon = publication.as_ref().and_then(|p| p.horizon_ms);
     let (df, mut as_of) = tokio::task::spawn_blocking(move || {
-        let mut rank = read.earlier_in_ms;
+        let (mut rank, events_in_ms) = match read.earlier_in_ms {
+            Some(earlier) => (earlier, events_in_ms),
+            // Several partitions: the events of `at`'s millisecond are not in one order.
+            None => (0, if events_in_ms > 0 { u64::MAX } else { 0 }),
+        };
         recompute(
             &plan,
             view_idx,
@@ -175,7 +180,7 @@ async fn travel(
             horizon,
             &read.frames,
             &q,
-            |events| logged_by(events, cutoff, at.ms, events_in_ms, &mut rank),
+            |p, events| logged_by(events, cut(&cutoff, p), at.ms, events_in_ms, &mut rank),
         )
     })
     .await
@@ -189,6 +194,23 @@ async fn travel(
 /// recorded when it ran it, and the view's index there; `None` when none was recorded or it
 /// no longer reads the archive as this pipeline writes it (another schema).
 async fn recorded(
+    served: &Served,
+    view: &str,
+    logic: &str,
+) -> anyhow::Result<Option<(Arc<Plan>, usize)>> {
+    let key = (view.to_string(), logic.to_string());
+    if let Some(found) = served.recorded.lock().get(&key) {
+        return Ok(Some(found.clone()));
+    }
+    let found = compile_recorded(served, view, logic).await?;
+    if let Some(found) = &found {
+        served.recorded.lock().insert(key, found.clone());
+    }
+    Ok(found)
+}
+
+/// [`recorded`], read from the state DB and compiled.
+async fn compile_recorded(
     served: &Served,
     view: &str,
     logic: &str,
@@ -256,64 +278,93 @@ pub async fn record_definitions(db: &crate::state::State, root: &std::path::Path
     }
 }
 
-/// The events at positions from `cutoff` on, in position order, each part with the lookup
-/// versions it was enriched with; and how many events logged in millisecond `ms` lie before
-/// the first of them.
-pub(super) struct Read {
-    pub frames: Vec<(DataFrame, LookupSet)>,
-    pub earlier_in_ms: u64,
+/// The first position of partition `p` that `cutoff` does not cover.
+pub(super) fn cut(cutoff: &BTreeMap<u32, u64>, p: u32) -> u64 {
+    cutoff.get(&p).copied().unwrap_or(0)
 }
 
-/// Reads the sealed segments holding positions from `cutoff` on and the open segment from the
-/// log — again when a segment is sealed meanwhile (its events leave the log) — each with the
-/// lookup versions it recorded, loaded by `lookups` (the open segment's are `open`).
+/// The events at positions from `cutoff` on, partition by partition, each in position order,
+/// each part with the lookup versions it was enriched with; and, for a pipeline with one
+/// partition, how many events logged in millisecond `ms` lie before the first of them (with
+/// several, the events of one millisecond are in no one order: `None`).
+pub(super) struct Read {
+    pub frames: Vec<(u32, DataFrame, LookupSet)>,
+    pub earlier_in_ms: Option<u64>,
+}
+
+/// Reads the sealed segments holding positions from `cutoff` on and the open segments from
+/// the logs — again when a segment is sealed meanwhile (its events leave the log) — each with
+/// the lookup versions it recorded, loaded by `lookups` (the open segments' are `open`).
 pub(super) async fn read_since(
     rt: &PipelineRuntime,
-    cutoff: u64,
+    cutoff: &BTreeMap<u32, u64>,
     ms: i64,
     lookups: &Lookups,
     open: LookupSet,
 ) -> anyhow::Result<Read> {
     let mut last_err = None;
-    for _ in 0..ATTEMPTS {
+    'attempt: for _ in 0..ATTEMPTS {
         let segments = rt.db().segments(&rt.pipeline.name).await?;
-        let sealed_end = segments.iter().map(|s| s.hi).max().unwrap_or(0);
-        let open_events = match rt.logged(sealed_end) {
-            Ok(events) => events,
-            Err(e) => {
-                last_err = Some(e);
-                continue;
-            }
-        };
+        let mut partitions: Vec<u32> = segments.iter().map(|s| s.partition).collect();
+        partitions.extend(rt.partitions());
+        partitions.sort_unstable();
+        partitions.dedup();
+        let single = partitions.len() <= 1;
         let mut frames = Vec::new();
         let mut sets: BTreeMap<Option<String>, LookupSet> = BTreeMap::new();
-        let after: Vec<&Segment> = segments.iter().filter(|s| s.hi > cutoff).collect();
-        for s in &after {
-            frames.push((
-                read_segment(rt, s).await?,
-                lookups_of(lookups, &mut sets, s).await?,
-            ));
-        }
-        if let Some(events) = open_events {
-            frames.push((events, open.clone()));
-        }
-        // Events of `ms` before the first one read count among its events too.
-        let first = after.first().map_or(sealed_end, |s| s.lo);
-        let mut earlier_in_ms = 0;
-        if frames
-            .first()
-            .is_some_and(|(f, _)| first_arrival(f) == Some(ms))
-        {
-            let mut before: Vec<&Segment> = segments.iter().filter(|s| s.hi <= first).collect();
-            before.sort_by_key(|s| std::cmp::Reverse(s.lo));
-            for s in before {
-                let df = read_segment(rt, s).await?;
-                let arrivals = arrivals(&df)?;
-                earlier_in_ms += arrivals.iter().filter(|a| **a == Some(ms)).count() as u64;
-                if arrivals.iter().any(|a| a.is_some_and(|a| a < ms)) {
-                    break;
+        let mut earlier_in_ms = None;
+        for p in partitions {
+            let mut own: Vec<&Segment> = segments.iter().filter(|s| s.partition == p).collect();
+            own.sort_by_key(|s| s.lo);
+            let sealed_end = own.last().map_or(0, |s| s.hi);
+            let open_events = match rt.logged(p, sealed_end) {
+                Ok(events) => events,
+                Err(e) => {
+                    last_err = Some(e);
+                    continue 'attempt;
+                }
+            };
+            let first_frame = frames.len();
+            let after: Vec<&Segment> = own
+                .iter()
+                .copied()
+                .filter(|s| s.hi > cut(cutoff, p))
+                .collect();
+            for s in &after {
+                frames.push((
+                    p,
+                    read_segment(rt.lake(), s).await?,
+                    lookups_of(lookups, &mut sets, s).await?,
+                ));
+            }
+            if let Some(events) = open_events {
+                frames.push((p, events, open.clone()));
+            }
+            if !single {
+                continue;
+            }
+            // Events of `ms` before the first one read count among its events too.
+            let first = after.first().map_or(sealed_end, |s| s.lo);
+            let mut earlier = 0;
+            if frames
+                .get(first_frame)
+                .is_some_and(|(_, f, _)| first_arrival(f) == Some(ms))
+            {
+                let mut before: Vec<&&Segment> = own.iter().filter(|s| s.hi <= first).collect();
+                before.sort_by_key(|s| std::cmp::Reverse(s.lo));
+                for s in before {
+                    let df = read_segment(rt.lake(), s).await?;
+                    let arrivals = arrivals(&df)?;
+                    earlier += arrivals.iter().filter(|a| **a == Some(ms)).count() as u64;
+                    if arrivals.iter().any(|a| a.is_some_and(|a| a < ms)) {
+                        break;
+                    }
                 }
             }
+            earlier_in_ms = Some(earlier);
+        }
+        if single {
+            earlier_in_ms.get_or_insert(0);
         }
         return Ok(Read {
             frames,
@@ -325,8 +376,8 @@ pub(super) async fn read_since(
         .context("reading the events logged since the batch view's cutoff"))
 }
 
-/// `batch` ⊕ the partials of the events of `frames` that `keep` selects (frame by frame, in
-/// position order), merged and finished by `plan` without the windows retired at `horizon`:
+/// `batch` ⊕ the partials of the events of `frames` that `keep` selects (frame by frame, each
+/// partition's in position order), merged and finished by `plan` without the windows retired at `horizon`:
 /// the rows `q` selects, and the figures of where they came from (the rest of `as_of` is the
 /// caller's).
 pub(super) fn recompute(
@@ -334,9 +385,9 @@ pub(super) fn recompute(
     view_idx: usize,
     batch: Option<DataFrame>,
     horizon: Option<i64>,
-    frames: &[(DataFrame, LookupSet)],
+    frames: &[(u32, DataFrame, LookupSet)],
     q: &ViewQuery,
-    mut keep: impl FnMut(&DataFrame) -> PolarsResult<BooleanChunked>,
+    mut keep: impl FnMut(u32, &DataFrame) -> PolarsResult<BooleanChunked>,
 ) -> PolarsResult<(DataFrame, AsOf)> {
     let mut as_of = AsOf {
         batch_rows: batch.as_ref().map_or(0, |b| b.height() as u64),
@@ -344,8 +395,8 @@ pub(super) fn recompute(
     };
     let mut partials: Vec<DataFrame> = batch.into_iter().collect();
     let mut kept = Vec::new();
-    for (events, lookups) in frames {
-        let k = events.filter(&keep(events)?)?;
+    for (partition, events, lookups) in frames {
+        let k = events.filter(&keep(*partition, events)?)?;
         if k.height() > 0 {
             as_of.speed_segments += 1;
             as_of.speed_events += k.height() as u64;
@@ -414,17 +465,6 @@ fn like(like: &DataFrame, df: &DataFrame) -> Option<DataFrame> {
         .map(|c| df.column(c.name()).ok()?.cast(c.dtype()).ok())
         .collect::<Option<Vec<Column>>>()?;
     DataFrame::new(df.height(), columns).ok()
-}
-
-async fn read_segment(rt: &PipelineRuntime, s: &Segment) -> anyhow::Result<DataFrame> {
-    let bytes = s.read(rt.lake()).await?;
-    let path = s.path.clone();
-    tokio::task::spawn_blocking(move || {
-        ParquetReader::new(Cursor::new(bytes))
-            .finish()
-            .map_err(|e| anyhow::anyhow!("decoding segment {path}: {e}"))
-    })
-    .await?
 }
 
 async fn lookups_of(

@@ -12,10 +12,10 @@
 //! Positions: each message's (partition, offset). Offsets are committed only after the
 //! segment holding the message is sealed — durable in the write-ahead log is not enough, so a
 //! committed offset always points at archived data. The mapping goes through the runtime's
-//! log positions: after a batch went through the door, the source notes the log's end
-//! (`PipelineRuntime::logged_end`) with the batch's next offset per partition; a separate
-//! committer commits a batch's offsets once the sealed end (`PipelineRuntime::sealed_end`)
-//! reaches that mark. Consequently commits trail the data by up to `archive.segment_age`.
+//! log positions: after a batch went through the door, the source notes the end of each of the
+//! pipeline's partition logs (`PipelineRuntime::logged_end`) with the batch's next offset per
+//! Kafka partition; a separate committer commits a batch's offsets once the sealed end of
+//! every partition (`PipelineRuntime::sealed_end`) reaches that mark. Consequently commits trail the data by up to `archive.segment_age`.
 //!
 //! After a crash, the group resumes at the committed offsets and the broker redelivers what
 //! came after the last sealed segment; those events are already in the log (replayed at
@@ -259,9 +259,9 @@ impl KafkaSource {
 }
 
 /// A batch that went through the door: its next offset per partition may be committed once
-/// the sealed end reaches `logged_end`.
+/// the sealed end of every partition log reaches `logged_end`.
 struct Mark {
-    logged_end: u64,
+    logged_end: Vec<u64>,
     next: BTreeMap<i32, i64>,
 }
 
@@ -292,10 +292,11 @@ async fn commit_sealed(
                 }
             }
         }
-        take_sealed(&mut waiting, *sealed.borrow_and_update(), &mut ready);
+        take_sealed(&mut waiting, &sealed.borrow_and_update(), &mut ready);
         commit(&rt, &consumer, &topic, &mut ready, CommitMode::Async);
     }
-    take_sealed(&mut waiting, *sealed.borrow(), &mut ready);
+    let sealed_end = sealed.borrow().clone();
+    take_sealed(&mut waiting, &sealed_end, &mut ready);
     // Bounded, so an unreachable broker cannot hold up shutdown; what is not committed is
     // redelivered and dropped by `event_id`.
     let c = consumer.clone();
@@ -305,9 +306,10 @@ async fn commit_sealed(
     let _ = tokio::time::timeout(FINAL_COMMIT_TIMEOUT, last).await;
 }
 
-/// Moves the offsets of marks at or below `sealed_end` into `ready`.
-fn take_sealed(waiting: &mut VecDeque<Mark>, sealed_end: u64, ready: &mut BTreeMap<i32, i64>) {
-    while waiting.front().is_some_and(|m| m.logged_end <= sealed_end) {
+/// Moves the offsets of marks at or below `sealed_end` (per partition log) into `ready`.
+fn take_sealed(waiting: &mut VecDeque<Mark>, sealed_end: &[u64], ready: &mut BTreeMap<i32, i64>) {
+    let sealed = |m: &Mark| m.logged_end.iter().zip(sealed_end).all(|(l, s)| l <= s);
+    while waiting.front().is_some_and(sealed) {
         let Some(m) = waiting.pop_front() else { break };
         for (p, n) in m.next {
             let e = ready.entry(p).or_insert(n);
@@ -370,20 +372,25 @@ mod tests {
     fn marks_become_ready_only_when_sealed() {
         let mut waiting = VecDeque::from([
             Mark {
-                logged_end: 10,
+                logged_end: vec![10, 4],
                 next: BTreeMap::from([(0, 5), (1, 7)]),
             },
             Mark {
-                logged_end: 20,
+                logged_end: vec![20, 4],
                 next: BTreeMap::from([(0, 9)]),
             },
         ]);
         let mut ready = BTreeMap::new();
-        take_sealed(&mut waiting, 9, &mut ready);
+        take_sealed(&mut waiting, &[9, 4], &mut ready);
         assert!(ready.is_empty(), "nothing sealed up to the first mark");
-        take_sealed(&mut waiting, 10, &mut ready);
+        take_sealed(&mut waiting, &[10, 3], &mut ready);
+        assert!(
+            ready.is_empty(),
+            "the second partition log is not sealed up to the mark"
+        );
+        take_sealed(&mut waiting, &[10, 4], &mut ready);
         assert_eq!(ready, BTreeMap::from([(0, 5), (1, 7)]));
-        take_sealed(&mut waiting, 25, &mut ready);
+        take_sealed(&mut waiting, &[25, 9], &mut ready);
         assert_eq!(ready, BTreeMap::from([(0, 9), (1, 7)]));
         assert!(waiting.is_empty());
     }

@@ -111,6 +111,14 @@ pub struct Pipeline {
     /// A column of the schema used to drop redelivered events.
     pub event_id: Option<String>,
     pub dedupe_window: Duration,
+    /// Partitions of the speed layer (`partitions`, 1 by default): each has its own
+    /// write-ahead log, positions, segments and checkpoint, and absorbs on its own; a batch
+    /// view's cutoff is a position per partition.
+    pub partitions: u32,
+    /// The column whose value picks an event's partition (`partition_key`, by default
+    /// `event_id`): events with the same key go to the same partition. Without either, each
+    /// request goes whole to the next partition in turn.
+    pub partition_key: Option<String>,
     /// SQL boolean expression; rows for which it is not true are dropped.
     pub filter: Option<String>,
     /// Derived columns `(name, SQL expression)`, evaluated in order after the filter.
@@ -122,7 +130,15 @@ pub struct Pipeline {
     pub views: Vec<View>,
 }
 
+/// Most partitions a pipeline may have.
+pub const MAX_PARTITIONS: u32 = 256;
+
 impl Pipeline {
+    /// The column that picks an event's partition, if any (see [`Pipeline::partition_key`]).
+    pub fn partition_column(&self) -> Option<&str> {
+        self.partition_key.as_deref().or(self.event_id.as_deref())
+    }
+
     pub fn view(&self, name: &str) -> Option<&View> {
         self.views.iter().find(|v| v.name == name)
     }

@@ -1,7 +1,7 @@
-//! The aggregator and archiver: one task per pipeline that absorbs durable micro-batches
-//! through the plan into partials of the open segment, and seals the open segment — a Parquet
-//! file in the lake, then its manifest row and checkpoint in one state transaction — once it
-//! is old or big enough.
+//! The aggregator and archiver: one task per partition of a pipeline that absorbs durable
+//! micro-batches through the plan into partials of the partition's open segment, and seals the
+//! open segment — a Parquet file in the lake, then its manifest row and checkpoint in one state
+//! transaction — once it is old or big enough.
 //!
 //! Fail closed: a micro-batch is absorbed whole or not at all, and the open segment only grows
 //! when it is. When one fails, the aggregator absorbs nothing more and rebuilds the open segment
@@ -14,18 +14,15 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use bytes::Bytes;
-use futures::future::BoxFuture;
 use polars::prelude::*;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use super::log;
-use super::partials::{Snapshot, SpeedState};
 use super::record::{
     ARRIVAL_COLUMN, OFFSET_COLUMN, concat_frames, decode_records, time_range, with_positions,
 };
-use super::recovery;
-use super::runtime::{Batch, LOG_PARTITION, PipelineRuntime, Serve, Switch, Switched};
+use super::runtime::{Batch, Lane, OpenPartials, Pause, PipelineRuntime};
 use crate::clock::now_ms;
 use crate::lake;
 use crate::plan::{LookupSet, Plan, Restating, json};
@@ -34,9 +31,12 @@ use crate::state::{Cause, LedgerEntry, Segment};
 /// Longest wait between attempts to rebuild the open segment after a failure.
 const MAX_REBUILD_BACKOFF: Duration = Duration::from_secs(30);
 
-/// The aggregator/archiver task state: the open segment of the log partition.
+/// The aggregator/archiver task state: the open segment of a partition.
 pub(super) struct Aggregator {
     rt: Arc<PipelineRuntime>,
+    /// Its partition's index in [`PipelineRuntime::lanes`], and the partition.
+    lane: usize,
+    partition: u32,
     /// First position of the open segment.
     lo: u64,
     /// Next position expected (= end of the open segment so far): every position in
@@ -60,9 +60,11 @@ pub(super) struct Aggregator {
 }
 
 impl Aggregator {
-    pub(super) fn new(rt: Arc<PipelineRuntime>, checkpoint: u64) -> Self {
+    pub(super) fn new(rt: Arc<PipelineRuntime>, lane: usize, checkpoint: u64) -> Self {
         Aggregator {
             lookups: rt.lookups.current(),
+            partition: rt.lanes[lane].partition,
+            lane,
             rt,
             lo: checkpoint,
             next: checkpoint,
@@ -75,10 +77,14 @@ impl Aggregator {
         }
     }
 
+    fn lane(&self) -> &Lane {
+        &self.rt.lanes[self.lane]
+    }
+
     pub(super) async fn run(
         mut self,
         mut rx: mpsc::Receiver<log::Durable<Batch>>,
-        mut switches: mpsc::Receiver<Switch>,
+        mut pauses: mpsc::Receiver<Pause>,
         shutdown: CancellationToken,
     ) {
         let age = self.rt.pipeline.archive.segment_age;
@@ -99,12 +105,17 @@ impl Aggregator {
                         self.fail(e, "speed layer failed to apply a micro-batch");
                     }
                 }
-                Some(switch) = switches.recv() => {
-                    let result = self.switch(switch.plan, switch.serve, switch.commit).await;
-                    if let Err(e) = &result {
-                        tracing::warn!(pipeline = %self.rt.pipeline.name, error = %format!("{e:#}"), "switching the definition failed; the pipeline runs the one it ran");
+                Some(pause) = pauses.recv() => {
+                    let open = self.open_partials(&pause.plan).await;
+                    if let Err(e) = &open {
+                        tracing::warn!(pipeline = %self.rt.pipeline.name, partition = self.partition, error = %format!("{e:#}"), "switching the definition failed; the pipeline runs the one it ran");
                     }
-                    let _ = switch.done.send(result);
+                    let paused = open.is_ok();
+                    let _ = pause.reply.send(open);
+                    if paused {
+                        // Until the switch is installed or abandoned.
+                        let _ = pause.resume.await;
+                    }
                 }
                 _ = tick.tick() => {}
                 _ = shutdown.cancelled() => break,
@@ -169,20 +180,21 @@ impl Aggregator {
         let rt = self.rt.clone();
         {
             let mut st = rt.state.write();
-            st.discard_open(LOG_PARTITION, self.lo);
-            st.absorbed = self.lo;
+            st.discard_open(self.partition, self.lo);
+            st.absorbed.insert(self.partition, self.lo);
         }
         self.next = self.lo;
         self.events.clear();
         self.rows = 0;
         self.opened = None;
-        rt.counters.open_rows.store(0, Ordering::Relaxed);
-        rt.counters.open_since_ms.store(0, Ordering::Relaxed);
-        let (lo, end) = (self.lo, rt.log.durable_end());
+        self.lane().open_rows.store(0, Ordering::Relaxed);
+        self.lane().open_since_ms.store(0, Ordering::Relaxed);
+        let log = &self.lane().log;
+        let (lo, end) = (self.lo, log.durable_end());
         if end <= lo {
             return Ok(());
         }
-        let dir = rt.log.dir().to_path_buf();
+        let dir = log.dir().to_path_buf();
         let plan = rt.plan();
         let events = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
             let mut records = log::read_from(&dir, lo)?;
@@ -207,74 +219,28 @@ impl Aggregator {
         .await
     }
 
-    /// A switch of the definition ([`PipelineRuntime::switch`]): the speed layer's partials by
-    /// `plan` beside the ones served, `commit`, then both installed under one lock.
-    async fn switch(
-        &mut self,
-        plan: Arc<Plan>,
-        serve: Vec<Serve>,
-        commit: BoxFuture<'static, anyhow::Result<()>>,
-    ) -> anyhow::Result<Switched> {
+    /// For a switch of the definition ([`PipelineRuntime::switch`]): the open segment's
+    /// partials by `plan`, computed from the events it holds.
+    async fn open_partials(&self, plan: &Arc<Plan>) -> anyhow::Result<Option<OpenPartials>> {
         anyhow::ensure!(
             self.rebuild_at.is_none(),
-            "the speed layer is rebuilding its open segment after a failure (see the server's log); promote again once it has"
+            "the speed layer is rebuilding an open segment after a failure (see the server's log); promote again once it has"
         );
-        anyhow::ensure!(
-            serve.len() == plan.pipeline().views.len(),
-            "{} views to serve for {} views",
-            serve.len(),
-            plan.pipeline().views.len()
-        );
-        let rt = self.rt.clone();
-        let mut next = SpeedState::new(serve.len());
-        {
-            let st = rt.state.read();
-            for (v, s) in serve.iter().enumerate() {
-                next.batch[v] = match s {
-                    Serve::Keep => st.batch.get(v).cloned().flatten(),
-                    Serve::Batch(b) => b.clone(),
-                };
-            }
+        if self.rows == 0 {
+            return Ok(None);
         }
-        // Sealed segments from the lake; the open one from the events it holds. Nothing is
-        // sealed or absorbed meanwhile: this task does both.
-        recovery::uncovered_segments(&plan, &rt.lookups, &rt.db, &rt.lake, &mut next).await?;
-        if self.rows > 0 {
-            let (frames, lookups, p) = (self.events.clone(), self.lookups.clone(), plan.clone());
-            let parts = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
-                Ok(p.partials_all(concat_frames(frames)?, &lookups)?)
-            })
-            .await??;
-            next.absorb(&plan, LOG_PARTITION, self.lo, self.next, self.rows, parts)?;
-        }
-        commit.await?;
-        let mut st = rt.state.write();
-        // A kept view serves the batch view installed last (pickup may have installed a newer
-        // one meanwhile: it covers more, and the segments it covers are skipped by answers).
-        for (v, s) in serve.iter().enumerate() {
-            if let Serve::Keep = s {
-                next.batch[v] = st.batch.get(v).cloned().flatten();
-            }
-        }
-        let old = rt.plan();
-        // Views the old definition had too (a promote adds views after the others).
-        let had = old.pipeline().views.len();
-        let changed: Vec<usize> = (0..serve.len().min(had))
-            .filter(|v| matches!(serve[*v], Serve::Batch(_)))
-            .collect();
-        let before: Vec<Snapshot> = changed
-            .iter()
-            .map(|v| st.snapshot(*v, old.clone()))
-            .collect();
-        st.switch_to(next);
-        *rt.definition.write() = plan.clone();
-        let at = rt.place_install(&mut st);
-        let changed = changed
-            .into_iter()
-            .zip(before)
-            .map(|(v, before)| (v, before, st.snapshot(v, plan.clone())))
-            .collect();
-        Ok(Switched { at, old, changed })
+        let (frames, lookups, p) = (self.events.clone(), self.lookups.clone(), plan.clone());
+        let parts = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
+            Ok(p.partials_all(concat_frames(frames)?, &lookups)?)
+        })
+        .await??;
+        Ok(Some(OpenPartials {
+            partition: self.partition,
+            lo: self.lo,
+            hi: self.next,
+            rows: self.rows,
+            parts,
+        }))
     }
 
     /// Absorbs the open segment replayed from the log at start (before the task runs); when
@@ -359,29 +325,25 @@ impl Aggregator {
         );
         {
             let mut st = self.rt.state.write();
-            st.absorb(&self.rt.plan(), LOG_PARTITION, self.lo, next, rows, parts)?;
+            st.absorb(&self.rt.plan(), self.partition, self.lo, next, rows, parts)?;
             // The instant the state stands for moves past these events, in the same step.
             st.tick = arrivals
                 .iter()
                 .fold(st.tick, |t, &(ms, n)| t.after_events(ms, n));
-            st.absorbed = next;
+            st.absorbed.insert(self.partition, next);
         }
         self.high = self.high.max(next);
         // Absorbed: only now does the open segment take the positions.
         self.next = next;
         if self.opened.is_none() {
             self.opened = Some(Instant::now());
-            self.rt
-                .counters
+            self.lane()
                 .open_since_ms
                 .store(now_ms() as u64, Ordering::Relaxed);
         }
         self.rows += rows;
         self.events.push(events);
-        self.rt
-            .counters
-            .open_rows
-            .store(self.rows, Ordering::Relaxed);
+        self.lane().open_rows.store(self.rows, Ordering::Relaxed);
         self.rt
             .counters
             .filtered
@@ -418,12 +380,13 @@ impl Aggregator {
         );
         let frames = self.events.clone();
         let lookups = self.lookups.clone();
+        let partition = self.partition;
         let (bytes, rows, min_ms, max_ms, restated) = {
             let rt = rt.clone();
             tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
                 let mut df = concat_frames(frames)?;
                 let (min_ms, max_ms) = time_range(&df, &rt.pipeline.event_time)?;
-                let restated = restated(&rt, lo, hi, &df, &lookups)?;
+                let restated = restated(&rt, partition, lo, hi, &df, &lookups)?;
                 let mut buf = Vec::new();
                 ParquetWriter::new(&mut buf)
                     .with_compression(ParquetCompression::Zstd(None))
@@ -436,7 +399,7 @@ impl Aggregator {
             rows == hi - lo,
             "segment {lo}..{hi} would hold {rows} events"
         );
-        let path = lake::archive_path(&rt.pipeline.name, LOG_PARTITION, lo, hi);
+        let path = lake::archive_path(&rt.pipeline.name, partition, lo, hi);
         let size = bytes.len() as u64;
         let crc32 = crc32fast::hash(&bytes);
         rt.lake
@@ -445,7 +408,7 @@ impl Aggregator {
             .with_context(|| format!("writing segment {path}"))?;
         let segment = Segment {
             pipeline: rt.pipeline.name.clone(),
-            partition: LOG_PARTITION,
+            partition,
             lo,
             hi,
             path: path.clone(),
@@ -464,15 +427,16 @@ impl Aggregator {
         rt.counters
             .rejected_unsealed
             .fetch_sub(segment.dead_letters, Ordering::Relaxed);
-        rt.state.write().seal(LOG_PARTITION, lo, hi);
-        rt.sealed_end.send_replace(hi);
-        if let Err(e) = rt.log.truncate_below(hi) {
-            tracing::warn!(pipeline = %rt.pipeline.name, error = %e, "could not truncate the write-ahead log");
+        rt.state.write().seal(partition, lo, hi);
+        let lane = self.lane;
+        rt.sealed_end.send_modify(|ends| ends[lane] = hi);
+        if let Err(e) = self.lane().log.truncate_below(hi) {
+            tracing::warn!(pipeline = %rt.pipeline.name, partition, error = %e, "could not truncate the write-ahead log");
         }
         tracing::info!(pipeline = %rt.pipeline.name, segment = %path, rows, "sealed segment");
         rt.counters.sealed_segments.fetch_add(1, Ordering::Relaxed);
-        rt.counters.open_rows.store(0, Ordering::Relaxed);
-        rt.counters.open_since_ms.store(0, Ordering::Relaxed);
+        self.lane().open_rows.store(0, Ordering::Relaxed);
+        self.lane().open_since_ms.store(0, Ordering::Relaxed);
         self.lo = hi;
         self.events.clear();
         self.rows = 0;
@@ -498,7 +462,12 @@ impl Aggregator {
             body.push_str(&line);
             body.push('\n');
         }
-        let unique = format!("lookup-{}-{}", std::process::id(), self.next);
+        let unique = format!(
+            "lookup-{}-p{}-{}",
+            std::process::id(),
+            self.partition,
+            self.next
+        );
         let path = lake::dead_letter_path(&self.rt.pipeline.name, at, &unique);
         if let Err(e) = self.rt.lake.put(&path, Bytes::from(body)).await {
             tracing::error!(pipeline = %self.rt.pipeline.name, error = %e, rejected = n, "cannot write the dead letters of events a lookup rejected");
@@ -511,6 +480,7 @@ impl Aggregator {
 /// (the segment's partials absorbed, nothing newer: the aggregator seals before it absorbs).
 fn restated(
     rt: &PipelineRuntime,
+    partition: u32,
     lo: u64,
     hi: u64,
     events: &DataFrame,
@@ -523,7 +493,7 @@ fn restated(
         if !plan.has_window_ends(v) {
             continue;
         }
-        let (others, own, horizon_ms) = rt.state.read().around(v, LOG_PARTITION, lo);
+        let (others, own, horizon_ms) = rt.state.read().around(v, partition, lo);
         let served = Restating {
             others: &others,
             own: &own,
@@ -533,11 +503,7 @@ fn restated(
             plan.restated(v, events, ARRIVAL_COLUMN, lookups, &served),
             || format!("finding what late events restated in view `{}`", view.name),
         )?;
-        let cause = Cause::Late {
-            partition: LOG_PARTITION,
-            lo,
-            hi,
-        };
+        let cause = Cause::Late { partition, lo, hi };
         let names = (rt.pipeline.name.as_str(), view.name.as_str());
         out.extend(
             rows.into_iter()
@@ -675,7 +641,7 @@ mod tests {
         let rt = p.start().await;
         // Both requests are stamped in one millisecond (the clock is a minute ahead).
         let ms = crate::clock::now_ms() + 60_000;
-        rt.stamps.restart(ms, rt.logged_end());
+        rt.stamps.restart(ms, &rt.logged_end());
         rt.ingest(ndjson(&[1.0, 2.0, 3.0])).await.unwrap();
         wait_for("absorbed", async || served(&rt).0 == 3).await;
         assert_eq!(rt.tick(), crate::clock::Tick { ms, n: 3 });

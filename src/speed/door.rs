@@ -1,7 +1,9 @@
 //! The door: NDJSON/CSV bytes in — decoded by the plan, rejections to the dead-letter area,
-//! duplicates within `dedupe_window` dropped — and out only once every accepted event is
-//! durable in the write-ahead log, one log record per event ([`super::record`]).
+//! duplicates within `dedupe_window` dropped, each event routed to its partition — and out
+//! only once every accepted event is durable in its partition's write-ahead log, one log
+//! record per event ([`super::record`]).
 
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Instant;
@@ -78,20 +80,13 @@ impl PipelineRuntime {
         let header = header.and_then(|h| body.get(h));
 
         // De-duplicate at the door.
-        let mut admitted_ids: Vec<Vec<u8>> = Vec::new();
+        let mut ids: Option<Vec<Option<String>>> = None;
         if let (Some(d), Some(id_col)) = (&self.dedupe, &self.pipeline.event_id) {
-            let ids = id_strings(&events, id_col)?;
-            let mut keep = Vec::with_capacity(ids.len());
+            let mut all = id_strings(&events, id_col)?;
+            let mut keep = Vec::with_capacity(all.len());
             let mut d = d.lock();
-            for id in &ids {
-                let new = match id {
-                    Some(id) => d.admit(id.as_bytes(), arrival),
-                    None => true,
-                };
-                if new && let Some(id) = id {
-                    admitted_ids.push(id.as_bytes().to_vec());
-                }
-                keep.push(new);
+            for id in &all {
+                keep.push(id.as_ref().is_none_or(|id| d.admit(id.as_bytes(), arrival)));
             }
             drop(d);
             let dups = keep.iter().filter(|k| !**k).count() as u64;
@@ -100,44 +95,103 @@ impl PipelineRuntime {
                 events = events.filter(&mask)?;
                 let mut it = keep.iter();
                 sources.retain(|_| *it.next().unwrap_or(&true));
+                let mut it = keep.iter();
+                all.retain(|_| *it.next().unwrap_or(&true));
                 report.duplicates = dups;
                 self.counters.duplicates.fetch_add(dups, Ordering::Relaxed);
             }
+            ids = Some(all);
         }
         if events.height() == 0 {
             return Ok(report);
         }
-        let records: Vec<Vec<u8>> = sources
+        let records = sources
             .into_iter()
-            .map(|r| encode_record(arrival, header, &body[r]))
-            .collect();
-        let n = records.len() as u64;
+            .map(|r| encode_record(arrival, header, &body[r]));
+
+        // To the partitions' logs, all at once; acknowledged once every one is durable.
+        let lanes = self.route(&events, ids.as_deref())?;
+        let mut by_lane: BTreeMap<usize, (Vec<IdxSize>, Vec<Vec<u8>>)> = BTreeMap::new();
+        for (row, (lane, record)) in lanes.iter().zip(records).enumerate() {
+            let (rows, records) = by_lane.entry(*lane).or_default();
+            rows.push(row as IdxSize);
+            records.push(record);
+        }
         let acked = Arc::new(OnceLock::new());
-        let appended = self
-            .log
-            .append(
-                records,
-                Batch {
-                    events,
-                    acked: Some(acked.clone()),
-                },
-            )
-            .await;
-        let range = match appended {
-            Ok(range) => range,
-            Err(e) => {
-                if let Some(d) = &self.dedupe {
-                    let mut d = d.lock();
-                    admitted_ids.iter().for_each(|id| d.forget(id));
+        let whole = by_lane.len() == 1;
+        let mut appends = Vec::with_capacity(by_lane.len());
+        for (lane, (rows, records)) in by_lane {
+            let events = if whole {
+                events.clone()
+            } else {
+                events.take(&IdxCa::from_vec("rows".into(), rows))?
+            };
+            let n = records.len() as u64;
+            let batch = Batch {
+                events,
+                acked: Some(acked.clone()),
+            };
+            let log = &self.lanes[lane].log;
+            appends.push(async move { (lane, n, log.append(records, batch).await) });
+        }
+        let mut failed = None;
+        for (lane, n, appended) in futures::future::join_all(appends).await {
+            match appended {
+                Ok(range) => {
+                    self.lanes[lane]
+                        .logged_end
+                        .fetch_max(range.end, Ordering::AcqRel);
+                    report.accepted += n;
                 }
-                return Err(e.into());
+                Err(e) => {
+                    // Not durable: these ids may come again.
+                    if let (Some(d), Some(ids)) = (&self.dedupe, &ids) {
+                        let mut d = d.lock();
+                        let lost = ids.iter().zip(&lanes).filter(|(_, l)| **l == lane);
+                        lost.filter_map(|(id, _)| id.as_ref())
+                            .for_each(|id| d.forget(id.as_bytes()));
+                    }
+                    failed.get_or_insert(e);
+                }
             }
-        };
+        }
         let _ = acked.set(Instant::now());
-        self.logged_end.fetch_max(range.end, Ordering::AcqRel);
-        report.accepted = n;
-        self.counters.accepted.fetch_add(n, Ordering::Relaxed);
-        Ok(report)
+        self.counters
+            .accepted
+            .fetch_add(report.accepted, Ordering::Relaxed);
+        match failed {
+            // Those of other partitions are durable, and counted; a retry of the request
+            // finds them as duplicates (with `event_id`).
+            Some(e) => Err(e.into()),
+            None => Ok(report),
+        }
+    }
+
+    /// The lane of each of `events` (whose ids, if the pipeline has `event_id`, are `ids`):
+    /// by the CRC-32 of its key (`partition_key`, by default `event_id`) among the
+    /// `partitions` routed to; an event without one, or a pipeline without a key column,
+    /// takes the request's lane — the next partition in turn.
+    fn route(
+        &self,
+        events: &DataFrame,
+        ids: Option<&[Option<String>]>,
+    ) -> anyhow::Result<Vec<usize>> {
+        let routed = (self.pipeline.partitions as usize)
+            .min(self.lanes.len())
+            .max(1);
+        if routed == 1 {
+            return Ok(vec![0; events.height()]);
+        }
+        let turn = self.next_lane.fetch_add(1, Ordering::Relaxed) % routed;
+        let keys = match (&self.pipeline.partition_key, ids) {
+            (Some(key), _) => id_strings(events, key)?,
+            (None, Some(ids)) => ids.to_vec(),
+            (None, None) => return Ok(vec![turn; events.height()]),
+        };
+        Ok(keys
+            .iter()
+            .map(|k| k.as_ref().map_or(turn, |k| partition_of(k, routed)))
+            .collect())
     }
 
     async fn dead_letter(&self, decoded: &Decoded, arrival: i64) -> anyhow::Result<()> {
@@ -164,6 +218,12 @@ fn uuid_like() -> String {
         std::process::id(),
         N.fetch_add(1, Ordering::Relaxed)
     )
+}
+
+/// The partition among `partitions` of an event whose key is `key`: the CRC-32 (IEEE) of its
+/// UTF-8 bytes modulo `partitions`.
+pub fn partition_of(key: &str, partitions: usize) -> usize {
+    crc32fast::hash(key.as_bytes()) as usize % partitions
 }
 
 /// The event ids of `events` as strings (`None` where an event has none).

@@ -65,6 +65,8 @@ pub type Durable<T> = (Range<u64>, i64, T);
 #[derive(Clone)]
 pub struct Stamper {
     pub stamps: Arc<Stamps>,
+    /// Which of the clock's logs this is (a partition's index).
+    pub log: usize,
     pub write: fn(&mut [u8], i64),
 }
 
@@ -253,7 +255,7 @@ impl<T> Writer<T> {
                     tracing::error!(dir = %self.dir.display(), error = %e, "write-ahead log append failed");
                     // Nothing of this batch is acknowledged; reopen so a partial write is cut off.
                     if let Some(s) = &self.stamper {
-                        s.stamps.unstamp_to(self.next);
+                        s.stamps.unstamp_to(s.log, self.next);
                     }
                     for req in batch {
                         let _ = req.reply.send(Err(LogError::Io {
@@ -284,7 +286,7 @@ impl<T> Writer<T> {
             let start = next;
             let stamp = match &self.stamper {
                 Some(s) => {
-                    let stamp = s.stamps.stamp(req.records.len() as u64);
+                    let stamp = s.stamps.stamp(s.log, req.records.len() as u64);
                     req.records.iter_mut().for_each(|r| (s.write)(r, stamp));
                     stamp
                 }
@@ -438,6 +440,7 @@ mod tests {
         let (tx, mut rx) = tokio::sync::mpsc::channel(64);
         let stamper = Stamper {
             stamps: Arc::new(Stamps::default()),
+            log: 0,
             write: |rec, stamp| rec[..8].copy_from_slice(&stamp.to_le_bytes()),
         };
         let (log, _) = Log::<usize>::open_stamped(dir.path(), Some(tx), Some(stamper)).unwrap();

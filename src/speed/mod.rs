@@ -8,7 +8,7 @@ pub mod log;
 pub mod lookups;
 pub mod partials;
 pub mod record;
-mod recovery;
+pub mod recovery;
 pub mod runtime;
 pub mod status;
 #[cfg(test)]

@@ -64,8 +64,8 @@ pub struct SpeedState {
     /// The instant this state stands for: the events logged and the publications installed up
     /// to it are in it, and nothing else (`as_of` recomputes it from the archive).
     pub tick: Tick,
-    /// End (exclusive) of the log positions absorbed.
-    pub absorbed: u64,
+    /// Per partition run here: end (exclusive) of the log positions absorbed.
+    pub absorbed: BTreeMap<u32, u64>,
 }
 
 /// The frames a query of one view merges, taken under the lock; merging happens outside it.
@@ -99,7 +99,7 @@ impl SpeedState {
             batch: vec![None; views],
             version: 0,
             tick: Tick::default(),
-            absorbed: 0,
+            absorbed: BTreeMap::new(),
         }
     }
 

@@ -6,10 +6,10 @@
 
 use std::io::Cursor;
 use std::path::Path;
+use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use anyhow::Context;
-use bytes::Bytes;
 use parking_lot::{Mutex, RwLock};
 use polars::prelude::*;
 
@@ -51,7 +51,7 @@ impl Recent<'_> {
 #[allow(clippy::too_many_arguments)]
 pub(super) async fn sealed_segments(
     pipeline: &Pipeline,
-    plan: &Plan,
+    plan: &Arc<Plan>,
     lookups: &Lookups,
     db: &State,
     lake: &Lake,
@@ -95,7 +95,8 @@ pub(super) async fn sealed_segments(
             continue;
         }
         let set = sets.of(lookups, seg).await?;
-        absorb_sealed(plan, &mut speed.write(), seg, &events, &set)?;
+        let parts = sealed_partials(plan, &events, set).await?;
+        absorb_sealed(plan, &mut speed.write(), seg, events.height(), parts)?;
     }
     if skipped > 0 {
         tracing::info!(
@@ -111,7 +112,7 @@ pub(super) async fn sealed_segments(
 /// `speed` (installed beforehand) do not all cover — what a switch of the definition serves
 /// beside them. Segments are read from the lake as [`sealed_segments`] reads them.
 pub(super) async fn uncovered_segments(
-    plan: &Plan,
+    plan: &Arc<Plan>,
     lookups: &Lookups,
     db: &State,
     lake: &Lake,
@@ -128,7 +129,8 @@ pub(super) async fn uncovered_segments(
         }
         let events = read_segment(lake, &seg).await?;
         let set = sets.of(lookups, &seg).await?;
-        absorb_sealed(plan, speed, &seg, &events, &set)?;
+        let parts = sealed_partials(plan, &events, set).await?;
+        absorb_sealed(plan, speed, &seg, events.height(), parts)?;
     }
     Ok(())
 }
@@ -153,29 +155,39 @@ impl RecordedSets {
     }
 }
 
-/// A sealed segment's events, from the lake (checked against its manifest row).
-async fn read_segment(lake: &Lake, seg: &state::Segment) -> anyhow::Result<DataFrame> {
+/// A sealed segment's events, from the lake (checked against its manifest row), decoded on
+/// the blocking pool — for start-up, a switch of the definition and `as_of` answers alike.
+pub async fn read_segment(lake: &Lake, seg: &state::Segment) -> anyhow::Result<DataFrame> {
     let bytes = seg.read(lake).await?;
-    read_parquet(bytes).with_context(|| format!("decoding segment {}", seg.path))
+    let path = seg.path.clone();
+    tokio::task::spawn_blocking(move || {
+        let events = ParquetReader::new(Cursor::new(bytes)).finish();
+        anyhow::Context::with_context(events, || format!("decoding segment {path}"))
+    })
+    .await?
 }
 
-/// Absorbs sealed segment `seg`'s `events`, enriched with `set`, into `speed` by `plan`.
+/// The partials by `plan` of a sealed segment's `events`, enriched with `set` — polars work,
+/// on the blocking pool, so a long recovery or switch never holds a runtime worker.
+async fn sealed_partials(
+    plan: &Arc<Plan>,
+    events: &DataFrame,
+    set: LookupSet,
+) -> anyhow::Result<Vec<DataFrame>> {
+    let (plan, events) = (plan.clone(), events.clone());
+    // Prepared once for every view, not once per view.
+    tokio::task::spawn_blocking(move || Ok(plan.partials_all(events, &set)?)).await?
+}
+
+/// Absorbs sealed segment `seg`'s partials (of `rows` events) into `speed`.
 fn absorb_sealed(
     plan: &Plan,
     speed: &mut SpeedState,
     seg: &state::Segment,
-    events: &DataFrame,
-    set: &LookupSet,
+    rows: usize,
+    parts: Vec<DataFrame>,
 ) -> anyhow::Result<()> {
-    let parts = partials_of(plan, events, set)?;
-    speed.absorb(
-        plan,
-        seg.partition,
-        seg.lo,
-        seg.hi,
-        events.height() as u64,
-        parts,
-    )?;
+    speed.absorb(plan, seg.partition, seg.lo, seg.hi, rows as u64, parts)?;
     speed.seal(seg.partition, seg.lo, seg.hi);
     Ok(())
 }
@@ -210,20 +222,6 @@ pub(super) fn replay(
     )))
 }
 
-/// Partials of every view for raw (decoded) events, enriched with `lookups`.
-fn partials_of(
-    plan: &Plan,
-    events: &DataFrame,
-    lookups: &LookupSet,
-) -> anyhow::Result<Vec<DataFrame>> {
-    // Prepared once for every view, not once per view.
-    Ok(plan.partials_all(events.clone(), lookups)?)
-}
-
-fn read_parquet(bytes: Bytes) -> anyhow::Result<DataFrame> {
-    Ok(ParquetReader::new(Cursor::new(bytes)).finish()?)
-}
-
 /// Re-admits ids that arrived after `horizon_ms` (rebuilding the index after a restart).
 fn admit_recent(
     d: &mut Dedupe,
@@ -241,6 +239,38 @@ fn admit_recent(
         }
     }
     Ok(())
+}
+
+/// The partitions to run of `pipeline`, whose logs are under `log_dir`: `0..partitions`, then
+/// those beyond with a log directory left from when it had more (the caller runs those whose
+/// log still holds events to archive), in partition order.
+pub(super) fn partitions(pipeline: &Pipeline, log_dir: &Path) -> anyhow::Result<Vec<u32>> {
+    let mut out: Vec<u32> = (0..pipeline.partitions).collect();
+    let dir = log_dir.join(&pipeline.name);
+    let entries = match std::fs::read_dir(&dir) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(out),
+        Err(e) => return Err(anyhow::Error::new(e).context(format!("listing {}", dir.display()))),
+    };
+    for entry in entries {
+        let name = entry?.file_name();
+        let partition = name
+            .to_str()
+            .and_then(|n| n.strip_prefix("p="))
+            .and_then(|p| p.parse::<u32>().ok());
+        if let Some(p) = partition
+            && p >= pipeline.partitions
+        {
+            out.push(p);
+        }
+    }
+    out.sort_unstable();
+    Ok(out)
+}
+
+/// Whether the log in `dir` holds a record at or after position `from`.
+pub(super) fn holds_from(dir: &Path, from: u64) -> anyhow::Result<bool> {
+    Ok(!log::read_from(dir, from)?.is_empty())
 }
 
 /// A log directory that has lost its files (or is new) must continue at the checkpoint, so

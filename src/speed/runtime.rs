@@ -5,7 +5,11 @@
 //! ([`super::recovery`]: partials of uncovered sealed segments from their Parquet files, the
 //! open segment replayed from the log) and the log's records ([`super::record`]).
 //!
-//! Position-less sources (HTTP, generator, file) use partition 0 of the pipeline's own log.
+//! Partitions: every source writes through the door into the pipeline's own write-ahead log,
+//! one per partition (`partitions`, 1 by default); each partition has its own positions,
+//! segments and checkpoint, and its own aggregator task ([`Lane`]). The door routes an event
+//! by its key (`partition_key`, by default `event_id`), so every copy of an event lands in the
+//! same partition; without one, a request goes whole to the next partition in turn.
 //!
 //! Bounded: the log hands durable events to the aggregator through a channel of
 //! [`AGGREGATOR_QUEUE`] micro-batches; when the aggregator falls behind, the log's writer and
@@ -13,7 +17,7 @@
 
 use std::collections::BTreeMap;
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -37,8 +41,6 @@ use crate::spec::Pipeline;
 use crate::state::{LedgerTotals, State, VerifyStatus};
 use crate::telemetry::{Histogram, LATENCY_BUCKETS, RateMeter};
 
-/// The partition of the pipeline's own write-ahead log.
-pub(super) const LOG_PARTITION: u32 = 0;
 /// Durable requests waiting for the aggregator at most (see the module docs).
 pub const AGGREGATOR_QUEUE: usize = 64;
 
@@ -51,9 +53,6 @@ pub struct Counters {
     /// replayed events are not counted again).
     pub filtered: AtomicU64,
     pub sealed_segments: AtomicU64,
-    pub open_rows: AtomicU64,
-    /// Arrival time of the open segment's first event (0 when empty).
-    pub open_since_ms: AtomicU64,
     /// Rejections not yet recorded with a sealed segment (persisted by the next seal).
     pub rejected_unsealed: AtomicU64,
     /// From a request's acknowledgement (its events durable) to its events being visible in
@@ -74,8 +73,6 @@ impl Default for Counters {
             duplicates: AtomicU64::new(0),
             filtered: AtomicU64::new(0),
             sealed_segments: AtomicU64::new(0),
-            open_rows: AtomicU64::new(0),
-            open_since_ms: AtomicU64::new(0),
             rejected_unsealed: AtomicU64::new(0),
             ack_to_visible: Histogram::new(LATENCY_BUCKETS),
             ingest_rate: Mutex::new(RateMeter::new(RATE_WINDOW)),
@@ -91,12 +88,22 @@ pub enum Serve {
     Batch(Option<BatchView>),
 }
 
-/// A switch of the definition, for the aggregator (see [`PipelineRuntime::switch`]).
-pub(super) struct Switch {
+/// A switch of the definition pausing a partition's aggregator between two micro-batches
+/// (see [`PipelineRuntime::switch`]): it answers with its open segment's partials by `plan`,
+/// then absorbs and seals nothing until `resume` is sent or dropped.
+pub(super) struct Pause {
     pub plan: Arc<Plan>,
-    pub serve: Vec<Serve>,
-    pub commit: BoxFuture<'static, anyhow::Result<()>>,
-    pub done: oneshot::Sender<anyhow::Result<Switched>>,
+    pub reply: oneshot::Sender<anyhow::Result<Option<OpenPartials>>>,
+    pub resume: oneshot::Receiver<()>,
+}
+
+/// The open segment of a partition as a paused aggregator holds it, by a switch's definition.
+pub(super) struct OpenPartials {
+    pub partition: u32,
+    pub lo: u64,
+    pub hi: u64,
+    pub rows: u64,
+    pub parts: Vec<DataFrame>,
 }
 
 /// A switch of the definition, done.
@@ -119,6 +126,32 @@ pub struct Batch {
     pub(super) acked: Option<Arc<OnceLock<Instant>>>,
 }
 
+/// One partition of the pipeline's speed layer: its write-ahead log and what of it is durable;
+/// its aggregator task absorbs and seals it.
+pub struct Lane {
+    pub partition: u32,
+    pub(super) log: Log<Batch>,
+    /// End (exclusive) of the write-ahead log: every position below it is durable.
+    pub(super) logged_end: AtomicU64,
+    /// Events of the open segment, and the arrival time of its first one (0 when empty).
+    pub(super) open_rows: AtomicU64,
+    pub(super) open_since_ms: AtomicU64,
+    /// To the aggregator, which a switch of the definition pauses between micro-batches.
+    pauses: mpsc::Sender<Pause>,
+}
+
+impl Lane {
+    /// End (exclusive) of the write-ahead log: positions below it are durable.
+    pub fn logged_end(&self) -> u64 {
+        self.logged_end.load(Ordering::Acquire)
+    }
+
+    /// Events of the open segment.
+    pub fn open_rows(&self) -> u64 {
+        self.open_rows.load(Ordering::Relaxed)
+    }
+}
+
 pub struct PipelineRuntime {
     /// The pipeline as it started: its name, source, schema, lookups, archive and dedupe
     /// settings, which a promote never changes. Its views as they run now — a promote may have
@@ -130,8 +163,12 @@ pub struct PipelineRuntime {
     /// Held while the definition is being switched, and by batch runs of the server's own
     /// workflows: a run never publishes a definition the server no longer runs.
     switching: Arc<tokio::sync::Mutex<()>>,
-    /// To the aggregator, which switches the definition between micro-batches.
-    switches: mpsc::Sender<Switch>,
+    /// The partitions this process runs, in partition order: `0..partitions`, then any
+    /// partition beyond them (`partitions` was lowered) whose log still held events to
+    /// archive — it takes no new ones, and is sealed by age.
+    pub(super) lanes: Vec<Lane>,
+    /// Where the door sends a request without a key next (see [`Lane`]).
+    pub(super) next_lane: AtomicUsize,
     /// The pipeline's lookup tables: the current versions (what a segment opening now is
     /// enriched with), the versions segments recorded, refresh figures.
     pub lookups: Arc<Lookups>,
@@ -146,18 +183,15 @@ pub struct PipelineRuntime {
     /// The restatement ledger summed per view, as serving last read it from the state DB,
     /// for `/metrics`.
     pub restated: RwLock<BTreeMap<String, LedgerTotals>>,
-    pub(super) log: Log<Batch>,
-    /// The clock the log stamps requests with and serving places installs by.
+    /// The clock the logs stamp requests with and serving places installs by.
     pub(super) stamps: Arc<Stamps>,
     /// The lookup versions the open segment is enriched with (kept by the aggregator), for
     /// `as_of` answers that recompute it.
     pub(super) open_lookups: RwLock<crate::plan::LookupSet>,
-    /// End (exclusive) of the write-ahead log: every position below it is durable.
-    pub(super) logged_end: AtomicU64,
-    /// End (exclusive) of the sealed segments: every position below it is in the archive
-    /// (manifest + checkpoint committed). Sources that may only acknowledge archived events
-    /// (kafka) wait on it.
-    pub(super) sealed_end: watch::Sender<u64>,
+    /// Per lane: end (exclusive) of the sealed segments — every position below it is in the
+    /// archive (manifest + checkpoint committed). Sources that may only acknowledge archived
+    /// events (kafka) wait on it.
+    pub(super) sealed_end: watch::Sender<Vec<u64>>,
     /// Held across admit → append so a failed append can un-admit its ids.
     pub(super) dedupe: Option<Arc<Mutex<Dedupe>>>,
     pub(super) lake: Lake,
@@ -197,8 +231,8 @@ impl PipelineRuntime {
             lookups.spawn_refreshes(shutdown.clone());
         }
 
-        // Sealed segments first, then the open segment from the log (see `recovery`).
-        let checkpoint = db.checkpoint(&name, LOG_PARTITION).await?.unwrap_or(0);
+        // Sealed segments first, then each partition's open segment from its log (see
+        // `recovery`).
         let horizon_ms =
             now_ms() - i64::try_from(pipeline.dedupe_window.as_millis()).unwrap_or(i64::MAX);
         let recent =
@@ -214,32 +248,53 @@ impl PipelineRuntime {
             &pipeline, &plan, &lookups, &db, &lake, &speed, &counters, recent,
         )
         .await?;
-        speed.write().absorbed = checkpoint;
 
-        // The log, with its consumer: the aggregator.
-        let log_dir = log_dir.join(&name).join(format!("p={LOG_PARTITION}"));
-        recovery::ensure_log_starts_at(&log_dir, checkpoint)?;
-        let (tx, rx) = mpsc::channel(AGGREGATOR_QUEUE);
-        let (switch_tx, switch_rx) = mpsc::channel(1);
+        // The logs, each with its consumer: its partition's aggregator.
         let stamps = Arc::new(Stamps::default());
-        let stamper = Stamper {
-            stamps: stamps.clone(),
-            write: super::record::stamp_record,
-        };
-        let (log, next) = Log::open_stamped(&log_dir, Some(tx), Some(stamper))?;
-        anyhow::ensure!(
-            next >= checkpoint,
-            "write-ahead log {} ends at {next} but the archive is sealed up to {checkpoint}; the log directory was replaced",
-            log_dir.display()
-        );
-
-        let replayed = recovery::replay(&plan, &log_dir, checkpoint, recent)?;
+        let mut lanes = Vec::new();
+        let mut opened = Vec::new();
+        for partition in recovery::partitions(&pipeline, log_dir)? {
+            let checkpoint = db.checkpoint(&name, partition).await?.unwrap_or(0);
+            let dir = log_dir.join(&name).join(format!("p={partition}"));
+            if partition < pipeline.partitions {
+                recovery::ensure_log_starts_at(&dir, checkpoint)?;
+            } else if !recovery::holds_from(&dir, checkpoint)? {
+                // Beyond `partitions`: runs only while its log holds events to archive.
+                continue;
+            }
+            let (tx, rx) = mpsc::channel(AGGREGATOR_QUEUE);
+            let (pause_tx, pause_rx) = mpsc::channel(1);
+            let stamper = Stamper {
+                stamps: stamps.clone(),
+                log: lanes.len(),
+                write: super::record::stamp_record,
+            };
+            let (log, next) = Log::open_stamped(&dir, Some(tx), Some(stamper))?;
+            anyhow::ensure!(
+                next >= checkpoint,
+                "write-ahead log {} ends at {next} but the archive is sealed up to {checkpoint}; the log directory was replaced",
+                dir.display()
+            );
+            let replayed = recovery::replay(&plan, &dir, checkpoint, recent)?;
+            speed.write().absorbed.insert(partition, checkpoint);
+            lanes.push(Lane {
+                partition,
+                log,
+                logged_end: AtomicU64::new(next),
+                open_rows: AtomicU64::new(0),
+                open_since_ms: AtomicU64::new(0),
+                pauses: pause_tx,
+            });
+            opened.push((checkpoint, next, rx, pause_rx, replayed));
+        }
+        let sealed: Vec<u64> = opened.iter().map(|o| o.0).collect();
 
         let rt = Arc::new(PipelineRuntime {
             pipeline: pipeline.clone(),
             definition: RwLock::new(plan.clone()),
             switching: Arc::new(tokio::sync::Mutex::new(())),
-            switches: switch_tx,
+            lanes,
+            next_lane: AtomicUsize::new(0),
             lookups: lookups.clone(),
             state: speed,
             counters,
@@ -247,33 +302,39 @@ impl PipelineRuntime {
             verified: RwLock::new(None),
             restated: RwLock::new(BTreeMap::new()),
             open_lookups: RwLock::new(lookups.current()),
-            log,
             stamps,
-            logged_end: AtomicU64::new(next),
-            sealed_end: watch::Sender::new(checkpoint),
+            sealed_end: watch::Sender::new(sealed),
             dedupe,
             lake,
             db,
             #[cfg(test)]
             fail_applies: Default::default(),
         });
-        // The open segment is absorbed before anything new is logged (nothing is: sources
-        // and the door start after this returns), so the first answer already has it.
-        let mut aggregator = Aggregator::new(rt.clone(), checkpoint);
-        if let Some(replayed) = replayed {
-            aggregator.absorb_replayed(replayed).await;
+        // The open segments are absorbed before anything new is logged (nothing is: sources
+        // and the door start after this returns), so the first answer already has them.
+        let mut aggregators = Vec::new();
+        let mut ends = Vec::new();
+        for (lane, (checkpoint, next, rx, pause_rx, replayed)) in opened.into_iter().enumerate() {
+            let mut aggregator = Aggregator::new(rt.clone(), lane, checkpoint);
+            if let Some(replayed) = replayed {
+                aggregator.absorb_replayed(replayed).await;
+            }
+            aggregators.push((aggregator, rx, pause_rx));
+            ends.push(next);
         }
         // Everything logged so far is absorbed (or, if that failed, on its way through a
         // rebuild); what is logged from now on arrives at this instant or later.
         {
             let mut st = rt.state.write();
             let start = now_ms().max(st.tick.ms + 1);
-            rt.stamps.restart(start, next);
-            if st.absorbed == next {
+            rt.stamps.restart(start, &ends);
+            if st.absorbed.values().eq(ends.iter()) {
                 st.tick = Tick { ms: start, n: 0 };
             }
         }
-        tokio::spawn(aggregator.run(rx, switch_rx, shutdown));
+        for (aggregator, rx, pause_rx) in aggregators {
+            tokio::spawn(aggregator.run(rx, pause_rx, shutdown.clone()));
+        }
         Ok(rt)
     }
 
@@ -308,13 +369,32 @@ impl PipelineRuntime {
         self.open_lookups.read().clone()
     }
 
-    /// The events the write-ahead log holds durably from position `from` on (the open
-    /// segment, when `from` is where the sealed ones end), with their positions and arrival
-    /// times as the archive has them; `None` when it holds none. Blocking (reads files). Fails
-    /// when the log no longer starts at `from` (sealed and truncated meanwhile).
-    pub fn logged(&self, from: u64) -> anyhow::Result<Option<DataFrame>> {
-        let end = self.log.durable_end();
-        let mut records = super::log::read_from(self.log.dir(), from)?;
+    /// The lane of partition `partition`, if this process runs it.
+    pub fn lane(&self, partition: u32) -> Option<&Lane> {
+        self.lanes.iter().find(|l| l.partition == partition)
+    }
+
+    /// The partitions this process runs, in partition order.
+    pub fn lanes(&self) -> &[Lane] {
+        &self.lanes
+    }
+
+    /// The partitions this process runs (see [`Lane`]), in order.
+    pub fn partitions(&self) -> Vec<u32> {
+        self.lanes.iter().map(|l| l.partition).collect()
+    }
+
+    /// The events partition `partition`'s write-ahead log holds durably from position `from`
+    /// on (the open segment, when `from` is where the sealed ones end), with their positions
+    /// and arrival times as the archive has them; `None` when it holds none (or this process
+    /// runs no such partition). Blocking (reads files). Fails when the log no longer starts at
+    /// `from` (sealed and truncated meanwhile).
+    pub fn logged(&self, partition: u32, from: u64) -> anyhow::Result<Option<DataFrame>> {
+        let Some(lane) = self.lane(partition) else {
+            return Ok(None);
+        };
+        let end = lane.log.durable_end();
+        let mut records = super::log::read_from(lane.log.dir(), from)?;
         records.retain(|(offset, _)| *offset < end);
         let Some(&(first, _)) = records.first() else {
             anyhow::ensure!(
@@ -364,7 +444,8 @@ impl PipelineRuntime {
 
     /// Moves the served state (whose lock the caller holds) to the instant of an install.
     pub(super) fn place_install(&self, st: &mut SpeedState) -> Tick {
-        st.tick = self.stamps.install(st.absorbed, st.tick);
+        let absorbed: Vec<u64> = st.absorbed.values().copied().collect();
+        st.tick = self.stamps.install(&absorbed, st.tick);
         st.tick
     }
 
@@ -385,29 +466,92 @@ impl PipelineRuntime {
 
     /// Switches the definition the pipeline runs to `plan` (a promote; the caller holds
     /// [`Self::switching`]), whose views are the running ones, in their order, then any new
-    /// ones (indexes of running views stay). The aggregator, between micro-batches, computes the partials by
-    /// `plan` of every sealed segment the batch views of `serve` do not all cover and of the
-    /// open segment, beside the state served now; then runs `commit` (the state DB's switch of
-    /// the publications), and installs the new partials, batch views and definition under one
+    /// ones (indexes of running views stay). Every partition's aggregator pauses between two
+    /// micro-batches and computes its open segment's partials by `plan`; then the partials by
+    /// `plan` of every sealed segment the batch views of `serve` do not all cover are computed
+    /// beside the state served now, `commit` runs (the state DB's switch of the
+    /// publications), and the new partials, batch views and definition are installed under one
     /// lock. An answer is the old definition's or the new one's, never a mix. Ingest waits
-    /// meanwhile (what arrives is in the log); when anything fails before the install, nothing
-    /// changed.
+    /// meanwhile (what arrives is in the logs); when anything fails before the install,
+    /// nothing changed.
     pub async fn switch(
         &self,
         plan: Arc<Plan>,
         serve: Vec<Serve>,
         commit: BoxFuture<'static, anyhow::Result<()>>,
     ) -> anyhow::Result<Switched> {
-        let (done, result) = oneshot::channel();
-        let switch = Switch {
-            plan,
-            serve,
-            commit,
-            done,
-        };
+        anyhow::ensure!(
+            serve.len() == plan.pipeline().views.len(),
+            "{} views to serve for {} views",
+            serve.len(),
+            plan.pipeline().views.len()
+        );
         let stopped = || anyhow::anyhow!("the pipeline's speed layer has stopped");
-        self.switches.send(switch).await.map_err(|_| stopped())?;
-        result.await.map_err(|_| stopped())?
+        // Dropped on return, done or failed: every paused aggregator goes on.
+        let mut resumes = Vec::with_capacity(self.lanes.len());
+        let mut replies = Vec::with_capacity(self.lanes.len());
+        for lane in &self.lanes {
+            let (reply, answer) = oneshot::channel();
+            let (resume_tx, resume) = oneshot::channel();
+            let pause = Pause {
+                plan: plan.clone(),
+                reply,
+                resume,
+            };
+            lane.pauses.send(pause).await.map_err(|_| stopped())?;
+            resumes.push(resume_tx);
+            replies.push(answer);
+        }
+        let mut open = Vec::with_capacity(replies.len());
+        for answer in replies {
+            open.extend(answer.await.map_err(|_| stopped())??);
+        }
+        let mut next = SpeedState::new(serve.len());
+        {
+            let st = self.state.read();
+            for (v, s) in serve.iter().enumerate() {
+                next.batch[v] = match s {
+                    Serve::Keep => st.batch.get(v).cloned().flatten(),
+                    Serve::Batch(b) => b.clone(),
+                };
+            }
+        }
+        // Sealed segments from the lake; the open ones from the paused aggregators. Nothing is
+        // sealed or absorbed meanwhile.
+        recovery::uncovered_segments(&plan, &self.lookups, &self.db, &self.lake, &mut next).await?;
+        for o in open {
+            next.absorb(&plan, o.partition, o.lo, o.hi, o.rows, o.parts)?;
+        }
+        commit.await?;
+        let mut st = self.state.write();
+        // A kept view serves the batch view installed last (pickup may have installed a newer
+        // one meanwhile: it covers more, and the segments it covers are skipped by answers).
+        for (v, s) in serve.iter().enumerate() {
+            if let Serve::Keep = s {
+                next.batch[v] = st.batch.get(v).cloned().flatten();
+            }
+        }
+        let old = self.plan();
+        // Views the old definition had too (a promote adds views after the others).
+        let had = old.pipeline().views.len();
+        let changed: Vec<usize> = (0..serve.len().min(had))
+            .filter(|v| matches!(serve[*v], Serve::Batch(_)))
+            .collect();
+        let before: Vec<Snapshot> = changed
+            .iter()
+            .map(|v| st.snapshot(*v, old.clone()))
+            .collect();
+        st.switch_to(next);
+        *self.definition.write() = plan.clone();
+        let at = self.place_install(&mut st);
+        let changed = changed
+            .into_iter()
+            .zip(before)
+            .map(|(v, before)| (v, before, st.snapshot(v, plan.clone())))
+            .collect();
+        drop(st);
+        drop(resumes);
+        Ok(Switched { at, old, changed })
     }
 
     /// The publication view `view` serves now, if any.
@@ -432,16 +576,205 @@ impl PipelineRuntime {
         (st.groups(), st.estimated_bytes())
     }
 
-    /// End (exclusive) of the write-ahead log: positions below it are durable. Read after
-    /// `ingest` returned, it is at or above every position that call wrote (or, for events it
-    /// dropped as duplicates, of the earlier copies).
-    pub fn logged_end(&self) -> u64 {
-        self.logged_end.load(Ordering::Acquire)
+    /// Per lane (in [`Self::partitions`] order): end (exclusive) of its write-ahead log —
+    /// positions below it are durable. Read after `ingest` returned, each is at or above
+    /// every position that call wrote there (or, for events it dropped as duplicates, of the
+    /// earlier copies).
+    pub fn logged_end(&self) -> Vec<u64> {
+        self.lanes.iter().map(Lane::logged_end).collect()
     }
 
-    /// Watches the end (exclusive) of the sealed segments: positions below it are archived
-    /// and will never be replayed from the log. Starts at the checkpoint recovered at start.
-    pub fn sealed_end(&self) -> watch::Receiver<u64> {
+    /// Watches, per lane, the end (exclusive) of the sealed segments: positions below it are
+    /// archived and will never be replayed from the log. Starts at the checkpoints recovered
+    /// at start.
+    pub fn sealed_end(&self) -> watch::Receiver<Vec<u64>> {
         self.sealed_end.subscribe()
+    }
+
+    /// Per partition run here: end (exclusive) of the positions absorbed into the served state.
+    pub fn absorbed(&self) -> BTreeMap<u32, u64> {
+        self.state.read().absorbed.clone()
+    }
+
+    /// Events of the open segments, all partitions together.
+    pub fn open_rows(&self) -> u64 {
+        self.lanes.iter().map(Lane::open_rows).sum()
+    }
+
+    /// Arrival time (epoch ms) of the oldest open segment's first event; `None` when every
+    /// open segment is empty.
+    pub fn open_since_ms(&self) -> Option<u64> {
+        self.lanes
+            .iter()
+            .map(|l| l.open_since_ms.load(Ordering::Relaxed))
+            .filter(|ms| *ms > 0)
+            .min()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+    use std::sync::Arc;
+
+    use bytes::Bytes;
+    use polars::prelude::*;
+
+    use super::Serve;
+    use crate::plan::Plan;
+    use crate::speed::door::partition_of;
+    use crate::speed::testing::{Project, served, wait_for};
+
+    fn spec(partitions: u32, key: &str, segment_age: &str) -> String {
+        format!(
+            r#"
+name: orders
+source: {{type: http}}
+schema:
+  id: string
+  ts: timestamp
+  country: string
+  amount: float
+event_time: ts
+{key}
+partitions: {partitions}
+archive: {{segment_age: {segment_age}}}
+views:
+  - name: overall
+    window: all
+    metrics:
+      n: count()
+      total: sum(amount)
+"#
+        )
+    }
+
+    /// Events `ids` (amount = the id's number), one NDJSON request.
+    fn events(ids: std::ops::Range<u32>) -> Bytes {
+        let lines: Vec<String> = ids
+            .map(|i| {
+                format!(r#"{{"id": "e{i}", "ts": 1700000000000, "country": "DE", "amount": {i}}}"#)
+            })
+            .collect();
+        Bytes::from(lines.join("\n"))
+    }
+
+    fn total(ids: std::ops::Range<u32>) -> f64 {
+        ids.map(f64::from).sum()
+    }
+
+    /// The ids partition `p`'s log holds from position 0.
+    fn logged_ids(rt: &super::PipelineRuntime, p: u32) -> Vec<String> {
+        let Some(df) = rt.logged(p, 0).unwrap() else {
+            return Vec::new();
+        };
+        let ids = df.column("id").unwrap().str().unwrap().clone();
+        ids.iter().map(|s| s.unwrap().to_string()).collect()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn partitions_route_by_key_deduplicate_archive_apart_and_recover() {
+        let mut p = Project::new(&spec(3, "event_id: id", "1h")).await;
+        let rt = p.start().await;
+        assert_eq!(rt.partitions(), [0, 1, 2]);
+        let r = rt.ingest(events(0..60)).await.unwrap();
+        assert_eq!((r.accepted, r.duplicates), (60, 0));
+        // Copies of ten events and five new ones: the copies reach the partitions of their
+        // first copies, and are dropped there.
+        let r = rt.ingest(events(50..65)).await.unwrap();
+        assert_eq!((r.accepted, r.duplicates), (5, 10));
+        wait_for("absorbed", async || served(&rt).0 == 65).await;
+        assert_eq!(served(&rt), (65, total(0..65)));
+        let mut all = BTreeSet::new();
+        for part in 0..3 {
+            let ids = logged_ids(&rt, part);
+            assert!(!ids.is_empty(), "partition {part} took no event");
+            for id in &ids {
+                assert_eq!(partition_of(id, 3), part as usize, "{id}");
+                assert!(all.insert(id.clone()), "{id} twice");
+            }
+        }
+        assert_eq!(all.len(), 65);
+
+        // A promote's switch pauses every partition: a view added by it counts all of them.
+        let mut next = (*p.pipeline).clone();
+        let mut added = next.views[0].clone();
+        added.name = "again".into();
+        next.views.push(added);
+        let plan = Arc::new(Plan::compile(&next).unwrap());
+        let serve = vec![Serve::Keep, Serve::Batch(None)];
+        let switched = rt
+            .switch(plan, serve, Box::pin(async { Ok(()) }))
+            .await
+            .unwrap();
+        assert!(switched.changed.is_empty());
+        let snap = rt.snapshot(1);
+        let merged = snap.plan.merge(1, snap.speed.clone()).unwrap();
+        let answer = snap.plan.finish(1, merged).unwrap();
+        let n = answer.column("n").unwrap().cast(&DataType::UInt64).unwrap();
+        assert_eq!(n.u64().unwrap().get(0), Some(65));
+        let r = rt.ingest(events(65..70)).await.unwrap();
+        assert_eq!(r.accepted, 5);
+        wait_for("absorbed after the switch", async || served(&rt).0 == 70).await;
+
+        // A restart replays every partition's log; the id index is rebuilt.
+        let rt = p.start().await;
+        assert_eq!(served(&rt), (70, total(0..70)));
+        let r = rt.ingest(events(0..5)).await.unwrap();
+        assert_eq!((r.accepted, r.duplicates), (0, 5));
+
+        // Fewer partitions: the ones beyond still run while their logs hold events to
+        // archive, take no new events, and are sealed by age; then they stop running.
+        let mut fewer = (*p.pipeline).clone();
+        fewer.partitions = 1;
+        fewer.archive.segment_age = std::time::Duration::from_millis(200);
+        p.plan = Arc::new(Plan::compile(&fewer).unwrap());
+        p.pipeline = Arc::new(fewer);
+        let rt = p.start().await;
+        assert_eq!(rt.partitions(), [0, 1, 2]);
+        assert_eq!(served(&rt), (70, total(0..70)));
+        let before = rt.logged_end();
+        let r = rt.ingest(events(100..130)).await.unwrap();
+        assert_eq!(r.accepted, 30);
+        let after = rt.logged_end();
+        assert_eq!(
+            after[0] - before[0],
+            30,
+            "new events go to partition 0 only"
+        );
+        assert_eq!(after[1..], before[1..]);
+        wait_for("every partition sealed", async || {
+            let mut sealed = 0;
+            for part in 0..3 {
+                sealed += p.db.checkpoint("orders", part).await.unwrap().unwrap_or(0);
+            }
+            sealed == 100
+        })
+        .await;
+        for s in p.db.segments("orders").await.unwrap() {
+            assert!(
+                s.path.contains(&format!("/p={}/", s.partition)),
+                "{}",
+                s.path
+            );
+        }
+        let rt = p.start().await;
+        assert_eq!(rt.partitions(), [0]);
+        assert_eq!(served(&rt), (100, total(0..70) + total(100..130)));
+        p.shutdown.cancel();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn without_a_key_each_request_goes_whole_to_the_next_partition() {
+        let mut p = Project::new(&spec(2, "", "1h")).await;
+        let rt = p.start().await;
+        rt.ingest(events(0..7)).await.unwrap();
+        rt.ingest(events(7..10)).await.unwrap();
+        let mut ends = rt.logged_end();
+        ends.sort_unstable();
+        assert_eq!(ends, [3, 7]);
+        wait_for("absorbed", async || served(&rt).0 == 10).await;
+        assert_eq!(served(&rt), (10, total(0..10)));
+        p.shutdown.cancel();
     }
 }

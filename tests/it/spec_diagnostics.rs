@@ -76,6 +76,7 @@ cases!(
     serve_sql,
     sinks,
     lookups,
+    partitions,
 );
 
 #[test]

@@ -223,6 +223,8 @@ mod tests {
             event_time: "ts".into(),
             event_id: None,
             dedupe_window: Duration::from_secs(60),
+            partitions: 1,
+            partition_key: None,
             filter: None,
             columns: vec![],
             lookups: vec![],

@@ -27,6 +27,8 @@ fn pipeline(format: Format) -> Pipeline {
         event_time: "ts".into(),
         event_id: None,
         dedupe_window: Duration::from_secs(60),
+        partitions: 1,
+        partition_key: None,
         filter: None,
         columns: vec![],
         lookups: vec![],

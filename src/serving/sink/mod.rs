@@ -507,17 +507,17 @@ impl Runner {
 /// `shutdown` came first.
 async fn caught_up(served: &Served, shutdown: &CancellationToken) -> bool {
     let rt = &served.runtime;
-    let goal = rt.logged_end();
-    let sealed = rt.sealed_end();
+    let goal: BTreeMap<u32, u64> = rt.partitions().into_iter().zip(rt.logged_end()).collect();
     let since = Instant::now();
     let mut warned = false;
     loop {
-        let absorbed = *sealed.borrow() + rt.counters.open_rows.load(Ordering::Relaxed);
-        if absorbed >= goal {
+        let absorbed = rt.absorbed();
+        let behind = |(p, end): (&u32, &u64)| absorbed.get(p).is_none_or(|a| a < end);
+        if !goal.iter().any(behind) {
             return true;
         }
         if !warned && since.elapsed() > Duration::from_secs(30) {
-            tracing::warn!(pipeline = %rt.pipeline.name, absorbed, logged = goal, "sinks wait for the speed layer to absorb the write-ahead log");
+            tracing::warn!(pipeline = %rt.pipeline.name, ?absorbed, logged = ?goal, "sinks wait for the speed layer to absorb the write-ahead log");
             warned = true;
         }
         tokio::select! {

@@ -36,6 +36,8 @@ const KEYS: &[&str] = &[
     "event_time",
     "event_id",
     "dedupe_window",
+    "partitions",
+    "partition_key",
     "lookups",
     "filter",
     "columns",
@@ -156,6 +158,23 @@ pub fn build(d: &mut Diagnostics, root: &Node, file: &Path) -> Option<Pipeline> 
         );
     }
 
+    let partitions: Option<u32> = read::integer_in(
+        d,
+        &obj,
+        "partitions",
+        1,
+        1..=u64::from(MAX_PARTITIONS),
+        &format!("between 1 and {MAX_PARTITIONS}"),
+    );
+    let partition_key = obj.value("partition_key").and_then(|n| {
+        let col = read::string(d, n, "partition_key")?;
+        if schema_ok && !schema.iter().any(|(c, _)| *c == col) {
+            d.error(n.loc(), unknown_column("partition_key", &col, &schema));
+            return None;
+        }
+        Some(col)
+    });
+
     let lookups = match obj.value("lookups") {
         None => Some(Vec::new()),
         Some(n) => lookups::lookups(d, n, &schema, schema_ok),
@@ -256,6 +275,8 @@ pub fn build(d: &mut Diagnostics, root: &Node, file: &Path) -> Option<Pipeline> 
         event_time: event_time?,
         event_id,
         dedupe_window: dedupe_window?,
+        partitions: partitions?,
+        partition_key,
         filter,
         columns,
         lookups: lookups?,
