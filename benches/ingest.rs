@@ -4,7 +4,8 @@
 //! - serving: point-query latency and queries/s with a published batch view loaded, over HTTP
 //!   and over SQL (`serve.sql`, the PostgreSQL wire protocol: prepared statement, bound key).
 //!
-//! `cargo bench --bench ingest` (or `just bench`).
+//! `cargo bench --bench ingest` (or `just bench`); `INGEST_BENCH_PARTITIONS=N` runs the speed
+//! layer in N partitions.
 
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -48,9 +49,17 @@ fn body(client: usize, batch: usize, n: usize, now_ms: i64) -> String {
 }
 
 fn main() {
+    // `INGEST_BENCH_PARTITIONS=N`: the speed layer in N partitions (a log and an aggregator
+    // each), events routed by `event_id`.
+    let partitions: u32 = std::env::var("INGEST_BENCH_PARTITIONS")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(1);
+    let pipeline = format!("{PIPELINE}partitions: {partitions}\n");
+    println!("speed layer in {partitions} partition(s)");
     let server = Serve::start_with(
         "clicks",
-        PIPELINE,
+        &pipeline,
         Some("serve:\n  sql: {listen: 127.0.0.1:0}\n"),
         "warn",
     );

@@ -101,6 +101,9 @@ pub struct AsOf {
     /// Segments (open and sealed) the speed layer contributed, and their events.
     pub speed_segments: usize,
     pub speed_events: u64,
+    /// Per partition: end (exclusive) of the positions the answer holds — every event below
+    /// it is in it (from the batch view or the speed layer), none above.
+    pub positions: BTreeMap<u32, u64>,
     pub computed_at: String,
     /// The pipeline's latest `verify` (archive and engines checked); `None` if never run.
     pub verified: Option<Verified>,
@@ -545,6 +548,7 @@ fn compute(rt: &PipelineRuntime, view_idx: usize) -> PolarsResult<Finished> {
         speed_rows,
         speed_segments: snap.speed_segments,
         speed_events: snap.speed_events,
+        positions: snap.positions.clone(),
         computed_at: format_ms(now_ms()),
         verified: None,
     };

@@ -397,6 +397,11 @@ pub(super) fn recompute(
     let mut kept = Vec::new();
     for (partition, events, lookups) in frames {
         let k = events.filter(&keep(*partition, events)?)?;
+        let offsets = k.column(OFFSET_COLUMN)?.cast(&DataType::Int64)?;
+        if let Some(last) = offsets.i64()?.max() {
+            let end = as_of.positions.entry(*partition).or_default();
+            *end = (*end).max(u64::try_from(last + 1).unwrap_or(0));
+        }
         if k.height() > 0 {
             as_of.speed_segments += 1;
             as_of.speed_events += k.height() as u64;
@@ -426,6 +431,10 @@ impl AsOf {
         self.at = format_ns(at.ns());
         self.batch_run = publication.map(|p| p.run_id.to_string());
         self.batch_cutoff = publication.map(|p| p.cutoff.clone()).unwrap_or_default();
+        for (p, cutoff) in &self.batch_cutoff {
+            let end = self.positions.entry(*p).or_default();
+            *end = (*end).max(*cutoff);
+        }
         self.batch_published_at = publication.map(|p| format_ms(p.published_at.timestamp_millis()));
         self.computed_at = format_ms(now_ms());
     }

@@ -79,6 +79,9 @@ pub struct Snapshot {
     pub speed_events: u64,
     /// [`SpeedState::tick`] the snapshot was taken at.
     pub tick: Tick,
+    /// Per partition: end (exclusive) of the positions the snapshot holds — its batch view's
+    /// cutoff, the segments the speed layer holds, what it absorbed.
+    pub positions: BTreeMap<u32, u64>,
     /// The definition the partials were computed by, to merge and finish them with.
     pub plan: Arc<Plan>,
 }
@@ -204,6 +207,12 @@ impl SpeedState {
             speed_events += seg.rows;
             speed.extend(seg.views[view].iter().cloned());
         }
+        let mut positions = self.absorbed.clone();
+        let ends = self.segments.iter().map(|((p, _), seg)| (p, &seg.hi));
+        for (p, end) in ends.chain(batch.iter().flat_map(|b| &b.cutoff)) {
+            let e = positions.entry(*p).or_default();
+            *e = (*e).max(*end);
+        }
         Snapshot {
             version: self.version,
             batch,
@@ -211,6 +220,7 @@ impl SpeedState {
             speed_segments,
             speed_events,
             tick: self.tick,
+            positions,
             plan,
         }
     }

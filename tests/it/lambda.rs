@@ -218,11 +218,27 @@ async fn lambda(seed: u64, state_url: Option<&str>, lake: &TestLake, extra: &str
         assert!(v["as_of"]["batch_rows"].as_u64().unwrap() > 0, "{view}");
     }
 
-    // Every partition archived its own segments.
+    // Every partition archived its own segments, and answers hold every acknowledged event's
+    // position, partition by partition.
     let partitions: u32 = extra
         .lines()
         .find_map(|l| l.strip_prefix("partitions: "))
         .map_or(1, |n| n.parse().unwrap());
+    let positions = crate::support::eventually(
+        "every acknowledged event's position in an answer",
+        Duration::from_secs(10),
+        || async {
+            let v = get_view(&client, &server, "overall").await;
+            let positions = v["as_of"]["positions"].as_object().cloned()?;
+            let held: u64 = positions
+                .values()
+                .filter_map(serde_json::Value::as_u64)
+                .sum();
+            (held == acked.len() as u64).then_some(positions)
+        },
+    )
+    .await;
+    assert_eq!(positions.len() as u32, partitions, "{positions:?}");
     let archived: std::collections::BTreeSet<String> = lake
         .open()
         .list(&lambda_ctl::lake::archive_prefix("orders"))
