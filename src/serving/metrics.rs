@@ -197,9 +197,30 @@ fn pipelines(e: &mut Exposition, named: &[(&str, &PipelineRuntime)]) {
         );
     }
     for &(p, rt) in named {
+        // Per partition run here: durable events the speed layer has not absorbed yet, and
+        // its open segment.
+        let absorbed = rt.absorbed();
+        for lane in rt.lanes() {
+            let partition = lane.partition.to_string();
+            let done = absorbed.get(&lane.partition).copied().unwrap_or(0);
+            e.gauge(
+                "lambda_partition_unabsorbed_events",
+                "Events durable in a partition's write-ahead log that queries do not see yet.",
+                &[("pipeline", p), ("partition", &partition)],
+                lane.logged_end().saturating_sub(done) as f64,
+            );
+            e.gauge(
+                "lambda_partition_open_segment_rows",
+                "Events in a partition's open (not yet sealed) segment.",
+                &[("pipeline", p), ("partition", &partition)],
+                lane.open_rows() as f64,
+            );
+        }
+    }
+    for &(p, rt) in named {
         e.gauge(
             "lambda_open_segment_age_seconds",
-            "Seconds since the open segment's first event (0 when empty).",
+            "Seconds since the oldest open segment's first event (0 when every one is empty).",
             &[("pipeline", p)],
             open_segment_age_seconds(rt),
         );

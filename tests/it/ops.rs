@@ -296,6 +296,13 @@ async fn metrics_count_exactly_what_was_sent() {
         assert!(value(&samples, name, &p).is_some(), "{name} missing");
     }
     assert!(value(&samples, "lambda_speed_state_groups", &p).unwrap() > 0.0);
+    // The one partition: everything durable is absorbed by now.
+    let p0 = [("pipeline", "orders"), ("partition", "0")];
+    assert_eq!(
+        value(&samples, "lambda_partition_unabsorbed_events", &p0),
+        Some(0.0)
+    );
+    assert!(value(&samples, "lambda_partition_open_segment_rows", &p0).is_some());
     assert!(value(&samples, "lambda_uptime_seconds", &[]).unwrap() > 0.0);
     assert_eq!(
         value(
