@@ -298,12 +298,24 @@ pub async fn ingest_durably(
     body: Bytes,
     shutdown: &CancellationToken,
 ) -> bool {
+    ingest_durably_into(rt, kind, body, None, shutdown).await
+}
+
+/// [`ingest_durably`], every event into the pipeline partition of index `lane` when given
+/// (instead of by its key).
+pub async fn ingest_durably_into(
+    rt: &Arc<PipelineRuntime>,
+    kind: &str,
+    body: Bytes,
+    lane: Option<usize>,
+    shutdown: &CancellationToken,
+) -> bool {
     if body.is_empty() {
         return true;
     }
     let mut backoff = Backoff::default();
     loop {
-        match rt.ingest(body.clone()).await {
+        match rt.ingest_into(body.clone(), lane).await {
             Ok(report) => {
                 if report.rejected > 0 {
                     tracing::warn!(pipeline = %rt.pipeline.name, source = kind, rejected = report.rejected, "messages rejected into the dead-letter area");

@@ -12,10 +12,11 @@
 //! Positions: each message's (partition, offset). Offsets are committed only after the
 //! segment holding the message is sealed — durable in the write-ahead log is not enough, so a
 //! committed offset always points at archived data. The mapping goes through the runtime's
-//! log positions: after a batch went through the door, the source notes the end of each of the
-//! pipeline's partition logs (`PipelineRuntime::logged_end`) with the batch's next offset per
-//! Kafka partition; a separate committer commits a batch's offsets once the sealed end of
-//! every partition (`PipelineRuntime::sealed_end`) reaches that mark. Consequently commits trail the data by up to `archive.segment_age`.
+//! log positions: Kafka partition k goes to the pipeline's partition k mod `partitions`; after a
+//! batch went through the door, the source notes, per pipeline partition, the end of its log
+//! (`PipelineRuntime::logged_end`) with the next offset of each of its Kafka partitions; a
+//! separate committer commits those offsets once that partition's sealed end
+//! (`PipelineRuntime::sealed_end`) reaches the mark. Consequently commits trail the data by up to `archive.segment_age`.
 //!
 //! After a crash, the group resumes at the committed offsets and the broker redelivers what
 //! came after the last sealed segment; those events are already in the log (replayed at
@@ -225,8 +226,16 @@ impl KafkaSource {
                 }
             }
             let (fresh, next) = self.fresh(&received);
-            let mut body = Body::new(self.rt.pipeline.format);
+            // Kafka partition k goes whole to the pipeline's partition k mod N: the producer
+            // partitioned by key already, and each pipeline partition's offsets commit once
+            // its own segments are sealed.
+            let lanes = (self.rt.pipeline.partitions as usize).max(1);
+            let lane_of = |p: i32| usize::try_from(p).unwrap_or(0) % lanes;
+            let mut bodies: BTreeMap<usize, Body> = BTreeMap::new();
             for (partition, offset, payload) in fresh {
+                let body = bodies
+                    .entry(lane_of(*partition))
+                    .or_insert_with(|| Body::new(self.rt.pipeline.format));
                 body.push_meta(payload.as_deref().unwrap_or_default(), &meta, |k| match k {
                     "topic" => serde_json::Value::from(self.topic.as_str()),
                     "partition" => serde_json::Value::from(*partition),
@@ -234,8 +243,13 @@ impl KafkaSource {
                     _ => serde_json::Value::Null,
                 });
             }
-            if !broker::ingest_durably(&self.rt, "kafka", body.into_bytes(), shutdown).await {
-                return Ok(());
+            for (lane, body) in bodies {
+                let bytes = body.into_bytes();
+                if !broker::ingest_durably_into(&self.rt, "kafka", bytes, Some(lane), shutdown)
+                    .await
+                {
+                    return Ok(());
+                }
             }
             {
                 let mut ingested = self.ingested.lock();
@@ -244,9 +258,18 @@ impl KafkaSource {
                     *e = (*e).max(*n);
                 }
             }
-            if !next.is_empty() {
+            // Per pipeline partition: its Kafka partitions' next offsets, committed once its
+            // log is sealed up to where it ends now (every message above went in before).
+            let ends = self.rt.logged_end();
+            let mut by_lane: BTreeMap<usize, BTreeMap<i32, i64>> = BTreeMap::new();
+            for (p, n) in next {
+                by_lane.entry(lane_of(p)).or_default().insert(p, n);
+            }
+            for (lane, next) in by_lane {
+                let logged_end = ends.get(lane).copied().unwrap_or(0);
                 let _ = marks.send(Mark {
-                    logged_end: self.rt.logged_end(),
+                    lane,
+                    logged_end,
                     next,
                 });
             }
@@ -258,10 +281,12 @@ impl KafkaSource {
     }
 }
 
-/// A batch that went through the door: its next offset per partition may be committed once
-/// the sealed end of every partition log reaches `logged_end`.
+/// A batch of the Kafka partitions of pipeline partition `lane` that went through the door:
+/// its next offset per Kafka partition may be committed once that partition's log is sealed
+/// up to `logged_end`.
 struct Mark {
-    logged_end: Vec<u64>,
+    lane: usize,
+    logged_end: u64,
     next: BTreeMap<i32, i64>,
 }
 
@@ -306,16 +331,20 @@ async fn commit_sealed(
     let _ = tokio::time::timeout(FINAL_COMMIT_TIMEOUT, last).await;
 }
 
-/// Moves the offsets of marks at or below `sealed_end` (per partition log) into `ready`.
+/// Moves the offsets of marks whose partition log is sealed up to them (`sealed_end`, per
+/// pipeline partition) into `ready`. A Kafka partition belongs to one pipeline partition,
+/// whose marks are sealed in order: taking any sealed mark never skips an earlier one.
 fn take_sealed(waiting: &mut VecDeque<Mark>, sealed_end: &[u64], ready: &mut BTreeMap<i32, i64>) {
-    let sealed = |m: &Mark| m.logged_end.iter().zip(sealed_end).all(|(l, s)| l <= s);
-    while waiting.front().is_some_and(sealed) {
-        let Some(m) = waiting.pop_front() else { break };
-        for (p, n) in m.next {
-            let e = ready.entry(p).or_insert(n);
-            *e = (*e).max(n);
+    waiting.retain(|m| {
+        if sealed_end.get(m.lane).is_none_or(|s| *s < m.logged_end) {
+            return true;
         }
-    }
+        for (p, n) in &m.next {
+            let e = ready.entry(*p).or_insert(*n);
+            *e = (*e).max(*n);
+        }
+        false
+    });
 }
 
 fn commit(
@@ -370,28 +399,26 @@ mod tests {
 
     #[test]
     fn marks_become_ready_only_when_sealed() {
+        let mark = |lane, logged_end, next: &[(i32, i64)]| Mark {
+            lane,
+            logged_end,
+            next: next.iter().copied().collect(),
+        };
         let mut waiting = VecDeque::from([
-            Mark {
-                logged_end: vec![10, 4],
-                next: BTreeMap::from([(0, 5), (1, 7)]),
-            },
-            Mark {
-                logged_end: vec![20, 4],
-                next: BTreeMap::from([(0, 9)]),
-            },
+            mark(0, 10, &[(0, 5), (2, 7)]),
+            mark(1, 4, &[(1, 3)]),
+            mark(0, 20, &[(0, 9)]),
         ]);
         let mut ready = BTreeMap::new();
+        take_sealed(&mut waiting, &[9, 3], &mut ready);
+        assert!(ready.is_empty(), "no partition sealed up to its mark");
+        // Pipeline partition 1 sealed: its Kafka partition commits, whatever 0 does.
         take_sealed(&mut waiting, &[9, 4], &mut ready);
-        assert!(ready.is_empty(), "nothing sealed up to the first mark");
-        take_sealed(&mut waiting, &[10, 3], &mut ready);
-        assert!(
-            ready.is_empty(),
-            "the second partition log is not sealed up to the mark"
-        );
+        assert_eq!(ready, BTreeMap::from([(1, 3)]));
         take_sealed(&mut waiting, &[10, 4], &mut ready);
-        assert_eq!(ready, BTreeMap::from([(0, 5), (1, 7)]));
+        assert_eq!(ready, BTreeMap::from([(0, 5), (1, 3), (2, 7)]));
         take_sealed(&mut waiting, &[25, 9], &mut ready);
-        assert_eq!(ready, BTreeMap::from([(0, 9), (1, 7)]));
+        assert_eq!(ready, BTreeMap::from([(0, 9), (1, 3), (2, 7)]));
         assert!(waiting.is_empty());
     }
 

@@ -38,6 +38,17 @@ pub struct LineError {
 impl PipelineRuntime {
     /// The door: NDJSON/CSV bytes in; returns after every accepted event is durable.
     pub async fn ingest(&self, body: Bytes) -> anyhow::Result<IngestReport> {
+        self.ingest_into(body, None).await
+    }
+
+    /// [`Self::ingest`], every event into the partition of index `lane` of
+    /// [`PipelineRuntime::lanes`] when given (a broker source whose own partitions map to the
+    /// pipeline's), instead of by its key.
+    pub async fn ingest_into(
+        &self,
+        body: Bytes,
+        lane: Option<usize>,
+    ) -> anyhow::Result<IngestReport> {
         let plan = self.plan();
         let decoded = if body.len() > 64 * 1024 {
             let b = body.clone();
@@ -110,7 +121,11 @@ impl PipelineRuntime {
             .map(|r| encode_record(arrival, header, &body[r]));
 
         // To the partitions' logs, all at once; acknowledged once every one is durable.
-        let lanes = self.route(&events, ids.as_deref())?;
+        let lanes = match lane {
+            Some(lane) if lane < self.lanes.len() => vec![lane; events.height()],
+            Some(lane) => anyhow::bail!("no partition of index {lane} runs here"),
+            None => self.route(&events, ids.as_deref())?,
+        };
         let mut by_lane: BTreeMap<usize, (Vec<IdxSize>, Vec<Vec<u8>>)> = BTreeMap::new();
         for (row, (lane, record)) in lanes.iter().zip(records).enumerate() {
             let (rows, records) = by_lane.entry(*lane).or_default();

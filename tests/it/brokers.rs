@@ -552,7 +552,24 @@ async fn lag_drains(client: &reqwest::Client, server: &Server, broker: &Broker) 
 }
 
 async fn exactly_once_across_kill9(broker: Broker) {
+    let (_dir, server, broker) = exactly_once_across_kill9_in(broker, 1).await;
+    server.kill9();
+    broker.remove().await;
+}
+
+/// [`exactly_once_across_kill9`] with the pipeline's speed layer in `partitions` partitions;
+/// returns the project, the server (running, every event counted) and the broker, for further
+/// checks.
+async fn exactly_once_across_kill9_in(
+    broker: Broker,
+    partitions: u32,
+) -> (tempfile::TempDir, Server, std::sync::Arc<Broker>) {
     let dir = project(&broker);
+    if partitions > 1 {
+        let file = dir.path().join("pipelines/readings.yaml");
+        let yaml = std::fs::read_to_string(&file).unwrap();
+        std::fs::write(&file, format!("{yaml}partitions: {partitions}\n")).unwrap();
+    }
     let root: &Path = dir.path();
     let client = reqwest::Client::new();
     broker.prepare().await;
@@ -595,8 +612,7 @@ async fn exactly_once_across_kill9(broker: Broker) {
     tokio::time::sleep(Duration::from_secs(1)).await;
     wait_for_exactly(&client, &server, TOTAL).await;
     lag_drains(&client, &server, &broker).await;
-    server.kill9();
-    broker.remove().await;
+    (dir, server, broker)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -15,8 +15,8 @@ use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 use serde_json::Value;
 
 use super::{
-    Broker, FIRST, event, exactly_once_across_connection_cut, exactly_once_across_kill9, project,
-    unique, wait_for_exactly,
+    Broker, FIRST, TOTAL, event, exactly_once_across_connection_cut, exactly_once_across_kill9,
+    exactly_once_across_kill9_in, project, unique, wait_for_exactly,
 };
 use crate::support::{Proxy, Server, repo, service};
 
@@ -119,6 +119,56 @@ async fn kafka_counts_every_event_once_across_kill9() {
         topic: unique("lt"),
     })
     .await;
+}
+
+/// In two pipeline partitions, each Kafka partition feeds its own (k mod 2): both archive
+/// segments, and each commits its Kafka partition's offsets once its own segments are sealed —
+/// every message's offset is committed in the end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kafka_partitions_feed_pipeline_partitions_and_commit_each_when_sealed() {
+    let Some(url) = service("LAMBDA_TEST_KAFKA") else {
+        return;
+    };
+    let topic = unique("lt");
+    let broker = Broker::Kafka {
+        url: url.clone(),
+        topic: topic.clone(),
+    };
+    let (_dir, server, broker) = exactly_once_across_kill9_in(broker, 2).await;
+    let client = reqwest::Client::new();
+    let start = Instant::now();
+    loop {
+        let v: Value = client
+            .get(server.url("/v1/pipelines"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let parts = v["pipelines"][0]["partitions"].as_array().unwrap().clone();
+        assert_eq!(parts.len(), 2, "{parts:?}");
+        let sealed: Vec<u64> = parts
+            .iter()
+            .map(|p| p["sealed_end"].as_u64().unwrap())
+            .collect();
+        let committed = {
+            let (url, topic) = (url.clone(), topic.clone());
+            tokio::task::spawn_blocking(move || committed(&url, &topic, &topic))
+                .await
+                .unwrap()
+        };
+        if sealed.iter().all(|s| *s > 0) && committed == TOTAL as i64 {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "after 30 s: {committed} of {TOTAL} offsets committed, sealed {sealed:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    server.kill9();
+    broker.remove().await;
 }
 
 /// A tansu broker of this test's own, advertising `advertised` (`host:port`).
