@@ -167,7 +167,8 @@ pub(super) const INSERT_ENTRY: &str = "
          window_start_ms, window_end_ms, group_key, late_events, max_lateness_ms, metrics,
          recorded_at_ms)
     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)
-    ON CONFLICT (publication_id, window_start_ms, group_key) WHERE publication_id IS NOT NULL
+    ON CONFLICT (publication_id, COALESCE(window_start_ms, -1), group_key)
+        WHERE publication_id IS NOT NULL
     DO NOTHING";
 
 /// An entry as [`INSERT_ENTRY`] binds it, in order.
