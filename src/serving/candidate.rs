@@ -61,11 +61,7 @@ pub async fn answer(served: Arc<Served>, view: &str, q: &ViewQuery) -> Result<An
     let cutoff = publication.cutoff.clone();
     // Each segment with the lookup versions it recorded, read as the candidate defines them.
     let lookups = Lookups::reader(plan.pipeline(), &lake);
-    let open = lookups
-        .recorded(rt.open_lookups().record().as_deref())
-        .await
-        .map_err(other)?;
-    let read = read_since(&rt, &cutoff, i64::MAX, &lookups, open)
+    let read = read_since(&rt, &cutoff, i64::MAX, &lookups)
         .await
         .map_err(other)?;
 

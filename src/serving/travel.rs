@@ -152,18 +152,10 @@ async fn travel(
         .await
         .map_err(|e| internal(e.into()))?;
     let events_in_ms = u64::try_from(at.n).unwrap_or(0).saturating_sub(installs);
-    let read = match &lookups {
-        // Each segment with the versions it recorded, read as that definition defines them.
-        Some(lookups) => {
-            let open = lookups
-                .recorded(rt.open_lookups().record().as_deref())
-                .await
-                .map_err(internal)?;
-            read_since(&rt, &cutoff, at.ms, lookups, open).await
-        }
-        None => read_since(&rt, &cutoff, at.ms, &rt.lookups, rt.open_lookups()).await,
-    }
-    .map_err(internal)?;
+    // Each segment with the versions it recorded, read as that definition defines them.
+    let read = read_since(&rt, &cutoff, at.ms, lookups.as_ref().unwrap_or(&rt.lookups))
+        .await
+        .map_err(internal)?;
 
     let q = q.clone();
     let horizon = publication.as_ref().and_then(|p| p.horizon_ms);
@@ -294,13 +286,13 @@ pub(super) struct Read {
 
 /// Reads the sealed segments holding positions from `cutoff` on and the open segments from
 /// the logs — again when a segment is sealed meanwhile (its events leave the log) — each with
-/// the lookup versions it recorded, loaded by `lookups` (the open segments' are `open`).
+/// the lookup versions it recorded (an open segment: those it is enriched with), loaded by
+/// `lookups`.
 pub(super) async fn read_since(
     rt: &PipelineRuntime,
     cutoff: &BTreeMap<u32, u64>,
     ms: i64,
     lookups: &Lookups,
-    open: LookupSet,
 ) -> anyhow::Result<Read> {
     let mut last_err = None;
     'attempt: for _ in 0..ATTEMPTS {
@@ -334,11 +326,12 @@ pub(super) async fn read_since(
                 frames.push((
                     p,
                     read_segment(rt.lake(), s).await?,
-                    lookups_of(lookups, &mut sets, s).await?,
+                    lookups_of(lookups, &mut sets, &s.lookups).await?,
                 ));
             }
-            if let Some(events) = open_events {
-                frames.push((p, events, open.clone()));
+            if let (Some(events), Some(open)) = (open_events, rt.open_lookups(p)) {
+                let set = lookups_of(lookups, &mut sets, &open.record()).await?;
+                frames.push((p, events, set));
             }
             if !single {
                 continue;
@@ -476,16 +469,18 @@ fn like(like: &DataFrame, df: &DataFrame) -> Option<DataFrame> {
     DataFrame::new(df.height(), columns).ok()
 }
 
+/// The versions `record` names (a segment's manifest row's, or an open segment's), loaded by
+/// `lookups` once per record.
 async fn lookups_of(
     lookups: &Lookups,
     sets: &mut BTreeMap<Option<String>, LookupSet>,
-    s: &Segment,
+    record: &Option<String>,
 ) -> anyhow::Result<LookupSet> {
-    if let Some(set) = sets.get(&s.lookups) {
+    if let Some(set) = sets.get(record) {
         return Ok(set.clone());
     }
-    let set = lookups.recorded(s.lookups.as_deref()).await?;
-    sets.insert(s.lookups.clone(), set.clone());
+    let set = lookups.recorded(record.as_deref()).await?;
+    sets.insert(record.clone(), set.clone());
     Ok(set)
 }
 

@@ -291,7 +291,7 @@ impl Aggregator {
         if self.next == self.lo {
             // A segment opens: it takes the newest lookup versions.
             self.lookups = self.rt.lookups.current();
-            *self.rt.open_lookups.write() = self.lookups.clone();
+            *self.lane().open_lookups.write() = self.lookups.clone();
         }
         let rt = self.rt.clone();
         let lookups = self.lookups.clone();

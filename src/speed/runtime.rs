@@ -136,6 +136,9 @@ pub struct Lane {
     /// Events of the open segment, and the arrival time of its first one (0 when empty).
     pub(super) open_rows: AtomicU64,
     pub(super) open_since_ms: AtomicU64,
+    /// The lookup versions the open segment is enriched with (kept by the aggregator), for
+    /// `as_of` answers that recompute it.
+    pub(super) open_lookups: RwLock<crate::plan::LookupSet>,
     /// To the aggregator, which a switch of the definition pauses between micro-batches.
     pauses: mpsc::Sender<Pause>,
 }
@@ -185,9 +188,6 @@ pub struct PipelineRuntime {
     pub restated: RwLock<BTreeMap<String, LedgerTotals>>,
     /// The clock the logs stamp requests with and serving places installs by.
     pub(super) stamps: Arc<Stamps>,
-    /// The lookup versions the open segment is enriched with (kept by the aggregator), for
-    /// `as_of` answers that recompute it.
-    pub(super) open_lookups: RwLock<crate::plan::LookupSet>,
     /// Per lane: end (exclusive) of the sealed segments — every position below it is in the
     /// archive (manifest + checkpoint committed). Sources that may only acknowledge archived
     /// events (kafka) wait on it.
@@ -283,6 +283,7 @@ impl PipelineRuntime {
                 logged_end: AtomicU64::new(next),
                 open_rows: AtomicU64::new(0),
                 open_since_ms: AtomicU64::new(0),
+                open_lookups: RwLock::new(lookups.current()),
                 pauses: pause_tx,
             });
             opened.push((checkpoint, next, rx, pause_rx, replayed));
@@ -301,7 +302,6 @@ impl PipelineRuntime {
             source_status: Arc::new(SourceStatus::default()),
             verified: RwLock::new(None),
             restated: RwLock::new(BTreeMap::new()),
-            open_lookups: RwLock::new(lookups.current()),
             stamps,
             sealed_end: watch::Sender::new(sealed),
             dedupe,
@@ -364,9 +364,10 @@ impl PipelineRuntime {
         self.state.read().tick
     }
 
-    /// The lookup versions the open segment is enriched with.
-    pub fn open_lookups(&self) -> crate::plan::LookupSet {
-        self.open_lookups.read().clone()
+    /// The lookup versions partition `partition`'s open segment is enriched with (`None`
+    /// when this process does not run it).
+    pub fn open_lookups(&self, partition: u32) -> Option<crate::plan::LookupSet> {
+        Some(self.lane(partition)?.open_lookups.read().clone())
     }
 
     /// The lane of partition `partition`, if this process runs it.

@@ -18,7 +18,7 @@ use super::{
     Broker, FIRST, TOTAL, event, exactly_once_across_connection_cut, exactly_once_across_kill9,
     exactly_once_across_kill9_in, project, unique, wait_for_exactly,
 };
-use crate::support::{Proxy, Server, repo, service};
+use crate::support::{Proxy, Server, get_json, repo, service};
 
 /// Partitions of every test topic: events spread over them by device.
 pub const KAFKA_PARTITIONS: i32 = 2;
@@ -138,14 +138,7 @@ async fn kafka_partitions_feed_pipeline_partitions_and_commit_each_when_sealed()
     let client = reqwest::Client::new();
     let start = Instant::now();
     loop {
-        let v: Value = client
-            .get(server.url("/v1/pipelines"))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let v = get_json(&client, server.url("/v1/pipelines")).await;
         let parts = v["pipelines"][0]["partitions"].as_array().unwrap().clone();
         assert_eq!(parts.len(), 2, "{parts:?}");
         let sealed: Vec<u64> = parts
