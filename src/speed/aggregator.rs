@@ -113,8 +113,11 @@ impl Aggregator {
                     let paused = open.is_ok();
                     let _ = pause.reply.send(open);
                     if paused {
-                        // Until the switch is installed or abandoned.
-                        let _ = pause.resume.await;
+                        // Until the switch is installed or abandoned, or the server stops.
+                        tokio::select! {
+                            _ = pause.resume => {}
+                            _ = shutdown.cancelled() => break,
+                        }
                     }
                 }
                 _ = tick.tick() => {}
