@@ -370,9 +370,9 @@ pub(super) async fn read_since(
 }
 
 /// `batch` ⊕ the partials of the events of `frames` that `keep` selects (frame by frame, each
-/// partition's in position order), merged and finished by `plan` without the windows retired at `horizon`:
-/// the rows `q` selects, and the figures of where they came from (the rest of `as_of` is the
-/// caller's).
+/// partition's in position order), merged and finished by `plan` without the windows retired
+/// at `horizon`: the rows `q` selects, and the figures of where they came from (the rest of
+/// `as_of` is the caller's).
 pub(super) fn recompute(
     plan: &Plan,
     view_idx: usize,

@@ -191,6 +191,19 @@ impl<T: Send + 'static> Log<T> {
     }
 }
 
+/// End (exclusive) of the intact records of the log in `dir` — the offset its next append
+/// would take — read without opening the log for writing and without keeping any record.
+pub fn end(dir: &Path) -> Result<u64, LogError> {
+    let err = |source| LogError::Io {
+        dir: dir.to_path_buf(),
+        source,
+    };
+    match files(dir).map_err(err)?.last() {
+        Some((first, path)) => Ok(first + scan(path).map_err(err)?.0),
+        None => Ok(0),
+    }
+}
+
 /// Reads every durable record at or after `from`, in offset order.
 pub fn read_from(dir: &Path, from: u64) -> Result<Vec<(u64, Vec<u8>)>, LogError> {
     let err = |source| LogError::Io {

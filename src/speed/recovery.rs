@@ -270,7 +270,7 @@ pub(super) fn partitions(pipeline: &Pipeline, log_dir: &Path) -> anyhow::Result<
 
 /// Whether the log in `dir` holds a record at or after position `from`.
 pub(super) fn holds_from(dir: &Path, from: u64) -> anyhow::Result<bool> {
-    Ok(!log::read_from(dir, from)?.is_empty())
+    Ok(log::end(dir)? > from)
 }
 
 /// A log directory that has lost its files (or is new) must continue at the checkpoint, so
