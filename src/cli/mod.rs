@@ -67,6 +67,10 @@ pub enum Command {
         /// Address to listen on (default: `serve.listen` of lambda.yaml, 127.0.0.1:8080).
         #[arg(long)]
         listen: Option<std::net::SocketAddr>,
+        /// Run as node NAME of a cluster: the `serve` processes on one state DB share each
+        /// pipeline's partitions through leases (kafka sources only).
+        #[arg(long, value_name = "NAME", value_parser = parse_node)]
+        node: Option<String>,
     },
     /// Send NDJSON (or CSV) events to a pipeline of a running server.
     Ingest {
@@ -305,7 +309,7 @@ fn run(cli: Cli) -> Result<(), CliError> {
     match cli.command {
         Command::Init { dir } => init::run(&dir.unwrap_or_else(|| cli.project.clone())),
         Command::Validate => validate::run(&cli.project),
-        Command::Serve { listen } => serve::run(&cli.project, listen),
+        Command::Serve { listen, node } => serve::run(&cli.project, listen, node),
         Command::Ingest {
             pipeline,
             file,
@@ -432,4 +436,17 @@ fn init_logging(format: LogFormat, level: &str) {
         LogFormat::Text => builder.try_init(),
         LogFormat::Json => builder.json().try_init(),
     };
+}
+
+/// A node's name: 1 to 64 letters, digits, `-`, `_` or `.`.
+fn parse_node(name: &str) -> Result<String, String> {
+    let ok = (1..=64).contains(&name.len())
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+    if ok {
+        Ok(name.to_string())
+    } else {
+        Err("a node name is 1 to 64 letters, digits, '-', '_' or '.'".to_string())
+    }
 }

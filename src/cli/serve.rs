@@ -21,6 +21,7 @@ use crate::serving::metrics::Ops;
 use crate::serving::pickup::Pickup;
 use crate::serving::query::Served;
 use crate::serving::{self, server, sink};
+use crate::speed::nodes::{HANDOVER, Keeper};
 use crate::speed::runtime::PipelineRuntime;
 use crate::state::State;
 use crate::{sources, spec};
@@ -28,16 +29,24 @@ use crate::{sources, spec};
 /// How long shutdown waits for a sink's delivery under way.
 const SINK_STOP: std::time::Duration = std::time::Duration::from_secs(10);
 
-pub fn run(project_dir: &Path, listen: Option<SocketAddr>) -> Result<(), CliError> {
+pub fn run(
+    project_dir: &Path,
+    listen: Option<SocketAddr>,
+    node: Option<String>,
+) -> Result<(), CliError> {
     let project = super::load_project(project_dir)?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .context("starting the async runtime")?;
-    rt.block_on(serve(project, listen))
+    rt.block_on(serve(project, listen, node))
 }
 
-async fn serve(project: spec::Project, listen: Option<SocketAddr>) -> Result<(), CliError> {
+async fn serve(
+    project: spec::Project,
+    listen: Option<SocketAddr>,
+    node: Option<String>,
+) -> Result<(), CliError> {
     let project = Arc::new(project);
     let settings = &project.settings;
     let state_dir = project.root.join(".lambda");
@@ -48,16 +57,22 @@ async fn serve(project: spec::Project, listen: Option<SocketAddr>) -> Result<(),
         .with_context(|| format!("opening the lake {}", redact(&settings.lake)))?;
     let shutdown = CancellationToken::new();
 
+    // Nodes of one project directory (several on one machine) keep their logs apart.
+    let log_dir = match &node {
+        Some(name) => state_dir.join("nodes").join(name).join("log"),
+        None => state_dir.join("log"),
+    };
     let mut pipelines = BTreeMap::new();
     for p in &project.pipelines {
         let plan = Plan::compile(p).with_context(|| format!("compiling pipeline `{}`", p.name))?;
-        let rt = PipelineRuntime::start(
+        let rt = PipelineRuntime::start_on(
+            node.clone(),
             Arc::new(p.clone()),
             Arc::new(plan),
             db.clone(),
             lake.clone(),
             settings.lake_options.clone(),
-            &state_dir.join("log"),
+            &log_dir,
             shutdown.clone(),
         )
         .await
@@ -197,6 +212,13 @@ async fn serve(project: spec::Project, listen: Option<SocketAddr>) -> Result<(),
             "listening beyond loopback without `serve.token`: anyone who can reach this address can ingest, query and start runs; set `serve.token` (requests naming this server by a DNS name are refused until then)"
         );
     }
+    // A node takes its share of the partitions once it can answer.
+    let handover = CancellationToken::new();
+    let keeper = node.as_ref().map(|name| {
+        let runtimes = app.pipelines.values().map(|s| s.runtime.clone()).collect();
+        let keeper = Keeper::new(name, &format!("http://{local}"), db.clone(), runtimes);
+        tokio::spawn(keeper.run(handover.clone()))
+    });
     // Tests and scripts read the bound address from this line.
     println!("lambda-ctl serving on http://{local}");
 
@@ -204,6 +226,15 @@ async fn serve(project: spec::Project, listen: Option<SocketAddr>) -> Result<(),
     server::serve(listener, router, async move {
         wait_for_signal().await;
         tracing::info!("shutting down");
+        // A node hands its partitions over (sealed) while it still answers.
+        handover.cancel();
+        if let Some(keeper) = keeper
+            && tokio::time::timeout(HANDOVER, keeper).await.is_err()
+        {
+            tracing::warn!(
+                "handing partitions over took longer than {HANDOVER:?}; stopping anyway"
+            );
+        }
         stop.cancel();
     })
     .await

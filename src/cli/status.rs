@@ -141,6 +141,7 @@ async fn collect(project: &Project, server: Option<&str>) -> Result<(Value, Vec<
         }));
     }
     failing_first(&mut pipelines);
+    let nodes = nodes_json(project, &db, now).await?;
 
     let mut workflows: Vec<Value> = workflows.iter().map(workflow_json).collect();
     failing_first(&mut workflows);
@@ -152,6 +153,7 @@ async fn collect(project: &Project, server: Option<&str>) -> Result<(Value, Vec<
         "lake": redact(&settings.lake),
         "server": server_json,
         "pipelines": pipelines,
+        "nodes": nodes,
         "workflows": workflows,
         "recent_runs": recent.iter().map(run_json).collect::<Vec<_>>(),
     });
@@ -413,6 +415,30 @@ fn render(r: &Value, recent: &[Run]) -> String {
         out.push_str(&aligned(&header, &sinks));
     }
 
+    let nodes: Vec<Vec<String>> = items(&r["nodes"])
+        .map(|n| {
+            let held: Vec<&str> = items(&n["partitions"]).filter_map(Value::as_str).collect();
+            vec![
+                mark(n),
+                text(&n["name"]),
+                text(&n["listen"]),
+                n["heartbeat_age_s"].as_f64().map_or("-".into(), age),
+                if held.is_empty() {
+                    "-".into()
+                } else {
+                    held.join(" ")
+                },
+            ]
+        })
+        .collect();
+    if !nodes.is_empty() {
+        out.push_str("\nNODES\n");
+        let header = ["", "NAME", "ADDRESS", "HEARTBEAT", "PARTITIONS"]
+            .map(String::from)
+            .to_vec();
+        out.push_str(&aligned(&header, &nodes));
+    }
+
     out.push_str("\nWORKFLOWS\n");
     let header = ["", "NAME", "SCHEDULE", "NEXT FIRE", "LAST RUN"]
         .map(String::from)
@@ -443,6 +469,40 @@ fn render(r: &Value, recent: &[Run]) -> String {
     out.push_str("\nRECENT RUNS\n");
     out.push_str(&table(recent));
     out
+}
+
+/// The nodes (`serve --node`) on the state DB, each with the partitions it holds the leases
+/// of; a node not heard of for a lease's length is gone (its leases are taken over).
+async fn nodes_json(
+    project: &Project,
+    db: &State,
+    now: DateTime<Utc>,
+) -> Result<Vec<Value>, CliError> {
+    let now_ms = now.timestamp_millis();
+    let lease_ms = i64::try_from(crate::speed::nodes::LEASE.as_millis()).unwrap_or(i64::MAX);
+    let mut leases = Vec::new();
+    for p in &project.pipelines {
+        leases.extend(db.leases(&p.name).await.context("reading leases")?);
+    }
+    let nodes = db.nodes().await.context("reading nodes")?;
+    Ok(nodes
+        .iter()
+        .map(|n| {
+            let alive = n.heartbeat_ms > now_ms - lease_ms;
+            let held: Vec<String> = leases
+                .iter()
+                .filter(|l| l.node.as_deref() == Some(n.name.as_str()) && l.expires_ms >= now_ms)
+                .map(|l| format!("{}/p={}", l.pipeline, l.partition))
+                .collect();
+            json!({
+                "name": n.name,
+                "listen": n.listen,
+                "heartbeat_age_s": (now_ms - n.heartbeat_ms).max(0) as f64 / 1000.0,
+                "failing": !alive,
+                "partitions": held,
+            })
+        })
+        .collect())
 }
 
 /// Problems of a failed `verify` listed per pipeline (the JSON has all of them).

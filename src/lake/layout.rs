@@ -12,6 +12,13 @@ pub fn archive_path(pipeline: &str, partition: u32, lo: u64, hi: u64) -> String 
     format!("archive/{pipeline}/p={partition}/{lo:020}-{hi:020}.parquet")
 }
 
+/// [`archive_path`] of a segment sealed by a node (`serve --node`) holding its partition's
+/// lease at `epoch`: `…/{lo}-{hi}.e{epoch}.parquet`. A node that lost the lease while writing
+/// cannot overwrite the file the next holder records for the same positions.
+pub fn leased_archive_path(pipeline: &str, partition: u32, lo: u64, hi: u64, epoch: u64) -> String {
+    format!("archive/{pipeline}/p={partition}/{lo:020}-{hi:020}.e{epoch}.parquet")
+}
+
 /// `dead_letters/{pipeline}/`: every rejected event of a pipeline.
 pub fn dead_letters_prefix(pipeline: &str) -> String {
     format!("dead_letters/{pipeline}/")

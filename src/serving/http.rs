@@ -317,6 +317,9 @@ fn partitions_json(rt: &PipelineRuntime) -> Vec<serde_json::Value> {
                 "sealed_end": sealed,
                 "open_segment_rows": lane.open_rows(),
                 "routed": lane.partition < rt.pipeline.partitions,
+                // On a node: whether it holds the partition's lease (else it serves what
+                // other nodes sealed of it).
+                "running": rt.owns(lane.partition),
             })
         })
         .collect()
@@ -334,6 +337,7 @@ async fn pipelines(State(app): State<Arc<App>>) -> Response {
             json!({
                 "name": rt.pipeline.name,
                 "source": rt.pipeline.source.kind(),
+                "node": rt.node(),
                 "views": plan.pipeline().views.iter().map(|v| v.name.clone()).collect::<Vec<_>>(),
                 "accepted": c.accepted.load(Ordering::Relaxed),
                 "rejected": c.rejected.load(Ordering::Relaxed),

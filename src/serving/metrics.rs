@@ -196,25 +196,36 @@ fn pipelines(e: &mut Exposition, named: &[(&str, &PipelineRuntime)]) {
             rt.open_rows() as f64,
         );
     }
-    for &(p, rt) in named {
-        // Per partition run here: durable events the speed layer has not absorbed yet, and
-        // its open segment.
-        let absorbed = rt.absorbed();
-        for lane in rt.lanes() {
-            let partition = lane.partition.to_string();
-            let done = absorbed.get(&lane.partition).copied().unwrap_or(0);
-            e.gauge(
-                "lambda_partition_unabsorbed_events",
-                "Events durable in a partition's write-ahead log that queries do not see yet.",
-                &[("pipeline", p), ("partition", &partition)],
-                lane.logged_end().saturating_sub(done) as f64,
-            );
-            e.gauge(
-                "lambda_partition_open_segment_rows",
-                "Events in a partition's open (not yet sealed) segment.",
-                &[("pipeline", p), ("partition", &partition)],
-                lane.open_rows() as f64,
-            );
+    // Per partition: durable events the speed layer has not absorbed yet, its open segment,
+    // whether this server runs it — each family's samples together, as the format requires.
+    type PerLane = fn(&PipelineRuntime, &crate::speed::runtime::Lane) -> f64;
+    let per_lane: [(&str, &str, PerLane); 3] = [
+        (
+            "lambda_partition_unabsorbed_events",
+            "Events durable in a partition's write-ahead log that queries do not see yet.",
+            |rt, lane| {
+                let done = rt.absorbed().get(&lane.partition).copied().unwrap_or(0);
+                lane.logged_end().saturating_sub(done) as f64
+            },
+        ),
+        (
+            "lambda_partition_open_segment_rows",
+            "Events in a partition's open (not yet sealed) segment.",
+            |_, lane| lane.open_rows() as f64,
+        ),
+        (
+            "lambda_partition_running",
+            "1 where this server runs the partition (on a node: holds its lease), else 0.",
+            |rt, lane| if rt.owns(lane.partition) { 1.0 } else { 0.0 },
+        ),
+    ];
+    for (name, help, value) in per_lane {
+        for &(p, rt) in named {
+            for lane in rt.lanes() {
+                let partition = lane.partition.to_string();
+                let labels = [("pipeline", p), ("partition", partition.as_str())];
+                e.gauge(name, help, &labels, value(rt, lane));
+            }
         }
     }
     for &(p, rt) in named {

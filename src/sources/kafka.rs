@@ -24,12 +24,19 @@
 //! a reconnect or rebalance that redelivers offsets already ingested is skipped by position,
 //! with or without `event_id`.
 //!
+//! On nodes (`serve --node`, see `speed::nodes`) the source does not join the group's
+//! rebalancing: it `assign`s itself the Kafka partitions of the pipeline partitions whose
+//! leases its node holds, each newly taken one at the offsets recorded with that partition's
+//! last sealed segment (`source_offsets`, written in the seal's transaction) — exactly where
+//! the archive ends, whichever node sealed it. Every batch's offsets are noted with the
+//! partition's log position ([`crate::speed::runtime::Lane::note_offsets`]) for that.
+//!
 //! librdkafka reconnects to brokers by itself, keeping its fetch positions (consumer errors such
 //! as "all brokers down" are logged, not acted on); a session ends (and is rebuilt with
 //! backoff) only when the consumer cannot be created, the topic's metadata cannot be fetched,
 //! or the consumer reports a fatal error.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -61,6 +68,9 @@ pub struct KafkaSource {
     /// Next offset to ingest per partition, across sessions of this process: a redelivery
     /// below it (after a reconnect or rebalance) is already durable and is skipped.
     ingested: Mutex<HashMap<i32, i64>>,
+    /// On a node: the Kafka partitions assigned now (messages of others still arriving are
+    /// dropped: their pipeline partition is not run here any more).
+    assigned: Mutex<BTreeSet<i32>>,
 }
 
 impl KafkaSource {
@@ -80,6 +90,7 @@ impl KafkaSource {
             topic: topic.to_string(),
             group: group.to_string(),
             ingested: Mutex::new(HashMap::new()),
+            assigned: Mutex::new(BTreeSet::new()),
         }
     }
 
@@ -172,17 +183,19 @@ impl broker::Session for KafkaSource {
                 )
             })?
         };
-        match partitions {
-            Some((n, None)) if n > 0 => {}
+        let kafka_partitions = match partitions {
+            Some((n, None)) if n > 0 => n,
             _ => anyhow::bail!(
                 "topic `{}` does not exist on {} (create it, or enable auto-creation on the broker)",
                 self.topic,
                 self.brokers
             ),
+        };
+        if self.rt.node().is_none() {
+            consumer
+                .subscribe(&[self.topic.as_str()])
+                .with_context(|| format!("subscribing to topic `{}`", self.topic))?;
         }
-        consumer
-            .subscribe(&[self.topic.as_str()])
-            .with_context(|| format!("subscribing to topic `{}`", self.topic))?;
         link.connected();
         tracing::info!(pipeline = %self.rt.pipeline.name, topic = %self.topic, group = %self.group, "Kafka connected");
 
@@ -193,7 +206,9 @@ impl broker::Session for KafkaSource {
             self.topic.clone(),
             pending,
         ));
-        let result = self.consume(&consumer, &marks, shutdown).await;
+        let result = self
+            .consume(&consumer, kafka_partitions, &marks, shutdown)
+            .await;
         drop(marks);
         // The committer makes its last commit (of what is sealed) before the consumer closes.
         let _ = committer.await;
@@ -205,12 +220,38 @@ impl KafkaSource {
     async fn consume(
         &self,
         consumer: &StreamConsumer,
+        kafka_partitions: usize,
         marks: &mpsc::UnboundedSender<Mark>,
         shutdown: &CancellationToken,
     ) -> anyhow::Result<()> {
         let mut stream = consumer.stream().map(owned);
         let meta = broker::meta_keys(&self.rt);
-        while let Some(batch) = broker::next_batch(&mut stream, broker::MAX_BATCH, shutdown).await {
+        // On a node: the pipeline partitions run here (with their leases' epochs), and those
+        // the consumer is assigned the Kafka partitions of.
+        let on_node = self.rt.node().is_some();
+        let mut owned_now = self.rt.owned();
+        let mut assigned_lanes = BTreeMap::new();
+        if on_node {
+            owned_now.mark_changed();
+        }
+        loop {
+            let batch = tokio::select! {
+                batch = broker::next_batch(&mut stream, broker::MAX_BATCH, shutdown) => match batch {
+                    Some(batch) => batch,
+                    None => break,
+                },
+                changed = owned_now.changed(), if on_node => {
+                    if changed.is_err() {
+                        break;
+                    }
+                    let now = owned_now.borrow_and_update().clone();
+                    // A batch being gathered is dropped: every assignment sets each Kafka
+                    // partition's offset explicitly, so it is fetched again.
+                    self.assign(consumer, kafka_partitions, &assigned_lanes, &now).await?;
+                    assigned_lanes = now;
+                    continue;
+                }
+            };
             let mut received = Vec::with_capacity(batch.len());
             let mut failure = None;
             for m in batch {
@@ -224,6 +265,10 @@ impl KafkaSource {
                         tracing::warn!(pipeline = %self.rt.pipeline.name, source = "kafka", error = %e, "Kafka consumer error; librdkafka retries")
                     }
                 }
+            }
+            if on_node {
+                let assigned = self.assigned.lock();
+                received.retain(|m| assigned.contains(&m.0));
             }
             let (fresh, next) = self.fresh(&received);
             // Kafka partition k goes whole to the pipeline's partition k mod N: the producer
@@ -267,8 +312,12 @@ impl KafkaSource {
             }
             for (lane, next) in by_lane {
                 let logged_end = ends.get(lane).copied().unwrap_or(0);
+                if let Some(l) = self.rt.lanes().get(lane) {
+                    l.note_offsets(logged_end, next.clone());
+                }
                 let _ = marks.send(Mark {
                     lane,
+                    epoch: assigned_lanes.get(&(lane as u32)).copied(),
                     logged_end,
                     next,
                 });
@@ -281,11 +330,66 @@ impl KafkaSource {
     }
 }
 
+impl KafkaSource {
+    /// On a node: assigns the consumer the Kafka partitions of the pipeline partitions
+    /// `owned` (with their leases' epochs; `before` were assigned so far) — Kafka partition k
+    /// belongs to pipeline partition k mod `partitions`. Those still held at the same epoch go
+    /// on where this process is; newly taken ones start at the offsets recorded with their
+    /// partition's last sealed segment (or the topic's start).
+    async fn assign(
+        &self,
+        consumer: &StreamConsumer,
+        kafka_partitions: usize,
+        before: &BTreeMap<u32, u64>,
+        owned: &BTreeMap<u32, u64>,
+    ) -> anyhow::Result<()> {
+        let lanes = (self.rt.pipeline.partitions as usize).max(1);
+        let mut tpl = TopicPartitionList::new();
+        let mut next = BTreeSet::new();
+        let mut resumed = BTreeMap::new();
+        for (partition, epoch) in owned {
+            let kept = before.get(partition) == Some(epoch);
+            let stored = self
+                .rt
+                .db()
+                .source_offsets(&self.rt.pipeline.name, *partition)
+                .await?;
+            for k in (0..kafka_partitions).filter(|k| k % lanes == *partition as usize) {
+                let k = i32::try_from(k)?;
+                next.insert(k);
+                let mut ingested = self.ingested.lock();
+                if !kept {
+                    // From the archive's end on, even what this process took before (its
+                    // partition's log started over).
+                    match stored.get(&k) {
+                        Some(n) => ingested.insert(k, *n),
+                        None => ingested.remove(&k),
+                    };
+                    resumed.insert(k, stored.get(&k).copied().unwrap_or(0));
+                }
+                let offset = ingested
+                    .get(&k)
+                    .map_or(Offset::Beginning, |n| Offset::Offset(*n));
+                tpl.add_partition_offset(&self.topic, k, offset)?;
+            }
+        }
+        *self.assigned.lock() = next.clone();
+        consumer
+            .assign(&tpl)
+            .context("assigning Kafka partitions")?;
+        tracing::info!(pipeline = %self.rt.pipeline.name, partitions = ?next, resumed = ?resumed, "Kafka partitions assigned");
+        Ok(())
+    }
+}
+
 /// A batch of the Kafka partitions of pipeline partition `lane` that went through the door:
 /// its next offset per Kafka partition may be committed once that partition's log is sealed
 /// up to `logged_end`.
 struct Mark {
     lane: usize,
+    /// On a node: the epoch of the lease the partition was run under (its positions start
+    /// over when it moves; a mark of another epoch is never committed).
+    epoch: Option<u64>,
     logged_end: u64,
     next: BTreeMap<i32, i64>,
 }
@@ -317,10 +421,12 @@ async fn commit_sealed(
                 }
             }
         }
+        forget_moved(&rt, &mut waiting);
         take_sealed(&mut waiting, &sealed.borrow_and_update(), &mut ready);
         commit(&rt, &consumer, &topic, &mut ready, CommitMode::Async);
     }
     let sealed_end = sealed.borrow().clone();
+    forget_moved(&rt, &mut waiting);
     take_sealed(&mut waiting, &sealed_end, &mut ready);
     // Bounded, so an unreachable broker cannot hold up shutdown; what is not committed is
     // redelivered and dropped by `event_id`.
@@ -329,6 +435,17 @@ async fn commit_sealed(
         commit(&rt, &c, &topic, &mut ready, CommitMode::Sync);
     });
     let _ = tokio::time::timeout(FINAL_COMMIT_TIMEOUT, last).await;
+}
+
+/// On a node: drops the marks of partitions no longer run under the lease they were taken
+/// under (their positions were given up; the next holder commits its own).
+fn forget_moved(rt: &PipelineRuntime, waiting: &mut VecDeque<Mark>) {
+    if rt.node().is_none() {
+        return;
+    }
+    let owned = rt.owned();
+    let owned = owned.borrow();
+    waiting.retain(|m| m.epoch.is_some() && owned.get(&(m.lane as u32)) == m.epoch.as_ref());
 }
 
 /// Moves the offsets of marks whose partition log is sealed up to them (`sealed_end`, per
@@ -401,6 +518,7 @@ mod tests {
     fn marks_become_ready_only_when_sealed() {
         let mark = |lane, logged_end, next: &[(i32, i64)]| Mark {
             lane,
+            epoch: None,
             logged_end,
             next: next.iter().copied().collect(),
         };

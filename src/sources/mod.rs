@@ -33,6 +33,15 @@ pub fn spawn(
     state_dir: &Path,
     shutdown: CancellationToken,
 ) -> anyhow::Result<Option<JoinHandle<()>>> {
+    if let Some(node) = rt.node()
+        && !matches!(rt.pipeline.source, Source::Kafka { .. })
+    {
+        anyhow::bail!(
+            "pipeline `{}`: its `{}` source cannot run on nodes (`serve --node {node}`) yet: it acknowledges events once this machine's write-ahead log has them, so losing the machine would lose them; use a `kafka` source (the broker keeps the events until they are archived), or serve without --node",
+            rt.pipeline.name,
+            rt.pipeline.source.kind()
+        );
+    }
     Ok(match rt.pipeline.source.clone() {
         Source::Http => None,
         Source::Generator { rate } => Some(tokio::spawn(generator::run(rt, rate, shutdown))),

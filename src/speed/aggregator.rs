@@ -22,11 +22,11 @@ use super::log;
 use super::record::{
     ARRIVAL_COLUMN, OFFSET_COLUMN, concat_frames, decode_records, time_range, with_positions,
 };
-use super::runtime::{Batch, Lane, OpenPartials, Pause, PipelineRuntime};
+use super::runtime::{Batch, Command, Lane, OpenPartials, PipelineRuntime};
 use crate::clock::now_ms;
 use crate::lake;
 use crate::plan::{LookupSet, Plan, Restating, json};
-use crate::state::{Cause, LedgerEntry, Segment};
+use crate::state::{Cause, Fence, LedgerEntry, Segment, StateError};
 
 /// Longest wait between attempts to rebuild the open segment after a failure.
 const MAX_REBUILD_BACKOFF: Duration = Duration::from_secs(30);
@@ -57,6 +57,11 @@ pub(super) struct Aggregator {
     /// The lookup versions the open segment is enriched with: taken when it opens, recorded
     /// with it when it is sealed, so every event of a segment is enriched alike.
     lookups: LookupSet,
+    /// Whether this process runs the partition: always, except on a node
+    /// (`serve --node`), where it runs those it holds the lease of — at `fence`, which every
+    /// seal carries (a node that lost the lease cannot record a segment).
+    owned: bool,
+    fence: Option<Fence>,
 }
 
 impl Aggregator {
@@ -64,6 +69,8 @@ impl Aggregator {
         Aggregator {
             lookups: rt.lookups.current(),
             partition: rt.lanes[lane].partition,
+            owned: rt.node().is_none(),
+            fence: None,
             lane,
             rt,
             lo: checkpoint,
@@ -84,7 +91,7 @@ impl Aggregator {
     pub(super) async fn run(
         mut self,
         mut rx: mpsc::Receiver<log::Durable<Batch>>,
-        mut pauses: mpsc::Receiver<Pause>,
+        mut commands: mpsc::Receiver<Command>,
         shutdown: CancellationToken,
     ) {
         let age = self.rt.pipeline.archive.segment_age;
@@ -105,7 +112,18 @@ impl Aggregator {
                         self.fail(e, "speed layer failed to apply a micro-batch");
                     }
                 }
-                Some(pause) = pauses.recv() => {
+                Some(command) = commands.recv() => {
+                    let pause = match command {
+                        Command::Pause(pause) => pause,
+                        Command::Own { checkpoint, fence, reply } => {
+                            let _ = reply.send(self.own(checkpoint, fence, &mut rx).await);
+                            continue;
+                        }
+                        Command::Disown { seal, reply } => {
+                            let _ = reply.send(self.disown(seal, &mut rx).await);
+                            continue;
+                        }
+                    };
                     let open = self.open_partials(&pause.plan).await;
                     if let Err(e) = &open {
                         tracing::warn!(pipeline = %self.rt.pipeline.name, partition = self.partition, error = %format!("{e:#}"), "switching the definition failed; the pipeline runs the one it ran");
@@ -142,20 +160,127 @@ impl Aggregator {
                 .ingest_rate
                 .lock()
                 .record(accepted, Instant::now());
-            if self.rebuild_at.is_none() && self.should_seal() {
-                if self.rows != self.next - self.lo {
-                    let e = anyhow::anyhow!(
-                        "the open segment holds {} events for positions {}..{}",
-                        self.rows,
-                        self.lo,
-                        self.next
-                    );
-                    self.fail(e, "refusing to seal an incomplete segment");
-                } else if let Err(e) = self.seal().await {
-                    tracing::error!(pipeline = %self.rt.pipeline.name, error = %format!("{e:#}"), "sealing segment failed; will retry");
-                }
+            if self.owned && self.rebuild_at.is_none() && self.should_seal() {
+                self.try_seal(&mut rx).await;
             }
         }
+    }
+
+    /// Seals the open segment, which must hold one event per position; a failure is retried
+    /// by the next attempt — except a lost lease: the partition is given up at once.
+    async fn try_seal(&mut self, rx: &mut mpsc::Receiver<log::Durable<Batch>>) {
+        if self.rows != self.next - self.lo {
+            let e = anyhow::anyhow!(
+                "the open segment holds {} events for positions {}..{}",
+                self.rows,
+                self.lo,
+                self.next
+            );
+            self.fail(e, "refusing to seal an incomplete segment");
+            return;
+        }
+        let Err(e) = self.seal().await else { return };
+        let fenced = e
+            .chain()
+            .any(|c| matches!(c.downcast_ref(), Some(StateError::Fenced { .. })));
+        if !fenced {
+            tracing::error!(pipeline = %self.rt.pipeline.name, error = %format!("{e:#}"), "sealing segment failed; will retry");
+            return;
+        }
+        tracing::warn!(pipeline = %self.rt.pipeline.name, partition = self.partition, error = %format!("{e:#}"), "partition lost to another node; dropping what it did not seal");
+        self.rt.lost(self.partition);
+        if let Err(e) = self.disown(false, rx).await {
+            tracing::error!(pipeline = %self.rt.pipeline.name, partition = self.partition, error = %format!("{e:#}"), "giving up the partition failed");
+        }
+    }
+
+    /// [`Command::Own`]: the partition's log and open segment start over at `checkpoint`.
+    async fn own(
+        &mut self,
+        checkpoint: u64,
+        fence: Fence,
+        rx: &mut mpsc::Receiver<log::Durable<Batch>>,
+    ) -> anyhow::Result<()> {
+        self.start_over(checkpoint, rx).await?;
+        self.owned = true;
+        self.fence = Some(fence);
+        Ok(())
+    }
+
+    /// [`Command::Disown`]: seals the open segment when `seal` and it can, then drops what is
+    /// not sealed.
+    async fn disown(
+        &mut self,
+        seal: bool,
+        rx: &mut mpsc::Receiver<log::Durable<Batch>>,
+    ) -> anyhow::Result<()> {
+        if seal
+            && self.owned
+            && self.rebuild_at.is_none()
+            && self.next > self.lo
+            && let Err(e) = self.seal().await
+        {
+            tracing::warn!(pipeline = %self.rt.pipeline.name, partition = self.partition, error = %format!("{e:#}"), "sealing before handing the partition over failed; the next node reads its events from the broker");
+        }
+        self.owned = false;
+        self.fence = None;
+        self.start_over(self.lo, rx).await
+    }
+
+    /// Forgets the open segment and empties the log, continuing at position `to`: what they
+    /// held is not archived, so its ids leave the de-duplication index (the broker delivers
+    /// those events again, to whichever node runs the partition).
+    async fn start_over(
+        &mut self,
+        to: u64,
+        rx: &mut mpsc::Receiver<log::Durable<Batch>>,
+    ) -> anyhow::Result<()> {
+        let rt = self.rt.clone();
+        let log = self.lane().log.clone();
+        let reset = log.reset(self.lo, to);
+        tokio::pin!(reset);
+        // The log's writer may be handing micro-batches over meanwhile: they are given up too.
+        let given_up = loop {
+            tokio::select! {
+                r = &mut reset => break r?,
+                Some(_) = rx.recv() => {}
+            }
+        };
+        while rx.try_recv().is_ok() {}
+        {
+            let mut st = rt.state.write();
+            st.discard_open(self.partition, self.lo);
+            st.absorbed.insert(self.partition, to);
+        }
+        self.lo = to;
+        self.next = to;
+        self.high = to;
+        self.events.clear();
+        self.rows = 0;
+        self.opened = None;
+        self.rebuild_at = None;
+        self.failures = 0;
+        self.lookups = rt.lookups.current();
+        let lane = self.lane();
+        lane.open_rows.store(0, Ordering::Relaxed);
+        lane.open_since_ms.store(0, Ordering::Relaxed);
+        lane.logged_end.store(to, Ordering::Release);
+        lane.marks.lock().clear();
+        let index = self.lane;
+        rt.sealed_end.send_modify(|ends| ends[index] = to);
+        if let (Some(d), Some(column), false) =
+            (&rt.dedupe, &rt.pipeline.event_id, given_up.is_empty())
+        {
+            let plan = rt.plan();
+            let events =
+                tokio::task::spawn_blocking(move || decode_records(&plan, &given_up)).await??;
+            let ids = super::door::id_strings(&events, column)?;
+            let mut d = d.lock();
+            for id in ids.iter().flatten() {
+                d.forget(id.as_bytes());
+            }
+        }
+        Ok(())
     }
 
     /// Stops absorbing: the open segment is rebuilt from the log, at once the first time, then
@@ -402,7 +527,10 @@ impl Aggregator {
             rows == hi - lo,
             "segment {lo}..{hi} would hold {rows} events"
         );
-        let path = lake::archive_path(&rt.pipeline.name, partition, lo, hi);
+        let path = match &self.fence {
+            Some(f) => lake::leased_archive_path(&rt.pipeline.name, partition, lo, hi, f.epoch),
+            None => lake::archive_path(&rt.pipeline.name, partition, lo, hi),
+        };
         let size = bytes.len() as u64;
         let crc32 = crc32fast::hash(&bytes);
         rt.lake
@@ -423,10 +551,12 @@ impl Aggregator {
             lookups: self.lookups.record(),
             crc32: Some(crc32),
         };
+        let offsets = self.lane().offsets_below(hi);
         rt.db
-            .seal_segment_restating(&segment, &restated)
+            .seal_segment_fenced(&segment, &restated, self.fence.as_ref(), &offsets)
             .await
             .with_context(|| format!("recording segment {path}"))?;
+        self.lane().marks.lock().retain(|(end, _)| *end > hi);
         rt.counters
             .rejected_unsealed
             .fetch_sub(segment.dead_letters, Ordering::Relaxed);

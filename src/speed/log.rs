@@ -57,6 +57,20 @@ struct Request<T> {
     reply: oneshot::Sender<Result<Range<u64>, LogError>>,
 }
 
+/// Records with their positions, in position order.
+pub type Records = Vec<(u64, Vec<u8>)>;
+
+/// What the writer thread takes: appends, and (between two of them) a reset.
+enum Command<T> {
+    Append(Request<T>),
+    /// See [`Log::reset`].
+    Reset {
+        from: u64,
+        to: u64,
+        reply: oneshot::Sender<Result<Records, LogError>>,
+    },
+}
+
 /// Durable records handed to the consumer, in offset order: their offsets, their arrival time
 /// (epoch ms; 0 without a [`Stamper`]) and the append's attachment.
 pub type Durable<T> = (Range<u64>, i64, T);
@@ -73,7 +87,7 @@ pub struct Stamper {
 /// Handle to the log's writer thread; cheap to clone.
 pub struct Log<T = ()> {
     dir: PathBuf,
-    tx: mpsc::Sender<Request<T>>,
+    tx: mpsc::Sender<Command<T>>,
     /// End (exclusive) of the synced records; set before they are handed to the consumer.
     durable_end: Arc<AtomicU64>,
 }
@@ -121,7 +135,7 @@ impl<T: Send + 'static> Log<T> {
             }
             None => (None, 0),
         };
-        let (tx, rx) = mpsc::channel::<Request<T>>(QUEUE);
+        let (tx, rx) = mpsc::channel::<Command<T>>(QUEUE);
         let durable_end = Arc::new(AtomicU64::new(next));
         let mut writer = Writer {
             dir: dir.to_path_buf(),
@@ -154,11 +168,24 @@ impl<T: Send + 'static> Log<T> {
     ) -> Result<Range<u64>, LogError> {
         let (reply, rx) = oneshot::channel();
         self.tx
-            .send(Request {
+            .send(Command::Append(Request {
                 records,
                 attachment,
                 reply,
-            })
+            }))
+            .await
+            .map_err(|_| LogError::Closed(self.dir.clone()))?;
+        rx.await.map_err(|_| LogError::Closed(self.dir.clone()))?
+    }
+
+    /// Empties the log and makes it continue at position `to`, between two appends; returns
+    /// the records it held at or after `from` (what is given up). For a partition that moves
+    /// between nodes: its records are not archived here, the broker has them (module docs of
+    /// `speed::nodes`). Durable: the start marker is synced with its directory.
+    pub async fn reset(&self, from: u64, to: u64) -> Result<Records, LogError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Command::Reset { from, to, reply })
             .await
             .map_err(|_| LogError::Closed(self.dir.clone()))?;
         rx.await.map_err(|_| LogError::Closed(self.dir.clone()))?
@@ -241,15 +268,36 @@ struct Writer<T> {
 }
 
 impl<T> Writer<T> {
-    fn run(&mut self, mut rx: mpsc::Receiver<Request<T>>) {
-        while let Some(first) = rx.blocking_recv() {
+    fn run(&mut self, mut rx: mpsc::Receiver<Command<T>>) {
+        let mut next_command = None;
+        loop {
+            let first = match next_command.take() {
+                Some(c) => c,
+                None => match rx.blocking_recv() {
+                    Some(c) => c,
+                    None => break,
+                },
+            };
+            let first = match first {
+                Command::Append(req) => req,
+                Command::Reset { from, to, reply } => {
+                    let _ = reply.send(self.reset(from, to));
+                    continue;
+                }
+            };
             // Group commit of what is waiting — at most a queue's worth, so callers racing to
-            // refill the queue cannot grow one batch without bound.
+            // refill the queue cannot grow one batch without bound; a reset waits for it.
             let mut batch = vec![first];
             while batch.len() < QUEUE
                 && let Ok(more) = rx.try_recv()
             {
-                batch.push(more);
+                match more {
+                    Command::Append(req) => batch.push(req),
+                    reset => {
+                        next_command = Some(reset);
+                        break;
+                    }
+                }
             }
             match self.write(&mut batch) {
                 Ok(ranges) => {
@@ -280,6 +328,27 @@ impl<T> Writer<T> {
                 }
             }
         }
+    }
+
+    /// [`Log::reset`]: the records at or after `from`, then every file gone and an empty one
+    /// starting at `to`.
+    fn reset(&mut self, from: u64, to: u64) -> Result<Records, LogError> {
+        let err = |source| LogError::Io {
+            dir: self.dir.clone(),
+            source,
+        };
+        let given_up = read_from(&self.dir, from)?;
+        self.file = None;
+        for (_, path) in files(&self.dir).map_err(err)? {
+            fs::remove_file(path).map_err(err)?;
+        }
+        crate::fsync::create_file(&self.dir.join(format!("{to:020}.wal"))).map_err(err)?;
+        self.next = to;
+        self.durable_end.store(to, Ordering::Release);
+        if let Some(s) = &self.stamper {
+            s.stamps.unstamp_to(s.log, to);
+        }
+        Ok(given_up)
     }
 
     /// Writes and syncs the requests; their offsets and stamps.
@@ -420,6 +489,25 @@ mod tests {
             all,
             vec![(1, b"b".to_vec()), (2, b"c".to_vec()), (3, b"d".to_vec())]
         );
+    }
+
+    #[tokio::test]
+    async fn a_reset_gives_up_the_records_and_continues_at_its_position() {
+        let dir = tempfile::tempdir().unwrap();
+        let (log, _) = Log::<()>::open(dir.path(), None).unwrap();
+        log.append(recs(&["a", "b", "c"]), ()).await.unwrap();
+        let given_up = log.reset(1, 40).await.unwrap();
+        assert_eq!(given_up, vec![(1, b"b".to_vec()), (2, b"c".to_vec())]);
+        assert_eq!(log.durable_end(), 40);
+        assert!(read_from(dir.path(), 0).unwrap().is_empty());
+        assert_eq!(log.append(recs(&["d"]), ()).await.unwrap(), 40..41);
+        drop(log);
+        // Durable: reopened, the log goes on after the reset's records.
+        let (log, next) = Log::<()>::open(dir.path(), None).unwrap();
+        assert_eq!(next, 41);
+        assert_eq!(read_from(dir.path(), 0).unwrap(), vec![(40, b"d".to_vec())]);
+        assert_eq!(log.reset(41, 41).await.unwrap(), vec![]);
+        assert_eq!(end(dir.path()).unwrap(), 41);
     }
 
     #[tokio::test]

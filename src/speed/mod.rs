@@ -6,6 +6,7 @@ pub mod dedupe;
 pub mod door;
 pub mod log;
 pub mod lookups;
+pub mod nodes;
 pub mod partials;
 pub mod record;
 pub mod recovery;

@@ -47,7 +47,8 @@ impl Recent<'_> {
 }
 
 /// Sealed segments: rebuilds their partials (and recent ids) from the lake — except those
-/// every view's published batch (of the current logic) covers.
+/// every view's published batch (of the current logic) covers. Returns, per partition, the
+/// end of the segments it found (what the state now holds of it).
 #[allow(clippy::too_many_arguments)]
 pub(super) async fn sealed_segments(
     pipeline: &Pipeline,
@@ -58,9 +59,14 @@ pub(super) async fn sealed_segments(
     speed: &RwLock<SpeedState>,
     counters: &Counters,
     recent: Option<Recent<'_>>,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<std::collections::BTreeMap<u32, u64>> {
     let name = &pipeline.name;
     let segments = db.segments(name).await?;
+    let mut ends = std::collections::BTreeMap::new();
+    for seg in &segments {
+        let end = ends.entry(seg.partition).or_insert(seg.hi);
+        *end = (*end).max(seg.hi);
+    }
     counters
         .sealed_segments
         .store(segments.len() as u64, Ordering::Relaxed);
@@ -105,21 +111,30 @@ pub(super) async fn sealed_segments(
             "sealed segments covered by the published batch views are served from them, not read"
         );
     }
-    Ok(())
+    Ok(ends)
 }
 
 /// The partials, by `plan`, of every sealed segment of the pipeline that the batch views in
 /// `speed` (installed beforehand) do not all cover — what a switch of the definition serves
 /// beside them. Segments are read from the lake as [`sealed_segments`] reads them.
+///
+/// Positions at or beyond `absorbed` (per partition) are left out: on a node, segments other
+/// nodes sealed since its last catch-up are absorbed by the next one
+/// (`PipelineRuntime::catch_up`), not twice.
 pub(super) async fn uncovered_segments(
     plan: &Arc<Plan>,
     lookups: &Lookups,
     db: &State,
     lake: &Lake,
+    absorbed: &std::collections::BTreeMap<u32, u64>,
     speed: &mut SpeedState,
 ) -> anyhow::Result<()> {
     let mut sets = RecordedSets::default();
-    for seg in db.segments(&plan.pipeline().name).await? {
+    for mut seg in db.segments(&plan.pipeline().name).await? {
+        let end = absorbed.get(&seg.partition).copied().unwrap_or(u64::MAX);
+        if seg.lo >= end {
+            continue;
+        }
         let covered = speed
             .batch
             .iter()
@@ -127,7 +142,16 @@ pub(super) async fn uncovered_segments(
         if covered {
             continue;
         }
-        let events = read_segment(lake, &seg).await?;
+        let mut events = read_segment(lake, &seg).await?;
+        if seg.hi > end {
+            // Merged by a compaction with segments not caught up yet: the part caught up.
+            let offsets = events
+                .column(super::record::OFFSET_COLUMN)?
+                .cast(&DataType::UInt64)?;
+            let keep = offsets.u64()?.lt(end);
+            events = events.filter(&keep)?;
+            seg.hi = end;
+        }
         let set = sets.of(lookups, &seg).await?;
         let parts = sealed_partials(plan, &events, set).await?;
         absorb_sealed(plan, speed, &seg, events.height(), parts)?;
@@ -271,6 +295,58 @@ pub(super) fn partitions(pipeline: &Pipeline, log_dir: &Path) -> anyhow::Result<
 /// Whether the log in `dir` holds a record at or after position `from`.
 pub(super) fn holds_from(dir: &Path, from: u64) -> anyhow::Result<bool> {
     Ok(log::end(dir)? > from)
+}
+
+/// On a node (`serve --node`), a partition's log at start: empty, continuing at the
+/// checkpoint. What it held beyond the checkpoint was never archived nor acknowledged to the
+/// broker: whichever node takes the partition reads it from the broker again.
+pub(super) fn start_log_over(dir: &Path, checkpoint: u64) -> anyhow::Result<()> {
+    match std::fs::remove_dir_all(dir) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => {
+            return Err(anyhow::Error::new(e).context(format!("emptying {}", dir.display())));
+        }
+    }
+    crate::fsync::create_dir_all(dir)?;
+    crate::fsync::create_file(&dir.join(format!("{checkpoint:020}.wal")))?;
+    Ok(())
+}
+
+/// A segment another node sealed, for a node that does not run its partition: its events
+/// from position `from` on (a compaction may have merged it with segments absorbed already),
+/// their partials by `plan` with the lookup versions it recorded and their count; the ids
+/// that arrived recently go into `recent`'s index (so a copy reaching this node later is
+/// dropped). `None` when it holds nothing from `from` on.
+pub(super) async fn foreign_segment(
+    plan: &Arc<Plan>,
+    lookups: &Lookups,
+    lake: &Lake,
+    seg: &state::Segment,
+    from: u64,
+    recent: Option<Recent<'_>>,
+) -> anyhow::Result<Option<(u64, Vec<DataFrame>)>> {
+    let mut events = read_segment(lake, seg).await?;
+    if seg.lo < from {
+        let offsets = events
+            .column(super::record::OFFSET_COLUMN)?
+            .cast(&DataType::UInt64)?;
+        let keep = offsets.u64()?.gt_eq(from);
+        events = events.filter(&keep)?;
+    }
+    if events.height() == 0 {
+        return Ok(None);
+    }
+    if let Some(r) = recent {
+        r.admit(&events)?;
+    }
+    let set = lookups
+        .recorded(seg.lookups.as_deref())
+        .await
+        .with_context(|| format!("lookup versions of segment {}", seg.path))?;
+    let rows = events.height() as u64;
+    let parts = sealed_partials(plan, &events, set).await?;
+    Ok(Some((rows, parts)))
 }
 
 /// A log directory that has lost its files (or is new) must continue at the checkpoint, so

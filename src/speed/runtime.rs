@@ -21,6 +21,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
+use anyhow::Context;
 use futures::future::BoxFuture;
 use parking_lot::{Mutex, RwLock};
 use polars::prelude::*;
@@ -38,7 +39,7 @@ use crate::clock::{Stamps, Tick, now_ms};
 use crate::lake::Lake;
 use crate::plan::Plan;
 use crate::spec::Pipeline;
-use crate::state::{LedgerTotals, State, VerifyStatus};
+use crate::state::{Fence, LedgerTotals, State, VerifyStatus};
 use crate::telemetry::{Histogram, LATENCY_BUCKETS, RateMeter};
 
 /// Durable requests waiting for the aggregator at most (see the module docs).
@@ -97,6 +98,25 @@ pub(super) struct Pause {
     pub resume: oneshot::Receiver<()>,
 }
 
+/// What a partition's aggregator is told between two micro-batches.
+pub(super) enum Command {
+    /// A switch of the definition (see [`Pause`]).
+    Pause(Pause),
+    /// This node now holds the partition's lease (`fence`): its write-ahead log and open
+    /// segment start over at `checkpoint`, where the archive ends (see [`super::nodes`]).
+    Own {
+        checkpoint: u64,
+        fence: Fence,
+        reply: oneshot::Sender<anyhow::Result<()>>,
+    },
+    /// This node gives the partition up: when `seal`, the open segment is sealed first (a
+    /// graceful hand-over); then what is not sealed is dropped — the broker still has it.
+    Disown {
+        seal: bool,
+        reply: oneshot::Sender<anyhow::Result<()>>,
+    },
+}
+
 /// The open segment of a partition as a paused aggregator holds it, by a switch's definition.
 pub(super) struct OpenPartials {
     pub partition: u32,
@@ -139,8 +159,12 @@ pub struct Lane {
     /// The lookup versions the open segment is enriched with (kept by the aggregator), for
     /// `as_of` answers that recompute it.
     pub(super) open_lookups: RwLock<crate::plan::LookupSet>,
-    /// To the aggregator, which a switch of the definition pauses between micro-batches.
-    pauses: mpsc::Sender<Pause>,
+    /// To the aggregator, between micro-batches: a switch's pause, a change of owner.
+    commands: mpsc::Sender<Command>,
+    /// Where a broker source resumes this partition: after a batch of its messages is logged
+    /// up to `.0` (exclusive), the next offset of each of its broker partitions (`.1`). The
+    /// seal of a segment ending at or after `.0` records them with it ([`Self::note_offsets`]).
+    pub(super) marks: Mutex<Vec<(u64, BTreeMap<i32, i64>)>>,
 }
 
 impl Lane {
@@ -152,6 +176,29 @@ impl Lane {
     /// Events of the open segment.
     pub fn open_rows(&self) -> u64 {
         self.open_rows.load(Ordering::Relaxed)
+    }
+
+    /// Notes that a broker source's messages went into this partition's log up to `logged_end`
+    /// (exclusive), and the next offset of each of its broker partitions after them: the seal
+    /// of the segment holding them records these offsets in the same transaction, where a
+    /// node taking the partition over resumes the broker.
+    pub fn note_offsets(&self, logged_end: u64, next: BTreeMap<i32, i64>) {
+        self.marks.lock().push((logged_end, next));
+    }
+
+    /// The offsets noted for positions below `hi` (what a segment ending at `hi` records),
+    /// highest per broker partition.
+    pub(super) fn offsets_below(&self, hi: u64) -> BTreeMap<i32, i64> {
+        let mut out = BTreeMap::new();
+        for (end, next) in self.marks.lock().iter() {
+            if *end <= hi {
+                for (p, n) in next {
+                    let e = out.entry(*p).or_insert(*n);
+                    *e = (*e).max(*n);
+                }
+            }
+        }
+        out
     }
 }
 
@@ -170,6 +217,13 @@ pub struct PipelineRuntime {
     /// partition beyond them (`partitions` was lowered) whose log still held events to
     /// archive — it takes no new ones, and is sealed by age.
     pub(super) lanes: Vec<Lane>,
+    /// The node this process is (`serve --node`): it runs only the partitions whose leases it
+    /// holds ([`super::nodes`]); `None` runs every partition.
+    node: Option<String>,
+    /// The partitions this process runs now, with the epoch of their lease: every lane (epoch
+    /// 0) without a node; with one, those it holds the lease of. Broker sources consume what
+    /// maps to them.
+    owned: watch::Sender<BTreeMap<u32, u64>>,
     /// Where the door sends a request without a key next (see [`Lane`]).
     pub(super) next_lane: AtomicUsize,
     /// The pipeline's lookup tables: the current versions (what a segment opening now is
@@ -212,6 +266,34 @@ impl PipelineRuntime {
         log_dir: &Path,
         shutdown: CancellationToken,
     ) -> anyhow::Result<Arc<PipelineRuntime>> {
+        Self::start_on(
+            None,
+            pipeline,
+            plan,
+            db,
+            lake,
+            lake_options,
+            log_dir,
+            shutdown,
+        )
+        .await
+    }
+
+    /// [`Self::start`] on node `node` (`serve --node`), if any: then every partition's lane
+    /// starts empty and idle at its checkpoint — the local write-ahead log is not where a
+    /// partition's events are kept, the broker is — until the node takes its lease
+    /// ([`Self::take`]).
+    #[allow(clippy::too_many_arguments)]
+    pub async fn start_on(
+        node: Option<String>,
+        pipeline: Arc<Pipeline>,
+        plan: Arc<Plan>,
+        db: State,
+        lake: Lake,
+        lake_options: BTreeMap<String, String>,
+        log_dir: &Path,
+        shutdown: CancellationToken,
+    ) -> anyhow::Result<Arc<PipelineRuntime>> {
         let name = pipeline.name.clone();
         let views = pipeline.views.len();
         let speed = Arc::new(RwLock::new(SpeedState::new(views)));
@@ -244,7 +326,7 @@ impl PipelineRuntime {
                     id_column,
                     horizon_ms,
                 });
-        recovery::sealed_segments(
+        let found = recovery::sealed_segments(
             &pipeline, &plan, &lookups, &db, &lake, &speed, &counters, recent,
         )
         .await?;
@@ -253,17 +335,23 @@ impl PipelineRuntime {
         let stamps = Arc::new(Stamps::default());
         let mut lanes = Vec::new();
         let mut opened = Vec::new();
-        for partition in recovery::partitions(&pipeline, log_dir)? {
+        let partitions = match node {
+            Some(_) => (0..pipeline.partitions).collect(),
+            None => recovery::partitions(&pipeline, log_dir)?,
+        };
+        for partition in partitions {
             let checkpoint = db.checkpoint(&name, partition).await?.unwrap_or(0);
             let dir = log_dir.join(&name).join(format!("p={partition}"));
-            if partition < pipeline.partitions {
+            if node.is_some() {
+                recovery::start_log_over(&dir, checkpoint)?;
+            } else if partition < pipeline.partitions {
                 recovery::ensure_log_starts_at(&dir, checkpoint)?;
             } else if !recovery::holds_from(&dir, checkpoint)? {
                 // Beyond `partitions`: runs only while its log holds events to archive.
                 continue;
             }
             let (tx, rx) = mpsc::channel(AGGREGATOR_QUEUE);
-            let (pause_tx, pause_rx) = mpsc::channel(1);
+            let (command_tx, command_rx) = mpsc::channel(1);
             let stamper = Stamper {
                 stamps: stamps.clone(),
                 log: lanes.len(),
@@ -276,7 +364,13 @@ impl PipelineRuntime {
                 dir.display()
             );
             let replayed = recovery::replay(&plan, &dir, checkpoint, recent)?;
-            speed.write().absorbed.insert(partition, checkpoint);
+            // On a node, a partition it does not run yet holds the segments found above;
+            // those sealed since are caught up with (`catch_up`).
+            let held = match node {
+                Some(_) => found.get(&partition).copied().unwrap_or(0),
+                None => checkpoint,
+            };
+            speed.write().absorbed.insert(partition, held);
             lanes.push(Lane {
                 partition,
                 log,
@@ -284,17 +378,24 @@ impl PipelineRuntime {
                 open_rows: AtomicU64::new(0),
                 open_since_ms: AtomicU64::new(0),
                 open_lookups: RwLock::new(lookups.current()),
-                pauses: pause_tx,
+                commands: command_tx,
+                marks: Mutex::new(Vec::new()),
             });
-            opened.push((checkpoint, next, rx, pause_rx, replayed));
+            opened.push((checkpoint, next, rx, command_rx, replayed));
         }
         let sealed: Vec<u64> = opened.iter().map(|o| o.0).collect();
+        let owned = match node {
+            Some(_) => BTreeMap::new(),
+            None => lanes.iter().map(|l| (l.partition, 0)).collect(),
+        };
 
         let rt = Arc::new(PipelineRuntime {
             pipeline: pipeline.clone(),
             definition: RwLock::new(plan.clone()),
             switching: Arc::new(tokio::sync::Mutex::new(())),
             lanes,
+            node,
+            owned: watch::Sender::new(owned),
             next_lane: AtomicUsize::new(0),
             lookups: lookups.clone(),
             state: speed,
@@ -314,12 +415,12 @@ impl PipelineRuntime {
         // and the door start after this returns), so the first answer already has them.
         let mut aggregators = Vec::new();
         let mut ends = Vec::new();
-        for (lane, (checkpoint, next, rx, pause_rx, replayed)) in opened.into_iter().enumerate() {
+        for (lane, (checkpoint, next, rx, command_rx, replayed)) in opened.into_iter().enumerate() {
             let mut aggregator = Aggregator::new(rt.clone(), lane, checkpoint);
             if let Some(replayed) = replayed {
                 aggregator.absorb_replayed(replayed).await;
             }
-            aggregators.push((aggregator, rx, pause_rx));
+            aggregators.push((aggregator, rx, command_rx));
             ends.push(next);
         }
         // Everything logged so far is absorbed (or, if that failed, on its way through a
@@ -332,8 +433,8 @@ impl PipelineRuntime {
                 st.tick = Tick { ms: start, n: 0 };
             }
         }
-        for (aggregator, rx, pause_rx) in aggregators {
-            tokio::spawn(aggregator.run(rx, pause_rx, shutdown.clone()));
+        for (aggregator, rx, command_rx) in aggregators {
+            tokio::spawn(aggregator.run(rx, command_rx, shutdown.clone()));
         }
         Ok(rt)
     }
@@ -385,13 +486,176 @@ impl PipelineRuntime {
         self.lanes.iter().map(|l| l.partition).collect()
     }
 
+    /// The node this process is (`serve --node`), if any.
+    pub fn node(&self) -> Option<&str> {
+        self.node.as_deref()
+    }
+
+    /// Watches the partitions this process runs now, with their leases' epochs (see
+    /// [`Self::take`]).
+    pub fn owned(&self) -> watch::Receiver<BTreeMap<u32, u64>> {
+        self.owned.subscribe()
+    }
+
+    /// A seal found partition `partition`'s lease taken by another node: sources stop
+    /// feeding it (its aggregator drops what it did not seal).
+    pub(super) fn lost(&self, partition: u32) {
+        self.owned.send_modify(|o| {
+            o.remove(&partition);
+        });
+    }
+
+    /// Whether this process runs partition `partition` now.
+    pub fn owns(&self, partition: u32) -> bool {
+        self.owned.borrow().contains_key(&partition)
+    }
+
+    /// The index of partition `partition` among [`Self::lanes`].
+    pub fn lane_index(&self, partition: u32) -> Option<usize> {
+        self.lanes.iter().position(|l| l.partition == partition)
+    }
+
+    /// On a node: starts running partition `partition`, whose lease it now holds at `fence`.
+    /// The segments other nodes sealed are absorbed first (up to the checkpoint, read after
+    /// the lease was taken: a former holder can seal nothing more), then the partition's log
+    /// and open segment start over at the checkpoint, and broker sources resume it from the
+    /// offsets recorded with its segments.
+    pub async fn take(&self, partition: u32, fence: Fence) -> anyhow::Result<()> {
+        let index = self
+            .lane_index(partition)
+            .with_context(|| format!("no partition {partition}"))?;
+        let switching = self.switching.clone();
+        let _switching = switching.lock().await;
+        self.catch_up_locked(&[partition]).await?;
+        let checkpoint = self
+            .db
+            .checkpoint(&self.pipeline.name, partition)
+            .await?
+            .unwrap_or(0);
+        let (reply, answer) = oneshot::channel();
+        let epoch = fence.epoch;
+        let own = Command::Own {
+            checkpoint,
+            fence,
+            reply,
+        };
+        let stopped = || anyhow::anyhow!("the pipeline's speed layer has stopped");
+        self.lanes[index]
+            .commands
+            .send(own)
+            .await
+            .map_err(|_| stopped())?;
+        answer.await.map_err(|_| stopped())??;
+        self.owned.send_modify(|o| {
+            o.insert(partition, epoch);
+        });
+        Ok(())
+    }
+
+    /// On a node: stops running partition `partition` — sources stop feeding it first, then,
+    /// when `seal` (a graceful hand-over), its open segment is sealed; what is not sealed is
+    /// dropped (the broker redelivers it to the next holder).
+    pub async fn give_up(&self, partition: u32, seal: bool) -> anyhow::Result<()> {
+        let index = self
+            .lane_index(partition)
+            .with_context(|| format!("no partition {partition}"))?;
+        self.owned.send_modify(|o| {
+            o.remove(&partition);
+        });
+        let switching = self.switching.clone();
+        let _switching = switching.lock().await;
+        let (reply, answer) = oneshot::channel();
+        let stopped = || anyhow::anyhow!("the pipeline's speed layer has stopped");
+        self.lanes[index]
+            .commands
+            .send(Command::Disown { seal, reply })
+            .await
+            .map_err(|_| stopped())?;
+        answer.await.map_err(|_| stopped())?
+    }
+
+    /// On a node: absorbs the segments other nodes sealed of the partitions this one does not
+    /// run, so answers here hold every partition's archived events.
+    pub async fn catch_up(&self) -> anyhow::Result<()> {
+        let others: Vec<u32> = {
+            let owned = self.owned.borrow();
+            self.partitions()
+                .into_iter()
+                .filter(|p| !owned.contains_key(p))
+                .collect()
+        };
+        if others.is_empty() {
+            return Ok(());
+        }
+        let switching = self.switching.clone();
+        let _switching = switching.lock().await;
+        self.catch_up_locked(&others).await
+    }
+
+    /// [`Self::catch_up`] of `partitions`, the switch lock held.
+    async fn catch_up_locked(&self, partitions: &[u32]) -> anyhow::Result<()> {
+        let name = &self.pipeline.name;
+        let checkpoints = self.db.checkpoints(name).await?;
+        let mut absorbed = self.absorbed();
+        let behind = |p: &u32| {
+            checkpoints.get(p).copied().unwrap_or(0) > absorbed.get(p).copied().unwrap_or(0)
+        };
+        if !partitions.iter().any(behind) {
+            return Ok(());
+        }
+        let plan = self.plan();
+        let recent = self
+            .dedupe
+            .as_deref()
+            .zip(self.pipeline.event_id.as_deref())
+            .map(|(index, id_column)| recovery::Recent {
+                index,
+                id_column,
+                horizon_ms: now_ms()
+                    - i64::try_from(self.pipeline.dedupe_window.as_millis()).unwrap_or(i64::MAX),
+            });
+        for seg in self.db.segments(name).await? {
+            let from = absorbed.get(&seg.partition).copied().unwrap_or(0);
+            if !partitions.contains(&seg.partition) || seg.hi <= from {
+                continue;
+            }
+            let read =
+                recovery::foreign_segment(&plan, &self.lookups, &self.lake, &seg, from, recent)
+                    .await?;
+            let mut st = self.state.write();
+            if st.absorbed.get(&seg.partition).copied().unwrap_or(0) != from {
+                // Taken meanwhile: this node runs it now.
+                absorbed.insert(seg.partition, u64::MAX);
+                continue;
+            }
+            if let Some((rows, parts)) = read {
+                let covered = st
+                    .batch
+                    .iter()
+                    .all(|b| b.as_ref().is_some_and(|b| b.covers(seg.partition, seg.hi)));
+                if !covered {
+                    st.absorb(&plan, seg.partition, from, seg.hi, rows, parts)?;
+                    st.seal(seg.partition, from, seg.hi);
+                }
+            }
+            st.absorbed.insert(seg.partition, seg.hi);
+            self.place_install(&mut st);
+            drop(st);
+            absorbed.insert(seg.partition, seg.hi);
+            if let Some(i) = self.lane_index(seg.partition) {
+                self.sealed_end.send_modify(|ends| ends[i] = seg.hi);
+            }
+        }
+        Ok(())
+    }
+
     /// The events partition `partition`'s write-ahead log holds durably from position `from`
     /// on (the open segment, when `from` is where the sealed ones end), with their positions
     /// and arrival times as the archive has them; `None` when it holds none (or this process
-    /// runs no such partition). Blocking (reads files). Fails when the log no longer starts at
+    /// does not run the partition now). Blocking (reads files). Fails when the log no longer starts at
     /// `from` (sealed and truncated meanwhile).
     pub fn logged(&self, partition: u32, from: u64) -> anyhow::Result<Option<DataFrame>> {
-        let Some(lane) = self.lane(partition) else {
+        let Some(lane) = self.lane(partition).filter(|_| self.owns(partition)) else {
             return Ok(None);
         };
         let end = lane.log.durable_end();
@@ -499,7 +763,10 @@ impl PipelineRuntime {
                 reply,
                 resume,
             };
-            lane.pauses.send(pause).await.map_err(|_| stopped())?;
+            lane.commands
+                .send(Command::Pause(pause))
+                .await
+                .map_err(|_| stopped())?;
             resumes.push(resume_tx);
             replies.push(answer);
         }
@@ -519,7 +786,16 @@ impl PipelineRuntime {
         }
         // Sealed segments from the lake; the open ones from the paused aggregators. Nothing is
         // sealed or absorbed meanwhile.
-        recovery::uncovered_segments(&plan, &self.lookups, &self.db, &self.lake, &mut next).await?;
+        let absorbed = self.absorbed();
+        recovery::uncovered_segments(
+            &plan,
+            &self.lookups,
+            &self.db,
+            &self.lake,
+            &absorbed,
+            &mut next,
+        )
+        .await?;
         for o in open {
             next.absorb(&plan, o.partition, o.lo, o.hi, o.rows, o.parts)?;
         }

@@ -89,6 +89,27 @@ impl Project {
     }
 }
 
+impl Project {
+    /// A runtime as node `node` (`serve --node`) with its own log directory, beside any other
+    /// started; it stops when `stop` is cancelled (or the project's runtimes stop).
+    pub async fn start_node(&self, node: &str) -> (Arc<PipelineRuntime>, CancellationToken) {
+        let stop = self.shutdown.child_token();
+        let rt = PipelineRuntime::start_on(
+            Some(node.to_string()),
+            self.pipeline.clone(),
+            self.plan.clone(),
+            self.db.clone(),
+            self.lake.clone(),
+            BTreeMap::new(),
+            &self.dir.path().join("nodes").join(node).join("log"),
+            stop.clone(),
+        )
+        .await
+        .unwrap();
+        (rt, stop)
+    }
+}
+
 /// `(n, total)` of the `overall` view as the speed layer holds it (these tests publish
 /// no batch view): its partials merged and finished by the plan.
 pub(super) fn served(rt: &PipelineRuntime) -> (u64, f64) {

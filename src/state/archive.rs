@@ -5,8 +5,9 @@ use std::collections::BTreeMap;
 
 use chrono::{DateTime, Utc};
 
+use super::leases::{FENCE, RECORD_SOURCE_OFFSET};
 use super::ledger::{EntryParams, INSERT_ENTRY, bind_entry};
-use super::{LedgerEntry, RunId, State, StateError, db, from_db, now, to_db};
+use super::{Fence, LedgerEntry, RunId, State, StateError, db, from_db, now, to_db};
 
 /// A sealed Parquet segment: positions `[lo, hi)` of one pipeline partition.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -164,6 +165,31 @@ impl State {
         segment: &Segment,
         restated: &[LedgerEntry],
     ) -> Result<(), StateError> {
+        self.seal_segment_fenced(segment, restated, None, &BTreeMap::new())
+            .await
+    }
+
+    /// [`State::seal_segment_restating`] by a node holding the partition's lease (`fence`), and
+    /// recording where a broker source resumes the partition (`offsets`: the next offset of
+    /// each source partition after the segment's messages), in the same transaction.
+    ///
+    /// With a fence, fails with [`StateError::Fenced`] (and changes nothing) unless `fence.node`
+    /// still holds the lease at `fence.epoch`: a node that lost its partition (paused past its
+    /// lease's expiry, then resumed) cannot record a segment beside its new holder's, even when
+    /// the positions would follow. The check is the transaction's first statement, a write
+    /// that holds the lease row until commit, so a takeover happens wholly before or after the
+    /// seal. `None`: a single process owns every partition (no leases).
+    ///
+    /// The offsets are recorded with the segment holding the messages before them, never
+    /// moved backwards: the partition's next holder resumes the source exactly after the last
+    /// segment recorded, neither skipping nor repeating a message.
+    pub async fn seal_segment_fenced(
+        &self,
+        segment: &Segment,
+        restated: &[LedgerEntry],
+        fence: Option<&Fence>,
+        offsets: &BTreeMap<i32, i64>,
+    ) -> Result<(), StateError> {
         let s = segment;
         let entries = restated
             .iter()
@@ -191,10 +217,33 @@ impl State {
         let bytes = to_db("byte count", s.bytes)?;
         let dead = to_db("dead-letter count", s.dead_letters)?;
         let partition = i64::from(s.partition);
+        let fence = fence
+            .map(|f| to_db("lease epoch", f.epoch).map(|epoch| (f, epoch)))
+            .transpose()?;
         let at = now();
         on_pool!(self, |pool| {
             let mut tx = pool.begin().await.map_err(db("seal segment"))?;
-            // The checkpoint update comes first: it is the write that takes the lock (module docs).
+            // The fence, else the checkpoint update, comes first: it is the write that takes the
+            // lock (module docs).
+            if let Some((f, epoch)) = fence {
+                let held = sqlx::query(FENCE)
+                    .bind(&s.pipeline)
+                    .bind(partition)
+                    .bind(&f.node)
+                    .bind(epoch)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(db("seal segment: check the partition's lease"))?
+                    .rows_affected();
+                if held == 0 {
+                    return Err(StateError::Fenced {
+                        pipeline: s.pipeline.clone(),
+                        partition: s.partition,
+                        node: f.node.clone(),
+                        epoch: f.epoch,
+                    });
+                }
+            }
             let advanced = sqlx::query(ADVANCE_CHECKPOINT)
                 .bind(&s.pipeline)
                 .bind(partition)
@@ -250,6 +299,16 @@ impl State {
                     .execute(&mut *tx)
                     .await
                     .map_err(db("seal segment: count dead letters"))?;
+            }
+            for (source, offset) in offsets {
+                sqlx::query(RECORD_SOURCE_OFFSET)
+                    .bind(&s.pipeline)
+                    .bind(partition)
+                    .bind(i64::from(*source))
+                    .bind(*offset)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(db("seal segment: record source offsets"))?;
             }
             tx.commit().await.map_err(db("seal segment: commit"))
         })?;

@@ -48,6 +48,7 @@ mod archive;
 mod candidates;
 mod covered;
 mod groups;
+mod leases;
 mod ledger;
 mod publications;
 mod runs;
@@ -61,6 +62,7 @@ pub use archive::{RetiredObject, Segment};
 pub use candidates::Candidate;
 pub use covered::is_covered;
 pub use groups::{GroupEnd, GroupProgress};
+pub use leases::{Fence, Lease, Node};
 pub use ledger::{Cause, LedgerEntry, LedgerTotals};
 pub use publications::{Cutoff, NewPublication, Publication, PublicationId};
 pub use runs::{AttemptId, Outcome, Run, RunId, RunKind, RunState, TaskAttempt};
@@ -139,6 +141,19 @@ pub enum StateError {
         partition: u32,
         lo: u64,
         checkpoint: u64,
+    },
+    /// A fenced seal ([`State::seal_segment_fenced`]) whose node no longer holds the
+    /// partition's lease at its epoch: another node took the partition over and ingests it from
+    /// the last recorded segment. Nothing was recorded; the caller must not acknowledge
+    /// upstream, and must stop ingesting the partition.
+    #[error(
+        "partition {partition} of {pipeline} is no longer leased to node {node} (epoch {epoch}): another node took it over; this node's segment is not recorded"
+    )]
+    Fenced {
+        pipeline: String,
+        partition: u32,
+        node: String,
+        epoch: u64,
     },
     /// The view's current publication is not the one this publish meant to replace: another
     /// run published first. Nothing was published.

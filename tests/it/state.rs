@@ -10,8 +10,8 @@ use std::time::Duration;
 
 use chrono::{DateTime, TimeZone, Utc};
 use lambda_ctl::state::{
-    Cause, GroupEnd, Install, LedgerEntry, LedgerTotals, NewPublication, Outcome, PublicationId,
-    RunId, RunKind, RunState, Segment, State, StateError,
+    Cause, Fence, GroupEnd, Install, Lease, LedgerEntry, LedgerTotals, NewPublication, Node,
+    Outcome, PublicationId, RunId, RunKind, RunState, Segment, State, StateError,
 };
 use sqlx::Connection;
 
@@ -48,6 +48,10 @@ on_both_backends!(
     operator_figures_count_runs_and_time_attempts,
     the_ledger_records_with_its_segment_and_each_publication_row_once,
     installs_say_what_a_view_served_when,
+    leases_go_to_one_node_at_a_time,
+    lease_renewal_reports_the_leases_a_node_lost,
+    seals_fenced_by_a_lost_lease_record_nothing,
+    leaving_releases_a_nodes_leases,
 );
 
 async fn on_sqlite<F, Fut>(behaviour: F)
@@ -1233,4 +1237,373 @@ async fn installs_say_what_a_view_served_when(url: String) {
             .is_some()
     );
     assert_eq!(runs(ms).await.unwrap(), [run.id.0]);
+}
+
+fn lease(pipeline: &str, partition: u32, node: Option<&str>, epoch: u64, expires_ms: i64) -> Lease {
+    Lease {
+        pipeline: pipeline.into(),
+        partition,
+        node: node.map(Into::into),
+        epoch,
+        expires_ms,
+    }
+}
+
+async fn leases_go_to_one_node_at_a_time(url: String) {
+    let state = open(&url).await;
+    let p = "leased";
+    assert!(state.leases(p).await.unwrap().is_empty());
+    assert_eq!(
+        state.acquire_lease(p, 0, "a", 1_000, 11_000).await.unwrap(),
+        Some(1),
+        "a partition never leased"
+    );
+    // Held unexpired: neither another node nor the holder itself (it renews instead) takes it.
+    assert_eq!(
+        state.acquire_lease(p, 0, "b", 5_000, 15_000).await.unwrap(),
+        None
+    );
+    assert_eq!(
+        state.acquire_lease(p, 0, "a", 5_000, 15_000).await.unwrap(),
+        None
+    );
+    assert_eq!(
+        state
+            .acquire_lease(p, 0, "b", 11_000, 21_000)
+            .await
+            .unwrap(),
+        None,
+        "expired is strictly after its expiry"
+    );
+    assert_eq!(
+        state.leases(p).await.unwrap(),
+        [lease(p, 0, Some("a"), 1, 11_000)]
+    );
+    assert_eq!(
+        state
+            .acquire_lease(p, 0, "b", 11_001, 21_001)
+            .await
+            .unwrap(),
+        Some(2),
+        "expired: taken over with the next epoch"
+    );
+    assert_eq!(
+        state
+            .acquire_lease(p, 1, "a", 11_001, 21_001)
+            .await
+            .unwrap(),
+        Some(1)
+    );
+    assert_eq!(
+        state.leases(p).await.unwrap(),
+        [
+            lease(p, 0, Some("b"), 2, 21_001),
+            lease(p, 1, Some("a"), 1, 21_001)
+        ]
+    );
+    assert!(state.leases("other").await.unwrap().is_empty());
+
+    // Nodes racing for one free lease: exactly one gets it.
+    let racers = (0..8).map(|i| {
+        let state = state.clone();
+        tokio::spawn(async move {
+            state
+                .acquire_lease("raced", 0, &format!("n{i}"), 1_000, 11_000)
+                .await
+                .unwrap()
+        })
+    });
+    let mut won = Vec::new();
+    for r in racers {
+        won.extend(r.await.unwrap());
+    }
+    assert_eq!(won, [1]);
+    // And again once it expired: one takes it, with epoch 2.
+    let racers = (0..8).map(|i| {
+        let state = state.clone();
+        tokio::spawn(async move {
+            state
+                .acquire_lease("raced", 0, &format!("m{i}"), 20_000, 30_000)
+                .await
+                .unwrap()
+        })
+    });
+    let mut won = Vec::new();
+    for r in racers {
+        won.extend(r.await.unwrap());
+    }
+    assert_eq!(won, [2]);
+}
+
+async fn lease_renewal_reports_the_leases_a_node_lost(url: String) {
+    let state = open(&url).await;
+    let p = "renewed";
+    for partition in 0..3 {
+        assert_eq!(
+            state
+                .acquire_lease(p, partition, "a", 0, 10_000)
+                .await
+                .unwrap(),
+            Some(1)
+        );
+    }
+    // b takes partition 1 over after a missed its renewal; partition 2 expired unnoticed.
+    assert_eq!(
+        state
+            .acquire_lease(p, 1, "b", 10_001, 20_000)
+            .await
+            .unwrap(),
+        Some(2)
+    );
+    let held = [
+        (p.to_string(), 0, 1),
+        (p.to_string(), 1, 1),
+        (p.to_string(), 2, 1),
+    ];
+    assert_eq!(
+        state.renew_leases("a", &held, 30_000).await.unwrap(),
+        [(p.to_string(), 1)]
+    );
+    assert!(
+        state
+            .renew_leases("a", &[], 30_000)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert_eq!(
+        state.leases(p).await.unwrap(),
+        [
+            lease(p, 0, Some("a"), 1, 30_000),
+            lease(p, 1, Some("b"), 2, 20_000),
+            lease(p, 2, Some("a"), 1, 30_000),
+        ],
+        "renewing an expired lease nobody took keeps it"
+    );
+    // A renewal naming an old epoch renews nothing.
+    assert_eq!(
+        state
+            .renew_leases("b", &[(p.to_string(), 1, 1)], 40_000)
+            .await
+            .unwrap(),
+        [(p.to_string(), 1)]
+    );
+
+    // Released: free at once, with its epoch kept; released again or by another, nothing.
+    assert!(state.release_lease(p, 0, "a", 1).await.unwrap());
+    assert!(!state.release_lease(p, 0, "a", 1).await.unwrap());
+    assert!(!state.release_lease(p, 1, "a", 1).await.unwrap());
+    assert!(!state.release_lease(p, 1, "b", 1).await.unwrap());
+    assert_eq!(state.leases(p).await.unwrap()[0], lease(p, 0, None, 1, 0));
+    assert_eq!(
+        state.renew_leases("a", &held[..1], 40_000).await.unwrap(),
+        [(p.to_string(), 0)],
+        "a released lease is lost"
+    );
+    assert_eq!(
+        state
+            .acquire_lease(p, 0, "b", 12_000, 22_000)
+            .await
+            .unwrap(),
+        Some(2)
+    );
+}
+
+async fn seals_fenced_by_a_lost_lease_record_nothing(url: String) {
+    let state = open(&url).await;
+    let p = "fenced";
+    let seg = |lo, hi| Segment {
+        pipeline: p.into(),
+        path: lambda_ctl::lake::archive_path(p, 0, lo, hi),
+        ..segment(0, lo, hi)
+    };
+    let fence = |node: &str, epoch| Fence {
+        node: node.into(),
+        epoch,
+    };
+    assert!(state.source_offsets(p, 0).await.unwrap().is_empty());
+    let err = state
+        .seal_segment_fenced(&seg(0, 10), &[], Some(&fence("a", 1)), &BTreeMap::new())
+        .await
+        .expect_err("a partition never leased");
+    assert!(matches!(err, StateError::Fenced { .. }), "{err}");
+    assert_eq!(state.checkpoint(p, 0).await.unwrap(), None);
+
+    assert_eq!(
+        state.acquire_lease(p, 0, "a", 0, 10_000).await.unwrap(),
+        Some(1)
+    );
+    state
+        .seal_segment_fenced(
+            &seg(0, 10),
+            &[],
+            Some(&fence("a", 1)),
+            &BTreeMap::from([(0, 100), (1, 50)]),
+        )
+        .await
+        .expect("sealed by the holder");
+    assert_eq!(
+        state.source_offsets(p, 0).await.unwrap(),
+        BTreeMap::from([(0, 100), (1, 50)])
+    );
+
+    // a pauses past its lease's expiry; b takes the partition over.
+    assert_eq!(
+        state
+            .acquire_lease(p, 0, "b", 10_001, 20_000)
+            .await
+            .unwrap(),
+        Some(2)
+    );
+    let restated = [LedgerEntry {
+        pipeline: p.into(),
+        ..entry(
+            "by_page",
+            Cause::Late {
+                partition: 0,
+                lo: 10,
+                hi: 20,
+            },
+            Some(0),
+            1,
+            1_000,
+        )
+    }];
+    let err = state
+        .seal_segment_fenced(
+            &Segment {
+                dead_letters: 3,
+                ..seg(10, 20)
+            },
+            &restated,
+            Some(&fence("a", 1)),
+            &BTreeMap::from([(0, 300), (2, 7)]),
+        )
+        .await
+        .expect_err("the old holder is fenced off");
+    match &err {
+        StateError::Fenced {
+            pipeline,
+            partition,
+            node,
+            epoch,
+        } => assert_eq!(
+            (pipeline.as_str(), *partition, node.as_str(), *epoch),
+            (p, 0, "a", 1)
+        ),
+        other => panic!("expected Fenced, got {other}"),
+    }
+    assert!(
+        err.to_string().contains("no longer leased to node a"),
+        "{err}"
+    );
+    // Nothing of the refused seal was recorded.
+    assert_eq!(state.checkpoint(p, 0).await.unwrap(), Some(10));
+    assert_eq!(state.segments(p).await.unwrap(), [seg(0, 10)]);
+    assert_eq!(state.dead_letters(p).await.unwrap(), 0);
+    assert!(
+        state
+            .ledger(p, "by_page", None, None, 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert_eq!(
+        state.source_offsets(p, 0).await.unwrap(),
+        BTreeMap::from([(0, 100), (1, 50)])
+    );
+    // Nor does the old holder's lease come back by it.
+    assert_eq!(
+        state.leases(p).await.unwrap(),
+        [lease(p, 0, Some("b"), 2, 20_000)]
+    );
+
+    // The new holder seals on from the checkpoint; an offset never moves backwards.
+    state
+        .seal_segment_fenced(
+            &seg(10, 20),
+            &[],
+            Some(&fence("b", 2)),
+            &BTreeMap::from([(0, 200), (1, 40)]),
+        )
+        .await
+        .expect("sealed by the new holder");
+    assert_eq!(state.checkpoint(p, 0).await.unwrap(), Some(20));
+    assert_eq!(
+        state.source_offsets(p, 0).await.unwrap(),
+        BTreeMap::from([(0, 200), (1, 50)])
+    );
+    assert!(state.source_offsets(p, 1).await.unwrap().is_empty());
+    // Unfenced seals (one process, no leases) are unchanged.
+    state.seal_segment(&seg(20, 30)).await.unwrap();
+    assert_eq!(state.checkpoint(p, 0).await.unwrap(), Some(30));
+}
+
+async fn leaving_releases_a_nodes_leases(url: String) {
+    let state = open(&url).await;
+    let p = "left";
+    assert!(state.nodes().await.unwrap().is_empty());
+    state.heartbeat("b", "10.0.0.2:7000", 1_100).await.unwrap();
+    state.heartbeat("a", "10.0.0.1:7000", 1_000).await.unwrap();
+    state.heartbeat("a", "10.0.0.1:7001", 2_000).await.unwrap();
+    let node = |name: &str, listen: &str, started_ms, heartbeat_ms| Node {
+        name: name.into(),
+        listen: listen.into(),
+        started_ms,
+        heartbeat_ms,
+    };
+    assert_eq!(
+        state.nodes().await.unwrap(),
+        [
+            node("a", "10.0.0.1:7001", 1_000, 2_000),
+            node("b", "10.0.0.2:7000", 1_100, 1_100),
+        ]
+    );
+
+    for partition in 0..2 {
+        assert_eq!(
+            state
+                .acquire_lease(p, partition, "a", 2_000, 12_000)
+                .await
+                .unwrap(),
+            Some(1)
+        );
+    }
+    assert_eq!(
+        state.acquire_lease(p, 2, "b", 2_000, 12_000).await.unwrap(),
+        Some(1)
+    );
+    assert_eq!(
+        state
+            .acquire_lease("other", 0, "a", 2_000, 12_000)
+            .await
+            .unwrap(),
+        Some(1)
+    );
+    state.leave("a").await.unwrap();
+    assert_eq!(
+        state.nodes().await.unwrap(),
+        [node("b", "10.0.0.2:7000", 1_100, 1_100)]
+    );
+    assert_eq!(
+        state.leases(p).await.unwrap(),
+        [
+            lease(p, 0, None, 1, 0),
+            lease(p, 1, None, 1, 0),
+            lease(p, 2, Some("b"), 1, 12_000),
+        ]
+    );
+    assert_eq!(
+        state.leases("other").await.unwrap(),
+        [lease("other", 0, None, 1, 0)]
+    );
+    // Released leases are taken at once, not when they would have expired.
+    assert_eq!(
+        state.acquire_lease(p, 0, "b", 2_500, 12_500).await.unwrap(),
+        Some(2)
+    );
+    // Leaving twice, or a node never seen, changes nothing.
+    state.leave("a").await.unwrap();
+    state.leave("z").await.unwrap();
+    assert_eq!(state.nodes().await.unwrap().len(), 1);
 }

@@ -100,6 +100,14 @@ impl Server {
         Server::spawn(project, &[], env, std::process::Stdio::inherit())
     }
 
+    /// As [`Server::start`], as node `node` of a cluster (`serve --node`); only the Kafka
+    /// tests (default feature `kafka`) use it.
+    #[cfg_attr(not(feature = "kafka"), allow(dead_code))]
+    pub fn start_node(project: &Path, node: &str) -> Server {
+        let args = ["--node", node];
+        Server::spawn(project, &args, &[], std::process::Stdio::inherit())
+    }
+
     /// As [`Server::start`], with debug logs (JSON lines) written to `log`.
     pub fn start_logging(project: &Path, log: &Path) -> Server {
         let file = std::fs::File::create(log).expect("create the log file");
@@ -109,7 +117,7 @@ impl Server {
 
     fn spawn(
         project: &Path,
-        log_args: &[&str],
+        args: &[&str],
         env: &[(&str, &str)],
         stderr: std::process::Stdio,
     ) -> Server {
@@ -117,10 +125,14 @@ impl Server {
         let mut child = Command::new(env!("CARGO_BIN_EXE_lambda-ctl"))
             .args(["serve", "--listen", "127.0.0.1:0", "--project"])
             .arg(project)
-            .args(log_args)
+            .args(args)
             .env(
                 "RUST_LOG",
-                if log_args.is_empty() { "warn" } else { "debug" },
+                if args.contains(&"json") {
+                    "debug"
+                } else {
+                    "warn"
+                },
             )
             .envs(env.iter().copied())
             .stdout(std::process::Stdio::piped())

@@ -381,3 +381,236 @@ fn copy_dir(from: &Path, to: &Path) {
         }
     }
 }
+
+/// Creates `topic` with `partitions` partitions.
+async fn create_topic_with(url: &str, topic: &str, partitions: i32) {
+    let admin: AdminClient<DefaultClientContext> = config(url).create().unwrap();
+    let new = NewTopic::new(topic, partitions, TopicReplication::Fixed(1));
+    let created = admin
+        .create_topics(
+            &[new],
+            &AdminOptions::new().operation_timeout(Some(Duration::from_secs(10))),
+        )
+        .await;
+    assert!(
+        matches!(created.as_deref(), Ok([Ok(_)])),
+        "creating topic {topic} on {url}: {created:?}"
+    );
+}
+
+/// Events `range` keyed by their id (spread over every Kafka partition), with a copy of every
+/// tenth one (same key: the same partition, after its first copy) and a malformed message.
+async fn publish_with_copies(url: &str, topic: &str, range: std::ops::Range<usize>) {
+    let mut records: Vec<(String, String)> =
+        range.clone().map(|i| (format!("e{i}"), event(i))).collect();
+    produce(url, topic, records.drain(..)).await;
+    let copies = range
+        .clone()
+        .step_by(10)
+        .map(|i| (format!("e{i}"), event(i)));
+    let bad = std::iter::once((
+        format!("bad{}", range.start),
+        format!("not json {}", range.start),
+    ));
+    produce(url, topic, copies.chain(bad)).await;
+}
+
+/// `(count, sum of values)` of the `overall` view on `server`.
+async fn overall(client: &reqwest::Client, server: &Server) -> (u64, f64) {
+    let v = get_json(client, server.url("/v1/views/readings/overall")).await;
+    let row = &v["rows"][0];
+    (
+        row["n"].as_u64().unwrap_or(0),
+        row["total"].as_f64().unwrap_or(0.0),
+    )
+}
+
+/// Waits until every server in `servers` answers exactly events `0..n` — no more, ever.
+async fn all_answer_exactly(
+    client: &reqwest::Client,
+    servers: &[&Server],
+    n: usize,
+    within: Duration,
+) {
+    let expected = (n * (n - 1) / 2) as f64;
+    let start = Instant::now();
+    for server in servers {
+        loop {
+            let (got, total) = overall(client, server).await;
+            assert!(
+                got <= n as u64,
+                "{}: counted {got} events, only {n} were published",
+                server.url("")
+            );
+            if got == n as u64 {
+                assert_eq!(
+                    total,
+                    expected,
+                    "{}: every event counted once",
+                    server.url("")
+                );
+                break;
+            }
+            assert!(
+                start.elapsed() < within,
+                "{}: only {got} of {n} events counted after {within:?}",
+                server.url("")
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+/// The partitions `server` runs (holds the lease of).
+async fn running(client: &reqwest::Client, server: &Server) -> Vec<u64> {
+    let v = get_json(client, server.url("/v1/pipelines")).await;
+    v["pipelines"][0]["partitions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|p| p["running"].as_bool() == Some(true))
+        .map(|p| p["partition"].as_u64().unwrap())
+        .collect()
+}
+
+/// Three `serve --node` processes on one state DB (PostgreSQL when `LAMBDA_TEST_POSTGRES` is
+/// set) and one lake (the S3 server when `LAMBDA_TEST_S3` is set) share a pipeline's three
+/// partitions, fed by six Kafka partitions, with copies and malformed messages among the
+/// events: two nodes split the partitions; one is killed with -9 mid-stream and its
+/// partitions move to the other and to a node that joins; a batch run publishes in the
+/// middle. Every surviving node then answers exactly the events published — none lost, none
+/// counted twice — and the partitions are each run by exactly one node.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kafka_nodes_share_partitions_and_take_over_a_killed_one() {
+    let Some(url) = service("LAMBDA_TEST_KAFKA") else {
+        return;
+    };
+    let db = match service("LAMBDA_TEST_POSTGRES") {
+        Some(server) => Some(crate::state::TempDatabase::create(&server).await),
+        None => None,
+    };
+    let lake = match crate::lakes::TestLake::s3().await {
+        Some(lake) => lake,
+        None => crate::lakes::TestLake::file(),
+    };
+    let topic = unique("lt");
+    create_topic_with(&url, &topic, 6).await;
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let state = db
+        .as_ref()
+        .map(|d| format!("state: {}\n", d.url))
+        .unwrap_or_default();
+    std::fs::write(root.join("lambda.yaml"), format!("{state}{}", lake.yaml())).unwrap();
+    std::fs::create_dir_all(root.join("pipelines")).unwrap();
+    std::fs::write(
+        root.join("pipelines/readings.yaml"),
+        format!(
+            "name: readings\nsource:\n  type: kafka\n  brokers: \"{url}\"\n  topic: {topic}\n  group: {topic}\nschema:\n  id: string\n  ts: timestamp\n  device: string\n  value: float\nevent_time: ts\nevent_id: id\npartitions: 3\narchive:\n  segment_age: 1s\nviews:\n  - name: overall\n    window: all\n    metrics:\n      n: count()\n      total: sum(value)\n  - name: devices\n    group_by: [device]\n    window: 1m\n    metrics:\n      n: count()\n      users: approx_count_distinct(id)\n"
+        ),
+    )
+    .unwrap();
+    let client = reqwest::Client::new();
+
+    publish_with_copies(&url, &topic, 0..300).await;
+    let a = Server::start_node(root, "a");
+    let b = Server::start_node(root, "b");
+    all_answer_exactly(&client, &[&a, &b], 300, Duration::from_secs(60)).await;
+    let (on_a, on_b) = (running(&client, &a).await, running(&client, &b).await);
+    assert_eq!(
+        on_a.len() + on_b.len(),
+        3,
+        "a runs {on_a:?}, b runs {on_b:?}"
+    );
+    assert!(
+        !on_a.is_empty() && !on_b.is_empty(),
+        "a runs {on_a:?}, b runs {on_b:?}"
+    );
+
+    const TOTAL: usize = 1500;
+    let publisher = {
+        let (url, topic) = (url.clone(), topic.clone());
+        tokio::spawn(async move {
+            for start in (300..TOTAL).step_by(50) {
+                publish_with_copies(&url, &topic, start..start + 50).await;
+                tokio::time::sleep(Duration::from_millis(40)).await;
+            }
+        })
+    };
+    let started = Instant::now();
+    loop {
+        if overall(&client, &a).await.0 > 500 || publisher.is_finished() {
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(60), "no progress");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    a.kill9();
+    let killed = Instant::now();
+    let c = Server::start_node(root, "c");
+    // A batch run publishes while partitions move.
+    let run = {
+        let root = root.to_path_buf();
+        tokio::task::spawn_blocking(move || {
+            crate::support::lambda_ctl(&[
+                "run",
+                "readings",
+                "--wait",
+                "--project",
+                root.to_str().unwrap(),
+            ])
+        })
+    };
+    publisher.await.unwrap();
+    let out = run.await.unwrap();
+    assert!(
+        out.status.success(),
+        "batch run: {}",
+        crate::support::stdout(&out)
+    );
+
+    all_answer_exactly(&client, &[&b, &c], TOTAL, Duration::from_secs(90)).await;
+    eprintln!(
+        "every event counted once on b and c {:?} after the kill",
+        killed.elapsed()
+    );
+    // Each partition run by exactly one live node.
+    let (on_b, on_c) = (running(&client, &b).await, running(&client, &c).await);
+    let mut all: Vec<u64> = on_b.iter().chain(&on_c).copied().collect();
+    all.sort_unstable();
+    assert_eq!(all, [0, 1, 2], "b runs {on_b:?}, c runs {on_c:?}");
+    // Grouped views too: both nodes give the same answer, which counts every event.
+    let devices = |s: &Server| get_json(&client, s.url("/v1/views/readings/devices"));
+    let (vb, vc) = (devices(&b).await, devices(&c).await);
+    assert_eq!(vb["rows"], vc["rows"]);
+    let n: u64 = vb["rows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["n"].as_u64().unwrap())
+        .sum();
+    assert_eq!(n, TOTAL as u64);
+    // `status` lists the nodes and the partitions each holds.
+    let out =
+        crate::support::lambda_ctl(&["status", "--json", "--project", root.to_str().unwrap()]);
+    let v: Value = serde_json::from_slice(&out.stdout).expect("status --json");
+    let mut held: Vec<String> = v["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|n| n["name"] == "b" || n["name"] == "c")
+        .flat_map(|n| n["partitions"].as_array().unwrap().clone())
+        .map(|p| p.as_str().unwrap().to_string())
+        .collect();
+    held.sort();
+    assert_eq!(
+        held,
+        ["readings/p=0", "readings/p=1", "readings/p=2"],
+        "{}",
+        v["nodes"]
+    );
+    drop((b, c));
+    if let Some(db) = db {
+        db.drop().await;
+    }
+}
