@@ -21,7 +21,7 @@ use crate::serving::metrics::Ops;
 use crate::serving::pickup::Pickup;
 use crate::serving::query::Served;
 use crate::serving::{self, server, sink};
-use crate::speed::nodes::{HANDOVER, Keeper};
+use crate::speed::nodes::{HANDOVER, Keeper, Mirror};
 use crate::speed::runtime::PipelineRuntime;
 use crate::state::State;
 use crate::{sources, spec};
@@ -215,8 +215,13 @@ async fn serve(
     // A node takes its share of the partitions once it can answer.
     let handover = CancellationToken::new();
     let keeper = node.as_ref().map(|name| {
-        let runtimes = app.pipelines.values().map(|s| s.runtime.clone()).collect();
-        let keeper = Keeper::new(name, &format!("http://{local}"), db.clone(), runtimes);
+        let runtimes: Vec<_> = app.pipelines.values().map(|s| s.runtime.clone()).collect();
+        // Fresh events of the partitions other nodes run, in this node's answers.
+        for rt in &runtimes {
+            let mirror = Mirror::new(rt.clone(), db.clone(), app.token.clone());
+            tokio::spawn(mirror.run(shutdown.clone()));
+        }
+        let keeper = Keeper::new(name, &advertised(local), db.clone(), runtimes);
         tokio::spawn(keeper.run(handover.clone()))
     });
     // Tests and scripts read the bound address from this line.
@@ -248,6 +253,20 @@ async fn serve(
     }
     db.close().await;
     Ok(())
+}
+
+/// Where the other nodes reach this one: the listen address, or — listening on every
+/// interface (`0.0.0.0`) — the machine's host name with its port.
+fn advertised(local: SocketAddr) -> String {
+    if !local.ip().is_unspecified() {
+        return format!("http://{local}");
+    }
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|h| h.trim().to_string())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "127.0.0.1".to_string());
+    format!("http://{host}:{}", local.port())
 }
 
 /// `/metrics` and dashboard settings, with the workflow figures read from the state DB.

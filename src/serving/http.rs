@@ -40,6 +40,41 @@ pub fn routes() -> Router<Arc<App>> {
             get(restatements),
         )
         .route(METRICS, get(metrics_page))
+        .route(
+            "/v1/internal/pipelines/{pipeline}/partitions/{partition}/open",
+            get(open_segment),
+        )
+}
+
+#[derive(serde::Deserialize)]
+struct Since {
+    since: Option<u64>,
+}
+
+/// On a node: the open segment of a partition it runs, for the other nodes to mirror
+/// (`speed::nodes`); 404 when it does not run it.
+async fn open_segment(
+    State(app): State<Arc<App>>,
+    Path((name, partition)): Path<(String, u32)>,
+    Query(since): Query<Since>,
+) -> Response {
+    let rt = match served(&app, &name) {
+        Ok(s) => s.runtime.clone(),
+        Err(resp) => return *resp,
+    };
+    let Some(open) = rt.open_segment(partition, since.since) else {
+        return error(
+            StatusCode::NOT_FOUND,
+            format!("partition {partition} of `{name}` does not run on this server"),
+        );
+    };
+    match tokio::task::spawn_blocking(move || crate::speed::nodes::encode_open(open)).await {
+        Ok(Ok(bytes)) => {
+            ([(header::CONTENT_TYPE, "application/octet-stream")], bytes).into_response()
+        }
+        Ok(Err(e)) => error(StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}")),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    }
 }
 
 async fn metrics_page(State(app): State<Arc<App>>) -> Response {

@@ -249,7 +249,7 @@ impl Aggregator {
         while rx.try_recv().is_ok() {}
         {
             let mut st = rt.state.write();
-            st.discard_open(self.partition, self.lo);
+            st.discard_open_of(self.partition);
             st.absorbed.insert(self.partition, to);
         }
         self.lo = to;
@@ -266,6 +266,7 @@ impl Aggregator {
         lane.open_since_ms.store(0, Ordering::Relaxed);
         lane.logged_end.store(to, Ordering::Release);
         lane.marks.lock().clear();
+        lane.changes.fetch_add(1, Ordering::Release);
         let index = self.lane;
         rt.sealed_end.send_modify(|ends| ends[index] = to);
         if let (Some(d), Some(column), false) =
@@ -311,6 +312,7 @@ impl Aggregator {
             st.discard_open(self.partition, self.lo);
             st.absorbed.insert(self.partition, self.lo);
         }
+        self.lane().changes.fetch_add(1, Ordering::Release);
         self.next = self.lo;
         self.events.clear();
         self.rows = 0;
@@ -460,6 +462,7 @@ impl Aggregator {
                 .fold(st.tick, |t, &(ms, n)| t.after_events(ms, n));
             st.absorbed.insert(self.partition, next);
         }
+        self.lane().changes.fetch_add(1, Ordering::Release);
         self.high = self.high.max(next);
         // Absorbed: only now does the open segment take the positions.
         self.next = next;
@@ -561,6 +564,7 @@ impl Aggregator {
             .rejected_unsealed
             .fetch_sub(segment.dead_letters, Ordering::Relaxed);
         rt.state.write().seal(partition, lo, hi);
+        self.lane().changes.fetch_add(1, Ordering::Release);
         let lane = self.lane;
         rt.sealed_end.send_modify(|ends| ends[lane] = hi);
         if let Err(e) = self.lane().log.truncate_below(hi) {

@@ -12,7 +12,16 @@
 //!   [`HEARTBEAT`]); above it (a node joined), it hands partitions over gracefully: sources
 //!   stop feeding them, the open segment is sealed, then the lease is released;
 //! - absorbs the segments other nodes sealed ([`PipelineRuntime::catch_up`]), so an answer
-//!   on any node holds every partition's archived events, and its own partitions' fresh ones.
+//!   on any node holds every partition's archived events.
+//!
+//! Fresh events of the partitions other nodes run reach a node's answers through its
+//! [`Mirror`]: every [`MIRROR_EVERY`] it asks each partition's owner for its open segment's
+//! partials (`GET /v1/internal/pipelines/{pipeline}/partitions/{partition}/open`, with the
+//! server's token; answered only when it changed) and installs them in place of the ones
+//! before, once the segments sealed before them are absorbed — so every answer holds, per
+//! partition, a contiguous run of positions from the start, named in `as_of.positions`.
+//! While a partition moves, its last mirrored open segment stays until the next owner's
+//! replaces it (that owner reads those events from the broker again, at the same positions).
 //!
 //! **Why nothing is lost or counted twice when a partition moves**: a partition's events
 //! come from a broker that keeps them (Kafka), and its offsets are recorded with each sealed
@@ -26,12 +35,16 @@
 //! loss would lose what its log held.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::io::Cursor;
 use std::sync::Arc;
 use std::time::Duration;
 
+use anyhow::Context;
+use polars::prelude::*;
+use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
-use super::runtime::PipelineRuntime;
+use super::runtime::{OpenSegment, PipelineRuntime};
 use crate::clock::now_ms;
 use crate::state::{Fence, State};
 
@@ -40,6 +53,11 @@ pub const HEARTBEAT: Duration = Duration::from_secs(1);
 /// How long a lease lasts without renewal: a dead node's partitions move after this (plus up
 /// to a [`HEARTBEAT`]); a node not heard of for as long counts as gone.
 pub const LEASE: Duration = Duration::from_secs(6);
+/// How often a node asks the owners of the partitions it does not run for their open
+/// segments (see the module docs): the freshness of those partitions in its answers.
+pub const MIRROR_EVERY: Duration = Duration::from_millis(200);
+/// How long a node waits for an owner's open segment.
+const MIRROR_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long a graceful hand-over may take at shutdown before the process stops anyway.
 pub const HANDOVER: Duration = Duration::from_secs(20);
 
@@ -307,6 +325,59 @@ views:
         }
     }
 
+    /// b's mirror of a's open segment, as it travels between them.
+    async fn mirror(
+        a: &super::PipelineRuntime,
+        b: &super::PipelineRuntime,
+        since: Option<u64>,
+    ) -> Option<u64> {
+        let open = a.open_segment(0, since).expect("a runs partition 0");
+        let version = open.version;
+        let bytes = super::encode_open(open).unwrap();
+        let open = super::decode_open(&bytes).unwrap();
+        if open.unchanged {
+            return None;
+        }
+        assert!(b.mirror(open).await.unwrap());
+        Some(version)
+    }
+
+    /// A node answers another node's fresh events through its mirror of their open segment,
+    /// asked again only when it changed, and replaced by the sealed segment once there: the
+    /// events count once.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn open_segments_mirror_to_other_nodes_until_sealed() {
+        let p = Project::new(SPEC).await;
+        let (a, _stop_a) = p.start_node("a").await;
+        let (b, _stop_b) = p.start_node("b").await;
+        let fence = lease(&p, 0, "a", 60_000).await;
+        let epoch = fence.epoch;
+        a.take(0, fence).await.unwrap();
+        a.ingest_into(events(0..10), Some(0)).await.unwrap();
+        wait_for("absorbed on a", async || served(&a).0 == 10).await;
+        let v = mirror(&a, &b, None).await.expect("changed");
+        assert_eq!(served(&b), (10, total(0..10)));
+        assert_eq!(b.snapshot(0).positions.get(&0), Some(&10));
+        assert_eq!(
+            mirror(&a, &b, Some(v)).await,
+            None,
+            "unchanged: nothing sent"
+        );
+        a.ingest_into(events(10..15), Some(0)).await.unwrap();
+        wait_for("absorbed on a", async || served(&a).0 == 15).await;
+        mirror(&a, &b, Some(v)).await.expect("changed");
+        assert_eq!(served(&b), (15, total(0..15)), "replaced, not added");
+        a.give_up(0, true).await.unwrap();
+        assert!(a.open_segment(0, None).is_none(), "a no longer runs it");
+        p.db.release_lease("orders", 0, "a", epoch).await.unwrap();
+        b.catch_up().await.unwrap();
+        assert_eq!(
+            served(&b),
+            (15, total(0..15)),
+            "the sealed segment in place of the mirror"
+        );
+    }
+
     /// A partition handed over between two nodes: sealed by the first (under its lease's
     /// epoch, offsets and all), absorbed by the second, which goes on at the checkpoint. A node
     /// whose lease was taken meanwhile records nothing, and forgets the ids it held, so the
@@ -400,5 +471,211 @@ views:
         let all = (20, total(0..15) + total(100..105));
         assert_eq!(served(&a), all);
         assert_eq!(served(&b), all);
+    }
+}
+
+/// The path of the internal endpoint answering a partition's open segment.
+pub fn open_segment_path(pipeline: &str, partition: u32) -> String {
+    format!("/v1/internal/pipelines/{pipeline}/partitions/{partition}/open")
+}
+
+/// The head of an open segment on the wire: one JSON line, then per view an 8-byte
+/// little-endian length and that many bytes of Parquet (0: no partials).
+#[derive(Serialize, Deserialize)]
+struct Head {
+    partition: u32,
+    version: u64,
+    unchanged: bool,
+    lo: u64,
+    hi: u64,
+    rows: u64,
+    logic: Vec<String>,
+}
+
+/// An open segment for the wire, each view's partial frames merged into one (polars work:
+/// run it on the blocking pool).
+pub fn encode_open(open: OpenSegment) -> anyhow::Result<Vec<u8>> {
+    let head = Head {
+        partition: open.partition,
+        version: open.version,
+        unchanged: open.unchanged,
+        lo: open.lo,
+        hi: open.hi,
+        rows: open.rows,
+        logic: open.logic,
+    };
+    let mut out = serde_json::to_vec(&head)?;
+    out.push(b'\n');
+    if head.unchanged {
+        return Ok(out);
+    }
+    for (view, frames) in open.views.into_iter().enumerate() {
+        if frames.is_empty() {
+            out.extend_from_slice(&0u64.to_le_bytes());
+            continue;
+        }
+        let plan = open
+            .plan
+            .as_ref()
+            .context("an open segment without its plan")?;
+        let mut merged = plan.merge(view, frames)?;
+        let mut buf = Vec::new();
+        ParquetWriter::new(&mut buf)
+            .with_compression(ParquetCompression::Uncompressed)
+            .finish(&mut merged)?;
+        out.extend_from_slice(&(buf.len() as u64).to_le_bytes());
+        out.extend_from_slice(&buf);
+    }
+    Ok(out)
+}
+
+/// [`encode_open`]'s bytes read back (blocking).
+pub fn decode_open(bytes: &[u8]) -> anyhow::Result<OpenSegment> {
+    let newline = bytes
+        .iter()
+        .position(|b| *b == b'\n')
+        .context("an open segment without its head")?;
+    let head: Head = serde_json::from_slice(&bytes[..newline]).context("an open segment's head")?;
+    let mut rest = &bytes[newline + 1..];
+    let mut views = Vec::new();
+    while !rest.is_empty() {
+        anyhow::ensure!(rest.len() >= 8, "an open segment cut short");
+        let (len, tail) = rest.split_at(8);
+        let len = usize::try_from(u64::from_le_bytes(len.try_into()?))?;
+        anyhow::ensure!(tail.len() >= len, "an open segment cut short");
+        let (frame, tail) = tail.split_at(len);
+        views.push(if len == 0 {
+            Vec::new()
+        } else {
+            vec![ParquetReader::new(Cursor::new(frame)).finish()?]
+        });
+        rest = tail;
+    }
+    anyhow::ensure!(
+        head.unchanged || views.len() == head.logic.len(),
+        "an open segment with {} views for {} definitions",
+        views.len(),
+        head.logic.len()
+    );
+    Ok(OpenSegment {
+        partition: head.partition,
+        version: head.version,
+        unchanged: head.unchanged,
+        lo: head.lo,
+        hi: head.hi,
+        rows: head.rows,
+        logic: head.logic,
+        views,
+        plan: None,
+    })
+}
+
+/// A node's mirror of the open segments other nodes run of one pipeline (see the module
+/// docs).
+pub struct Mirror {
+    rt: Arc<PipelineRuntime>,
+    db: State,
+    token: Option<String>,
+    client: reqwest::Client,
+    /// Per partition: who it was asked of (address and lease epoch) and the version it
+    /// answered last.
+    seen: BTreeMap<u32, (String, u64, u64)>,
+}
+
+impl Mirror {
+    pub fn new(rt: Arc<PipelineRuntime>, db: State, token: Option<String>) -> Self {
+        Mirror {
+            rt,
+            db,
+            token,
+            client: reqwest::Client::new(),
+            seen: BTreeMap::new(),
+        }
+    }
+
+    /// Mirrors until `stop`.
+    pub async fn run(mut self, stop: CancellationToken) {
+        let mut owners = BTreeMap::new();
+        let mut refreshed = None::<tokio::time::Instant>;
+        loop {
+            if refreshed.is_none_or(|at| at.elapsed() >= HEARTBEAT) {
+                match self.owners().await {
+                    Ok(o) => owners = o,
+                    Err(e) => {
+                        tracing::warn!(pipeline = %self.rt.pipeline.name, error = %format!("{e:#}"), "reading the partitions' owners failed")
+                    }
+                }
+                refreshed = Some(tokio::time::Instant::now());
+            }
+            for (&partition, (listen, epoch)) in &owners {
+                if self.rt.owns(partition) {
+                    continue;
+                }
+                if let Err(e) = self.mirror(partition, listen, *epoch).await {
+                    tracing::debug!(pipeline = %self.rt.pipeline.name, partition, owner = %listen, error = %format!("{e:#}"), "mirroring an open segment failed; retrying");
+                }
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(MIRROR_EVERY) => {}
+                _ = stop.cancelled() => return,
+            }
+        }
+    }
+
+    /// The partitions other live nodes hold the leases of: their addresses and epochs.
+    async fn owners(&self) -> anyhow::Result<BTreeMap<u32, (String, u64)>> {
+        let now = crate::clock::now_ms();
+        let nodes: BTreeMap<String, String> = self
+            .db
+            .nodes()
+            .await?
+            .into_iter()
+            .map(|n| (n.name, n.listen))
+            .collect();
+        let me = self.rt.node().unwrap_or_default();
+        Ok(self
+            .db
+            .leases(&self.rt.pipeline.name)
+            .await?
+            .into_iter()
+            .filter(|l| l.expires_ms >= now)
+            .filter_map(|l| {
+                let node = l.node.filter(|n| n != me)?;
+                Some((l.partition, (nodes.get(&node)?.clone(), l.epoch)))
+            })
+            .collect())
+    }
+
+    /// Asks `listen` (holding the lease at `epoch`) for `partition`'s open segment and
+    /// installs it when it changed.
+    async fn mirror(&mut self, partition: u32, listen: &str, epoch: u64) -> anyhow::Result<()> {
+        let since = self
+            .seen
+            .get(&partition)
+            .filter(|(at, e, _)| at == listen && *e == epoch)
+            .map(|(_, _, v)| *v);
+        let url = format!(
+            "{listen}{}",
+            open_segment_path(&self.rt.pipeline.name, partition)
+        );
+        let mut req = self.client.get(&url).timeout(MIRROR_TIMEOUT);
+        if let Some(v) = since {
+            req = req.query(&[("since", v)]);
+        }
+        if let Some(token) = &self.token {
+            req = req.bearer_auth(token);
+        }
+        let resp = req.send().await?.error_for_status()?;
+        let bytes = resp.bytes().await?;
+        let open = tokio::task::spawn_blocking(move || decode_open(&bytes)).await??;
+        if open.unchanged {
+            return Ok(());
+        }
+        let version = open.version;
+        if self.rt.mirror(open).await? {
+            self.seen
+                .insert(partition, (listen.to_string(), epoch, version));
+        }
+        Ok(())
     }
 }

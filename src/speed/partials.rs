@@ -162,6 +162,25 @@ impl SpeedState {
         }
     }
 
+    /// Forgets every open (unsealed) segment of `partition`: what a node runs of it starts
+    /// over, or what it mirrored of another node's is replaced.
+    pub fn discard_open_of(&mut self, partition: u32) {
+        let before = self.segments.len();
+        self.segments
+            .retain(|(p, _), seg| *p != partition || seg.sealed);
+        if self.segments.len() != before {
+            self.version += 1;
+        }
+    }
+
+    /// The open (unsealed) segment of `partition`: its first position and its partials.
+    pub fn open_of(&self, partition: u32) -> Option<(u64, &SegmentPartials)> {
+        self.segments
+            .iter()
+            .find(|((p, _), seg)| *p == partition && !seg.sealed)
+            .map(|((_, lo), seg)| (*lo, seg))
+    }
+
     pub fn seal(&mut self, partition: u32, lo: u64, hi: u64) {
         self.version += 1;
         if let Some(seg) = self.segments.get_mut(&(partition, lo)) {

@@ -126,6 +126,44 @@ pub(super) struct OpenPartials {
     pub parts: Vec<DataFrame>,
 }
 
+/// A partition's open segment as the node running it holds it, for other nodes to mirror
+/// ([`PipelineRuntime::open_segment`], [`PipelineRuntime::mirror`]; on the wire:
+/// [`super::nodes::encode_open`]).
+pub struct OpenSegment {
+    pub partition: u32,
+    /// The lane's count of changes when taken: a mirror asks again with it.
+    pub version: u64,
+    /// Nothing changed since the version asked with: nothing else is filled in.
+    pub unchanged: bool,
+    /// Its positions `[lo, hi)` and their events (0: nothing open; `lo` is where the sealed
+    /// segments end).
+    pub lo: u64,
+    pub hi: u64,
+    pub rows: u64,
+    /// The logic hash of each view whose partials these are.
+    pub logic: Vec<String>,
+    /// Per view: its partial frames.
+    pub views: Vec<Vec<DataFrame>>,
+    /// The definition that computed them (to merge them with), where they were taken.
+    pub plan: Option<Arc<Plan>>,
+}
+
+/// One frame of `frames` (vertically stacked; partial frames of one view share a schema),
+/// or an empty one.
+fn concat_frames_or_empty(mut frames: Vec<DataFrame>) -> PolarsResult<DataFrame> {
+    match frames.len() {
+        0 => Ok(DataFrame::empty()),
+        1 => Ok(frames.pop().expect("one")),
+        _ => {
+            let mut out = frames.remove(0);
+            for f in &frames {
+                out.vstack_mut(f)?;
+            }
+            Ok(out)
+        }
+    }
+}
+
 /// A switch of the definition, done.
 pub struct Switched {
     /// The instant of the switch.
@@ -165,6 +203,9 @@ pub struct Lane {
     /// up to `.0` (exclusive), the next offset of each of its broker partitions (`.1`). The
     /// seal of a segment ending at or after `.0` records them with it ([`Self::note_offsets`]).
     pub(super) marks: Mutex<Vec<(u64, BTreeMap<i32, i64>)>>,
+    /// Bumped by every change of the open segment (absorb, seal, start over): other nodes
+    /// mirror it only when it changed ([`PipelineRuntime::open_segment`]).
+    pub(super) changes: AtomicU64,
 }
 
 impl Lane {
@@ -380,6 +421,7 @@ impl PipelineRuntime {
                 open_lookups: RwLock::new(lookups.current()),
                 commands: command_tx,
                 marks: Mutex::new(Vec::new()),
+                changes: AtomicU64::new(0),
             });
             opened.push((checkpoint, next, rx, command_rx, replayed));
         }
@@ -574,6 +616,83 @@ impl PipelineRuntime {
         answer.await.map_err(|_| stopped())?
     }
 
+    /// On a node: partition `partition`'s open segment as this node runs it — for the other
+    /// nodes to mirror ([`Self::mirror`]) — unless it has not changed since `since` (a
+    /// previous answer's version). `None` when this node does not run the partition.
+    pub fn open_segment(&self, partition: u32, since: Option<u64>) -> Option<OpenSegment> {
+        let index = self.lane_index(partition)?;
+        if !self.owns(partition) {
+            return None;
+        }
+        let lane = &self.lanes[index];
+        let version = lane.changes.load(Ordering::Acquire);
+        let plan = self.plan();
+        let logic = (0..plan.pipeline().views.len())
+            .map(|v| plan.logic_hash(v))
+            .collect();
+        let st = self.state.read();
+        let (lo, hi, rows, views) = match st.open_of(partition) {
+            _ if since == Some(version) => (0, 0, 0, Vec::new()),
+            Some((lo, seg)) => (lo, seg.hi, seg.rows, seg.views.clone()),
+            None => {
+                let at = st.absorbed.get(&partition).copied().unwrap_or(0);
+                (at, at, 0, Vec::new())
+            }
+        };
+        Some(OpenSegment {
+            partition,
+            version,
+            unchanged: since == Some(version),
+            lo,
+            hi,
+            rows,
+            logic,
+            views,
+            plan: Some(plan),
+        })
+    }
+
+    /// On a node: installs another node's open segment of a partition this one does not run
+    /// (see [`super::nodes`]) in place of the one mirrored before, once the segments sealed
+    /// before it are absorbed here; an answer then holds that partition's fresh events too.
+    /// Returns whether it was installed (not when it is older than what is absorbed here, or
+    /// computed by another definition).
+    pub async fn mirror(&self, open: OpenSegment) -> anyhow::Result<bool> {
+        let p = open.partition;
+        let plan = self.plan();
+        let logic: Vec<String> = (0..plan.pipeline().views.len())
+            .map(|v| plan.logic_hash(v))
+            .collect();
+        if open.logic != logic {
+            anyhow::bail!(
+                "partition {p}'s owner runs another definition of the views (promote on every node)"
+            );
+        }
+        let switching = self.switching.clone();
+        let _switching = switching.lock().await;
+        if self.owns(p) {
+            return Ok(false);
+        }
+        if self.absorbed().get(&p).copied().unwrap_or(0) < open.lo {
+            self.catch_up_locked(&[p]).await?;
+        }
+        let mut st = self.state.write();
+        if st.absorbed.get(&p).copied().unwrap_or(0) != open.lo {
+            return Ok(false);
+        }
+        st.discard_open_of(p);
+        if open.rows > 0 {
+            let parts = open
+                .views
+                .into_iter()
+                .map(concat_frames_or_empty)
+                .collect::<PolarsResult<Vec<_>>>()?;
+            st.absorb(&plan, p, open.lo, open.hi, open.rows, parts)?;
+        }
+        self.place_install(&mut st);
+        Ok(true)
+    }
+
     /// On a node: absorbs the segments other nodes sealed of the partitions this one does not
     /// run, so answers here hold every partition's archived events.
     pub async fn catch_up(&self) -> anyhow::Result<()> {
@@ -628,6 +747,8 @@ impl PipelineRuntime {
                 absorbed.insert(seg.partition, u64::MAX);
                 continue;
             }
+            // What was mirrored of it from its owner: these events are in the segment now.
+            st.discard_open_of(seg.partition);
             if let Some((rows, parts)) = read {
                 let covered = st
                     .batch
