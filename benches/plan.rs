@@ -53,6 +53,7 @@ fn pipeline() -> Pipeline {
         dedupe_window: Duration::from_secs(86_400),
         partitions: 1,
         partition_key: None,
+        buffer: None,
         filter: Some("latency_ms >= 0".into()),
         columns: vec![("section".into(), "split_part(page, '/', 2)".into())],
         lookups: vec![],

@@ -68,7 +68,7 @@ pub enum Command {
         #[arg(long)]
         listen: Option<std::net::SocketAddr>,
         /// Run as node NAME of a cluster: the `serve` processes on one state DB share each
-        /// pipeline's partitions through leases (kafka sources only).
+        /// pipeline's partitions through leases (kafka sources, http with a kafka `buffer`).
         #[arg(long, value_name = "NAME", value_parser = parse_node)]
         node: Option<String>,
     },

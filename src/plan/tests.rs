@@ -89,6 +89,7 @@ pub(super) fn test_pipeline() -> Pipeline {
         dedupe_window: Duration::from_secs(86_400),
         partitions: 1,
         partition_key: None,
+        buffer: None,
         filter: Some("n IS NULL OR n <> 7".into()),
         columns: vec![("y".into(), "x * 2".into())],
         lookups: vec![],

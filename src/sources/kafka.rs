@@ -191,6 +191,12 @@ impl broker::Session for KafkaSource {
                 self.brokers
             ),
         };
+        let wanted = self.rt.pipeline.partitions as usize;
+        anyhow::ensure!(
+            self.rt.pipeline.buffer.is_none() || kafka_partitions >= wanted,
+            "the buffer topic `{}` has {kafka_partitions} partitions; the pipeline's {wanted} partitions need at least as many",
+            self.topic
+        );
         if self.rt.node().is_none() {
             consumer
                 .subscribe(&[self.topic.as_str()])
@@ -507,6 +513,97 @@ fn measure_lag(consumer: &StreamConsumer, topic: &str) -> KafkaResult<BTreeMap<S
         lag.insert(p.to_string(), u64::try_from(high - at).unwrap_or(0));
     }
     Ok(lag)
+}
+
+/// An http pipeline's `buffer: {kafka: …}`: the door's accepted events published to the
+/// topic — event with key k (its `partition_key` or `event_id`) to Kafka partition
+/// `crc32(k) mod partitions`, which the pipeline consumes as its partition of that number
+/// (without a key, a request's events go to the next partition in turn) — acknowledged once
+/// the broker has them all (`acks=all`, idempotent producer). The pipeline consumes the topic
+/// as a kafka source; duplicates are dropped there, by `event_id`.
+pub struct KafkaBuffer {
+    producer: rdkafka::producer::FutureProducer,
+    topic: String,
+    partitions: usize,
+    next: std::sync::atomic::AtomicUsize,
+}
+
+/// How long a publish to the buffer may take before the request fails.
+const BUFFER_TIMEOUT: Duration = Duration::from_secs(30);
+
+impl KafkaBuffer {
+    pub fn new(
+        rt: &PipelineRuntime,
+        brokers: &str,
+        topic: &str,
+        security: &KafkaSecurity,
+        properties: &BTreeMap<String, String>,
+    ) -> anyhow::Result<Self> {
+        let mut c = ClientConfig::new();
+        c.set("bootstrap.servers", brokers)
+            .set(
+                "client.id",
+                format!("lambda-ctl-{}-buffer", rt.pipeline.name),
+            )
+            .set("acks", "all")
+            .set("enable.idempotence", "true")
+            .set("message.timeout.ms", BUFFER_TIMEOUT.as_millis().to_string())
+            .set("security.protocol", security.protocol.as_str());
+        if let Some(sasl) = &security.sasl {
+            c.set("sasl.mechanism", &sasl.mechanism)
+                .set("sasl.username", &sasl.username)
+                .set("sasl.password", &sasl.password);
+        }
+        if let Some(ca) = &security.ssl_ca_location {
+            c.set("ssl.ca.location", ca);
+        }
+        for (k, v) in properties {
+            c.set(k, v);
+        }
+        let producer = c
+            .create()
+            .context("creating the Kafka producer of the buffer (check `properties`)")?;
+        Ok(KafkaBuffer {
+            producer,
+            topic: topic.to_string(),
+            partitions: (rt.pipeline.partitions as usize).max(1),
+            next: std::sync::atomic::AtomicUsize::new(0),
+        })
+    }
+}
+
+impl crate::speed::door::Forward for KafkaBuffer {
+    fn forward<'a>(
+        &'a self,
+        rt: &'a PipelineRuntime,
+        body: bytes::Bytes,
+    ) -> futures::future::BoxFuture<'a, anyhow::Result<crate::speed::door::IngestReport>> {
+        Box::pin(async move {
+            let (mut report, records) = rt.accept(&body).await?;
+            let turn =
+                self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % self.partitions;
+            let sends = records.iter().map(|(key, record)| {
+                let partition = key.as_deref().map_or(turn, |k| {
+                    crate::speed::door::partition_of(k, self.partitions)
+                });
+                let mut message = rdkafka::producer::FutureRecord::<str, [u8]>::to(&self.topic)
+                    .partition(i32::try_from(partition).unwrap_or(0))
+                    .payload(&record[..]);
+                if let Some(k) = key.as_deref() {
+                    message = message.key(k);
+                }
+                self.producer.send(message, BUFFER_TIMEOUT)
+            });
+            for sent in futures::future::join_all(sends).await {
+                // Not acknowledged: the client retries the request (`event_id` drops what the
+                // broker did take).
+                sent.map_err(|(e, _)| e)
+                    .with_context(|| format!("publishing to the buffer topic `{}`", self.topic))?;
+            }
+            report.accepted = records.len() as u64;
+            Ok(report)
+        })
+    }
 }
 
 #[cfg(test)]

@@ -26,6 +26,32 @@ use tokio_util::sync::CancellationToken;
 use crate::spec::Source;
 use crate::speed::runtime::PipelineRuntime;
 
+/// Makes `rt`'s door publish what it accepts to `buffer` (a kafka source's settings).
+#[cfg(feature = "kafka")]
+fn start_buffer(rt: &Arc<PipelineRuntime>, buffer: &Source) -> anyhow::Result<()> {
+    let Source::Kafka {
+        brokers,
+        topic,
+        security,
+        properties,
+        ..
+    } = buffer
+    else {
+        anyhow::bail!("pipeline `{}`: a buffer is a kafka topic", rt.pipeline.name);
+    };
+    let buffer = kafka::KafkaBuffer::new(rt, brokers, topic, security, properties)?;
+    rt.forward_to(Arc::new(buffer));
+    Ok(())
+}
+
+#[cfg(not(feature = "kafka"))]
+fn start_buffer(rt: &Arc<PipelineRuntime>, _buffer: &Source) -> anyhow::Result<()> {
+    anyhow::bail!(
+        "pipeline `{}`: `buffer: {{kafka: …}}` is not available in this build of lambda-ctl (built without the `kafka` cargo feature)",
+        rt.pipeline.name
+    )
+}
+
 /// Starts the task feeding `rt` from its source, if the source is one that runs in-process.
 pub fn spawn(
     rt: Arc<PipelineRuntime>,
@@ -33,16 +59,22 @@ pub fn spawn(
     state_dir: &Path,
     shutdown: CancellationToken,
 ) -> anyhow::Result<Option<JoinHandle<()>>> {
+    // An http pipeline with a `buffer`: the door publishes to it, the speed layer consumes it.
+    let mut source = rt.pipeline.source.clone();
+    if let (Source::Http, Some(buffer)) = (&source, &rt.pipeline.buffer) {
+        start_buffer(&rt, buffer)?;
+        source = buffer.clone();
+    }
     if let Some(node) = rt.node()
-        && !matches!(rt.pipeline.source, Source::Kafka { .. })
+        && !matches!(source, Source::Kafka { .. })
     {
         anyhow::bail!(
-            "pipeline `{}`: its `{}` source cannot run on nodes (`serve --node {node}`) yet: it acknowledges events once this machine's write-ahead log has them, so losing the machine would lose them; use a `kafka` source (the broker keeps the events until they are archived), or serve without --node",
+            "pipeline `{}`: its `{}` source cannot run on nodes (`serve --node {node}`) yet: it acknowledges events once this machine's write-ahead log has them, so losing the machine would lose them; use a `kafka` source, or `buffer: {{kafka: …}}` on an http pipeline (the broker keeps the events until they are archived), or serve without --node",
             rt.pipeline.name,
-            rt.pipeline.source.kind()
+            source.kind()
         );
     }
-    Ok(match rt.pipeline.source.clone() {
+    Ok(match source {
         Source::Http => None,
         Source::Generator { rate } => Some(tokio::spawn(generator::run(rt, rate, shutdown))),
         Source::File { path, follow } => {

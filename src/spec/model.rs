@@ -119,6 +119,11 @@ pub struct Pipeline {
     /// `event_id`): events with the same key go to the same partition. Without either, each
     /// request goes whole to the next partition in turn.
     pub partition_key: Option<String>,
+    /// An `http` pipeline's replicated buffer (`buffer: {kafka: …}`): the door publishes each
+    /// accepted event to this broker (a [`Source::Kafka`]) and acknowledges once the broker
+    /// has; the speed layer consumes it as a kafka source — so nodes (`serve --node`) can run
+    /// it. `None`: the local write-ahead log.
+    pub buffer: Option<Source>,
     /// SQL boolean expression; rows for which it is not true are dropped.
     pub filter: Option<String>,
     /// Derived columns `(name, SQL expression)`, evaluated in order after the filter.

@@ -36,9 +36,66 @@ pub struct LineError {
 }
 
 impl PipelineRuntime {
-    /// The door: NDJSON/CSV bytes in; returns after every accepted event is durable.
+    /// The door: NDJSON/CSV bytes in; returns after every accepted event is durable — in the
+    /// partitions' logs, or with a `buffer`, in the broker ([`Forward`]).
     pub async fn ingest(&self, body: Bytes) -> anyhow::Result<IngestReport> {
+        if let Some(forward) = self.forward.get() {
+            return forward.forward(self, body).await;
+        }
         self.ingest_into(body, None).await
+    }
+
+    /// A pipeline's `buffer` takes what the door accepts from now on ([`Self::ingest`]).
+    pub fn forward_to(&self, forward: Arc<dyn Forward>) {
+        let _ = self.forward.set(forward);
+    }
+
+    /// For a `buffer`: decodes `body` as the door does, writing the rejected lines to the
+    /// dead-letter area; returns the report so far and, per accepted event, its key (the
+    /// `partition_key` or `event_id` value) and its record as it came. Nothing is logged.
+    pub async fn accept(
+        &self,
+        body: &Bytes,
+    ) -> anyhow::Result<(IngestReport, Vec<(Option<String>, Bytes)>)> {
+        let plan = self.plan();
+        let b = body.clone();
+        let decoded = tokio::task::spawn_blocking(move || plan.decode(&b)).await?;
+        let mut report = IngestReport::default();
+        if !decoded.rejected.is_empty() {
+            self.reject(&decoded, &mut report).await?;
+        }
+        let keys = match self.pipeline.partition_column() {
+            Some(column) => id_strings(&decoded.events, column)?,
+            None => vec![None; decoded.events.height()],
+        };
+        let records = keys
+            .into_iter()
+            .zip(&decoded.records)
+            .map(|(key, r)| (key, body.slice(r.clone())))
+            .collect();
+        Ok((report, records))
+    }
+
+    /// Dead-letters the lines `decoded` rejected and counts them in `report`.
+    async fn reject(&self, decoded: &Decoded, report: &mut IngestReport) -> anyhow::Result<()> {
+        let arrival = now_ms();
+        self.dead_letter(decoded, arrival).await?;
+        report.rejected = decoded.rejected.len() as u64;
+        report.errors = decoded
+            .rejected
+            .iter()
+            .map(|r| LineError {
+                line: r.line,
+                reason: r.reason.clone(),
+            })
+            .collect();
+        self.counters
+            .rejected
+            .fetch_add(report.rejected, Ordering::Relaxed);
+        self.counters
+            .rejected_unsealed
+            .fetch_add(report.rejected, Ordering::Relaxed);
+        Ok(())
     }
 
     /// [`Self::ingest`], every event into the partition of index `lane` of
@@ -59,22 +116,7 @@ impl PipelineRuntime {
         let mut report = IngestReport::default();
         let arrival = now_ms();
         if !decoded.rejected.is_empty() {
-            self.dead_letter(&decoded, arrival).await?;
-            report.rejected = decoded.rejected.len() as u64;
-            report.errors = decoded
-                .rejected
-                .iter()
-                .map(|r| LineError {
-                    line: r.line,
-                    reason: r.reason.clone(),
-                })
-                .collect();
-            self.counters
-                .rejected
-                .fetch_add(report.rejected, Ordering::Relaxed);
-            self.counters
-                .rejected_unsealed
-                .fetch_add(report.rejected, Ordering::Relaxed);
+            self.reject(&decoded, &mut report).await?;
         }
         let Decoded {
             mut events,
@@ -223,6 +265,18 @@ impl PipelineRuntime {
             .with_context(|| format!("writing dead letters to {path}"))?;
         Ok(())
     }
+}
+
+/// Where a pipeline's door sends what it accepts instead of its own logs: a `buffer` (a
+/// broker the speed layer consumes). Implemented by the sources, which know the brokers.
+pub trait Forward: Send + Sync {
+    /// Takes `body` for `rt` (see [`PipelineRuntime::accept`]); returns once the broker has
+    /// every accepted event.
+    fn forward<'a>(
+        &'a self,
+        rt: &'a PipelineRuntime,
+        body: Bytes,
+    ) -> futures::future::BoxFuture<'a, anyhow::Result<IngestReport>>;
 }
 
 /// A unique-enough suffix for dead-letter files (time + counter + process id).

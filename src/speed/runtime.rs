@@ -258,6 +258,8 @@ pub struct PipelineRuntime {
     /// partition beyond them (`partitions` was lowered) whose log still held events to
     /// archive — it takes no new ones, and is sealed by age.
     pub(super) lanes: Vec<Lane>,
+    /// Where the door sends what it accepts when the pipeline has a `buffer`.
+    pub(super) forward: OnceLock<Arc<dyn super::door::Forward>>,
     /// The node this process is (`serve --node`): it runs only the partitions whose leases it
     /// holds ([`super::nodes`]); `None` runs every partition.
     node: Option<String>,
@@ -436,6 +438,7 @@ impl PipelineRuntime {
             definition: RwLock::new(plan.clone()),
             switching: Arc::new(tokio::sync::Mutex::new(())),
             lanes,
+            forward: OnceLock::new(),
             node,
             owned: watch::Sender::new(owned),
             next_lane: AtomicUsize::new(0),

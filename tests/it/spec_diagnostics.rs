@@ -77,6 +77,7 @@ cases!(
     sinks,
     lookups,
     partitions,
+    buffer,
 );
 
 #[test]

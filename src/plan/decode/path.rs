@@ -225,6 +225,7 @@ mod tests {
             dedupe_window: Duration::from_secs(60),
             partitions: 1,
             partition_key: None,
+            buffer: None,
             filter: None,
             columns: vec![],
             lookups: vec![],

@@ -29,6 +29,7 @@ fn pipeline(format: Format) -> Pipeline {
         dedupe_window: Duration::from_secs(60),
         partitions: 1,
         partition_key: None,
+        buffer: None,
         filter: None,
         columns: vec![],
         lookups: vec![],

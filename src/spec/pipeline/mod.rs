@@ -38,6 +38,7 @@ const KEYS: &[&str] = &[
     "dedupe_window",
     "partitions",
     "partition_key",
+    "buffer",
     "lookups",
     "filter",
     "columns",
@@ -175,6 +176,28 @@ pub fn build(d: &mut Diagnostics, root: &Node, file: &Path) -> Option<Pipeline> 
         Some(col)
     });
 
+    // `None`: an error was reported; `Some(None)`: no buffer.
+    let buffer = match obj.value("buffer") {
+        None => Some(None),
+        Some(n) => {
+            let buffer = sources::buffer(d, n, name.as_deref().unwrap_or("pipeline"));
+            let at = obj.get("buffer").map_or(obj.loc, Node::loc);
+            if !matches!(source, Some(Source::Http) | None) {
+                d.error(
+                    at,
+                    "`buffer` applies to an `http` source only (a broker source keeps its events itself)",
+                );
+            }
+            if format == Some(Format::Csv) {
+                d.error(
+                    at,
+                    "`buffer` needs `format: json` (each event is one message)",
+                );
+            }
+            buffer.map(Some)
+        }
+    };
+
     let lookups = match obj.value("lookups") {
         None => Some(Vec::new()),
         Some(n) => lookups::lookups(d, n, &schema, schema_ok),
@@ -277,6 +300,7 @@ pub fn build(d: &mut Diagnostics, root: &Node, file: &Path) -> Option<Pipeline> 
         dedupe_window: dedupe_window?,
         partitions: partitions?,
         partition_key,
+        buffer: buffer?,
         filter,
         columns,
         lookups: lookups?,

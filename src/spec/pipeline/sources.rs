@@ -125,19 +125,7 @@ pub(super) fn source(d: &mut Diagnostics, node: &Node, pipeline: &str) -> Option
                 consumer: consumer?,
             }
         }
-        "kafka" => {
-            let (brokers, topic) = (req(d, "brokers"), req(d, "topic"));
-            let group = optional(d, &obj, "group", format!("lambda-{pipeline}"), read::string);
-            let security = kafka_security(d, &obj);
-            let properties = optional(d, &obj, "properties", BTreeMap::new(), kafka_properties);
-            Source::Kafka {
-                brokers: brokers?,
-                topic: topic?,
-                group: group?,
-                security: security?,
-                properties: properties?,
-            }
-        }
+        "kafka" => kafka(d, &obj, &what, pipeline)?,
         "mqtt" => {
             let (url, topic) = (req(d, "url"), req(d, "topic"));
             let qos = optional(d, &obj, "qos", 1, read::integer);
@@ -344,4 +332,58 @@ fn parse_rate(s: &str) -> Result<f64, String> {
         return Err(bad());
     }
     Ok(n / per)
+}
+
+/// The keys of a kafka source, or of a `buffer`'s `kafka` mapping (without `type`).
+const KAFKA_KEYS: &[&str] = &[
+    "brokers",
+    "topic",
+    "group",
+    "security_protocol",
+    "sasl",
+    "ssl_ca_location",
+    "properties",
+];
+
+/// A kafka source's settings from `obj` (`what` names it in messages).
+fn kafka(d: &mut Diagnostics, obj: &Obj, what: &str, pipeline: &str) -> Option<Source> {
+    let req = |d: &mut Diagnostics, key: &str| {
+        obj.required(d, key, what)
+            .and_then(|n| read::string(d, n, key))
+    };
+    let (brokers, topic) = (req(d, "brokers"), req(d, "topic"));
+    let group = optional(d, obj, "group", format!("lambda-{pipeline}"), read::string);
+    let security = kafka_security(d, obj);
+    let properties = optional(d, obj, "properties", BTreeMap::new(), kafka_properties);
+    Some(Source::Kafka {
+        brokers: brokers?,
+        topic: topic?,
+        group: group?,
+        security: security?,
+        properties: properties?,
+    })
+}
+
+/// An `http` pipeline's `buffer:` — `{kafka: {brokers, topic, …}}`, the keys of a kafka
+/// source — as the [`Source::Kafka`] it is consumed as.
+pub(super) fn buffer(d: &mut Diagnostics, node: &Node, pipeline: &str) -> Option<Source> {
+    let obj = Obj::new(
+        d,
+        node,
+        "buffer (a `kafka` mapping; no other broker yet)",
+        &["kafka"],
+    )?;
+    let Some(kafka_node) = obj.value("kafka") else {
+        // A `nats` key was reported as unknown already.
+        if node.get("nats").is_none() {
+            d.error(
+                node.loc(),
+                "`buffer` needs a `kafka` mapping (brokers, topic)",
+            );
+        }
+        return None;
+    };
+    let what = "buffer `kafka`";
+    let inner = Obj::new(d, kafka_node, what, KAFKA_KEYS)?;
+    kafka(d, &inner, what, pipeline)
 }

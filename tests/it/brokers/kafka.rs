@@ -461,10 +461,38 @@ async fn all_answer_exactly(
     }
 }
 
-/// The partitions `server` runs (holds the lease of).
+/// Events `range` POSTed to `server`'s http pipeline `clicks` (buffered in Kafka), with a copy
+/// of every tenth one and a malformed line: each request acknowledged once the broker has it.
+async fn post_clicks(client: &reqwest::Client, server: &Server, range: std::ops::Range<usize>) {
+    for chunk in range.collect::<Vec<_>>().chunks(50) {
+        let mut lines: Vec<String> = chunk.iter().map(|i| event(*i)).collect();
+        lines.extend(chunk.iter().step_by(10).map(|i| event(*i)));
+        lines.push("not json".to_string());
+        let resp = client
+            .post(server.url("/v1/pipelines/clicks/events"))
+            .header("content-type", "application/x-ndjson")
+            .body(lines.join("\n"))
+            .send()
+            .await
+            .unwrap();
+        assert!(resp.status().is_success(), "POST: {}", resp.status());
+        let report: Value = resp.json().await.unwrap();
+        assert_eq!(report["rejected"], 1, "{report}");
+        assert_eq!(report["accepted"], lines.len() as u64 - 1, "{report}");
+    }
+}
+
+/// The partitions of `readings` that `server` runs (holds the lease of).
 async fn running(client: &reqwest::Client, server: &Server) -> Vec<u64> {
     let v = get_json(client, server.url("/v1/pipelines")).await;
-    v["pipelines"][0]["partitions"]
+    let readings = v["pipelines"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["name"] == "readings")
+        .unwrap()
+        .clone();
+    readings["partitions"]
         .as_array()
         .unwrap()
         .iter()
@@ -497,6 +525,8 @@ async fn kafka_nodes_share_partitions_and_take_over_a_killed_one() {
     };
     let topic = unique("lt");
     create_topic_with(&url, &topic, 6).await;
+    let buffer = unique("lt");
+    create_topic_with(&url, &buffer, 3).await;
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path();
     let state = db
@@ -512,11 +542,21 @@ async fn kafka_nodes_share_partitions_and_take_over_a_killed_one() {
         ),
     )
     .unwrap();
+    // HTTP ingest on nodes: through a Kafka buffer.
+    std::fs::write(
+        root.join("pipelines/clicks.yaml"),
+        format!(
+            "name: clicks\nsource: {{type: http}}\nbuffer:\n  kafka: {{brokers: \"{url}\", topic: {buffer}}}\nschema:\n  id: string\n  ts: timestamp\n  device: string\n  value: float\nevent_time: ts\nevent_id: id\npartitions: 3\narchive:\n  segment_age: 1h\nviews:\n  - name: overall\n    window: all\n    metrics:\n      n: count()\n      total: sum(value)\n"
+        ),
+    )
+    .unwrap();
     let client = reqwest::Client::new();
 
     publish_with_copies(&url, &topic, 0..300).await;
     let a = Server::start_node(root, "a");
     let b = Server::start_node(root, "b");
+    post_clicks(&client, &a, 0..150).await;
+    post_clicks(&client, &b, 150..300).await;
     all_answer_exactly(&client, &[&a, &b], 300, Duration::from_secs(60)).await;
     // The first node took every partition; once the second is seen, it hands one over.
     let started = Instant::now();
@@ -567,6 +607,8 @@ async fn kafka_nodes_share_partitions_and_take_over_a_killed_one() {
             ])
         })
     };
+    post_clicks(&client, &b, 300..450).await;
+    post_clicks(&client, &c, 450..600).await;
     publisher.await.unwrap();
     let out = run.await.unwrap();
     assert!(
@@ -580,6 +622,22 @@ async fn kafka_nodes_share_partitions_and_take_over_a_killed_one() {
         "every event counted once on b and c {:?} after the kill",
         killed.elapsed()
     );
+    for server in [&b, &c] {
+        let v = get_json(&client, server.url("/v1/views/clicks/overall")).await;
+        let start = Instant::now();
+        let mut v = v;
+        while v["rows"][0]["n"].as_u64() != Some(600) {
+            assert!(
+                start.elapsed() < Duration::from_secs(30),
+                "clicks on {}: {}",
+                server.url(""),
+                v["rows"]
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            v = get_json(&client, server.url("/v1/views/clicks/overall")).await;
+        }
+        assert_eq!(v["rows"][0]["total"].as_f64(), Some((600 * 599 / 2) as f64));
+    }
     // Each partition run by exactly one live node.
     let (on_b, on_c) = (running(&client, &b).await, running(&client, &c).await);
     let mut all: Vec<u64> = on_b.iter().chain(&on_c).copied().collect();
@@ -611,7 +669,14 @@ async fn kafka_nodes_share_partitions_and_take_over_a_killed_one() {
     held.sort();
     assert_eq!(
         held,
-        ["readings/p=0", "readings/p=1", "readings/p=2"],
+        [
+            "clicks/p=0",
+            "clicks/p=1",
+            "clicks/p=2",
+            "readings/p=0",
+            "readings/p=1",
+            "readings/p=2"
+        ],
         "{}",
         v["nodes"]
     );
