@@ -92,6 +92,11 @@ impl Keeper {
     /// Keeps the node's leases until `stop`; then hands every partition over (sealed) and
     /// leaves.
     pub async fn run(mut self, stop: CancellationToken) {
+        // A node of this name before this process (killed, restarted) holds nothing any
+        // more: its leases go now rather than when they expire. Names are unique per node.
+        if let Err(e) = self.db.leave(&self.node).await {
+            tracing::warn!(node = %self.node, error = %e, "releasing the leases of this node's previous run failed; they expire");
+        }
         loop {
             if let Err(e) = self.round().await {
                 tracing::warn!(node = %self.node, error = %format!("{e:#}"), "keeping the node's leases failed; retrying");
@@ -120,6 +125,8 @@ impl Keeper {
             .max(1);
         for rt in self.pipelines.clone() {
             self.balance(&rt, live).await?;
+            // Between steps that may take long (reading segments): no lease lapses meanwhile.
+            self.renew(now_ms()).await;
             if let Err(e) = rt.catch_up().await {
                 tracing::warn!(pipeline = %rt.pipeline.name, error = %format!("{e:#}"), "absorbing segments other nodes sealed failed; retrying");
             }
@@ -196,6 +203,7 @@ impl Keeper {
             .collect();
         let free = (0..rt.pipeline.partitions).filter(|p| !taken.contains(p) && !mine.contains(p));
         for partition in free.take(share - mine.len()) {
+            self.renew(now_ms()).await;
             let now = now_ms();
             let Some(epoch) = self
                 .db

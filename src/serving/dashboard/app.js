@@ -96,6 +96,18 @@ function drawPipelines(list) {
   select.value = selected;
 }
 
+// The nodes sharing the pipelines' partitions (`serve --node`); hidden without any.
+async function drawNodes() {
+  const r = await api("/v1/nodes");
+  if (!r.ok) return;
+  const list = (await r.json()).nodes;
+  document.getElementById("nodes-section").hidden = list.length === 0;
+  document.querySelector("#nodes tbody").replaceChildren(...list.map(n => el("tr", { "data-node": n.name },
+    el("td", {}, n.name), el("td", {}, n.listen),
+    el("td", { class: n.alive ? "" : "error" }, age(n.heartbeat_age_ms) + " ago"),
+    el("td", {}, n.partitions.length ? n.partitions.join(" ") : "–"))));
+}
+
 async function drawWorkflows() {
   const box = document.getElementById("workflows");
   let r;
@@ -186,6 +198,7 @@ async function refresh() {
     if (!r.ok) throw new Error("/v1/pipelines: " + r.status);
     drawPipelines((await r.json()).pipelines);
     await drawChart();
+    await drawNodes();
     await drawWorkflows();
     error.hidden = true;
     document.getElementById("updated").textContent = "updated " + new Date().toLocaleTimeString();

@@ -654,6 +654,16 @@ async fn kafka_nodes_share_partitions_and_take_over_a_killed_one() {
         .map(|r| r["n"].as_u64().unwrap())
         .sum();
     assert_eq!(n, TOTAL as u64);
+    // `GET /v1/nodes` on any node lists the nodes, the live ones alive.
+    let v = get_json(&client, b.url("/v1/nodes")).await;
+    let alive: Vec<&str> = v["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|n| n["alive"] == true)
+        .map(|n| n["name"].as_str().unwrap())
+        .collect();
+    assert!(alive.contains(&"b") && alive.contains(&"c"), "{v}");
     // `status` lists the nodes and the partitions each holds.
     let out =
         crate::support::lambda_ctl(&["status", "--json", "--project", root.to_str().unwrap()]);
