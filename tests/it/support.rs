@@ -176,6 +176,15 @@ impl Server {
             .unwrap_or_else(|e| panic!("GET {url}: {e}"))
     }
 
+    /// SIGTERM, then waits for the process to exit (its graceful shutdown).
+    #[cfg_attr(not(feature = "kafka"), allow(dead_code))]
+    pub fn terminate(mut self) -> std::process::ExitStatus {
+        let pid = self.child.id().to_string();
+        let sent = Command::new("kill").args(["-TERM", &pid]).status();
+        assert!(sent.is_ok_and(|s| s.success()), "kill -TERM {pid}");
+        self.child.wait().expect("wait for serve")
+    }
+
     /// SIGKILL: no shutdown path runs, as in a crash.
     pub fn kill9(mut self) {
         let _ = self.child.kill();

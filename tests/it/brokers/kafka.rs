@@ -690,7 +690,22 @@ async fn kafka_nodes_share_partitions_and_take_over_a_killed_one() {
         "{}",
         v["nodes"]
     );
-    drop((b, c));
+    // b stops gracefully: it seals its partitions and hands them over; c runs everything and
+    // still answers exactly every event (resumed from the offsets sealed with b's segments).
+    let stopped = Instant::now();
+    assert!(b.terminate().success(), "serve exits 0 on SIGTERM");
+    publish_with_copies(&url, &topic, TOTAL..TOTAL + 100).await;
+    all_answer_exactly(&client, &[&c], TOTAL + 100, Duration::from_secs(30)).await;
+    let started = Instant::now();
+    while running(&client, &c).await != [0, 1, 2] {
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "c took b's partitions"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    eprintln!("b handed over in {:?}", stopped.elapsed());
+    drop(c);
     if let Some(db) = db {
         db.drop().await;
     }
