@@ -104,6 +104,11 @@ pub struct AsOf {
     /// Per partition: end (exclusive) of the positions the answer holds — every event below
     /// it is in it (from the batch view or the speed layer), none above.
     pub positions: BTreeMap<u32, u64>,
+    /// On a node: partitions other nodes run whose owner has not answered its mirror lately
+    /// (it died or the partition is moving): the answer holds them up to `positions`, which
+    /// may be behind what was acknowledged. Left out when empty.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub stale: Vec<u32>,
     pub computed_at: String,
     /// The pipeline's latest `verify` (archive and engines checked); `None` if never run.
     pub verified: Option<Verified>,
@@ -126,6 +131,7 @@ pub struct Verified {
 fn as_of(rt: &PipelineRuntime, finished: &Finished) -> AsOf {
     let mut a = finished.as_of.clone();
     a.verified = verified(rt);
+    a.stale = rt.stale_partitions();
     a
 }
 
@@ -549,6 +555,7 @@ fn compute(rt: &PipelineRuntime, view_idx: usize) -> PolarsResult<Finished> {
         speed_segments: snap.speed_segments,
         speed_events: snap.speed_events,
         positions: snap.positions.clone(),
+        stale: Vec::new(),
         computed_at: format_ms(now_ms()),
         verified: None,
     };

@@ -56,6 +56,9 @@ pub const LEASE: Duration = Duration::from_secs(6);
 /// How often a node asks the owners of the partitions it does not run for their open
 /// segments (see the module docs): the freshness of those partitions in its answers.
 pub const MIRROR_EVERY: Duration = Duration::from_millis(200);
+/// A partition whose owner has not answered the mirror for this long is named in answers'
+/// `as_of.stale`.
+pub const STALE_AFTER: Duration = Duration::from_secs(1);
 /// How long a node waits for an owner's open segment.
 const MIRROR_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long a graceful hand-over may take at shutdown before the process stops anyway.
@@ -366,6 +369,10 @@ views:
         let v = mirror(&a, &b, None).await.expect("changed");
         assert_eq!(served(&b), (10, total(0..10)));
         assert_eq!(b.snapshot(0).positions.get(&0), Some(&10));
+        assert_eq!(b.stale_partitions(), [0, 1], "never mirrored: stale");
+        b.note_mirrored(0);
+        assert_eq!(b.stale_partitions(), [1]);
+        assert!(a.stale_partitions().contains(&1) && !a.stale_partitions().contains(&0));
         assert_eq!(
             mirror(&a, &b, Some(v)).await,
             None,
@@ -677,10 +684,12 @@ impl Mirror {
         let bytes = resp.bytes().await?;
         let open = tokio::task::spawn_blocking(move || decode_open(&bytes)).await??;
         if open.unchanged {
+            self.rt.note_mirrored(partition);
             return Ok(());
         }
         let version = open.version;
         if self.rt.mirror(open).await? {
+            self.rt.note_mirrored(partition);
             self.seen
                 .insert(partition, (listen.to_string(), epoch, version));
         }

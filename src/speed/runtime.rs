@@ -260,6 +260,9 @@ pub struct PipelineRuntime {
     pub(super) lanes: Vec<Lane>,
     /// Where the door sends what it accepts when the pipeline has a `buffer`.
     pub(super) forward: OnceLock<Arc<dyn super::door::Forward>>,
+    /// On a node: per partition it does not run, when (epoch ms) its owner last answered the
+    /// mirror ([`super::nodes::Mirror`]).
+    mirrored: Mutex<BTreeMap<u32, i64>>,
     /// The node this process is (`serve --node`): it runs only the partitions whose leases it
     /// holds ([`super::nodes`]); `None` runs every partition.
     node: Option<String>,
@@ -439,6 +442,7 @@ impl PipelineRuntime {
             switching: Arc::new(tokio::sync::Mutex::new(())),
             lanes,
             forward: OnceLock::new(),
+            mirrored: Mutex::new(BTreeMap::new()),
             node,
             owned: watch::Sender::new(owned),
             next_lane: AtomicUsize::new(0),
@@ -548,6 +552,28 @@ impl PipelineRuntime {
         self.owned.send_modify(|o| {
             o.remove(&partition);
         });
+    }
+
+    /// On a node: partition `partition`'s owner answered the mirror now.
+    pub fn note_mirrored(&self, partition: u32) {
+        self.mirrored.lock().insert(partition, now_ms());
+    }
+
+    /// On a node: the partitions it does not run whose owner has not answered the mirror
+    /// within [`super::nodes::STALE_AFTER`] (none answers while a partition moves). Empty
+    /// without a node.
+    pub fn stale_partitions(&self) -> Vec<u32> {
+        if self.node.is_none() {
+            return Vec::new();
+        }
+        let limit = now_ms() - super::nodes::STALE_AFTER.as_millis() as i64;
+        let mirrored = self.mirrored.lock();
+        let owned = self.owned.borrow();
+        self.partitions()
+            .into_iter()
+            .filter(|p| !owned.contains_key(p))
+            .filter(|p| mirrored.get(p).is_none_or(|at| *at < limit))
+            .collect()
     }
 
     /// Whether this process runs partition `partition` now.

@@ -593,6 +593,18 @@ async fn kafka_nodes_share_partitions_and_take_over_a_killed_one() {
     }
     a.kill9();
     let killed = Instant::now();
+    // Until its partitions move, b's answers name them stale (their owner does not answer).
+    let stale = async |server: &Server| {
+        let v = get_json(&client, server.url("/v1/views/readings/overall")).await;
+        v["as_of"]["stale"].as_array().cloned().unwrap_or_default()
+    };
+    while stale(&b).await.is_empty() {
+        assert!(
+            killed.elapsed() < Duration::from_secs(5),
+            "no stale partition on b after the kill"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     let c = Server::start_node(root, "c");
     // A batch run publishes while partitions move.
     let run = {
@@ -622,6 +634,16 @@ async fn kafka_nodes_share_partitions_and_take_over_a_killed_one() {
         "every event counted once on b and c {:?} after the kill",
         killed.elapsed()
     );
+    for server in [&b, &c] {
+        let start = Instant::now();
+        while !stale(server).await.is_empty() {
+            assert!(
+                start.elapsed() < Duration::from_secs(10),
+                "stale partitions remain"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
     for server in [&b, &c] {
         let v = get_json(&client, server.url("/v1/views/clicks/overall")).await;
         let start = Instant::now();
