@@ -137,8 +137,14 @@ fn client_config(
         .set("enable.auto.commit", "false")
         .set("enable.auto.offset.store", "false")
         // A new group reads the topic from its start, as the other sources do.
-        .set("auto.offset.reset", "earliest")
-        .set("security.protocol", security.protocol.as_str());
+        .set("auto.offset.reset", "earliest");
+    secured(&mut c, security, properties);
+    c
+}
+
+/// Adds `security` to a client's settings, then the pipeline's `properties`.
+fn secured(c: &mut ClientConfig, security: &KafkaSecurity, properties: &BTreeMap<String, String>) {
+    c.set("security.protocol", security.protocol.as_str());
     if let Some(sasl) = &security.sasl {
         c.set("sasl.mechanism", &sasl.mechanism)
             .set("sasl.username", &sasl.username)
@@ -150,7 +156,6 @@ fn client_config(
     for (k, v) in properties {
         c.set(k, v);
     }
-    c
 }
 
 impl broker::Session for KafkaSource {
@@ -341,7 +346,8 @@ impl KafkaSource {
     /// `owned` (with their leases' epochs; `before` were assigned so far) — Kafka partition k
     /// belongs to pipeline partition k mod `partitions`. Those still held at the same epoch go
     /// on where this process is; newly taken ones start at the offsets recorded with their
-    /// partition's last sealed segment (or the topic's start).
+    /// partition's last sealed segment (else the group's committed offset — a pipeline that
+    /// ran on a single `serve` before — else the topic's start).
     async fn assign(
         &self,
         consumer: &StreamConsumer,
@@ -373,9 +379,11 @@ impl KafkaSource {
                     };
                     resumed.insert(k, stored.get(&k).copied().unwrap_or(0));
                 }
+                // Without a recorded offset, the group's committed one: where a single `serve`
+                // (which commits only what it sealed) left it; without either, the start.
                 let offset = ingested
                     .get(&k)
-                    .map_or(Offset::Beginning, |n| Offset::Offset(*n));
+                    .map_or(Offset::Stored, |n| Offset::Offset(*n));
                 tpl.add_partition_offset(&self.topic, k, offset)?;
             }
         }
@@ -547,19 +555,8 @@ impl KafkaBuffer {
             )
             .set("acks", "all")
             .set("enable.idempotence", "true")
-            .set("message.timeout.ms", BUFFER_TIMEOUT.as_millis().to_string())
-            .set("security.protocol", security.protocol.as_str());
-        if let Some(sasl) = &security.sasl {
-            c.set("sasl.mechanism", &sasl.mechanism)
-                .set("sasl.username", &sasl.username)
-                .set("sasl.password", &sasl.password);
-        }
-        if let Some(ca) = &security.ssl_ca_location {
-            c.set("ssl.ca.location", ca);
-        }
-        for (k, v) in properties {
-            c.set(k, v);
-        }
+            .set("message.timeout.ms", BUFFER_TIMEOUT.as_millis().to_string());
+        secured(&mut c, security, properties);
         let producer = c
             .create()
             .context("creating the Kafka producer of the buffer (check `properties`)")?;

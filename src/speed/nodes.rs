@@ -283,10 +283,9 @@ impl Keeper {
 
 #[cfg(test)]
 mod tests {
-    use bytes::Bytes;
 
     use crate::clock::now_ms;
-    use crate::speed::testing::{Project, served, wait_for};
+    use crate::speed::testing::{Project, events, served, total, wait_for};
     use crate::state::Fence;
 
     const SPEC: &str = r#"
@@ -308,20 +307,6 @@ views:
       n: count()
       total: sum(amount)
 "#;
-
-    /// Events `ids` (amount = the id's number), one NDJSON request.
-    fn events(ids: std::ops::Range<u32>) -> Bytes {
-        let lines: Vec<String> = ids
-            .map(|i| {
-                format!(r#"{{"id": "e{i}", "ts": 1700000000000, "country": "DE", "amount": {i}}}"#)
-            })
-            .collect();
-        Bytes::from(lines.join("\n"))
-    }
-
-    fn total(ids: std::ops::Range<u32>) -> f64 {
-        ids.map(f64::from).sum()
-    }
 
     async fn lease(p: &Project, partition: u32, node: &str, lasts_ms: i64) -> Fence {
         let now = now_ms();

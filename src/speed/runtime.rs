@@ -1044,13 +1044,12 @@ mod tests {
     use std::collections::BTreeSet;
     use std::sync::Arc;
 
-    use bytes::Bytes;
     use polars::prelude::*;
 
     use super::Serve;
     use crate::plan::Plan;
     use crate::speed::door::partition_of;
-    use crate::speed::testing::{Project, served, wait_for};
+    use crate::speed::testing::{Project, events, served, total, wait_for};
 
     fn spec(partitions: u32, key: &str, segment_age: &str) -> String {
         format!(
@@ -1074,20 +1073,6 @@ views:
       total: sum(amount)
 "#
         )
-    }
-
-    /// Events `ids` (amount = the id's number), one NDJSON request.
-    fn events(ids: std::ops::Range<u32>) -> Bytes {
-        let lines: Vec<String> = ids
-            .map(|i| {
-                format!(r#"{{"id": "e{i}", "ts": 1700000000000, "country": "DE", "amount": {i}}}"#)
-            })
-            .collect();
-        Bytes::from(lines.join("\n"))
-    }
-
-    fn total(ids: std::ops::Range<u32>) -> f64 {
-        ids.map(f64::from).sum()
     }
 
     /// The ids partition `p`'s log holds from position 0.

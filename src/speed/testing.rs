@@ -139,6 +139,21 @@ pub(super) async fn wait_for(what: &str, mut done: impl AsyncFnMut() -> bool) {
     }
 }
 
+/// Events `ids` (`id` "e{i}", amount = i) as one NDJSON request, for specs with an `id` column.
+pub(super) fn events(ids: std::ops::Range<u32>) -> Bytes {
+    let lines: Vec<String> = ids
+        .map(|i| {
+            format!(r#"{{"id": "e{i}", "ts": 1700000000000, "country": "DE", "amount": {i}}}"#)
+        })
+        .collect();
+    Bytes::from(lines.join("\n"))
+}
+
+/// The total amount of [`events`]`(ids)`.
+pub(super) fn total(ids: std::ops::Range<u32>) -> f64 {
+    ids.map(f64::from).sum()
+}
+
 pub(super) fn ndjson(amounts: &[f64]) -> Bytes {
     let lines: Vec<String> = amounts
         .iter()

@@ -45,16 +45,7 @@ pub(super) fn source(d: &mut Diagnostics, node: &Node, pipeline: &str) -> Option
         "generator" => &["type", "rate"],
         "file" => &["type", "path", "follow"],
         "nats" => &["type", "url", "stream", "subject", "consumer"],
-        "kafka" => &[
-            "type",
-            "brokers",
-            "topic",
-            "group",
-            "security_protocol",
-            "sasl",
-            "ssl_ca_location",
-            "properties",
-        ],
+        "kafka" => KAFKA_SOURCE_KEYS,
         "mqtt" => &["type", "url", "topic", "qos", "client_id"],
         "redis" => &["type", "url", "stream", "group", "consumer"],
         "amqp" => &["type", "url", "queue", "prefetch"],
@@ -334,8 +325,9 @@ fn parse_rate(s: &str) -> Result<f64, String> {
     Ok(n / per)
 }
 
-/// The keys of a kafka source, or of a `buffer`'s `kafka` mapping (without `type`).
-const KAFKA_KEYS: &[&str] = &[
+/// The keys of a kafka source.
+const KAFKA_SOURCE_KEYS: &[&str] = &[
+    "type",
     "brokers",
     "topic",
     "group",
@@ -344,6 +336,9 @@ const KAFKA_KEYS: &[&str] = &[
     "ssl_ca_location",
     "properties",
 ];
+
+/// The keys of a `buffer`'s `kafka` mapping: a kafka source's, without `type`.
+const KAFKA_KEYS: &[&str] = KAFKA_SOURCE_KEYS.split_at(1).1;
 
 /// A kafka source's settings from `obj` (`what` names it in messages).
 fn kafka(d: &mut Diagnostics, obj: &Obj, what: &str, pipeline: &str) -> Option<Source> {
