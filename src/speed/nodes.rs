@@ -367,6 +367,16 @@ views:
         wait_for("absorbed on a", async || served(&a).0 == 15).await;
         mirror(&a, &b, Some(v)).await.expect("changed");
         assert_eq!(served(&b), (15, total(0..15)), "replaced, not added");
+        // b takes partition 1 and holds nothing open in it: a mirrors that too.
+        let fence = lease(&p, 1, "b", 60_000).await;
+        b.take(1, fence).await.unwrap();
+        let empty = b.open_segment(1, None).unwrap();
+        assert_eq!((empty.rows, empty.lo), (0, 0));
+        let empty = super::decode_open(&super::encode_open(empty).unwrap()).unwrap();
+        assert!(
+            a.mirror(empty).await.unwrap(),
+            "an empty open segment mirrors"
+        );
         a.give_up(0, true).await.unwrap();
         assert!(a.open_segment(0, None).is_none(), "a no longer runs it");
         p.db.release_lease("orders", 0, "a", epoch).await.unwrap();

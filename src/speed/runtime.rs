@@ -656,7 +656,7 @@ impl PipelineRuntime {
         let lane = &self.lanes[index];
         let version = lane.changes.load(Ordering::Acquire);
         let plan = self.plan();
-        let logic = (0..plan.pipeline().views.len())
+        let logic: Vec<String> = (0..plan.pipeline().views.len())
             .map(|v| plan.logic_hash(v))
             .collect();
         let st = self.state.read();
@@ -665,7 +665,8 @@ impl PipelineRuntime {
             Some((lo, seg)) => (lo, seg.hi, seg.rows, seg.views.clone()),
             None => {
                 let at = st.absorbed.get(&partition).copied().unwrap_or(0);
-                (at, at, 0, Vec::new())
+                // Nothing open: no partials, for every view.
+                (at, at, 0, vec![Vec::new(); logic.len()])
             }
         };
         Some(OpenSegment {

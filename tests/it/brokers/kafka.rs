@@ -504,8 +504,9 @@ async fn running(client: &reqwest::Client, server: &Server) -> Vec<u64> {
 /// Three `serve --node` processes on one state DB (PostgreSQL when `LAMBDA_TEST_POSTGRES` is
 /// set) and one lake (the S3 server when `LAMBDA_TEST_S3` is set) share a pipeline's three
 /// partitions, fed by six Kafka partitions, with copies and malformed messages among the
-/// events. Segments are sealed only when a partition is handed over (`segment_age: 1h`), so
-/// a node's answers hold the others' events through its mirror of their open segments. Two
+/// events. Segments are sealed by size (40 events) or when a partition is handed over
+/// (`segment_age: 1h`), so a node's answers hold the others' fresh events through its mirror
+/// of their open segments. Two
 /// nodes split the partitions; one is killed with -9 mid-stream and its
 /// partitions move to the other and to a node that joins; a batch run publishes in the
 /// middle. Every surviving node then answers exactly the events published — none lost, none
@@ -538,7 +539,7 @@ async fn kafka_nodes_share_partitions_and_take_over_a_killed_one() {
     std::fs::write(
         root.join("pipelines/readings.yaml"),
         format!(
-            "name: readings\nsource:\n  type: kafka\n  brokers: \"{url}\"\n  topic: {topic}\n  group: {topic}\nschema:\n  id: string\n  ts: timestamp\n  device: string\n  value: float\nevent_time: ts\nevent_id: id\npartitions: 3\narchive:\n  segment_age: 1h\nviews:\n  - name: overall\n    window: all\n    metrics:\n      n: count()\n      total: sum(value)\n  - name: devices\n    group_by: [device]\n    window: 1m\n    metrics:\n      n: count()\n      users: approx_count_distinct(id)\n"
+            "name: readings\nsource:\n  type: kafka\n  brokers: \"{url}\"\n  topic: {topic}\n  group: {topic}\nschema:\n  id: string\n  ts: timestamp\n  device: string\n  value: float\nevent_time: ts\nevent_id: id\npartitions: 3\narchive:\n  segment_age: 1h\n  segment_rows: 40\nviews:\n  - name: overall\n    window: all\n    metrics:\n      n: count()\n      total: sum(value)\n  - name: devices\n    group_by: [device]\n    window: 1m\n    metrics:\n      n: count()\n      users: approx_count_distinct(id)\n"
         ),
     )
     .unwrap();
@@ -578,6 +579,22 @@ async fn kafka_nodes_share_partitions_and_take_over_a_killed_one() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     all_answer_exactly(&client, &[&a, &b], 300, Duration::from_secs(30)).await;
+    // The nodes went on where the single `serve` committed (it sealed segments of 40): they
+    // did not read its 200 events again (those would be dropped as duplicates by the hundred).
+    let mut duplicates = 0;
+    for server in [&a, &b] {
+        let v = get_json(&client, server.url("/v1/pipelines")).await;
+        let readings = v["pipelines"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["name"] == "readings");
+        duplicates += readings.unwrap()["duplicates"].as_u64().unwrap();
+    }
+    assert!(
+        duplicates < 100,
+        "the nodes read the single serve's events again: {duplicates} duplicates"
+    );
 
     const TOTAL: usize = 1500;
     let publisher = {
