@@ -21,7 +21,8 @@
 //! before, once the segments sealed before them are absorbed — so every answer holds, per
 //! partition, a contiguous run of positions from the start, named in `as_of.positions`.
 //! While a partition moves, its last mirrored open segment stays until the next owner's
-//! replaces it (that owner reads those events from the broker again, at the same positions).
+//! replaces it (that owner reads those events from the broker again, at the same positions);
+//! answers name such partitions in `as_of.stale` ([`STALE_AFTER`]).
 //!
 //! **Why nothing is lost or counted twice when a partition moves**: a partition's events
 //! come from a broker that keeps them (Kafka), and its offsets are recorded with each sealed
@@ -30,9 +31,10 @@
 //! offsets recorded with the last segment: exactly the events not archived. A node that lost
 //! its lease without knowing it cannot record anything more: every seal carries the lease's
 //! epoch and is refused on a stale one (DESIGN.md §8), and its files go to paths of its own
-//! epoch ([`crate::lake::leased_archive_path`]). Sources whose events are acknowledged when
-//! they are logged (HTTP, MQTT, AMQP, NATS, Redis, files) cannot run on nodes yet: a node's
-//! loss would lose what its log held.
+//! epoch ([`crate::lake::leased_archive_path`]). HTTP runs on nodes through a Kafka `buffer`
+//! (the door publishes, the partition consumes). Sources whose events are acknowledged when
+//! they are logged (plain HTTP, MQTT, AMQP, NATS, Redis, files) cannot run on nodes yet: a
+//! node's loss would lose what its log held.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::Cursor;
@@ -285,28 +287,8 @@ impl Keeper {
 mod tests {
 
     use crate::clock::now_ms;
-    use crate::speed::testing::{Project, events, served, total, wait_for};
+    use crate::speed::testing::{Project, events, partitioned_spec, served, total, wait_for};
     use crate::state::Fence;
-
-    const SPEC: &str = r#"
-name: orders
-source: {type: http}
-schema:
-  id: string
-  ts: timestamp
-  country: string
-  amount: float
-event_time: ts
-event_id: id
-partitions: 2
-archive: {segment_age: 1h}
-views:
-  - name: overall
-    window: all
-    metrics:
-      n: count()
-      total: sum(amount)
-"#;
 
     async fn lease(p: &Project, partition: u32, node: &str, lasts_ms: i64) -> Fence {
         let now = now_ms();
@@ -343,7 +325,7 @@ views:
     /// events count once.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn open_segments_mirror_to_other_nodes_until_sealed() {
-        let p = Project::new(SPEC).await;
+        let p = Project::new(&partitioned_spec(2, "event_id: id", "1h")).await;
         let (a, _stop_a) = p.start_node("a").await;
         let (b, _stop_b) = p.start_node("b").await;
         let fence = lease(&p, 0, "a", 60_000).await;
@@ -394,7 +376,7 @@ views:
     /// events count once, where they are archived.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_partition_moves_between_nodes_without_loss_or_double_count() {
-        let p = Project::new(SPEC).await;
+        let p = Project::new(&partitioned_spec(2, "event_id: id", "1h")).await;
         let (a, _stop_a) = p.start_node("a").await;
         let (b, _stop_b) = p.start_node("b").await;
         assert_eq!(a.partitions(), [0, 1]);

@@ -1050,31 +1050,9 @@ mod tests {
     use super::Serve;
     use crate::plan::Plan;
     use crate::speed::door::partition_of;
-    use crate::speed::testing::{Project, events, served, total, wait_for};
-
-    fn spec(partitions: u32, key: &str, segment_age: &str) -> String {
-        format!(
-            r#"
-name: orders
-source: {{type: http}}
-schema:
-  id: string
-  ts: timestamp
-  country: string
-  amount: float
-event_time: ts
-{key}
-partitions: {partitions}
-archive: {{segment_age: {segment_age}}}
-views:
-  - name: overall
-    window: all
-    metrics:
-      n: count()
-      total: sum(amount)
-"#
-        )
-    }
+    use crate::speed::testing::{
+        Project, events, partitioned_spec as spec, served, total, wait_for,
+    };
 
     /// The ids partition `p`'s log holds from position 0.
     fn logged_ids(rt: &super::PipelineRuntime, p: u32) -> Vec<String> {

@@ -40,6 +40,32 @@ views:
     )
 }
 
+/// An http pipeline `orders` with an `id` column, in `partitions` partitions, with `key`
+/// (a line such as `event_id: id`, or none) and `segment_age`.
+pub(super) fn partitioned_spec(partitions: u32, key: &str, segment_age: &str) -> String {
+    format!(
+        r#"
+name: orders
+source: {{type: http}}
+schema:
+  id: string
+  ts: timestamp
+  country: string
+  amount: float
+event_time: ts
+{key}
+partitions: {partitions}
+archive: {{segment_age: {segment_age}}}
+views:
+  - name: overall
+    window: all
+    metrics:
+      n: count()
+      total: sum(amount)
+"#
+    )
+}
+
 /// A project directory with its state DB, lake and log, and runtimes started on them.
 pub(super) struct Project {
     pub dir: tempfile::TempDir,
