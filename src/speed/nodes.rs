@@ -387,7 +387,17 @@ mod tests {
 
         let fence = lease(&p, 0, "a", 60_000).await;
         let first = fence.epoch;
-        a.take(0, fence).await.unwrap();
+        // A batch run of the server's workflows holds `switching` for its whole run: taking
+        // a partition (or catching up) does not wait for it.
+        let batch_run = a.switching().lock_owned().await;
+        let took = tokio::time::timeout(std::time::Duration::from_secs(5), a.take(0, fence));
+        took.await.expect("not blocked by a batch run").unwrap();
+        let caught_up = tokio::time::timeout(std::time::Duration::from_secs(5), a.catch_up());
+        caught_up
+            .await
+            .expect("not blocked by a batch run")
+            .unwrap();
+        drop(batch_run);
         assert!(a.owns(0));
         a.ingest_into(events(0..10), Some(0)).await.unwrap();
         a.lanes()[0].note_offsets(10, [(4, 41)].into());

@@ -254,6 +254,11 @@ pub struct PipelineRuntime {
     /// Held while the definition is being switched, and by batch runs of the server's own
     /// workflows: a run never publishes a definition the server no longer runs.
     switching: Arc<tokio::sync::Mutex<()>>,
+    /// Held while a partition starts or stops running here, while segments other nodes sealed
+    /// or open segments they run are absorbed, and by [`Self::switch`]: what they install is
+    /// computed by the definition that runs. Not by batch runs, which hold `switching` for
+    /// minutes: a node's leases and mirrors must not wait on them.
+    moving: tokio::sync::Mutex<()>,
     /// The partitions this process runs, in partition order: `0..partitions`, then any
     /// partition beyond them (`partitions` was lowered) whose log still held events to
     /// archive — it takes no new ones, and is sealed by age.
@@ -440,6 +445,7 @@ impl PipelineRuntime {
             pipeline: pipeline.clone(),
             definition: RwLock::new(plan.clone()),
             switching: Arc::new(tokio::sync::Mutex::new(())),
+            moving: tokio::sync::Mutex::new(()),
             lanes,
             forward: OnceLock::new(),
             mirrored: Mutex::new(BTreeMap::new()),
@@ -595,8 +601,7 @@ impl PipelineRuntime {
         let index = self
             .lane_index(partition)
             .with_context(|| format!("no partition {partition}"))?;
-        let switching = self.switching.clone();
-        let _switching = switching.lock().await;
+        let _moving = self.moving.lock().await;
         self.catch_up_locked(&[partition]).await?;
         let checkpoint = self
             .db
@@ -633,8 +638,7 @@ impl PipelineRuntime {
         self.owned.send_modify(|o| {
             o.remove(&partition);
         });
-        let switching = self.switching.clone();
-        let _switching = switching.lock().await;
+        let _moving = self.moving.lock().await;
         let (reply, answer) = oneshot::channel();
         let stopped = || anyhow::anyhow!("the pipeline's speed layer has stopped");
         self.lanes[index]
@@ -698,8 +702,7 @@ impl PipelineRuntime {
                 "partition {p}'s owner runs another definition of the views (promote on every node)"
             );
         }
-        let switching = self.switching.clone();
-        let _switching = switching.lock().await;
+        let _moving = self.moving.lock().await;
         if self.owns(p) {
             return Ok(false);
         }
@@ -736,12 +739,11 @@ impl PipelineRuntime {
         if others.is_empty() {
             return Ok(());
         }
-        let switching = self.switching.clone();
-        let _switching = switching.lock().await;
+        let _moving = self.moving.lock().await;
         self.catch_up_locked(&others).await
     }
 
-    /// [`Self::catch_up`] of `partitions`, the switch lock held.
+    /// [`Self::catch_up`] of `partitions`, `moving` held.
     async fn catch_up_locked(&self, partitions: &[u32]) -> anyhow::Result<()> {
         let name = &self.pipeline.name;
         let checkpoints = self.db.checkpoints(name).await?;
@@ -902,6 +904,8 @@ impl PipelineRuntime {
             serve.len(),
             plan.pipeline().views.len()
         );
+        // No partition starts, stops or is absorbed from other nodes meanwhile.
+        let _moving = self.moving.lock().await;
         let stopped = || anyhow::anyhow!("the pipeline's speed layer has stopped");
         // Dropped on return, done or failed: every paused aggregator goes on.
         let mut resumes = Vec::with_capacity(self.lanes.len());
