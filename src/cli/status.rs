@@ -478,28 +478,19 @@ async fn nodes_json(
     db: &State,
     now: DateTime<Utc>,
 ) -> Result<Vec<Value>, CliError> {
-    let now_ms = now.timestamp_millis();
-    let lease_ms = i64::try_from(crate::speed::nodes::LEASE.as_millis()).unwrap_or(i64::MAX);
-    let mut leases = Vec::new();
-    for p in &project.pipelines {
-        leases.extend(db.leases(&p.name).await.context("reading leases")?);
-    }
-    let nodes = db.nodes().await.context("reading nodes")?;
+    let names = project.pipelines.iter().map(|p| p.name.as_str());
+    let nodes = crate::speed::nodes::overview(db, names, now.timestamp_millis())
+        .await
+        .context("reading nodes and leases")?;
     Ok(nodes
         .iter()
         .map(|n| {
-            let alive = n.heartbeat_ms > now_ms - lease_ms;
-            let held: Vec<String> = leases
-                .iter()
-                .filter(|l| l.node.as_deref() == Some(n.name.as_str()) && l.expires_ms >= now_ms)
-                .map(|l| format!("{}/p={}", l.pipeline, l.partition))
-                .collect();
             json!({
                 "name": n.name,
                 "listen": n.listen,
-                "heartbeat_age_s": (now_ms - n.heartbeat_ms).max(0) as f64 / 1000.0,
-                "failing": !alive,
-                "partitions": held,
+                "heartbeat_age_s": n.heartbeat_age_ms as f64 / 1000.0,
+                "failing": !n.alive,
+                "partitions": n.partitions,
             })
         })
         .collect())

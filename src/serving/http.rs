@@ -53,38 +53,11 @@ async fn nodes(State(app): State<Arc<App>>) -> Response {
     let Some(first) = app.pipelines.values().next() else {
         return axum::Json(json!({ "nodes": [] })).into_response();
     };
-    let db = first.runtime.db();
-    let now = now_ms();
-    let lease_ms = i64::try_from(crate::speed::nodes::LEASE.as_millis()).unwrap_or(i64::MAX);
-    let mut leases = Vec::new();
-    for name in app.pipelines.keys() {
-        match db.leases(name).await {
-            Ok(l) => leases.extend(l),
-            Err(e) => return error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
-        }
+    let names = app.pipelines.keys().map(String::as_str);
+    match crate::speed::nodes::overview(first.runtime.db(), names, now_ms()).await {
+        Ok(list) => axum::Json(json!({ "nodes": list })).into_response(),
+        Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
     }
-    let nodes = match db.nodes().await {
-        Ok(n) => n,
-        Err(e) => return error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
-    };
-    let list: Vec<_> = nodes
-        .iter()
-        .map(|n| {
-            let held: Vec<String> = leases
-                .iter()
-                .filter(|l| l.node.as_deref() == Some(n.name.as_str()) && l.expires_ms >= now)
-                .map(|l| format!("{}/p={}", l.pipeline, l.partition))
-                .collect();
-            json!({
-                "name": n.name,
-                "listen": n.listen,
-                "alive": n.heartbeat_ms > now - lease_ms,
-                "heartbeat_age_ms": (now - n.heartbeat_ms).max(0),
-                "partitions": held,
-            })
-        })
-        .collect();
-    axum::Json(json!({ "nodes": list })).into_response()
 }
 
 #[derive(serde::Deserialize)]

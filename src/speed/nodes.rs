@@ -70,6 +70,55 @@ fn ms(d: Duration) -> i64 {
     i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
 }
 
+/// Whether `node` counts as alive at `now_ms`: heard of within a lease.
+pub fn alive(node: &crate::state::Node, now_ms: i64) -> bool {
+    node.heartbeat_ms > now_ms - ms(LEASE)
+}
+
+/// Whether `lease` is held at `now_ms`: by a node, unexpired.
+pub fn held(lease: &crate::state::Lease, now_ms: i64) -> bool {
+    lease.node.is_some() && lease.expires_ms >= now_ms
+}
+
+/// A node as `status`, `GET /v1/nodes` and the dashboard show it.
+#[derive(Debug, Serialize)]
+pub struct NodeView {
+    pub name: String,
+    pub listen: String,
+    pub alive: bool,
+    pub heartbeat_age_ms: i64,
+    /// `PIPELINE/p=K` of every partition whose lease it holds.
+    pub partitions: Vec<String>,
+}
+
+/// Every node on `db`, with the partitions of `pipelines` whose leases it holds at `now_ms`.
+pub async fn overview(
+    db: &State,
+    pipelines: impl IntoIterator<Item = &str>,
+    now_ms: i64,
+) -> Result<Vec<NodeView>, crate::state::StateError> {
+    let mut leases = Vec::new();
+    for p in pipelines {
+        leases.extend(db.leases(p).await?);
+    }
+    Ok(db
+        .nodes()
+        .await?
+        .into_iter()
+        .map(|n| NodeView {
+            alive: alive(&n, now_ms),
+            heartbeat_age_ms: (now_ms - n.heartbeat_ms).max(0),
+            partitions: leases
+                .iter()
+                .filter(|l| held(l, now_ms) && l.node.as_deref() == Some(n.name.as_str()))
+                .map(|l| format!("{}/p={}", l.pipeline, l.partition))
+                .collect(),
+            name: n.name,
+            listen: n.listen,
+        })
+        .collect())
+}
+
 /// A node's keeper of leases (see the module docs).
 pub struct Keeper {
     node: String,
@@ -125,7 +174,7 @@ impl Keeper {
             .nodes()
             .await?
             .iter()
-            .filter(|n| n.heartbeat_ms > now - ms(LEASE) || n.name == self.node)
+            .filter(|n| alive(n, now) || n.name == self.node)
             .count()
             .max(1);
         for rt in self.pipelines.clone() {
@@ -203,7 +252,7 @@ impl Keeper {
             .leases(&name)
             .await?
             .into_iter()
-            .filter(|l| l.node.is_some() && l.expires_ms >= now)
+            .filter(|l| held(l, now))
             .map(|l| l.partition)
             .collect();
         let free = (0..rt.pipeline.partitions).filter(|p| !taken.contains(p) && !mine.contains(p));
@@ -640,7 +689,7 @@ impl Mirror {
             .leases(&self.rt.pipeline.name)
             .await?
             .into_iter()
-            .filter(|l| l.expires_ms >= now)
+            .filter(|l| held(l, now))
             .filter_map(|l| {
                 let node = l.node.filter(|n| n != me)?;
                 Some((l.partition, (nodes.get(&node)?.clone(), l.epoch)))
