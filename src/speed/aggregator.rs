@@ -540,6 +540,10 @@ impl Aggregator {
             .put(&path, Bytes::from(bytes))
             .await
             .with_context(|| format!("writing segment {path}"))?;
+        // The rejections since the last seal of any partition go with this one: taken at once,
+        // so partitions sealing together never count one twice (and given back if the seal
+        // is not recorded).
+        let dead_letters = rt.counters.rejected_unsealed.swap(0, Ordering::AcqRel);
         let segment = Segment {
             pipeline: rt.pipeline.name.clone(),
             partition,
@@ -548,21 +552,24 @@ impl Aggregator {
             path: path.clone(),
             rows,
             bytes: size,
-            dead_letters: rt.counters.rejected_unsealed.load(Ordering::Relaxed),
+            dead_letters,
             min_event_ms: min_ms,
             max_event_ms: max_ms,
             lookups: self.lookups.record(),
             crc32: Some(crc32),
         };
         let offsets = self.lane().offsets_below(hi);
-        rt.db
+        let recorded = rt
+            .db
             .seal_segment_fenced(&segment, &restated, self.fence.as_ref(), &offsets)
-            .await
-            .with_context(|| format!("recording segment {path}"))?;
+            .await;
+        if recorded.is_err() {
+            rt.counters
+                .rejected_unsealed
+                .fetch_add(dead_letters, Ordering::AcqRel);
+        }
+        recorded.with_context(|| format!("recording segment {path}"))?;
         self.lane().marks.lock().retain(|(end, _)| *end > hi);
-        rt.counters
-            .rejected_unsealed
-            .fetch_sub(segment.dead_letters, Ordering::Relaxed);
         rt.state.write().seal(partition, lo, hi);
         self.lane().changes.fetch_add(1, Ordering::Release);
         let lane = self.lane;

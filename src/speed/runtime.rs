@@ -1159,6 +1159,36 @@ mod tests {
         p.shutdown.cancel();
     }
 
+    /// Partitions sealing at the same moment share the pipeline's unsealed rejections: each
+    /// is recorded with exactly one segment (seen: two seals each subtracted the same count,
+    /// the counter wrapped, and no partition could seal again).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn partitions_sealing_together_record_each_rejection_once() {
+        let mut p = Project::new(&spec(3, "event_id: id", "200ms")).await;
+        let rt = p.start().await;
+        for round in 0..3u32 {
+            let mut body = events(round * 30..round * 30 + 30).to_vec();
+            body.extend_from_slice(b"\nnot json\nnot json either");
+            let r = rt.ingest(body.into()).await.unwrap();
+            assert_eq!((r.accepted, r.rejected), (30, 2));
+            let sealed_up_to = (round + 1) * 30;
+            wait_for("every partition sealed", async || {
+                let mut sealed = 0;
+                for part in 0..3 {
+                    sealed += p.db.checkpoint("orders", part).await.unwrap().unwrap_or(0);
+                }
+                sealed == u64::from(sealed_up_to)
+            })
+            .await;
+        }
+        let segments = p.db.segments("orders").await.unwrap();
+        let dead: u64 = segments.iter().map(|s| s.dead_letters).sum();
+        assert_eq!(dead, 6, "{segments:?}");
+        let unsealed = &rt.counters.rejected_unsealed;
+        assert_eq!(unsealed.load(std::sync::atomic::Ordering::Relaxed), 0);
+        p.shutdown.cancel();
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn without_a_key_each_request_goes_whole_to_the_next_partition() {
         let mut p = Project::new(&spec(2, "", "1h")).await;
