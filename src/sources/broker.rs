@@ -302,7 +302,8 @@ pub async fn ingest_durably(
 }
 
 /// [`ingest_durably`], every event into the pipeline partition of index `lane` when given
-/// (instead of by its key).
+/// (instead of by its key). On a node, a batch for a partition it no longer runs is dropped
+/// (true: the broker keeps it for the partition's next holder).
 pub async fn ingest_durably_into(
     rt: &Arc<PipelineRuntime>,
     kind: &str,
@@ -315,6 +316,14 @@ pub async fn ingest_durably_into(
     }
     let mut backoff = Backoff::default();
     loop {
+        // On a node, a partition given up meanwhile takes nothing more: the broker keeps its
+        // events for the next holder.
+        if let (Some(_), Some(l)) = (rt.node(), lane.and_then(|i| rt.lanes().get(i)))
+            && !rt.owns(l.partition)
+        {
+            tracing::debug!(pipeline = %rt.pipeline.name, source = kind, partition = l.partition, "partition given up; its batch is left to the broker");
+            return true;
+        }
         match rt.ingest_into(body.clone(), lane).await {
             Ok(report) => {
                 if report.rejected > 0 {
@@ -324,6 +333,33 @@ pub async fn ingest_durably_into(
             }
             Err(e) => {
                 tracing::warn!(pipeline = %rt.pipeline.name, source = kind, error = %format!("{e:#}"), retry_in = ?backoff.delay(), "could not ingest a batch; retrying before acknowledging it");
+                if !backoff.wait(shutdown).await {
+                    return false;
+                }
+            }
+        }
+    }
+}
+
+/// Dead-letters `rejected` (what the source refused before the door) until that is durable,
+/// retried with backoff like [`ingest_durably`]; false if shutdown came first.
+pub async fn reject_durably(
+    rt: &Arc<PipelineRuntime>,
+    kind: &str,
+    rejected: &[crate::plan::Rejection],
+    shutdown: &CancellationToken,
+) -> bool {
+    let mut backoff = Backoff::default();
+    loop {
+        match rt.reject_records(rejected).await {
+            Ok(()) => {
+                if !rejected.is_empty() {
+                    tracing::warn!(pipeline = %rt.pipeline.name, source = kind, rejected = rejected.len(), "messages rejected into the dead-letter area");
+                }
+                return true;
+            }
+            Err(e) => {
+                tracing::warn!(pipeline = %rt.pipeline.name, source = kind, error = %format!("{e:#}"), retry_in = ?backoff.delay(), "could not dead-letter a batch's rejected messages; retrying before acknowledging it");
                 if !backoff.wait(shutdown).await {
                     return false;
                 }

@@ -26,30 +26,38 @@ use tokio_util::sync::CancellationToken;
 use crate::spec::Source;
 use crate::speed::runtime::PipelineRuntime;
 
-/// Makes `rt`'s door publish what it accepts to `buffer` (a kafka source's settings).
-#[cfg(feature = "kafka")]
+/// Makes `rt`'s door publish what it accepts to `buffer` (a kafka or nats source's settings).
 fn start_buffer(rt: &Arc<PipelineRuntime>, buffer: &Source) -> anyhow::Result<()> {
-    let Source::Kafka {
-        brokers,
-        topic,
-        security,
-        properties,
-        ..
-    } = buffer
-    else {
-        anyhow::bail!("pipeline `{}`: a buffer is a kafka topic", rt.pipeline.name);
+    let forward: Arc<dyn crate::speed::door::Forward> = match buffer {
+        Source::Nats {
+            url,
+            stream,
+            subject,
+            ..
+        } => Arc::new(nats::NatsBuffer::new(rt, url, stream, subject)),
+        #[cfg(feature = "kafka")]
+        Source::Kafka {
+            brokers,
+            topic,
+            security,
+            properties,
+            ..
+        } => Arc::new(kafka::KafkaBuffer::new(
+            rt, brokers, topic, security, properties,
+        )?),
+        #[cfg(not(feature = "kafka"))]
+        Source::Kafka { .. } => anyhow::bail!(
+            "pipeline `{}`: `buffer: {{kafka: …}}` is not available in this build of lambda-ctl (built without the `kafka` cargo feature)",
+            rt.pipeline.name
+        ),
+        other => anyhow::bail!(
+            "pipeline `{}`: a buffer is a kafka topic or a nats stream, not a `{}` source",
+            rt.pipeline.name,
+            other.kind()
+        ),
     };
-    let buffer = kafka::KafkaBuffer::new(rt, brokers, topic, security, properties)?;
-    rt.forward_to(Arc::new(buffer));
+    rt.forward_to(forward);
     Ok(())
-}
-
-#[cfg(not(feature = "kafka"))]
-fn start_buffer(rt: &Arc<PipelineRuntime>, _buffer: &Source) -> anyhow::Result<()> {
-    anyhow::bail!(
-        "pipeline `{}`: `buffer: {{kafka: …}}` is not available in this build of lambda-ctl (built without the `kafka` cargo feature)",
-        rt.pipeline.name
-    )
 }
 
 /// Starts the task feeding `rt` from its source, if the source is one that runs in-process.
@@ -65,13 +73,24 @@ pub fn spawn(
         start_buffer(&rt, buffer)?;
         source = buffer.clone();
     }
+    let on_nodes = match &source {
+        Source::Kafka { .. } => true,
+        Source::Nats { subject, .. } => subject.contains(crate::spec::NATS_PARTITION),
+        _ => false,
+    };
     if let Some(node) = rt.node()
-        && !matches!(source, Source::Kafka { .. })
+        && !on_nodes
     {
         anyhow::bail!(
-            "pipeline `{}`: its `{}` source cannot run on nodes (`serve --node {node}`) yet: it acknowledges events once this machine's write-ahead log has them, so losing the machine would lose them; use a `kafka` source, or `buffer: {{kafka: …}}` on an http pipeline (the broker keeps the events until they are archived), or serve without --node",
+            "pipeline `{}`: its `{}` source cannot run on nodes (`serve --node {node}`){}: it acknowledges events once this machine's write-ahead log has them, so losing the machine would lose them; use a `kafka` source, a `nats` source with `{}` in its subject, or a `buffer` on an http pipeline (the broker keeps the events until they are archived), or serve without --node",
             rt.pipeline.name,
-            source.kind()
+            source.kind(),
+            if matches!(source, Source::Nats { .. }) {
+                " without a partitioned subject"
+            } else {
+                ""
+            },
+            crate::spec::NATS_PARTITION,
         );
     }
     Ok(match source {

@@ -119,10 +119,11 @@ pub struct Pipeline {
     /// `event_id`): events with the same key go to the same partition. Without either, each
     /// request goes whole to the next partition in turn.
     pub partition_key: Option<String>,
-    /// An `http` pipeline's replicated buffer (`buffer: {kafka: …}`): the door publishes each
-    /// accepted event to this broker (a [`Source::Kafka`]) and acknowledges once the broker
-    /// has; the speed layer consumes it as a kafka source — so nodes (`serve --node`) can run
-    /// it. `None`: the local write-ahead log.
+    /// An `http` pipeline's replicated buffer (`buffer: {kafka: …}` or `{nats: …}`): the door
+    /// publishes each accepted event to this broker (a [`Source::Kafka`], or a
+    /// [`Source::Nats`] with a partitioned subject) and acknowledges once the broker has; the
+    /// speed layer consumes it as that source — so nodes (`serve --node`) can run it. `None`:
+    /// the local write-ahead log.
     pub buffer: Option<Source>,
     /// SQL boolean expression; rows for which it is not true are dropped.
     pub filter: Option<String>,
@@ -253,6 +254,8 @@ pub enum Source {
         path: String,
         follow: bool,
     },
+    /// `subject` may hold the token [`NATS_PARTITION`]: pipeline partition K then reads the
+    /// subject with K in its place ([`nats_subject`]).
     Nats {
         url: String,
         stream: String,
@@ -482,6 +485,26 @@ impl Source {
             Source::Http | Source::Generator { .. } => &[],
         }
     }
+}
+
+/// The token of a `nats` subject that names the pipeline partition, e.g. `clicks.{partition}`:
+/// partition K reads `clicks.K` (producers pick the partition, as Kafka producers do).
+pub const NATS_PARTITION: &str = "{partition}";
+
+/// A `nats` source's subject for pipeline partition `partition`, or for every partition
+/// (`None`: the token becomes the wildcard `*`). A subject without the token is returned as is.
+pub fn nats_subject(subject: &str, partition: Option<u32>) -> String {
+    match partition {
+        Some(k) => subject.replace(NATS_PARTITION, &k.to_string()),
+        None => subject.replace(NATS_PARTITION, "*"),
+    }
+}
+
+/// The partition a message's subject names under the partitioned `pattern` (the number in the
+/// token's place); `None` when `pattern` has no token or the subject does not match it.
+pub fn nats_partition_of(pattern: &str, subject: &str) -> Option<u32> {
+    let at = pattern.split('.').position(|t| t == NATS_PARTITION)?;
+    subject.split('.').nth(at)?.parse().ok()
 }
 
 /// `meta.*` keys of the `servicebus` source: AMQP 1.0 message properties and header, and the
@@ -974,5 +997,21 @@ impl std::str::FromStr for Sample {
                 "`{s}` is not a sample: use `all`, a number of segments like `20`, or a share like `5%`"
             )),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_partitioned_nats_subject_names_each_partition() {
+        let s = "clicks.{partition}.>";
+        assert_eq!(nats_subject(s, Some(3)), "clicks.3.>");
+        assert_eq!(nats_subject(s, None), "clicks.*.>");
+        assert_eq!(nats_partition_of(s, "clicks.3.eu.web"), Some(3));
+        assert_eq!(nats_partition_of(s, "clicks.x.eu"), None);
+        assert_eq!(nats_partition_of("clicks.>", "clicks.3"), None, "no token");
+        assert_eq!(nats_subject("clicks.>", Some(3)), "clicks.>");
     }
 }

@@ -17,7 +17,7 @@ use super::record::encode_record;
 use super::runtime::{Batch, PipelineRuntime};
 use crate::clock::now_ms;
 use crate::lake;
-use crate::plan::Decoded;
+use crate::plan::{Decoded, Rejection};
 
 /// What the door answers for one request.
 #[derive(Debug, Clone, Default, Serialize)]
@@ -76,10 +76,25 @@ impl PipelineRuntime {
         Ok((report, records))
     }
 
+    /// Dead-letters what a source refused before the door (each with its reason), counted
+    /// as rejected events.
+    pub async fn reject_records(&self, rejected: &[Rejection]) -> anyhow::Result<()> {
+        if rejected.is_empty() {
+            return Ok(());
+        }
+        self.dead_letter(rejected, now_ms()).await?;
+        let n = rejected.len() as u64;
+        self.counters.rejected.fetch_add(n, Ordering::Relaxed);
+        self.counters
+            .rejected_unsealed
+            .fetch_add(n, Ordering::Relaxed);
+        Ok(())
+    }
+
     /// Dead-letters the lines `decoded` rejected and counts them in `report`.
     async fn reject(&self, decoded: &Decoded, report: &mut IngestReport) -> anyhow::Result<()> {
         let arrival = now_ms();
-        self.dead_letter(decoded, arrival).await?;
+        self.dead_letter(&decoded.rejected, arrival).await?;
         report.rejected = decoded.rejected.len() as u64;
         report.errors = decoded
             .rejected
@@ -106,6 +121,14 @@ impl PipelineRuntime {
         body: Bytes,
         lane: Option<usize>,
     ) -> anyhow::Result<IngestReport> {
+        if let Some(node) = self.node() {
+            let partition = lane.and_then(|i| self.lanes.get(i)).map(|l| l.partition);
+            anyhow::ensure!(
+                partition.is_some_and(|p| self.owns(p)),
+                "node `{node}` does not run partition {partition:?} of pipeline `{}`",
+                self.pipeline.name
+            );
+        }
         let plan = self.plan();
         let decoded = if body.len() > 64 * 1024 {
             let b = body.clone();
@@ -251,9 +274,9 @@ impl PipelineRuntime {
             .collect())
     }
 
-    async fn dead_letter(&self, decoded: &Decoded, arrival: i64) -> anyhow::Result<()> {
+    async fn dead_letter(&self, rejected: &[Rejection], arrival: i64) -> anyhow::Result<()> {
         let mut body = String::new();
-        for r in &decoded.rejected {
+        for r in rejected {
             let rec = serde_json::json!({"line": r.line, "reason": r.reason, "raw": r.raw, "received_at": crate::clock::format_ms(arrival)});
             body.push_str(&rec.to_string());
             body.push('\n');

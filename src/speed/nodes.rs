@@ -379,6 +379,8 @@ mod tests {
         let (b, _stop_b) = p.start_node("b").await;
         let fence = lease(&p, 0, "a", 60_000).await;
         let epoch = fence.epoch;
+        let refused = a.ingest_into(events(0..10), Some(0)).await;
+        assert!(refused.is_err(), "a node logs only partitions it runs");
         a.take(0, fence).await.unwrap();
         a.ingest_into(events(0..10), Some(0)).await.unwrap();
         wait_for("absorbed on a", async || served(&a).0 == 10).await;
@@ -515,6 +517,8 @@ mod tests {
         a.take(1, fence).await.unwrap();
         let r = a.ingest_into(events(100..105), Some(1)).await.unwrap();
         assert_eq!(r.accepted, 5, "a forgot the ids it dropped");
+        // Sealed at hand-over once absorbed (what is only in the log is given up to the broker).
+        wait_for("absorbed on a", async || served(&a).0 == 15).await;
         a.give_up(1, true).await.unwrap();
         b.give_up(0, true).await.unwrap();
         a.catch_up().await.unwrap();

@@ -100,22 +100,7 @@ pub(super) fn source(d: &mut Diagnostics, node: &Node, pipeline: &str) -> Option
                 follow: follow?,
             }
         }
-        "nats" => {
-            let (url, stream, subject) = (req(d, "url"), req(d, "stream"), req(d, "subject"));
-            let consumer = optional(
-                d,
-                &obj,
-                "consumer",
-                format!("lambda-{pipeline}"),
-                read::string,
-            );
-            Source::Nats {
-                url: url?,
-                stream: stream?,
-                subject: subject?,
-                consumer: consumer?,
-            }
-        }
+        "nats" => nats(d, &obj, &what, pipeline, None)?,
         "kafka" => kafka(d, &obj, &what, pipeline)?,
         "mqtt" => {
             let (url, topic) = (req(d, "url"), req(d, "topic"));
@@ -359,26 +344,101 @@ fn kafka(d: &mut Diagnostics, obj: &Obj, what: &str, pipeline: &str) -> Option<S
     })
 }
 
-/// An `http` pipeline's `buffer:` — `{kafka: {brokers, topic, …}}`, the keys of a kafka
-/// source — as the [`Source::Kafka`] it is consumed as.
+/// A nats source's settings from `obj` (`what` names it in messages). `subject` may hold the
+/// partition token once, as a whole token; `default_subject` (a buffer's) makes it optional.
+fn nats(
+    d: &mut Diagnostics,
+    obj: &Obj,
+    what: &str,
+    pipeline: &str,
+    default_subject: Option<String>,
+) -> Option<Source> {
+    let req = |d: &mut Diagnostics, key: &str| {
+        obj.required(d, key, what)
+            .and_then(|n| read::string(d, n, key))
+    };
+    let (url, stream) = (req(d, "url"), req(d, "stream"));
+    let subject = match (obj.value("subject"), default_subject) {
+        (Some(n), must) => read::string(d, n, "subject").and_then(|s| {
+            let tokens = s.split('.').filter(|t| *t == NATS_PARTITION).count();
+            if s.matches(NATS_PARTITION).count() != tokens || tokens > 1 {
+                d.error(
+                    n.loc(),
+                    format!("`subject: {s}`: `{NATS_PARTITION}` must be one whole token of the subject, as in `clicks.{NATS_PARTITION}`"),
+                );
+                return None;
+            }
+            if must.is_some() && tokens == 0 {
+                d.error(
+                    n.loc(),
+                    format!("`subject: {s}`: a buffer's subject needs the token `{NATS_PARTITION}` (each partition its own subject)"),
+                );
+                return None;
+            }
+            Some(s)
+        }),
+        (None, Some(default)) => Some(default),
+        (None, None) => req(d, "subject"),
+    };
+    let consumer = optional(
+        d,
+        obj,
+        "consumer",
+        format!("lambda-{pipeline}"),
+        read::string,
+    );
+    Some(Source::Nats {
+        url: url?,
+        stream: stream?,
+        subject: subject?,
+        consumer: consumer?,
+    })
+}
+
+/// An `http` pipeline's `buffer:` — `{kafka: {brokers, topic, …}}` (the keys of a kafka
+/// source) or `{nats: {url, stream, subject, consumer}}` (`subject` by default
+/// `STREAM.{partition}`) — as the [`Source`] it is consumed as.
 pub(super) fn buffer(d: &mut Diagnostics, node: &Node, pipeline: &str) -> Option<Source> {
     let obj = Obj::new(
         d,
         node,
-        "buffer (a `kafka` mapping; no other broker yet)",
-        &["kafka"],
+        "buffer (a `kafka` or `nats` mapping)",
+        &["kafka", "nats"],
     )?;
-    let Some(kafka_node) = obj.value("kafka") else {
-        // A `nats` key was reported as unknown already.
-        if node.get("nats").is_none() {
+    match (obj.value("kafka"), obj.value("nats")) {
+        (Some(kafka_node), None) => {
+            let what = "buffer `kafka`";
+            let inner = Obj::new(d, kafka_node, what, KAFKA_KEYS)?;
+            kafka(d, &inner, what, pipeline)
+        }
+        (None, Some(nats_node)) => {
+            let what = "buffer `nats`";
+            let inner = Obj::new(
+                d,
+                nats_node,
+                what,
+                &["url", "stream", "subject", "consumer"],
+            )?;
+            let stream = nats_node.get("stream").and_then(|n| match n {
+                Node::Scalar { value, .. } => Some(value.clone()),
+                _ => None,
+            });
+            let default = format!("{}.{NATS_PARTITION}", stream.as_deref().unwrap_or("lambda"));
+            nats(d, &inner, what, pipeline, Some(default))
+        }
+        (Some(_), Some(_)) => {
             d.error(
                 node.loc(),
-                "`buffer` needs a `kafka` mapping (brokers, topic)",
+                "`buffer` is one broker: a `kafka` or a `nats` mapping, not both",
             );
+            None
         }
-        return None;
-    };
-    let what = "buffer `kafka`";
-    let inner = Obj::new(d, kafka_node, what, KAFKA_KEYS)?;
-    kafka(d, &inner, what, pipeline)
+        (None, None) => {
+            d.error(
+                node.loc(),
+                "`buffer` needs a `kafka` mapping (brokers, topic) or a `nats` mapping (url, stream)",
+            );
+            None
+        }
+    }
 }

@@ -398,6 +398,36 @@ async fn create_topic_with(url: &str, topic: &str, partitions: i32) {
     );
 }
 
+/// Events `range` published to the JetStream stream `stream`, event i on subject
+/// `{stream}.{i mod 3}` (the pipeline partition it belongs to), with a copy of every tenth one
+/// (same subject) and a malformed message.
+async fn publish_nats_with_copies(url: &str, stream: &str, range: std::ops::Range<usize>) {
+    let js = async_nats::jetstream::new(async_nats::connect(url).await.unwrap());
+    js.get_or_create_stream(async_nats::jetstream::stream::Config {
+        name: stream.to_string(),
+        subjects: vec![format!("{stream}.*")],
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let mut acks = Vec::new();
+    let messages = range
+        .clone()
+        .chain(range.clone().step_by(10))
+        .map(|i| (i % 3, event(i)))
+        .chain(std::iter::once((range.start % 3, "not json".to_string())));
+    for (partition, payload) in messages {
+        let ack = js
+            .publish(format!("{stream}.{partition}"), payload.into())
+            .await
+            .unwrap();
+        acks.push(ack);
+    }
+    for ack in acks {
+        ack.await.unwrap();
+    }
+}
+
 /// Events `range` keyed by their id (spread over every Kafka partition), with a copy of every
 /// tenth one (same key: the same partition, after its first copy) and a malformed message.
 async fn publish_with_copies(url: &str, topic: &str, range: std::ops::Range<usize>) {
@@ -415,9 +445,9 @@ async fn publish_with_copies(url: &str, topic: &str, range: std::ops::Range<usiz
     produce(url, topic, copies.chain(bad)).await;
 }
 
-/// `(count, sum of values)` of the `overall` view on `server`.
-async fn overall(client: &reqwest::Client, server: &Server) -> (u64, f64) {
-    let v = get_json(client, server.url("/v1/views/readings/overall")).await;
+/// `(count, sum of values)` of `pipeline`'s `overall` view on `server`.
+async fn overall(client: &reqwest::Client, server: &Server, pipeline: &str) -> (u64, f64) {
+    let v = get_json(client, server.url(&format!("/v1/views/{pipeline}/overall"))).await;
     let row = &v["rows"][0];
     (
         row["n"].as_u64().unwrap_or(0),
@@ -425,10 +455,12 @@ async fn overall(client: &reqwest::Client, server: &Server) -> (u64, f64) {
     )
 }
 
-/// Waits until every server in `servers` answers exactly events `0..n` — no more, ever.
+/// Waits until every server in `servers` answers exactly events `0..n` of `pipeline` — no
+/// more, ever.
 async fn all_answer_exactly(
     client: &reqwest::Client,
     servers: &[&Server],
+    pipeline: &str,
     n: usize,
     within: Duration,
 ) {
@@ -436,24 +468,24 @@ async fn all_answer_exactly(
     let start = Instant::now();
     for server in servers {
         loop {
-            let (got, total) = overall(client, server).await;
+            let (got, total) = overall(client, server, pipeline).await;
             assert!(
                 got <= n as u64,
-                "{}: counted {got} events, only {n} were published",
+                "{}: {pipeline} counted {got} events, only {n} were published",
                 server.url("")
             );
             if got == n as u64 {
                 assert_eq!(
                     total,
                     expected,
-                    "{}: every event counted once",
+                    "{}: {pipeline}: every event counted once",
                     server.url("")
                 );
                 break;
             }
             assert!(
                 start.elapsed() < within,
-                "{}: only {got} of {n} events counted after {within:?}",
+                "{}: {pipeline}: only {got} of {n} events counted after {within:?}",
                 server.url("")
             );
             tokio::time::sleep(Duration::from_millis(100)).await;
@@ -461,15 +493,20 @@ async fn all_answer_exactly(
     }
 }
 
-/// Events `range` POSTed to `server`'s http pipeline `clicks` (buffered in Kafka), with a copy
-/// of every tenth one and a malformed line: each request acknowledged once the broker has it.
-async fn post_clicks(client: &reqwest::Client, server: &Server, range: std::ops::Range<usize>) {
+/// Events `range` POSTed to `server`'s buffered http pipeline `pipeline`, with a copy of every
+/// tenth one and a malformed line: each request acknowledged once the broker has it.
+async fn post_events(
+    client: &reqwest::Client,
+    server: &Server,
+    pipeline: &str,
+    range: std::ops::Range<usize>,
+) {
     for chunk in range.collect::<Vec<_>>().chunks(50) {
         let mut lines: Vec<String> = chunk.iter().map(|i| event(*i)).collect();
         lines.extend(chunk.iter().step_by(10).map(|i| event(*i)));
         lines.push("not json".to_string());
         let resp = client
-            .post(server.url("/v1/pipelines/clicks/events"))
+            .post(server.url(&format!("/v1/pipelines/{pipeline}/events")))
             .header("content-type", "application/x-ndjson")
             .body(lines.join("\n"))
             .send()
@@ -504,10 +541,11 @@ async fn running(client: &reqwest::Client, server: &Server) -> Vec<u64> {
 /// Three `serve --node` processes on one state DB (PostgreSQL when `LAMBDA_TEST_POSTGRES` is
 /// set) and one lake (the S3 server when `LAMBDA_TEST_S3` is set) share a pipeline's three
 /// partitions, fed by six Kafka partitions, with copies and malformed messages among the
-/// events. Segments are sealed by size (40 events) or when a partition is handed over
+/// events; an http pipeline buffered in Kafka; with `LAMBDA_TEST_NATS`, the same on JetStream
+/// (a nats source whose subject names the partition, an http pipeline buffered in a stream).
+/// Segments are sealed by size (40 events) or when a partition is handed over
 /// (`segment_age: 1h`), so a node's answers hold the others' fresh events through its mirror
-/// of their open segments. Two
-/// nodes split the partitions; one is killed with -9 mid-stream and its
+/// of their open segments. Two nodes split the partitions; one is killed with -9 mid-stream and its
 /// partitions move to the other and to a node that joins; a batch run publishes in the
 /// middle. Every surviving node then answers exactly the events published — none lost, none
 /// counted twice — and the partitions are each run by exactly one node.
@@ -528,6 +566,11 @@ async fn kafka_nodes_share_partitions_and_take_over_a_killed_one() {
     create_topic_with(&url, &topic, 6).await;
     let buffer = unique("lt");
     create_topic_with(&url, &buffer, 3).await;
+    // The JetStream leg (when `LAMBDA_TEST_NATS` is set) beside the Kafka one: `sensors`, a nats
+    // source whose subject names the partition, and `taps`, an http pipeline buffered in a
+    // stream.
+    let nats = service("LAMBDA_TEST_NATS");
+    let (sensors, taps) = (unique("ns"), unique("nt"));
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path();
     let state = db
@@ -551,20 +594,75 @@ async fn kafka_nodes_share_partitions_and_take_over_a_killed_one() {
         ),
     )
     .unwrap();
+    if let Some(nats) = &nats {
+        std::fs::write(
+            root.join("pipelines/sensors.yaml"),
+            format!(
+                "name: sensors\nsource:\n  type: nats\n  url: {nats}\n  stream: {sensors}\n  subject: \"{sensors}.{{partition}}\"\nschema:\n  id: string\n  ts: timestamp\n  device: string\n  value: float\nevent_time: ts\nevent_id: id\npartitions: 3\narchive:\n  segment_age: 1h\n  segment_rows: 40\nviews:\n  - name: overall\n    window: all\n    metrics:\n      n: count()\n      total: sum(value)\n"
+            ),
+        )
+        .unwrap();
+        std::fs::write(
+            root.join("pipelines/taps.yaml"),
+            format!(
+                "name: taps\nsource: {{type: http}}\nbuffer:\n  nats: {{url: \"{nats}\", stream: {taps}}}\nschema:\n  id: string\n  ts: timestamp\n  device: string\n  value: float\nevent_time: ts\nevent_id: id\npartitions: 3\narchive:\n  segment_age: 1h\nviews:\n  - name: overall\n    window: all\n    metrics:\n      n: count()\n      total: sum(value)\n"
+            ),
+        )
+        .unwrap();
+    }
     let client = reqwest::Client::new();
+    // The JetStream leg's events `range` of `sensors`, when it runs.
+    let publish_sensors = async |range: std::ops::Range<usize>| {
+        if let Some(nats) = &nats {
+            publish_nats_with_copies(nats, &sensors, range).await;
+        }
+    };
+    // Events `range` of `taps` posted to `server`, when the JetStream leg runs.
+    let post_taps = async |server: &Server, range: std::ops::Range<usize>| {
+        if nats.is_some() {
+            post_events(&client, server, "taps", range).await;
+        }
+    };
+    // Every server answers events `0..n` of the JetStream leg's `pipeline`, when it runs.
+    let nats_answers = async |servers: &[&Server], pipeline: &str, n: usize, within: Duration| {
+        if nats.is_some() {
+            all_answer_exactly(&client, servers, pipeline, n, within).await;
+        }
+    };
 
     // First on one `serve` (no nodes), which consumes and commits what it sealed; its
     // successors, nodes, go on from there without reading the topic twice.
     publish_with_copies(&url, &topic, 0..200).await;
+    publish_sensors(0..200).await;
+    if let Some(nats) = &nats {
+        // On a subject naming no partition: dead-lettered by the single `serve`, never read by
+        // nodes — counted by neither.
+        let js = async_nats::jetstream::new(async_nats::connect(nats.as_str()).await.unwrap());
+        let stray = js.publish(format!("{sensors}.7"), event(9999).into());
+        stray.await.unwrap().await.unwrap();
+    }
     let single = Server::start(root);
-    all_answer_exactly(&client, &[&single], 200, Duration::from_secs(60)).await;
+    all_answer_exactly(
+        &client,
+        &[&single],
+        "readings",
+        200,
+        Duration::from_secs(60),
+    )
+    .await;
+    nats_answers(&[&single], "sensors", 200, Duration::from_secs(60)).await;
     assert!(single.terminate().success());
     publish_with_copies(&url, &topic, 200..300).await;
+    publish_sensors(200..300).await;
     let a = Server::start_node(root, "a");
     let b = Server::start_node(root, "b");
-    post_clicks(&client, &a, 0..150).await;
-    post_clicks(&client, &b, 150..300).await;
-    all_answer_exactly(&client, &[&a, &b], 300, Duration::from_secs(60)).await;
+    post_events(&client, &a, "clicks", 0..150).await;
+    post_events(&client, &b, "clicks", 150..300).await;
+    post_taps(&a, 0..150).await;
+    post_taps(&b, 150..300).await;
+    all_answer_exactly(&client, &[&a, &b], "readings", 300, Duration::from_secs(60)).await;
+    nats_answers(&[&a, &b], "sensors", 300, Duration::from_secs(60)).await;
+    nats_answers(&[&a, &b], "taps", 300, Duration::from_secs(30)).await;
     // The first node took every partition; once the second is seen, it hands one over.
     let started = Instant::now();
     loop {
@@ -578,37 +676,47 @@ async fn kafka_nodes_share_partitions_and_take_over_a_killed_one() {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    all_answer_exactly(&client, &[&a, &b], 300, Duration::from_secs(30)).await;
-    // The nodes went on where the single `serve` committed (it sealed segments of 40): they
-    // did not read its 200 events again (those would be dropped as duplicates by the hundred).
-    let mut duplicates = 0;
-    for server in [&a, &b] {
-        let v = get_json(&client, server.url("/v1/pipelines")).await;
-        let readings = v["pipelines"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|p| p["name"] == "readings");
-        duplicates += readings.unwrap()["duplicates"].as_u64().unwrap();
+    all_answer_exactly(&client, &[&a, &b], "readings", 300, Duration::from_secs(30)).await;
+    // The nodes went on where the single `serve` committed (it sealed segments of 40) or
+    // recorded the stream sequence with its seals: they did not read its 200 events again
+    // (those would be dropped as duplicates by the hundred).
+    for pipeline in ["readings", "sensors"]
+        .into_iter()
+        .take(1 + nats.is_some() as usize)
+    {
+        let mut duplicates = 0;
+        for server in [&a, &b] {
+            let v = get_json(&client, server.url("/v1/pipelines")).await;
+            let found = v["pipelines"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|p| p["name"] == pipeline);
+            duplicates += found.unwrap()["duplicates"].as_u64().unwrap();
+        }
+        assert!(
+            duplicates < 100,
+            "the nodes read the single serve's {pipeline} events again: {duplicates} duplicates"
+        );
     }
-    assert!(
-        duplicates < 100,
-        "the nodes read the single serve's events again: {duplicates} duplicates"
-    );
 
     const TOTAL: usize = 1500;
     let publisher = {
         let (url, topic) = (url.clone(), topic.clone());
+        let (nats, sensors) = (nats.clone(), sensors.clone());
         tokio::spawn(async move {
             for start in (300..TOTAL).step_by(50) {
                 publish_with_copies(&url, &topic, start..start + 50).await;
+                if let Some(nats) = &nats {
+                    publish_nats_with_copies(nats, &sensors, start..start + 50).await;
+                }
                 tokio::time::sleep(Duration::from_millis(40)).await;
             }
         })
     };
     let started = Instant::now();
     loop {
-        if overall(&client, &a).await.0 > 500 || publisher.is_finished() {
+        if overall(&client, &a, "readings").await.0 > 500 || publisher.is_finished() {
             break;
         }
         assert!(started.elapsed() < Duration::from_secs(60), "no progress");
@@ -642,8 +750,10 @@ async fn kafka_nodes_share_partitions_and_take_over_a_killed_one() {
             ])
         })
     };
-    post_clicks(&client, &b, 300..450).await;
-    post_clicks(&client, &c, 450..600).await;
+    post_events(&client, &b, "clicks", 300..450).await;
+    post_events(&client, &c, "clicks", 450..600).await;
+    post_taps(&b, 300..450).await;
+    post_taps(&c, 450..600).await;
     publisher.await.unwrap();
     let out = run.await.unwrap();
     assert!(
@@ -652,7 +762,15 @@ async fn kafka_nodes_share_partitions_and_take_over_a_killed_one() {
         crate::support::stdout(&out)
     );
 
-    all_answer_exactly(&client, &[&b, &c], TOTAL, Duration::from_secs(90)).await;
+    all_answer_exactly(
+        &client,
+        &[&b, &c],
+        "readings",
+        TOTAL,
+        Duration::from_secs(90),
+    )
+    .await;
+    nats_answers(&[&b, &c], "sensors", TOTAL, Duration::from_secs(60)).await;
     eprintln!(
         "every event counted once on b and c {:?} after the kill",
         killed.elapsed()
@@ -667,22 +785,8 @@ async fn kafka_nodes_share_partitions_and_take_over_a_killed_one() {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
-    for server in [&b, &c] {
-        let v = get_json(&client, server.url("/v1/views/clicks/overall")).await;
-        let start = Instant::now();
-        let mut v = v;
-        while v["rows"][0]["n"].as_u64() != Some(600) {
-            assert!(
-                start.elapsed() < Duration::from_secs(30),
-                "clicks on {}: {}",
-                server.url(""),
-                v["rows"]
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
-            v = get_json(&client, server.url("/v1/views/clicks/overall")).await;
-        }
-        assert_eq!(v["rows"][0]["total"].as_f64(), Some((600 * 599 / 2) as f64));
-    }
+    all_answer_exactly(&client, &[&b, &c], "clicks", 600, Duration::from_secs(30)).await;
+    nats_answers(&[&b, &c], "taps", 600, Duration::from_secs(30)).await;
     // Each partition run by exactly one live node.
     let (on_b, on_c) = (running(&client, &b).await, running(&client, &c).await);
     let mut all: Vec<u64> = on_b.iter().chain(&on_c).copied().collect();
@@ -722,25 +826,30 @@ async fn kafka_nodes_share_partitions_and_take_over_a_killed_one() {
         .map(|p| p.as_str().unwrap().to_string())
         .collect();
     held.sort();
-    assert_eq!(
-        held,
-        [
-            "clicks/p=0",
-            "clicks/p=1",
-            "clicks/p=2",
-            "readings/p=0",
-            "readings/p=1",
-            "readings/p=2"
-        ],
-        "{}",
-        v["nodes"]
-    );
+    let mut pipelines = vec!["clicks", "readings"];
+    if nats.is_some() {
+        pipelines.extend(["sensors", "taps"]);
+    }
+    let every: Vec<String> = pipelines
+        .iter()
+        .flat_map(|p| (0..3).map(move |k| format!("{p}/p={k}")))
+        .collect();
+    assert_eq!(held, every, "{}", v["nodes"]);
     // b stops gracefully: it seals its partitions and hands them over; c runs everything and
     // still answers exactly every event (resumed from the offsets sealed with b's segments).
     let stopped = Instant::now();
     assert!(b.terminate().success(), "serve exits 0 on SIGTERM");
     publish_with_copies(&url, &topic, TOTAL..TOTAL + 100).await;
-    all_answer_exactly(&client, &[&c], TOTAL + 100, Duration::from_secs(30)).await;
+    publish_sensors(TOTAL..TOTAL + 100).await;
+    all_answer_exactly(
+        &client,
+        &[&c],
+        "readings",
+        TOTAL + 100,
+        Duration::from_secs(30),
+    )
+    .await;
+    nats_answers(&[&c], "sensors", TOTAL + 100, Duration::from_secs(30)).await;
     let started = Instant::now();
     while running(&client, &c).await != [0, 1, 2] {
         assert!(
