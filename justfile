@@ -38,3 +38,7 @@ bench-sources:
 # Batch scale-out: one process against 3 workers, each on a "machine" of `cpus` CPUs (a cgroup; root).
 bench-scaleout cpus="0.6":
     SCALEOUT_BENCH_CPUS={{cpus}} cargo bench --bench scaleout
+
+# Speed layer on nodes: one `serve --node` against 3, each on a "machine" of `cpus` CPUs (a cgroup; root; LAMBDA_TEST_NATS).
+bench-nodes cpus="0.5":
+    NODES_BENCH_CPUS={{cpus}} cargo bench --bench nodes

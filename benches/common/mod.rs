@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod archive;
+pub mod cluster;
 
 use std::io::BufRead;
 use std::path::Path;
@@ -76,18 +77,13 @@ impl Serve {
         }
     }
 
-    /// The project directory.
     /// The CPU time (user + system, seconds) `serve` has used so far; from Linux's
     /// `/proc/PID/stat` (None elsewhere).
     pub fn cpu_seconds(&self) -> Option<f64> {
-        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.child.id())).ok()?;
-        // After the parenthesised command: state is field 3, utime 14 and stime 15, in ticks
-        // of 1/100 s (USER_HZ).
-        let fields: Vec<&str> = stat[stat.rfind(')')? + 1..].split_whitespace().collect();
-        let ticks = |i: usize| fields.get(i - 3)?.parse::<f64>().ok();
-        Some((ticks(14)? + ticks(15)?) / 100.0)
+        cpu_seconds(self.child.id())
     }
 
+    /// The project directory.
     pub fn project(&self) -> &Path {
         self.dir.path()
     }
@@ -153,4 +149,15 @@ pub async fn ack_to_visible(
 /// The `q` quantile of `sorted` (nearest rank below).
 pub fn quantile(sorted: &[f64], q: f64) -> f64 {
     sorted[((sorted.len() - 1) as f64 * q) as usize]
+}
+
+/// The CPU time (user + system, seconds) process `pid` has used so far; from Linux's
+/// `/proc/PID/stat` (None elsewhere).
+pub fn cpu_seconds(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // After the parenthesised command: state is field 3, utime 14 and stime 15, in ticks of
+    // 1/100 s (USER_HZ).
+    let fields: Vec<&str> = stat[stat.rfind(')')? + 1..].split_whitespace().collect();
+    let ticks = |i: usize| fields.get(i - 3)?.parse::<f64>().ok();
+    Some((ticks(14)? + ticks(15)?) / 100.0)
 }
