@@ -231,6 +231,9 @@ pub fn promote(project_dir: &Path, pipeline: &str, server: Option<&str>) -> Resu
     if let Some(at) = &promoted.at {
         println!("{pipeline}: the server runs the definition in pipelines/ from {at}");
     }
+    for (node, outcome) in &promoted.nodes {
+        println!("{pipeline}: node {node}: {outcome}");
+    }
     Ok(())
 }
 

@@ -18,7 +18,7 @@ use super::app::{App, METRICS, error};
 use super::format;
 use super::guard;
 use super::metrics;
-use super::promote::PromoteError;
+use super::promote::{PromoteError, Role};
 use super::query::{QueryError, Served, ViewQuery};
 use super::time::parse_time;
 use super::{candidate, travel};
@@ -43,6 +43,10 @@ pub fn routes() -> Router<Arc<App>> {
         .route(
             "/v1/internal/pipelines/{pipeline}/partitions/{partition}/open",
             get(open_segment),
+        )
+        .route(
+            "/v1/internal/pipelines/{pipeline}/promote",
+            post(follow_promote),
         )
         .route("/v1/nodes", get(nodes))
 }
@@ -165,10 +169,40 @@ async fn promote(
         Ok(s) => s,
         Err(r) => return *r,
     };
-    match super::promote::promote(&served).await {
+    match super::promote::promote(&served, Role::Lead).await {
+        Ok(mut promoted) => {
+            if let Some(node) = served.runtime.node() {
+                promoted.nodes =
+                    super::promote::followers(&served, node, app.token.as_deref()).await;
+            }
+            axum::Json(promoted).into_response()
+        }
+        Err(e) => promote_error(e),
+    }
+}
+
+/// `POST /v1/internal/pipelines/{pipeline}/promote` with the views' logic hashes by name:
+/// another node promoted the pipeline to them; this one switches to the same definition
+/// ([`Role::Follow`]).
+async fn follow_promote(
+    State(app): State<Arc<App>>,
+    Path(name): Path<String>,
+    axum::Json(led): axum::Json<std::collections::BTreeMap<String, String>>,
+) -> Response {
+    let served = match served(&app, &name) {
+        Ok(s) => s,
+        Err(r) => return *r,
+    };
+    match super::promote::promote(&served, Role::Follow(led)).await {
         Ok(promoted) => axum::Json(promoted).into_response(),
-        Err(e @ PromoteError::Conflict(_)) => error(StatusCode::CONFLICT, e.to_string()),
-        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+        Err(e) => promote_error(e),
+    }
+}
+
+fn promote_error(e: PromoteError) -> Response {
+    match e {
+        e @ PromoteError::Conflict(_) => error(StatusCode::CONFLICT, e.to_string()),
+        e => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
     }
 }
 

@@ -15,6 +15,7 @@
 //! after the others: [`in_place`]). Anything else takes a restart (promote without a server
 //! running, [`promote_stored`], then `serve`).
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -76,6 +77,9 @@ pub struct Promoted {
     pub views: Vec<Step>,
     /// The instant the server switched (RFC 3339, to the nanosecond); `None` without a server.
     pub at: Option<String>,
+    /// On nodes: each other live node and how its switch went (`switched`, or the error).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub nodes: BTreeMap<String, String>,
 }
 
 fn other(e: impl std::fmt::Display) -> PromoteError {
@@ -172,6 +176,7 @@ pub async fn promote_stored(db: &State, plan: &Plan) -> Result<Promoted, Promote
         pipeline: name,
         views: steps,
         at: None,
+        nodes: BTreeMap::new(),
     })
 }
 
@@ -185,8 +190,28 @@ fn switches(steps: &[Step]) -> Vec<(String, Option<PublicationId>, PublicationId
         .collect()
 }
 
+/// Who runs a promote on nodes (`serve --node`), where every node serves the pipeline.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Role {
+    /// The node asked: it switches, commits the new versions and records what the views serve
+    /// from now on and the rows restated; then the other live nodes follow ([`followers`]).
+    Lead,
+    /// Another node led, switching its views to these logic hashes (by view name): this one
+    /// switches to the same definition — which its pipelines/ must hold — and records
+    /// nothing (the versions are current already); a node that runs it has nothing to do.
+    Follow(BTreeMap<String, String>),
+}
+
+/// The logic hash of each view of `plan`, by name.
+fn hashes(plan: &Plan) -> BTreeMap<String, String> {
+    let views = &plan.pipeline().views;
+    (0..views.len())
+        .map(|i| (views[i].name.clone(), plan.logic_hash(i)))
+        .collect()
+}
+
 /// Promotes the definition in pipelines/ on the running server `served` (see the module docs).
-pub async fn promote(served: &Served) -> Result<Promoted, PromoteError> {
+pub async fn promote(served: &Served, role: Role) -> Result<Promoted, PromoteError> {
     let rt = served.runtime.clone();
     let root = served
         .root
@@ -208,6 +233,22 @@ pub async fn promote(served: &Served) -> Result<Promoted, PromoteError> {
         ))
     })?;
     let plan = Arc::new(plan);
+    if let Role::Follow(led) = &role {
+        if hashes(&running) == *led {
+            return Ok(Promoted {
+                pipeline: plan.pipeline().name.clone(),
+                views: Vec::new(),
+                at: None,
+                nodes: BTreeMap::new(),
+            });
+        }
+        if hashes(&plan) != *led {
+            return Err(PromoteError::Conflict(format!(
+                "pipelines/ on this node defines the views of `{}` differently from the node that promoted them: deploy the same pipelines/ to every node, then promote again",
+                plan.pipeline().name
+            )));
+        }
+    }
     let steps = steps(rt.db(), &plan, Some(&running)).await?;
     let mut serve: Vec<Serve> = plan.pipeline().views.iter().map(|_| Serve::Keep).collect();
     for s in &steps {
@@ -234,9 +275,18 @@ pub async fn promote(served: &Served) -> Result<Promoted, PromoteError> {
         }
     })?;
     let at = switched.at;
+    let pipeline = plan.pipeline().name.clone();
+    if matches!(role, Role::Follow(_)) {
+        tracing::info!(%pipeline, views = steps.len(), "followed another node's promote: the views run the definition in pipelines/");
+        return Ok(Promoted {
+            pipeline,
+            views: steps,
+            at: Some(format_ns(at.ns())),
+            nodes: BTreeMap::new(),
+        });
+    }
     // What the views serve from now on, for `as_of` answers (a failure loses the record, not
     // the switch: answers before it say the definition changed).
-    let pipeline = plan.pipeline().name.clone();
     let installs: Vec<Install> = steps
         .iter()
         .map(|s| Install {
@@ -270,8 +320,74 @@ pub async fn promote(served: &Served) -> Result<Promoted, PromoteError> {
         pipeline,
         views: steps,
         at: Some(format_ns(at.ns())),
+        nodes: BTreeMap::new(),
     })
 }
+
+/// The path of the internal endpoint that makes a node follow a promote.
+pub fn follow_path(pipeline: &str) -> String {
+    format!("/v1/internal/pipelines/{pipeline}/promote")
+}
+
+/// After node `node` led a promote of `served`'s pipeline: asks every other live node to
+/// follow (with `token`; the body: the views' logic hashes by name, [`Role::Follow`]), so
+/// every node answers by the same definition — a node left on the
+/// old one would refuse the others' open segments and answer those partitions as stale. Each
+/// node's outcome: `switched`, `already switched`, or why not (it then runs the new
+/// definition once restarted; its answers name the partitions it cannot mirror meanwhile).
+pub async fn followers(
+    served: &Served,
+    node: &str,
+    token: Option<&str>,
+) -> BTreeMap<String, String> {
+    let pipeline = served.runtime.pipeline.name.clone();
+    let led = hashes(&served.runtime.plan());
+    let db = served.runtime.db();
+    let nodes = match crate::speed::nodes::overview(db, [pipeline.as_str()], now_ms()).await {
+        Ok(nodes) => nodes,
+        Err(e) => return BTreeMap::from([("*".to_string(), format!("listing the nodes: {e}"))]),
+    };
+    let client = reqwest::Client::new();
+    let asks = nodes
+        .into_iter()
+        .filter(|n| n.alive && n.name != node)
+        .map(|n| {
+            let mut req = client
+                .post(format!("{}{}", n.listen, follow_path(&pipeline)))
+                .json(&led)
+                .timeout(FOLLOW_TIMEOUT);
+            if let Some(token) = token {
+                req = req.bearer_auth(token);
+            }
+            async move {
+                let outcome = match req.send().await {
+                    Ok(resp) if resp.status().is_success() => match resp.json::<Promoted>().await {
+                        Ok(p) if p.views.is_empty() => "already switched".to_string(),
+                        Ok(_) => "switched".to_string(),
+                        Err(e) => format!("unreadable answer: {e}"),
+                    },
+                    Ok(resp) => {
+                        let status = resp.status();
+                        format!("{status}: {}", resp.text().await.unwrap_or_default())
+                    }
+                    Err(e) => format!("unreachable: {e}"),
+                };
+                (n.name, outcome)
+            }
+        });
+    let outcomes: BTreeMap<String, String> =
+        futures::future::join_all(asks).await.into_iter().collect();
+    for (name, outcome) in &outcomes {
+        if outcome != "switched" && outcome != "already switched" {
+            tracing::warn!(%pipeline, node = %name, %outcome, "a node did not follow the promote; it runs the new definition once restarted");
+        }
+    }
+    outcomes
+}
+
+/// How long a node may take to follow a promote (it computes the open segments' partials by
+/// the new definition first).
+const FOLLOW_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(120);
 
 /// The ledger entries of the rows each promoted view's answer changed at the switch: its
 /// answer by the old definition just before against the new one's just after.

@@ -835,6 +835,43 @@ async fn kafka_nodes_share_partitions_and_take_over_a_killed_one() {
         .flat_map(|p| (0..3).map(move |k| format!("{p}/p={k}")))
         .collect();
     assert_eq!(held, every, "{}", v["nodes"]);
+    // A promote on b has c follow: a view added to `readings` is answered on both, by one
+    // definition (so each still takes the other's open segments: nothing stale).
+    let yaml = std::fs::read_to_string(root.join("pipelines/readings.yaml")).unwrap();
+    let added = "  - name: per_device\n    group_by: [device]\n    window: all\n    metrics:\n      n: count()\n";
+    std::fs::write(
+        root.join("pipelines/readings.yaml"),
+        format!("{yaml}{added}"),
+    )
+    .unwrap();
+    let resp = client
+        .post(b.url("/v1/pipelines/readings/promote"))
+        .send()
+        .await
+        .unwrap();
+    assert!(resp.status().is_success(), "promote: {}", resp.status());
+    let promoted: Value = resp.json().await.unwrap();
+    assert_eq!(
+        promoted["nodes"],
+        serde_json::json!({"c": "switched"}),
+        "{promoted}"
+    );
+    let per_device = |s: &Server| get_json(&client, s.url("/v1/views/readings/per_device"));
+    let (vb, vc) = (per_device(&b).await, per_device(&c).await);
+    let counted = |v: &Value| -> u64 {
+        v["rows"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r["n"].as_u64().unwrap())
+            .sum()
+    };
+    assert_eq!((counted(&vb), counted(&vc)), (TOTAL as u64, TOTAL as u64));
+    assert_eq!(vb["rows"], vc["rows"]);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    for server in [&b, &c] {
+        assert!(stale(server).await.is_empty(), "stale after the promote");
+    }
     // b stops gracefully: it seals its partitions and hands them over; c runs everything and
     // still answers exactly every event (resumed from the offsets sealed with b's segments).
     let stopped = Instant::now();
