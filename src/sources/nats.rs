@@ -218,6 +218,22 @@ impl broker::Session for NatsSource {
         });
         let mut failure = None;
         let meta = broker::meta_keys(&self.rt);
+        // A partitioned subject: per partition, the next stream sequence its archive does not
+        // hold. A message below it is archived already — a redelivery after a crash, or one
+        // that nodes archived while they ran the pipeline — and is acknowledged, not counted.
+        let mut archived: BTreeMap<u32, u64> = BTreeMap::new();
+        if self.partitioned {
+            for partition in self.rt.partitions() {
+                let offsets = self
+                    .rt
+                    .db()
+                    .source_offsets(&self.rt.pipeline.name, partition)
+                    .await?;
+                if let Some(n) = offsets.get(&i32::try_from(partition)?) {
+                    archived.insert(partition, u64::try_from(*n).unwrap_or(0));
+                }
+            }
+        }
         while let Some(batch) = broker::next_batch(&mut messages, BATCH, shutdown).await {
             let mut bodies: BTreeMap<Option<usize>, Body> = BTreeMap::new();
             let mut notes = Notes::new();
@@ -226,7 +242,9 @@ impl broker::Session for NatsSource {
             for m in batch {
                 match m {
                     Ok(m) => {
+                        let seq = m.info().map_or(0, |i| i.stream_sequence);
                         match self.partition_of(&m.subject) {
+                            Ok(Some(k)) if archived.get(&k).is_some_and(|n| seq < *n) => {}
                             Ok(partition) => {
                                 let lane = partition.and_then(|k| self.rt.lane_index(k));
                                 bodies

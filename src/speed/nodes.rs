@@ -369,6 +369,70 @@ mod tests {
         Some(version)
     }
 
+    /// A `serve` without --node refuses a pipeline while a node runs one of its partitions.
+    /// Once the nodes stopped, its own log of before is stale: one the nodes archived past
+    /// starts over, one holding events past the archive's end is refused until deleted — never
+    /// replayed beside what the nodes archived.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_single_serve_takes_a_pipeline_back_from_nodes_only_when_safe() {
+        let mut p = Project::new(&partitioned_spec(2, "event_id: id", "1h")).await;
+        let single = p.start().await;
+        single.ingest_into(events(0..10), Some(0)).await.unwrap();
+        single.ingest_into(events(100..130), Some(1)).await.unwrap();
+        // Node a runs both partitions (the broker delivering their events again).
+        let (a, _stop_a) = p.start_node("a").await;
+        let fences = [
+            lease(&p, 0, "a", 60_000).await,
+            lease(&p, 1, "a", 60_000).await,
+        ];
+        for (k, fence) in fences.iter().enumerate() {
+            a.take(k as u32, fence.clone()).await.unwrap();
+        }
+        let Err(err) = p.try_start().await else {
+            panic!("refused beside a node")
+        };
+        assert!(
+            format!("{err:#}").contains("node `a` runs its partition 0"),
+            "{err:#}"
+        );
+        let (a, _stop_a) = p.start_node("a").await;
+        for (k, fence) in fences.iter().enumerate() {
+            a.take(k as u32, fence.clone()).await.unwrap();
+        }
+        a.ingest_into(events(0..20), Some(0)).await.unwrap();
+        a.ingest_into(events(100..105), Some(1)).await.unwrap();
+        wait_for("absorbed on a", async || served(&a).0 == 25).await;
+        for (k, fence) in fences.iter().enumerate() {
+            a.give_up(k as u32, true).await.unwrap();
+            assert!(
+                p.db.release_lease("orders", k as u32, "a", fence.epoch)
+                    .await
+                    .unwrap()
+            );
+        }
+        // Partition 1's old log ends at 30, past the nodes' 5: refused, until deleted.
+        let Err(err) = p.try_start().await else {
+            panic!("a log past the archive")
+        };
+        assert!(format!("{err:#}").contains("partition 1"), "{err:#}");
+        std::fs::remove_dir_all(p.dir.path().join("log/orders/p=1")).unwrap();
+        // Partition 0's old log (10) is behind the nodes' 20: it starts over, nothing twice.
+        let single = p.start().await;
+        assert_eq!(served(&single), (25, total(0..20) + total(100..105)));
+        assert!(
+            p.db.leases("orders")
+                .await
+                .unwrap()
+                .iter()
+                .all(|l| l.expires_ms == -1)
+        );
+        // Taken back: a restart with events past the archive replays them as usual.
+        single.ingest_into(events(200..203), Some(0)).await.unwrap();
+        let single = p.start().await;
+        wait_for("replayed", async || served(&single).0 == 28).await;
+        p.shutdown.cancel();
+    }
+
     /// A node answers another node's fresh events through its mirror of their open segment,
     /// asked again only when it changed, and replaced by the sealed segment once there: the
     /// events count once.

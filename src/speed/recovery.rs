@@ -297,6 +297,57 @@ pub(super) fn holds_from(dir: &Path, from: u64) -> anyhow::Result<bool> {
     Ok(log::end(dir)? > from)
 }
 
+/// Before a `serve` without `--node` runs `pipeline` alone (its logs under `log_dir`): refused
+/// while a node holds a lease of one of its partitions — both would archive the same
+/// positions. The first time after nodes ran it, a partition's log written before is stale:
+/// one the nodes archived past starts over at the archive's end (what it held was read again
+/// from the broker), one holding events past the archive's end is refused (the nodes may
+/// have archived them since, at other positions). Then the leases are taken back
+/// ([`State::take_back_leases`]).
+pub(super) async fn refuse_beside_nodes(
+    db: &State,
+    pipeline: &str,
+    log_dir: &Path,
+) -> anyhow::Result<()> {
+    let now = crate::clock::now_ms();
+    let leases = db.leases(pipeline).await?;
+    if let Some(held) = leases
+        .iter()
+        .find(|l| l.node.is_some() && l.expires_ms >= now)
+    {
+        anyhow::bail!(
+            "pipeline `{pipeline}`: node `{}` runs its partition {} (`serve --node`); a `serve` without --node would archive the same positions: stop the nodes first (SIGTERM hands their partitions over), or start this one as a node too (`serve --node NAME`)",
+            held.node.as_deref().unwrap_or_default(),
+            held.partition
+        );
+    }
+    for lease in leases.iter().filter(|l| l.expires_ms >= 0) {
+        let dir = log_dir
+            .join(pipeline)
+            .join(format!("p={}", lease.partition));
+        let checkpoint = db.checkpoint(pipeline, lease.partition).await?.unwrap_or(0);
+        if !dir.exists() {
+            continue;
+        }
+        let end = log::end(&dir)?;
+        if end < checkpoint {
+            // The nodes archived past all it holds (read again from the broker): it starts
+            // over at the archive's end.
+            tracing::info!(%pipeline, partition = lease.partition, log_end = end, checkpoint, "nodes archived past this server's write-ahead log; it starts over at the checkpoint");
+            start_log_over(&dir, checkpoint)?;
+        } else if end > checkpoint {
+            anyhow::bail!(
+                "pipeline `{pipeline}`: nodes ran partition {} since this server's write-ahead log {} was written, and the log holds events past the archive's end ({checkpoint}) that they may have archived since (read again from the broker): delete {} to go on from the archive — the broker delivers again what no segment holds",
+                lease.partition,
+                dir.display(),
+                dir.display()
+            );
+        }
+    }
+    db.take_back_leases(pipeline, now).await?;
+    Ok(())
+}
+
 /// On a node (`serve --node`), a partition's log at start: empty, continuing at the
 /// checkpoint. What it held beyond the checkpoint was never archived nor acknowledged to the
 /// broker: whichever node takes the partition reads it from the broker again.

@@ -346,6 +346,9 @@ impl PipelineRuntime {
         shutdown: CancellationToken,
     ) -> anyhow::Result<Arc<PipelineRuntime>> {
         let name = pipeline.name.clone();
+        if node.is_none() {
+            recovery::refuse_beside_nodes(&db, &name, log_dir).await?;
+        }
         let views = pipeline.views.len();
         let speed = Arc::new(RwLock::new(SpeedState::new(views)));
         let counters = Arc::new(Counters::default());

@@ -99,6 +99,11 @@ impl Project {
     }
 
     pub async fn start(&mut self) -> Arc<PipelineRuntime> {
+        self.try_start().await.unwrap()
+    }
+
+    /// A runtime as a `serve` without --node, after stopping every one started before.
+    pub async fn try_start(&mut self) -> anyhow::Result<Arc<PipelineRuntime>> {
         self.shutdown.cancel();
         self.shutdown = CancellationToken::new();
         PipelineRuntime::start(
@@ -111,7 +116,6 @@ impl Project {
             self.shutdown.clone(),
         )
         .await
-        .unwrap()
     }
 }
 

@@ -167,6 +167,34 @@ impl State {
         rows.into_iter().map(LeaseRow::into_lease).collect()
     }
 
+    /// A `serve` without `--node` runs `pipeline` from now on: every lease no node holds at
+    /// `now_ms` is marked taken back (no node, `expires_ms` −1; the epoch stays, so a node
+    /// taking it later still fences every earlier holder). Returns the leases not taken back
+    /// before: the partitions nodes ran since a single `serve` last did.
+    pub async fn take_back_leases(
+        &self,
+        pipeline: &str,
+        now_ms: i64,
+    ) -> Result<Vec<Lease>, StateError> {
+        const SQL: &str = "
+            UPDATE leases SET node = NULL, expires_ms = -1
+            WHERE pipeline = $1 AND expires_ms >= 0 AND (node IS NULL OR expires_ms < $2)";
+        let before: Vec<Lease> = self
+            .leases(pipeline)
+            .await?
+            .into_iter()
+            .filter(|l| l.expires_ms >= 0)
+            .collect();
+        on_pool!(self, |pool| sqlx::query(SQL)
+            .bind(pipeline)
+            .bind(now_ms)
+            .execute(pool)
+            .await
+            .map(|_| ()))
+        .map_err(db("take leases back"))?;
+        Ok(before)
+    }
+
     /// Node `node` takes the lease of `partition` of `pipeline` until `expires_ms`, if it is
     /// free: never leased (epoch 1), released, or expired (`expires_ms < now_ms`; the epoch
     /// grows by one). Returns the new epoch, the [`Fence`] of the node's seals.

@@ -1606,4 +1606,27 @@ async fn leaving_releases_a_nodes_leases(url: String) {
     state.leave("a").await.unwrap();
     state.leave("z").await.unwrap();
     assert_eq!(state.nodes().await.unwrap().len(), 1);
+
+    // A `serve` without --node takes back what no node holds: b's unexpired leases are left
+    // as they are; partition 1 is marked taken back, its epoch kept, free to take.
+    let back = state.take_back_leases(p, 3_000).await.unwrap();
+    assert_eq!(back.len(), 3, "each lease not taken back before: {back:?}");
+    assert_eq!(
+        state.leases(p).await.unwrap(),
+        [
+            lease(p, 0, Some("b"), 2, 12_500),
+            lease(p, 1, None, 1, -1),
+            lease(p, 2, Some("b"), 1, 12_000),
+        ]
+    );
+    assert!(state.release_lease(p, 0, "b", 2).await.unwrap());
+    let back = state.take_back_leases(p, 3_000).await.unwrap();
+    assert_eq!(back.len(), 2, "partitions 0 and 2 since: {back:?}");
+    let back = state.take_back_leases(p, 3_000).await.unwrap();
+    assert_eq!(back.len(), 1, "partition 2, still held: {back:?}");
+    assert_eq!(
+        state.acquire_lease(p, 1, "c", 3_000, 13_000).await.unwrap(),
+        Some(2),
+        "the epoch goes on"
+    );
 }
