@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 
 mod common;
-use common::cluster::{Backends, Machine};
+use common::cluster::{Backends, Machine, cpus_from_env};
 
 const PARTITIONS: usize = 6;
 const MOVED: usize = 6_000;
@@ -247,15 +247,7 @@ fn main() -> anyhow::Result<()> {
         v.parse()
             .with_context(|| format!("NODES_BENCH_EVENTS={v}: not a count"))
     })?;
-    let cpus = match std::env::var("NODES_BENCH_CPUS") {
-        Ok(v) => Some(
-            v.parse::<f64>()
-                .ok()
-                .filter(|c| *c > 0.0)
-                .with_context(|| format!("NODES_BENCH_CPUS={v}: not a positive number"))?,
-        ),
-        Err(_) => None,
-    };
+    let cpus = cpus_from_env("NODES_BENCH_CPUS")?;
     let rt = tokio::runtime::Runtime::new()?;
     let backends = rt.block_on(Backends::create())?;
     let outcome = rt.block_on(bench(&backends, &url, events, cpus));

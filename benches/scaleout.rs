@@ -26,7 +26,7 @@ use polars::prelude::{DataFrame, DataType};
 
 mod common;
 use common::archive::{SPEC, archive};
-use common::cluster::{Backends, Machine};
+use common::cluster::{Backends, Machine, cpus_from_env};
 
 const VIEWS: [&str; 3] = ["per_minute", "per_country", "per_user"];
 
@@ -51,15 +51,7 @@ fn main() -> anyhow::Result<()> {
     )?
     .max(1);
     let repeat = env("SCALEOUT_BENCH_REPEAT", 3)?.max(1);
-    let cpus = match std::env::var("SCALEOUT_BENCH_CPUS") {
-        Ok(v) => Some(
-            v.parse::<f64>()
-                .ok()
-                .filter(|c| *c > 0.0)
-                .with_context(|| format!("SCALEOUT_BENCH_CPUS={v}: not a positive number"))?,
-        ),
-        Err(_) => None,
-    };
+    let cpus = cpus_from_env("SCALEOUT_BENCH_CPUS")?;
     let rt = tokio::runtime::Runtime::new()?;
     let backends = rt.block_on(Backends::create())?;
     let outcome = bench(&rt, &backends, events, segment_rows, group, repeat, cpus);

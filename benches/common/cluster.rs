@@ -189,3 +189,17 @@ impl Drop for Machine {
         }
     }
 }
+
+/// The CPUs of each machine from the environment variable `name`: `None` when unset (every
+/// process shares the host), else a positive number.
+pub fn cpus_from_env(name: &str) -> anyhow::Result<Option<f64>> {
+    match std::env::var(name) {
+        Ok(v) => Ok(Some(
+            v.parse::<f64>()
+                .ok()
+                .filter(|c| *c > 0.0)
+                .with_context(|| format!("{name}={v}: not a positive number"))?,
+        )),
+        Err(_) => Ok(None),
+    }
+}

@@ -532,8 +532,6 @@ fn measure_lag(consumer: &StreamConsumer, topic: &str) -> KafkaResult<BTreeMap<S
 pub struct KafkaBuffer {
     producer: rdkafka::producer::FutureProducer,
     topic: String,
-    partitions: usize,
-    next: std::sync::atomic::AtomicUsize,
 }
 
 /// How long a publish to the buffer may take before the request fails.
@@ -563,8 +561,6 @@ impl KafkaBuffer {
         Ok(KafkaBuffer {
             producer,
             topic: topic.to_string(),
-            partitions: (rt.pipeline.partitions as usize).max(1),
-            next: std::sync::atomic::AtomicUsize::new(0),
         })
     }
 }
@@ -577,16 +573,11 @@ impl crate::speed::door::Forward for KafkaBuffer {
     ) -> futures::future::BoxFuture<'a, anyhow::Result<crate::speed::door::IngestReport>> {
         Box::pin(async move {
             let (mut report, records) = rt.accept(&body).await?;
-            let turn =
-                self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % self.partitions;
-            let sends = records.iter().map(|(key, record)| {
-                let partition = key.as_deref().map_or(turn, |k| {
-                    crate::speed::door::partition_of(k, self.partitions)
-                });
+            let sends = records.iter().map(|a| {
                 let mut message = rdkafka::producer::FutureRecord::<str, [u8]>::to(&self.topic)
-                    .partition(i32::try_from(partition).unwrap_or(0))
-                    .payload(&record[..]);
-                if let Some(k) = key.as_deref() {
+                    .partition(i32::try_from(a.partition).unwrap_or(0))
+                    .payload(&a.record[..]);
+                if let Some(k) = a.key.as_deref() {
                     message = message.key(k);
                 }
                 self.producer.send(message, BUFFER_TIMEOUT)

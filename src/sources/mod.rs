@@ -34,7 +34,7 @@ fn start_buffer(rt: &Arc<PipelineRuntime>, buffer: &Source) -> anyhow::Result<()
             stream,
             subject,
             ..
-        } => Arc::new(nats::NatsBuffer::new(rt, url, stream, subject)),
+        } => Arc::new(nats::NatsBuffer::new(url, stream, subject)),
         #[cfg(feature = "kafka")]
         Source::Kafka {
             brokers,

@@ -512,20 +512,16 @@ pub struct NatsBuffer {
     url: String,
     stream: String,
     subject: String,
-    partitions: usize,
-    next: std::sync::atomic::AtomicUsize,
     /// Connected, with the stream opened, on first use.
     js: tokio::sync::OnceCell<jetstream::Context>,
 }
 
 impl NatsBuffer {
-    pub fn new(rt: &PipelineRuntime, url: &str, stream: &str, subject: &str) -> Self {
+    pub fn new(url: &str, stream: &str, subject: &str) -> Self {
         NatsBuffer {
             url: url.to_string(),
             stream: stream.to_string(),
             subject: subject.to_string(),
-            partitions: (rt.pipeline.partitions as usize).max(1),
-            next: std::sync::atomic::AtomicUsize::new(0),
             js: tokio::sync::OnceCell::new(),
         }
     }
@@ -553,8 +549,6 @@ impl crate::speed::door::Forward for NatsBuffer {
         Box::pin(async move {
             let (mut report, records) = rt.accept(&body).await?;
             let js = self.context().await?;
-            let turn =
-                self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % self.partitions;
             let failed = |e: &dyn std::fmt::Display| {
                 anyhow::anyhow!("publishing to the buffer stream `{}`: {e}", self.stream)
             };
@@ -562,13 +556,10 @@ impl crate::speed::door::Forward for NatsBuffer {
             // acknowledgement awaited: not acknowledged, the client retries the request
             // (`event_id` drops what the stream did take).
             let mut acks = Vec::with_capacity(records.len());
-            for (key, record) in records.iter() {
-                let partition = key.as_deref().map_or(turn, |k| {
-                    crate::speed::door::partition_of(k, self.partitions)
-                });
-                let subject = nats_subject(&self.subject, Some(partition as u32));
+            for a in &records {
+                let subject = nats_subject(&self.subject, Some(a.partition as u32));
                 let ack = js
-                    .publish(subject, record.clone())
+                    .publish(subject, a.record.clone())
                     .await
                     .map_err(|e| failed(&e))?;
                 acks.push(std::future::IntoFuture::into_future(ack));

@@ -52,11 +52,10 @@ impl PipelineRuntime {
 
     /// For a `buffer`: decodes `body` as the door does, writing the rejected lines to the
     /// dead-letter area; returns the report so far and, per accepted event, its key (the
-    /// `partition_key` or `event_id` value) and its record as it came. Nothing is logged.
-    pub async fn accept(
-        &self,
-        body: &Bytes,
-    ) -> anyhow::Result<(IngestReport, Vec<(Option<String>, Bytes)>)> {
+    /// `partition_key` or `event_id` value), the pipeline partition it belongs to
+    /// (`crc32(key) mod partitions`; without a key, the request's events go together to the
+    /// next partition in turn) and its record as it came. Nothing is logged.
+    pub async fn accept(&self, body: &Bytes) -> anyhow::Result<(IngestReport, Vec<Accepted>)> {
         let plan = self.plan();
         let b = body.clone();
         let decoded = tokio::task::spawn_blocking(move || plan.decode(&b)).await?;
@@ -68,10 +67,16 @@ impl PipelineRuntime {
             Some(column) => id_strings(&decoded.events, column)?,
             None => vec![None; decoded.events.height()],
         };
+        let partitions = (self.pipeline.partitions as usize).max(1);
+        let turn = self.next_lane.fetch_add(1, Ordering::Relaxed) % partitions;
         let records = keys
             .into_iter()
             .zip(&decoded.records)
-            .map(|(key, r)| (key, body.slice(r.clone())))
+            .map(|(key, r)| Accepted {
+                partition: key.as_deref().map_or(turn, |k| partition_of(k, partitions)),
+                key,
+                record: body.slice(r.clone()),
+            })
             .collect();
         Ok((report, records))
     }
@@ -288,6 +293,16 @@ impl PipelineRuntime {
             .with_context(|| format!("writing dead letters to {path}"))?;
         Ok(())
     }
+}
+
+/// An event a `buffer` takes ([`PipelineRuntime::accept`]).
+pub struct Accepted {
+    /// Its `partition_key` or `event_id` value.
+    pub key: Option<String>,
+    /// The pipeline partition it belongs to.
+    pub partition: usize,
+    /// Its record as it came.
+    pub record: Bytes,
 }
 
 /// Where a pipeline's door sends what it accepts instead of its own logs: a `buffer` (a
