@@ -91,7 +91,8 @@ async fn serve(
             Arc::new(
                 Served::new(rt)
                     .with_history(settings.serve.history)
-                    .with_root(project.root.clone()),
+                    .with_root(project.root.clone())
+                    .with_token(settings.serve.token.clone()),
             ),
         );
     }

@@ -61,9 +61,10 @@ pub async fn answer(served: Arc<Served>, view: &str, q: &ViewQuery) -> Result<An
     let cutoff = publication.cutoff.clone();
     // Each segment with the lookup versions it recorded, read as the candidate defines them.
     let lookups = Lookups::reader(plan.pipeline(), &lake);
-    let read = read_since(&rt, &cutoff, i64::MAX, &lookups)
+    let read = read_since(&rt, served.token.as_deref(), &cutoff, i64::MAX, &lookups)
         .await
         .map_err(other)?;
+    let stale = read.stale.clone();
 
     let q = q.clone();
     let horizon = publication.horizon_ms;
@@ -83,6 +84,7 @@ pub async fn answer(served: Arc<Served>, view: &str, q: &ViewQuery) -> Result<An
     .await
     .map_err(|e| QueryError::Other(e.to_string()))??;
     as_of.describe(at, Some(&publication));
+    as_of.stale = stale;
     served.with_verified(&mut as_of);
     Ok(Answer {
         columns: super::query::columns(&v),

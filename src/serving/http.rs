@@ -45,6 +45,10 @@ pub fn routes() -> Router<Arc<App>> {
             get(open_segment),
         )
         .route(
+            "/v1/internal/pipelines/{pipeline}/partitions/{partition}/logged",
+            get(logged_events),
+        )
+        .route(
             "/v1/internal/pipelines/{pipeline}/promote",
             post(follow_promote),
         )
@@ -91,6 +95,46 @@ async fn open_segment(
             ([(header::CONTENT_TYPE, "application/octet-stream")], bytes).into_response()
         }
         Ok(Err(e)) => error(StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}")),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    }
+}
+
+#[derive(serde::Deserialize)]
+struct FromPosition {
+    from: u64,
+}
+
+/// `GET /v1/internal/pipelines/{pipeline}/partitions/{partition}/logged?from=N`: the events
+/// this node's log holds of a partition it runs from position N on, with their positions and
+/// arrival times (Parquet; 204 when none), for another node's `as_of` or candidate answer.
+/// 409 when the log no longer holds N (sealed meanwhile: the asker reads the archive again);
+/// 404 when this node does not run the partition.
+async fn logged_events(
+    State(app): State<Arc<App>>,
+    Path((name, partition)): Path<(String, u32)>,
+    Query(from): Query<FromPosition>,
+) -> Response {
+    let rt = match served(&app, &name) {
+        Ok(s) => s.runtime.clone(),
+        Err(resp) => return *resp,
+    };
+    if !rt.owns(partition) {
+        return error(
+            StatusCode::NOT_FOUND,
+            format!("partition {partition} of `{name}` does not run on this server"),
+        );
+    }
+    let read = tokio::task::spawn_blocking(move || {
+        rt.logged(partition, from.from)?
+            .map(crate::speed::nodes::encode_events)
+            .transpose()
+    });
+    match read.await {
+        Ok(Ok(Some(bytes))) => {
+            ([(header::CONTENT_TYPE, "application/octet-stream")], bytes).into_response()
+        }
+        Ok(Ok(None)) => StatusCode::NO_CONTENT.into_response(),
+        Ok(Err(e)) => error(StatusCode::CONFLICT, format!("{e:#}")),
         Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
     }
 }

@@ -106,7 +106,8 @@ pub struct AsOf {
     pub positions: BTreeMap<u32, u64>,
     /// On a node: partitions other nodes run whose owner has not answered its mirror lately
     /// (it died or the partition is moving): the answer holds them up to `positions`, which
-    /// may be behind what was acknowledged. Left out when empty.
+    /// may be behind what was acknowledged. In an `as_of` or candidate answer: those whose
+    /// open segment no owner answered (their sealed events only). Left out when empty.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub stale: Vec<u32>,
     pub computed_at: String,
@@ -182,6 +183,8 @@ pub struct Served {
     pub history: std::time::Duration,
     /// The project directory: where `version=candidate` reads the edited definitions.
     pub root: Option<std::path::PathBuf>,
+    /// `serve.token`: on a node, what it shows other nodes when it reads their logs.
+    pub token: Option<String>,
     /// Definitions a server recorded, compiled for `as_of` answers from before a change:
     /// (view, logic hash) → the plan and the view's index in it. Compiled once each.
     pub(super) recorded: Mutex<RecordedPlans>,
@@ -198,8 +201,15 @@ impl Served {
             answers,
             history: crate::spec::settings::DEFAULT_HISTORY,
             root: None,
+            token: None,
             recorded: Default::default(),
         }
+    }
+
+    /// Showing `token` to other nodes.
+    pub fn with_token(mut self, token: Option<String>) -> Served {
+        self.token = token;
+        self
     }
 
     /// Reading candidate definitions from the project in `root`.

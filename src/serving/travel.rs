@@ -153,9 +153,11 @@ async fn travel(
         .map_err(|e| internal(e.into()))?;
     let events_in_ms = u64::try_from(at.n).unwrap_or(0).saturating_sub(installs);
     // Each segment with the versions it recorded, read as that definition defines them.
-    let read = read_since(&rt, &cutoff, at.ms, lookups.as_ref().unwrap_or(&rt.lookups))
+    let lookups = lookups.as_ref().unwrap_or(&rt.lookups);
+    let read = read_since(&rt, served.token.as_deref(), &cutoff, at.ms, lookups)
         .await
         .map_err(internal)?;
+    let stale = read.stale.clone();
 
     let q = q.clone();
     let horizon = publication.as_ref().and_then(|p| p.horizon_ms);
@@ -178,6 +180,7 @@ async fn travel(
     .await
     .map_err(|e| QueryError::Other(e.to_string()))??;
     as_of.describe(at, publication.as_ref());
+    as_of.stale = stale;
     served.with_verified(&mut as_of);
     Ok(Some((df, as_of, super::query::columns(&view))))
 }
@@ -282,20 +285,31 @@ pub(super) fn cut(cutoff: &BTreeMap<u32, u64>, p: u32) -> u64 {
 pub(super) struct Read {
     pub frames: Vec<(u32, DataFrame, LookupSet)>,
     pub earlier_in_ms: Option<u64>,
+    /// On a node: partitions whose open segment could not be read (no live owner, or the
+    /// owner did not answer): the answer holds their sealed events only, and says so.
+    pub stale: Vec<u32>,
 }
 
 /// Reads the sealed segments holding positions from `cutoff` on and the open segments from
 /// the logs — again when a segment is sealed meanwhile (its events leave the log) — each with
 /// the lookup versions it recorded (an open segment: those it is enriched with), loaded by
-/// `lookups`.
+/// `lookups`. On a node, the open segment of a partition another node runs is read from that
+/// node's log (`speed::nodes::fetch_logged`, with `token`).
 pub(super) async fn read_since(
     rt: &PipelineRuntime,
+    token: Option<&str>,
     cutoff: &BTreeMap<u32, u64>,
     ms: i64,
     lookups: &Lookups,
 ) -> anyhow::Result<Read> {
     let mut last_err = None;
+    let client = reqwest::Client::new();
     'attempt: for _ in 0..ATTEMPTS {
+        let owners = match rt.node() {
+            Some(_) => Some(crate::speed::nodes::owners(rt.db(), rt).await?),
+            None => None,
+        };
+        let mut stale = Vec::new();
         let segments = rt.db().segments(&rt.pipeline.name).await?;
         let mut partitions: Vec<u32> = segments.iter().map(|s| s.partition).collect();
         partitions.extend(rt.partitions());
@@ -309,12 +323,36 @@ pub(super) async fn read_since(
             let mut own: Vec<&Segment> = segments.iter().filter(|s| s.partition == p).collect();
             own.sort_by_key(|s| s.lo);
             let sealed_end = own.last().map_or(0, |s| s.hi);
-            let open_events = match rt.logged(p, sealed_end) {
-                Ok(events) => events,
-                Err(e) => {
-                    last_err = Some(e);
-                    continue 'attempt;
+            let foreign = owners.as_ref().filter(|_| !rt.owns(p));
+            let open_events = match foreign.map(|o| o.get(&p)) {
+                // No node runs it now (it is moving): its sealed events only.
+                Some(None) => {
+                    stale.push(p);
+                    None
                 }
+                Some(Some((listen, _))) => {
+                    use crate::speed::nodes::{FetchLogged, fetch_logged};
+                    let name = &rt.pipeline.name;
+                    match fetch_logged(&client, listen, token, name, p, sealed_end).await {
+                        Ok(events) => events,
+                        Err(FetchLogged::Sealed) => {
+                            last_err = Some(anyhow::anyhow!("partition {p} sealed meanwhile"));
+                            continue 'attempt;
+                        }
+                        Err(FetchLogged::Other(e)) => {
+                            tracing::debug!(pipeline = %name, partition = p, owner = %listen, error = %format!("{e:#}"), "reading another node's open segment failed");
+                            stale.push(p);
+                            None
+                        }
+                    }
+                }
+                None => match rt.logged(p, sealed_end) {
+                    Ok(events) => events,
+                    Err(e) => {
+                        last_err = Some(e);
+                        continue 'attempt;
+                    }
+                },
             };
             let first_frame = frames.len();
             let after: Vec<&Segment> = own
@@ -362,6 +400,7 @@ pub(super) async fn read_since(
         return Ok(Read {
             frames,
             earlier_in_ms,
+            stale,
         });
     }
     Err(last_err

@@ -689,6 +689,95 @@ pub fn decode_open(bytes: &[u8]) -> anyhow::Result<OpenSegment> {
     })
 }
 
+/// Who runs each partition of `rt`'s pipeline that this node does not: partition → (the
+/// owner's address, its lease's epoch). Partitions no live lease holds are absent.
+pub async fn owners(
+    db: &State,
+    rt: &PipelineRuntime,
+) -> anyhow::Result<BTreeMap<u32, (String, u64)>> {
+    let now = crate::clock::now_ms();
+    let nodes: BTreeMap<String, String> = db
+        .nodes()
+        .await?
+        .into_iter()
+        .map(|n| (n.name, n.listen))
+        .collect();
+    let me = rt.node().unwrap_or_default();
+    Ok(db
+        .leases(&rt.pipeline.name)
+        .await?
+        .into_iter()
+        .filter(|l| held(l, now))
+        .filter_map(|l| {
+            let node = l.node.filter(|n| n != me)?;
+            Some((l.partition, (nodes.get(&node)?.clone(), l.epoch)))
+        })
+        .collect())
+}
+
+/// The path of the internal endpoint answering the events a node's log holds of a partition
+/// it runs, from a position on (`?from=N`): what an `as_of` answer on another node reads.
+pub fn logged_path(pipeline: &str, partition: u32) -> String {
+    format!("/v1/internal/pipelines/{pipeline}/partitions/{partition}/logged")
+}
+
+/// Events (with their arrival times) as Parquet for the wire (blocking).
+pub fn encode_events(mut events: DataFrame) -> anyhow::Result<Vec<u8>> {
+    let mut buf = Vec::new();
+    ParquetWriter::new(&mut buf)
+        .with_compression(ParquetCompression::Uncompressed)
+        .finish(&mut events)?;
+    Ok(buf)
+}
+
+/// Why [`fetch_logged`] got nothing.
+#[derive(Debug, thiserror::Error)]
+pub enum FetchLogged {
+    /// The owner's log no longer holds `from` (it sealed meanwhile): read the archive again.
+    #[error("the owner sealed those events meanwhile")]
+    Sealed,
+    #[error(transparent)]
+    Other(#[from] anyhow::Error),
+}
+
+/// Asks the node at `listen` (with `token`) for the events its log holds of `partition` of
+/// `pipeline` from position `from` on; `None` when it holds none.
+pub async fn fetch_logged(
+    client: &reqwest::Client,
+    listen: &str,
+    token: Option<&str>,
+    pipeline: &str,
+    partition: u32,
+    from: u64,
+) -> Result<Option<DataFrame>, FetchLogged> {
+    let url = format!("{listen}{}", logged_path(pipeline, partition));
+    let mut req = client
+        .get(&url)
+        .query(&[("from", from)])
+        .timeout(MIRROR_TIMEOUT);
+    if let Some(token) = token {
+        req = req.bearer_auth(token);
+    }
+    let resp = req.send().await.map_err(anyhow::Error::from)?;
+    match resp.status() {
+        reqwest::StatusCode::NO_CONTENT => return Ok(None),
+        reqwest::StatusCode::CONFLICT => return Err(FetchLogged::Sealed),
+        _ => {}
+    }
+    let bytes = resp
+        .error_for_status()
+        .map_err(anyhow::Error::from)?
+        .bytes()
+        .await
+        .map_err(anyhow::Error::from)?;
+    let events =
+        tokio::task::spawn_blocking(move || ParquetReader::new(Cursor::new(bytes)).finish())
+            .await
+            .map_err(anyhow::Error::from)?
+            .map_err(anyhow::Error::from)?;
+    Ok(Some(events))
+}
+
 /// A node's mirror of the open segments other nodes run of one pipeline (see the module
 /// docs).
 pub struct Mirror {
@@ -743,26 +832,7 @@ impl Mirror {
 
     /// The partitions other live nodes hold the leases of: their addresses and epochs.
     async fn owners(&self) -> anyhow::Result<BTreeMap<u32, (String, u64)>> {
-        let now = crate::clock::now_ms();
-        let nodes: BTreeMap<String, String> = self
-            .db
-            .nodes()
-            .await?
-            .into_iter()
-            .map(|n| (n.name, n.listen))
-            .collect();
-        let me = self.rt.node().unwrap_or_default();
-        Ok(self
-            .db
-            .leases(&self.rt.pipeline.name)
-            .await?
-            .into_iter()
-            .filter(|l| held(l, now))
-            .filter_map(|l| {
-                let node = l.node.filter(|n| n != me)?;
-                Some((l.partition, (nodes.get(&node)?.clone(), l.epoch)))
-            })
-            .collect())
+        owners(&self.db, &self.rt).await
     }
 
     /// Asks `listen` (holding the lease at `epoch`) for `partition`'s open segment and
