@@ -788,6 +788,9 @@ pub struct Mirror {
     /// Per partition: who it was asked of (address and lease epoch) and the version it
     /// answered last.
     seen: BTreeMap<u32, (String, u64, u64)>,
+    /// The definition `seen` was installed under: after a switch (a promote) every open
+    /// segment is asked for whole again.
+    plan: Option<Arc<crate::plan::Plan>>,
 }
 
 impl Mirror {
@@ -798,6 +801,7 @@ impl Mirror {
             token,
             client: reqwest::Client::new(),
             seen: BTreeMap::new(),
+            plan: None,
         }
     }
 
@@ -814,6 +818,11 @@ impl Mirror {
                     }
                 }
                 refreshed = Some(tokio::time::Instant::now());
+            }
+            let plan = self.rt.plan();
+            if !self.plan.as_ref().is_some_and(|p| Arc::ptr_eq(p, &plan)) {
+                self.seen.clear();
+                self.plan = Some(plan);
             }
             for (&partition, (listen, epoch)) in &owners {
                 if self.rt.owns(partition) {

@@ -977,6 +977,17 @@ impl PipelineRuntime {
             .map(|v| st.snapshot(*v, old.clone()))
             .collect();
         st.switch_to(next);
+        // On a node: the open segments mirrored from other nodes are the old definition's —
+        // dropped, their partitions answered as stale until mirrored again by the new one.
+        if self.node.is_some() {
+            let owned = self.owned.borrow().clone();
+            for p in self.partitions() {
+                if !owned.contains_key(&p) {
+                    st.discard_open_of(p);
+                }
+            }
+            self.mirrored.lock().clear();
+        }
         *self.definition.write() = plan.clone();
         let at = self.place_install(&mut st);
         let changed = changed
