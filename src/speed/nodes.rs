@@ -25,16 +25,22 @@
 //! answers name such partitions in `as_of.stale` ([`STALE_AFTER`]).
 //!
 //! **Why nothing is lost or counted twice when a partition moves**: a partition's events
-//! come from a broker that keeps them (Kafka), and its offsets are recorded with each sealed
-//! segment in the seal's transaction (`source_offsets`). A node taking a partition over
+//! come from a broker that keeps them (Kafka; JetStream, a subject per partition), and its
+//! offsets (stream sequences) are recorded with each sealed segment in the seal's transaction
+//! (`source_offsets`). A node taking a partition over
 //! starts at the partition's checkpoint, with an empty log, and the broker resumes at the
 //! offsets recorded with the last segment: exactly the events not archived. A node that lost
 //! its lease without knowing it cannot record anything more: every seal carries the lease's
 //! epoch and is refused on a stale one (DESIGN.md §8), and its files go to paths of its own
-//! epoch ([`crate::lake::leased_archive_path`]). HTTP runs on nodes through a Kafka `buffer`
-//! (the door publishes, the partition consumes). Sources whose events are acknowledged when
-//! they are logged (plain HTTP, MQTT, AMQP, NATS, Redis, files) cannot run on nodes yet: a
-//! node's loss would lose what its log held.
+//! epoch ([`crate::lake::leased_archive_path`]). HTTP runs on nodes through a Kafka or
+//! JetStream `buffer` (the door publishes, the partition consumes). Sources whose events are
+//! acknowledged when they are logged (plain HTTP, MQTT, AMQP, NATS without a partitioned
+//! subject, Redis, files) cannot run on nodes: a node's loss would lose what its log held.
+//!
+//! A promote on one node has the others follow (`serving::promote::followers`); a switch drops
+//! the open segments mirrored by the old definition. `as_of` and candidate answers, which read
+//! events rather than partials, read other nodes' open segments from their logs
+//! ([`fetch_logged`]).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::Cursor;
