@@ -303,7 +303,8 @@ pub(super) async fn read_since(
     lookups: &Lookups,
 ) -> anyhow::Result<Read> {
     let mut last_err = None;
-    let client = reqwest::Client::new();
+    // Only a node asks others for their logs.
+    let client = rt.node().map(|_| reqwest::Client::new());
     'attempt: for _ in 0..ATTEMPTS {
         let owners = match rt.node() {
             Some(_) => Some(crate::speed::nodes::owners(rt.db(), rt).await?),
@@ -323,17 +324,17 @@ pub(super) async fn read_since(
             let mut own: Vec<&Segment> = segments.iter().filter(|s| s.partition == p).collect();
             own.sort_by_key(|s| s.lo);
             let sealed_end = own.last().map_or(0, |s| s.hi);
-            let foreign = owners.as_ref().filter(|_| !rt.owns(p));
-            let open_events = match foreign.map(|o| o.get(&p)) {
+            let foreign = owners.as_ref().zip(client.as_ref()).filter(|_| !rt.owns(p));
+            let open_events = match foreign.map(|(o, client)| (o.get(&p), client)) {
                 // No node runs it now (it is moving): its sealed events only.
-                Some(None) => {
+                Some((None, _)) => {
                     stale.push(p);
                     None
                 }
-                Some(Some((listen, _))) => {
+                Some((Some((listen, _)), client)) => {
                     use crate::speed::nodes::{FetchLogged, fetch_logged};
                     let name = &rt.pipeline.name;
-                    match fetch_logged(&client, listen, token, name, p, sealed_end).await {
+                    match fetch_logged(client, listen, token, name, p, sealed_end).await {
                         Ok(events) => events,
                         Err(FetchLogged::Sealed) => {
                             last_err = Some(anyhow::anyhow!("partition {p} sealed meanwhile"));

@@ -242,20 +242,21 @@ impl broker::Session for NatsSource {
             for m in batch {
                 match m {
                     Ok(m) => {
-                        let seq = m.info().map_or(0, |i| i.stream_sequence);
+                        // A message without its sequence is never taken for archived.
+                        let seq = m.info().ok().map(|i| i.stream_sequence);
+                        let held = |k: &u32| archived.get(k).zip(seq).is_some_and(|(n, s)| s < *n);
                         match self.partition_of(&m.subject) {
-                            Ok(Some(k)) if archived.get(&k).is_some_and(|n| seq < *n) => {}
+                            Ok(Some(k)) if held(&k) => {}
                             Ok(partition) => {
                                 let lane = partition.and_then(|k| self.rt.lane_index(k));
                                 bodies
                                     .entry(lane)
                                     .or_insert_with(|| Body::new(self.rt.pipeline.format))
                                     .push_meta(&m.payload, &meta, |k| meta_value(&m, k));
-                                if let (Some(lane), Some(k), Ok(info)) = (lane, partition, m.info())
-                                {
+                                if let (Some(lane), Some(k), Some(seq)) = (lane, partition, seq) {
                                     let next = notes.entry(lane).or_default();
                                     let next = next.entry(k as i32).or_default();
-                                    *next = (*next).max(seq_after(info.stream_sequence));
+                                    *next = (*next).max(seq_after(seq));
                                 }
                             }
                             Err(reason) => stray.push(Rejection {
@@ -454,8 +455,10 @@ impl OwnedPartitions {
             if rt.owned().borrow().get(&partition) != Some(&epoch) {
                 return Ok(()); // given up meanwhile: the next holder reads these
             }
-            if !broker::ingest_durably_into(rt, "nats", body.into_bytes(), Some(lane), stop).await {
-                return Ok(());
+            if !broker::ingest_durably_into(rt, "nats", body.into_bytes(), Some(lane), stop).await
+                || rt.owned().borrow().get(&partition) != Some(&epoch)
+            {
+                return Ok(()); // stopped, or given up meanwhile: nothing to note
             }
             if let Some((seq, pending)) = last {
                 let l = &rt.lanes()[lane];

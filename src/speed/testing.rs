@@ -30,15 +30,18 @@ event_time: ts
 archive:
   segment_rows: 1000000
   segment_age: {segment_age}
-views:
+{VIEWS}"#
+    )
+}
+
+/// The views of the test specs: `overall`, the count and total amount of every event.
+const VIEWS: &str = "views:
   - name: overall
     window: all
     metrics:
       n: count()
       total: sum(amount)
-"#
-    )
-}
+";
 
 /// An http pipeline `orders` with an `id` column, in `partitions` partitions, with `key`
 /// (a line such as `event_id: id`, or none) and `segment_age`.
@@ -56,13 +59,7 @@ event_time: ts
 {key}
 partitions: {partitions}
 archive: {{segment_age: {segment_age}}}
-views:
-  - name: overall
-    window: all
-    metrics:
-      n: count()
-      total: sum(amount)
-"#
+{VIEWS}"#
     )
 }
 
