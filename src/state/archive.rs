@@ -7,7 +7,7 @@ use chrono::{DateTime, Utc};
 
 use super::leases::{FENCE, RECORD_SOURCE_OFFSET};
 use super::ledger::{EntryParams, INSERT_ENTRY, bind_entry};
-use super::{Fence, LedgerEntry, RunId, State, StateError, db, from_db, now, to_db};
+use super::{BeginWrite, Fence, LedgerEntry, RunId, State, StateError, db, from_db, now, to_db};
 
 /// A sealed Parquet segment: positions `[lo, hi)` of one pipeline partition.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -222,7 +222,7 @@ impl State {
             .transpose()?;
         let at = now();
         on_pool!(self, |pool| {
-            let mut tx = pool.begin().await.map_err(db("seal segment"))?;
+            let mut tx = pool.begin_write().await.map_err(db("seal segment"))?;
             // The fence, else the checkpoint update, comes first: it is the write that takes the
             // lock (module docs).
             if let Some((f, epoch)) = fence {
@@ -352,7 +352,10 @@ impl State {
             (pipeline, run_id, lookups, segments, created_at) VALUES ($1, $2, $3, $4, $5)";
         let count = to_db("segment count", segments.len() as u64)?;
         on_pool!(self, |pool| {
-            let mut tx = pool.begin().await.map_err(db("record lookup versions"))?;
+            let mut tx = pool
+                .begin_write()
+                .await
+                .map_err(db("record lookup versions"))?;
             sqlx::query(RESTATED)
                 .bind(pipeline)
                 .bind(run_id.0)
@@ -524,7 +527,7 @@ impl State {
         }
         let at = now();
         on_pool!(self, |pool| {
-            let mut tx = pool.begin().await.map_err(db("compact segments"))?;
+            let mut tx = pool.begin_write().await.map_err(db("compact segments"))?;
             for s in old {
                 retire_segment!(tx, s, "compacted", at);
             }
@@ -563,7 +566,7 @@ impl State {
         }
         let at = now();
         on_pool!(self, |pool| {
-            let mut tx = pool.begin().await.map_err(db("drop segments"))?;
+            let mut tx = pool.begin_write().await.map_err(db("drop segments"))?;
             for s in segments {
                 retire_segment!(tx, s, "retention", at);
             }

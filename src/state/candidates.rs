@@ -2,7 +2,9 @@
 //! version, recorded as publications that are not current.
 
 use super::publications::{INSERT, PublicationRow, bind_version, switch_current};
-use super::{NewPublication, Publication, PublicationId, State, StateError, db, now, to_db};
+use super::{
+    BeginWrite, NewPublication, Publication, PublicationId, State, StateError, db, now, to_db,
+};
 
 /// A view's candidate version and the live one it was computed beside.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -54,7 +56,7 @@ impl State {
         let rows = to_db("row count", new.rows)?;
         let at = now();
         let id = on_pool!(self, |pool| {
-            let mut tx = pool.begin().await.map_err(db("record a candidate"))?;
+            let mut tx = pool.begin_write().await.map_err(db("record a candidate"))?;
             let (id,): (i64,) = bind_version!(sqlx::query_as(INSERT), new, cutoff, rows, at)
                 .fetch_one(&mut *tx)
                 .await
@@ -119,7 +121,7 @@ impl State {
     ) -> Result<(), StateError> {
         const DELETE: &str = "DELETE FROM candidates WHERE pipeline = $1";
         on_pool!(self, |pool| {
-            let mut tx = pool.begin().await.map_err(db("promote"))?;
+            let mut tx = pool.begin_write().await.map_err(db("promote"))?;
             for (view, expected, new) in switches {
                 if *expected == Some(*new) {
                     continue;

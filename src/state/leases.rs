@@ -14,7 +14,7 @@
 
 use std::collections::BTreeMap;
 
-use super::{State, StateError, db, from_db, to_db};
+use super::{BeginWrite, State, StateError, db, from_db, to_db};
 
 /// A node of the cluster, as it last said it was alive.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -137,7 +137,7 @@ impl State {
         const FORGET: &str = "DELETE FROM nodes WHERE name = $1";
         const RELEASE_ALL: &str = "UPDATE leases SET node = NULL, expires_ms = 0 WHERE node = $1";
         on_pool!(self, |pool| {
-            let mut tx = pool.begin().await.map_err(db("node leaves"))?;
+            let mut tx = pool.begin_write().await.map_err(db("node leaves"))?;
             sqlx::query(FORGET)
                 .bind(name)
                 .execute(&mut *tx)
@@ -266,7 +266,7 @@ impl State {
             .collect::<Result<Vec<_>, _>>()?;
         let mut lost = Vec::new();
         on_pool!(self, |pool| {
-            let mut tx = pool.begin().await.map_err(db("renew leases"))?;
+            let mut tx = pool.begin_write().await.map_err(db("renew leases"))?;
             for ((pipeline, partition, _), epoch) in held.iter().zip(&epochs) {
                 let renewed = sqlx::query(SQL)
                     .bind(pipeline)

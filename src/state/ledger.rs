@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 
 use serde_json::{Map, Value};
 
-use super::{PublicationId, RunId, State, StateError, db, from_db, to_db};
+use super::{BeginWrite, PublicationId, RunId, State, StateError, db, from_db, to_db};
 
 /// What restated a window.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -269,7 +269,10 @@ impl State {
         publications.sort_unstable();
         publications.dedup();
         on_pool!(self, |pool| {
-            let mut tx = pool.begin().await.map_err(db("record restated windows"))?;
+            let mut tx = pool
+                .begin_write()
+                .await
+                .map_err(db("record restated windows"))?;
             let mut recorded = Vec::new();
             for id in &publications {
                 let (n,): (i64,) = sqlx::query_as(RECORDED)

@@ -73,6 +73,32 @@ pub use workflows::{
     Advanced, SchedulerLock, WorkflowAttempt, WorkflowChange, WorkflowEvent, WorkflowSnapshot,
 };
 
+/// Begins a transaction that writes. On SQLite it takes the write lock at `BEGIN IMMEDIATE`:
+/// a deferred transaction that reads before it writes fails at once with "database is locked"
+/// when another connection committed since its read — the busy timeout waits for a lock,
+/// never for a stale snapshot. PostgreSQL's transactions need no such care.
+pub(crate) trait BeginWrite {
+    type Db: sqlx::Database;
+
+    async fn begin_write(&self) -> Result<sqlx::Transaction<'static, Self::Db>, sqlx::Error>;
+}
+
+impl BeginWrite for SqlitePool {
+    type Db = sqlx::Sqlite;
+
+    async fn begin_write(&self) -> Result<sqlx::Transaction<'static, sqlx::Sqlite>, sqlx::Error> {
+        self.begin_with("BEGIN IMMEDIATE").await
+    }
+}
+
+impl BeginWrite for PgPool {
+    type Db = sqlx::Postgres;
+
+    async fn begin_write(&self) -> Result<sqlx::Transaction<'static, sqlx::Postgres>, sqlx::Error> {
+        self.begin().await
+    }
+}
+
 /// A writer waits this long for another writer's lock (SQLite) before failing.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
 /// Connections per process. SQLite serialises writers anyway; readers run in parallel in WAL.

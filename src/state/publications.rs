@@ -5,7 +5,7 @@ use std::fmt;
 
 use chrono::{DateTime, Utc};
 
-use super::{RunId, State, StateError, db, from_db, now, to_db};
+use super::{BeginWrite, RunId, State, StateError, db, from_db, now, to_db};
 
 /// Per partition, the first position a batch view does NOT cover; serving adds the speed
 /// partials of positions at or after it.
@@ -197,7 +197,7 @@ impl State {
         let rows = to_db("row count", new.rows)?;
         let at = now();
         let id = on_pool!(self, |pool| {
-            let mut tx = pool.begin().await.map_err(db("publish"))?;
+            let mut tx = pool.begin_write().await.map_err(db("publish"))?;
             let (id,): (i64,) = bind_version!(sqlx::query_as(INSERT), new, cutoff, rows, at)
                 .fetch_one(&mut *tx)
                 .await
@@ -281,7 +281,10 @@ impl State {
         const STILL_USED: &str =
             "SELECT DISTINCT run_id FROM publications WHERE pipeline = $1 AND view = $2";
         let (dropped, used): (Vec<(i64,)>, Vec<(i64,)>) = on_pool!(self, |pool| {
-            let mut tx = pool.begin().await.map_err(db("drop old publications"))?;
+            let mut tx = pool
+                .begin_write()
+                .await
+                .map_err(db("drop old publications"))?;
             let dropped = sqlx::query_as(DELETE)
                 .bind(pipeline)
                 .bind(view)

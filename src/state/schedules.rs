@@ -4,7 +4,7 @@
 use chrono::{DateTime, SubsecRound, Utc};
 
 use super::runs::{INSERT_RUN, RunRow};
-use super::{Run, RunKind, RunState, State, StateError, db, now};
+use super::{BeginWrite, Run, RunKind, RunState, State, StateError, db, now};
 
 /// The first slot of a workflow: only if no scheduler recorded one meanwhile.
 const CLAIM_FIRST: &str = "
@@ -67,7 +67,10 @@ impl State {
         let slot = slot.trunc_subsecs(6);
         let at = now();
         let row: Option<RunRow> = on_pool!(self, |pool| {
-            let mut tx = pool.begin().await.map_err(db("claim schedule slot"))?;
+            let mut tx = pool
+                .begin_write()
+                .await
+                .map_err(db("claim schedule slot"))?;
             let claimed = match previous {
                 None => {
                     sqlx::query(CLAIM_FIRST)

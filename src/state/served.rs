@@ -3,7 +3,7 @@
 //! server placed it. `as_of` answers read the row current at their instant; GC keeps what the
 //! rows of `serve.history` refer to.
 
-use super::{Publication, PublicationId, State, StateError, db, now};
+use super::{BeginWrite, Publication, PublicationId, State, StateError, db, now};
 
 /// From instant `at_ns`, view `view` served `publication` (`None`: none — the speed layer
 /// alone) computed by logic `logic_hash`.
@@ -24,7 +24,10 @@ impl State {
             VALUES ($1, $2, $3, $4, $5)
             ON CONFLICT (pipeline, view, at_ns) DO NOTHING";
         on_pool!(self, |pool| {
-            let mut tx = pool.begin().await.map_err(db("record what was served"))?;
+            let mut tx = pool
+                .begin_write()
+                .await
+                .map_err(db("record what was served"))?;
             for r in rows {
                 sqlx::query(SQL)
                     .bind(&r.pipeline)

@@ -13,7 +13,9 @@ use chrono::{DateTime, SubsecRound, Utc};
 use sqlx::Connection;
 
 use super::runs::{AttemptRow, RunRow};
-use super::{AttemptId, Outcome, Run, RunId, RunState, State, StateError, TaskAttempt, db, now};
+use super::{
+    AttemptId, BeginWrite, Outcome, Run, RunId, RunState, State, StateError, TaskAttempt, db, now,
+};
 
 /// Everything [`State::advance_workflow`]'s decision sees, read inside its transaction.
 #[derive(Debug, Clone, Default)]
@@ -179,7 +181,7 @@ impl State {
         let skip_sql = insert_attempt(RunState::UpstreamFailed);
         on_pool!(self, |pool| {
             let op = "advance workflow";
-            let mut tx = pool.begin().await.map_err(db(op))?;
+            let mut tx = pool.begin_write().await.map_err(db(op))?;
             sqlx::query(LOCK_WORKFLOW)
                 .bind(workflow)
                 .bind(at)

@@ -1148,6 +1148,57 @@ async fn the_ledger_records_with_its_segment_and_each_publication_row_once(url: 
     );
 }
 
+/// A write that reads first (the ledger checks what a publication already recorded) waits
+/// for another writer on SQLite instead of failing: a deferred transaction whose snapshot went
+/// stale while it waited failed at once with "database is locked" (CI saw a promote lose
+/// its restated rows this way while a seal committed).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_write_that_reads_first_waits_for_another_writer_on_sqlite() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("state.db");
+    let state = open(&format!("sqlite://{}", path.display())).await;
+    let mut other = sqlx::SqliteConnection::connect(&format!("sqlite://{}", path.display()))
+        .await
+        .unwrap();
+    sqlx::query("BEGIN IMMEDIATE")
+        .execute(&mut other)
+        .await
+        .unwrap();
+    let rows = [entry(
+        "by_page",
+        Cause::Publication {
+            run_id: RunId(1),
+            publication: PublicationId(1),
+        },
+        Some(0),
+        0,
+        1_000,
+    )];
+    let recording = {
+        let state = state.clone();
+        tokio::spawn(async move { state.record_restated(&rows).await })
+    };
+    // The recording waits for the lock; the other writer commits a change meanwhile.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    sqlx::query("CREATE TABLE another_writer (x INTEGER)")
+        .execute(&mut other)
+        .await
+        .unwrap();
+    sqlx::query("COMMIT").execute(&mut other).await.unwrap();
+    recording
+        .await
+        .unwrap()
+        .expect("the restated rows are recorded after the other writer commits");
+    assert_eq!(
+        state
+            .ledger("clicks", "by_page", None, None, 10)
+            .await
+            .unwrap()
+            .len(),
+        1
+    );
+}
+
 async fn installs_say_what_a_view_served_when(url: String) {
     let state = open(&url).await;
     let run = state
