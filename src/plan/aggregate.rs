@@ -30,12 +30,22 @@ pub(crate) fn partials(layout: &ViewLayout, prepared: LazyFrame) -> LazyFrame {
     let ms = dtype(ColumnType::Timestamp);
     // Only what the view reads, in canonical types (a no-op for plan-prepared frames; it
     // normalises Parquet written with other widths).
-    let mut select = vec![
-        col(layout.event_time.as_str())
-            .cast(ms.clone())
-            .cast(DataType::Int64)
-            .alias(T),
-    ];
+    // Event time only where the view reads it: windows, first/last. An all-time view of other
+    // metrics leaves the column unread (projection pushdown keeps it out of the scan).
+    let reads_time = !matches!(layout.window, WindowLayout::All)
+        || layout
+            .metrics
+            .iter()
+            .any(|m| matches!(m.agg, Agg::First | Agg::Last));
+    let mut select = Vec::new();
+    if reads_time {
+        select.push(
+            col(layout.event_time.as_str())
+                .cast(ms.clone())
+                .cast(DataType::Int64)
+                .alias(T),
+        );
+    }
     let mut seen = HashSet::new();
     let inputs = layout.metrics.iter().filter_map(|m| m.input.as_ref());
     for (name, t) in layout.keys.iter().chain(inputs) {

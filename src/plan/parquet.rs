@@ -17,6 +17,13 @@ pub const VIEW_KEY: &str = "lambda_ctl.partials.view";
 /// Parquet metadata key holding [`Plan::logic_hash`] of the view that computed the file.
 pub const LOGIC_HASH_KEY: &str = "lambda_ctl.partials.logic_hash";
 
+/// zstd level 1: a sketch view's partials are about as large as its events (a sorted register
+/// list per group), and level 3 took twice as long for 15 % fewer bytes (144k groups of the
+/// batch bench: 0.56 s vs 0.29 s, 41 vs 48 MB) — time a full recompute waits for.
+fn publication_compression() -> ParquetCompression {
+    ParquetCompression::Zstd(polars::polars_utils::compression::ZstdLevel::try_new(1).ok())
+}
+
 impl Plan {
     /// Writes partials of view `view` as zstd Parquet with the format metadata; returns the
     /// bytes written. The frame is checked against the view's partial schema first.
@@ -45,7 +52,7 @@ impl Plan {
             (LOGIC_HASH_KEY.into(), self.logic_hash(view)),
         ]);
         Ok(ParquetWriter::new(writer)
-            .with_compression(ParquetCompression::Zstd(None))
+            .with_compression(publication_compression())
             .with_key_value_metadata(Some(metadata))
             .finish(partials)?)
     }

@@ -70,29 +70,17 @@ pub(crate) fn reduce_lists(c: &Column, counts: bool) -> PolarsResult<Column> {
     let mut tallies =
         ListPrimitiveChunkedBuilder::<UInt64Type>::new(name, n, n * 8, DataType::UInt64);
     let mut codes = Vec::new();
-    let (mut keys, mut sums): (Vec<i32>, Vec<u64>) = (Vec::new(), Vec::new());
+    let mut tally = Tally::default();
     for list in lists.amortized_iter() {
         codes.clear();
-        keys.clear();
-        sums.clear();
         if let Some(list) = list {
             codes.extend(list.as_ref().i32()?.iter().flatten());
         }
-        codes.sort_unstable();
-        for &code in &codes {
-            if keys.last() == Some(&code) {
-                if let Some(last) = sums.last_mut() {
-                    *last = last.saturating_add(1);
-                }
-            } else {
-                keys.push(code);
-                sums.push(1u64);
-            }
-        }
+        let (keys, sums) = tally.count(&mut codes);
         if counts {
-            tallies.append_slice(&sums);
+            tallies.append_slice(sums);
         } else {
-            buckets.append_slice(&keys);
+            buckets.append_slice(keys);
         }
     }
     Ok(if counts {
@@ -100,6 +88,53 @@ pub(crate) fn reduce_lists(c: &Column, counts: bool) -> PolarsResult<Column> {
     } else {
         buckets.finish().into_column()
     })
+}
+
+/// Counts a group's bucket codes into sorted distinct codes and their counts. A group's codes
+/// span a narrow range (a few hundred buckets cover values from 1 to 1e6), so a count per
+/// code of the range does it in one pass; a sort where the range is wide for the group's size.
+#[derive(Default)]
+struct Tally {
+    per_code: Vec<u64>,
+    keys: Vec<i32>,
+    sums: Vec<u64>,
+}
+
+impl Tally {
+    fn count(&mut self, codes: &mut [i32]) -> (&[i32], &[u64]) {
+        self.keys.clear();
+        self.sums.clear();
+        let (Some(&lo), Some(&hi)) = (codes.iter().min(), codes.iter().max()) else {
+            return (&self.keys, &self.sums);
+        };
+        let range = (i64::from(hi) - i64::from(lo) + 1) as usize;
+        if range <= 4 * codes.len() + 64 {
+            self.per_code.clear();
+            self.per_code.resize(range, 0);
+            for &c in codes.iter() {
+                self.per_code[(c - lo) as usize] += 1;
+            }
+            for (i, &n) in self.per_code.iter().enumerate() {
+                if n > 0 {
+                    self.keys.push(lo + i as i32);
+                    self.sums.push(n);
+                }
+            }
+        } else {
+            codes.sort_unstable();
+            for &code in codes.iter() {
+                if self.keys.last() == Some(&code) {
+                    if let Some(last) = self.sums.last_mut() {
+                        *last += 1;
+                    }
+                } else {
+                    self.keys.push(code);
+                    self.sums.push(1);
+                }
+            }
+        }
+        (&self.keys, &self.sums)
+    }
 }
 
 /// One group's histogram: `(code, count)` sorted by code, codes unique, counts > 0.
@@ -216,5 +251,26 @@ mod tests {
             );
         }
         assert_eq!(Histogram::default().quantile(0.5), None);
+    }
+
+    proptest::proptest! {
+        /// Both ways of counting (a count per code of a narrow range, a sort of a wide one)
+        /// give the sorted distinct codes and how often each occurs.
+        #[test]
+        fn a_tally_counts_each_code(
+            narrow in proptest::collection::vec(-40i32..40, 0..300),
+            wide in proptest::collection::vec(-80_000i32..80_000, 0..40),
+        ) {
+            let mut tally = Tally::default();
+            for codes in [narrow, wide] {
+                let mut want = std::collections::BTreeMap::<i32, u64>::new();
+                for &c in &codes {
+                    *want.entry(c).or_default() += 1;
+                }
+                let (keys, sums) = tally.count(&mut codes.clone());
+                let got: Vec<(i32, u64)> = keys.iter().copied().zip(sums.iter().copied()).collect();
+                proptest::prop_assert_eq!(got, want.into_iter().collect::<Vec<_>>());
+            }
+        }
     }
 }
