@@ -762,3 +762,45 @@ async fn damaged_segment_fails_the_run(state: &State, lake: &Lake) {
         "{message}"
     );
 }
+
+/// A view that reads no column at all (an all-time `count()` of an unfiltered pipeline) counts
+/// every event of a Parquet scan, as one over events in memory does.
+#[test]
+fn a_view_reading_no_column_counts_every_scanned_event() {
+    let spec = SPEC
+        .replace("filter: \"amount >= 0\"\n", "")
+        .replace("    group_by: [country]\n", "")
+        .replace("      total: sum(amount)\n", "");
+    let plan = plan(&spec);
+    let dir = tempfile::tempdir().unwrap();
+    let mut df = df!(
+        "ts" => [1_700_000_000_000i64, 1_700_000_000_001, 1_700_000_000_002],
+        "country" => ["NL", "DE", "NL"],
+        "amount" => [1.0, -2.0, 3.0],
+    )
+    .unwrap();
+    let ts = df
+        .column("ts")
+        .unwrap()
+        .cast(&DataType::Datetime(TimeUnit::Milliseconds, None))
+        .unwrap();
+    df.with_column(ts).unwrap();
+    let path = dir.path().join("segment.parquet");
+    ParquetWriter::new(std::fs::File::create(&path).unwrap())
+        .finish(&mut df)
+        .unwrap();
+    for source in [
+        scan::Source::Files(vec![path]),
+        scan::Source::Frames(vec![df]),
+    ] {
+        let parts = scan::Parts(vec![(source, crate::plan::LookupSet::none())]);
+        let out = plan
+            .finish(0, scan::view_partials(&plan, 0, &parts).unwrap())
+            .unwrap();
+        assert_eq!(
+            out.column("n").unwrap().i64().unwrap().get(0),
+            Some(3),
+            "{out}"
+        );
+    }
+}

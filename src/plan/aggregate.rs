@@ -31,12 +31,14 @@ pub(crate) fn partials(layout: &ViewLayout, prepared: LazyFrame) -> LazyFrame {
     // Only what the view reads, in canonical types (a no-op for plan-prepared frames; it
     // normalises Parquet written with other widths).
     // Event time only where the view reads it: windows, first/last. An all-time view of other
-    // metrics leaves the column unread (projection pushdown keeps it out of the scan).
+    // metrics leaves the column unread (projection pushdown keeps it out of the scan) — unless
+    // it reads no other column either: a selection of no column has no rows to count.
     let reads_time = !matches!(layout.window, WindowLayout::All)
         || layout
             .metrics
             .iter()
-            .any(|m| matches!(m.agg, Agg::First | Agg::Last));
+            .any(|m| matches!(m.agg, Agg::First | Agg::Last))
+        || (layout.keys.is_empty() && layout.metrics.iter().all(|m| m.input.is_none()));
     let mut select = Vec::new();
     if reads_time {
         select.push(

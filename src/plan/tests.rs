@@ -116,6 +116,17 @@ pub(super) fn test_pipeline() -> Pipeline {
                 Window::Tumbling { size: ms(TUMBLING) },
                 false,
             ),
+            // Reads no column at all (not even event time): every event still counts.
+            View {
+                name: "count_unkeyed".into(),
+                group_by: vec![],
+                window: Window::All,
+                metrics: vec![Metric {
+                    name: "n".into(),
+                    aggregate: aggregate("count()", &[], false).expect("count parses"),
+                }],
+                sinks: Vec::new(),
+            },
         ],
     }
 }
