@@ -50,8 +50,8 @@ async fn open() -> (tempfile::TempDir, State, Lake) {
     (dir, state, lake)
 }
 
-/// Archives `[lo, lo + n)` as a segment, as the speed layer does.
-pub(crate) async fn seal(state: &State, lake: &Lake, lo: u64, rows: &[(&str, f64)]) {
+/// Events `[lo, lo + n)` as the speed layer archives them.
+fn segment_frame(lo: u64, rows: &[(&str, f64)]) -> DataFrame {
     let hi = lo + rows.len() as u64;
     let ts: Vec<i64> = (0..rows.len() as i64)
         .map(|i| 1_700_000_000_000 + i)
@@ -69,6 +69,13 @@ pub(crate) async fn seal(state: &State, lake: &Lake, lo: u64, rows: &[(&str, f64
         .cast(&DataType::Datetime(TimeUnit::Milliseconds, None))
         .unwrap();
     df.with_column(ts).unwrap();
+    df
+}
+
+/// Archives `[lo, lo + n)` as a segment, as the speed layer does.
+pub(crate) async fn seal(state: &State, lake: &Lake, lo: u64, rows: &[(&str, f64)]) {
+    let hi = lo + rows.len() as u64;
+    let mut df = segment_frame(lo, rows);
     let mut buf = Vec::new();
     ParquetWriter::new(&mut buf).finish(&mut df).unwrap();
     let path = lake::archive_path("orders", 0, lo, hi);
@@ -773,18 +780,7 @@ fn a_view_reading_no_column_counts_every_scanned_event() {
         .replace("      total: sum(amount)\n", "");
     let plan = plan(&spec);
     let dir = tempfile::tempdir().unwrap();
-    let mut df = df!(
-        "ts" => [1_700_000_000_000i64, 1_700_000_000_001, 1_700_000_000_002],
-        "country" => ["NL", "DE", "NL"],
-        "amount" => [1.0, -2.0, 3.0],
-    )
-    .unwrap();
-    let ts = df
-        .column("ts")
-        .unwrap()
-        .cast(&DataType::Datetime(TimeUnit::Milliseconds, None))
-        .unwrap();
-    df.with_column(ts).unwrap();
+    let mut df = segment_frame(0, &[("NL", 1.0), ("DE", -2.0), ("NL", 3.0)]);
     let path = dir.path().join("segment.parquet");
     ParquetWriter::new(std::fs::File::create(&path).unwrap())
         .finish(&mut df)
