@@ -897,30 +897,28 @@ async fn kafka_nodes_share_partitions_and_take_over_a_killed_one() {
     // Time travel on a node, after more events came: each node answers as of the other's
     // instant (not an answer it cached) what was counted then — the events still in the open
     // segments of the partitions the other node runs read from that node's log.
-    publish_with_copies(&url, &topic, TOTAL..TOTAL + 10).await;
-    all_answer_exactly(
-        &client,
-        &[&b, &c],
-        "readings",
-        TOTAL + 10,
-        Duration::from_secs(30),
-    )
-    .await;
+    let publish_counted = |range: std::ops::Range<usize>| {
+        let (client, url, topic, nodes) = (&client, &url, &topic, [&b, &c]);
+        async move {
+            publish_with_copies(url, topic, range.clone()).await;
+            all_answer_exactly(
+                client,
+                &nodes,
+                "readings",
+                range.end,
+                Duration::from_secs(30),
+            )
+            .await;
+        }
+    };
+    publish_counted(TOTAL..TOTAL + 10).await;
     let mut before = Vec::new();
     for server in [&b, &c] {
         let live = get_json(&client, server.url("/v1/views/readings/overall")).await;
         assert_eq!(live["rows"][0]["n"].as_u64(), Some(TOTAL as u64 + 10));
         before.push((live["as_of"]["at"].as_str().unwrap().to_string(), live));
     }
-    publish_with_copies(&url, &topic, TOTAL + 10..TOTAL + 20).await;
-    all_answer_exactly(
-        &client,
-        &[&b, &c],
-        "readings",
-        TOTAL + 20,
-        Duration::from_secs(30),
-    )
-    .await;
+    publish_counted(TOTAL + 10..TOTAL + 20).await;
     for (server, (at, live)) in [&c, &b].into_iter().zip(&before) {
         let then: Value = client
             .get(server.url("/v1/views/readings/overall"))
