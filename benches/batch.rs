@@ -2,16 +2,17 @@
 //! people write: a per-minute view with a distinct count, an all-time view with a standard
 //! deviation, an hourly view with a quantile — beside plain polars running the same
 //! aggregations with its streaming engine over the same Parquet files, then an incremental
-//! run with nothing new. Each side runs in a fresh child process, so wall time, CPU seconds
-//! and peak RSS are its own.
+//! run with nothing new, and one over a live segment (the next minutes' events, sealed after
+//! everything). Each side runs in a fresh child process, so wall time, CPU seconds and peak
+//! RSS are its own.
 //!
 //! `BATCH_BENCH_EVENTS` (default 10 000 000) sets the size; segments hold 500 000 events of
 //! one day, 100 pages (skewed), 100 000 users, 8 countries. With `BATCH_BENCH_PYTHON` naming a
 //! Python that has the `polars` and `duckdb` packages, Python polars (streaming engine,
 //! `approx_n_unique`) and DuckDB run the same queries over the same files too, printed beside
 //! (each figure from the query's start, after the imports). `BATCH_BENCH_DIR` keeps the
-//! archive in that directory (and reuses it): `batch DIR`, `polars DIR` and `noop DIR` then run
-//! one side alone, e.g. under a profiler; `BATCH_BENCH_VIEWS=a,b` limits either side to
+//! archive in that directory (and reuses it, each run adding its live segment): `batch DIR`,
+//! `polars DIR`, `noop DIR` and `live DIR` then run one side alone, e.g. under a profiler; `BATCH_BENCH_VIEWS=a,b` limits either side to
 //! those views.
 
 use std::collections::BTreeMap;
@@ -28,7 +29,7 @@ use polars::prelude::*;
 const SEGMENT_ROWS: usize = 500_000;
 
 mod common;
-use common::archive::archive;
+use common::archive::{append_live, archive};
 
 /// The pipeline: the views of issue #17 over the archive's click events.
 const SPEC: &str = r#"
@@ -67,8 +68,12 @@ views:
       p95: approx_quantile(amount, 0.95)
 "#;
 
-/// Child modes: the batch layer's full recompute, plain polars, a no-op incremental run.
-const MODES: [&str; 3] = ["polars", "batch", "noop"];
+/// Child modes: plain polars, the batch layer's full recompute, a no-op incremental run, an
+/// incremental run over the live segment.
+const MODES: [&str; 4] = ["polars", "batch", "noop", "live"];
+
+/// The live segment: as many events as an archived one, from the 5 minutes after the day.
+const LIVE_SPAN_MS: i64 = 300_000;
 
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().collect();
@@ -77,7 +82,7 @@ fn main() -> anyhow::Result<()> {
         let start = Instant::now();
         let groups = match args[pos].as_str() {
             "batch" => batch(&dir, true)?,
-            "noop" => batch(&dir, false)?,
+            "noop" | "live" => batch(&dir, false)?,
             _ => plain(&dir)?,
         };
         let wall = start.elapsed().as_secs_f64();
@@ -106,20 +111,9 @@ fn main() -> anyhow::Result<()> {
             t.elapsed().as_secs_f64()
         );
     }
-    let exe = std::env::current_exe()?;
     let mut figures = Vec::new();
-    for mode in MODES {
-        let out = Command::new(&exe).arg(mode).arg(dir).output()?;
-        anyhow::ensure!(
-            out.status.success(),
-            "{mode}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let line = String::from_utf8(out.stdout)?;
-        let f: Vec<f64> = line
-            .split_whitespace()
-            .map(|x| x.parse().unwrap_or(f64::NAN))
-            .collect();
+    for &mode in &MODES[..3] {
+        let f = child(mode, dir)?;
         let what = match mode {
             "polars" => "plain polars, streaming",
             "batch" => "batch, full recompute",
@@ -161,7 +155,49 @@ fn main() -> anyhow::Result<()> {
             figures[1][2] / p[2],
         );
     }
+    // What the next nightly run costs: one live segment on top of the publications.
+    let rt = tokio::runtime::Runtime::new()?;
+    rt.block_on(async {
+        let state = State::open(&state_url(dir)).await?;
+        let lake = Lake::open(&lake_url(dir), &BTreeMap::new())?;
+        append_live(&lake, &state, "bench", SEGMENT_ROWS, LIVE_SPAN_MS).await?;
+        state.close().await;
+        anyhow::Ok(())
+    })?;
+    let live = child("live", dir)?;
+    println!(
+        "{:>31}: {SEGMENT_ROWS} events of 5 minutes, 3 views: wall {:.2}s, CPU {:.2}s, peak RSS {:.0} MB, {} partial rows published",
+        "batch, incremental, one segment",
+        live[0],
+        live[1],
+        live[2] / 1e6,
+        live[3]
+    );
+    println!(
+        "ratio (incremental run over one live segment / full recompute over {} segments): wall {:.3}x, CPU {:.3}x",
+        events.div_ceil(SEGMENT_ROWS),
+        live[0] / figures[1][0],
+        live[1] / figures[1][1],
+    );
     Ok(())
+}
+
+/// Runs this bench as child `mode` over `dir`: its wall time, CPU seconds, peak RSS (bytes)
+/// and groups.
+fn child(mode: &str, dir: &Path) -> anyhow::Result<Vec<f64>> {
+    let out = Command::new(std::env::current_exe()?)
+        .arg(mode)
+        .arg(dir)
+        .output()?;
+    anyhow::ensure!(
+        out.status.success(),
+        "{mode}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(String::from_utf8(out.stdout)?
+        .split_whitespace()
+        .map(|x| x.parse().unwrap_or(f64::NAN))
+        .collect())
 }
 
 fn plan() -> anyhow::Result<Plan> {

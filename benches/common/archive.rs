@@ -43,8 +43,9 @@ views:
 
 const BASE_MS: i64 = 1_763_719_200_000;
 
-/// Writes `events` pseudo-random events in segments of `segment_rows` into partition 0 of
-/// every pipeline of `pipelines` (the same bytes under each); the number of segments each.
+/// Writes `events` pseudo-random events of one day in segments of `segment_rows` into
+/// partition 0 of every pipeline of `pipelines` (the same bytes under each); the number of
+/// segments each.
 pub async fn archive(
     lake: &Lake,
     state: &State,
@@ -52,65 +53,124 @@ pub async fn archive(
     events: usize,
     segment_rows: usize,
 ) -> anyhow::Result<usize> {
-    let countries = ["DE", "US", "FR", "JP", "BR", "IN", "CN", "GB"];
     let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
     let (mut lo, mut segments) = (0usize, 0usize);
     while lo < events {
         let n = segment_rows.min(events - lo);
-        let (mut ts, mut user, mut country, mut page, mut amount) = (
-            Vec::with_capacity(n),
-            Vec::with_capacity(n),
-            Vec::with_capacity(n),
-            Vec::with_capacity(n),
-            Vec::with_capacity(n),
-        );
-        for _ in 0..n {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            ts.push(BASE_MS + (x % 86_400_000) as i64);
-            user.push(format!("u{}", (x >> 20) % 100_000));
-            country.push(countries[((x >> 40) % 8) as usize]);
-            // 100 pages, skewed as real traffic is: /p0 gets a tenth of the views, /p99 few.
-            let r = (x >> 44) % 1000;
-            page.push(format!("/p{}", r * r / 10_000));
-            amount.push(((x >> 8) % 100_000) as f64 / 100.0 - 10.0);
-        }
-        let offsets: Vec<i64> = (lo as i64..(lo + n) as i64).collect();
-        let mut df = df!("ts" => ts, "user" => user, "country" => country,
-            "page" => page, "amount" => amount, "_offset" => offsets)?;
-        let t = df
-            .column("ts")?
-            .cast(&DataType::Datetime(TimeUnit::Milliseconds, None))?;
-        df.with_column(t)?;
-        let mut buf = Vec::new();
-        ParquetWriter::new(&mut buf)
-            .with_compression(ParquetCompression::Zstd(None))
-            .finish(&mut df)?;
-        let buf = bytes::Bytes::from(buf);
-        let (from, to) = (lo as u64, (lo + n) as u64);
-        for pipeline in pipelines {
-            let path = lake::archive_path(pipeline, 0, from, to);
-            lake.put(&path, buf.clone()).await?;
-            state
-                .seal_segment(&Segment {
-                    pipeline: pipeline.clone(),
-                    partition: 0,
-                    lo: from,
-                    hi: to,
-                    path,
-                    rows: n as u64,
-                    bytes: buf.len() as u64,
-                    dead_letters: 0,
-                    min_event_ms: Some(BASE_MS),
-                    max_event_ms: Some(BASE_MS + 86_400_000),
-                    lookups: None,
-                    crc32: Some(crc32fast::hash(&buf)),
-                })
-                .await?;
-        }
+        let df = events_frame(&mut x, lo, n, (BASE_MS, DAY_MS))?;
+        seal(
+            lake,
+            state,
+            pipelines,
+            lo as u64,
+            df,
+            (BASE_MS, BASE_MS + DAY_MS),
+        )
+        .await?;
         lo += n;
         segments += 1;
     }
     Ok(segments)
+}
+
+/// Seals one more segment of `events` live events into partition 0 of `pipeline`, after
+/// everything archived: their event times in the `span_ms` after the archived day, as the
+/// speed layer seals what arrives now.
+pub async fn append_live(
+    lake: &Lake,
+    state: &State,
+    pipeline: &str,
+    events: usize,
+    span_ms: i64,
+) -> anyhow::Result<()> {
+    let lo = state
+        .segments(pipeline)
+        .await?
+        .iter()
+        .map(|s| s.hi)
+        .max()
+        .unwrap_or(0);
+    let mut x: u64 = 0x2545_F491_4F6C_DD1D ^ lo;
+    let from = BASE_MS + DAY_MS;
+    let df = events_frame(&mut x, lo as usize, events, (from, span_ms))?;
+    let names = [pipeline.to_string()];
+    seal(lake, state, &names, lo, df, (from, from + span_ms)).await
+}
+
+const DAY_MS: i64 = 86_400_000;
+
+/// `n` pseudo-random events (offsets from `lo`), their event times in `[from, from + span)`.
+fn events_frame(
+    x: &mut u64,
+    lo: usize,
+    n: usize,
+    (from, span): (i64, i64),
+) -> anyhow::Result<DataFrame> {
+    let countries = ["DE", "US", "FR", "JP", "BR", "IN", "CN", "GB"];
+    let (mut ts, mut user, mut country, mut page, mut amount) = (
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+    );
+    for _ in 0..n {
+        *x ^= *x << 13;
+        *x ^= *x >> 7;
+        *x ^= *x << 17;
+        let x = *x;
+        ts.push(from + (x % span as u64) as i64);
+        user.push(format!("u{}", (x >> 20) % 100_000));
+        country.push(countries[((x >> 40) % 8) as usize]);
+        // 100 pages, skewed as real traffic is: /p0 gets a tenth of the views, /p99 few.
+        let r = (x >> 44) % 1000;
+        page.push(format!("/p{}", r * r / 10_000));
+        amount.push(((x >> 8) % 100_000) as f64 / 100.0 - 10.0);
+    }
+    let offsets: Vec<i64> = (lo as i64..(lo + n) as i64).collect();
+    let mut df = df!("ts" => ts, "user" => user, "country" => country,
+        "page" => page, "amount" => amount, "_offset" => offsets)?;
+    let t = df
+        .column("ts")?
+        .cast(&DataType::Datetime(TimeUnit::Milliseconds, None))?;
+    df.with_column(t)?;
+    Ok(df)
+}
+
+/// Writes `df` as the segment at `lo` of each of `pipelines` and records it sealed.
+async fn seal(
+    lake: &Lake,
+    state: &State,
+    pipelines: &[String],
+    lo: u64,
+    mut df: DataFrame,
+    (min_ms, max_ms): (i64, i64),
+) -> anyhow::Result<()> {
+    let mut buf = Vec::new();
+    ParquetWriter::new(&mut buf)
+        .with_compression(ParquetCompression::Zstd(None))
+        .finish(&mut df)?;
+    let buf = bytes::Bytes::from(buf);
+    let (rows, hi) = (df.height() as u64, lo + df.height() as u64);
+    for pipeline in pipelines {
+        let path = lake::archive_path(pipeline, 0, lo, hi);
+        lake.put(&path, buf.clone()).await?;
+        state
+            .seal_segment(&Segment {
+                pipeline: pipeline.clone(),
+                partition: 0,
+                lo,
+                hi,
+                path,
+                rows,
+                bytes: buf.len() as u64,
+                dead_letters: 0,
+                min_event_ms: Some(min_ms),
+                max_event_ms: Some(max_ms),
+                lookups: None,
+                crc32: Some(crc32fast::hash(&buf)),
+            })
+            .await?;
+    }
+    Ok(())
 }

@@ -10,13 +10,24 @@ use crate::lake::{self, Lake};
 use crate::plan::Plan;
 use crate::state::{Cutoff, NewPublication, Publication, PublicationId, RunId, State};
 
-/// Name of the one partials file a run writes per view.
+/// The partials file of a run that merged all of its view's partials into one (a full run,
+/// or an incremental one that merged every file of its base). An incremental run that keeps
+/// some of its base's files beside its own writes `partials-{run}.parquet`.
 pub(crate) const PARTIALS_FILE: &str = "partials.parquet";
 
-/// Merges a view's `fresh` partials with those published by `base_run` (an incremental run),
-/// writes them under this run and publishes them if `replaces` is still current. Windows the
-/// replaced version retired (its horizon, set by `retention`) stay retired: a full recompute
-/// or late events never bring them back.
+/// Most files one publication's partials are kept in. An incremental run copies its base's
+/// files (a hard link, or the store's own copy: no bytes through this process) and writes only
+/// the partials of its new segments beside them, merging the smallest of the base's files into
+/// its own while each is at most twice what it merged so far: file sizes grow geometrically,
+/// a run rewrites about as much as it computed (amortized: a logarithmic factor), and a base
+/// many times larger is rewritten only once the new partials approach its size. Past this many
+/// files, the smallest are merged whatever their size, which bounds what a reader merges.
+const MAX_FILES: usize = 8;
+
+/// Publishes a view's `fresh` partials — onto those published by `base_run` in an incremental
+/// run (see [`MAX_FILES`]) — written under this run, if `replaces` is still current. Windows
+/// the replaced version retired (its horizon, set by `retention`) stay retired: a full
+/// recompute or late events never bring them back.
 #[allow(clippy::too_many_arguments)]
 pub(crate) async fn publish_view(
     plan: &Arc<Plan>,
@@ -39,10 +50,7 @@ pub(crate) async fn publish_view(
         None => None,
     };
     let horizon_ms = current.as_ref().and_then(|c| c.horizon_ms);
-    let path = format!(
-        "{}{PARTIALS_FILE}",
-        lake::view_run_prefix(&pipeline, &name, run_id.0)
-    );
+    let prefix = lake::view_run_prefix(&pipeline, &name, run_id.0);
     let publication = |rows: u64| NewPublication {
         pipeline: pipeline.clone(),
         view: name.clone(),
@@ -53,47 +61,97 @@ pub(crate) async fn publish_view(
         replaces,
         horizon_ms,
     };
-    // Nothing new on top of an untrimmed base (an incremental run with no new events): the
-    // base's file is the answer, byte for byte; copied (a hard link on a local lake, the
-    // store's own copy on others), not decoded, merged and re-encoded.
-    // The base is the current publication (its record gives the rows and the logic).
-    if fresh.height() == 0
-        && horizon_ms.is_none()
-        && let Some(base) = current
+    // The base's files, largest first, kept as they are; its record (the current publication)
+    // gives their partial rows. A base that is no longer current (this publish will lose its
+    // race) is merged whole, as anything unexpected is.
+    let (mut kept, mut merge_in, mut base_rows) = (Vec::new(), Vec::new(), 0u64);
+    if let Some(base) = base_run {
+        let mut files = run_files(plan, lake, view, base)
+            .await
+            .with_context(|| format!("listing the publication of run {base}"))?;
+        files.sort_by(|a, b| b.size.cmp(&a.size).then_with(|| a.path.cmp(&b.path)));
+        match current
             .as_ref()
-            .filter(|c| Some(c.run_id) == base_run && c.logic_hash == plan.logic_hash(view))
-        && let Some(file) = single_file(plan, lake, view, base.run_id).await?
-    {
-        lake.copy(&file, &path).await?;
-        return record(state, &publication(base.rows), candidate).await;
-    }
-    let previous = match base_run {
-        Some(base) => Some(
-            load_run_partials(plan, lake, view, base)
-                .await
-                .with_context(|| format!("loading the publication of run {base}"))?,
-        ),
-        None => None,
-    };
-    let p = plan.clone();
-    let mut partials = tokio::task::spawn_blocking(move || -> PolarsResult<DataFrame> {
-        let merged = match previous {
-            Some(old) => p.merge(view, vec![old, fresh])?,
-            None => fresh,
-        };
-        match horizon_ms {
-            Some(h) => p.trim_partials(view, merged, h),
-            None => Ok(merged),
+            .filter(|c| c.run_id == base && c.logic_hash == plan.logic_hash(view))
+        {
+            Some(c) => (kept, base_rows) = (files, c.rows),
+            None => merge_in = files,
         }
+    }
+    let p = plan.clone();
+    let fresh = tokio::task::spawn_blocking(move || match horizon_ms {
+        Some(h) => p.trim_partials(view, fresh, h),
+        None => Ok(fresh),
     })
     .await
     .context("batch computation panicked")??;
-
-    let partial_rows = partials.height() as u64;
+    // Nothing new on top of the base: its files are the answer, byte for byte.
+    if fresh.height() == 0 && merge_in.is_empty() && !kept.is_empty() {
+        copy_files(lake, &kept, &prefix).await?;
+        return record(state, &publication(base_rows), candidate).await;
+    }
+    let mut fresh = fresh;
     let mut bytes = Vec::new();
-    plan.write_partials(view, &mut partials, &mut bytes)?;
-    lake.put(&path, bytes).await?;
-    record(state, &publication(partial_rows), candidate).await
+    plan.write_partials(view, &mut fresh, &mut bytes)?;
+    let mut rows = fresh.height() as u64;
+    let sizes: Vec<u64> = kept.iter().map(|f| f.size).collect();
+    merge_in.extend(kept.split_off(kept.len() - merged_with(&sizes, bytes.len() as u64)));
+    if !merge_in.is_empty() {
+        let mut parts = Vec::with_capacity(merge_in.len() + 1);
+        for f in &merge_in {
+            let read = lake.get(&f.path).await?;
+            parts.push(
+                plan.read_partials(view, &read)
+                    .with_context(|| format!("reading {}", f.path))?,
+            );
+        }
+        let merged_rows: u64 = parts.iter().map(|d| d.height() as u64).sum();
+        parts.push(fresh);
+        let p = plan.clone();
+        let mut merged = tokio::task::spawn_blocking(move || -> PolarsResult<DataFrame> {
+            let merged = p.merge(view, parts)?;
+            match horizon_ms {
+                Some(h) => p.trim_partials(view, merged, h),
+                None => Ok(merged),
+            }
+        })
+        .await
+        .context("batch computation panicked")??;
+        bytes.clear();
+        plan.write_partials(view, &mut merged, &mut bytes)?;
+        rows = merged.height() as u64;
+        base_rows = base_rows.saturating_sub(merged_rows);
+    }
+    copy_files(lake, &kept, &prefix).await?;
+    let file = if kept.is_empty() {
+        PARTIALS_FILE.to_string()
+    } else {
+        format!("partials-{}.parquet", run_id.0)
+    };
+    lake.put(&format!("{prefix}{file}"), bytes).await?;
+    record(state, &publication(base_rows + rows), candidate).await
+}
+
+/// How many of the smallest of a base's files (`sizes`, largest first) an incremental run that
+/// wrote `fresh` bytes merges into its own file (see [`MAX_FILES`]).
+fn merged_with(sizes: &[u64], fresh: u64) -> usize {
+    let (mut n, mut merged) = (0, fresh);
+    for &size in sizes.iter().rev() {
+        if sizes.len() - n < MAX_FILES && size > 2 * merged {
+            break;
+        }
+        (n, merged) = (n + 1, merged + size);
+    }
+    n
+}
+
+/// Gives each of `files` (partials of an earlier run) its name under `prefix` too.
+async fn copy_files(lake: &Lake, files: &[lake::ObjectInfo], prefix: &str) -> anyhow::Result<()> {
+    for f in files {
+        let name = f.path.rsplit('/').next().unwrap_or(&f.path);
+        lake.copy(&f.path, &format!("{prefix}{name}")).await?;
+    }
+    Ok(())
 }
 
 /// Makes `new` current (compare-and-set from `new.replaces`), or with `candidate` records it
@@ -110,24 +168,26 @@ async fn record(
     })
 }
 
-/// The path of run `run_id`'s partials of `view` when they are one Parquet file (what a run
-/// writes); None otherwise.
-async fn single_file(
+/// The Parquet files of run `run_id`'s partials of `view` (at least one).
+async fn run_files(
     plan: &Plan,
     lake: &Lake,
     view: usize,
     run_id: RunId,
-) -> anyhow::Result<Option<String>> {
+) -> anyhow::Result<Vec<lake::ObjectInfo>> {
     let prefix = lake::view_run_prefix(
         &plan.pipeline().name,
         &plan.pipeline().views[view].name,
         run_id.0,
     );
-    let files = lake.list(&prefix).await?;
-    Ok(match files.as_slice() {
-        [file] if file.path.ends_with(".parquet") => Some(file.path.clone()),
-        _ => None,
-    })
+    let files: Vec<_> = lake
+        .list(&prefix)
+        .await?
+        .into_iter()
+        .filter(|f| f.path.ends_with(".parquet"))
+        .collect();
+    anyhow::ensure!(!files.is_empty(), "no partials under {prefix}");
+    Ok(files)
 }
 
 /// Reads a publication's partials (every Parquet file of its run directory), refusing files of
@@ -143,19 +203,15 @@ pub async fn load_partials(
         .with_context(|| format!("publication {}", publication.id))
 }
 
-/// The partials of `view` that run `run_id` wrote.
+/// The partials of `view` that run `run_id` wrote, its files merged.
 async fn load_run_partials(
     plan: &Plan,
     lake: &Lake,
     view: usize,
     run_id: RunId,
 ) -> anyhow::Result<DataFrame> {
-    let pipeline = &plan.pipeline().name;
-    let prefix = lake::view_run_prefix(pipeline, &plan.pipeline().views[view].name, run_id.0);
-    let files = lake.list(&prefix).await?;
-    anyhow::ensure!(!files.is_empty(), "no partials under {prefix}");
     let mut parts = Vec::new();
-    for f in files.iter().filter(|f| f.path.ends_with(".parquet")) {
+    for f in run_files(plan, lake, view, run_id).await? {
         let bytes = lake.get(&f.path).await?;
         parts.push(
             plan.read_partials(view, &bytes)
@@ -166,4 +222,25 @@ async fn load_run_partials(
         return Ok(parts.remove(0));
     }
     Ok(plan.merge(view, parts)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_run_merges_the_files_no_larger_than_twice_what_it_merged_and_keeps_at_most_eight() {
+        // A base many times larger than what is new is kept; files of about its size merged.
+        assert_eq!(merged_with(&[1_000_000], 1_000), 0);
+        assert_eq!(merged_with(&[1_000_000, 1_500], 1_000), 1);
+        assert_eq!(merged_with(&[1_000_000, 5_000, 1_500], 1_000), 2);
+        assert_eq!(merged_with(&[1_000_000, 6_000, 1_500], 1_000), 1);
+        assert_eq!(merged_with(&[3_000, 1_500], 1_000), 2);
+        assert_eq!(merged_with(&[], 1_000), 0);
+        // Eight files of sizes far apart: the smallest is merged though it is much larger, so
+        // the run leaves eight, its own included.
+        let sizes: Vec<u64> = (1..=8).rev().map(|k| 10u64.pow(k)).collect();
+        assert_eq!(merged_with(&sizes, 1), 1);
+        assert_eq!(merged_with(&sizes[1..], 1), 0);
+    }
 }

@@ -443,26 +443,27 @@ async fn scan_views(
     let todo = &group[0].todo;
     let total = todo.len();
     let (mut done, mut rows) = (0usize, 0u64);
-    let source = scan::open_parts(lake, lookups, todo, |s| {
-        done += 1;
-        rows += s.rows;
-        for prep in group {
-            progress(&Progress::Segments {
-                view: prep.name.clone(),
-                done,
-                total,
-                rows,
-            });
-        }
-    })
-    .await?;
-    let p = plan.clone();
     let views: Vec<usize> = group.iter().map(|prep| prep.view).collect();
-    Ok(
-        tokio::task::spawn_blocking(move || scan::views_partials(&p, &views, &source))
-            .await
-            .context("batch computation panicked")??,
+    scan::scan_partials(
+        plan,
+        lake,
+        lookups,
+        (todo, scan::CHUNK_EVENTS),
+        &views,
+        |s| {
+            done += 1;
+            rows += s.rows;
+            for prep in group {
+                progress(&Progress::Segments {
+                    view: prep.name.clone(),
+                    done,
+                    total,
+                    rows,
+                });
+            }
+        },
     )
+    .await
 }
 
 /// Publishes a view's fresh partials (merged onto its base in an incremental run), or records

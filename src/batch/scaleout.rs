@@ -515,12 +515,11 @@ async fn compute_inner(plan: &Arc<Plan>, lake: &Lake, job: &GroupJob) -> anyhow:
     let views = views_of(plan, &job.pipeline, job.views.iter().map(|v| v.identity()))?;
     // Read once, computed for every view.
     let lookups = Lookups::reader(plan.pipeline(), lake);
-    let source = Arc::new(scan::open_parts(lake, &lookups, &job.segments(), |_| {}).await?);
-    for (view, name) in views {
-        let (p, src) = (plan.clone(), source.clone());
-        let mut partials = tokio::task::spawn_blocking(move || scan::view_partials(&p, view, &src))
-            .await
-            .context("group computation panicked")??;
+    let segments = job.segments();
+    let (indices, names): (Vec<usize>, Vec<String>) = views.into_iter().unzip();
+    let scan = (segments.as_slice(), scan::CHUNK_EVENTS);
+    let fresh = scan::scan_partials(plan, lake, &lookups, scan, &indices, |_| {}).await?;
+    for ((view, name), mut partials) in indices.into_iter().zip(names).zip(fresh) {
         let mut bytes = Vec::new();
         plan.write_partials(view, &mut partials, &mut bytes)?;
         lake.put(&job.partials_path(&name), bytes).await?;

@@ -1,8 +1,10 @@
 //! Reading archived segments for the batch layer: one lazy polars scan over exactly the
 //! segments of a cutoff, so projection and predicate pushdown reach the Parquet reader — one
-//! per set of lookup versions the segments recorded, each enriched with its own versions.
+//! per set of lookup versions the segments recorded, each enriched with its own versions —
+//! in chunks of at most [`CHUNK_EVENTS`] events, so memory does not grow with the archive.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use anyhow::Context;
 use polars::prelude::*;
@@ -182,6 +184,75 @@ impl Source {
     }
 }
 
+/// Events the batch layer reads and aggregates in one streaming query. Over more, a scan reads
+/// its segments in chunks of about this many (a segment is never split), and each chunk's
+/// partials are merged into the views' as it ends: memory is bounded by a chunk and the views'
+/// groups, not by the archive (a remote lake's segments are fetched chunk by chunk too).
+pub const CHUNK_EVENTS: u64 = 25_000_000;
+
+/// Canonical partials of the views `views` (indices into the pipeline's views, in their order)
+/// over `segments`, read from the lake in chunks of at most `chunk_events` events (at least one
+/// segment each); `on_segment` as [`open_parts`]'s.
+pub async fn scan_partials(
+    plan: &Arc<Plan>,
+    lake: &Lake,
+    lookups: &Lookups,
+    (segments, chunk_events): (&[Segment], u64),
+    views: &[usize],
+    mut on_segment: impl FnMut(&Segment),
+) -> anyhow::Result<Vec<DataFrame>> {
+    let chunks = chunks(segments, chunk_events);
+    if chunks.len() <= 1 {
+        let parts = open_parts(lake, lookups, segments, on_segment).await?;
+        let (p, views) = (plan.clone(), views.to_vec());
+        return tokio::task::spawn_blocking(move || views_partials(&p, &views, &parts))
+            .await
+            .context("batch computation panicked")?
+            .map_err(Into::into);
+    }
+    let mut merged: Vec<_> = views.iter().map(|&v| plan.accumulator(v)).collect();
+    for chunk in chunks {
+        let parts = open_parts(lake, lookups, chunk, &mut on_segment).await?;
+        let (p, views) = (plan.clone(), views.to_vec());
+        merged = tokio::task::spawn_blocking(move || -> PolarsResult<_> {
+            for (acc, frames) in merged.iter_mut().zip(scanned(&p, &views, &parts)?) {
+                for f in &frames {
+                    acc.absorb(f)?;
+                }
+            }
+            Ok(merged)
+        })
+        .await
+        .context("batch computation panicked")??;
+    }
+    tokio::task::spawn_blocking(move || {
+        merged
+            .iter()
+            .map(|a| a.to_partials())
+            .collect::<PolarsResult<Vec<_>>>()
+    })
+    .await
+    .context("batch computation panicked")?
+    .map_err(Into::into)
+}
+
+/// `segments` in runs of at most `events` events (a larger segment alone), in order.
+fn chunks(segments: &[Segment], events: u64) -> Vec<&[Segment]> {
+    let mut out = Vec::new();
+    let (mut start, mut rows) = (0, 0u64);
+    for (i, s) in segments.iter().enumerate() {
+        if i > start && rows + s.rows > events {
+            out.push(&segments[start..i]);
+            (start, rows) = (i, 0);
+        }
+        rows += s.rows;
+    }
+    if start < segments.len() {
+        out.push(&segments[start..]);
+    }
+    out
+}
+
 /// Canonical partials (one row per group) of view `view` over `parts`: the SAME plan as the
 /// speed layer (`prepare` then `partials`, each part with its lookup versions), run by polars'
 /// streaming engine.
@@ -193,6 +264,15 @@ pub fn view_partials(plan: &Plan, view: usize, parts: &Parts) -> PolarsResult<Da
 /// one pass: each part's events are read and prepared once and every view's query is run on
 /// them by one streaming query, with the columns and filters of all the views pushed down.
 pub fn views_partials(plan: &Plan, views: &[usize], parts: &Parts) -> PolarsResult<Vec<DataFrame>> {
+    views
+        .iter()
+        .zip(scanned(plan, views, parts)?)
+        .map(|(&v, r)| plan.merge_scanned(v, r))
+        .collect()
+}
+
+/// What the streaming queries of [`views_partials`] return, per view one frame per part.
+fn scanned(plan: &Plan, views: &[usize], parts: &Parts) -> PolarsResult<Vec<Vec<DataFrame>>> {
     let mut raw: Vec<Vec<DataFrame>> = views.iter().map(|_| Vec::new()).collect();
     for (source, lookups) in &parts.0 {
         let Some(events) = source.lazy()? else {
@@ -220,11 +300,7 @@ pub fn views_partials(plan: &Plan, views: &[usize], parts: &Parts) -> PolarsResu
             r.push(f);
         }
     }
-    views
-        .iter()
-        .zip(raw)
-        .map(|(&v, r)| plan.merge_scanned(v, r))
-        .collect()
+    Ok(raw)
 }
 
 /// The speed layer's way over the same segments: partials per segment, merged by the
