@@ -72,7 +72,7 @@ views:
 /// incremental run over the live segment.
 const MODES: [&str; 4] = ["polars", "batch", "noop", "live"];
 
-/// The live segment: as many events as an archived one, from the 5 minutes after the day.
+/// The live segment: as many events as an archived one, from the 5 minutes after the latest.
 const LIVE_SPAN_MS: i64 = 300_000;
 
 fn main() -> anyhow::Result<()> {

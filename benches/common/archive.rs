@@ -74,8 +74,8 @@ pub async fn archive(
 }
 
 /// Seals one more segment of `events` live events into partition 0 of `pipeline`, after
-/// everything archived: their event times in the `span_ms` after the archived day, as the
-/// speed layer seals what arrives now.
+/// everything archived: their event times in the `span_ms` after the latest event archived,
+/// as the speed layer seals what arrives now.
 pub async fn append_live(
     lake: &Lake,
     state: &State,
@@ -83,15 +83,14 @@ pub async fn append_live(
     events: usize,
     span_ms: i64,
 ) -> anyhow::Result<()> {
-    let lo = state
-        .segments(pipeline)
-        .await?
+    let segments = state.segments(pipeline).await?;
+    let lo = segments.iter().map(|s| s.hi).max().unwrap_or(0);
+    let from = segments
         .iter()
-        .map(|s| s.hi)
+        .filter_map(|s| s.max_event_ms)
         .max()
-        .unwrap_or(0);
+        .unwrap_or(BASE_MS);
     let mut x: u64 = 0x2545_F491_4F6C_DD1D ^ lo;
-    let from = BASE_MS + DAY_MS;
     let df = events_frame(&mut x, lo as usize, events, (from, span_ms))?;
     let names = [pipeline.to_string()];
     seal(lake, state, &names, lo, df, (from, from + span_ms)).await
