@@ -181,7 +181,7 @@ async fn same_views(backends: &Backends, root: &Path, one: &str, many: &str) -> 
         let mut answers = Vec::new();
         for pipeline in [one, many] {
             let spec = project.pipeline(pipeline).context("pipeline")?;
-            let plan = Plan::compile(spec)?;
+            let plan = std::sync::Arc::new(Plan::compile(spec)?);
             let publication = state
                 .current_publication(pipeline, view)
                 .await?

@@ -97,14 +97,7 @@ pub(crate) async fn publish_view(
     let sizes: Vec<u64> = kept.iter().map(|f| f.size).collect();
     merge_in.extend(kept.split_off(kept.len() - merged_with(&sizes, bytes.len() as u64)));
     if !merge_in.is_empty() {
-        let mut parts = Vec::with_capacity(merge_in.len() + 1);
-        for f in &merge_in {
-            let read = lake.get(&f.path).await?;
-            parts.push(
-                plan.read_partials(view, &read)
-                    .with_context(|| format!("reading {}", f.path))?,
-            );
-        }
+        let mut parts = read_files(plan, lake, view, &merge_in).await?;
         let merged_rows: u64 = parts.iter().map(|d| d.height() as u64).sum();
         parts.push(fresh);
         let p = plan.clone();
@@ -193,7 +186,7 @@ async fn run_files(
 /// Reads a publication's partials (every Parquet file of its run directory), refusing files of
 /// another format or logic.
 pub async fn load_partials(
-    plan: &Plan,
+    plan: &Arc<Plan>,
     lake: &Lake,
     view: usize,
     publication: &Publication,
@@ -205,23 +198,39 @@ pub async fn load_partials(
 
 /// The partials of `view` that run `run_id` wrote, its files merged.
 async fn load_run_partials(
-    plan: &Plan,
+    plan: &Arc<Plan>,
     lake: &Lake,
     view: usize,
     run_id: RunId,
 ) -> anyhow::Result<DataFrame> {
-    let mut parts = Vec::new();
-    for f in run_files(plan, lake, view, run_id).await? {
+    let files = run_files(plan, lake, view, run_id).await?;
+    let mut parts = read_files(plan, lake, view, &files).await?;
+    if parts.len() == 1 {
+        return Ok(parts.remove(0));
+    }
+    let p = plan.clone();
+    tokio::task::spawn_blocking(move || p.merge(view, parts))
+        .await
+        .context("merging partials panicked")?
+        .map_err(Into::into)
+}
+
+/// The partials in `files` (of view `view`), each read and checked.
+async fn read_files(
+    plan: &Plan,
+    lake: &Lake,
+    view: usize,
+    files: &[lake::ObjectInfo],
+) -> anyhow::Result<Vec<DataFrame>> {
+    let mut parts = Vec::with_capacity(files.len() + 1);
+    for f in files {
         let bytes = lake.get(&f.path).await?;
         parts.push(
             plan.read_partials(view, &bytes)
                 .with_context(|| format!("reading {}", f.path))?,
         );
     }
-    if parts.len() == 1 {
-        return Ok(parts.remove(0));
-    }
-    Ok(plan.merge(view, parts)?)
+    Ok(parts)
 }
 
 #[cfg(test)]

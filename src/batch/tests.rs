@@ -117,7 +117,11 @@ async fn seal_frame(state: &State, lake: &Lake, lo: u64, mut df: DataFrame) {
 }
 
 /// The served rows of the current publication: (country, n, total).
-pub(crate) async fn served(plan: &Plan, state: &State, lake: &Lake) -> Vec<(String, u64, f64)> {
+pub(crate) async fn served(
+    plan: &Arc<Plan>,
+    state: &State,
+    lake: &Lake,
+) -> Vec<(String, u64, f64)> {
     let p = state
         .current_publication("orders", "by_country")
         .await

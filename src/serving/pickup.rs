@@ -23,7 +23,7 @@ use crate::state::{Cause, Install, LedgerEntry, Publication, PublicationId, RunI
 
 /// Publication `p` of view `v` as serving installs it: its partials, loaded from the lake.
 pub async fn batch_view(
-    plan: &Plan,
+    plan: &Arc<Plan>,
     lake: &Lake,
     v: usize,
     p: &Publication,
