@@ -7,13 +7,15 @@
 //! RSS are its own.
 //!
 //! `BATCH_BENCH_EVENTS` (default 10 000 000) sets the size; segments hold 500 000 events of
-//! one day, 100 pages (skewed), 100 000 users, 8 countries. With `BATCH_BENCH_PYTHON` naming a
+//! one day, 100 pages (skewed), 100 000 users, 8 countries — each from all of the day (a
+//! backfill), or with `BATCH_BENCH_ARCHIVE=arrival` each from the day's next slice, as events
+//! arriving in time are sealed. With `BATCH_BENCH_PYTHON` naming a
 //! Python that has the `polars` and `duckdb` packages, Python polars (streaming engine,
 //! `approx_n_unique`) and DuckDB run the same queries over the same files too, printed beside
 //! (each figure from the query's start, after the imports). `BATCH_BENCH_DIR` keeps the
 //! archive in that directory (and reuses it, each run adding its live segment): `batch DIR`,
-//! `polars DIR`, `noop DIR` and `live DIR` then run one side alone, e.g. under a profiler; `BATCH_BENCH_VIEWS=a,b` limits either side to
-//! those views.
+//! `polars DIR`, `noop DIR` and `live DIR` then run one side alone, e.g. under a profiler;
+//! `BATCH_BENCH_VIEWS=a,b` limits either side to those views.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -226,7 +228,10 @@ fn prepare(dir: &Path, events: usize) -> anyhow::Result<()> {
     rt.block_on(async {
         let state = State::open(&state_url(dir)).await?;
         let lake = Lake::open(&lake_url(dir), &BTreeMap::new())?;
-        archive(&lake, &state, &["bench".to_string()], events, SEGMENT_ROWS).await?;
+        // `BATCH_BENCH_ARCHIVE=arrival`: each segment holds the day's next slice.
+        let arrival = std::env::var("BATCH_BENCH_ARCHIVE").is_ok_and(|a| a == "arrival");
+        let names = ["bench".to_string()];
+        archive(&lake, &state, &names, (events, SEGMENT_ROWS), arrival).await?;
         state.close().await;
         anyhow::Ok(())
     })

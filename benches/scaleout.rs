@@ -89,7 +89,7 @@ fn bench(
     let segments = rt.block_on(async {
         let state = State::open(&backends.state).await?;
         let lake = Lake::open(&backends.lake, &backends.lake_options)?;
-        let segments = archive(&lake, &state, &names, events, segment_rows).await?;
+        let segments = archive(&lake, &state, &names, (events, segment_rows), false).await?;
         state.close().await;
         anyhow::Ok(segments)
     })?;

@@ -45,28 +45,27 @@ const BASE_MS: i64 = 1_763_719_200_000;
 
 /// Writes `events` pseudo-random events of one day in segments of `segment_rows` into
 /// partition 0 of every pipeline of `pipelines` (the same bytes under each); the number of
-/// segments each.
+/// segments each. Every segment holds events from all of the day (a backfill, the worst case
+/// for a group-by that keeps the groups it saw last at hand), or with `arrival` the day's next
+/// slice, as the speed layer seals events arriving in time.
 pub async fn archive(
     lake: &Lake,
     state: &State,
     pipelines: &[String],
-    events: usize,
-    segment_rows: usize,
+    (events, segment_rows): (usize, usize),
+    arrival: bool,
 ) -> anyhow::Result<usize> {
     let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
     let (mut lo, mut segments) = (0usize, 0usize);
+    let slice = DAY_MS / events.div_ceil(segment_rows).max(1) as i64;
     while lo < events {
         let n = segment_rows.min(events - lo);
-        let df = events_frame(&mut x, lo, n, (BASE_MS, DAY_MS))?;
-        seal(
-            lake,
-            state,
-            pipelines,
-            lo as u64,
-            df,
-            (BASE_MS, BASE_MS + DAY_MS),
-        )
-        .await?;
+        let (from, span) = match arrival {
+            true => (BASE_MS + segments as i64 * slice, slice),
+            false => (BASE_MS, DAY_MS),
+        };
+        let df = events_frame(&mut x, lo, n, (from, span))?;
+        seal(lake, state, pipelines, lo as u64, df, (from, from + span)).await?;
         lo += n;
         segments += 1;
     }
