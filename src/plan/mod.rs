@@ -412,10 +412,7 @@ impl Plan {
         } else {
             self.drop_rows(kept.lazy()).collect()?
         };
-        let prepared = self.derive(kept.lazy()).collect()?;
-        let parts = (0..self.views.len())
-            .map(|v| self.partials(v, prepared.clone().lazy()).collect())
-            .collect::<PolarsResult<_>>()?;
+        let parts = self.partials_of_views(self.derive(kept.lazy()).collect()?)?;
         Ok(Masked {
             parts,
             filter,
@@ -435,10 +432,24 @@ impl Plan {
         events: DataFrame,
         lookups: &LookupSet,
     ) -> PolarsResult<Vec<DataFrame>> {
-        let prepared = self.prepare(events.lazy(), lookups)?.collect()?;
-        (0..self.views.len())
-            .map(|v| self.partials(v, prepared.clone().lazy()).collect())
-            .collect()
+        self.partials_of_views(self.prepare(events.lazy(), lookups)?.collect()?)
+    }
+
+    /// Every view's partials of one prepared micro-batch, in view order, as one query: the
+    /// views' plans are optimized and run together, not one query each.
+    fn partials_of_views(&self, prepared: DataFrame) -> PolarsResult<Vec<DataFrame>> {
+        let queries: Vec<LazyFrame> = (0..self.views.len())
+            .map(|v| self.partials(v, prepared.clone().lazy()))
+            .collect();
+        match queries.as_slice() {
+            [] => Ok(Vec::new()),
+            [one] => Ok(vec![one.clone().collect()?]),
+            [first, ..] => {
+                let flags = first.get_current_optimizations();
+                let plans = queries.into_iter().map(|q| q.logical_plan).collect();
+                LazyFrame::collect_all_with_engine(plans, Engine::InMemory, flags)
+            }
+        }
     }
 
     /// An empty in-memory accumulator for view `view`.
