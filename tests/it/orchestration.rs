@@ -191,18 +191,25 @@ impl TestClock {
     /// sleeps until then has looked at the clock since its last move and still waits.
     async fn sleeping_until(&self, until: DateTime<Utc>) {
         let now = self.now();
-        crate::support::eventually(
-            &format!("a sleeper waiting for {until} that saw {now}"),
-            Duration::from_secs(20),
-            || async move {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let waiting = {
                 let s = self.sleepers.lock();
-                s.waiting
+                if s.waiting
                     .values()
                     .any(|&(u, seen)| u == until && seen >= now)
-                    .then_some(())
-            },
-        )
-        .await
+                {
+                    return;
+                }
+                format!("{} asked, waiting (until, saw): {:?}", s.asked, s.waiting)
+            };
+            // What the sleepers were doing says which side of the race was late.
+            assert!(
+                Instant::now() < deadline,
+                "not within 20s: a sleeper waiting for {until} that saw {now}; {waiting}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 }
 
