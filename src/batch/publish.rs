@@ -79,7 +79,9 @@ pub(crate) async fn publish_view(
         }
     }
     let p = plan.clone();
-    let fresh = tokio::task::spawn_blocking(move || match horizon_ms {
+    // Every file of the base was trimmed at this horizon already (it is the current version's):
+    // trimming what is new keeps retired windows retired, merged or not.
+    let mut fresh = tokio::task::spawn_blocking(move || match horizon_ms {
         Some(h) => p.trim_partials(view, fresh, h),
         None => Ok(fresh),
     })
@@ -90,7 +92,6 @@ pub(crate) async fn publish_view(
         copy_files(lake, &kept, &prefix).await?;
         return record(state, &publication(base_rows), candidate).await;
     }
-    let mut fresh = fresh;
     let mut bytes = Vec::new();
     plan.write_partials(view, &mut fresh, &mut bytes)?;
     let mut rows = fresh.height() as u64;
@@ -101,15 +102,9 @@ pub(crate) async fn publish_view(
         let merged_rows: u64 = parts.iter().map(|d| d.height() as u64).sum();
         parts.push(fresh);
         let p = plan.clone();
-        let mut merged = tokio::task::spawn_blocking(move || -> PolarsResult<DataFrame> {
-            let merged = p.merge(view, parts)?;
-            match horizon_ms {
-                Some(h) => p.trim_partials(view, merged, h),
-                None => Ok(merged),
-            }
-        })
-        .await
-        .context("batch computation panicked")??;
+        let mut merged = tokio::task::spawn_blocking(move || p.merge(view, parts))
+            .await
+            .context("batch computation panicked")??;
         bytes.clear();
         plan.write_partials(view, &mut merged, &mut bytes)?;
         rows = merged.height() as u64;

@@ -279,23 +279,7 @@ fn scanned(plan: &Plan, views: &[usize], parts: &Parts) -> PolarsResult<Vec<Vec<
             continue;
         };
         let prepared = plan.prepare(events, lookups)?;
-        let queries: Vec<LazyFrame> = views
-            .iter()
-            .map(|&v| plan.partials(v, prepared.clone()))
-            .collect();
-        let frames = match queries.as_slice() {
-            [] => Vec::new(),
-            [one] => vec![
-                one.clone()
-                    .collect_with_engine(Engine::Streaming)?
-                    .unwrap_single(),
-            ],
-            [first, ..] => {
-                let flags = first.get_current_optimizations();
-                let plans = queries.into_iter().map(|q| q.logical_plan).collect();
-                LazyFrame::collect_all_with_engine(plans, Engine::Streaming, flags)?
-            }
-        };
+        let frames = plan.partials_of(views, prepared, Engine::Streaming)?;
         for (r, f) in raw.iter_mut().zip(frames) {
             r.push(f);
         }

@@ -412,7 +412,8 @@ impl Plan {
         } else {
             self.drop_rows(kept.lazy()).collect()?
         };
-        let parts = self.partials_of_views(self.derive(kept.lazy()).collect()?)?;
+        let prepared = self.derive(kept.lazy()).collect()?.lazy();
+        let parts = self.partials_of(&self.all_views(), prepared, Engine::InMemory)?;
         Ok(Masked {
             parts,
             filter,
@@ -432,24 +433,39 @@ impl Plan {
         events: DataFrame,
         lookups: &LookupSet,
     ) -> PolarsResult<Vec<DataFrame>> {
-        self.partials_of_views(self.prepare(events.lazy(), lookups)?.collect()?)
+        let prepared = self.prepare(events.lazy(), lookups)?.collect()?.lazy();
+        self.partials_of(&self.all_views(), prepared, Engine::InMemory)
     }
 
-    /// Every view's partials of one prepared micro-batch, in view order, as one query: the
-    /// views' plans are optimized and run together, not one query each.
-    fn partials_of_views(&self, prepared: DataFrame) -> PolarsResult<Vec<DataFrame>> {
-        let queries: Vec<LazyFrame> = (0..self.views.len())
-            .map(|v| self.partials(v, prepared.clone().lazy()))
+    /// The partials of the views `views` (indices, in their order) over `prepared` events, as
+    /// one query on `engine`: the views' plans are optimized and run together (one read of a
+    /// scan, one fixed cost per micro-batch), not one query each.
+    pub fn partials_of(
+        &self,
+        views: &[usize],
+        prepared: LazyFrame,
+        engine: Engine,
+    ) -> PolarsResult<Vec<DataFrame>> {
+        let queries: Vec<LazyFrame> = views
+            .iter()
+            .map(|&v| self.partials(v, prepared.clone()))
             .collect();
         match queries.as_slice() {
             [] => Ok(Vec::new()),
-            [one] => Ok(vec![one.clone().collect()?]),
+            [one] => Ok(vec![
+                one.clone().collect_with_engine(engine)?.unwrap_single(),
+            ]),
             [first, ..] => {
                 let flags = first.get_current_optimizations();
                 let plans = queries.into_iter().map(|q| q.logical_plan).collect();
-                LazyFrame::collect_all_with_engine(plans, Engine::InMemory, flags)
+                LazyFrame::collect_all_with_engine(plans, engine, flags)
             }
         }
+    }
+
+    /// Every view's index, in order.
+    fn all_views(&self) -> Vec<usize> {
+        (0..self.views.len()).collect()
     }
 
     /// An empty in-memory accumulator for view `view`.
