@@ -25,6 +25,37 @@ impl Text {
     }
 }
 
+/// The position of the first `"`, `\\` or control character at or after `from` (the end of
+/// `b` if none): what ends the plain run of a string. Eight bytes at a time (SWAR): a flag
+/// marks each such byte; borrows may also flag bytes after a true one, never before it, so the
+/// lowest flag is exact.
+#[inline(always)]
+pub(super) fn special(b: &[u8], from: usize) -> usize {
+    const ONES: u64 = 0x0101_0101_0101_0101;
+    const HIGH: u64 = 0x8080_8080_8080_8080;
+    let zero = |v: u64| v.wrapping_sub(ONES) & !v & HIGH;
+    let mut i = from;
+    while let Some(chunk) = b.get(i..i + 8) {
+        let mut w = [0u8; 8];
+        w.copy_from_slice(chunk);
+        let w = u64::from_le_bytes(w);
+        let flags = zero(w ^ (ONES * b'"' as u64))
+            | zero(w ^ (ONES * b'\\' as u64))
+            | (w.wrapping_sub(ONES * 0x20) & !w & HIGH);
+        if flags != 0 {
+            return i + (flags.trailing_zeros() / 8) as usize;
+        }
+        i += 8;
+    }
+    while let Some(&c) = b.get(i) {
+        if c == b'"' || c == b'\\' || c < 0x20 {
+            return i;
+        }
+        i += 1;
+    }
+    i
+}
+
 /// Deeper nesting than this in skipped values is rejected rather than recursed into.
 const MAX_DEPTH: usize = 128;
 
@@ -64,42 +95,49 @@ impl<'a> Scanner<'a> {
     }
 
     /// Consumes `c` or fails with "expected `what`".
+    #[inline]
     pub fn expect(&mut self, c: u8, what: &str) -> Result<(), String> {
         if self.peek() == Some(c) {
             self.pos += 1;
             Ok(())
         } else {
-            Err(self.err(&format!("expected {what}")))
+            Err(self.expected(what))
         }
     }
 
+    #[cold]
+    fn expected(&self, what: &str) -> String {
+        self.err(&format!("expected {what}"))
+    }
+
     /// A string starting at the current `"`; escapes are decoded into `buf`.
+    #[inline(always)]
     pub fn string(&mut self, buf: &mut String) -> Result<Text, String> {
         self.expect(b'"', "`\"`")?;
         let start = self.pos;
-        loop {
-            match self.peek() {
-                None => return Err(self.err("unterminated string")),
-                Some(b'"') => {
-                    self.pos += 1;
-                    return Ok(Text::Line(start, self.pos - 1));
-                }
-                Some(b'\\') => break,
-                Some(c) if c < 0x20 => return Err(self.err("control character in a string")),
-                Some(_) => self.pos += 1,
-            }
+        self.pos = special(self.b, self.pos);
+        if self.peek() == Some(b'"') {
+            self.pos += 1;
+            return Ok(Text::Line(start, self.pos - 1));
+        }
+        self.escaped_string(start, buf)
+    }
+
+    /// The rest of a string from `start` whose plain run ended at the current position, at a
+    /// `\\` (decoded into `buf`), a control character or the end of the line.
+    #[inline(never)]
+    fn escaped_string(&mut self, start: usize, buf: &mut String) -> Result<Text, String> {
+        match self.peek() {
+            None => return Err(self.err("unterminated string")),
+            Some(b'\\') => {}
+            Some(_) => return Err(self.err("control character in a string")),
         }
         // Slow path: copy what was scanned, then decode escapes.
         let from = buf.len();
         buf.push_str(self.slice(start, self.pos));
         loop {
             let run = self.pos;
-            while let Some(c) = self.peek() {
-                if c == b'"' || c == b'\\' || c < 0x20 {
-                    break;
-                }
-                self.pos += 1;
-            }
+            self.pos = special(self.b, self.pos);
             buf.push_str(self.slice(run, self.pos));
             match self.peek() {
                 None => return Err(self.err("unterminated string")),
@@ -132,6 +170,20 @@ impl<'a> Scanner<'a> {
                 Some(_) => return Err(self.err("control character in a string")),
             }
         }
+    }
+
+    /// Consumes the string `"name"` if it comes next, written without escapes. `name` must
+    /// need none (no `"`, `\\` or control character), else a match could be wrong.
+    pub fn plain_key(&mut self, name: &str) -> bool {
+        let name = name.as_bytes();
+        let at = self.pos;
+        let matched = self.b.get(at) == Some(&b'"')
+            && self.b.get(at + 1..at + 1 + name.len()) == Some(name)
+            && self.b.get(at + 1 + name.len()) == Some(&b'"');
+        if matched {
+            self.pos = at + name.len() + 2;
+        }
+        matched
     }
 
     /// The part of the line between two ASCII positions of it.

@@ -69,6 +69,17 @@ pub(crate) struct Decoder {
     event_id: Option<usize>,
     /// Columns at nested paths (`path:`, `from: meta.KEY`); None when all are top-level keys.
     tree: Option<path::Tree>,
+    /// Per column, whether its name needs no escape in JSON: then a key written exactly as
+    /// the name is recognised without decoding it.
+    plain: Vec<bool>,
+}
+
+/// Per column, whether its name can be matched byte for byte against an unescaped JSON key.
+fn plain_names(columns: &[(String, ColumnType)]) -> Vec<bool> {
+    columns
+        .iter()
+        .map(|(n, _)| n.bytes().all(|c| c != b'"' && c != b'\\' && c >= 0x20))
+        .collect()
 }
 
 impl Decoder {
@@ -87,6 +98,7 @@ impl Decoder {
                 .as_ref()
                 .and_then(|id| p.schema.iter().position(|(n, _)| n == id)),
             tree: path::Tree::build(&p.schema, &p.paths),
+            plain: plain_names(&p.schema),
         }
     }
 
@@ -99,6 +111,7 @@ impl Decoder {
             event_time: None,
             event_id: None,
             tree: None,
+            plain: plain_names(columns),
         }
     }
 
@@ -208,14 +221,20 @@ impl Decoder {
         } else {
             loop {
                 s.ws();
-                key_buf.clear();
-                let key = s.string(key_buf)?.resolve(line, key_buf);
+                let column = match self.columns.get(guess) {
+                    Some((name, _)) if self.plain[guess] && s.plain_key(name) => Some(guess),
+                    _ => {
+                        key_buf.clear();
+                        let key = s.string(key_buf)?.resolve(line, key_buf);
+                        self.lookup(key, guess)
+                    }
+                };
                 s.ws();
                 s.expect(b':', "`:`")?;
                 s.ws();
-                match self.lookup(key, guess) {
+                match column {
                     Some(i) => {
-                        slots[i] = self.json_value(i, &mut s, line, buf)?;
+                        self.json_value(i, &mut s, line, buf, &mut slots[i])?;
                         guess = i + 1;
                     }
                     None => s.skip_value(buf, 0)?,
@@ -245,7 +264,22 @@ impl Decoder {
         self.columns.iter().position(|(n, _)| n == key)
     }
 
+    /// The value at the scanner for column `i`, into `slot`. Written in place rather than
+    /// returned: a returned slot travels through memory, and copying it stalls the decoder.
     fn json_value(
+        &self,
+        i: usize,
+        s: &mut Scanner,
+        line: &str,
+        buf: &mut String,
+        slot: &mut Slot,
+    ) -> Result<(), String> {
+        *slot = self.json_slot(i, s, line, buf)?;
+        Ok(())
+    }
+
+    #[inline(always)]
+    fn json_slot(
         &self,
         i: usize,
         s: &mut Scanner,
@@ -389,7 +423,16 @@ fn int(name: &str, text: &str, integer: bool) -> Result<Slot, String> {
     }
 }
 
+#[inline(always)]
 fn float(name: &str, text: &str) -> Result<Slot, String> {
+    match plain_decimal(text) {
+        Some(f) => Ok(Slot::Float(f)),
+        None => parsed_float(name, text),
+    }
+}
+
+#[inline(never)]
+fn parsed_float(name: &str, text: &str) -> Result<Slot, String> {
     match text.parse::<f64>() {
         Ok(f) if f.is_finite() => Ok(Slot::Float(f)),
         Ok(_) => Err(format!("`{name}`: {} is not a finite number", clip(text))),
@@ -398,6 +441,47 @@ fn float(name: &str, text: &str) -> Result<Slot, String> {
             clip(text)
         )),
     }
+}
+
+/// A decimal without exponent and of at most 15 digits (`-1234.56`), exactly as
+/// `str::parse::<f64>` reads it: its digits as an integer are exact in an f64 (< 2^53), so is
+/// the power of ten (≤ 10^15), and IEEE division rounds their quotient correctly — the fast
+/// path of every correct parser, without the general parser's setup. None for anything else.
+#[inline(always)]
+pub(super) fn plain_decimal(text: &str) -> Option<f64> {
+    const POW10: [f64; 16] = [
+        1e0, 1e1, 1e2, 1e3, 1e4, 1e5, 1e6, 1e7, 1e8, 1e9, 1e10, 1e11, 1e12, 1e13, 1e14, 1e15,
+    ];
+    let (negative, digits) = match text.strip_prefix('-') {
+        Some(rest) => (true, rest),
+        None => (false, text),
+    };
+    if digits.is_empty() || digits.len() > 16 {
+        return None;
+    }
+    let mut mantissa = 0u64;
+    let mut count = 0;
+    let mut point = None;
+    for (i, c) in digits.bytes().enumerate() {
+        match c {
+            b'0'..=b'9' => {
+                mantissa = mantissa * 10 + (c - b'0') as u64;
+                count += 1;
+            }
+            b'.' if point.is_none() && i > 0 => point = Some(i),
+            _ => return None,
+        }
+    }
+    let fraction = match point {
+        Some(p) if p + 1 == digits.len() => return None,
+        Some(p) => digits.len() - p - 1,
+        None => 0,
+    };
+    if count > 15 {
+        return None;
+    }
+    let v = mantissa as f64 / POW10[fraction];
+    Some(if negative { -v } else { v })
 }
 
 fn out_of_years(name: &str, text: &str) -> String {

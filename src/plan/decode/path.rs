@@ -174,7 +174,7 @@ impl Decoder {
     ) -> Result<(), String> {
         match node {
             Some(Node::Column(i)) => {
-                slots[*i] = self.json_value(*i, s, line, buf)?;
+                self.json_value(*i, s, line, buf, &mut slots[*i])?;
             }
             Some(Node::Inner(t)) if depth < MAX_PATH_DEPTH => match s.peek() {
                 Some(b'{') => self.object(t, s, line, slots, buf, key_buf, depth + 1)?,

@@ -339,6 +339,32 @@ proptest! {
     #![proptest_config(ProptestConfig::with_cases(256))]
 
     #[test]
+    fn a_string_run_ends_where_the_first_quote_backslash_or_control_character_is(
+        bytes in prop::collection::vec(
+            prop_oneof![Just(b'"'), Just(b'\\'), 0u8..0x20, 0x20u8..0x7f, 0x80u8..=0xff],
+            0..40,
+        ),
+        from in 0usize..40,
+    ) {
+        let from = from.min(bytes.len());
+        let expected = bytes[from..]
+            .iter()
+            .position(|&c| c == b'"' || c == b'\\' || c < 0x20)
+            .map_or(bytes.len(), |i| from + i);
+        prop_assert_eq!(super::json::special(&bytes, from), expected);
+    }
+
+    #[test]
+    fn a_plain_decimal_reads_as_the_standard_parser_reads_it(
+        s in r"-?[0-9]{1,9}(\.[0-9]{1,9})?|-?0\.0{0,6}[0-9]{1,8}|[0-9.\-]{0,17}"
+    ) {
+        if let Some(f) = super::plain_decimal(&s) {
+            let parsed: f64 = s.parse().expect("what the fast path reads is a number");
+            prop_assert_eq!(f.to_bits(), parsed.to_bits(), "{}", s);
+        }
+    }
+
+    #[test]
     fn arbitrary_bytes_never_panic(bytes in prop::collection::vec(any::<u8>(), 0..300)) {
         check_invariants(Format::Json, &bytes)?;
         check_invariants(Format::Csv, &bytes)?;
