@@ -106,8 +106,25 @@ pub(crate) fn reduce_lists(c: &Column) -> PolarsResult<Column> {
     Ok(out.finish().into_column())
 }
 
-/// Sorts codes by register and keeps the largest rank of each register.
+/// Sorts codes by register and keeps the largest rank of each register. Past `SPARSE_MAX`
+/// codes through a dense register array (linear) rather than a sort (n log n): a micro-batch's
+/// busy group has thousands of codes.
 fn reduce(codes: &mut Vec<u32>) {
+    if codes.len() > SPARSE_MAX {
+        let mut ranks = [0u8; M];
+        for &c in codes.iter() {
+            let r = &mut ranks[register(c) % M];
+            *r = (*r).max(rank(c));
+        }
+        codes.clear();
+        codes.extend(
+            (0..M as u32)
+                .zip(ranks)
+                .filter(|(_, r)| *r > 0)
+                .map(|(i, r)| i << 8 | r as u32),
+        );
+        return;
+    }
     codes.sort_unstable();
     // Within a run of one register the last code has the largest rank.
     codes.dedup_by(|next, kept| {
@@ -329,6 +346,27 @@ mod tests {
         let mut small = sketch(0..50);
         small.merge(&whole);
         assert_eq!(small.codes(), whole.codes());
+    }
+
+    #[test]
+    fn many_codes_reduce_as_a_sort_reduces_them() {
+        for n in [SPARSE_MAX + 1, 3 * SPARSE_MAX, 20 * M] {
+            let codes: Vec<u32> = (0..n as u64)
+                .map(|i| code(xxh64(&(i % (n as u64 / 3)).to_le_bytes(), 7)))
+                .collect();
+            let mut sorted = codes.clone();
+            sorted.sort_unstable();
+            sorted.dedup_by(|next, kept| {
+                let same = register(*next) == register(*kept);
+                if same {
+                    *kept = *next;
+                }
+                same
+            });
+            let mut reduced = codes;
+            reduce(&mut reduced);
+            assert_eq!(reduced, sorted, "{n} codes");
+        }
     }
 
     #[test]
