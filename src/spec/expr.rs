@@ -39,8 +39,157 @@ pub fn schema_of(columns: &[(String, ColumnType)]) -> Schema {
 /// Parses `sql` as a polars SQL expression. A qualified name `lookup.column` reads the column
 /// of that name (a lookup's column joined to the events: the plan names it so).
 pub fn parse(sql: &str) -> Result<Expr, String> {
-    polars::sql::sql_expr(qualify(sql))
-        .map_err(|e| format!("not a valid SQL expression: {}", first_line(&e.to_string())))
+    let sql = qualify(sql);
+    let polars = |sql: &str| {
+        polars::sql::sql_expr(sql)
+            .map_err(|e| format!("not a valid SQL expression: {}", first_line(&e.to_string())))
+    };
+    match split_parts(&sql) {
+        Some((rewritten, parts)) => match polars(&rewritten) {
+            Ok(expr) => {
+                // In order: a part's argument may hold an earlier (inner) part's placeholder.
+                let mut done: Vec<(String, Expr)> = Vec::with_capacity(parts.len());
+                for (i, part) in parts.into_iter().enumerate() {
+                    let arg = with_parts(polars(&part.arg)?, &done);
+                    done.push((placeholder(i), split_part(arg, part.sep, part.n)));
+                }
+                Ok(with_parts(expr, &done))
+            }
+            Err(_) => polars(&sql),
+        },
+        None => polars(&sql),
+    }
+}
+
+/// A `split_part(arg, 'sep', n)` call with a literal non-empty separator and a literal n ≥ 1.
+struct SplitPart {
+    arg: String,
+    sep: String,
+    n: usize,
+}
+
+fn placeholder(i: usize) -> String {
+    format!("__lambda_split_part_{i}")
+}
+
+/// `sql` with each `split_part(arg, 'sep', n)` of literal `sep` (non-empty) and `n` (≥ 1)
+/// replaced by a placeholder column, innermost first; None when it has none (or does not parse
+/// as one expression, or already names a placeholder). polars SQL runs `split_part` as a split
+/// into a list of every part, a list lookup and two conditionals (≈ 100 ns per event on the
+/// speed layer's plan bench); [`split_part`] finds the one part it asks for.
+fn split_parts(sql: &str) -> Option<(String, Vec<SplitPart>)> {
+    use sqlparser::ast::{
+        Expr as Sql, FunctionArg, FunctionArgExpr, FunctionArguments, Ident, Value, ValueWithSpan,
+        visit_expressions_mut,
+    };
+    if !sql.to_ascii_lowercase().contains("split_part") || sql.contains("__lambda_split_part_") {
+        return None;
+    }
+    let dialect = sqlparser::dialect::GenericDialect;
+    let mut parser = sqlparser::parser::Parser::new(&dialect)
+        .try_with_sql(sql)
+        .ok()?;
+    let mut expr = parser.parse_expr().ok()?;
+    if parser.peek_token().token != sqlparser::tokenizer::Token::EOF {
+        return None;
+    }
+    let mut parts = Vec::new();
+    let _ = visit_expressions_mut(&mut expr, |e| {
+        let Sql::Function(f) = &*e else {
+            return std::ops::ControlFlow::<()>::Continue(());
+        };
+        let named = f.name.0.len() == 1
+            && f.name.0[0].as_ident().is_some_and(|i| {
+                i.quote_style.is_none() && i.value.eq_ignore_ascii_case("split_part")
+            });
+        let plain = f.filter.is_none()
+            && f.over.is_none()
+            && f.null_treatment.is_none()
+            && f.within_group.is_empty()
+            && matches!(f.parameters, FunctionArguments::None);
+        let args = match &f.args {
+            FunctionArguments::List(l)
+                if l.duplicate_treatment.is_none() && l.clauses.is_empty() =>
+            {
+                l.args
+                    .iter()
+                    .map(|a| match a {
+                        FunctionArg::Unnamed(FunctionArgExpr::Expr(e)) => Some(e),
+                        _ => None,
+                    })
+                    .collect::<Option<Vec<_>>>()
+            }
+            _ => None,
+        };
+        if let (true, true, Some([arg, sep, n])) = (named, plain, args.as_deref()) {
+            let literal = |e: &Sql| match e {
+                Sql::Value(ValueWithSpan { value, .. }) => Some(value.clone()),
+                _ => None,
+            };
+            if let (Some(Value::SingleQuotedString(sep)), Some(Value::Number(n, false))) =
+                (literal(sep), literal(n))
+                && let Ok(n @ 1..) = n.parse::<usize>()
+                && !sep.is_empty()
+            {
+                parts.push(SplitPart {
+                    arg: arg.to_string(),
+                    sep,
+                    n,
+                });
+                *e = Sql::Identifier(Ident::with_quote('"', placeholder(parts.len() - 1)));
+            }
+        }
+        std::ops::ControlFlow::Continue(())
+    });
+    (!parts.is_empty()).then(|| (expr.to_string(), parts))
+}
+
+/// `expr` with each placeholder column of `parts` replaced by its expression.
+fn with_parts(expr: Expr, parts: &[(String, Expr)]) -> Expr {
+    if parts.is_empty() {
+        return expr;
+    }
+    expr.map_expr(|e| match &e {
+        Expr::Column(name) => parts
+            .iter()
+            .find(|(p, _)| p.as_str() == name.as_str())
+            .map_or(e, |(_, part)| part.clone()),
+        _ => e,
+    })
+}
+
+/// `split_part(arg, sep, n)` as polars SQL defines it — the `n`th (1-based) part of `arg` split
+/// at `sep`, `''` past the last part, null for null — in one pass that keeps only that part.
+fn split_part(arg: Expr, sep: String, n: usize) -> Expr {
+    arg.map(
+        move |c| {
+            let name = c.name().clone();
+            if c.dtype().is_null() {
+                return Ok(Column::full_null(name, c.len(), &DataType::String));
+            }
+            let ca = c.str()?;
+            let nth = n - 1;
+            let out: StringChunked = match sep.as_bytes() {
+                [b] if b.is_ascii() => {
+                    let sep = *b as char;
+                    ca.iter()
+                        .map(|v| v.map(|s| s.split(sep).nth(nth).unwrap_or("")))
+                        .collect()
+                }
+                _ => ca
+                    .iter()
+                    .map(|v| v.map(|s| s.split(sep.as_str()).nth(nth).unwrap_or("")))
+                    .collect(),
+            };
+            Ok(out.with_name(name).into_column())
+        },
+        |_, field| match field.dtype() {
+            DataType::String | DataType::Null => {
+                Ok(Field::new(field.name().clone(), DataType::String))
+            }
+            other => polars_bail!(InvalidOperation: "split_part expects a string, found {other}"),
+        },
+    )
 }
 
 /// `sql` with every unquoted qualified name `a.b` written as the quoted identifier `"a.b"`,
@@ -141,6 +290,68 @@ mod tests {
             ("n".into(), ColumnType::Int),
             ("ts".into(), ColumnType::Timestamp),
         ]
+    }
+
+    /// `sql` over `values` (a string column `s`), as polars SQL computes it and as `parse` does.
+    fn both_ways(sql: &str, values: &[Option<String>]) -> (Series, Series) {
+        let df = df!("s" => values.to_vec()).expect("frame");
+        let run = |e: Expr| {
+            df.clone()
+                .lazy()
+                .select([e.alias("out")])
+                .collect()
+                .expect("runs")
+                .column("out")
+                .expect("out")
+                .as_materialized_series()
+                .clone()
+        };
+        let theirs = run(polars::sql::sql_expr(sql).expect("polars parses"));
+        (theirs, run(parse(sql).expect("parses")))
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn split_part_computes_what_polars_sql_computes(
+            values in proptest::collection::vec(
+                proptest::option::weighted(0.9, "[a/é-]{0,9}"),
+                1..20,
+            ),
+        ) {
+            for sql in [
+                "split_part(s, '/', 1)",
+                "split_part(s, '/', 2)",
+                "SPLIT_PART(s, '/', 4)",
+                "split_part(s, '-/', 2)",
+                "split_part(s, 'é', 2)",
+                "upper(split_part(split_part(s, '/', 2), '-', 1)) || split_part(s, '-', 3)",
+                "split_part(s, '/', length(s) % 3 + 1)",
+                "split_part(s, '/', -1)",
+            ] {
+                let (theirs, ours) = both_ways(sql, &values);
+                proptest::prop_assert!(theirs.equals_missing(&ours), "{sql}: {theirs:?} vs {ours:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn split_part_with_literal_arguments_runs_as_one_pass() {
+        let (rewritten, parts) =
+            split_parts("upper(split_part(split_part(s, '/', 2), '-', 1))").expect("rewritten");
+        assert_eq!(rewritten, "upper(\"__lambda_split_part_1\")");
+        assert_eq!(parts[0].arg, "s");
+        assert_eq!(parts[1].arg, "\"__lambda_split_part_0\"");
+        assert!(split_parts("split_part(s, '/', n)").is_none());
+        assert!(split_parts("split_part(s, '', 1)").is_none());
+        assert!(split_parts("split_part(s, '/', 0)").is_none());
+        assert_eq!(
+            check("split_part(n, '/', 2)", &cols()).unwrap_err(),
+            "split_part expects a string, found i64"
+        );
+        assert_eq!(
+            check("split_part(page, '/', 2) = 'cart'", &cols()).unwrap(),
+            ColumnType::Bool
+        );
     }
 
     #[test]
