@@ -5,7 +5,7 @@
 //! A quote that is never closed rejects its own record only: that record is taken to end at
 //! the first line break after the quote, and decoding goes on with the next line.
 
-use super::json::Text;
+use super::json::{MAX_TEXT, Text};
 use super::{Decoder, Output, Slot};
 
 /// A field's content as a range of the input (inside the quotes when quoted).
@@ -195,7 +195,11 @@ impl Decoder {
             if raw.iter().all(|c| matches!(c, b' ' | b'\t' | b'\r')) {
                 continue;
             }
-            let text = std::str::from_utf8(raw).map_err(|_| "not valid UTF-8");
+            let text = match std::str::from_utf8(raw) {
+                Ok(_) if raw.len() > MAX_TEXT => Err("record longer than 2 GiB"),
+                Ok(text) => Ok(text),
+                Err(_) => Err("not valid UTF-8"),
+            };
             let Some(map) = &header else {
                 let parsed = match (text, rec.error) {
                     (Ok(text), None) => Ok(fields
@@ -270,9 +274,9 @@ impl Decoder {
 fn cell(text: &str, offset: usize, f: &Field, buf: &mut String) -> Text {
     let (a, b) = (f.start - offset, f.end - offset);
     if !f.escaped {
-        return Text::Line(a, b);
+        return Text::line(a, b);
     }
     let from = buf.len();
     buf.push_str(&text.get(a..b).unwrap_or_default().replace("\"\"", "\""));
-    Text::Buf(from, buf.len())
+    Text::buf(from, buf.len())
 }

@@ -3,25 +3,43 @@
 //! accepted only if it is JSON, and no tree is ever built.
 
 /// A decoded string: a range of the line when it had no escapes, else of the scratch buffer.
+/// One word, so that it travels in a register: a wider value returned through memory and
+/// copied with wider loads than it was stored with stalled the decoder (store forwarding).
+/// Positions are below 2^31: longer lines (and CSV records) are rejected first.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) enum Text {
-    Line(usize, usize),
-    Buf(usize, usize),
-}
+pub(super) struct Text(u64);
+
+/// The longest line (or CSV record) decoded; longer ones are rejected.
+pub(super) const MAX_TEXT: usize = (1 << 31) - 1;
+
+const IN_BUF: u64 = 1 << 63;
 
 impl Text {
+    pub fn line(start: usize, end: usize) -> Text {
+        Text((start as u64 & 0xFFFF_FFFF) | (end as u64 & 0x7FFF_FFFF) << 32)
+    }
+
+    pub fn buf(start: usize, end: usize) -> Text {
+        Text(Text::line(start, end).0 | IN_BUF)
+    }
+
+    fn range(self) -> (usize, usize) {
+        (
+            (self.0 & 0xFFFF_FFFF) as usize,
+            ((self.0 >> 32) & 0x7FFF_FFFF) as usize,
+        )
+    }
+
     pub fn is_empty(self) -> bool {
-        match self {
-            Text::Line(a, b) | Text::Buf(a, b) => a >= b,
-        }
+        let (a, b) = self.range();
+        a >= b
     }
 
     /// Ranges always sit on ASCII delimiters of valid UTF-8; `get` only guards the invariant.
     pub fn resolve<'a>(self, line: &'a str, buf: &'a str) -> &'a str {
-        match self {
-            Text::Line(a, b) => line.get(a..b).unwrap_or_default(),
-            Text::Buf(a, b) => buf.get(a..b).unwrap_or_default(),
-        }
+        let (a, b) = self.range();
+        let text = if self.0 & IN_BUF == 0 { line } else { buf };
+        text.get(a..b).unwrap_or_default()
     }
 }
 
@@ -118,7 +136,7 @@ impl<'a> Scanner<'a> {
         self.pos = special(self.b, self.pos);
         if self.peek() == Some(b'"') {
             self.pos += 1;
-            return Ok(Text::Line(start, self.pos - 1));
+            return Ok(Text::line(start, self.pos - 1));
         }
         self.escaped_string(start, buf)
     }
@@ -143,7 +161,7 @@ impl<'a> Scanner<'a> {
                 None => return Err(self.err("unterminated string")),
                 Some(b'"') => {
                     self.pos += 1;
-                    return Ok(Text::Buf(from, buf.len()));
+                    return Ok(Text::buf(from, buf.len()));
                 }
                 Some(b'\\') => {
                     self.pos += 1;

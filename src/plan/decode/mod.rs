@@ -20,7 +20,7 @@ use polars::prelude::*;
 
 use crate::spec::{ColumnType, Format, Pipeline};
 
-use json::{Scanner, Text};
+use json::{MAX_TEXT, Scanner, Text};
 
 /// The result of decoding one input.
 #[derive(Debug, Clone)]
@@ -163,6 +163,10 @@ impl Decoder {
                 out.reject(line_no, "not valid UTF-8".into(), line);
                 continue;
             };
+            if text.len() > MAX_TEXT {
+                out.reject(line_no, "line longer than 2 GiB".into(), line);
+                continue;
+            }
             slots.fill(Slot::Missing);
             buf.clear();
             match self
