@@ -452,22 +452,18 @@ impl Plan {
     ) -> PolarsResult<Vec<DataFrame>> {
         let queries: Vec<LazyFrame> = views
             .iter()
-            .map(|&v| self.partials(v, prepared.clone()))
+            .map(|&v| match engine {
+                Engine::InMemory => micro_batch(self.partials(v, prepared.clone())),
+                _ => self.partials(v, prepared.clone()),
+            })
             .collect();
         match queries.as_slice() {
             [] => Ok(Vec::new()),
-            [one] => {
-                let one = match engine {
-                    Engine::InMemory => micro_batch(one.clone()),
-                    _ => one.clone(),
-                };
-                Ok(vec![one.collect_with_engine(engine)?.unwrap_single()])
-            }
+            [one] => Ok(vec![
+                one.clone().collect_with_engine(engine)?.unwrap_single(),
+            ]),
             [first, ..] => {
-                let mut flags = first.get_current_optimizations();
-                if matches!(engine, Engine::InMemory) {
-                    flags &= !MICRO_BATCH_SKIPS;
-                }
+                let flags = first.get_current_optimizations();
                 let plans = queries.into_iter().map(|q| q.logical_plan).collect();
                 LazyFrame::collect_all_with_engine(plans, engine, flags)
             }

@@ -187,7 +187,9 @@ fn split_part(arg: Expr, sep: String, n: usize) -> Expr {
             DataType::String | DataType::Null => {
                 Ok(Field::new(field.name().clone(), DataType::String))
             }
-            other => polars_bail!(InvalidOperation: "split_part expects a string, found {other}"),
+            other => polars_bail!(
+                InvalidOperation: "split_part expects a string, found {other} (cast it first: CAST(x AS VARCHAR))"
+            ),
         },
     )
 }
@@ -346,7 +348,7 @@ mod tests {
         assert!(split_parts("split_part(s, '/', 0)").is_none());
         assert_eq!(
             check("split_part(n, '/', 2)", &cols()).unwrap_err(),
-            "split_part expects a string, found i64"
+            "split_part expects a string, found i64 (cast it first: CAST(x AS VARCHAR))"
         );
         assert_eq!(
             check("split_part(page, '/', 2) = 'cart'", &cols()).unwrap(),
